@@ -1,0 +1,46 @@
+"""The ``ldm`` command: one sub-command per module in this package.
+
+Every user error (``LdmError``, or a bad argument) is printed as one line and
+exits with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ldm.cli import convert, finetune, txt2img
+from ldm.errors import LdmError
+
+COMMANDS = (txt2img, convert, finetune)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is a single line that points to --help."""
+
+    def error(self, message: str):  # noqa: D102 - argparse hook
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="ldm", description="Latent text-to-image: generate, convert, fine-tune.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    for command in COMMANDS:
+        command.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except LdmError as error:
+        print(f"ldm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ldm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
