@@ -1,0 +1,118 @@
+"""Small random-weight SD-shaped reference models built with diffusers and transformers.
+
+Tests use these as the reference implementation: they are saved in the real
+formats (diffusers folder layout) and loaded back with ldm. The shapes follow
+the SD structure (VAE downsampling factor 8, 4 latent channels, cross-attention
+down / up levels with a plain deepest level) at a size that runs in
+milliseconds on a CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "ldm" / "assets" / "clip_tokenizer"
+
+Family = Literal["sd1", "sd2"]
+
+
+def diffusers_unet(family: Family = "sd1", seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    sd2 = family == "sd2"
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64 if sd2 else 32,
+        # diffusers' "attention_head_dim" holds the number of heads for SD configs.
+        attention_head_dim=(2, 4, 4) if sd2 else 4,
+        use_linear_projection=sd2,
+        upcast_attention=sd2,
+        norm_num_groups=32,
+    ).eval()
+
+
+def diffusers_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.18215,
+    ).eval()
+
+
+def clip_text_model(family: Family = "sd1", seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    sd2 = family == "sd2"
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=64 if sd2 else 32,
+        intermediate_size=128 if sd2 else 64,
+        num_attention_heads=4,
+        num_hidden_layers=3 if sd2 else 2,
+        max_position_embeddings=77,
+        hidden_act="gelu" if sd2 else "quick_gelu",
+        projection_dim=64 if sd2 else 32,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=1,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def clip_tokenizer(family: Family = "sd1"):
+    from transformers import CLIPTokenizer
+
+    # SD 2.x pads with "!" (id 0), SD 1.x with <|endoftext|>, as the released tokenizers do.
+    return CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!" if family == "sd2" else "<|endoftext|>")
+
+
+def diffusers_pipeline(family: Family = "sd1", seed: int = 0):
+    """A complete random-weight diffusers ``StableDiffusionPipeline``."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction" if family == "sd2" else "epsilon",
+    )
+    return StableDiffusionPipeline(
+        vae=diffusers_vae(seed),
+        text_encoder=clip_text_model(family, seed),
+        tokenizer=clip_tokenizer(family),
+        unet=diffusers_unet(family, seed),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_diffusers_folder(folder: Path, family: Family = "sd1", seed: int = 0, safe_serialization: bool = True) -> Path:
+    """Write a random-weight model in the diffusers folder layout and return the folder."""
+    diffusers_pipeline(family, seed).save_pretrained(folder, safe_serialization=safe_serialization)
+    return Path(folder)
