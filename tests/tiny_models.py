@@ -5,6 +5,11 @@ formats (diffusers folder layout) and loaded back with ldm. The shapes follow
 the SD structure (VAE downsampling factor 8, 4 latent channels, cross-attention
 down / up levels with a plain deepest level) at a size that runs in
 milliseconds on a CPU.
+
+They also keep the conventions of the released checkpoints that cannot be
+read from tensor shapes (32 GroupNorm groups; 8 U-Net heads for SD 1.x and
+64-channel heads for SD 2.x; 64-channel CLIP heads), so a single-file copy of
+them is detected from its keys and shapes exactly as a real checkpoint is.
 """
 
 from __future__ import annotations
@@ -28,13 +33,13 @@ def diffusers_unet(family: Family = "sd1", seed: int = 0):
         sample_size=8,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64, 64),
+        block_out_channels=(64, 128, 128) if sd2 else (32, 64, 64),
         layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64 if sd2 else 32,
+        cross_attention_dim=128 if sd2 else 64,
         # diffusers' "attention_head_dim" holds the number of heads for SD configs.
-        attention_head_dim=(2, 4, 4) if sd2 else 4,
+        attention_head_dim=(1, 2, 2) if sd2 else 8,
         use_linear_projection=sd2,
         upcast_attention=sd2,
         norm_num_groups=32,
@@ -50,10 +55,10 @@ def diffusers_vae(seed: int = 0):
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
+        block_out_channels=(32, 32, 64, 64),
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=8,
+        norm_num_groups=32,
         sample_size=64,
         scaling_factor=0.18215,
     ).eval()
@@ -66,13 +71,13 @@ def clip_text_model(family: Family = "sd1", seed: int = 0):
     sd2 = family == "sd2"
     config = CLIPTextConfig(
         vocab_size=49408,
-        hidden_size=64 if sd2 else 32,
-        intermediate_size=128 if sd2 else 64,
-        num_attention_heads=4,
+        hidden_size=128 if sd2 else 64,
+        intermediate_size=256 if sd2 else 128,
+        num_attention_heads=2 if sd2 else 1,
         num_hidden_layers=3 if sd2 else 2,
         max_position_embeddings=77,
         hidden_act="gelu" if sd2 else "quick_gelu",
-        projection_dim=64 if sd2 else 32,
+        projection_dim=128 if sd2 else 64,
         bos_token_id=49406,
         eos_token_id=49407,
         pad_token_id=1,
