@@ -1,0 +1,34 @@
+"""Schedulers: the denoising loop's step rule, picked by name.
+
+    from ldm.schedulers import SchedulerConfig, create
+    scheduler = create("dpm-solver++", SchedulerConfig(prediction_type="v_prediction"), solver_order=2)
+    scheduler.set_timesteps(20)
+    x = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x, generator=generator)
+
+See ``base.py`` for the contract and docs/schedulers.md for the list and which to choose.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ldm.errors import ConfigError
+from ldm.schedulers.base import Scheduler, SchedulerConfig
+from ldm.schedulers.ddim import DDIMScheduler, DDPMScheduler
+
+SCHEDULERS: dict[str, type[Scheduler]] = {
+    "ddpm": DDPMScheduler,
+    "ddim": DDIMScheduler,
+}
+
+
+def create(name: str, config: SchedulerConfig | None = None, **options: Any) -> Scheduler:
+    """Build the scheduler registered as ``name`` with its typed ``options`` (see ``SCHEDULERS``)."""
+    if name not in SCHEDULERS:
+        raise ConfigError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    return SCHEDULERS[name](config, **options)
+
+
+__all__ = ["SCHEDULERS", "Scheduler", "SchedulerConfig", "create"]

@@ -1,0 +1,239 @@
+"""The scheduler contract: ``SchedulerConfig`` (the trained noise process) and ``Scheduler``.
+
+A scheduler is built from a config that describes how the model was trained (beta schedule,
+prediction type, ...) plus typed options of its own sampling algorithm (``eta`` for DDIM,
+``solver_order`` for DPM-Solver, ...). Every scheduler honours the same contract:
+
+    set_timesteps(n, device=None)   reset per-run state and choose n timesteps
+    timesteps                       1-D, descending, on ``device``
+    init_noise_sigma                std of the starting noise (1.0 unless the state is VE-scaled)
+    scale_model_input(x, t)         what the network sees at t (identity unless VE-scaled)
+    step(model_output, t, x, generator=None) -> x_prev
+    add_noise(x0, noise, t)         the forward process, in the scheduler's own state scaling
+    training_target(x0, noise, t)   eps / v / x0 per ``config.prediction_type``
+
+The step index is looked up from ``t`` on the first ``step`` after ``set_timesteps``, so a run may
+start at ``timesteps[k]`` (img2img) and then continues in order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, get_args
+
+import torch
+
+from ldm.errors import ConfigError
+from ldm.schedulers import noise
+from ldm.schedulers.noise import BetaSchedule, PredictionType, TimestepSpacing
+
+# Keys of diffusers' scheduler_config.json that configure one diffusers sampler class rather than
+# the trained noise process; reading a config ignores them (our schedulers take typed options).
+DIFFUSERS_SAMPLER_KEYS = frozenset(
+    {
+        "algorithm_type", "corrector_order", "disable_corrector", "euler_at_final", "final_sigmas_type",
+        "interpolation_type", "lambda_min_clipped", "lower_order_final", "predict_x0", "predictor_order",
+        "set_alpha_to_one", "skip_prk_steps", "solver_order", "solver_p", "solver_type", "timestep_type",
+        "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "variance_type",
+        "sigma_min", "sigma_max", "original_inference_steps", "timestep_scaling", "noise_sampler_seed",
+    }
+)
+# Keys that would change the noise process in ways we do not model: accepted only at these values.
+DIFFUSERS_NEUTRAL_VALUES: dict[str, Any] = {
+    "trained_betas": None,
+    "use_flow_sigmas": False,
+    "use_dynamic_shifting": False,
+    "flow_shift": 1.0,
+    "shift_terminal": None,
+    "time_shift_type": "exponential",
+}
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How the model was trained; shared by every scheduler. Defaults are Stable Diffusion's."""
+
+    num_train_timesteps: int = 1000  # T, length of the training noise schedule
+    beta_start: float = 0.00085  # beta_1
+    beta_end: float = 0.012  # beta_T
+    beta_schedule: BetaSchedule = "scaled_linear"
+    prediction_type: PredictionType = "epsilon"  # what the network outputs
+    timestep_spacing: TimestepSpacing = "leading"  # how inference timesteps are picked (Lin et al. 2024)
+    steps_offset: int = 1  # added to "leading" timesteps; SD uses 1
+    rescale_betas_zero_snr: bool = False  # Lin et al. 2024, Alg. 1 (needs a v-prediction model)
+    clip_sample: bool = False  # clip predicted x_0 to +-clip_sample_range (pixel-space models)
+    clip_sample_range: float = 1.0
+    thresholding: bool = False  # dynamic thresholding of predicted x_0 (Saharia et al. 2022)
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+
+    def __post_init__(self) -> None:
+        for field, kind in (
+            ("beta_schedule", BetaSchedule),
+            ("prediction_type", PredictionType),
+            ("timestep_spacing", TimestepSpacing),
+        ):
+            value, choices = getattr(self, field), get_args(kind)
+            if value not in choices:
+                raise ConfigError(f"scheduler {field} {value!r} is not supported; choose one of {', '.join(choices)}")
+        if self.num_train_timesteps < 2:
+            raise ConfigError(f"num_train_timesteps must be at least 2, got {self.num_train_timesteps}")
+        if not 0 < self.beta_start <= self.beta_end < 1:
+            raise ConfigError(f"need 0 < beta_start <= beta_end < 1, got {self.beta_start} and {self.beta_end}")
+        if self.steps_offset < 0:
+            raise ConfigError(f"steps_offset must be >= 0, got {self.steps_offset}")
+        if not 0 < self.dynamic_thresholding_ratio <= 1:
+            raise ConfigError(f"dynamic_thresholding_ratio must be in (0, 1], got {self.dynamic_thresholding_ratio}")
+
+    @classmethod
+    def from_diffusers(cls, config: dict[str, Any]) -> SchedulerConfig:
+        """Read a diffusers ``scheduler_config.json`` dict of any SD scheduler class.
+
+        Keys starting with "_" and sampler-specific keys are ignored; keys that would change the
+        noise process to one we do not model must hold their neutral value; anything else unknown
+        is a ConfigError.
+        """
+        ours = {f.name for f in dataclasses.fields(cls)}
+        values = {}
+        for key, value in config.items():
+            if key in ours:
+                values[key] = value
+            elif key.startswith("_") or key in DIFFUSERS_SAMPLER_KEYS:
+                continue
+            elif key in DIFFUSERS_NEUTRAL_VALUES:
+                if value != DIFFUSERS_NEUTRAL_VALUES[key]:
+                    raise ConfigError(
+                        f"scheduler config sets {key}={value!r}, which ldm does not support; "
+                        f"remove it or set it to {DIFFUSERS_NEUTRAL_VALUES[key]!r}"
+                    )
+            else:
+                raise ConfigError(f"unknown scheduler config key {key!r}; remove it from scheduler_config.json")
+        return cls(**values)
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """A scheduler_config.json dict; any diffusers SD scheduler loads it with ``from_config``.
+
+        ``set_alpha_to_one=False`` and ``trained_betas=None`` are written out because that is how
+        the SD checkpoints' configs state the conventions ldm's DDIM follows.
+        """
+        return {
+            **dataclasses.asdict(self),
+            "set_alpha_to_one": False,
+            "trained_betas": None,
+            "_class_name": "DDIMScheduler",
+        }
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A scheduler without options of its own."""
+
+
+class Scheduler:
+    """Shared state and the parts of the contract that do not depend on the sampling algorithm.
+
+    Subclasses set ``Options`` (a frozen dataclass of their typed options) and implement
+    ``set_timesteps`` and ``step``.
+    """
+
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, config: SchedulerConfig | None = None, **options: Any) -> None:
+        self.config = config if config is not None else SchedulerConfig()
+        if not isinstance(self.config, SchedulerConfig):
+            raise ConfigError(f"expected a SchedulerConfig, got {type(self.config).__name__}")
+        self.options = build_options(type(self), options)
+        c = self.config
+        betas = noise.betas_for(c.beta_schedule, c.num_train_timesteps, c.beta_start, c.beta_end)
+        if c.rescale_betas_zero_snr:
+            betas = noise.rescale_zero_terminal_snr(betas)
+        self.betas = betas
+        self.alphas_cumprod = noise.alphas_cumprod(betas)
+        self.timesteps = torch.empty(0, dtype=torch.int64)
+        self.num_inference_steps = 0
+        self._step_index: int | None = None
+
+    # --- contract parts with a common definition ------------------------------------------------
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return 1.0
+
+    def scale_model_input(self, sample: torch.Tensor, t: torch.Tensor | int | float) -> torch.Tensor:
+        return sample
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) (Ho et al. 2020, eq. 4)."""
+        alpha_t, sigma_t = self._vp_coefficients(t, x0)
+        return alpha_t * x0 + sigma_t * eps
+
+    def training_target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """The regression target of a network of ``config.prediction_type`` at (x0, eps, t)."""
+        alpha_t, sigma_t = self._vp_coefficients(t, x0)
+        return noise.prediction_from(x0, eps, alpha_t, sigma_t, self.config.prediction_type)
+
+    def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
+        raise NotImplementedError
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        t: torch.Tensor | int | float,
+        sample: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- helpers for subclasses -----------------------------------------------------------------
+
+    def _check_steps(self, num_inference_steps: int) -> None:
+        limit = self.config.num_train_timesteps
+        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= limit:
+            raise ConfigError(f"num_inference_steps must be an integer from 1 to {limit}, got {num_inference_steps!r}")
+        self.num_inference_steps = num_inference_steps
+        self._step_index = None
+
+    def _index_for_step(self, t: torch.Tensor | int | float) -> int:
+        """Index of the current step: found from t on the first step of a run, then counted."""
+        if self.num_inference_steps == 0:
+            raise ConfigError("call set_timesteps(num_inference_steps) before step()")
+        if self._step_index is None:
+            value = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+            matches = torch.isclose(self.timesteps.double().cpu(), torch.tensor(value, dtype=torch.float64))
+            hits = matches.nonzero().flatten()
+            if hits.numel() == 0:
+                raise ConfigError(f"timestep {value:g} is not in this scheduler's timesteps; pass one of .timesteps")
+            self._step_index = int(hits[0])
+        if self._step_index >= len(self.timesteps):
+            raise ConfigError("step() called after the last timestep; call set_timesteps again for a new run")
+        return self._step_index
+
+    def _vp_coefficients(self, t: torch.Tensor | int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) = (sqrt(abar_t), sqrt(1 - abar_t)) shaped to broadcast against ``like``."""
+        t = torch.as_tensor(t, device=self.alphas_cumprod.device)
+        abar = self.alphas_cumprod[t.long()].to(device=like.device, dtype=like.dtype)
+        abar = noise.broadcast_to(abar, like) if abar.ndim > 0 else abar
+        return abar**0.5, (1 - abar) ** 0.5
+
+    def _process_x0(self, x0: torch.Tensor) -> torch.Tensor:
+        """Optional dynamic thresholding or static clipping of the predicted x_0."""
+        c = self.config
+        if c.thresholding:
+            return noise.dynamic_threshold(x0, c.dynamic_thresholding_ratio, c.sample_max_value)
+        if c.clip_sample:
+            return noise.clip_x0(x0, c.clip_sample_range)
+        return x0
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config}, {self.options})"
+
+
+def build_options(cls: type[Scheduler], options: dict[str, Any]) -> Any:
+    """``cls.Options(**options)``, with options the scheduler does not take as a ConfigError."""
+    accepted = [f.name for f in dataclasses.fields(cls.Options)]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        takes = ", ".join(accepted) if accepted else "no options"
+        raise ConfigError(f"{cls.__name__} does not take option(s) {', '.join(unknown)}; it takes {takes}")
+    return cls.Options(**options)
