@@ -1,0 +1,187 @@
+"""Prompts: weighting syntax, long prompts in 75-token chunks, and text encoding.
+
+Weighting follows the syntax AUTOMATIC1111's web UI made common:
+
+- ``(word:1.3)`` multiplies the weight of ``word`` by 1.3;
+- ``(word)`` multiplies by 1.1 and ``[word]`` divides by 1.1; they nest, so ``((word))`` is 1.21;
+- ``\\(``, ``\\)``, ``\\[``, ``\\]`` and ``\\\\`` are the literal characters;
+- an unclosed bracket applies to the end of the prompt, a stray closing one is literal text;
+- ``BREAK`` (upper case, a word of its own) ends the current 75-token chunk.
+
+CLIP reads 77 tokens: a start token, 75 prompt tokens and an end token. A longer
+prompt is split into chunks of 75 tokens, each chunk is encoded on its own as
+``[start] tokens [end] [pad...]``, and the embeddings are concatenated along the
+sequence axis (the U-Net's cross-attention takes any sequence length), so
+nothing is cut. A prompt of at most 75 tokens gives exactly the ids and the
+embedding diffusers' ``StableDiffusionPipeline`` gives.
+
+Weights scale each token's embedding. As A1111 does, the embedding is then
+rescaled so its mean is unchanged, which keeps weighting from shifting the
+overall magnitude the U-Net sees. Our choice: the mean is taken per prompt and
+per chunk (A1111 takes it over the whole batch), so an image never depends on
+which other prompts share its batch.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+BREAK = ("BREAK", -1.0)
+CHUNK_TOKENS = 75
+ROUND_MULTIPLIER = 1.1
+SQUARE_MULTIPLIER = 1 / 1.1
+
+_WEIGHT_CLOSE = re.compile(r":\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)")
+_BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
+_ESCAPABLE = "()[]\\"
+
+
+def parse_prompt(text: str) -> list[tuple[str, float]]:
+    """Split ``text`` into ``(fragment, weight)`` pairs; ``BREAK`` appears as ``("BREAK", -1.0)``.
+
+    Adjacent fragments of equal weight are merged, so a prompt without
+    weighting syntax comes back as ``[(text, 1.0)]``.
+    """
+    fragments: list[list] = []
+    open_round: list[int] = []
+    open_square: list[int] = []
+
+    def scale_from(start: int, factor: float) -> None:
+        for fragment in fragments[start:]:
+            if tuple(fragment) != BREAK:
+                fragment[1] *= factor
+
+    def add_text(piece: str) -> None:
+        for i, part in enumerate(_BREAK_WORD.split(piece)):
+            if i > 0:
+                fragments.append(list(BREAK))
+            if part:
+                fragments.append([part, 1.0])
+
+    plain: list[str] = []
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\" and i + 1 < len(text) and text[i + 1] in _ESCAPABLE:
+            plain.append(text[i + 1])
+            i += 2
+            continue
+        weight_close = _WEIGHT_CLOSE.match(text, i) if char == ":" and open_round else None
+        is_syntax = (
+            char in "(["
+            or weight_close is not None
+            or (char == ")" and open_round)
+            or (char == "]" and open_square)
+        )
+        if not is_syntax:
+            plain.append(char)
+            i += 1
+            continue
+        add_text("".join(plain))
+        plain = []
+        if char == "(":
+            open_round.append(len(fragments))
+        elif char == "[":
+            open_square.append(len(fragments))
+        elif weight_close is not None:
+            scale_from(open_round.pop(), float(weight_close.group(1)))
+            i = weight_close.end()
+            continue
+        elif char == ")":
+            scale_from(open_round.pop(), ROUND_MULTIPLIER)
+        else:
+            scale_from(open_square.pop(), SQUARE_MULTIPLIER)
+        i += 1
+    add_text("".join(plain))
+    for start in open_round:
+        scale_from(start, ROUND_MULTIPLIER)
+    for start in open_square:
+        scale_from(start, SQUARE_MULTIPLIER)
+
+    merged: list[tuple[str, float]] = []
+    for text_part, weight in fragments:
+        if merged and weight == merged[-1][1] and (text_part, weight) != BREAK and merged[-1] != BREAK:
+            merged[-1] = (merged[-1][0] + text_part, weight)
+        else:
+            merged.append((text_part, weight))
+    return merged or [("", 1.0)]
+
+
+@dataclass
+class TokenChunks:
+    """A prompt as 77-token chunks: ``ids[k]`` and ``weights[k]`` each hold 77 entries."""
+
+    ids: list[list[int]]
+    weights: list[list[float]]
+
+    @property
+    def is_weighted(self) -> bool:
+        return any(w != 1.0 for chunk in self.weights for w in chunk)
+
+
+def tokenize_prompt(tokenizer, text: str) -> TokenChunks:
+    """Parse ``text`` and cut its tokens into chunks of 75, each framed as CLIP expects."""
+    chunks = TokenChunks([], [])
+    tokens: list[int] = []
+    weights: list[float] = []
+
+    def close_chunk() -> None:
+        padding = CHUNK_TOKENS - len(tokens)
+        chunks.ids.append([tokenizer.bos_token_id, *tokens, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * padding)
+        chunks.weights.append([1.0, *weights, 1.0] + [1.0] * padding)
+        tokens.clear()
+        weights.clear()
+
+    for fragment, weight in parse_prompt(text):
+        if (fragment, weight) == BREAK:
+            if tokens:
+                close_chunk()
+            continue
+        for token in tokenizer(fragment, add_special_tokens=False, verbose=False).input_ids:
+            if len(tokens) == CHUNK_TOKENS:
+                close_chunk()
+            tokens.append(token)
+            weights.append(weight)
+    if tokens or not chunks.ids:
+        close_chunk()
+    return chunks
+
+
+def encode_prompts(text_encoder, tokenizer, prompts: list[str], clip_skip: int | None = None) -> torch.Tensor:
+    """Embeddings ``(len(prompts), 77 * chunks, dim)`` for a batch of prompts.
+
+    Prompts with fewer chunks than the longest one are padded with encodings
+    of the empty prompt, as A1111 does, so the batch has one sequence length.
+    The result is on the text encoder's device and in its dtype.
+    """
+    from ldm.models.text_encoder import encode_tokens
+
+    device = text_encoder.device
+    tokenized = [tokenize_prompt(tokenizer, prompt) for prompt in prompts]
+    empty = tokenize_prompt(tokenizer, "")
+    num_chunks = max(len(chunks.ids) for chunks in tokenized)
+    for chunks in tokenized:
+        missing = num_chunks - len(chunks.ids)
+        chunks.ids.extend(empty.ids * missing)
+        chunks.weights.extend(empty.weights * missing)
+
+    encoded = []
+    for k in range(num_chunks):
+        ids = torch.tensor([chunks.ids[k] for chunks in tokenized], device=device)
+        embedding = encode_tokens(text_encoder, ids, clip_skip=clip_skip)
+        if any(chunks.is_weighted for chunks in tokenized):
+            weights = torch.tensor([chunks.weights[k] for chunks in tokenized], device=device)
+            embedding = apply_weights(embedding, weights)
+        encoded.append(embedding)
+    return torch.cat(encoded, dim=1)
+
+
+def apply_weights(embedding: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Scale token embeddings ``(B, T, D)`` by ``weights (B, T)``, keeping each prompt's mean."""
+    original = embedding.float()
+    weighted = original * weights[..., None].float()
+    ratio = original.mean(dim=(1, 2), keepdim=True) / weighted.mean(dim=(1, 2), keepdim=True)
+    return (weighted * ratio).to(embedding.dtype)
