@@ -1,0 +1,246 @@
+"""Attention for the U-Net and the VAE, with one switch for the kernel that computes it.
+
+Scaled dot-product attention (Vaswani et al. 2017, "Attention Is All You Need", eq. 1):
+
+    Attention(Q, K, V) = softmax(Q K^T / sqrt(d)) V
+
+computed per head. Three kernels compute the same function (``AttentionBackend``):
+
+- ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention``, which picks a fused
+  flash / memory-efficient kernel where the device has one. The default.
+- ``"xformers"``: ``xformers.ops.memory_efficient_attention`` (only when xformers is installed;
+  useful on older CUDA builds of torch whose SDPA lacks a memory-efficient kernel).
+- ``"sliced"``: plain matmul + softmax over chunks of ``slice_size`` query rows, so the
+  score matrix held at once is (batch, heads, slice_size, keys) instead of
+  (batch, heads, queries, keys). Exact (each row's softmax is independent), slower, bounded memory.
+
+``upcast`` computes Q K^T and the softmax in fp32 (SD 2.1 overflows in fp16 otherwise).
+Module attribute names follow diffusers' checkpoint keys (``to_q``, ``to_out.0``, ``ff.net.0.proj``...),
+so released weights load with no renaming.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.errors import ConfigError
+
+AttentionBackend = Literal["sdpa", "xformers", "sliced"]
+
+DEFAULT_SLICE_SIZE = 1024  # query rows per chunk for "sliced" when none is given
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool, slice_size: int) -> torch.Tensor:
+    # q: (B, N, H*d), k/v: (B, M, H*d) -> views (B, H, N, d) without copying
+    b, n, c = q.shape
+    d = c // heads
+    q = q.view(b, n, heads, d).transpose(1, 2)
+    k = k.view(b, -1, heads, d).transpose(1, 2)
+    v = v.view(b, -1, heads, d).transpose(1, 2)
+    dtype = q.dtype
+    if upcast and dtype != torch.float32:
+        q, k, v = q.float(), k.float(), v.float()
+    out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, d)
+    return out.to(dtype).transpose(1, 2).reshape(b, n, c)
+
+
+def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool, slice_size: int) -> torch.Tensor:
+    import xformers.ops  # checked by require_backend before any module is switched to xformers
+
+    # xformers takes (B, N, H, d) directly: plain views, no transposes.
+    b, n, c = q.shape
+    d = c // heads
+    dtype = q.dtype
+    if upcast and dtype != torch.float32:
+        q, k, v = q.float(), k.float(), v.float()
+    out = xformers.ops.memory_efficient_attention(
+        q.view(b, n, heads, d), k.view(b, -1, heads, d), v.view(b, -1, heads, d)
+    )  # (B, N, H, d)
+    return out.to(dtype).reshape(b, n, c)
+
+
+def _sliced(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool, slice_size: int) -> torch.Tensor:
+    b, n, c = q.shape
+    d = c // heads
+    q = q.view(b, n, heads, d).transpose(1, 2)  # (B, H, N, d)
+    k_t = k.view(b, -1, heads, d).permute(0, 2, 3, 1)  # (B, H, d, M)
+    v = v.view(b, -1, heads, d).transpose(1, 2)  # (B, H, M, d)
+    score_dtype = torch.float32 if upcast else q.dtype
+    k_t = k_t.to(score_dtype)
+    scale = 1.0 / math.sqrt(d)
+    out = q.new_empty(b, heads, n, d)
+    for start in range(0, n, slice_size):
+        rows = q[:, :, start : start + slice_size].to(score_dtype)
+        scores = torch.matmul(rows * scale, k_t)  # (B, H, slice, M)
+        probs = scores.softmax(dim=-1).to(v.dtype)
+        out[:, :, start : start + slice_size] = torch.matmul(probs, v)
+    return out.transpose(1, 2).reshape(b, n, c)
+
+
+_KERNELS = {"sdpa": _sdpa, "xformers": _xformers, "sliced": _sliced}
+
+
+def require_backend(backend: str, slice_size: int | None) -> int:
+    """Check that ``backend`` can run here; return the slice size to use."""
+    if backend not in _KERNELS:
+        raise ConfigError(f"unknown attention backend {backend!r}; choose one of {', '.join(_KERNELS)}")
+    if backend == "xformers":
+        try:
+            import xformers.ops  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "attention backend 'xformers' needs the xformers package; install it or use 'sdpa'"
+            ) from None
+    if slice_size is not None and (backend != "sliced" or slice_size < 1):
+        raise ConfigError(f"slice_size={slice_size} is only valid (>= 1) with attention backend 'sliced'")
+    return slice_size or DEFAULT_SLICE_SIZE
+
+
+class Attention(nn.Module):
+    """Multi-head attention: self-attention when ``context`` is None, cross-attention otherwise."""
+
+    def __init__(
+        self,
+        query_dim: int,
+        heads: int,
+        context_dim: int | None = None,
+        upcast: bool = False,
+        bias: bool = False,
+    ):
+        super().__init__()
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.upcast = upcast
+        self.backend: AttentionBackend = "sdpa"
+        self.slice_size = DEFAULT_SLICE_SIZE
+        self.to_q = nn.Linear(query_dim, query_dim, bias=bias)
+        self.to_k = nn.Linear(context_dim, query_dim, bias=bias)
+        self.to_v = nn.Linear(context_dim, query_dim, bias=bias)
+        # diffusers keeps a dropout at to_out.1; it has no weights, so a one-element list keeps the key "to_out.0".
+        self.to_out = nn.ModuleList([nn.Linear(query_dim, query_dim)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, N, query_dim), context: (B, M, context_dim) -> (B, N, query_dim)
+        context = x if context is None else context
+        kernel = _KERNELS[self.backend]
+        out = kernel(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.upcast, self.slice_size)
+        return self.to_out[0](out)
+
+
+class GEGLU(nn.Module):
+    """GELU-gated linear unit (Shazeer 2020, "GLU Variants Improve Transformer", eq. 5)."""
+
+    def __init__(self, dim: int, inner_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner_dim * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """Transformer MLP with a GEGLU hidden layer of 4x the width."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # Position 1 is diffusers' dropout (p=0); an Identity keeps the output layer at key "net.2".
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm block: self-attention, cross-attention to the text, feed-forward, each residual."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int, upcast: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, upcast=upcast)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, context_dim=context_dim, upcast=upcast)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    """Text conditioning of a feature map (Rombach et al. 2022, sec. 3.3): diffusers' ``Transformer2DModel``.
+
+    The map is normalized, projected, flattened to H*W tokens, passed through one
+    ``BasicTransformerBlock`` and added back. SD 1.x projects with 1x1 convolutions,
+    SD 2.x with linear layers (``use_linear_projection``); the two differ only in weight shape.
+    """
+
+    def __init__(
+        self, channels: int, heads: int, context_dim: int, groups: int, use_linear_projection: bool, upcast: bool
+    ):
+        super().__init__()
+        self.use_linear_projection = use_linear_projection
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        if use_linear_projection:
+            self.proj_in = nn.Linear(channels, channels)
+            self.proj_out = nn.Linear(channels, channels)
+        else:
+            self.proj_in = nn.Conv2d(channels, channels, 1)
+            self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, context_dim, upcast)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        # x: (B, C, H, W), context: (B, M, context_dim)
+        b, c, h, w = x.shape
+        tokens = self.norm(x)
+        if self.use_linear_projection:
+            tokens = self.proj_in(tokens.permute(0, 2, 3, 1).reshape(b, h * w, c))  # (B, HW, C)
+        else:
+            tokens = self.proj_in(tokens).permute(0, 2, 3, 1).reshape(b, h * w, c)
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        if self.use_linear_projection:
+            out = self.proj_out(tokens).view(b, h, w, c).permute(0, 3, 1, 2)
+        else:
+            out = self.proj_out(tokens.view(b, h, w, c).permute(0, 3, 1, 2))
+        return out + x
+
+
+class VAEAttention(nn.Module):
+    """Single-head self-attention over all pixels, in the VAE's middle block (residual)."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+        self.backend: AttentionBackend = "sdpa"
+        self.slice_size = DEFAULT_SLICE_SIZE
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, C, H, W) -> tokens (B, HW, C); one head of width C
+        b, c, h, w = x.shape
+        tokens = self.group_norm(x).view(b, c, h * w).transpose(1, 2)
+        kernel = _KERNELS[self.backend]
+        # The original LDM attention block computes its softmax in fp32, hence upcast=True.
+        out = kernel(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), 1, True, self.slice_size)
+        out = self.to_out[0](out)  # (B, HW, C)
+        return out.transpose(1, 2).reshape(b, c, h, w) + x
+
+
+def set_attention(model: nn.Module, backend: AttentionBackend, slice_size: int | None = None) -> None:
+    """Switch every attention layer in ``model`` to ``backend``."""
+    slice_size = require_backend(backend, slice_size)
+    for module in model.modules():
+        if isinstance(module, (Attention, VAEAttention)):
+            module.backend = backend
+            module.slice_size = slice_size

@@ -1,0 +1,395 @@
+"""The text-conditioned denoising U-Net of latent diffusion (Rombach et al. 2022, "High-Resolution
+Image Synthesis with Latent Diffusion Models", sec. 3.3 and appendix E).
+
+    conv_in -> down levels (ResNet blocks [+ spatial transformer], then 2x downsample) pushing skips
+            -> middle (ResNet, transformer, ResNet)
+            -> up levels popping skips (concat, ResNet blocks [+ transformer], then 2x upsample)
+            -> GroupNorm, SiLU, conv_out
+
+Every module attribute is named after diffusers' ``UNet2DConditionModel`` checkpoint keys, so a
+diffusers ``unet/`` folder loads with ``strict=True`` and no renaming.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ldm.errors import ConfigError
+from ldm.models._config import as_int, as_int_tuple, check_defaults
+from ldm.models.attention import AttentionBackend, SpatialTransformer, set_attention
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4  # latent channels in
+    out_channels: int = 4  # predicted eps / v / x0 channels
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)  # width per resolution level
+    layers_per_block: int = 2  # ResNet blocks per down level (up levels have one more)
+    cross_attention_levels: tuple[bool, ...] = (True, True, True, False)  # transformer per down level; up mirrors
+    num_attention_heads: tuple[int, ...] = (8, 8, 8, 8)  # heads per level; the middle uses the last level's
+    cross_attention_dim: int = 768  # width of the text encoder's hidden states
+    use_linear_projection: bool = False  # transformer proj_in/out: Linear (SD 2.x) or 1x1 conv (SD 1.x)
+    upcast_attention: bool = False  # fp32 attention scores (SD 2.1 overflows in fp16 otherwise)
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    sample_size: int = 64  # native latent size (image size / 8)
+
+    def __post_init__(self) -> None:
+        levels = len(self.block_out_channels)
+        if len(self.cross_attention_levels) != levels or len(self.num_attention_heads) != levels:
+            raise ConfigError(
+                f"UNetConfig needs one cross_attention_levels and num_attention_heads entry per block_out_channels "
+                f"entry ({levels})"
+            )
+        for width, heads in zip(self.block_out_channels, self.num_attention_heads):
+            if width % heads or width % self.norm_num_groups:
+                raise ConfigError(
+                    f"UNet width {width} must be divisible by its head count {heads} and by norm_num_groups "
+                    f"{self.norm_num_groups}"
+                )
+
+    @classmethod
+    def sd1(cls) -> UNetConfig:
+        """Stable Diffusion 1.x (runwayml/stable-diffusion-v1-5)."""
+        return cls()
+
+    @classmethod
+    def sd2(cls) -> UNetConfig:
+        """Stable Diffusion 2.1 (768-v): 64-channel heads, OpenCLIP-H context, linear projections."""
+        return cls(
+            num_attention_heads=(5, 10, 20, 20),
+            cross_attention_dim=1024,
+            use_linear_projection=True,
+            upcast_attention=True,
+            sample_size=96,
+        )
+
+    @classmethod
+    def tiny(cls) -> UNetConfig:
+        """A few-hundred-thousand-parameter U-Net of SD 1.x shape, for tests."""
+        return cls(
+            block_out_channels=(32, 64, 64),
+            cross_attention_levels=(True, True, False),
+            num_attention_heads=(8, 8, 8),
+            cross_attention_dim=64,
+            sample_size=8,
+        )
+
+    @classmethod
+    def from_diffusers(cls, config: Mapping[str, Any]) -> UNetConfig:
+        """Read a diffusers ``unet/config.json`` (as a dict); unsupported variants raise ``ConfigError``."""
+        check_defaults(config, _DIFFUSERS_DEFAULTS, _MODELED_KEYS, "UNet")
+        down = list(config.get("down_block_types", _DOWN_TYPES[True] * 3 + _DOWN_TYPES[False]))
+        for name in down:
+            if name not in _DOWN_TYPES.values():
+                raise ConfigError(f"UNet config key 'down_block_types' has unsupported block {name!r}")
+        levels = tuple(name == _DOWN_TYPES[True] for name in down)
+        expected_up = [_UP_TYPES[cross] for cross in reversed(levels)]
+        up = list(config.get("up_block_types", expected_up))
+        if up != expected_up:
+            raise ConfigError(f"UNet config key 'up_block_types'={up!r} must mirror down_block_types ({expected_up!r})")
+        if config.get("num_attention_heads") is not None:
+            raise ConfigError("UNet config key 'num_attention_heads' must be null (diffusers stores heads in 'attention_head_dim')")
+        # diffusers' "attention_head_dim" holds the number of heads for SD models (diffusers issue #2011).
+        heads = as_int_tuple(config, "attention_head_dim", "UNet", (8,))
+        if len(heads) == 1:
+            heads = heads * len(levels)
+        cross_dim = as_int(config, "cross_attention_dim", "UNet", 1280)
+        sample_size = config.get("sample_size", 64)
+        if isinstance(sample_size, (list, tuple)):
+            if len(set(sample_size)) != 1:
+                raise ConfigError(f"UNet config key 'sample_size'={list(sample_size)!r} must be square")
+            sample_size = sample_size[0]
+        return cls(
+            in_channels=as_int(config, "in_channels", "UNet", 4),
+            out_channels=as_int(config, "out_channels", "UNet", 4),
+            block_out_channels=as_int_tuple(config, "block_out_channels", "UNet", (320, 640, 1280, 1280)),
+            layers_per_block=as_int(config, "layers_per_block", "UNet", 2),
+            cross_attention_levels=levels,
+            num_attention_heads=heads,
+            cross_attention_dim=cross_dim,
+            use_linear_projection=bool(config.get("use_linear_projection", False)),
+            upcast_attention=bool(config.get("upcast_attention", False)),
+            norm_num_groups=as_int(config, "norm_num_groups", "UNet", 32),
+            norm_eps=float(config.get("norm_eps", 1e-5)),
+            sample_size=int(sample_size),
+        )
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """A ``config.json`` dict that diffusers' ``UNet2DConditionModel`` builds the same network from."""
+        fields = asdict(self)
+        levels = fields.pop("cross_attention_levels")
+        heads = fields.pop("num_attention_heads")
+        return {
+            "_class_name": "UNet2DConditionModel",
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()},
+            "down_block_types": [_DOWN_TYPES[cross] for cross in levels],
+            "mid_block_type": "UNetMidBlock2DCrossAttn",
+            "up_block_types": [_UP_TYPES[cross] for cross in reversed(levels)],
+            "attention_head_dim": list(heads),
+            "act_fn": "silu",
+            "flip_sin_to_cos": True,
+            "freq_shift": 0,
+            "center_input_sample": False,
+            "downsample_padding": 1,
+            "mid_block_scale_factor": 1,
+        }
+
+
+_DOWN_TYPES = {True: "CrossAttnDownBlock2D", False: "DownBlock2D"}
+_UP_TYPES = {True: "CrossAttnUpBlock2D", False: "UpBlock2D"}
+_MODELED_KEYS = {
+    "in_channels", "out_channels", "block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
+    "attention_head_dim", "num_attention_heads", "cross_attention_dim", "use_linear_projection",
+    "upcast_attention", "norm_num_groups", "norm_eps", "sample_size",
+}  # fmt: skip
+# Every other UNet2DConditionModel argument, with the only value we implement (diffusers' default).
+_DIFFUSERS_DEFAULTS: dict[str, Any] = {
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "only_cross_attention": False,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "dropout": 0.0,
+    "act_fn": "silu",
+    "transformer_layers_per_block": 1,
+    "reverse_transformer_layers_per_block": None,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "dual_cross_attention": False,
+    "class_embed_type": None,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "num_class_embeds": None,
+    "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "projection_class_embeddings_input_dim": None,
+    "attention_type": "default",
+    "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None,
+    "cross_attention_norm": None,
+    "addition_embed_type_num_heads": 64,
+}
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of (B,) timesteps -> (B, dim), fp32 (Ho et al. 2020, appendix B; Vaswani et al. 2017,
+    sec. 3.5), in SD's layout: cos half first (``flip_sin_to_cos``), frequencies 10000^(-i/half)."""
+    half = dim // 2
+    exponent = torch.arange(half, dtype=torch.float32, device=timesteps.device) * (-math.log(10000.0) / half)
+    angles = timesteps.float()[:, None] * exponent.exp()[None, :]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, channels: int, embed_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(channels, embed_dim)
+        self.linear_2 = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the time embedding added in between (diffusers' ``ResnetBlock2D``).
+
+    Shared with the VAE, which has no time embedding (``temb_channels=None``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, groups: int, eps: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x (or to an explicit size, for odd skip sizes) then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)
+
+
+class _Block(nn.Module):
+    """A U-Net stage: runs its layers, each under activation checkpointing when enabled and training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gradient_checkpointing = False
+
+    def _run(self, layer: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
+
+
+class DownBlock(_Block):
+    def __init__(self, cfg: UNetConfig, level: int, in_channels: int, temb_channels: int):
+        super().__init__()
+        out = cfg.block_out_channels[level]
+        g, eps = cfg.norm_num_groups, cfg.norm_eps
+        self.resnets = nn.ModuleList(
+            ResnetBlock(in_channels if i == 0 else out, out, temb_channels, g, eps) for i in range(cfg.layers_per_block)
+        )
+        if cfg.cross_attention_levels[level]:
+            self.attentions = nn.ModuleList(
+                _transformer(cfg, out, cfg.num_attention_heads[level]) for _ in range(cfg.layers_per_block)
+            )
+        else:
+            self.attentions = None
+        is_last = level == len(cfg.block_out_channels) - 1
+        self.downsamplers = None if is_last else nn.ModuleList([Downsample(out)])
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        for i, resnet in enumerate(self.resnets):
+            x = self._run(resnet, x, temb)
+            if self.attentions is not None:
+                x = self._run(self.attentions[i], x, context)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x
+
+
+class MidBlock(_Block):
+    def __init__(self, cfg: UNetConfig, temb_channels: int):
+        super().__init__()
+        ch = cfg.block_out_channels[-1]
+        g, eps = cfg.norm_num_groups, cfg.norm_eps
+        self.resnets = nn.ModuleList([ResnetBlock(ch, ch, temb_channels, g, eps), ResnetBlock(ch, ch, temb_channels, g, eps)])
+        self.attentions = nn.ModuleList([_transformer(cfg, ch, cfg.num_attention_heads[-1])])
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self._run(self.resnets[0], x, temb)
+        x = self._run(self.attentions[0], x, context)
+        return self._run(self.resnets[1], x, temb)
+
+
+class UpBlock(_Block):
+    """Up level ``i`` (counted from the deepest): ``layers_per_block + 1`` ResNets, each eating one skip."""
+
+    def __init__(self, cfg: UNetConfig, i: int, temb_channels: int):
+        super().__init__()
+        widths = cfg.block_out_channels[::-1]
+        level = len(widths) - 1 - i  # the down level this up level mirrors
+        out, prev = widths[i], widths[max(i - 1, 0)]
+        below = widths[min(i + 1, len(widths) - 1)]  # width of the skips pushed before this level's down block
+        g, eps, n = cfg.norm_num_groups, cfg.norm_eps, cfg.layers_per_block + 1
+        self.resnets = nn.ModuleList(
+            ResnetBlock((prev if j == 0 else out) + (below if j == n - 1 else out), out, temb_channels, g, eps)
+            for j in range(n)
+        )
+        if cfg.cross_attention_levels[level]:
+            self.attentions = nn.ModuleList(_transformer(cfg, out, cfg.num_attention_heads[level]) for _ in range(n))
+        else:
+            self.attentions = None
+        self.upsamplers = None if level == 0 else nn.ModuleList([Upsample(out)])
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        for i, resnet in enumerate(self.resnets):
+            x = self._run(resnet, torch.cat([x, skips.pop()], dim=1), temb)
+            if self.attentions is not None:
+                x = self._run(self.attentions[i], x, context)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, skips[-1].shape[-2:])
+        return x
+
+
+def _transformer(cfg: UNetConfig, channels: int, heads: int) -> SpatialTransformer:
+    return SpatialTransformer(
+        channels, heads, cfg.cross_attention_dim, cfg.norm_num_groups, cfg.use_linear_projection, cfg.upcast_attention
+    )
+
+
+class UNet(nn.Module):
+    """eps/v-prediction network epsilon_theta(z_t, t, tau(y)) of Rombach et al. 2022, eq. 3."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        widths = config.block_out_channels
+        temb = widths[0] * 4
+        self.time_embedding = TimestepEmbedding(widths[0], temb)
+        self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            DownBlock(config, level, widths[max(level - 1, 0)], temb) for level in range(len(widths))
+        )
+        self.mid_block = MidBlock(config, temb)
+        self.up_blocks = nn.ModuleList(UpBlock(config, i, temb) for i in range(len(widths)))
+        self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, widths[0], eps=config.norm_eps)
+        self.conv_out = nn.Conv2d(widths[0], config.out_channels, 3, padding=1)
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor | float | int, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        # sample: (B, in_channels, h, w); timestep: scalar or (B,); encoder_hidden_states: (B, 77, cross_attention_dim)
+        t = torch.as_tensor(timestep, device=sample.device)
+        t = t.expand(sample.shape[0]) if t.ndim == 0 else t
+        temb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(sample.dtype))
+        context = encoder_hidden_states
+
+        x = self.conv_in(sample)
+        skips = [x]
+        for block in self.down_blocks:
+            x = block(x, temb, context, skips)
+        x = self.mid_block(x, temb, context)
+        for block in self.up_blocks:
+            x = block(x, temb, context, skips)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+    def set_attention(self, backend: AttentionBackend, slice_size: int | None = None) -> None:
+        """Compute attention with ``backend`` (see ``ldm.models.attention``)."""
+        set_attention(self, backend, slice_size)
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute block activations in the backward pass (training mode only) to save memory."""
+        for module in self.modules():
+            if isinstance(module, _Block):
+                module.gradient_checkpointing = enabled
