@@ -1,0 +1,168 @@
+"""Images in and out: tensor <-> PIL conversion, init images, and PNGs that carry their parameters.
+
+Each PNG stores its generation parameters in a ``parameters`` text chunk, in
+the format AUTOMATIC1111's web UI and stable-diffusion.cpp write, so those tools
+(and image viewers that know them) read the prompt and settings back::
+
+    a photo of a cat
+    Negative prompt: blurry
+    Steps: 25, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: ldm-shapes
+
+The last line is ``key: value`` pairs separated by ``, ``; a value containing a
+comma, a colon or a newline is written as a JSON string, as A1111 does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+from ldm.errors import InputError
+from ldm.io import atomic_write, next_free_path
+
+PARAMETERS_KEY = "parameters"
+NEGATIVE_PREFIX = "Negative prompt:"
+
+# One "key: value" item of the settings line; the value is a JSON string or runs to the next comma.
+_SETTING = re.compile(r'\s*([A-Za-z][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+@dataclass(frozen=True)
+class GenerationParameters:
+    """What made an image, as written to and read from the PNG ``parameters`` chunk."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    sampler: str  # A1111 sampler name, e.g. "DPM++ 2M"
+    cfg_scale: float
+    seed: int
+    width: int
+    height: int
+    model: str  # model folder or file stem
+    extra: dict[str, str] = field(default_factory=dict)  # further A1111 keys, e.g. "Denoising strength"
+
+
+def format_parameters(params: GenerationParameters) -> str:
+    """The A1111 ``parameters`` text for ``params``."""
+    settings = {
+        "Steps": str(params.steps),
+        "Sampler": params.sampler,
+        "CFG scale": f"{params.cfg_scale:g}",
+        "Seed": str(params.seed),
+        "Size": f"{params.width}x{params.height}",
+        "Model": params.model,
+        **params.extra,
+    }
+    lines = [params.prompt]
+    if params.negative_prompt:
+        lines.append(f"{NEGATIVE_PREFIX} {params.negative_prompt}")
+    lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in settings.items()))
+    return "\n".join(lines)
+
+
+def parse_parameters(text: str) -> GenerationParameters:
+    """Read back A1111 / stable-diffusion.cpp ``parameters`` text; raises ``InputError`` if it is not one."""
+    lines = text.strip().split("\n")
+    settings = dict(_SETTING.findall(lines[-1])) if lines else {}
+    required = ("Steps", "Sampler", "CFG scale", "Seed", "Size")
+    if any(key not in settings for key in required):
+        raise InputError("the text is not A1111-style generation parameters (no 'Steps: ..., Seed: ...' line)")
+    settings = {key: _unquote(value) for key, value in settings.items()}
+    prompt_lines, negative_lines = [], []
+    for line in lines[:-1]:
+        if negative_lines or line.startswith(NEGATIVE_PREFIX):
+            negative_lines.append(line.removeprefix(NEGATIVE_PREFIX).lstrip() if not negative_lines else line)
+        else:
+            prompt_lines.append(line)
+    width, height = (int(v) for v in settings.pop("Size").split("x"))
+    return GenerationParameters(
+        prompt="\n".join(prompt_lines),
+        negative_prompt="\n".join(negative_lines),
+        steps=int(settings.pop("Steps")),
+        sampler=settings.pop("Sampler"),
+        cfg_scale=float(settings.pop("CFG scale")),
+        seed=int(settings.pop("Seed")),
+        width=width,
+        height=height,
+        model=settings.pop("Model", ""),
+        extra=settings,
+    )
+
+
+def _quote(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False) if any(c in value for c in ",:\n") else value
+
+
+def _unquote(value: str) -> str:
+    value = value.strip()
+    if value.startswith('"') and value.endswith('"') and len(value) > 1:
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def save_png(image: Image.Image, folder: str | Path, params: GenerationParameters) -> Path:
+    """Write ``image`` as ``folder/NNNNN-<seed>.png`` with its parameters; never overwrites.
+
+    The number is one above the highest already in ``folder``; if another
+    process takes the same name first, the next number is tried.
+    """
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PARAMETERS_KEY, format_parameters(params))
+    for _ in range(100):
+        path = next_free_path(folder, str(params.seed), ".png")
+        try:
+            return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+        except FileExistsError:
+            continue
+    raise InputError(f"could not find a free file name in {folder}; is another process writing there?")
+
+
+def read_parameters(path: str | Path) -> GenerationParameters:
+    """The generation parameters stored in a PNG written by ldm, A1111 or stable-diffusion.cpp."""
+    with open_image(path) as image:
+        text = image.text.get(PARAMETERS_KEY) if hasattr(image, "text") else None
+    if text is None:
+        raise InputError(f"{path} has no '{PARAMETERS_KEY}' text chunk")
+    return parse_parameters(text)
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open an image file, or raise ``InputError`` saying why it cannot be read."""
+    try:
+        image = Image.open(path)
+        image.load()
+    except FileNotFoundError:
+        raise InputError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise InputError(f"cannot read image {path}: {error}") from None
+    return image
+
+
+def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """A PIL image as a ``(1, 3, height, width)`` float tensor in [-1, 1], resized with Lanczos if needed."""
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
+
+
+def to_numpy(images: torch.Tensor) -> np.ndarray:
+    """``(B, 3, H, W)`` images in [0, 1] as a float32 ``(B, H, W, 3)`` array."""
+    return images.detach().to("cpu", torch.float32).permute(0, 2, 3, 1).numpy()
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """``(B, 3, H, W)`` images in [0, 1] as 8-bit RGB PIL images (rounded to the nearest level)."""
+    array = (to_numpy(images) * 255).round().astype(np.uint8)
+    return [Image.fromarray(item) for item in array]
