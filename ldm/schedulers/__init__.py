@@ -17,10 +17,14 @@ from typing import Any
 from ldm.errors import ConfigError
 from ldm.schedulers.base import Scheduler, SchedulerConfig
 from ldm.schedulers.ddim import DDIMScheduler, DDPMScheduler
+from ldm.schedulers.dpm_solver import DPMSolverPlusPlusScheduler, DPMSolverPlusPlusSDEScheduler, DPMSolverScheduler
 
 SCHEDULERS: dict[str, type[Scheduler]] = {
     "ddpm": DDPMScheduler,
     "ddim": DDIMScheduler,
+    "dpm-solver": DPMSolverScheduler,
+    "dpm-solver++": DPMSolverPlusPlusScheduler,
+    "dpm-solver++-sde": DPMSolverPlusPlusSDEScheduler,
 }
 
 

@@ -194,6 +194,22 @@ class Scheduler:
         self.num_inference_steps = num_inference_steps
         self._step_index = None
 
+    def _checked_grid(self, timesteps: torch.Tensor, *, strict: bool = True) -> torch.Tensor:
+        """``timesteps`` if they lie in [0, T) and decrease (strictly unless ``strict`` is False, as
+        rounded Karras grids may repeat a timestep); "leading" spacing breaks this at step counts
+        close to T, as it does in diffusers."""
+        c = self.config
+        inside = bool((timesteps >= 0).all() and (timesteps <= c.num_train_timesteps - 1).all())
+        steps = timesteps[:-1] - timesteps[1:]
+        ordered = bool((steps > 0).all()) if strict else bool((steps >= 0).all() and timesteps[0] > timesteps[-1])
+        if not (inside and ordered):
+            raise ConfigError(
+                f"{self.num_inference_steps} steps do not fit {c.num_train_timesteps} training timesteps with "
+                f"{c.timestep_spacing!r} spacing and steps_offset={c.steps_offset}; use fewer steps or "
+                "timestep_spacing='trailing'"
+            )
+        return timesteps
+
     def _index_for_step(self, t: torch.Tensor | int | float) -> int:
         """Index of the current step: found from t on the first step of a run, then counted."""
         if self.num_inference_steps == 0:

@@ -43,12 +43,7 @@ class DDIMScheduler(Scheduler):
         self._check_steps(num_inference_steps)
         c = self.config
         grid = noise.spaced_timesteps(c.timestep_spacing, num_inference_steps, c.num_train_timesteps, c.steps_offset)
-        timesteps = torch.from_numpy(grid.round()).to(torch.int64)
-        if int(timesteps.max()) >= c.num_train_timesteps:
-            raise ConfigError(
-                f"{num_inference_steps} steps with 'leading' spacing and steps_offset={c.steps_offset} pass the last "
-                "training timestep; use fewer steps or timestep_spacing='trailing'"
-            )
+        timesteps = self._checked_grid(torch.from_numpy(grid.round()).to(torch.int64))
         self.timesteps = timesteps.to(device)
         # abar along the run: one value per timestep plus the final value the last step lands on.
         self._abars = torch.cat([self.alphas_cumprod[timesteps], self._final_abar()])

@@ -79,6 +79,14 @@ def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+def finite_terminal(abar: torch.Tensor) -> torch.Tensor:
+    """``abar`` with a zero terminal value (zero-SNR rescaling) replaced by 2^-24, so samplers that
+    divide by alpha_T or take log SNR stay finite; diffusers' sigma-based schedulers do the same."""
+    if float(abar[-1]) > 0:
+        return abar
+    return torch.cat([abar[:-1], abar.new_full((1,), 2.0**-24)])
+
+
 def ve_sigmas(abar: torch.Tensor) -> torch.Tensor:
     """Variance-exploding noise level sigma = sqrt((1 - abar) / abar) (Karras et al. 2022, Table 1)."""
     return ((1 - abar) / abar) ** 0.5

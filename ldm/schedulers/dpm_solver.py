@@ -1,0 +1,191 @@
+"""Multistep DPM-Solver (Lu et al. 2022) and DPM-Solver++ (Lu et al. 2022b), orders 1 to 3.
+
+Both integrate the probability-flow ODE exactly in its linear part and approximate the network
+term by a polynomial in lambda = log(alpha_t / sigma_t) (half the log-SNR), using the outputs of
+previous steps (multistep):
+
+    DPM-Solver    integrates the noise prediction eps(x, lambda)  (Lu et al. 2022, eq. 3.4)
+    DPM-Solver++  integrates the data prediction x_0(x, lambda)   (Lu et al. 2022b, eq. 9)
+
+Notation: s0, s1, s2 are the current and two previous timesteps, t the next one; alpha, sigma are
+the VP coefficients (x = alpha x_0 + sigma eps); h = lambda_t - lambda_s0; D0, D1, D2 are the
+divided differences of the network term. First order is DDIM (Lu et al. 2022, sec. 4.1).
+
+The grid and the order schedule follow diffusers' ``DPMSolverMultistepScheduler``: warm-up with
+lower orders, a first-order last step, and with ``lower_order_final`` and fewer than 15 steps a
+second-order penultimate step (Lu et al. 2022b, sec. 5: higher orders are unstable at few steps).
+DPM-Solver++ ends at sigma = 0 (the clean sample); DPM-Solver, whose eps form cannot step to
+sigma = 0, ends at the sigma of timestep 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ldm.errors import ConfigError
+from ldm.random import randn
+from ldm.schedulers import noise
+from ldm.schedulers.base import Scheduler
+
+
+@dataclass(frozen=True)
+class DPMSolverOptions:
+    solver_order: int = 2  # 2 for guided sampling, 3 for unconditional (Lu et al. 2022b, sec. 5)
+    solver_type: Literal["midpoint", "heun"] = "midpoint"  # second-order variant; both are order 2
+    lower_order_final: bool = True  # lower orders on the last steps when fewer than 15 steps
+    use_karras_sigmas: bool = False  # Karras et al. 2022 eq. 5 sigmas instead of the spaced timesteps
+
+    def __post_init__(self) -> None:
+        if self.solver_order not in (1, 2, 3):
+            raise ConfigError(f"solver_order must be 1, 2 or 3, got {self.solver_order!r}")
+        if self.solver_type not in ("midpoint", "heun"):
+            raise ConfigError(f"solver_type must be 'midpoint' or 'heun', got {self.solver_type!r}")
+
+
+class DPMSolverScheduler(Scheduler):
+    """Multistep DPM-Solver on the noise prediction (Lu et al. 2022; multistep form of Lu et al. 2022b)."""
+
+    Options = DPMSolverOptions
+    predicts_data = False  # which network term is integrated: eps (DPM-Solver) or x_0 (DPM-Solver++)
+    stochastic = False
+    final_sigma_zero = False
+
+    def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
+        self._check_steps(num_inference_steps)
+        c, o = self.config, self.options
+        abar = noise.finite_terminal(self.alphas_cumprod)
+        all_sigmas = noise.ve_sigmas(abar).numpy()
+        if o.use_karras_sigmas:
+            sigmas = noise.karras_sigmas(float(all_sigmas[0]), float(all_sigmas[-1]), num_inference_steps)
+            grid = noise.sigma_to_timestep(sigmas, np.log(all_sigmas))
+            if c.beta_schedule != "squaredcos_cap_v2":
+                grid = grid.round()
+        else:
+            grid = noise.spaced_timesteps(
+                c.timestep_spacing, num_inference_steps, c.num_train_timesteps, c.steps_offset, reserve_final=True
+            ).round()
+            sigmas = np.interp(grid, np.arange(len(all_sigmas)), all_sigmas)
+        final = 0.0 if self.final_sigma_zero else float(all_sigmas[0])
+        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [final]]).astype(np.float32))
+        self.timesteps = self._checked_grid(torch.from_numpy(grid.astype(np.int64)), strict=not o.use_karras_sigmas).to(device)
+        self._outputs: list[torch.Tensor] = []  # converted network terms of previous steps, newest last
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        t: torch.Tensor | int,
+        sample: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> torch.Tensor:
+        i = self._index_for_step(t)
+        self._step_index = i + 1
+        o, n = self.options, len(self.timesteps)
+        # 1. Half log-SNR lambda = log(alpha / sigma) at the current and next points.
+        alpha_s, sigma_s = _vp(self.sigmas[i])
+        alpha_t, sigma_t = _vp(self.sigmas[i + 1])
+        lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
+        # 2. The network term this solver integrates, from the model output.
+        self._outputs = [*self._outputs, self._network_term(model_output, sample, i)][-o.solver_order :]
+        # 3. Order of this step: warm-up uses the outputs available; the last steps drop order.
+        order = min(o.solver_order, len(self._outputs))
+        few_steps = o.lower_order_final and n < 15
+        if i == n - 1 and (few_steps or self.final_sigma_zero):
+            order = 1
+        elif i == n - 2 and few_steps:
+            order = min(order, 2)
+        # 4. Divided differences D0, D1, D2 in lambda (Lu et al. 2022b, eq. 12 and App. A).
+        sample = sample.to(torch.float32)
+        lambdas = [_half_log_snr(self.sigmas[i - k]) for k in range(order)]
+        h = lambda_t - lambdas[0]
+        m = self._outputs[::-1]  # m[0] newest
+        d0, d1, d2 = m[0], None, None
+        if order >= 2:
+            r0 = (lambdas[0] - lambdas[1]) / h
+            d1_0 = (m[0] - m[1]) / r0
+            d1 = d1_0
+        if order == 3:
+            r1 = (lambdas[1] - lambdas[2]) / h
+            d1_1 = (m[1] - m[2]) / r1
+            d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+        # 5. The update itself.
+        z = None
+        if self.stochastic:
+            z = randn(tuple(model_output.shape), generator, model_output.device, torch.float32)
+        prev = self._update(sample, h, (alpha_s, sigma_s), (alpha_t, sigma_t), d0, d1, d2, z)
+        return prev.to(model_output.dtype)
+
+    def _network_term(self, model_output: torch.Tensor, sample: torch.Tensor, i: int) -> torch.Tensor:
+        alpha, sigma = _vp(self.sigmas[i])
+        x0, eps = noise.to_x0_and_eps(model_output, sample, alpha, sigma, self.config.prediction_type)
+        if not (self.config.thresholding or self.config.clip_sample):
+            return x0 if self.predicts_data else eps
+        x0 = self._process_x0(x0)
+        return x0 if self.predicts_data else (sample - alpha * x0) / sigma
+
+    def _update(self, x, h, s, t, d0, d1, d2, z):
+        """DPM-Solver on eps: Lu et al. 2022, eq. 3.7 (order 1) and the multistep terms of App. B."""
+        (alpha_s, _), (alpha_t, sigma_t) = s, t
+        em1 = torch.expm1(h)  # e^h - 1
+        prev = (alpha_t / alpha_s) * x - sigma_t * em1 * d0
+        if d1 is not None and d2 is None and self.options.solver_type == "midpoint":
+            return prev - 0.5 * sigma_t * em1 * d1
+        if d1 is not None:
+            prev = prev - sigma_t * (em1 / h - 1.0) * d1
+        if d2 is not None:
+            prev = prev - sigma_t * ((em1 - h) / h**2 - 0.5) * d2
+        return prev
+
+
+class DPMSolverPlusPlusScheduler(DPMSolverScheduler):
+    """Multistep DPM-Solver++ on the data prediction (Lu et al. 2022b, Alg. 2 and its third-order form)."""
+
+    predicts_data = True
+    final_sigma_zero = True
+
+    def _update(self, x, h, s, t, d0, d1, d2, z):
+        """x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) D0 + higher terms (Lu et al. 2022b, eq. 10)."""
+        (_, sigma_s), (alpha_t, sigma_t) = s, t
+        em1 = torch.expm1(-h)  # e^-h - 1
+        prev = (sigma_t / sigma_s) * x - alpha_t * em1 * d0
+        if d1 is not None and d2 is None and self.options.solver_type == "midpoint":
+            return prev - 0.5 * alpha_t * em1 * d1
+        if d1 is not None:
+            prev = prev + alpha_t * (em1 / h + 1.0) * d1
+        if d2 is not None:
+            prev = prev - alpha_t * ((em1 + h) / h**2 - 0.5) * d2
+        return prev
+
+
+class DPMSolverPlusPlusSDEScheduler(DPMSolverPlusPlusScheduler):
+    """SDE-DPM-Solver++ multistep (Lu et al. 2022b, App. / sec. 4.3): the same data-prediction
+    polynomial integrated along the reverse SDE, with fresh Gaussian noise every step."""
+
+    stochastic = True
+
+    def _update(self, x, h, s, t, d0, d1, d2, z):
+        (_, sigma_s), (alpha_t, sigma_t) = s, t
+        em2 = -torch.expm1(-2.0 * h)  # 1 - e^-2h
+        prev = (sigma_t / sigma_s) * torch.exp(-h) * x + alpha_t * em2 * d0
+        if d1 is not None and d2 is None and self.options.solver_type == "midpoint":
+            prev = prev + 0.5 * alpha_t * em2 * d1
+        elif d1 is not None:
+            prev = prev + alpha_t * (em2 / (-2.0 * h) + 1.0) * d1
+        if d2 is not None:
+            prev = prev + alpha_t * ((em2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5) * d2
+        return prev + sigma_t * em2.sqrt() * z
+
+
+def _vp(ve_sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """VP (alpha_t, sigma_t) from the VE sigma: alpha = 1 / sqrt(1 + sigma^2), sigma_t = sigma alpha."""
+    alpha = 1 / (ve_sigma**2 + 1) ** 0.5
+    return alpha, ve_sigma * alpha
+
+
+def _half_log_snr(ve_sigma: torch.Tensor) -> torch.Tensor:
+    alpha, sigma = _vp(ve_sigma)
+    return torch.log(alpha) - torch.log(sigma)
