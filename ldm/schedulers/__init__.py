@@ -16,7 +16,9 @@ from typing import Any
 
 from ldm.errors import ConfigError
 from ldm.schedulers.base import Scheduler, SchedulerConfig
+from ldm.schedulers.diffusers_adapter import DiffusersScheduler, from_diffusers_scheduler
 from ldm.schedulers.ddim import DDIMScheduler, DDPMScheduler
+from ldm.schedulers.euler import EulerAncestralScheduler, EulerScheduler
 from ldm.schedulers.dpm_solver import DPMSolverPlusPlusScheduler, DPMSolverPlusPlusSDEScheduler, DPMSolverScheduler
 
 SCHEDULERS: dict[str, type[Scheduler]] = {
@@ -25,6 +27,8 @@ SCHEDULERS: dict[str, type[Scheduler]] = {
     "dpm-solver": DPMSolverScheduler,
     "dpm-solver++": DPMSolverPlusPlusScheduler,
     "dpm-solver++-sde": DPMSolverPlusPlusSDEScheduler,
+    "euler": EulerScheduler,
+    "euler-ancestral": EulerAncestralScheduler,
 }
 
 
@@ -35,4 +39,11 @@ def create(name: str, config: SchedulerConfig | None = None, **options: Any) -> 
     return SCHEDULERS[name](config, **options)
 
 
-__all__ = ["SCHEDULERS", "Scheduler", "SchedulerConfig", "create"]
+__all__ = [
+    "SCHEDULERS",
+    "DiffusersScheduler",
+    "Scheduler",
+    "SchedulerConfig",
+    "create",
+    "from_diffusers_scheduler",
+]
