@@ -1,0 +1,68 @@
+"""Loading and saving Stable Diffusion 1.x / 2.x models, offline.
+
+Two layouts are read and written:
+
+- a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
+  ``tokenizer/``, ``scheduler/``), see ``ldm.loading.diffusers_folder``;
+- an original single file (``.safetensors`` or ``.ckpt``), see ``ldm.loading.single_file``;
+  its architecture and family are detected from keys and shapes (``ldm.loading.detect``),
+  every rename lives in ``ldm.loading.keymap``.
+
+Nothing here touches the network: paths are local, tokenizers come from the model
+folder, the shipped ``ldm/assets/clip_tokenizer`` or a ``tokenizer=`` path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import CLIPTokenizer
+
+from ldm.errors import CheckpointError
+from ldm.loading.components import Components, parse_dtype
+from ldm.loading.detect import PredictionType
+from ldm.loading.diffusers_folder import is_diffusers_folder, load_diffusers, save_diffusers
+from ldm.loading.single_file import SUFFIXES as SINGLE_FILE_SUFFIXES
+from ldm.loading.single_file import load_single_file, save_single_file
+
+__all__ = [
+    "DEFAULT_MODEL_DIR",
+    "Components",
+    "load_components",
+    "save_diffusers",
+    "save_single_file",
+]
+
+# The project's own default model, in the diffusers layout.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "weights" / "ldm-shapes"
+
+_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def load_components(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+    prediction_type: PredictionType | None = None,
+    tokenizer: str | Path | CLIPTokenizer | None = None,
+) -> Components:
+    """Load a diffusers folder or a single ``.safetensors``/``.ckpt`` file.
+
+    ``prediction_type`` overrides the file's (or the detected) one; ``tokenizer`` is a
+    tokenizer folder, ``"sd1"``/``"sd2"`` for the shipped one, or a ``CLIPTokenizer``.
+    """
+    path = Path(path)
+    device = torch.device(device)
+    dtype = parse_dtype(dtype)
+    if prediction_type is not None and prediction_type not in _PREDICTION_TYPES:
+        raise CheckpointError(f"unknown prediction type {prediction_type!r}; choose one of {', '.join(_PREDICTION_TYPES)}")
+    options = dict(device=device, dtype=dtype, prediction_type=prediction_type, tokenizer=tokenizer)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; pass a .safetensors/.ckpt file or a diffusers model folder")
+    if path.is_dir():
+        if not is_diffusers_folder(path):
+            raise CheckpointError(f"{path} is a folder without model_index.json or unet/config.json; not a diffusers model")
+        return load_diffusers(path, **options)
+    return load_single_file(path, **options)

@@ -1,0 +1,133 @@
+"""The loaded model parts, and the one routine that puts file tensors into a network.
+
+Networks are built on the meta device (no memory, no random init), every tensor
+is read once, converted straight to the target dtype and device, and handed
+over with ``load_state_dict(strict=True, assign=True)``: peak memory while
+loading is about the size of the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ldm.errors import CheckpointError, ConfigError
+from ldm.loading.keymap import Entry, check_shape, describe_key_mismatch, to_diffusers
+from ldm.models import AutoencoderKL, UNet, UNetConfig, VAEConfig
+from ldm.schedulers import SchedulerConfig
+
+Family = Literal["sd1", "sd2"]
+
+
+@dataclass
+class Components:
+    """Everything a text-to-image pipeline needs, as loaded from one model."""
+
+    unet: UNet
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler_config: SchedulerConfig
+    family: Family
+    source: Path
+
+
+def build_networks(unet: dict[str, Any], vae: dict[str, Any], text: CLIPTextConfig) -> tuple[UNet, AutoencoderKL, CLIPTextModel]:
+    """The three networks from diffusers-style configs, on the meta device (weights come later)."""
+    unet_config, vae_config = UNetConfig.from_diffusers(unet), VAEConfig.from_diffusers(vae)
+    with torch.device("meta"):
+        return UNet(unet_config), AutoencoderKL(vae_config), CLIPTextModel(text)
+
+
+def shapes_of(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
+def target_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """Floating-point tensors take the requested dtype; integer buffers keep theirs."""
+    return dtype if tensor.is_floating_point() else tensor.dtype
+
+
+def load_entries(
+    model: nn.Module,
+    entries: list[Entry],
+    file_shapes: Mapping[str, tuple[int, ...]],
+    read: Callable[[str], torch.Tensor],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    where: str,
+    optional: Mapping[str, tuple[int, ...] | None] = {},  # noqa: B006 - read-only
+) -> None:
+    """Check keys and shapes of ``file_shapes`` against ``entries``, then assign every tensor.
+
+    ``optional`` are keys the file may hold that the network does not use (checked for shape
+    when the expected shape is given, then skipped). All checks run before any tensor is read.
+    """
+    expected = {entry.original for entry in entries}
+    missing = sorted(expected - file_shapes.keys())
+    unexpected = sorted(file_shapes.keys() - expected - optional.keys())
+    if missing or unexpected:
+        raise CheckpointError(describe_key_mismatch(missing, unexpected, where))
+    for key, shape in optional.items():
+        if key in file_shapes and shape is not None and tuple(file_shapes[key]) != shape:
+            raise CheckpointError(
+                f"shape mismatch for {key}: the file has {list(file_shapes[key])}, the model needs {list(shape)}"
+            )
+    for entry in entries:
+        check_shape(entry, file_shapes[entry.original])
+    model_shapes = shapes_of(model)
+    state = {}
+    for entry in entries:
+        tensor = read(entry.original)
+        tensor = tensor.to(device=device, dtype=target_dtype(tensor, dtype))
+        state.update(to_diffusers(entry, tensor, model_shapes))
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def finish_text_encoder(text_encoder: CLIPTextModel, device: torch.device) -> None:
+    """Recreate the non-persistent buffers a meta-built CLIPTextModel still lacks.
+
+    transformers registers ``embeddings.position_ids`` (0..max_positions-1) as a non-persistent
+    buffer, so no state dict carries it and ``assign=True`` leaves it on the meta device.
+    """
+    embeddings = text_encoder.embeddings
+    positions = text_encoder.config.max_position_embeddings
+    embeddings.position_ids = torch.arange(positions, device=device).expand(1, -1)
+    for name, tensor in [*text_encoder.named_parameters(), *text_encoder.named_buffers()]:
+        if tensor.is_meta:
+            raise RuntimeError(f"text encoder tensor {name} was not loaded")
+
+
+def finish(unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel, device: torch.device) -> None:
+    """Put the three loaded networks in eval mode and make sure nothing stayed on the meta device."""
+    finish_text_encoder(text_encoder, device)
+    for name, model in (("U-Net", unet), ("VAE", vae)):
+        for key, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.is_meta:
+                raise RuntimeError(f"{name} tensor {key} was not loaded")
+    for model in (unet, vae, text_encoder):
+        model.eval()
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"fp16"``/``"float16"``/``torch.float16`` -> ``torch.float16`` (and bf16, fp32)."""
+    if isinstance(name, torch.dtype):
+        return name
+    table = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+    }
+    if name not in table:
+        raise ConfigError(f"unknown dtype {name!r}; choose one of fp32, fp16, bf16")
+    return table[name]

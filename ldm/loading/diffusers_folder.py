@@ -1,0 +1,176 @@
+"""The diffusers folder layout: ``model_index.json`` and one sub-folder per component.
+
+::
+
+    model_index.json
+    unet/config.json          unet/diffusion_pytorch_model.safetensors
+    vae/config.json           vae/diffusion_pytorch_model.safetensors
+    text_encoder/config.json  text_encoder/model.safetensors
+    tokenizer/                (vocab.json, merges.txt, ...)
+    scheduler/scheduler_config.json
+
+Weights may also be ``.bin`` pickles, sharded (``*.index.json``) or only the fp16
+variant (``diffusion_pytorch_model.fp16.safetensors``); full precision is preferred
+when several exist. ldm's networks use diffusers' key names, so no renaming happens
+here; the text encoder's keys may carry the ``text_model.`` prefix of the released
+folders (transformers < 5) or not.
+
+The family is read from the text encoder: OpenCLIP's ``gelu`` is SD 2.x, OpenAI
+CLIP's ``quick_gelu`` is SD 1.x.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTokenizer
+
+from ldm.errors import CheckpointError, ConfigError
+from ldm.io import atomic_write_dir
+from ldm.loading.components import Components, build_networks, finish, load_entries, shapes_of
+from ldm.loading.detect import PredictionType
+from ldm.loading.keymap import Entry
+from ldm.loading.sources import open_component
+from ldm.models.text_encoder import load_tokenizer
+from ldm.schedulers import SchedulerConfig
+
+TEXT_PREFIX = "text_model."
+# Older transformers saved this non-persistent buffer; it is recomputed, never read.
+TEXT_POSITION_IDS = "embeddings.position_ids"
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file())
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; a diffusers model folder needs unet/, vae/, text_encoder/ configs")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error.msg} at line {error.lineno})") from None
+
+
+def family_of(text: CLIPTextConfig) -> str:
+    if text.hidden_act == "gelu":
+        return "sd2"
+    if text.hidden_act == "quick_gelu":
+        return "sd1"
+    raise ConfigError(f"text encoder activation {text.hidden_act!r} is neither SD 1.x (quick_gelu) nor SD 2.x (gelu)")
+
+
+def _load_part(model, folder: Path, library: str, *, device, dtype, strip: str = "") -> None:
+    source = open_component(folder, library)
+    names = {key[len(strip) :] if strip and key.startswith(strip) else key: key for key in source.shapes}
+    file_shapes = {name: source.shapes[key] for name, key in names.items()}
+    entries = [Entry(key, (key,), "copy", shape) for key, shape in shapes_of(model).items()]
+    optional = {TEXT_POSITION_IDS: None} if strip else {}
+    load_entries(
+        model,
+        entries,
+        file_shapes,
+        lambda name: source.read(names[name]),
+        device=device,
+        dtype=dtype,
+        where=str(folder),
+        optional=optional,
+    )
+
+
+def load_diffusers(
+    folder: Path,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    prediction_type: PredictionType | None,
+    tokenizer: str | Path | CLIPTokenizer | None,
+) -> Components:
+    text_config = CLIPTextConfig.from_dict(_read_json(folder / "text_encoder" / "config.json"))
+    family = family_of(text_config)
+    unet_json = _read_json(folder / "unet" / "config.json")
+    vae_json = _read_json(folder / "vae" / "config.json")
+    unet, vae, text_encoder = build_networks(unet_json, vae_json, text_config)
+    _load_part(unet, folder / "unet", "diffusers", device=device, dtype=dtype)
+    _load_part(vae, folder / "vae", "diffusers", device=device, dtype=dtype)
+    _load_part(text_encoder, folder / "text_encoder", "transformers", device=device, dtype=dtype, strip=TEXT_PREFIX)
+    finish(unet, vae, text_encoder, device)
+
+    scheduler_json = folder / "scheduler" / "scheduler_config.json"
+    scheduler = SchedulerConfig.from_diffusers(_read_json(scheduler_json)) if scheduler_json.is_file() else SchedulerConfig()
+    if prediction_type is not None:
+        scheduler = dataclasses.replace(scheduler, prediction_type=prediction_type)
+    if isinstance(tokenizer, CLIPTokenizer):
+        loaded_tokenizer = tokenizer
+    elif tokenizer is not None:
+        loaded_tokenizer = load_tokenizer(tokenizer)
+    elif (folder / "tokenizer" / "vocab.json").is_file():
+        loaded_tokenizer = load_tokenizer(folder / "tokenizer")
+    else:
+        loaded_tokenizer = load_tokenizer(family)
+    return Components(unet, vae, text_encoder, loaded_tokenizer, scheduler, family, folder)
+
+
+def _model_index() -> dict:
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.30.0",
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def _tensors(model, dtype: torch.dtype | None, prefix: str = "") -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in model.state_dict().items():
+        value = value.detach()
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        out[prefix + key] = value.cpu().contiguous()
+    return out
+
+
+def _write_json(path: Path, content: dict) -> None:
+    path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+
+
+def save_diffusers(components: Components, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write ``components`` as a diffusers folder (loads in diffusers' ``from_pretrained``), atomically."""
+    folder = Path(folder)
+    if folder.exists():
+        raise CheckpointError(f"{folder} already exists; ldm never overwrites, choose a new folder name")
+
+    def write(tmp: Path) -> None:
+        _write_json(tmp / "model_index.json", _model_index())
+        for name, model, config in (
+            ("unet", components.unet, components.unet.config.to_diffusers()),
+            ("vae", components.vae, components.vae.config.to_diffusers()),
+        ):
+            (tmp / name).mkdir()
+            _write_json(tmp / name / "config.json", config)
+            save_file(_tensors(model, dtype), str(tmp / name / "diffusion_pytorch_model.safetensors"), {"format": "pt"})
+        (tmp / "text_encoder").mkdir()
+        text_config = components.text_encoder.config.to_dict()
+        text_config["architectures"] = ["CLIPTextModel"]
+        _write_json(tmp / "text_encoder" / "config.json", text_config)
+        # The "text_model." prefix of the released folders: read by transformers 4 and 5 alike.
+        weights = _tensors(components.text_encoder, dtype, TEXT_PREFIX)
+        save_file(weights, str(tmp / "text_encoder" / "model.safetensors"), {"format": "pt"})
+        components.tokenizer.save_pretrained(tmp / "tokenizer")
+        (tmp / "scheduler").mkdir()
+        _write_json(tmp / "scheduler" / "scheduler_config.json", components.scheduler_config.to_diffusers())
+
+    try:
+        return atomic_write_dir(folder, write)
+    except FileExistsError:
+        raise CheckpointError(f"{folder} already exists; ldm never overwrites, choose a new folder name") from None

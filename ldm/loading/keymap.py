@@ -1,0 +1,260 @@
+"""Every rename between the diffusers layout and the original single-file layout.
+
+The networks in ``ldm.models`` use diffusers' state_dict keys, so a diffusers
+folder loads without renaming. The original CompVis / Stability checkpoints
+(``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*``)
+name the same tensors differently; this module is the only place that knows
+how. A key map is built from the model's own (diffusers) keys and shapes, so
+every tensor the model needs has exactly one entry, with the original key, the
+original shape and the transform between the two:
+
+- ``copy``: same tensor, same shape.
+- ``conv1x1``: the VAE attention projections are 1x1 convolutions in the
+  original ``[C, C, 1, 1]`` and linear layers in diffusers ``[C, C]``; a reshape
+  (a view, no copy).
+- ``qkv``: OpenCLIP (SD 2.x) stores one ``in_proj`` holding q, k and v stacked
+  along dim 0; diffusers/transformers split it into ``q_proj``, ``k_proj``,
+  ``v_proj``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ldm.errors import CheckpointError
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+SD1_TEXT_PREFIX = "cond_stage_model.transformer.text_model."
+# Early SD 1.x files (and some merges) omit "text_model."; readers normalize it to the form above.
+SD1_TEXT_LEGACY_PREFIX = "cond_stage_model.transformer."
+SD2_TEXT_PREFIX = "cond_stage_model.model."
+
+Transform = Literal["copy", "conv1x1", "qkv"]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of the original file and the diffusers tensor(s) it holds."""
+
+    original: str
+    diffusers: tuple[str, ...]
+    transform: Transform
+    original_shape: tuple[int, ...]
+
+
+# ---------------------------------------------------------------------------
+# Renaming rules, diffusers key -> original key (without the component prefix)
+# ---------------------------------------------------------------------------
+
+# ResBlock parameter names: diffusers ResnetBlock2D -> openaimodel.ResBlock.
+_UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_UNET_FIXED = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+
+
+def _resnet(rest: str, table: Mapping[str, str]) -> str:
+    head, _, tail = rest.partition(".")
+    return f"{table.get(head, head)}.{tail}"
+
+
+def unet_original_key(key: str, layers_per_block: int, up_levels_with_attention: frozenset[int]) -> str:
+    """The openaimodel.UNetModel key of a diffusers UNet2DConditionModel key.
+
+    Down level i holds ``layers_per_block`` (resnet, attention) pairs in
+    ``input_blocks`` and a downsampler (except the deepest level); up level i
+    holds ``layers_per_block + 1`` pairs in ``output_blocks`` and an upsampler
+    appended to the last pair (except the last level).
+    """
+    step = layers_per_block + 1
+    head, _, tail = key.rpartition(".")
+    if head in _UNET_FIXED:
+        return f"{_UNET_FIXED[head]}.{tail}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        index = 1 + int(m[1]) * step + int(m[3])
+        if m[2] == "resnets":
+            return f"input_blocks.{index}.0.{_resnet(m[4], _UNET_RESNET)}"
+        return f"input_blocks.{index}.1.{m[4]}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"input_blocks.{(int(m[1]) + 1) * step}.0.op.{m[2]}"
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d)\.(.+)", key):
+        return f"middle_block.{2 * int(m[1])}.{_resnet(m[2], _UNET_RESNET)}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
+        return f"middle_block.1.{m[1]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        index = int(m[1]) * step + int(m[3])
+        if m[2] == "resnets":
+            return f"output_blocks.{index}.0.{_resnet(m[4], _UNET_RESNET)}"
+        return f"output_blocks.{index}.1.{m[4]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        level = int(m[1])
+        slot = 2 if level in up_levels_with_attention else 1
+        return f"output_blocks.{level * step + layers_per_block}.{slot}.conv.{m[2]}"
+    raise KeyError(f"no original name for U-Net key {key}")
+
+
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_VAE_FIXED = {"encoder.conv_norm_out": "encoder.norm_out", "decoder.conv_norm_out": "decoder.norm_out"}
+
+
+def vae_original_key(key: str, num_levels: int) -> str:
+    """The taming/CompVis AutoencoderKL key of a diffusers AutoencoderKL key.
+
+    The original decoder numbers its levels from the lowest resolution up in
+    reverse (``up.{n-1}`` runs first), diffusers in execution order.
+    """
+    head, _, tail = key.rpartition(".")
+    if head in _VAE_FIXED:
+        return f"{_VAE_FIXED[head]}.{tail}"
+    resnet = {"conv_shortcut": "nin_shortcut"}
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        return f"encoder.down.{m[1]}.block.{m[2]}.{_resnet(m[3], resnet)}"
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        return f"decoder.up.{num_levels - 1 - int(m[1])}.block.{m[2]}.{_resnet(m[3], resnet)}"
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        return f"decoder.up.{num_levels - 1 - int(m[1])}.upsample.conv.{m[2]}"
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(.+)", key):
+        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{_resnet(m[3], resnet)}"
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", key):
+        return f"{m[1]}.mid.attn_1.{_VAE_ATTENTION[m[2]]}.{m[3]}"
+    return key
+
+
+_OPENCLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+_OPENCLIP_FIXED = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+
+
+def openclip_original_key(key: str) -> str:
+    """The OpenCLIP text-tower key of a transformers CLIPTextModel state_dict key (SD 2.x).
+
+    transformers 5 names the text tower's keys without the ``text_model.``
+    prefix that the released diffusers folders carry; keys here have none.
+    """
+    if key in _OPENCLIP_FIXED:
+        return _OPENCLIP_FIXED[key]
+    m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
+    if m is None:
+        raise KeyError(f"no original name for text encoder key {key}")
+    if m[2] in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        return f"transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}"
+    return f"transformer.resblocks.{m[1]}.{_OPENCLIP_LAYER[m[2]]}.{m[3]}"
+
+
+# ---------------------------------------------------------------------------
+# Key maps built from a model's own keys and shapes
+# ---------------------------------------------------------------------------
+
+
+def _build(shapes: Mapping[str, tuple[int, ...]], prefix: str, rename: Callable[[str], str]) -> list[Entry]:
+    groups: dict[str, list[str]] = {}
+    for key in shapes:
+        groups.setdefault(prefix + rename(key), []).append(key)
+    entries = []
+    for original, keys in groups.items():
+        first = tuple(shapes[keys[0]])
+        if len(keys) == 3 and original.endswith(("in_proj_weight", "in_proj_bias")):
+            order = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+            keys.sort(key=lambda k: order[k.rsplit(".", 2)[-2]])
+            entries.append(Entry(original, tuple(keys), "qkv", (3 * first[0], *first[1:])))
+        elif ".mid.attn_1." in original and original.endswith("weight") and len(first) == 2:
+            entries.append(Entry(original, tuple(keys), "conv1x1", (*first, 1, 1)))
+        else:
+            assert len(keys) == 1, f"keys {keys} share the original name {original}"
+            entries.append(Entry(original, tuple(keys), "copy", first))
+    return entries
+
+
+def unet_entries(shapes: Mapping[str, tuple[int, ...]]) -> list[Entry]:
+    """Key map of a diffusers-layout U-Net, given its state_dict shapes."""
+    layers = 1 + max(int(k.split(".")[3]) for k in shapes if k.startswith("down_blocks.0.resnets."))
+    up_attention = frozenset(int(k.split(".")[1]) for k in shapes if re.match(r"up_blocks\.\d+\.attentions\.", k))
+    return _build(shapes, UNET_PREFIX, lambda k: unet_original_key(k, layers, up_attention))
+
+
+def vae_entries(shapes: Mapping[str, tuple[int, ...]]) -> list[Entry]:
+    """Key map of a diffusers-layout AutoencoderKL, given its state_dict shapes."""
+    levels = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("decoder.up_blocks."))
+    return _build(shapes, VAE_PREFIX, lambda k: vae_original_key(k, levels))
+
+
+def text_entries(shapes: Mapping[str, tuple[int, ...]], family: Literal["sd1", "sd2"]) -> list[Entry]:
+    """Key map of a transformers CLIPTextModel (SD 1.x: HF CLIP naming; SD 2.x: OpenCLIP).
+
+    ``shapes`` uses the model's own keys (no ``text_model.`` prefix).
+    """
+    if family == "sd1":
+        return _build(shapes, SD1_TEXT_PREFIX, lambda k: k)
+    return _build(shapes, SD2_TEXT_PREFIX, openclip_original_key)
+
+
+# ---------------------------------------------------------------------------
+# Applying a key map
+# ---------------------------------------------------------------------------
+
+
+def check_shape(entry: Entry, shape: tuple[int, ...]) -> None:
+    if tuple(shape) != entry.original_shape:
+        raise CheckpointError(
+            f"shape mismatch for {entry.original}: the file has {list(shape)}, the model needs "
+            f"{list(entry.original_shape)}; the checkpoint does not match the detected architecture"
+        )
+
+
+def to_diffusers(entry: Entry, tensor: torch.Tensor, diffusers_shapes: Mapping[str, tuple[int, ...]]) -> dict:
+    """The diffusers tensor(s) stored in one original tensor (shape already checked)."""
+    if entry.transform == "copy":
+        return {entry.diffusers[0]: tensor}
+    if entry.transform == "conv1x1":
+        return {entry.diffusers[0]: tensor.reshape(diffusers_shapes[entry.diffusers[0]])}
+    # Clones, so q, k and v do not share one storage (safetensors refuses shared tensors on save).
+    return {key: part.clone() for key, part in zip(entry.diffusers, tensor.chunk(3, dim=0))}
+
+
+def to_original(entry: Entry, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The original tensor of one entry, from the diffusers tensors."""
+    if entry.transform == "copy":
+        return tensors[entry.diffusers[0]]
+    if entry.transform == "conv1x1":
+        return tensors[entry.diffusers[0]].reshape(entry.original_shape)
+    return torch.cat([tensors[key] for key in entry.diffusers], dim=0)
+
+
+def describe_key_mismatch(missing: list[str], unexpected: list[str], where: str) -> str:
+    """One line naming the first few missing and unexpected keys and their counts."""
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s) ({', '.join(sorted(missing)[:3])}{', ...' * (len(missing) > 3)})")
+    if unexpected:
+        shown = ", ".join(sorted(unexpected)[:3]) + ", ..." * (len(unexpected) > 3)
+        parts.append(f"{len(unexpected)} unexpected key(s) ({shown})")
+    return f"{where} does not match the architecture: {'; '.join(parts)}; is it a Stable Diffusion 1.x/2.x checkpoint?"

@@ -1,0 +1,161 @@
+"""Reading weight files tensor by tensor, without running code.
+
+- ``.safetensors``: ``safe_open`` reads the header only; each tensor is read
+  when asked for, so a load never holds two copies of the weights.
+- ``.ckpt`` / ``.bin`` / ``.pt``: ``torch.load(weights_only=True)`` with
+  ``mmap=True`` (tensors stay in the page cache until used). A pickle that asks
+  for anything but tensors and plain containers is refused, so opening an
+  untrusted checkpoint cannot run code.
+
+Every failure (missing, truncated, not a checkpoint, unsafe pickle) is a one-line
+``CheckpointError``.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ldm.errors import CheckpointError
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+
+
+class _LightningCallback:
+    """Inert stand-in for the PyTorch Lightning callback objects that the released SD 1.x
+    ``.ckpt`` files pickle next to the weights. Its state is kept as plain data; no code of
+    the original class is imported or run."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.args = args
+
+    def __setstate__(self, state) -> None:
+        self.state = state
+
+
+# Fully qualified names that the allowlisting unpickler maps to the inert stand-in.
+_STAND_INS = [(_LightningCallback, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")]
+
+
+class TensorFile:
+    """One weights file: key -> shape without reading data, tensors read on demand."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.metadata: dict[str, str] = {}
+        self.global_step: int | None = None
+        self._safe = None
+        self._tensors: dict[str, torch.Tensor] = {}
+        if not path.exists():
+            raise CheckpointError(f"{path} does not exist; pass a .safetensors/.ckpt file or a diffusers folder")
+        if path.is_dir():
+            raise CheckpointError(f"{path} is a folder, not a weights file")
+        if path.suffix in SAFETENSORS_SUFFIXES:
+            self._open_safetensors()
+        elif path.suffix in PICKLE_SUFFIXES:
+            self._open_pickle()
+        else:
+            raise CheckpointError(f"{path} has an unknown extension; ldm reads .safetensors, .ckpt, .bin, .pt files")
+
+    def _open_safetensors(self) -> None:
+        try:
+            self._safe = safe_open(str(self.path), framework="pt", device="cpu")
+            self.shapes = {key: tuple(self._safe.get_slice(key).get_shape()) for key in self._safe.keys()}
+        except (SafetensorError, OSError, ValueError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise CheckpointError(
+                f"{self.path} is not a readable safetensors file ({reason}); it may be truncated or not a checkpoint"
+            ) from None
+        self.metadata = dict(self._safe.metadata() or {})
+
+    def _open_pickle(self) -> None:
+        content = self._torch_load()
+        if isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping):
+            step = content.get("global_step")
+            self.global_step = step if isinstance(step, int) else None
+            content = content["state_dict"]
+        if not isinstance(content, Mapping):
+            raise CheckpointError(f"{self.path} holds a {type(content).__name__}, not a state dict of tensors")
+        self._tensors = {key: value for key, value in content.items() if isinstance(value, torch.Tensor)}
+        if not self._tensors:
+            raise CheckpointError(f"{self.path} holds no tensors; it is not a model checkpoint")
+        self.shapes = {key: tuple(value.shape) for key, value in self._tensors.items()}
+
+    def _torch_load(self):
+        with torch.serialization.safe_globals(_STAND_INS):
+            try:
+                return torch.load(self.path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(self.path))
+            except pickle.UnpicklingError as error:
+                raise CheckpointError(_unpickling_message(self.path, error)) from None
+            except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise CheckpointError(
+                    f"{self.path} is not a readable PyTorch checkpoint ({reason}); it may be truncated or not a checkpoint"
+                ) from None
+
+    def read(self, key: str) -> torch.Tensor:
+        if self._safe is not None:
+            return self._safe.get_tensor(key)
+        return self._tensors[key]
+
+
+def _unpickling_message(path: Path, error: Exception) -> str:
+    text = str(error)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return (
+            f"{path} is a pickle that imports {found[1]} when loaded, which can run code; ldm reads .ckpt files "
+            "only as plain tensors (torch.load weights_only=True): use a .safetensors file of this model"
+        )
+    first = next((line.strip() for line in text.splitlines() if line.strip() and "Weights only load" not in line), "")
+    return (
+        f"{path} is not a plain-tensor PyTorch checkpoint ({first or 'refused by the safe unpickler'}); "
+        "it may be truncated, not a checkpoint, or need code to load: use a .safetensors file"
+    )
+
+
+class TensorSource:
+    """Several weight files (a sharded diffusers model) seen as one key -> tensor store."""
+
+    def __init__(self, files: list[TensorFile]) -> None:
+        self.files = files
+        self._owner = {key: f for f in files for key in f.shapes}
+        self.shapes = {key: f.shapes[key] for f in files for key in f.shapes}
+
+    def read(self, key: str) -> torch.Tensor:
+        return self._owner[key].read(key)
+
+
+# Preferred weight file names in a diffusers component folder, best first: full precision
+# before the fp16 variant, safetensors before pickles.
+WEIGHT_NAMES = {
+    "diffusers": ("diffusion_pytorch_model",),
+    "transformers": ("model", "pytorch_model"),
+}
+
+
+def open_component(folder: Path, library: str) -> TensorSource:
+    """The weights of one diffusers component folder (unet/, vae/, text_encoder/)."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is missing; a diffusers model folder needs unet/, vae/ and text_encoder/")
+    candidates = []
+    for variant in ("", ".fp16"):
+        for stem in WEIGHT_NAMES[library]:
+            for suffix in (".safetensors", ".bin"):
+                candidates.append(f"{stem}{variant}{suffix}")
+    for name in candidates:
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return TensorSource([TensorFile(folder / shard) for shard in sorted(set(weight_map.values()))])
+        if (folder / name).is_file():
+            return TensorSource([TensorFile(folder / name)])
+    raise CheckpointError(f"{folder} has no weights file (looked for {', '.join(candidates[:2])} and variants)")
