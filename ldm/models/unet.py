@@ -102,6 +102,10 @@ class UNetConfig:
         heads = as_int_tuple(config, "attention_head_dim", "UNet", (8,))
         if len(heads) == 1:
             heads = heads * len(levels)
+        widths = as_int_tuple(config, "block_out_channels", "UNet", (320, 640, 1280, 1280))
+        for key, count in (("down_block_types", len(levels)), ("attention_head_dim", len(heads))):
+            if count != len(widths):
+                raise ConfigError(f"UNet config key {key!r} has {count} entries for {len(widths)} block_out_channels")
         cross_dim = as_int(config, "cross_attention_dim", "UNet", 1280)
         sample_size = config.get("sample_size", 64)
         if isinstance(sample_size, (list, tuple)):
@@ -111,7 +115,7 @@ class UNetConfig:
         return cls(
             in_channels=as_int(config, "in_channels", "UNet", 4),
             out_channels=as_int(config, "out_channels", "UNet", 4),
-            block_out_channels=as_int_tuple(config, "block_out_channels", "UNet", (320, 640, 1280, 1280)),
+            block_out_channels=widths,
             layers_per_block=as_int(config, "layers_per_block", "UNet", 2),
             cross_attention_levels=levels,
             num_attention_heads=heads,

@@ -287,17 +287,22 @@ def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return starts + [length - tile]
 
 
-def _ramp(length: int, ramp: int, start_ramp: bool, end_ramp: bool, like: torch.Tensor) -> torch.Tensor:
-    """1-D blend weight: rises linearly over ``ramp`` samples at a side shared with a neighbour tile, else 1."""
+def _ramp(length: int, overlap: int, start_ramp: bool, end_ramp: bool, like: torch.Tensor) -> torch.Tensor:
+    """1-D blend weight of a tile: 1 inside, fading at a side shared with a neighbour tile.
+
+    Across a shared ``overlap`` the weight is 0 on the quarter nearest the tile's edge (where the
+    tile's content is most affected by the missing context), then rises linearly to 1 over the middle
+    half. The neighbour's weight is the mirror image, so the two sum to 1 throughout the overlap.
+    """
+    margin = overlap // 4
+    span = max(overlap - 2 * margin, 1)
+    i = torch.arange(min(overlap, length), dtype=torch.float32, device=like.device)
+    up = ((i + 0.5 - margin) / span).clamp(0.0, 1.0)
     w = torch.ones(length, dtype=torch.float32, device=like.device)
-    ramp = min(ramp, length)
-    if ramp > 0:
-        # Centred samples (i + 0.5) / ramp are strictly positive, and ramp_up + ramp_down = 1 across an overlap.
-        up = (torch.arange(ramp, dtype=torch.float32, device=like.device) + 0.5) / ramp
-        if start_ramp:
-            w[:ramp] = torch.minimum(w[:ramp], up)
-        if end_ramp:
-            w[length - ramp :] = torch.minimum(w[length - ramp :], up.flip(0))
+    if start_ramp and overlap > 0:
+        w[: up.numel()] = up
+    if end_ramp and overlap > 0:
+        w[length - up.numel() :] = torch.minimum(w[length - up.numel() :], up.flip(0))
     return w
 
 
@@ -311,11 +316,13 @@ def _tiled(
     """Apply a size-scaling image-to-image ``fn`` tile by tile and blend the results.
 
     Tiles of ``tile`` input pixels overlap by ``overlap``. Each output tile is weighted by a
-    separable window that ramps linearly from ~0 to 1 across every side it shares with a
-    neighbour (and is flat 1 at the image border), the weighted tiles are summed and the sum is
-    divided by the summed weights. Within an overlap one tile fades out as the next fades in,
-    so the result is a continuous crossfade: no seam where the tiles' receptive fields or
-    normalization statistics differ. Peak memory is one tile's activations plus the output.
+    separable window (``_ramp``) that fades it out towards every side it shares with a neighbour
+    (and is flat 1 at the image border); the weighted tiles are summed and divided by the summed
+    weights. Within an overlap one tile fades out as the next fades in, so the result is a
+    continuous crossfade with no seam where tiles differ (e.g. by GroupNorm statistics). The
+    quarter of the overlap nearest a tile's edge gets weight 0, so a network whose receptive
+    field reaches less than that far gives exactly the untiled result. Peak memory is one
+    tile's activations plus the output.
     """
     if not 0 <= overlap < tile:
         raise InputError(f"tile overlap {overlap} must be >= 0 and smaller than the tile size {tile}")
