@@ -1,0 +1,41 @@
+"""Fine-tuning and training from scratch: data, the explicit loop, checkpoints. Core API:
+
+    from ldm.training import DataConfig, TrainConfig, ImageCaptionDataset, scan_folder, train
+
+    data = DataConfig(resolution=512, random_flip=True, caption_dropout=0.1)
+    dataset = ImageCaptionDataset(scan_folder("my_images/", data), data, seed=0)
+    config = TrainConfig(max_steps=2000, learning_rate=1e-5, ema_decay=0.9999, checkpointing_steps=500, seed=0)
+    result = train(models, dataset, config, "runs/a", resume=None)   # resume="latest" continues a run
+
+``models`` is anything with ``unet, vae, text_encoder, tokenizer, scheduler_config`` (e.g.
+``ldm.loading.load_components(path)``, or freshly built ``UNet(cfg)`` / ``AutoencoderKL(cfg)`` /
+``CLIPTextModel`` for training from scratch). ``train`` freezes the VAE always and the text encoder
+unless ``config.train_text_encoder``; with ``config.lora_rank`` it trains peft LoRA adapters on the
+attention projections only. It returns ``TrainResult(unet, text_encoder, step, last_loss,
+is_main_process)``; saving is the caller's job (``ldm.loading.save_diffusers``, ``ldm.lora.save_lora``).
+Run it under ``accelerate launch`` for several GPUs or machines; nothing else changes.
+
+Modules: ``config`` (typed settings), ``data`` (folder scanning, captions, buckets, augmentations),
+``objective`` (noise, target, Min-SNR weighting, noise offset), ``ema``, ``checkpoint`` (atomic
+training state, resume), ``reporting`` (metrics log, sample images), ``loop`` (``train``).
+"""
+
+from ldm.training.config import DataConfig, TrainConfig
+from ldm.training.data import DataWarning, Example, ImageCaptionDataset, scan_folder
+from ldm.training.loop import ModelSet, TrainResult, make_accelerator, train
+from ldm.training.reporting import SampleRequest, save_samples
+
+__all__ = [
+    "DataConfig",
+    "DataWarning",
+    "Example",
+    "ImageCaptionDataset",
+    "ModelSet",
+    "SampleRequest",
+    "TrainConfig",
+    "TrainResult",
+    "make_accelerator",
+    "save_samples",
+    "scan_folder",
+    "train",
+]

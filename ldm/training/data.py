@@ -1,0 +1,277 @@
+"""Training data: a folder of images with captions, checked up front, in aspect-ratio buckets.
+
+Conventions (those of diffusers' image-folder datasets):
+  * ``photo.png`` + ``photo.txt`` (same stem, any sub-folder): the text file holds the caption;
+  * or ``metadata.jsonl`` at the top of the folder, one JSON object per line with ``file_name``
+    (relative to the folder) and ``text`` (or the column named by ``DataConfig.caption_column``).
+
+Every image is decoded once by ``scan_folder`` before training starts, so unreadable or truncated
+files are found, skipped and reported in one warning instead of crashing a run hours later.
+
+Randomness (crop position, flip, caption dropout) is drawn from a generator seeded with
+``(seed, epoch, image index)``: the same sample looks the same whether it is read by the first run,
+by a resumed run, by any worker or on any rank.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from ldm.errors import InputError
+from ldm.training.config import DataConfig
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+class DataWarning(UserWarning):
+    """Some training images were skipped; the message says how many and why."""
+
+
+@dataclass(frozen=True)
+class Example:
+    path: Path
+    caption: str
+    size: tuple[int, int]  # (width, height) of the source image
+    bucket: tuple[int, int]  # (width, height) it is trained at
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: grayscale, palette, CMYK, 16-bit and transparent images included.
+
+    Transparent pixels are composited on white (what a viewer shows), not on whatever colour the
+    invisible pixels happen to store.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in SIXTEEN_BIT_MODES:
+        # PIL's convert("L") clips 16-bit values at 255 instead of rescaling them.
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(values / 257.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def _read_metadata(folder: Path, column: str) -> dict[Path, str]:
+    captions: dict[Path, str] = {}
+    path = folder / "metadata.jsonl"
+    if not path.is_file():
+        return captions
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise InputError(f"{path} line {number} is not valid JSON; write one object per line") from None
+        if not isinstance(row, dict) or "file_name" not in row or column not in row:
+            raise InputError(f"{path} line {number} needs the keys 'file_name' and '{column}'")
+        captions[(folder / row["file_name"]).resolve()] = str(row[column])
+    return captions
+
+
+def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
+    """(width, height) buckets of about ``resolution**2`` pixels, aspect ratios from 1:2 to 2:1.
+
+    Sides are multiples of ``step`` (64 at SD sizes, as in NovelAI's bucketing; smaller for tiny
+    test resolutions), so every bucket stays divisible by the VAE's factor of 8.
+    """
+    step = max(8, min(64, resolution // 4) // 8 * 8)
+    area = resolution * resolution
+    sizes = {(resolution, resolution)}
+    width = resolution // 2 // step * step or step
+    while width <= 2 * resolution:
+        height = area // width // step * step
+        if height >= step and 0.5 <= width / height <= 2.0:
+            sizes.add((width, height))
+            sizes.add((height, width))
+        width += step
+    return sorted(sizes)
+
+
+def choose_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to the image's (in log space: 2:1 and 1:2 are equally far from 1:1)."""
+    ratio = math.log(size[0] / size[1])
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
+def scan_folder(folder: str | Path, config: DataConfig) -> list[Example]:
+    """Every usable image under ``folder`` with its caption and bucket; errors before any training.
+
+    Unreadable images and (with ``small_images="skip"``) too-small images are skipped and counted
+    in one ``DataWarning``; no usable image at all, or images without captions, are an ``InputError``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"--data {folder} is not a folder; point it at a folder of images with captions")
+    metadata = _read_metadata(folder, config.caption_column)
+    paths = sorted(
+        p for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    if not paths:
+        raise InputError(f"--data {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); add images with captions")
+    buckets = bucket_sizes(config.resolution) if config.buckets else [(config.resolution, config.resolution)]
+
+    examples: list[Example] = []
+    unreadable: list[Path] = []
+    too_small: list[Path] = []
+    uncaptioned: list[Path] = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.load()  # decodes fully: a truncated file fails here, not in the middle of training
+                size = ImageOps.exif_transpose(image).size
+        except Exception:  # PIL raises many unrelated types for broken files
+            unreadable.append(path)
+            continue
+        caption = metadata.get(path.resolve())
+        text_file = path.with_suffix(".txt")
+        if caption is None and text_file.is_file():
+            caption = text_file.read_text(encoding="utf-8").strip()
+        if caption is None:
+            if not config.allow_empty_captions:
+                uncaptioned.append(path)
+                continue
+            caption = ""
+        bucket = choose_bucket(size, buckets)
+        if config.small_images == "skip" and (size[0] < bucket[0] or size[1] < bucket[1]):
+            too_small.append(path)
+            continue
+        examples.append(Example(path, caption, size, bucket))
+
+    if uncaptioned:
+        raise InputError(
+            f"{len(uncaptioned)} image(s) have no caption (e.g. {uncaptioned[0].name}); add a same-name .txt file, "
+            "a metadata.jsonl, or pass --allow-empty-captions"
+        )
+    skipped = []
+    if unreadable:
+        skipped.append(f"{len(unreadable)} unreadable or truncated (e.g. {unreadable[0].name})")
+    if too_small:
+        skipped.append(f"{len(too_small)} smaller than {config.resolution} px (e.g. {too_small[0].name})")
+    if not examples:
+        raise InputError(f"--data {folder} has no usable image: {'; '.join(skipped)}; fix or replace the images")
+    if skipped:
+        warnings.warn(f"skipped {len(unreadable) + len(too_small)} of {len(paths)} images: {'; '.join(skipped)}", DataWarning, stacklevel=2)
+    return examples
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of one sample's augmentations; independent of reading order, worker and rank."""
+    return np.random.default_rng([seed, epoch, index])
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Item ``(epoch, index)``: ``{"pixels": (3, H, W) in [-1, 1], "caption": str, "index": int, "flipped": bool}``.
+
+    ``seed`` seeds the augmentations; ``with_pixels=False`` leaves out the image (for cached latents).
+    """
+
+    def __init__(self, examples: list[Example], config: DataConfig, seed: int = 0, with_pixels: bool = True):
+        self.examples = examples
+        self.config = config
+        self.seed = seed
+        self.with_pixels = with_pixels
+
+    def without_pixels(self) -> ImageCaptionDataset:
+        return ImageCaptionDataset(self.examples, self.config, self.seed, with_pixels=False)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def augmentation(self, epoch: int, index: int) -> tuple[bool, float, bool]:
+        """(flip, crop position in [0, 1], drop caption) of one sample in one epoch."""
+        rng = sample_rng(self.seed, epoch, index)
+        flip, position, drop = rng.random(3)
+        return (
+            bool(self.config.random_flip and flip < 0.5),
+            float(position) if self.config.crop == "random" else 0.5,
+            bool(drop < self.config.caption_dropout),
+        )
+
+    def pixels(self, index: int, flip: bool, position: float) -> torch.Tensor:
+        """Resize to cover the bucket, crop at ``position`` along the overhanging side, flip; (3, H, W) in [-1, 1]."""
+        example = self.examples[index]
+        width, height = example.bucket
+        with Image.open(example.path) as source:
+            image = to_rgb(source)
+        scale = max(width / image.width, height / image.height)
+        resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+        image = image.resize(resized, Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
+        left = round((resized[0] - width) * position)
+        top = round((resized[1] - height) * position)
+        image = image.crop((left, top, left + width, top + height))
+        if flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        flip, position, drop = self.augmentation(epoch, index)
+        item = {"caption": "" if drop else self.examples[index].caption, "index": index, "flipped": flip}
+        if self.with_pixels:
+            item["pixels"] = self.pixels(index, flip, position)
+        return item
+
+
+def collate(items: list[dict]) -> dict:
+    batch = {
+        "caption": [item["caption"] for item in items],
+        "index": [item["index"] for item in items],
+        "flipped": [item["flipped"] for item in items],
+    }
+    if "pixels" in items[0]:
+        batch["pixels"] = torch.stack([item["pixels"] for item in items])
+    return batch
+
+
+class BucketBatches:
+    """The batches of one epoch for one rank: same-bucket images, shuffled by ``(seed, epoch)``.
+
+    All ranks compute the same global list and take every ``world_size``-th batch, so the data is
+    split between ranks without communication; the list is padded by repetition to a multiple of
+    ``world_size`` so every rank makes the same number of steps (as DDP requires).
+    """
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.by_bucket: dict[tuple[int, int], list[int]] = {}
+        for index, example in enumerate(examples):
+            self.by_bucket.setdefault(example.bucket, []).append(index)
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, epoch, 7919])
+        batches = []
+        for bucket in sorted(self.by_bucket):
+            indices = [self.by_bucket[bucket][i] for i in rng.permutation(len(self.by_bucket[bucket]))]
+            batches += [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+        original = len(batches)
+        while len(batches) % self.world_size:
+            batches.append(batches[(len(batches) - original) % original])
+        return batches
+
+    def __len__(self) -> int:
+        return len(self.global_batches(0)) // self.world_size
+
+    def epoch(self, epoch: int, start: int = 0) -> list[list[tuple[int, int]]]:
+        """This rank's batches of ``epoch`` from batch ``start`` on, as dataset keys ``(epoch, index)``."""
+        mine = self.global_batches(epoch)[self.rank::self.world_size]
+        return [[(epoch, index) for index in batch] for batch in mine[start:]]

@@ -1,0 +1,349 @@
+"""The training loop: one readable function, ``train``, over already-built models.
+
+Stages: (1) freeze what is not trained and inject LoRA adapters if asked, (2) optimizer,
+learning-rate schedule, EMA, (3) hand the trained models to accelerate (device, DDP/FSDP/DeepSpeed,
+mixed precision, gradient accumulation), (4) resume, (5) the loop: batch → latents and text
+embeddings → noise, predict, loss → backward, clip, step → EMA, log, samples, checkpoint.
+
+Reproducibility: the noise and timesteps of micro-batch ``m`` of optimizer step ``s`` on rank
+``r`` come from a generator seeded with (seed, r, s, m), and every image's augmentation from
+(seed, epoch, image) (see ``data.py``), so a run resumed from a checkpoint redraws exactly what the
+uninterrupted run drew.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import GradientAccumulationPlugin, gather_object, set_seed
+from torch import nn
+from tqdm.auto import tqdm
+
+from ldm.errors import ConfigError
+from ldm.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_adapters
+from ldm.random import randn
+from ldm.schedulers import SchedulerConfig, create
+from ldm.training import checkpoint as ckpt
+from ldm.training.config import TrainConfig
+from ldm.training.data import BucketBatches, ImageCaptionDataset, collate
+from ldm.training.ema import EMA
+from ldm.training.objective import diffusion_loss
+from ldm.training.reporting import MetricsLog, SampleRequest, save_samples
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ModelSet(Protocol):
+    """What ``train`` needs; ``ldm.loading.Components`` has exactly these attributes."""
+
+    unet: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: Any
+    scheduler_config: SchedulerConfig
+
+
+@dataclass
+class TrainResult:
+    unet: nn.Module  # trained (EMA weights if EMA was on); with LoRA, carries the peft adapters
+    text_encoder: nn.Module
+    step: int  # optimizer steps done in total
+    last_loss: float | None
+    is_main_process: bool
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """An ``Accelerator`` for ``config``; under ``accelerate launch`` it picks up the launch settings."""
+    # We never hand a DataLoader to accelerate (the rank split is ours, see BucketBatches), so
+    # accumulation counts micro-batches instead of watching a data loader's end.
+    plugin = GradientAccumulationPlugin(num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False)
+    return Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_plugin=plugin)
+
+
+def lr_factor(config: TrainConfig) -> Callable[[int], float]:
+    """Multiplier of the learning rate after ``step`` optimizer steps: linear warm-up, then the schedule."""
+
+    def factor(step: int) -> float:
+        if step < config.lr_warmup_steps:
+            return (step + 1) / (config.lr_warmup_steps + 1)
+        if config.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - config.lr_warmup_steps) / max(1, config.max_steps - config.lr_warmup_steps))
+        if config.lr_schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
+    """The generator of one micro-batch's noise and timesteps; depends only on where it is in the run."""
+    state = np.random.SeedSequence([seed, rank, step, micro]).generate_state(2, dtype=np.uint32)
+    return torch.Generator("cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def encode_captions(captions: list[str], tokenizer, text_encoder: nn.Module, device: torch.device) -> torch.Tensor:
+    """CLIP last hidden states (B, 77, D) of padded, truncated captions (the conditioning SD is trained on)."""
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids.to(device))[0]
+
+
+def train(
+    models: ModelSet,
+    dataset: ImageCaptionDataset,
+    config: TrainConfig,
+    output_dir: str | Path,
+    *,
+    resume: str | None = None,
+    accelerator: Accelerator | None = None,
+    sample_fn: Callable[[SampleRequest], Any] = save_samples,
+    show_progress: bool = True,
+) -> TrainResult:
+    """Train ``models.unet`` (and, with ``config.train_text_encoder``, the text encoder) on ``dataset``.
+
+    Checkpoints go to ``output_dir/checkpoints``, the metrics log and samples beside them.
+    ``resume`` is ``"latest"`` or a checkpoint folder. The models are modified in place (trained,
+    LoRA-injected); the result holds the unwrapped, final ones. Saving them in a model format is the
+    caller's job (``ldm.loading.save_diffusers``, ``ldm.lora.save_lora``).
+    """
+    output_dir = Path(output_dir)
+    accelerator = accelerator or make_accelerator(config)
+    if resume is None and ckpt.list_checkpoints(output_dir):
+        raise ConfigError(f"{output_dir} already holds checkpoints; pass --resume latest or choose another --output")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    set_seed(config.seed)  # the same LoRA initialisation on every rank
+    weight_dtype = DTYPES[config.mixed_precision]
+    device = accelerator.device
+    scheduler = create("ddpm", models.scheduler_config)
+    unet, vae, text_encoder = models.unet, models.vae, models.text_encoder
+
+    # 1. Frozen parts are frozen explicitly; LoRA freezes the base weights and trains adapters only.
+    vae.requires_grad_(False).eval().to(device, weight_dtype)
+    unet.requires_grad_(not config.lora)
+    text_encoder.requires_grad_(config.train_text_encoder and not config.lora)
+    if config.lora:
+        alpha = config.lora_alpha if config.lora_alpha is not None else float(config.lora_rank)
+        unet = add_adapters(unet, UNET_TARGETS, config.lora_rank, alpha)
+        if config.train_text_encoder:
+            text_encoder = add_adapters(text_encoder, TEXT_ENCODER_TARGETS, config.lora_rank, alpha)
+    trained = {"unet": unet}
+    if config.train_text_encoder:
+        trained["text_encoder"] = text_encoder
+    else:
+        text_encoder.eval().to(device, weight_dtype)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing(True)
+        if config.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    for model in trained.values():
+        model.to(device).train()  # fp32 master weights; autocast runs the maths in fp16/bf16
+
+    # 2. Optimizer (AdamW, Loshchilov & Hutter 2019), warm-up + schedule, EMA.
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": config.learning_rate}]
+    if config.train_text_encoder:
+        lr = config.text_encoder_learning_rate or config.learning_rate
+        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": lr})
+    optimizer = torch.optim.AdamW(
+        groups, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay, eps=config.adam_epsilon
+    )
+    # Not passed to accelerate.prepare: its wrapper would step the schedule once per process.
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config))
+    emas = {name: EMA(model, config.ema_decay) for name, model in trained.items()} if config.ema_decay else {}
+
+    # 3. accelerate wraps the trained models (DDP / FSDP / DeepSpeed per the launch config) and the optimizer.
+    prepared = accelerator.prepare(*trained.values(), optimizer)
+    wrapped = dict(zip(trained, prepared[:-1]))
+    optimizer = prepared[-1]
+
+    # 4. Resume: weights, optimizer, schedule, EMA, RNG and data position.
+    step, epoch, position = 0, 0, 0
+    if resume is not None:
+        path = ckpt.resolve_resume(output_dir, resume)
+        state = ckpt.load_checkpoint(path)
+        ckpt.check_compatible(state.settings, config.to_dict(), state.world_size, world)
+        load_trainable(trained, state.trainable)
+        optimizer.load_state_dict(state.optimizer)
+        lr_scheduler.load_state_dict(state.lr_scheduler)
+        for name, ema in emas.items():
+            if state.ema is None:
+                raise ConfigError(f"cannot resume: {path} holds no EMA weights but EMA is on")
+            ema.load_state_dict(split_prefixed(state.ema, name))
+        ckpt.restore_rng(state.rng[rank])
+        step, epoch, position = state.step, state.epoch, state.batch
+
+    # 5. The loop.
+    batches = BucketBatches(dataset.examples, config.batch_size, config.seed, rank, world)
+    latent_cache = cache_latents(dataset, vae, device, weight_dtype) if dataset.config.cache_latents else None
+    source = dataset.without_pixels() if latent_cache is not None else dataset
+    text_cache: dict[str, torch.Tensor] = {}
+    log = MetricsLog(output_dir, config.log_format) if accelerator.is_main_process else None
+    bar = tqdm(total=config.max_steps, initial=step, unit="step", disable=not (show_progress and accelerator.is_main_process))
+    images_per_step = config.batch_size * config.gradient_accumulation_steps * world
+    trainable = [p for model in trained.values() for p in model.parameters() if p.requires_grad]
+    micro, losses, last_loss = 0, [], None
+    started, started_step = time.perf_counter(), step
+    while step < config.max_steps:
+        loader = torch.utils.data.DataLoader(
+            source, batch_sampler=batches.epoch(epoch, position), collate_fn=collate, num_workers=config.num_workers
+        )
+        for batch in loader:
+            position += 1
+            generator = step_generator(config.seed, rank, step, micro)
+            with accelerator.accumulate(*wrapped.values()):
+                latents = batch_latents(batch, vae, latent_cache, generator, device, weight_dtype)
+                context = batch_context(batch["caption"], models.tokenizer, text_encoder, wrapped, text_cache, dataset, device)
+                with accelerator.autocast():
+                    loss = diffusion_loss(
+                        wrapped["unet"], scheduler, latents, context, generator,
+                        noise_offset=config.noise_offset, min_snr_gamma=config.min_snr_gamma,
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+            micro += 1
+            if not accelerator.sync_gradients:
+                continue
+            lr_scheduler.step()
+            for name, ema in emas.items():
+                ema.update(trained[name])
+            step, micro = step + 1, 0
+            last_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+            losses = []
+            rate = (step - started_step) * images_per_step / (time.perf_counter() - started)
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.2f}")
+            if log is not None and step % config.log_every == 0:
+                lr = lr_scheduler.get_last_lr()[0]
+                elapsed = time.perf_counter() - started
+                log.write({"step": step, "epoch": epoch, "loss": last_loss, "lr": lr, "images_per_second": rate, "elapsed_seconds": elapsed})
+            if config.sample_every and step % config.sample_every == 0 and accelerator.is_main_process:
+                render_samples(sample_fn, models, trained, text_encoder, config, dataset, step, output_dir)
+            if config.checkpointing_steps and step % config.checkpointing_steps == 0:
+                write_checkpoint(accelerator, output_dir, config, trained, emas, optimizer, lr_scheduler, step, epoch, position)
+            if step >= config.max_steps:
+                break
+        else:
+            epoch, position = epoch + 1, 0
+    bar.close()
+    if log is not None:
+        log.close()
+    accelerator.wait_for_everyone()
+
+    final = {name: accelerator.unwrap_model(model) for name, model in wrapped.items()}
+    for name, ema in emas.items():
+        ema.copy_to(final[name])
+    for model in final.values():
+        model.eval()
+    return TrainResult(
+        unet=final["unet"],
+        text_encoder=final.get("text_encoder", text_encoder),
+        step=step,
+        last_loss=last_loss,
+        is_main_process=accelerator.is_main_process,
+    )
+
+
+def batch_latents(batch: dict, vae: nn.Module, cache: dict | None, generator: torch.Generator, device, dtype) -> torch.Tensor:
+    """Scaled latents z = scaling_factor * (mean + std * eps) of the batch's images (Rombach et al. 2022, sec. 4.3.2)."""
+    if cache is not None:
+        mean = torch.stack([cache[(i, f)][0] for i, f in zip(batch["index"], batch["flipped"])]).to(device)
+        std = torch.stack([cache[(i, f)][1] for i, f in zip(batch["index"], batch["flipped"])]).to(device)
+    else:
+        with torch.no_grad():
+            posterior = vae.encode(batch["pixels"].to(device, dtype))
+        mean, std = posterior.mean, posterior.std
+    eps = randn(tuple(mean.shape), generator, device, mean.dtype)
+    return ((mean + std * eps) * vae.config.scaling_factor).float()
+
+
+def batch_context(captions, tokenizer, text_encoder, wrapped, cache, dataset, device) -> torch.Tensor:
+    """Text embeddings: through the (wrapped) encoder when it trains, else under no_grad, cached if asked."""
+    if "text_encoder" in wrapped:
+        return encode_captions(captions, tokenizer, wrapped["text_encoder"], device).float()
+    if not dataset.config.cache_text_embeddings:
+        with torch.no_grad():
+            return encode_captions(captions, tokenizer, text_encoder, device).float()
+    missing = sorted({c for c in captions if c not in cache})
+    if missing:
+        with torch.no_grad():
+            for caption, embedding in zip(missing, encode_captions(missing, tokenizer, text_encoder, device)):
+                cache[caption] = embedding
+    return torch.stack([cache[c] for c in captions]).float()
+
+
+@torch.no_grad()
+def cache_latents(dataset: ImageCaptionDataset, vae: nn.Module, device, dtype) -> dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]]:
+    """Encode every image (and its mirror image when flipping is on) once: (index, flipped) → (mean, std)."""
+    cache = {}
+    flips = (False, True) if dataset.config.random_flip else (False,)
+    for index in range(len(dataset)):
+        for flip in flips:
+            posterior = vae.encode(dataset.pixels(index, flip, 0.5)[None].to(device, dtype))
+            cache[(index, flip)] = (posterior.mean[0].cpu(), posterior.std[0].cpu())
+    return cache
+
+
+def split_prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {key[len(prefix) + 1:]: value for key, value in tensors.items() if key.startswith(prefix + ".")}
+
+
+def trainable_state(trained: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{key}": p.detach().cpu()
+        for name, model in trained.items()
+        for key, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def load_trainable(trained: dict[str, nn.Module], tensors: dict[str, torch.Tensor]) -> None:
+    for name, model in trained.items():
+        wanted = {key: p for key, p in model.named_parameters() if p.requires_grad}
+        saved = split_prefixed(tensors, name)
+        if set(saved) != set(wanted):
+            raise ConfigError(f"cannot resume: the checkpoint's {name} tensors differ from this run's trained ones")
+        with torch.no_grad():
+            for key, parameter in wanted.items():
+                parameter.copy_(saved[key])
+
+
+def write_checkpoint(accelerator, output_dir, config, trained, emas, optimizer, lr_scheduler, step, epoch, position) -> None:
+    rng = gather_object([ckpt.capture_rng()])  # every rank's RNG, collected on all ranks
+    if accelerator.is_main_process:
+        ema = {f"{name}.{key}": value for name, e in emas.items() for key, value in e.state_dict().items()} or None
+        state = ckpt.TrainingState(
+            step=step, epoch=epoch, batch=position, settings=config.to_dict(), world_size=accelerator.num_processes,
+            trainable=trainable_state(trained), ema=ema, optimizer=optimizer.state_dict(),
+            lr_scheduler=lr_scheduler.state_dict(), rng=rng,
+        )
+        ckpt.save_checkpoint(output_dir, state, keep=config.checkpoints_total_limit)
+    accelerator.wait_for_everyone()
+
+
+def render_samples(sample_fn, models, trained, text_encoder, config, dataset, step, output_dir) -> None:
+    unet = trained["unet"]
+    was_training = {name: model.training for name, model in trained.items()}
+    unet.eval()
+    text_encoder.eval()
+    try:
+        size = (dataset.config.resolution, dataset.config.resolution)
+        sample_fn(SampleRequest(
+            unet=unet, vae=models.vae, text_encoder=text_encoder, tokenizer=models.tokenizer,
+            scheduler_config=models.scheduler_config, prompts=config.sample_prompts, step=step, seed=config.seed,
+            num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance_scale, size=size,
+            folder=output_dir / "samples",
+        ))
+    finally:
+        for name, model in trained.items():
+            model.train(was_training[name])

@@ -1,0 +1,94 @@
+"""What a run shows while it trains: a metrics log (CSV or TensorBoard) and sample images.
+
+Both run on the main process only. The sampling hook is a plain function so the loop does not
+depend on how images are generated; the default one renders fixed prompts with ``ldm.Pipeline``
+and a fixed seed, so samples of successive steps are comparable.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ldm.errors import ConfigError
+from ldm.io import atomic_write
+
+LOG_FIELDS = ("step", "epoch", "loss", "lr", "images_per_second", "elapsed_seconds")
+
+
+class MetricsLog:
+    """Append-only ``log.csv`` (rows survive a kill: each is flushed) or a TensorBoard event folder."""
+
+    def __init__(self, output_dir: Path, log_format: str):
+        self.log_format = log_format
+        self.writer: Any = None
+        if log_format == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("--log tensorboard needs the tensorboard package; pip install tensorboard, or use --log csv") from None
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+            return
+        path = output_dir / "log.csv"
+        new = not path.exists()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a", newline="")
+        self.csv = csv.DictWriter(self.file, fieldnames=LOG_FIELDS)
+        if new:
+            self.csv.writeheader()
+
+    def write(self, row: dict) -> None:
+        if self.writer is not None:
+            for name in LOG_FIELDS[2:]:
+                self.writer.add_scalar(f"train/{name}", row[name], row["step"])
+            return
+        self.csv.writerow(row)
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        else:
+            self.file.close()
+
+
+@dataclass
+class SampleRequest:
+    """Everything the sampling hook needs: the current models and what to render."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler_config: Any
+    prompts: tuple[str, ...]
+    step: int
+    seed: int
+    num_inference_steps: int
+    guidance_scale: float
+    size: tuple[int, int]  # (width, height)
+    folder: Path
+
+
+def save_samples(request: SampleRequest) -> list[Path]:
+    """Render each prompt with ``ldm.Pipeline`` and write ``samples/step-<N>-<i>.png``."""
+    from ldm.pipeline import Pipeline
+
+    pipeline = Pipeline(request.unet, request.vae, request.text_encoder, request.tokenizer, request.scheduler_config)
+    written = []
+    for number, prompt in enumerate(request.prompts):
+        result = pipeline(
+            prompt,
+            num_inference_steps=request.num_inference_steps,
+            guidance_scale=request.guidance_scale,
+            width=request.size[0],
+            height=request.size[1],
+            seed=request.seed + number,
+        )
+        image = result.images[0]
+        path = request.folder / f"step-{request.step:06d}-{number}.png"
+        # A resumed run re-renders the same step identically, so replacing is safe.
+        written.append(atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"), overwrite=True))
+    return written
