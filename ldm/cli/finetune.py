@@ -1,5 +1,175 @@
-"""`ldm finetune`: placeholder registration, replaced by the module's real implementation."""
+"""`ldm finetune`: train a model (full U-Net or LoRA) on a folder of captioned images.
+
+    ldm finetune --model M --data DIR --output OUT [--lora-rank 8] [--checkpointing-steps 500]
+    accelerate launch --num_processes 2 -m ldm finetune ...     # several GPUs / machines, same options
+
+Everything the user can get wrong (settings, data, output folder) is checked before the model is
+loaded. The result is ``OUT/model`` (a diffusers folder for ``ldm txt2img --model`` and
+``Pipeline.from_pretrained``) or ``OUT/lora.safetensors`` (for ``--lora`` / ``Pipeline.load_lora``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ldm.errors import ConfigError
+from ldm.training.config import DataConfig, TrainConfig
 
 
 def register(sub) -> None:
-    sub.add_parser("finetune", help="(not yet available)")
+    parser = sub.add_parser("finetune", help="fine-tune a model (full U-Net or LoRA) on captioned images",
+                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = parser.add_argument_group("model, data, output")
+    io.add_argument("--model", required=True, help="diffusers folder or .safetensors/.ckpt file to start from")
+    io.add_argument("--data", required=True, type=Path, help="folder of images with .txt captions or a metadata.jsonl")
+    io.add_argument("--output", required=True, type=Path, help="run folder: checkpoints, log, samples and the result")
+    io.add_argument("--resume", help="'latest' or a checkpoint folder: continue a killed or finished run")
+    io.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample"), help="override the model's")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--resolution", type=int, default=512, help="training size in pixels (multiple of 8)")
+    data.add_argument("--crop", choices=("center", "random"), default="center")
+    data.add_argument("--random-flip", action="store_true", help="mirror images left-right at random")
+    data.add_argument("--no-buckets", action="store_true", help="crop everything square instead of aspect-ratio buckets")
+    data.add_argument("--small-images", choices=("upscale", "skip"), default="upscale", help="images below the resolution")
+    data.add_argument("--caption-dropout", type=float, default=0.0, help="probability of the empty caption (e.g. 0.1)")
+    data.add_argument("--allow-empty-captions", action="store_true", help="train images without captions on ''")
+    data.add_argument("--caption-column", default="text", help="caption field of metadata.jsonl")
+    data.add_argument("--cache-latents", action="store_true", help="encode each image once (needs --crop center)")
+    data.add_argument("--cache-text-embeddings", action="store_true", help="encode each caption once (frozen encoder)")
+
+    loop = parser.add_argument_group("optimisation")
+    loop.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
+    loop.add_argument("--batch-size", type=int, default=1, help="images per process per step")
+    loop.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    loop.add_argument("--learning-rate", type=float, default=1e-5)
+    loop.add_argument("--text-encoder-learning-rate", type=float, help="default: --learning-rate")
+    loop.add_argument("--adam-beta1", type=float, default=0.9)
+    loop.add_argument("--adam-beta2", type=float, default=0.999)
+    loop.add_argument("--weight-decay", type=float, default=1e-2)
+    loop.add_argument("--adam-epsilon", type=float, default=1e-8)
+    loop.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant")
+    loop.add_argument("--lr-warmup-steps", type=int, default=0)
+    loop.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 disables it")
+    loop.add_argument("--min-snr-gamma", type=float, help="Min-SNR loss weighting (5 is the paper's choice)")
+    loop.add_argument("--noise-offset", type=float, default=0.0, help="e.g. 0.05 for darker darks, brighter brights")
+    loop.add_argument("--gradient-checkpointing", action="store_true", help="less memory, slower")
+    loop.add_argument("--ema-decay", type=float, help="keep EMA weights (e.g. 0.9999) and write them as the result")
+    loop.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="CUDA autocast")
+    loop.add_argument("--seed", type=int, default=0)
+    loop.add_argument("--num-workers", type=int, default=0, help="data-loading processes")
+
+    what = parser.add_argument_group("what is trained")
+    what.add_argument("--train-text-encoder", action="store_true")
+    what.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank instead of the full U-Net")
+    what.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
+
+    out = parser.add_argument_group("checkpoints, log, samples")
+    out.add_argument("--checkpointing-steps", type=int, help="write the full training state every N steps")
+    out.add_argument("--checkpoints-total-limit", type=int, help="keep only the newest K checkpoints")
+    out.add_argument("--log", choices=("csv", "tensorboard"), default="csv")
+    out.add_argument("--log-every", type=int, default=1)
+    out.add_argument("--sample-every", type=int, help="render --sample-prompt images every N steps")
+    out.add_argument("--sample-prompt", action="append", default=[], help="repeatable")
+    out.add_argument("--sample-steps", type=int, default=20)
+    out.add_argument("--sample-guidance-scale", type=float, default=7.5)
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run)
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[DataConfig, TrainConfig]:
+    data = DataConfig(
+        resolution=args.resolution,
+        crop=args.crop,
+        random_flip=args.random_flip,
+        buckets=not args.no_buckets,
+        small_images=args.small_images,
+        caption_dropout=args.caption_dropout,
+        allow_empty_captions=args.allow_empty_captions,
+        caption_column=args.caption_column,
+        cache_latents=args.cache_latents,
+        cache_text_embeddings=args.cache_text_embeddings,
+    )
+    if args.cache_text_embeddings and args.train_text_encoder:
+        raise ConfigError("--cache-text-embeddings needs a frozen text encoder; drop it or --train-text-encoder")
+    config = TrainConfig(
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        weight_decay=args.weight_decay,
+        adam_epsilon=args.adam_epsilon,
+        lr_schedule=args.lr_schedule,
+        lr_warmup_steps=args.lr_warmup_steps,
+        max_grad_norm=args.max_grad_norm or None,
+        min_snr_gamma=args.min_snr_gamma,
+        noise_offset=args.noise_offset,
+        gradient_checkpointing=args.gradient_checkpointing,
+        ema_decay=args.ema_decay,
+        mixed_precision=args.mixed_precision,
+        seed=args.seed,
+        train_text_encoder=args.train_text_encoder,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        text_encoder_learning_rate=args.text_encoder_learning_rate,
+        checkpointing_steps=args.checkpointing_steps,
+        checkpoints_total_limit=args.checkpoints_total_limit,
+        sample_every=args.sample_every,
+        sample_prompts=tuple(args.sample_prompt),
+        sample_steps=args.sample_steps,
+        sample_guidance_scale=args.sample_guidance_scale,
+        log_every=args.log_every,
+        log_format=args.log,
+        num_workers=args.num_workers,
+    )
+    return data, config
+
+
+def result_path(output: Path, config: TrainConfig) -> Path:
+    return output / ("lora.safetensors" if config.lora else "model")
+
+
+def run(args: argparse.Namespace) -> int:
+    # Heavy imports after argument parsing keep `ldm finetune --help` fast.
+    from ldm.loading import Components, load_components, save_diffusers
+    from ldm.lora import save_lora
+    from ldm.training import ImageCaptionDataset, scan_folder, train
+    from ldm.training.checkpoint import list_checkpoints
+
+    data_config, config = configs_from_args(args)
+    if config.mixed_precision != "no" and not torch.cuda.is_available():
+        raise ConfigError(f"--mixed-precision {config.mixed_precision} needs a CUDA GPU; use --mixed-precision no on CPU")
+    target = result_path(args.output, config)
+    if target.exists():
+        raise ConfigError(f"{target} already exists (the run is finished); choose another --output")
+    if args.resume is None and list_checkpoints(args.output):
+        raise ConfigError(f"{args.output} already holds checkpoints; pass --resume latest or choose another --output")
+    examples = scan_folder(args.data, data_config)
+    dataset = ImageCaptionDataset(examples, data_config, seed=config.seed)
+
+    components = load_components(args.model, prediction_type=args.prediction_type)
+    result = train(components, dataset, config, args.output, resume=args.resume, show_progress=not args.no_progress)
+    if not result.is_main_process:
+        return 0
+    if config.lora:
+        written = save_lora(target, result.unet, result.text_encoder if config.train_text_encoder else None)
+    else:
+        # Mixed precision ran the frozen parts in half precision; the saved model is full precision.
+        trained = Components(
+            unet=result.unet.float(),
+            vae=components.vae.float(),
+            text_encoder=result.text_encoder.float(),
+            tokenizer=components.tokenizer,
+            scheduler_config=components.scheduler_config,
+            family=components.family,
+            source=components.source,
+        )
+        written = save_diffusers(trained, target)
+    loss = "" if result.last_loss is None else f" (last loss {result.last_loss:.4f})"
+    print(f"wrote {written} after {result.step} steps{loss}")
+    return 0
