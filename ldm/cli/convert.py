@@ -1,5 +1,59 @@
-"""`ldm convert`: placeholder registration, replaced by the module's real implementation."""
+"""`ldm convert SRC DST`: between the original single-file layout and a diffusers folder.
+
+The direction follows DST: a name ending in ``.safetensors`` or ``.ckpt`` is written as
+one original-layout file, anything else as a diffusers folder. SRC may be either form
+(a single file can also be re-saved as a single file, e.g. ``.ckpt`` -> ``.safetensors``).
+DST is written atomically and never overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ldm.errors import InputError
 
 
 def register(sub) -> None:
-    sub.add_parser("convert", help="(not yet available)")
+    parser = sub.add_parser(
+        "convert",
+        help="convert a model between the single-file (.safetensors/.ckpt) and the diffusers folder layout",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("src", type=Path, help="a .safetensors/.ckpt single file or a diffusers model folder")
+    parser.add_argument("dst", type=Path, help="DST.safetensors / DST.ckpt for a single file, any other name for a folder")
+    parser.add_argument(
+        "--prediction-type",
+        choices=("epsilon", "v_prediction", "sample"),
+        default=None,
+        help="what the U-Net predicts, when the source does not say or says it wrongly (default: from SRC)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16", "bf16"),
+        default=None,
+        help="store the weights in this precision (default: fp32)",
+    )
+    parser.add_argument("--tokenizer", type=Path, default=None, help="a CLIP tokenizer folder for a single-file SRC")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ldm.loading import load_components, save_diffusers, save_single_file
+    from ldm.loading.components import parse_dtype
+    from ldm.loading.single_file import SUFFIXES
+
+    if args.dst.exists():
+        raise InputError(f"{args.dst} already exists; ldm convert never overwrites, choose a new name")
+    if args.src.resolve() == args.dst.resolve():
+        raise InputError("SRC and DST are the same path; choose a new DST")
+    # Loading straight into the target precision: one copy of the weights in memory.
+    dtype = parse_dtype(args.dtype or "fp32")
+    components = load_components(args.src, dtype=dtype, prediction_type=args.prediction_type, tokenizer=args.tokenizer)
+    if args.dst.suffix in SUFFIXES:
+        written = save_single_file(components, args.dst)
+    else:
+        written = save_diffusers(components, args.dst)
+    print(f"{components.family} ({components.scheduler_config.prediction_type}) {args.src} -> {written}")
+    return 0

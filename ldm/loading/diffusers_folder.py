@@ -31,11 +31,10 @@ from transformers import CLIPTextConfig, CLIPTokenizer
 
 from ldm.errors import CheckpointError, ConfigError
 from ldm.io import atomic_write_dir
-from ldm.loading.components import Components, build_networks, finish, load_entries, shapes_of
+from ldm.loading.components import Components, build_networks, finish, load_entries, resolve_tokenizer, shapes_of
 from ldm.loading.detect import PredictionType
 from ldm.loading.keymap import Entry
 from ldm.loading.sources import open_component
-from ldm.models.text_encoder import load_tokenizer
 from ldm.schedulers import SchedulerConfig
 
 TEXT_PREFIX = "text_model."
@@ -104,14 +103,7 @@ def load_diffusers(
     scheduler = SchedulerConfig.from_diffusers(_read_json(scheduler_json)) if scheduler_json.is_file() else SchedulerConfig()
     if prediction_type is not None:
         scheduler = dataclasses.replace(scheduler, prediction_type=prediction_type)
-    if isinstance(tokenizer, CLIPTokenizer):
-        loaded_tokenizer = tokenizer
-    elif tokenizer is not None:
-        loaded_tokenizer = load_tokenizer(tokenizer)
-    elif (folder / "tokenizer" / "vocab.json").is_file():
-        loaded_tokenizer = load_tokenizer(folder / "tokenizer")
-    else:
-        loaded_tokenizer = load_tokenizer(family)
+    loaded_tokenizer = resolve_tokenizer(tokenizer, family, folder / "tokenizer")
     return Components(unet, vae, text_encoder, loaded_tokenizer, scheduler, family, folder)
 
 

@@ -31,10 +31,9 @@ from transformers import CLIPTokenizer
 from ldm.errors import CheckpointError
 from ldm.io import atomic_write
 from ldm.loading import keymap
-from ldm.loading.components import Components, build_networks, finish, load_entries, shapes_of
+from ldm.loading.components import Components, build_networks, finish, load_entries, resolve_tokenizer, shapes_of
 from ldm.loading.detect import PredictionType, detect
 from ldm.loading.sources import TensorFile
-from ldm.models.text_encoder import load_tokenizer
 from ldm.schedulers import SchedulerConfig
 
 SUFFIXES = (".safetensors", ".ckpt")
@@ -107,10 +106,7 @@ def load_single_file(
             model, entries, own, read, device=device, dtype=dtype, where=f"{path} ({what})", optional=optional
         )
     finish(unet, vae, text_encoder, device)
-    if isinstance(tokenizer, CLIPTokenizer):
-        loaded_tokenizer = tokenizer
-    else:
-        loaded_tokenizer = load_tokenizer(found.family if tokenizer is None else tokenizer)
+    loaded_tokenizer = resolve_tokenizer(tokenizer, found.family)
     return Components(
         unet=unet,
         vae=vae,
@@ -144,7 +140,7 @@ def single_file_state(components: Components, dtype: torch.dtype | None = None) 
         state[V_PRED_KEY] = torch.zeros(0)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    return {key: value.cpu().contiguous() for key, value in state.items()}
+    return state
 
 
 def _add_unused_openclip_tensors(state: dict[str, torch.Tensor], layers: int, width: int) -> None:
@@ -153,8 +149,8 @@ def _add_unused_openclip_tensors(state: dict[str, torch.Tensor], layers: int, wi
     for key in [k for k in state if k.startswith(last)]:
         state[f"{prefix}transformer.resblocks.{layers}.{key[len(last):]}"] = torch.zeros_like(state[key])
     like = state[prefix + "ln_final.weight"]
-    state[prefix + "text_projection"] = torch.eye(width, dtype=like.dtype)
-    state[prefix + "logit_scale"] = torch.tensor(math.log(100.0), dtype=like.dtype)
+    state[prefix + "text_projection"] = torch.eye(width, dtype=like.dtype, device=like.device)
+    state[prefix + "logit_scale"] = torch.tensor(math.log(100.0), dtype=like.dtype, device=like.device)
 
 
 def save_single_file(components: Components, path: str | Path, dtype: torch.dtype | None = None) -> Path:
@@ -164,7 +160,7 @@ def save_single_file(components: Components, path: str | Path, dtype: torch.dtyp
         raise CheckpointError(f"{path}: a single-file checkpoint must end in .safetensors or .ckpt")
     if path.exists():
         raise CheckpointError(f"{path} already exists; ldm never overwrites, choose a new name")
-    state = single_file_state(components, dtype)
+    state = {key: value.cpu().contiguous() for key, value in single_file_state(components, dtype).items()}
     prediction = components.scheduler_config.prediction_type
 
     def write(tmp: Path) -> None:
