@@ -1,0 +1,313 @@
+"""Pipeline behaviour on tiny random-weight SD-shaped models: seeds, guidance, outputs, errors, dtypes.
+
+Parity with diffusers' pipelines through the loaders is in test_pipeline_parity.py.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tiny_models import diffusers_pipeline  # noqa: E402
+
+from ldm.errors import ConfigError, InputError  # noqa: E402
+from ldm.models import AutoencoderKL, UNet, UNetConfig, VAEConfig  # noqa: E402
+from ldm.pipeline import NonFiniteOutputError, Pipeline, rescale_guidance  # noqa: E402
+from ldm.schedulers import SchedulerConfig, create  # noqa: E402
+
+SIZE = dict(height=64, width=64, num_inference_steps=3)
+
+
+def ldm_pipeline(reference) -> Pipeline:
+    """Our networks holding the reference pipeline's weights (same key names, strict load)."""
+    unet = UNet(UNetConfig.from_diffusers(dict(reference.unet.config)))
+    unet.load_state_dict(reference.unet.state_dict(), strict=True)
+    vae = AutoencoderKL(VAEConfig.from_diffusers(dict(reference.vae.config)))
+    vae.load_state_dict(reference.vae.state_dict(), strict=True)
+    config = SchedulerConfig.from_diffusers(dict(reference.scheduler.config))
+    return Pipeline(unet.eval(), vae.eval(), reference.text_encoder, reference.tokenizer, config)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return diffusers_pipeline("sd1")
+
+
+@pytest.fixture()
+def pipe(reference):
+    return ldm_pipeline(reference)
+
+
+def count_unet_batches(pipe: Pipeline) -> list[int]:
+    sizes: list[int] = []
+    pipe.unet.register_forward_hook(lambda module, args, output: sizes.append(args[0].shape[0]))
+    return sizes
+
+
+# --- seeds ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheduler, eta", [("ddim", None), ("ddim", 1.0), ("euler-ancestral", None)])
+def test_image_i_of_a_batch_equals_a_single_image_with_seed_plus_i(pipe, scheduler, eta):
+    batch = pipe("a red square", seed=100, num_images_per_prompt=3, scheduler=scheduler, eta=eta, output_type="pt", **SIZE)
+    assert batch.seeds == [100, 101, 102]
+    for i in range(3):
+        single = pipe("a red square", seed=100 + i, scheduler=scheduler, eta=eta, output_type="pt", **SIZE)
+        assert single.seeds == [100 + i]
+        torch.testing.assert_close(batch.images[i : i + 1], single.images, rtol=0, atol=1e-5)
+    assert (batch.images[0] - batch.images[1]).abs().max() > 1e-3
+
+
+def test_several_prompts_are_ordered_prompt_major(pipe):
+    out = pipe(["a cat", "a dog"], seed=7, num_images_per_prompt=2, output_type="pt", **SIZE)
+    assert out.seeds == [7, 8, 9, 10]
+    dog = pipe("a dog", seed=9, output_type="pt", **SIZE)
+    torch.testing.assert_close(out.images[2:3], dog.images, rtol=0, atol=1e-5)
+
+
+def test_same_seed_same_image_and_unseeded_runs_report_their_seed(pipe):
+    first = pipe("a cat", seed=5, output_type="pt", **SIZE)
+    second = pipe("a cat", seed=5, output_type="pt", **SIZE)
+    assert torch.equal(first.images, second.images)
+    unseeded = pipe("a cat", num_images_per_prompt=2, output_type="pt", **SIZE)
+    s = unseeded.seeds[0]
+    assert unseeded.seeds == [s, s + 1] and 0 <= s < 2**32
+    again = pipe("a cat", seed=s, num_images_per_prompt=2, output_type="pt", **SIZE)
+    assert torch.equal(unseeded.images, again.images)
+
+
+def test_initial_noise_is_drawn_per_image_on_the_cpu(pipe):
+    latents = pipe("a cat", seed=11, output_type="latent", **{**SIZE, "num_inference_steps": 1})
+    given = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(11))
+    from_latents = pipe("a cat", latents=given, seed=11, output_type="latent", **{**SIZE, "num_inference_steps": 1})
+    torch.testing.assert_close(latents.images, from_latents.images, rtol=0, atol=0)
+
+
+def test_generators_instead_of_a_seed(pipe):
+    generators = [torch.Generator("cpu").manual_seed(3), torch.Generator("cpu").manual_seed(4)]
+    out = pipe("a cat", generator=generators, num_images_per_prompt=2, output_type="pt", **SIZE)
+    assert out.seeds is None
+    seeded = pipe("a cat", seed=3, num_images_per_prompt=2, output_type="pt", **SIZE)
+    torch.testing.assert_close(out.images, seeded.images, rtol=0, atol=0)
+
+
+# --- guidance ---------------------------------------------------------------------------------------
+
+
+def test_guidance_batches_both_passes_in_one_unet_call(pipe):
+    sizes = count_unet_batches(pipe)
+    pipe("a cat", seed=1, num_images_per_prompt=2, guidance_scale=7.5, **SIZE)
+    assert sizes == [4, 4, 4]
+
+
+def test_guidance_scale_at_most_one_runs_the_conditional_pass_alone(pipe, reference):
+    sizes = count_unet_batches(pipe)
+    ours = pipe("a cat", negative_prompt="ignored", seed=2, guidance_scale=1.0, scheduler="ddim", output_type="np", **SIZE)
+    assert sizes == [1, 1, 1]
+    theirs = reference(
+        "a cat", generator=torch.Generator("cpu").manual_seed(2), guidance_scale=1.0, output_type="np", **SIZE
+    ).images
+    assert np.abs(ours.images - theirs).max() < 1e-4
+
+
+def test_rescale_guidance_formula():
+    torch.manual_seed(0)
+    cond = torch.randn(2, 4, 8, 8)
+    guided = 3 * torch.randn(2, 4, 8, 8) + 1
+    assert torch.equal(rescale_guidance(guided, cond, 0.0), guided)
+    full = rescale_guidance(guided, cond, 1.0)
+    torch.testing.assert_close(full.std(dim=(1, 2, 3)), cond.std(dim=(1, 2, 3)))
+    torch.testing.assert_close(full / guided, (full / guided)[:, :1, :1, :1].expand_as(full))
+    half = rescale_guidance(guided, cond, 0.5)
+    torch.testing.assert_close(half, 0.5 * full + 0.5 * guided)
+
+
+def test_guidance_rescale_matches_diffusers(pipe, reference):
+    ours = pipe("a cat", seed=4, guidance_rescale=0.7, scheduler="ddim", output_type="np", **SIZE).images
+    theirs = reference(
+        "a cat", generator=torch.Generator("cpu").manual_seed(4), guidance_rescale=0.7, output_type="np", **SIZE
+    ).images
+    assert np.abs(ours - theirs).max() < 1e-4
+    plain = pipe("a cat", seed=4, scheduler="ddim", output_type="np", **SIZE).images
+    assert np.abs(ours - plain).max() > 1e-4
+
+
+# --- prompts ----------------------------------------------------------------------------------------
+
+
+def test_long_prompts_reach_the_unet_uncut(pipe):
+    contexts: list[torch.Size] = []
+    pipe.unet.register_forward_hook(lambda module, args, output: contexts.append(args[2].shape))
+    long_prompt = " ".join(["cat"] * 90)
+    long = pipe(long_prompt, seed=3, output_type="pt", **SIZE)
+    assert contexts[0] == (2, 154, 64)
+    cut = pipe(" ".join(["cat"] * 75), seed=3, output_type="pt", **SIZE)
+    assert (long.images - cut.images).abs().max() > 1e-4
+
+
+def test_weighting_changes_the_image_and_weight_one_does_not(pipe):
+    plain = pipe("a red cat", seed=3, output_type="pt", **SIZE).images
+    unit = pipe("a (red:1.0) cat", seed=3, output_type="pt", **SIZE).images
+    weighted = pipe("a (red:1.6) cat", seed=3, output_type="pt", **SIZE).images
+    assert torch.equal(plain, unit)
+    assert (plain - weighted).abs().max() > 1e-4
+
+
+# --- outputs ----------------------------------------------------------------------------------------
+
+
+def test_output_types_agree(pipe):
+    kwargs = dict(seed=9, num_images_per_prompt=2, **SIZE)
+    pt = pipe("a cat", output_type="pt", **kwargs).images
+    np_images = pipe("a cat", output_type="np", **kwargs).images
+    pil = pipe("a cat", output_type="pil", **kwargs).images
+    latent = pipe("a cat", output_type="latent", **kwargs).images
+    assert pt.shape == (2, 3, 64, 64) and 0 <= pt.min() and pt.max() <= 1
+    assert np_images.shape == (2, 64, 64, 3) and np_images.dtype == np.float32
+    np.testing.assert_array_equal(np_images, pt.permute(0, 2, 3, 1).numpy())
+    assert [image.size for image in pil] == [(64, 64)] * 2
+    np.testing.assert_array_equal(np.asarray(pil[1]), (np_images[1] * 255).round().astype(np.uint8))
+    assert latent.shape == (2, 4, 8, 8)
+    torch.testing.assert_close(pipe.decode_latents(latent), pt, rtol=0, atol=0)
+
+
+def test_callback_sees_every_step(pipe):
+    seen = []
+    pipe("a cat", seed=1, callback=lambda i, t, x: seen.append((i, int(t), tuple(x.shape))), **SIZE)
+    assert [i for i, _, _ in seen] == [0, 1, 2]
+    steps = [t for _, t, _ in seen]
+    assert steps == sorted(steps, reverse=True) and len(set(steps)) == 3
+    assert all(shape == (1, 4, 8, 8) for _, _, shape in seen)
+
+
+def test_default_size_comes_from_the_unet(pipe):
+    out = pipe("a cat", seed=1, num_inference_steps=1, output_type="latent")
+    factor = pipe.vae.config.downsample_factor
+    assert out.images.shape[-1] * factor == pipe.unet.config.sample_size * factor
+
+
+def test_sliced_and_tiled_vae_decode_match_the_full_decode(pipe):
+    latent = pipe("a cat", seed=1, num_images_per_prompt=2, output_type="latent", **SIZE).images
+    full = pipe.decode_latents(latent)
+    pipe.vae_decode = "sliced"
+    torch.testing.assert_close(pipe.decode_latents(latent), full, rtol=0, atol=1e-5)
+    pipe.vae_decode = "tiled"
+    torch.testing.assert_close(pipe.decode_latents(latent), full, rtol=0, atol=1e-5)
+
+
+def test_sliced_attention_gives_the_same_image(pipe):
+    reference_image = pipe("a cat", seed=1, output_type="pt", **SIZE).images
+    pipe.set_attention("sliced", slice_size=1)
+    torch.testing.assert_close(pipe("a cat", seed=1, output_type="pt", **SIZE).images, reference_image, rtol=0, atol=1e-5)
+
+
+# --- img2img ----------------------------------------------------------------------------------------
+
+
+def gradient_image(size: int = 64) -> Image.Image:
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    array = np.stack([ramp[None, :].repeat(size, 0), ramp[:, None].repeat(size, 1), np.full((size, size), 80.0)], -1)
+    return Image.fromarray(array.astype(np.uint8))
+
+
+def test_img2img_runs_strength_times_steps(pipe):
+    sizes = count_unet_batches(pipe)
+    out = pipe("a cat", init_image=gradient_image(), strength=0.5, seed=1, num_inference_steps=4, output_type="pt")
+    assert len(sizes) == 2 and out.images.shape == (1, 3, 64, 64)
+
+
+def test_img2img_size_follows_the_image_rounded_to_8(pipe, tmp_path):
+    path = tmp_path / "init.png"
+    gradient_image(70).save(path)
+    out = pipe("a cat", init_image=path, strength=0.5, seed=1, num_inference_steps=2, output_type="pt")
+    assert out.images.shape == (1, 3, 64, 64)
+
+
+def test_img2img_batch_determinism(pipe):
+    kwargs = dict(init_image=gradient_image(), strength=0.75, num_inference_steps=4, output_type="pt")
+    batch = pipe("a cat", seed=20, num_images_per_prompt=2, **kwargs).images
+    single = pipe("a cat", seed=21, **kwargs).images
+    torch.testing.assert_close(batch[1:], single, rtol=0, atol=1e-5)
+
+
+# --- errors -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"height": 60}, InputError, "multiples of 8"),
+        ({"width": 0}, InputError, "multiples of 8"),
+        ({"num_inference_steps": 0}, InputError, "num_inference_steps"),
+        ({"num_images_per_prompt": 0}, InputError, "num_images_per_prompt"),
+        ({"output_type": "jpeg"}, InputError, "output_type"),
+        ({"negative_prompt": ["a", "b"]}, InputError, "negative prompts"),
+        ({"seed": 1, "generator": torch.Generator("cpu")}, InputError, "either seed or generator"),
+        ({"seed": -1}, InputError, "seed"),
+        ({"scheduler": "plms"}, ConfigError, "unknown scheduler"),
+        ({"scheduler": "euler", "eta": 0.5}, ConfigError, "eta"),
+        ({"latents": torch.zeros(1, 4, 4, 4)}, InputError, "latents have shape"),
+        ({"init_image": Image.new("RGB", (64, 64)), "strength": 0.0}, InputError, "strength"),
+        ({"init_image": Image.new("RGB", (64, 64)), "strength": 1.5}, InputError, "strength"),
+        ({"init_image": Image.new("RGB", (64, 64)), "strength": 0.1}, InputError, "no step"),
+        ({"init_image": "/nonexistent/init.png"}, InputError, "does not exist"),
+    ],
+)
+def test_bad_arguments_raise_one_line_errors(pipe, kwargs, error, message):
+    with pytest.raises(error, match=message) as raised:
+        pipe("a cat", **{**SIZE, **kwargs})
+    assert "\n" not in str(raised.value)
+
+
+def test_eta_with_a_scheduler_object_is_refused(pipe):
+    with pytest.raises(ConfigError, match="eta"):
+        pipe("a cat", scheduler=create("ddim", pipe.scheduler_config), eta=0.5, **SIZE)
+
+
+def test_nan_in_the_vae_is_reported_with_its_cause(pipe):
+    with torch.no_grad():
+        pipe.vae.post_quant_conv.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteOutputError, match="VAE"):
+        pipe("a cat", seed=1, **SIZE)
+
+
+def test_nan_in_the_unet_is_reported_with_its_cause(pipe):
+    with torch.no_grad():
+        pipe.unet.conv_out.weight.fill_(float("inf"))
+    with pytest.raises(NonFiniteOutputError, match="latents became NaN"):
+        pipe("a cat", seed=1, **SIZE)
+
+
+# --- devices and dtypes -----------------------------------------------------------------------------
+
+
+def test_float16_on_the_cpu_is_refused(pipe):
+    with pytest.raises(ConfigError, match="CUDA"):
+        pipe.to(dtype=torch.float16)
+
+
+def test_bfloat16_runs_and_stays_close_to_float32(pipe):
+    full = pipe("a cat", seed=1, output_type="pt", **{**SIZE, "num_inference_steps": 2}).images
+    pipe.to(dtype=torch.bfloat16)
+    assert pipe.unet.conv_in.weight.dtype == torch.bfloat16 and pipe.vae.decoder.conv_out.weight.dtype == torch.bfloat16
+    half = pipe("a cat", seed=1, output_type="pt", **{**SIZE, "num_inference_steps": 2}).images
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    assert (half - full).abs().mean() < 0.05
+
+
+def test_model_offload_moves_networks_back_and_keeps_the_image(pipe):
+    expected = pipe("a cat", seed=1, output_type="pt", **SIZE).images
+    devices: list[torch.device] = []
+    pipe.unet.register_forward_pre_hook(lambda module, args: devices.append(module.conv_in.weight.device))
+    pipe.enable_model_cpu_offload("cpu")
+    got = pipe("a cat", seed=1, output_type="pt", **SIZE).images
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert devices and all(device == pipe.device for device in devices)
+    assert pipe.unet.conv_in.weight.device.type == "cpu"
