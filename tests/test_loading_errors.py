@@ -53,7 +53,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": _Exploit(str(marker))}, path)
     message = _error(path)
     assert not marker.exists()
-    assert "evil.ckpt" in message and "system" in message and "safetensors" in message
+    assert "evil.ckpt" in message and "posix.system" in message and "can run code" in message
 
 
 def test_lightning_callback_in_released_ckpt_is_read_inertly(sd1_state, tmp_path, monkeypatch):

@@ -97,7 +97,7 @@ class TensorFile:
                 raise CheckpointError(_unpickling_message(self.path, error)) from None
             # Arbitrary bytes make the unpickler fail in arbitrary ways (IndexError, KeyError, ...).
             except Exception as error:  # noqa: BLE001 - untrusted input, reported as one line
-                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else '-'}"
                 raise CheckpointError(
                     f"{self.path} is not a readable PyTorch checkpoint ({reason}); it may be truncated or not a checkpoint"
                 ) from None
@@ -110,7 +110,7 @@ class TensorFile:
 
 def _unpickling_message(path: Path, error: Exception) -> str:
     text = str(error)
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
     if found:
         return (
             f"{path} is a pickle that imports {found[1]} when loaded, which can run code; ldm reads .ckpt files "
