@@ -1,5 +1,244 @@
-"""`ldm txt2img`: placeholder registration, replaced by the module's real implementation."""
+"""`ldm txt2img PROMPT`: generate images into numbered PNGs that carry their parameters.
+
+Every argument is checked before the model is loaded, so a typo costs no
+loading time; each mistake is a one-line message and exit code 2. Image j of a
+prompt gets seed ``--seed + j`` whatever ``--batch-size`` is, so any single
+image can be made again with ``--seed <its seed> --num-images 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ldm.errors import CheckpointError, InputError
+
+# Our scheduler names as AUTOMATIC1111 writes them in "Sampler:", so other tools recognise them.
+# dpm-solver (the noise-prediction multistep solver) has no A1111 counterpart and keeps a plain name.
+A1111_SAMPLER_NAMES = {
+    "ddim": "DDIM",
+    "ddpm": "DDPM",
+    "dpm-solver": "DPM-Solver 2M",
+    "dpm-solver++": "DPM++ 2M",
+    "dpm-solver++-sde": "DPM++ 2M SDE",
+    "euler": "Euler",
+    "euler-ancestral": "Euler a",
+}
+DTYPES = ("fp32", "fp16", "bf16")
 
 
 def register(sub) -> None:
-    sub.add_parser("txt2img", help="(not yet available)")
+    parser = sub.add_parser(
+        "txt2img",
+        help="generate images from a text prompt",
+        description="Generate images from a text prompt (or img2img with --init-image) into numbered PNG files.",
+    )
+    parser.add_argument("prompt", nargs="?", help="the prompt; weights as (word:1.3), (word), [word]; BREAK starts a chunk")
+    parser.add_argument("--from-file", type=Path, help="a text file with one prompt per line, instead of PROMPT")
+    parser.add_argument("--negative-prompt", default="", help="what the image should not show")
+    parser.add_argument("--model", type=Path, help="diffusers folder or .safetensors/.ckpt file (default: the project's model)")
+    parser.add_argument("--scheduler", default="dpm-solver++", help="ddim, ddpm, dpm-solver, dpm-solver++, dpm-solver++-sde, euler, euler-ancestral")
+    parser.add_argument("--eta", type=float, help="noise of DDIM steps (0: deterministic; only schedulers that take it)")
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance; <= 1 disables it")
+    parser.add_argument("--guidance-rescale", type=float, default=0.0, help="0..1, for v-prediction models (Lin et al. 2024)")
+    parser.add_argument("--clip-skip", type=int, help="use the text encoder's k-th layer from the end, diffusers' meaning")
+    parser.add_argument("--seed", type=int, help="seed of the first image; image j gets seed + j (default: random)")
+    parser.add_argument("--width", type=int, help="multiple of 8 (default: the model's native size or the init image's)")
+    parser.add_argument("--height", type=int, help="multiple of 8 (default: the model's native size or the init image's)")
+    parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    parser.add_argument("--batch-size", type=int, default=1, help="images generated together (memory, not results)")
+    parser.add_argument("--init-image", type=Path, help="start from this image (img2img)")
+    parser.add_argument("--strength", type=float, help="img2img: how much to change the image, in (0, 1] (default 0.8)")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="apply a LoRA file (repeatable)")
+    parser.add_argument("--dtype", choices=DTYPES, help="default: fp16 on CUDA, fp32 on the CPU")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--vae-decode", choices=("full", "sliced", "tiled"), default="full", help="sliced/tiled bound memory")
+    parser.add_argument("--attention", choices=("sdpa", "sliced", "xformers"), default="sdpa", help="attention backend")
+    parser.add_argument("--cpu-offload", action="store_true", help="CUDA: keep each network on the CPU until it runs")
+    parser.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: outputs/)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(run=run)
+
+
+@dataclass
+class Job:
+    """Everything checked and resolved from the command line before any model is loaded."""
+
+    prompts: list[str]
+    model: Path
+    loras: list[tuple[Path, float]]
+    init_image: object | None  # PIL image
+    strength: float
+
+
+def run(args: argparse.Namespace) -> int:
+    job = check_arguments(args)
+
+    import torch
+
+    from ldm.images import GenerationParameters, save_png
+    from ldm.pipeline import Pipeline
+
+    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+    if args.cpu_offload and device.type != "cuda":
+        raise InputError("--cpu-offload only helps on a CUDA device; drop it or pass --device cuda")
+
+    pipe = Pipeline.from_pretrained(job.model, device="cpu" if args.cpu_offload else device, dtype=dtype)
+    for path, scale in job.loras:
+        pipe.load_lora(path, scale=scale)
+    if args.cpu_offload:
+        pipe.enable_model_cpu_offload(device)
+    pipe.vae_decode = args.vae_decode
+    if args.attention != "sdpa":
+        pipe.set_attention(args.attention)
+
+    from tqdm import tqdm
+
+    base_seed = args.seed if args.seed is not None else secrets.randbelow(2**32 - args.num_images)
+    total = len(job.prompts) * args.num_images
+    images_bar = tqdm(total=total, desc="images", unit="img", disable=args.quiet or total <= args.batch_size, file=sys.stderr)
+    for prompt in job.prompts:
+        for first in range(0, args.num_images, args.batch_size):
+            count = min(args.batch_size, args.num_images - first)
+            steps_bar = tqdm(total=args.steps, desc="steps", leave=False, disable=args.quiet, file=sys.stderr)
+            result = pipe(
+                prompt,
+                negative_prompt=args.negative_prompt,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance_scale,
+                guidance_rescale=args.guidance_rescale,
+                clip_skip=args.clip_skip,
+                height=args.height,
+                width=args.width,
+                num_images_per_prompt=count,
+                scheduler=args.scheduler,
+                eta=args.eta,
+                seed=base_seed + first,
+                init_image=job.init_image,
+                strength=job.strength,
+                callback=lambda i, t, x, bar=steps_bar: bar.update(1),
+            )
+            steps_bar.close()
+            for image, seed in zip(result.images, result.seeds):
+                params = GenerationParameters(
+                    prompt=prompt,
+                    negative_prompt=args.negative_prompt,
+                    steps=args.steps,
+                    sampler=A1111_SAMPLER_NAMES.get(args.scheduler, args.scheduler),
+                    cfg_scale=args.guidance_scale,
+                    seed=seed,
+                    width=image.width,
+                    height=image.height,
+                    model=pipe.name,
+                    extra=extra_parameters(args),
+                )
+                print(save_png(image, args.out, params))
+                images_bar.update(1)
+    images_bar.close()
+    return 0
+
+
+def extra_parameters(args: argparse.Namespace) -> dict[str, str]:
+    """The optional A1111 keys that apply to this run."""
+    from ldm import __version__
+
+    extra = {}
+    if args.init_image is not None:
+        extra["Denoising strength"] = f"{0.8 if args.strength is None else args.strength:g}"
+    if args.clip_skip is not None:
+        extra["Clip skip"] = str(args.clip_skip + 1)  # A1111 counts the last layer as 1, diffusers as 0
+    if args.eta is not None:
+        extra["Eta"] = f"{args.eta:g}"
+    if args.guidance_rescale:
+        extra["Guidance rescale"] = f"{args.guidance_rescale:g}"
+    extra["Version"] = f"ldm {__version__}"
+    return extra
+
+
+def check_arguments(args: argparse.Namespace) -> Job:
+    """Check every argument that can be checked without the model; raise ``InputError`` / ``CheckpointError``."""
+    from ldm.loading import DEFAULT_MODEL_DIR
+    from ldm.schedulers import SCHEDULERS
+
+    if (args.prompt is None) == (args.from_file is None):
+        raise InputError("give either a PROMPT or --from-file FILE (one prompt per line)")
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.from_file)
+    for name, value in (("--width", args.width), ("--height", args.height)):
+        if value is not None and (value <= 0 or value % 8):
+            raise InputError(f"{name} must be a positive multiple of 8, got {value}")
+    for name, value in (("--steps", args.steps), ("--num-images", args.num_images), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise InputError(f"{name} must be at least 1, got {value}")
+    if args.strength is not None and args.init_image is None:
+        raise InputError("--strength only applies with --init-image")
+    if args.strength is not None and not 0 < args.strength <= 1:
+        raise InputError(f"--strength must be in (0, 1], got {args.strength}")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise InputError(f"--seed must be from 0 to 2**63 - 1, got {args.seed}")
+    if args.scheduler not in SCHEDULERS:
+        raise InputError(f"unknown scheduler {args.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    if not 0 <= args.guidance_rescale <= 1:
+        raise InputError(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
+    if args.clip_skip is not None and args.clip_skip < 0:
+        raise InputError(f"--clip-skip must be 0 or more, got {args.clip_skip}")
+    if args.device is not None:
+        check_device(args.device)
+    if args.dtype == "fp16" and args.device is not None and args.device.startswith("cpu"):
+        raise InputError("--dtype fp16 needs a CUDA device; on the CPU use fp32 or bf16")
+
+    model = args.model
+    if model is None:
+        if not Path(DEFAULT_MODEL_DIR).exists():
+            raise CheckpointError(f"no default model at {DEFAULT_MODEL_DIR} yet; pass --model FOLDER_OR_FILE")
+        model = Path(DEFAULT_MODEL_DIR)
+    elif not model.exists():
+        raise CheckpointError(f"model {model} does not exist; pass a diffusers folder or a .safetensors/.ckpt file")
+    loras = [lora_argument(text) for text in args.lora]
+
+    init_image = None
+    if args.init_image is not None:
+        from ldm.images import open_image
+
+        init_image = open_image(args.init_image)
+        if args.width is None and init_image.width < 8 or args.height is None and init_image.height < 8:
+            raise InputError(f"init image {args.init_image} is smaller than 8x8 pixels")
+    return Job(prompts, model, loras, init_image, 0.8 if args.strength is None else args.strength)
+
+
+def read_prompts(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"cannot read prompts from {path}: {error.__class__.__name__}") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise InputError(f"{path} has no prompts; write one prompt per line")
+    return prompts
+
+
+def lora_argument(text: str) -> tuple[Path, float]:
+    from ldm.lora import parse_lora_argument
+
+    path, scale = parse_lora_argument(text)
+    if not path.is_file():
+        raise InputError(f"LoRA file {path} does not exist (--lora FILE[:SCALE])")
+    return path, scale
+
+
+def check_device(name: str) -> None:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown --device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name} but no CUDA device is available; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"unsupported --device {name!r}; use cpu, cuda or cuda:N")

@@ -1,0 +1,153 @@
+"""`ldm txt2img`: files, seeds, metadata, img2img, and every error path (one line, exit code 2)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tiny_models import save_diffusers_folder  # noqa: E402
+
+import ldm.loading  # noqa: E402
+from ldm.cli import main  # noqa: E402
+from ldm.images import read_parameters  # noqa: E402
+from ldm.pipeline import Pipeline  # noqa: E402
+
+FAST = ["--steps", "2", "--width", "64", "--height", "64", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return save_diffusers_folder(tmp_path_factory.mktemp("models") / "tiny-sd1", "sd1")
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main(["txt2img", *map(str, argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_images_get_numbered_names_seeds_and_parameters(model, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, _ = run(
+        capsys, "a red (cat:1.2)", "--negative-prompt", "blurry, dark", "--model", model, "--seed", 5,
+        "--num-images", 3, "--batch-size", 2, "--out", out, *FAST,
+    )
+    assert code == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["00000-5.png", "00001-6.png", "00002-7.png"]
+    assert stdout.split() == [str(out / name) for name in names]
+    params = read_parameters(out / "00001-6.png")
+    assert (params.prompt, params.negative_prompt, params.seed, params.steps) == ("a red (cat:1.2)", "blurry, dark", 6, 2)
+    assert (params.sampler, params.cfg_scale, params.width, params.height, params.model) == ("DPM++ 2M", 7.5, 64, 64, "tiny-sd1")
+    assert params.extra["Version"].startswith("ldm ")
+
+    # Image 1 of a batch of 2 equals a single image made with its own seed.
+    single = Pipeline.from_pretrained(model)(
+        "a red (cat:1.2)", negative_prompt="blurry, dark", seed=6, num_inference_steps=2, height=64, width=64
+    ).images[0]
+    assert np.abs(np.asarray(Image.open(out / "00001-6.png"), dtype=int) - np.asarray(single, dtype=int)).max() <= 1
+
+    code, _, _ = run(capsys, "another", "--model", model, "--seed", 5, "--out", out, "--scheduler", "euler-ancestral", *FAST)
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir())[-1] == "00003-5.png"
+    assert read_parameters(out / "00003-5.png").sampler == "Euler a"
+
+
+def test_prompts_from_a_file(model, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\n  a dog  \n", encoding="utf-8")
+    code, _, _ = run(capsys, "--from-file", prompts, "--model", model, "--seed", 1, "--out", tmp_path / "out", *FAST)
+    assert code == 0
+    files = sorted((tmp_path / "out").iterdir())
+    assert [read_parameters(p).prompt for p in files] == ["a cat", "a dog"]
+    assert [read_parameters(p).seed for p in files] == [1, 1]
+
+
+def test_img2img_from_the_command_line(model, tmp_path, capsys):
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 72, 3), dtype=np.uint8)).save(init)
+    code, stdout, _ = run(
+        capsys, "a cat", "--init-image", init, "--strength", 0.5, "--model", model, "--seed", 3,
+        "--steps", 2, "--clip-skip", 1, "--out", tmp_path / "out", "--quiet",
+    )
+    assert code == 0
+    path = Path(stdout.strip())
+    params = read_parameters(path)
+    assert Image.open(path).size == (72, 48) and (params.width, params.height) == (72, 48)
+    assert params.extra["Denoising strength"] == "0.5" and params.extra["Clip skip"] == "2"
+
+
+def broken_image(tmp_path: Path) -> Path:
+    path = tmp_path / "broken.png"
+    path.write_bytes(b"not a png")
+    return path
+
+
+def good_image(tmp_path: Path) -> Path:
+    path = tmp_path / "good.png"
+    Image.new("RGB", (64, 64)).save(path)
+    return path
+
+
+ERROR_CASES = {
+    "width not a multiple of 8": (["a cat", "--width", "65"], "--width must be a positive multiple of 8"),
+    "height not a multiple of 8": (["a cat", "--height", "100"], "--height must be a positive multiple of 8"),
+    "unknown scheduler": (["a cat", "--scheduler", "plms"], "unknown scheduler 'plms'"),
+    "missing model": (["a cat", "--model", "{tmp}/nothing"], "does not exist"),
+    "folder that is not a model": (["a cat", "--model", "{tmp}"], "not a diffusers model"),
+    "missing init image": (["a cat", "--init-image", "{tmp}/none.png"], "does not exist"),
+    "unreadable init image": (["a cat", "--init-image", "{broken}"], "cannot read image"),
+    "strength zero": (["a cat", "--init-image", "{good}", "--strength", "0"], "--strength must be in (0, 1]"),
+    "strength above one": (["a cat", "--init-image", "{good}", "--strength", "1.5"], "--strength must be in (0, 1]"),
+    "strength without init image": (["a cat", "--strength", "0.5"], "only applies with --init-image"),
+    "no prompt": ([], "give either a PROMPT or --from-file"),
+    "prompt and file": (["a cat", "--from-file", "{good}"], "give either a PROMPT or --from-file"),
+    "missing prompt file": (["--from-file", "{tmp}/none.txt"], "cannot read prompts"),
+    "empty prompt file": (["--from-file", "{empty}"], "has no prompts"),
+    "zero steps": (["a cat", "--steps", "0"], "--steps must be at least 1"),
+    "zero images": (["a cat", "--num-images", "0"], "--num-images must be at least 1"),
+    "zero batch": (["a cat", "--batch-size", "0"], "--batch-size must be at least 1"),
+    "negative seed": (["a cat", "--seed", "-3"], "--seed must be"),
+    "fp16 on the cpu": (["a cat", "--dtype", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
+    "unknown device": (["a cat", "--device", "toaster"], "--device"),
+    "cuda without a gpu": (["a cat", "--device", "cuda"], "no CUDA device"),
+    "offload on the cpu": (["a cat", "--cpu-offload", "--device", "cpu"], "--cpu-offload"),
+    "missing lora": (["a cat", "--lora", "{tmp}/none.safetensors:0.5"], "LoRA file"),
+    "guidance rescale out of range": (["a cat", "--guidance-rescale", "2"], "--guidance-rescale"),
+    "eta for a scheduler without it": (["a cat", "--scheduler", "euler", "--eta", "0.5"], "eta"),
+    "bad number": (["a cat", "--steps", "many"], "invalid int value"),
+    "unknown dtype": (["a cat", "--dtype", "fp8"], "invalid choice"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_errors_are_one_line_with_exit_code_2(case, model, tmp_path, capsys):
+    argv, message = ERROR_CASES[case]
+    (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
+    names = {"tmp": tmp_path, "broken": broken_image(tmp_path), "good": good_image(tmp_path), "empty": tmp_path / "empty.txt"}
+    argv = [arg.format(**names) for arg in argv]
+    if "--model" not in argv:
+        argv += ["--model", str(model)]
+    out = tmp_path / "out"
+    try:
+        code = main(["txt2img", *FAST, *argv, "--out", str(out)])
+    except SystemExit as exit_:  # argparse usage errors
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and err.startswith("ldm txt2img: error:")
+    assert not out.exists()
+
+
+def test_missing_default_model_says_to_pass_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ldm.loading, "DEFAULT_MODEL_DIR", tmp_path / "not-installed")
+    code, _, err = run(capsys, "a cat", "--out", tmp_path / "out", *FAST)
+    assert code == 2
+    assert "pass --model" in err and err.count("\n") == 1
