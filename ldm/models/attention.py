@@ -210,7 +210,9 @@ class SpatialTransformer(nn.Module):
             out = self.proj_out(tokens).view(b, h, w, c).permute(0, 3, 1, 2)
         else:
             out = self.proj_out(tokens.view(b, h, w, c).permute(0, 3, 1, 2))
-        return out + x
+        # ``out`` is a channels-last view; ``x`` first makes the sum contiguous (NCHW) in the same pass,
+        # instead of a separate copy, and keeps channels-last layout from spreading to the next convs.
+        return x + out
 
 
 class VAEAttention(nn.Module):
@@ -234,7 +236,7 @@ class VAEAttention(nn.Module):
         # The original LDM attention block computes its softmax in fp32, hence upcast=True.
         out = kernel(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), 1, True, self.slice_size)
         out = self.to_out[0](out)  # (B, HW, C)
-        return out.transpose(1, 2).reshape(b, c, h, w) + x
+        return x + out.transpose(1, 2).view(b, c, h, w)  # strided view; the add writes NCHW
 
 
 def set_attention(model: nn.Module, backend: AttentionBackend, slice_size: int | None = None) -> None:
