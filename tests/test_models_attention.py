@@ -68,6 +68,7 @@ def test_vae_attention_is_residual_single_head_attention_over_pixels():
         out = block.to_out[0](_reference(q, k, v, 1).float())
         expected = out.transpose(1, 2).reshape(2, 32, 5, 3) + x
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert got.is_contiguous()
 
 
 @pytest.mark.parametrize("linear", [False, True])
@@ -84,7 +85,10 @@ def test_spatial_transformer_projection_variants_have_diffusers_keys(linear):
     assert block.transformer_blocks[0].attn2.to_k.weight.shape == (64, 32)
     x = torch.randn(1, 64, 3, 5)
     with torch.no_grad():
-        assert block(x, torch.randn(1, 7, 32)).shape == x.shape
+        out = block(x, torch.randn(1, 7, 32))
+    assert out.shape == x.shape
+    # NCHW out: a channels-last result would make every following conv slower.
+    assert out.is_contiguous()
 
 
 def test_transformer_block_is_three_residual_sublayers():
