@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,14 @@ def _base_name(module_name: str) -> str:
     return module_name.removesuffix(".base_layer")
 
 
+def _flat_name(part: str, module_name: str) -> str:
+    """The kohya spelling of a module path; CLIP paths always start at ``text_model`` (as in
+    transformers 4), whether or not this transformers version nests the encoder under it."""
+    if part == "text_encoder" and not module_name.startswith("text_model."):
+        module_name = "text_model." + module_name
+    return module_name.replace(".", "_")
+
+
 def adapter_state(models: dict[str, nn.Module | None], adapter: str = TRAINING_ADAPTER) -> dict[str, torch.Tensor]:
     """The kohya-named tensors of ``adapter`` in ``{"unet": unet, "text_encoder": text_encoder}``."""
     state: dict[str, torch.Tensor] = {}
@@ -83,7 +92,7 @@ def adapter_state(models: dict[str, nn.Module | None], adapter: str = TRAINING_A
             continue
         for name, module in model.named_modules():
             if isinstance(module, LoraLayer) and adapter in module.lora_A:
-                key = PREFIXES[part] + name.replace(".", "_")
+                key = PREFIXES[part] + _flat_name(part, name)
                 state[f"{key}.lora_down.weight"] = module.lora_A[adapter].weight.detach().float().cpu().contiguous()
                 state[f"{key}.lora_up.weight"] = module.lora_B[adapter].weight.detach().float().cpu().contiguous()
                 state[f"{key}.alpha"] = torch.tensor(float(module.lora_alpha[adapter]))
@@ -135,11 +144,11 @@ def _parse_key(key: str) -> tuple[str | None, str, str]:
     return None, "", ""
 
 
-def _modules_by_flat_name(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+def _modules_by_flat_name(part: str, model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
     found = {}
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)) and not name.endswith(("lora_A", "lora_B")) and ".lora_" not in name:
-            found[_base_name(name).replace(".", "_")] = (_base_name(name), module)
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and ".lora_" not in name:
+            found[_flat_name(part, _base_name(name))] = (_base_name(name), module)
     return found
 
 
@@ -155,11 +164,11 @@ def apply_lora(
     weights = read_lora(path)
     models = {"unet": unet, "text_encoder": text_encoder}
     targets: dict[str, dict[str, LoraWeights]] = {"unet": {}, "text_encoder": {}}
+    lookup = {part: _modules_by_flat_name(part, model) for part, model in models.items() if model is not None}
     for (part, flat), lora in weights.items():
-        model = models[part]
-        if model is None:
+        if part not in lookup:
             raise InputError(f"{path} adapts the text encoder but no text encoder was given")
-        modules = _modules_by_flat_name(model)
+        modules = lookup[part]
         if flat not in modules:
             raise CheckpointError(f"{path}: LoRA module {flat} does not exist in the {part}; the file is for another architecture")
         name, module = modules[flat]
@@ -205,7 +214,10 @@ def _inject(model: nn.Module, loras: dict[str, LoraWeights], adapter: str, scale
         lora_dropout=0.0,
     )
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    inject_adapter_in_model(config, model, adapter_name=adapter)
+    with warnings.catch_warnings():
+        # Stacking several files is intended; peft warns whenever a second adapter is added.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(config, model, adapter_name=adapter)
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, lora in loras.items():
