@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
                     model=pipe.name,
                     extra=extra_parameters(args),
                 )
-                print(save_png(image, args.out, params))
+                tqdm.write(str(save_png(image, args.out, params)), file=sys.stdout)
                 images_bar.update(1)
     images_bar.close()
     return 0
