@@ -176,6 +176,8 @@ class Pipeline:
         img2img. ``callback(i, t, latents)`` is called after each step.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise InputError("the prompt list is empty; give at least one prompt")
         negatives = self._negative_prompts(negative_prompt, len(prompts))
         init = self._init_image(init_image, width, height) if init_image is not None else None
         if init is not None:

@@ -311,3 +311,42 @@ def test_model_offload_moves_networks_back_and_keeps_the_image(pipe):
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert devices and all(device == pipe.device for device in devices)
     assert pipe.unet.conv_in.weight.device.type == "cpu"
+
+
+# --- LoRA -------------------------------------------------------------------------------------------
+
+
+def write_lora(pipe: Pipeline, path: Path) -> Path:
+    """A kohya-format LoRA file adapting one U-Net attention projection."""
+    from safetensors.torch import save_file
+
+    module = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    weight = pipe.unet.get_submodule(module).weight
+    generator = torch.Generator().manual_seed(0)
+    key = "lora_unet_" + module.replace(".", "_")
+    save_file(
+        {
+            f"{key}.lora_down.weight": torch.randn(2, weight.shape[1], generator=generator),
+            f"{key}.lora_up.weight": torch.randn(weight.shape[0], 2, generator=generator),
+            f"{key}.alpha": torch.tensor(2.0),
+        },
+        str(path),
+    )
+    return path
+
+
+def test_load_lora_changes_the_image_fused_or_not(reference, tmp_path):
+    path = write_lora(ldm_pipeline(reference), tmp_path / "style.safetensors")
+    base = ldm_pipeline(reference)("a cat", seed=1, output_type="pt", **SIZE).images
+    adapted = ldm_pipeline(reference)
+    adapted.load_lora(path, scale=0.8)
+    fused = ldm_pipeline(reference)
+    fused.load_lora(path, scale=0.8, fuse=True)
+    image = adapted("a cat", seed=1, output_type="pt", **SIZE).images
+    assert (image - base).abs().max() > 1e-3
+    torch.testing.assert_close(fused("a cat", seed=1, output_type="pt", **SIZE).images, image, rtol=0, atol=1e-4)
+
+
+def test_empty_prompt_list_is_refused(pipe):
+    with pytest.raises(InputError, match="empty"):
+        pipe([], **SIZE)

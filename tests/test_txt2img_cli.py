@@ -83,6 +83,19 @@ def test_img2img_from_the_command_line(model, tmp_path, capsys):
     assert params.extra["Denoising strength"] == "0.5" and params.extra["Clip skip"] == "2"
 
 
+def test_lora_option_changes_the_image_and_is_recorded(model, tmp_path, capsys):
+    from test_pipeline import write_lora
+
+    lora = write_lora(Pipeline.from_pretrained(model), tmp_path / "style.safetensors")
+    out = tmp_path / "out"
+    assert run(capsys, "a cat", "--model", model, "--seed", 4, "--out", out, *FAST)[0] == 0
+    assert run(capsys, "a cat", "--model", model, "--seed", 4, "--lora", f"{lora}:0.8", "--out", out, *FAST)[0] == 0
+    plain, adapted = sorted(out.iterdir())
+    assert np.abs(np.asarray(Image.open(plain), dtype=int) - np.asarray(Image.open(adapted), dtype=int)).max() > 2
+    assert read_parameters(adapted).extra["Lora"] == "style: 0.8"
+    assert "Lora" not in read_parameters(plain).extra
+
+
 def broken_image(tmp_path: Path) -> Path:
     path = tmp_path / "broken.png"
     path.write_bytes(b"not a png")

@@ -157,6 +157,8 @@ def extra_parameters(args: argparse.Namespace) -> dict[str, str]:
         extra["Eta"] = f"{args.eta:g}"
     if args.guidance_rescale:
         extra["Guidance rescale"] = f"{args.guidance_rescale:g}"
+    if args.lora:
+        extra["Lora"] = ", ".join(f"{path.stem}: {scale:g}" for path, scale in map(lora_argument, args.lora))
     extra["Version"] = f"ldm {__version__}"
     return extra
 
