@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     from ldm.loading import Components, load_components, save_diffusers
     from ldm.lora import save_lora
     from ldm.training import ImageCaptionDataset, scan_folder, train
-    from ldm.training.checkpoint import list_checkpoints
+    from ldm.training.checkpoint import list_checkpoints, resolve_resume
 
     data_config, config = configs_from_args(args)
     if config.mixed_precision != "no" and not torch.cuda.is_available():
@@ -149,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{target} already exists (the run is finished); choose another --output")
     if args.resume is None and list_checkpoints(args.output):
         raise ConfigError(f"{args.output} already holds checkpoints; pass --resume latest or choose another --output")
+    if args.resume is not None:
+        resolve_resume(args.output, args.resume)
     examples = scan_folder(args.data, data_config)
     dataset = ImageCaptionDataset(examples, data_config, seed=config.seed)
 

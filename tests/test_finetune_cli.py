@@ -1,0 +1,132 @@
+"""`ldm finetune`: argument errors before loading, full and LoRA runs whose results txt2img loads."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from PIL import Image
+from test_training_support import colour_folder, save_micro_model
+
+from ldm.cli import main
+
+COLOURS = {"zqx": (230, 20, 20), "a photo of a dog": (20, 20, 230)}
+
+
+@pytest.fixture(scope="module")
+def micro_folder(tmp_path_factory):
+    return save_micro_model(tmp_path_factory.mktemp("micro") / "model")
+
+
+@pytest.fixture(scope="module")
+def data_folder(tmp_path_factory):
+    return colour_folder(tmp_path_factory.mktemp("data"), COLOURS, per_caption=2)
+
+
+def finetune(*extra: str, model, data, output) -> int:
+    return main(["finetune", "--model", str(model), "--data", str(data), "--output", str(output), "--resolution", "32",
+                 "--no-progress", *extra])
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--resolution", "500"], "--resolution 500 is not a positive multiple of 8"),
+        (["--lora-alpha", "4"], "--lora-alpha needs --lora-rank"),
+        (["--mixed-precision", "fp16"], "needs a CUDA GPU"),
+        (["--cache-latents", "--crop", "random"], "--cache-latents needs a fixed crop"),
+        (["--sample-every", "10"], "needs at least one --sample-prompt"),
+        (["--cache-text-embeddings", "--train-text-encoder"], "needs a frozen text encoder"),
+        (["--max-steps", "0"], "max_steps must be at least 1"),
+        (["--resume", "latest"], "holds no checkpoint"),
+    ],
+)
+def test_bad_settings_fail_before_the_model_is_loaded(extra, message, data_folder, tmp_path, capsys):
+    if "fp16" in extra and torch.cuda.is_available():
+        pytest.skip("CUDA machines accept fp16")
+    # The model path does not exist: an error about it would mean the settings were checked too late.
+    assert finetune(*extra, model=tmp_path / "no-model", data=data_folder, output=tmp_path / "out") == 2
+    assert message in error_line(capsys)
+
+
+def test_bad_data_fails_before_the_model_is_loaded(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert finetune(model=tmp_path / "no-model", data=empty, output=tmp_path / "out") == 2
+    assert "holds no images" in error_line(capsys)
+    Image.new("RGB", (32, 32)).save(empty / "a.png")
+    assert finetune(model=tmp_path / "no-model", data=empty, output=tmp_path / "out") == 2
+    assert "have no caption (e.g. a.png)" in error_line(capsys)
+
+
+def test_full_finetune_writes_a_model_txt2img_loads(micro_folder, data_folder, tmp_path, capsys):
+    from ldm.loading import load_components
+    from ldm.pipeline import Pipeline
+
+    out = tmp_path / "run"
+    code = finetune("--max-steps", "2", "--batch-size", "2", "--learning-rate", "1e-3", "--checkpointing-steps", "1",
+                    "--checkpoints-total-limit", "1", "--sample-every", "2", "--sample-prompt", "zqx", "--sample-steps", "2",
+                    model=micro_folder, data=data_folder, output=out)
+    assert code == 0, capsys.readouterr().err
+    assert "wrote" in capsys.readouterr().out
+    before, after = load_components(micro_folder), load_components(out / "model")
+    changed = [k for k, v in before.unet.state_dict().items() if not torch.equal(v, after.unet.state_dict()[k])]
+    assert changed
+    assert all(torch.equal(v, after.vae.state_dict()[k]) for k, v in before.vae.state_dict().items())
+    assert all(torch.equal(v, after.text_encoder.state_dict()[k]) for k, v in before.text_encoder.state_dict().items())
+    with open(out / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2] and all(float(r["loss"]) > 0 for r in rows)
+    assert (out / "samples" / "step-000002-0.png").is_file()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-000002"]
+    image = Pipeline.from_pretrained(out / "model")("zqx", num_inference_steps=2, height=32, width=32, seed=0).images[0]
+    assert image.size == (32, 32)
+    # The run is finished: running it again would overwrite the result.
+    assert finetune("--max-steps", "2", model=micro_folder, data=data_folder, output=out) == 2
+    assert "already exists" in error_line(capsys)
+
+
+def test_lora_finetune_writes_a_file_txt2img_applies(micro_folder, data_folder, tmp_path, capsys):
+    from ldm.pipeline import Pipeline
+
+    out = tmp_path / "run"
+    code = finetune("--max-steps", "2", "--batch-size", "2", "--learning-rate", "1e-2", "--lora-rank", "2",
+                    "--lora-alpha", "4", "--train-text-encoder", model=micro_folder, data=data_folder, output=out)
+    assert code == 0, capsys.readouterr().err
+    lora = out / "lora.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(lora), "pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("lora_unet_") for k in keys) and any(k.startswith("lora_te_text_model_") for k in keys)
+
+    def render(scale):
+        pipe = Pipeline.from_pretrained(micro_folder)
+        if scale is not None:
+            pipe.load_lora(lora, scale=scale)
+        return pipe("zqx", num_inference_steps=2, height=32, width=32, seed=0, output_type="pt").images
+
+    base, zero, full = render(None), render(0.0), render(1.0)
+    assert torch.allclose(base, zero, atol=1e-5)
+    assert not torch.allclose(base, full, atol=1e-4)
+    images = tmp_path / "images"
+    assert main(["txt2img", "zqx", "--model", str(micro_folder), "--lora", f"{lora}:0.8", "--steps", "2",
+                 "--width", "32", "--height", "32", "--seed", "0", "--out", str(images), "--quiet"]) == 0
+    assert len(list(images.glob("*.png"))) == 1
+
+
+def test_settings_are_recorded_in_checkpoints(micro_folder, data_folder, tmp_path):
+    out = tmp_path / "run"
+    assert finetune("--max-steps", "1", "--checkpointing-steps", "1", "--min-snr-gamma", "5", "--noise-offset", "0.05",
+                    "--lr-schedule", "cosine", "--lr-warmup-steps", "1", model=micro_folder, data=data_folder, output=out) == 0
+    state = json.loads((out / "checkpoints" / "checkpoint-000001" / "state.json").read_text())
+    assert state["settings"]["min_snr_gamma"] == 5.0 and state["settings"]["lr_schedule"] == "cosine"
+    assert state["step"] == 1 and state["world_size"] == 1
