@@ -1,0 +1,176 @@
+"""Whole trajectories of ldm schedulers against diffusers' on identical configs and a fixed toy model."""
+
+import diffusers
+import pytest
+import torch
+
+from ldm.schedulers import SchedulerConfig, create, from_diffusers_scheduler
+
+STEPS = [5, 12, 25]
+
+
+def toy_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A fixed nonlinear 'network' whose output depends on x and t."""
+    return 0.6 * torch.tanh(x) + 0.2 * x * (float(t) / 1000) - 0.05
+
+
+def start_latents(seed: int = 0) -> torch.Tensor:
+    return torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def run(scheduler, x: torch.Tensor, step, seed: int | None = None) -> torch.Tensor:
+    """The denoising loop from the initial state ``x`` (already scaled by init_noise_sigma)."""
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    for t in scheduler.timesteps:
+        x = step(toy_model(scheduler.scale_model_input(x, t), t), t, x, generator)
+    return x
+
+
+def assert_trajectories_agree(ours, ref, seed: int | None = None, rel: float = 1e-6):
+    # Both start from the same state; init_noise_sigma is compared separately (test_euler_...).
+    x = start_latents() * ours.init_noise_sigma
+    got = run(ours, x, lambda out, t, x, g: ours.step(out, t, x, generator=g), seed)
+    want = run(ref, x, lambda out, t, x, g: ref.step(out, t, x, generator=g).prev_sample, seed)
+    assert float((got - want).norm() / want.norm()) < rel
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("steps", STEPS + [50])
+def test_ddim_equals_diffusers(prediction_type, spacing, steps):
+    cfg = SchedulerConfig(prediction_type=prediction_type, timestep_spacing=spacing)
+    ours, ref = create("ddim", cfg), diffusers.DDIMScheduler.from_config(cfg.to_diffusers())
+    ours.set_timesteps(steps)
+    ref.set_timesteps(steps)
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    if 1000 % steps == 0:  # otherwise diffusers' DDIM steps off the grid (see ddim.py)
+        assert_trajectories_agree(ours, ref)
+
+
+def test_ddim_zero_snr_trailing_equals_diffusers():
+    cfg = SchedulerConfig(prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True)
+    ours, ref = create("ddim", cfg), diffusers.DDIMScheduler.from_config(cfg.to_diffusers())
+    ours.set_timesteps(25)
+    ref.set_timesteps(25)
+    assert_trajectories_agree(ours, ref)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("name", ["dpm-solver", "dpm-solver++"])
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("steps", STEPS)
+def test_dpm_solver_equals_diffusers(prediction_type, name, order, spacing, steps):
+    cfg = SchedulerConfig(prediction_type=prediction_type, timestep_spacing=spacing)
+    data_prediction = name == "dpm-solver++"
+    ours = create(name, cfg, solver_order=order)
+    ref = diffusers.DPMSolverMultistepScheduler.from_config(
+        cfg.to_diffusers(),
+        algorithm_type="dpmsolver++" if data_prediction else "dpmsolver",
+        solver_order=order,
+        final_sigmas_type="zero" if data_prediction else "sigma_min",
+    )
+    ours.set_timesteps(steps)
+    ref.set_timesteps(steps)
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    assert_trajectories_agree(ours, ref)
+
+
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+@pytest.mark.parametrize("karras", [False, True])
+def test_dpm_solver_plus_plus_variants_equal_diffusers(solver_type, karras):
+    cfg = SchedulerConfig(prediction_type="v_prediction")
+    ours = create("dpm-solver++", cfg, solver_type=solver_type, use_karras_sigmas=karras)
+    ref = diffusers.DPMSolverMultistepScheduler.from_config(
+        cfg.to_diffusers(), solver_type=solver_type, use_karras_sigmas=karras
+    )
+    ours.set_timesteps(20)
+    ref.set_timesteps(20)
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    assert_trajectories_agree(ours, ref)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_sde_dpm_solver_plus_plus_equals_diffusers_with_the_same_generator(order):
+    cfg = SchedulerConfig()
+    ours = create("dpm-solver++-sde", cfg, solver_order=order)
+    ref = diffusers.DPMSolverMultistepScheduler.from_config(
+        cfg.to_diffusers(), algorithm_type="sde-dpmsolver++", solver_order=order
+    )
+    ours.set_timesteps(15)
+    ref.set_timesteps(15)
+    assert_trajectories_agree(ours, ref, seed=3)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("karras", [False, True])
+def test_euler_equals_diffusers(prediction_type, spacing, karras):
+    cfg = SchedulerConfig(prediction_type=prediction_type, timestep_spacing=spacing)
+    ours = create("euler", cfg, use_karras_sigmas=karras)
+    ref = diffusers.EulerDiscreteScheduler.from_config(cfg.to_diffusers(), use_karras_sigmas=karras)
+    ours.set_timesteps(25)
+    ref.set_timesteps(25)
+    assert torch.allclose(ours.timesteps, ref.timesteps, rtol=1e-6)
+    # init_noise_sigma is sqrt(sigma_max^2 + 1), the std of the VE state at sigma_max; diffusers
+    # uses sigma_max itself for "linspace" and "trailing" (a 0.2% smaller start for SD).
+    sigma_max = float(ours.sigmas.max())
+    assert ours.init_noise_sigma == pytest.approx((sigma_max**2 + 1) ** 0.5, rel=1e-6)
+    if spacing == "leading":
+        assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
+    assert_trajectories_agree(ours, ref)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_stochastic_schedulers_equal_diffusers_with_the_same_generator(prediction_type):
+    cfg = SchedulerConfig(prediction_type=prediction_type)
+    pairs = [
+        (create("ddpm", cfg), diffusers.DDPMScheduler.from_config(cfg.to_diffusers())),
+        (create("euler-ancestral", cfg), diffusers.EulerAncestralDiscreteScheduler.from_config(cfg.to_diffusers())),
+    ]
+    for ours, ref in pairs:
+        ours.set_timesteps(20)
+        ref.set_timesteps(20)
+        assert torch.equal(ours.timesteps.float(), ref.timesteps.float())
+        assert_trajectories_agree(ours, ref, seed=5)
+
+
+def test_ddim_with_eta_equals_diffusers_with_the_same_generator():
+    cfg = SchedulerConfig()
+    ours, ref = create("ddim", cfg, eta=0.7), diffusers.DDIMScheduler.from_config(cfg.to_diffusers())
+    ours.set_timesteps(20)
+    ref.set_timesteps(20)
+    x = start_latents()  # init_noise_sigma is 1 for both
+    got = run(ours, x, lambda out, t, x, g: ours.step(out, t, x, generator=g), seed=9)
+    want = run(ref, x, lambda out, t, x, g: ref.step(out, t, x, eta=0.7, generator=g).prev_sample, seed=9)
+    assert float((got - want).norm() / want.norm()) < 1e-6
+
+
+@pytest.mark.parametrize("make", [diffusers.DDIMScheduler, diffusers.HeunDiscreteScheduler, diffusers.PNDMScheduler])
+def test_adapter_runs_diffusers_schedulers_through_our_contract(make):
+    ref = make.from_config(SchedulerConfig().to_diffusers())
+    wrapped = from_diffusers_scheduler(make.from_config(SchedulerConfig().to_diffusers()))
+    wrapped.set_timesteps(10)
+    ref.set_timesteps(10)
+    assert torch.equal(wrapped.timesteps, ref.timesteps)
+    assert wrapped.init_noise_sigma == float(ref.init_noise_sigma)
+    x = start_latents() * wrapped.init_noise_sigma
+    got = run(wrapped, x, lambda out, t, x, g: wrapped.step(out, t, x, generator=g), seed=1)
+    want = run(ref, x, lambda out, t, x, g: ref.step(out, t, x).prev_sample)
+    assert torch.equal(got, want)
+    x0, eps, t = start_latents(1), start_latents(2), torch.tensor([10, 700])
+    assert torch.equal(wrapped.training_target(x0, eps, t), eps)
+    if make is not diffusers.HeunDiscreteScheduler:  # Heun's state is VE-scaled like our Euler
+        assert torch.allclose(wrapped.add_noise(x0, eps, t), create("ddim").add_noise(x0, eps, t))
+
+
+def test_adapter_passes_the_generator_to_stochastic_diffusers_schedulers():
+    cfg = SchedulerConfig().to_diffusers()
+    wrapped = from_diffusers_scheduler(diffusers.EulerAncestralDiscreteScheduler.from_config(cfg))
+    ours = create("euler-ancestral")
+    wrapped.set_timesteps(8)
+    ours.set_timesteps(8)
+    x = start_latents() * ours.init_noise_sigma
+    got = run(wrapped, x, lambda out, t, x, g: wrapped.step(out, t, x, generator=g), seed=4)
+    want = run(ours, x, lambda out, t, x, g: ours.step(out, t, x, generator=g), seed=4)
+    assert float((got - want).norm() / want.norm()) < 1e-6
