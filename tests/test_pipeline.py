@@ -288,6 +288,43 @@ def test_nan_in_the_unet_is_reported_with_its_cause(pipe):
 # --- devices and dtypes -----------------------------------------------------------------------------
 
 
+class OverflowingVAE(torch.nn.Module):
+    """A test double of the VAE decoder whose fp16 decode overflows (or, if ``always``, every decode)."""
+
+    def __init__(self, config, always: bool = False):
+        super().__init__()
+        self.config = config
+        self.always = always
+        self.weight = torch.nn.Parameter(torch.zeros(1, dtype=torch.float16))
+        self.calls: list[tuple[torch.dtype, torch.dtype]] = []
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        self.calls.append((z.dtype, self.weight.dtype))
+        value = float("inf") if self.always or z.dtype == torch.float16 else 0.0
+        return torch.full((z.shape[0], 3, z.shape[2] * 8, z.shape[3] * 8), value, dtype=z.dtype)
+
+
+def test_fp16_vae_overflow_is_decoded_again_in_fp32(pipe):
+    vae = OverflowingVAE(pipe.vae.config)
+    fp16 = Pipeline(pipe.unet, vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler_config)
+    fp16.dtype = torch.float16  # as after .to("cuda", torch.float16); fp16 is refused on the CPU
+    images = fp16.decode_latents(torch.zeros(1, 4, 8, 8))
+    assert torch.equal(images, torch.full((1, 3, 64, 64), 0.5))
+    assert vae.calls == [(torch.float16, torch.float16), (torch.float32, torch.float32)]
+    assert vae.weight.dtype == torch.float16
+
+
+def test_overflow_that_upcasting_does_not_fix_is_reported(pipe):
+    vae = OverflowingVAE(pipe.vae.config, always=True)
+    fp16 = Pipeline(pipe.unet, vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler_config)
+    fp16.dtype = torch.float16
+    with pytest.raises(NonFiniteOutputError, match="VAE decoded NaN/inf from finite latents"):
+        fp16.decode_latents(torch.zeros(1, 4, 8, 8))
+    assert len(vae.calls) == 2
+    with pytest.raises(NonFiniteOutputError, match="U-Net overflowed float16"):
+        fp16.decode_latents(torch.full((1, 4, 8, 8), float("nan")))
+
+
 def test_float16_on_the_cpu_is_refused(pipe):
     with pytest.raises(ConfigError, match="CUDA"):
         pipe.to(dtype=torch.float16)
