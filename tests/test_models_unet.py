@@ -57,8 +57,9 @@ def test_scalar_timestep_broadcasts_over_the_batch():
         a = ours(sample, 500, context)
         b = ours(sample, torch.tensor(500), context)
         c = ours(sample, torch.tensor([500, 500]), context)
+        e = ours(sample, torch.tensor([500.0]), context)
         d = ours(sample, torch.tensor([500, 20]), context)
-    assert torch.equal(a, b) and torch.equal(b, c)
+    assert torch.equal(a, b) and torch.equal(b, c) and torch.equal(c, e)
     assert not torch.allclose(c[1], d[1])
 
 

@@ -374,8 +374,8 @@ class UNet(nn.Module):
         self, sample: torch.Tensor, timestep: torch.Tensor | float | int, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
         # sample: (B, in_channels, h, w); timestep: scalar or (B,); encoder_hidden_states: (B, 77, cross_attention_dim)
-        t = torch.as_tensor(timestep, device=sample.device)
-        t = t.expand(sample.shape[0]) if t.ndim == 0 else t
+        # One timestep (0-d or shape (1,)) applies to the whole batch.
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
         temb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(sample.dtype))
         context = encoder_hidden_states
 
