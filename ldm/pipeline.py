@@ -179,6 +179,10 @@ class Pipeline:
         if not prompts:
             raise InputError("the prompt list is empty; give at least one prompt")
         negatives = self._negative_prompts(negative_prompt, len(prompts))
+        if init_image is not None and latents is not None:
+            raise InputError("give init_image or latents, not both")
+        if not 0 <= guidance_rescale <= 1:
+            raise InputError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
         init = self._init_image(init_image, width, height) if init_image is not None else None
         if init is not None:
             height, width = init.shape[-2:]
@@ -204,6 +208,8 @@ class Pipeline:
         sampler.set_timesteps(num_inference_steps, device=self.device)
         timesteps = sampler.timesteps
         if init is not None:
+            if len(timesteps) != num_inference_steps:
+                raise ConfigError(f"img2img needs a scheduler with one timestep per step; {type(sampler).__name__} has {len(timesteps)}")
             kept = min(int(num_inference_steps * strength), num_inference_steps)
             if kept == 0:
                 raise InputError(f"strength {strength} x {num_inference_steps} steps leaves no step to run; raise either")

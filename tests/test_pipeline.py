@@ -258,11 +258,14 @@ def test_img2img_batch_determinism(pipe):
         ({"init_image": Image.new("RGB", (64, 64)), "strength": 1.5}, InputError, "strength"),
         ({"init_image": Image.new("RGB", (64, 64)), "strength": 0.1}, InputError, "no step"),
         ({"init_image": "/nonexistent/init.png"}, InputError, "does not exist"),
+        ({"init_image": Image.new("RGB", (64, 64)), "latents": torch.zeros(1, 4, 8, 8)}, InputError, "not both"),
+        ({"guidance_rescale": 1.5}, InputError, "guidance_rescale"),
+        ({"prompt": []}, InputError, "empty"),
     ],
 )
 def test_bad_arguments_raise_one_line_errors(pipe, kwargs, error, message):
     with pytest.raises(error, match=message) as raised:
-        pipe("a cat", **{**SIZE, **kwargs})
+        pipe(**{"prompt": "a cat", **SIZE, **kwargs})
     assert "\n" not in str(raised.value)
 
 
@@ -382,8 +385,3 @@ def test_load_lora_changes_the_image_fused_or_not(reference, tmp_path):
     image = adapted("a cat", seed=1, output_type="pt", **SIZE).images
     assert (image - base).abs().max() > 1e-3
     torch.testing.assert_close(fused("a cat", seed=1, output_type="pt", **SIZE).images, image, rtol=0, atol=1e-4)
-
-
-def test_empty_prompt_list_is_refused(pipe):
-    with pytest.raises(InputError, match="empty"):
-        pipe([], **SIZE)
