@@ -184,6 +184,12 @@ def test_full_size_unet_matches_diffusers_key_by_key(config, parameters):
     assert count == sum(p.numel() for p in ref.parameters()) == parameters
 
 
+def test_missing_keys_mean_diffusers_defaults():
+    with torch.device("meta"):
+        assert _shapes(UNet(UNetConfig.from_diffusers({}))) == _shapes(UNet2DConditionModel.from_config({}))
+        assert _shapes(AutoencoderKL(VAEConfig.from_diffusers({}))) == _shapes(DiffusersVAE.from_config({}))
+
+
 def test_full_size_vae_matches_diffusers_key_by_key():
     with torch.device("meta"):
         ref = DiffusersVAE.from_config(SD_VAE)

@@ -74,7 +74,7 @@ class UNetConfig:
 
     @classmethod
     def tiny(cls) -> UNetConfig:
-        """A few-hundred-thousand-parameter U-Net of SD 1.x shape, for tests."""
+        """A 2.2M-parameter U-Net of SD 1.x structure (diffusers_unet("sd1") in tests/tiny_models.py), for tests."""
         return cls(
             block_out_channels=(32, 64, 64),
             cross_attention_levels=(True, True, False),
@@ -87,7 +87,7 @@ class UNetConfig:
     def from_diffusers(cls, config: Mapping[str, Any]) -> UNetConfig:
         """Read a diffusers ``unet/config.json`` (as a dict); unsupported variants raise ``ConfigError``."""
         check_defaults(config, _DIFFUSERS_DEFAULTS, _MODELED_KEYS, "UNet")
-        down = list(config.get("down_block_types", _DOWN_TYPES[True] * 3 + _DOWN_TYPES[False]))
+        down = list(config.get("down_block_types", [_DOWN_TYPES[True]] * 3 + [_DOWN_TYPES[False]]))
         for name in down:
             if name not in _DOWN_TYPES.values():
                 raise ConfigError(f"UNet config key 'down_block_types' has unsupported block {name!r}")
@@ -107,7 +107,7 @@ class UNetConfig:
             if count != len(widths):
                 raise ConfigError(f"UNet config key {key!r} has {count} entries for {len(widths)} block_out_channels")
         cross_dim = as_int(config, "cross_attention_dim", "UNet", 1280)
-        sample_size = config.get("sample_size", 64)
+        sample_size = config.get("sample_size") or 64  # diffusers allows null: no native size
         if isinstance(sample_size, (list, tuple)):
             if len(set(sample_size)) != 1:
                 raise ConfigError(f"UNet config key 'sample_size'={list(sample_size)!r} must be square")

@@ -69,7 +69,7 @@ class VAEConfig:
             blocks = list(config.get(key, [name] * len(widths)))
             if blocks != [name] * len(widths):
                 raise ConfigError(f"VAE config key {key!r}={blocks!r} must be {len(widths)} x {name!r}")
-        sample_size = config.get("sample_size", 32)
+        sample_size = config.get("sample_size") or 32
         if isinstance(sample_size, (list, tuple)):
             sample_size = sample_size[0]
         return cls(
