@@ -54,7 +54,9 @@ def count_unet_batches(pipe: Pipeline) -> list[int]:
 # --- seeds ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scheduler, eta", [("ddim", None), ("ddim", 1.0), ("euler-ancestral", None)])
+@pytest.mark.parametrize(
+    "scheduler, eta", [("ddim", None), ("ddim", 1.0), ("ddpm", None), ("euler-ancestral", None), ("dpm-solver++-sde", None)]
+)
 def test_image_i_of_a_batch_equals_a_single_image_with_seed_plus_i(pipe, scheduler, eta):
     batch = pipe("a red square", seed=100, num_images_per_prompt=3, scheduler=scheduler, eta=eta, output_type="pt", **SIZE)
     assert batch.seeds == [100, 101, 102]
