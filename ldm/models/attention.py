@@ -110,7 +110,6 @@ class Attention(nn.Module):
         heads: int,
         context_dim: int | None = None,
         upcast: bool = False,
-        bias: bool = False,
     ):
         super().__init__()
         context_dim = context_dim or query_dim
@@ -118,9 +117,9 @@ class Attention(nn.Module):
         self.upcast = upcast
         self.backend: AttentionBackend = "sdpa"
         self.slice_size = DEFAULT_SLICE_SIZE
-        self.to_q = nn.Linear(query_dim, query_dim, bias=bias)
-        self.to_k = nn.Linear(context_dim, query_dim, bias=bias)
-        self.to_v = nn.Linear(context_dim, query_dim, bias=bias)
+        self.to_q = nn.Linear(query_dim, query_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, query_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, query_dim, bias=False)
         # diffusers keeps a dropout at to_out.1; it has no weights, so a one-element list keeps the key "to_out.0".
         self.to_out = nn.ModuleList([nn.Linear(query_dim, query_dim)])
 

@@ -97,7 +97,9 @@ class UNetConfig:
         if up != expected_up:
             raise ConfigError(f"UNet config key 'up_block_types'={up!r} must mirror down_block_types ({expected_up!r})")
         if config.get("num_attention_heads") is not None:
-            raise ConfigError("UNet config key 'num_attention_heads' must be null (diffusers stores heads in 'attention_head_dim')")
+            raise ConfigError(
+                "UNet config key 'num_attention_heads' must be null (diffusers stores heads in 'attention_head_dim')"
+            )
         # diffusers' "attention_head_dim" holds the number of heads for SD models (diffusers issue #2011).
         heads = as_int_tuple(config, "attention_head_dim", "UNet", (8,))
         if len(heads) == 1:
