@@ -166,7 +166,7 @@ def extra_parameters(args: argparse.Namespace) -> dict[str, str]:
 def check_arguments(args: argparse.Namespace) -> Job:
     """Check every argument that can be checked without the model; raise ``InputError`` / ``CheckpointError``."""
     from ldm.loading import DEFAULT_MODEL_DIR
-    from ldm.schedulers import SCHEDULERS
+    from ldm.schedulers import SCHEDULERS, create
 
     if (args.prompt is None) == (args.from_file is None):
         raise InputError("give either a PROMPT or --from-file FILE (one prompt per line)")
@@ -185,6 +185,7 @@ def check_arguments(args: argparse.Namespace) -> Job:
         raise InputError(f"--seed must be from 0 to 2**63 - 1, got {args.seed}")
     if args.scheduler not in SCHEDULERS:
         raise InputError(f"unknown scheduler {args.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    create(args.scheduler, **({} if args.eta is None else {"eta": args.eta}))  # a ConfigError if it takes no eta
     if not 0 <= args.guidance_rescale <= 1:
         raise InputError(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
     if args.clip_skip is not None and args.clip_skip < 0:
