@@ -130,7 +130,7 @@ def save_png(image: Image.Image, folder: str | Path, params: GenerationParameter
 def read_parameters(path: str | Path) -> GenerationParameters:
     """The generation parameters stored in a PNG written by ldm, A1111 or stable-diffusion.cpp."""
     with open_image(path) as image:
-        text = image.text.get(PARAMETERS_KEY) if hasattr(image, "text") else None
+        text = image.info.get(PARAMETERS_KEY)
     if text is None:
         raise InputError(f"{path} has no '{PARAMETERS_KEY}' text chunk")
     return parse_parameters(text)

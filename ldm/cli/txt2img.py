@@ -13,8 +13,12 @@ import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ldm.errors import CheckpointError, InputError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 # Our scheduler names as AUTOMATIC1111 writes them in "Sampler:", so other tools recognise them.
 # dpm-solver (the noise-prediction multistep solver) has no A1111 counterpart and keeps a plain name.
@@ -71,7 +75,7 @@ class Job:
     prompts: list[str]
     model: Path
     loras: list[tuple[Path, float]]
-    init_image: object | None  # PIL image
+    init_image: Image.Image | None
     strength: float
 
 
