@@ -73,7 +73,8 @@ class DDIMScheduler(Scheduler):
         variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
         std = eta * variance**0.5
         # 4. eq. 12: x_prev = sqrt(abar_prev) x_0 + sqrt(1 - abar_prev - sigma_t^2) eps + sigma_t z.
-        prev = abar_prev**0.5 * x0 + (1 - abar_prev - std**2) ** 0.5 * eps
+        # (clamped: at eta = 1 and abar_t = 0, zero terminal SNR, the direction term is 0 up to rounding)
+        prev = abar_prev**0.5 * x0 + (1 - abar_prev - std**2).clamp(min=0) ** 0.5 * eps
         if float(std) > 0:
             z = randn(tuple(model_output.shape), generator, model_output.device, model_output.dtype)
             prev = prev + std * z

@@ -1,0 +1,273 @@
+"""One suite over every registered scheduler: the contract, options, reproducibility, and sampling
+known distributions with their exact noise predictor (ldm.schedulers.analytic)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from ldm.errors import ConfigError
+from ldm.schedulers import SCHEDULERS, SchedulerConfig, create, noise
+from ldm.schedulers.analytic import GaussianMixture1D, abar_at, distribution_error, run_sampler
+
+NAMES = list(SCHEDULERS)
+STOCHASTIC = {"ddpm", "dpm-solver++-sde", "euler-ancestral"}
+GAUSSIAN = GaussianMixture1D.gaussian(0.5, 1.0)
+MIXTURE = GaussianMixture1D((0.3, 0.7), (-1.5, 1.0), (0.3, 0.5))
+# Stated tolerances at 50 trailing steps (data std ~1), a few times the measured errors
+# (docs/schedulers.md); a wrong conversion, sigma or step index misses them by far.
+MEAN_TOL, STD_TOL, W1_TOL = 0.03, 0.08, 0.06
+
+
+def toy_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return 0.6 * torch.tanh(x) + 0.2 * x * (float(t) / 1000) - 0.05
+
+
+def sample_loop(scheduler, x, generator=None, start: int = 0):
+    for t in scheduler.timesteps[start:]:
+        x = scheduler.step(toy_model(scheduler.scale_model_input(x, t), t), t, x, generator=generator)
+    return x
+
+
+def latents(batch=2, seed=0):
+    return torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+# --- registry and options ------------------------------------------------------------------------
+
+
+def test_unknown_name_lists_the_choices():
+    with pytest.raises(ConfigError, match="choose one of ddpm, ddim, dpm-solver, dpm-solver\\+\\+"):
+        create("k_lms")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_an_option_the_scheduler_does_not_take_is_an_error(name):
+    with pytest.raises(ConfigError, match="does not take option"):
+        create(name, karras_magic=True)
+
+
+def test_options_are_typed_per_scheduler():
+    assert create("ddim", eta=0.5).options.eta == 0.5
+    assert create("dpm-solver++", solver_order=3).options.solver_order == 3
+    with pytest.raises(ConfigError, match="eta"):
+        create("euler", eta=0.0)
+    with pytest.raises(ConfigError, match="solver_order"):
+        create("dpm-solver", solver_order=4)
+    with pytest.raises(ConfigError, match="eta"):
+        create("ddim", eta=-1.0)
+    with pytest.raises(ConfigError, match="SchedulerConfig"):
+        create("ddim", {"prediction_type": "epsilon"})
+
+
+# --- the contract ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_timesteps_contract(name, spacing):
+    scheduler = create(name, SchedulerConfig(timestep_spacing=spacing))
+    for steps in (1, 10, 50):
+        scheduler.set_timesteps(steps)
+        ts = scheduler.timesteps
+        assert ts.ndim == 1 and len(ts) == steps
+        assert bool((ts[1:] < ts[:-1]).all())
+        assert 0 <= float(ts.min()) and float(ts.max()) <= 999
+        assert isinstance(scheduler.init_noise_sigma, float) and scheduler.init_noise_sigma >= 1.0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_misuse_is_a_config_error(name):
+    scheduler = create(name)
+    with pytest.raises(ConfigError, match="set_timesteps"):
+        scheduler.step(latents(), 981, latents())
+    scheduler.set_timesteps(10)
+    with pytest.raises(ConfigError, match="not in this scheduler's timesteps"):
+        scheduler.step(latents(), 7, latents())
+    with pytest.raises(ConfigError, match="num_inference_steps"):
+        scheduler.set_timesteps(0)
+    with pytest.raises(ConfigError, match="trailing"):
+        scheduler.set_timesteps(1000)  # SD's leading spacing with steps_offset=1 runs past t = 999
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_keeps_shape_and_dtype(name, dtype):
+    scheduler = create(name)
+    scheduler.set_timesteps(4)
+    x = latents().to(dtype) * scheduler.init_noise_sigma
+    out = sample_loop(scheduler, x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == dtype and bool(out.isfinite().all())
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_add_noise_scale_model_input_and_training_target_agree(name, prediction_type):
+    scheduler = create(name, SchedulerConfig(prediction_type=prediction_type))
+    scheduler.set_timesteps(10)
+    x0, eps = latents(seed=1), latents(seed=2)
+    t = scheduler.timesteps[3]
+    model_input = scheduler.scale_model_input(scheduler.add_noise(x0, eps, t), t)
+    abar = float(scheduler.alphas_cumprod[int(t)])
+    alpha, sigma = abar**0.5, (1 - abar) ** 0.5
+    assert torch.allclose(model_input, alpha * x0 + sigma * eps, atol=1e-5)  # the network sees the VP x_t
+    target = scheduler.training_target(x0, eps, t)
+    got_x0, got_eps = noise.to_x0_and_eps(target, model_input, alpha, sigma, prediction_type)
+    assert torch.allclose(got_x0, x0, atol=1e-4) and torch.allclose(got_eps, eps, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm-solver++"])
+def test_training_target_takes_one_timestep_per_batch_element(name):
+    scheduler = create(name, SchedulerConfig(prediction_type="v_prediction"))
+    x0, eps, t = latents(seed=1), latents(seed=2), torch.tensor([3, 900])
+    noisy, target = scheduler.add_noise(x0, eps, t), scheduler.training_target(x0, eps, t)
+    for i in range(2):
+        assert torch.allclose(noisy[i : i + 1], scheduler.add_noise(x0[i : i + 1], eps[i : i + 1], t[i]))
+        assert torch.allclose(target[i : i + 1], scheduler.training_target(x0[i : i + 1], eps[i : i + 1], t[i]))
+
+
+# --- reproducibility ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_noise_comes_only_from_the_given_generator(name):
+    scheduler = create(name, SchedulerConfig(prediction_type="v_prediction"))
+    runs = []
+    for global_seed, seed in ((1, 7), (2, 7), (3, 8)):
+        torch.manual_seed(global_seed)  # the global RNG must not matter
+        scheduler.set_timesteps(6)  # and set_timesteps must reset all per-run state
+        runs.append(sample_loop(scheduler, latents() * scheduler.init_noise_sigma, torch.Generator().manual_seed(seed)))
+    assert torch.equal(runs[0], runs[1])
+    assert torch.equal(runs[0], runs[2]) == (name not in STOCHASTIC)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_generator_list_draws_one_batch_element_from_each(name):
+    scheduler = create(name)
+    scheduler.set_timesteps(5)
+    x = latents() * scheduler.init_noise_sigma
+    together = sample_loop(scheduler, x, [torch.Generator().manual_seed(s) for s in (11, 12)])
+    for i, seed in enumerate((11, 12)):
+        scheduler.set_timesteps(5)
+        alone = sample_loop(scheduler, x[i : i + 1], torch.Generator().manual_seed(seed))
+        assert torch.allclose(together[i : i + 1], alone, atol=1e-6)
+
+
+# --- img2img: starting mid-schedule ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_run_started_at_timesteps_k_is_the_tail_of_the_schedule(name):
+    scheduler = create(name, SchedulerConfig(timestep_spacing="trailing"))
+    options = {"solver_order": 1} if name.startswith("dpm-solver") else {}
+    single_step = create(name, SchedulerConfig(timestep_spacing="trailing"), **options)
+    single_step.set_timesteps(12)
+    x, states = latents() * single_step.init_noise_sigma, []
+    for t in single_step.timesteps:  # a full deterministic run, recording the state before each step
+        states.append(x)
+        x = single_step.step(toy_model(single_step.scale_model_input(x, t), t), t, x)
+    if name not in STOCHASTIC:
+        single_step.set_timesteps(12)
+        assert torch.allclose(sample_loop(single_step, states[5], start=5), x, atol=1e-5)
+    # Any scheduler started at timesteps[k] from the exact marginal there samples the data.
+    out = run_sampler(scheduler, GAUSSIAN, 50, 8192, start_index=20, generator=torch.Generator().manual_seed(0))
+    assert abs(float(out.mean()) - GAUSSIAN.mean) < MEAN_TOL
+    assert abs(float(out.std()) - GAUSSIAN.std) < STD_TOL
+
+
+# --- closed form: sampling a known distribution with its exact predictor ----------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("data", [GAUSSIAN, MIXTURE], ids=["gaussian", "mixture"])
+def test_samples_reproduce_the_data_distribution(name, data):
+    scheduler = create(name, SchedulerConfig(timestep_spacing="trailing"))
+    out = run_sampler(scheduler, data, 50, 8192, generator=torch.Generator().manual_seed(0))
+    assert abs(float(out.mean()) - data.mean) < MEAN_TOL
+    assert abs(float(out.std()) - data.std) < STD_TOL
+    assert distribution_error(out, data) < W1_TOL
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_prediction_type_gives_the_same_samples(name):
+    outs = []
+    for prediction_type in ("epsilon", "v_prediction", "sample"):
+        scheduler = create(name, SchedulerConfig(prediction_type=prediction_type))
+        outs.append(run_sampler(scheduler, MIXTURE, 10, 512, generator=torch.Generator().manual_seed(0)))
+    assert torch.allclose(outs[0], outs[1], atol=1e-4) and torch.allclose(outs[0], outs[2], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zero_terminal_snr_v_prediction_samples_the_data(name):
+    cfg = SchedulerConfig(prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True)
+    scheduler = create(name, cfg)
+    scheduler.set_timesteps(25)
+    assert float(scheduler.alphas_cumprod[-1]) == 0.0
+    out = run_sampler(scheduler, GAUSSIAN, 25, 8192, generator=torch.Generator().manual_seed(0))
+    assert bool(out.isfinite().all())
+    assert abs(float(out.mean()) - GAUSSIAN.mean) < MEAN_TOL
+    assert abs(float(out.std()) - GAUSSIAN.std) < 2 * STD_TOL
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ddim_with_eta_zero_is_first_order_dpm_solver(prediction_type):
+    cfg = SchedulerConfig(prediction_type=prediction_type, timestep_spacing="trailing")
+    ddim, dpm1 = create("ddim", cfg), create("dpm-solver", cfg, solver_order=1)
+    ddim.set_timesteps(20)
+    dpm1.set_timesteps(20)
+    assert torch.equal(ddim.timesteps, dpm1.timesteps)
+    x = latents()
+    assert torch.allclose(sample_loop(ddim, x), sample_loop(dpm1, x), rtol=1e-4, atol=1e-5)
+    # DPM-Solver++ of order 1 is DDIM too, up to its last step, which lands on sigma = 0.
+    ddim.set_timesteps(20)
+    plus1 = create("dpm-solver++", cfg, solver_order=1)
+    plus1.set_timesteps(20)
+    a, b = x.clone(), x.clone()
+    for t in ddim.timesteps[:-1]:
+        a = ddim.step(toy_model(a, t), t, a)
+        b = plus1.step(toy_model(b, t), t, b)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_higher_orders_converge_faster():
+    errors = {}
+    for order in (1, 2, 3):
+        for steps in (20, 50):
+            scheduler = create("dpm-solver++", solver_order=order, use_karras_sigmas=True)
+            errors[order, steps] = distribution_error(run_sampler(scheduler, GAUSSIAN, steps, 2048), GAUSSIAN)
+    assert errors[3, 50] < errors[2, 50] < errors[1, 50]
+    assert errors[3, 20] < errors[2, 20] < errors[1, 20]
+    # The error falls faster with the step count at higher order.
+    rates = [errors[o, 20] / errors[o, 50] for o in (1, 2, 3)]
+    assert rates[0] < rates[1] < rates[2]
+
+
+def test_dpm_solver_at_20_steps_beats_ddim_at_50():
+    ddim = create("ddim", SchedulerConfig(timestep_spacing="trailing"))
+    dpm = create("dpm-solver++", SchedulerConfig(timestep_spacing="trailing"), use_karras_sigmas=True)
+    for data in (GAUSSIAN, MIXTURE):
+        assert distribution_error(run_sampler(dpm, data, 20, 2048), data) < distribution_error(
+            run_sampler(ddim, data, 50, 2048), data
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+def test_a_thousand_small_steps_are_nearly_exact(name):
+    scheduler = create(name, SchedulerConfig(timestep_spacing="trailing"))
+    out = run_sampler(scheduler, MIXTURE, 1000, 8192, generator=torch.Generator().manual_seed(0))
+    assert abs(float(out.std()) - MIXTURE.std) < 0.01
+    assert distribution_error(out, MIXTURE) < 0.02
+
+
+def test_every_registered_scheduler_is_in_the_suite():
+    assert set(NAMES) >= {"ddpm", "ddim", "dpm-solver", "dpm-solver++", "euler", "euler-ancestral"}
+    assert STOCHASTIC <= set(NAMES)
+    for cls in SCHEDULERS.values():
+        assert dataclasses.is_dataclass(cls.Options)
+
+
+def test_abar_at_is_exact_at_integer_timesteps():
+    scheduler = create("ddim")
+    for t in (0, 1, 500, 999):
+        assert float(abar_at(scheduler.alphas_cumprod, t)) == pytest.approx(float(scheduler.alphas_cumprod[t]), rel=1e-6)
