@@ -1,0 +1,145 @@
+"""Training speed: images per second and peak memory of ``ldm.training.train`` on this machine.
+
+    python benchmarks/train_speed.py                      # small and full-size U-Net
+    python benchmarks/train_speed.py --sizes full --full-mode full --steps 5
+
+Two workloads, each in its own process so one's peak memory does not inflate the other's:
+  * small: the test-size SD-1-shaped U-Net (``UNetConfig.tiny()``), full fine-tuning, 64 px;
+  * full:  the SD 1.5 U-Net (860 M parameters) with the SD VAE and CLIP ViT-L text tower,
+    random weights, at ``--full-resolution`` (default 256 px). ``--full-mode auto`` trains the
+    whole U-Net when AdamW's ~16 bytes per parameter (weights, gradients, two moments) fit in
+    60 % of the available memory, otherwise LoRA rank 4 on the attention projections (the mode is
+    part of the report).
+
+The rate is measured from the run's own ``log.csv`` (time between the end of the first step,
+which includes warm-up, and the end of the last). Peak memory is the process's maximum resident
+set size (weights, optimizer state, activations and libraries) or, on CUDA, the peak allocated
+device memory. Results print as one JSON line per workload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm.models import AutoencoderKL, UNet, UNetConfig, VAEConfig
+from ldm.models.text_encoder import clip_config, load_tokenizer
+from ldm.schedulers import SchedulerConfig
+from ldm.training import DataConfig, ImageCaptionDataset, TrainConfig, scan_folder, train
+
+
+@dataclass
+class Models:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler_config: SchedulerConfig
+
+
+def build(size: str) -> Models:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    if size == "full":
+        unet, vae, text = UNetConfig.sd1(), VAEConfig.sd(), clip_config("sd1")
+    else:
+        unet, vae = UNetConfig.tiny(), VAEConfig.tiny()
+        text = CLIPTextConfig(hidden_size=64, intermediate_size=128, num_attention_heads=1, num_hidden_layers=2,
+                              max_position_embeddings=77, hidden_act="quick_gelu")
+    return Models(UNet(unet), AutoencoderKL(vae), CLIPTextModel(text), load_tokenizer("sd1"), SchedulerConfig())
+
+
+def available_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def choose_mode(requested: str, models: Models, device: torch.device) -> str:
+    if requested != "auto":
+        return requested
+    needed = 16 * sum(p.numel() for p in models.unet.parameters())
+    budget = torch.cuda.mem_get_info()[0] if device.type == "cuda" else available_bytes()
+    return "full" if needed < 0.6 * budget else "lora"
+
+
+def worker(size: str, resolution: int, steps: int, batch: int, mode: str) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    models = build(size)
+    mode = choose_mode(mode, models, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "data"
+        folder.mkdir()
+        rng = np.random.default_rng(0)
+        for i in range(max(4, batch)):
+            Image.fromarray(rng.integers(0, 255, (resolution, resolution, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+            (folder / f"{i}.txt").write_text(f"a photograph of thing number {i}")
+        data = DataConfig(resolution=resolution)
+        dataset = ImageCaptionDataset(scan_folder(folder, data), data)
+        config = TrainConfig(max_steps=steps + 1, batch_size=batch, learning_rate=1e-5,
+                             lora_rank=4 if mode == "lora" else None)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        train(models, dataset, config, Path(tmp) / "run", show_progress=False)
+        with open(Path(tmp) / "run" / "log.csv") as f:
+            elapsed = [float(row["elapsed_seconds"]) for row in csv.DictReader(f)]
+    seconds = elapsed[-1] - elapsed[0]
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "size": size,
+        "mode": mode,
+        "unet_parameters_millions": round(sum(p.numel() for p in models.unet.parameters()) / 1e6, 1),
+        "resolution": resolution,
+        "batch_size": batch,
+        "timed_steps": steps,
+        "images_per_second": round(steps * batch / seconds, 4),
+        "seconds_per_step": round(seconds / steps, 3),
+        "peak_memory_gib": round(peak / 2**30, 2),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "load_average_1min": round(os.getloadavg()[0], 1),  # other work on the machine slows every number
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="small,full", help="comma-separated: small, full")
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps (after one warm-up step)")
+    parser.add_argument("--small-resolution", type=int, default=64)
+    parser.add_argument("--full-resolution", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--full-mode", choices=("auto", "full", "lora"), default="auto")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        resolution = args.full_resolution if args.worker == "full" else args.small_resolution
+        mode = args.full_mode if args.worker == "full" else "full"
+        print(json.dumps(worker(args.worker, resolution, args.steps, args.batch_size, mode)))
+        return
+    for size in args.sizes.split(","):
+        command = [sys.executable, __file__, "--worker", size, "--steps", str(args.steps),
+                   "--small-resolution", str(args.small_resolution), "--full-resolution", str(args.full_resolution),
+                   "--batch-size", str(args.batch_size), "--full-mode", args.full_mode]
+        done = subprocess.run(command, capture_output=True, text=True, env=os.environ)
+        if done.returncode != 0:
+            print(json.dumps({"size": size, "error": done.stderr.strip().splitlines()[-1:]}))
+            continue
+        print(done.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    main()
