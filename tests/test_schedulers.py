@@ -159,7 +159,10 @@ def test_a_generator_list_draws_one_batch_element_from_each(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_a_run_started_at_timesteps_k_is_the_tail_of_the_schedule(name):
     scheduler = create(name, SchedulerConfig(timestep_spacing="trailing"))
+    # Multistep solvers keep history that a fresh start lacks: compare their single-step forms.
     options = {"solver_order": 1} if name.startswith("dpm-solver") else {}
+    if name == "unipc":
+        options = {"solver_order": 1, "disable_corrector": tuple(range(12))}
     single_step = create(name, SchedulerConfig(timestep_spacing="trailing"), **options)
     single_step.set_timesteps(12)
     x, states = latents() * single_step.init_noise_sigma, []
@@ -261,7 +264,7 @@ def test_a_thousand_small_steps_are_nearly_exact(name):
 
 
 def test_every_registered_scheduler_is_in_the_suite():
-    assert set(NAMES) >= {"ddpm", "ddim", "dpm-solver", "dpm-solver++", "euler", "euler-ancestral"}
+    assert set(NAMES) >= {"ddpm", "ddim", "dpm-solver", "dpm-solver++", "euler", "euler-ancestral", "unipc"}
     assert STOCHASTIC <= set(NAMES)
     for cls in SCHEDULERS.values():
         assert dataclasses.is_dataclass(cls.Options)

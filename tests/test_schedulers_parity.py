@@ -30,7 +30,10 @@ def assert_trajectories_agree(ours, ref, seed: int | None = None, rel: float = 1
     # Both start from the same state; init_noise_sigma is compared separately (test_euler_...).
     x = start_latents() * ours.init_noise_sigma
     got = run(ours, x, lambda out, t, x, g: ours.step(out, t, x, generator=g), seed)
-    want = run(ref, x, lambda out, t, x, g: ref.step(out, t, x, generator=g).prev_sample, seed)
+    if seed is None:  # deterministic diffusers schedulers such as UniPC take no generator
+        want = run(ref, x, lambda out, t, x, g: ref.step(out, t, x).prev_sample)
+    else:
+        want = run(ref, x, lambda out, t, x, g: ref.step(out, t, x, generator=g).prev_sample, seed)
     assert float((got - want).norm() / want.norm()) < rel
 
 
@@ -118,6 +121,41 @@ def test_euler_equals_diffusers(prediction_type, spacing, karras):
     assert ours.init_noise_sigma == pytest.approx((sigma_max**2 + 1) ** 0.5, rel=1e-6)
     if spacing == "leading":
         assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
+    assert_trajectories_agree(ours, ref)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("solver_type", ["bh1", "bh2"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_unipc_equals_diffusers(prediction_type, order, solver_type, spacing):
+    cfg = SchedulerConfig(prediction_type=prediction_type, timestep_spacing=spacing)
+    ours = create("unipc", cfg, solver_order=order, solver_type=solver_type)
+    ref = diffusers.UniPCMultistepScheduler.from_config(cfg.to_diffusers(), solver_order=order, solver_type=solver_type)
+    for steps in (6, 20):
+        ours.set_timesteps(steps)
+        ref.set_timesteps(steps)
+        assert torch.equal(ours.timesteps, ref.timesteps)
+        if solver_type == "bh2":
+            assert_trajectories_agree(ours, ref)
+            continue
+        # diffusers' bh1 multiplies B(h) = -inf by a zero residual on the last step to sigma = 0
+        # and returns NaN; every step before it must agree, and ours ends finite.
+        x = y = start_latents()
+        for t in ours.timesteps[:-1]:
+            x, y = ours.step(toy_model(x, t), t, x), ref.step(toy_model(y, t), t, y).prev_sample
+        assert float((x - y).norm() / y.norm()) < 1e-6
+        last = ours.timesteps[-1]
+        assert bool(ours.step(toy_model(x, last), last, x).isfinite().all())
+
+
+def test_unipc_karras_and_disabled_corrector_equal_diffusers():
+    cfg = SchedulerConfig(prediction_type="v_prediction")
+    ours = create("unipc", cfg, use_karras_sigmas=True, disable_corrector=(0, 3))
+    ref = diffusers.UniPCMultistepScheduler.from_config(cfg.to_diffusers(), use_karras_sigmas=True, disable_corrector=[0, 3])
+    ours.set_timesteps(12)
+    ref.set_timesteps(12)
+    assert torch.equal(ours.timesteps, ref.timesteps)
     assert_trajectories_agree(ours, ref)
 
 

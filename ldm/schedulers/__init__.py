@@ -19,6 +19,7 @@ from ldm.schedulers.base import Scheduler, SchedulerConfig
 from ldm.schedulers.diffusers_adapter import DiffusersScheduler, from_diffusers_scheduler
 from ldm.schedulers.ddim import DDIMScheduler, DDPMScheduler
 from ldm.schedulers.euler import EulerAncestralScheduler, EulerScheduler
+from ldm.schedulers.unipc import UniPCScheduler
 from ldm.schedulers.dpm_solver import DPMSolverPlusPlusScheduler, DPMSolverPlusPlusSDEScheduler, DPMSolverScheduler
 
 SCHEDULERS: dict[str, type[Scheduler]] = {
@@ -29,6 +30,7 @@ SCHEDULERS: dict[str, type[Scheduler]] = {
     "dpm-solver++-sde": DPMSolverPlusPlusSDEScheduler,
     "euler": EulerScheduler,
     "euler-ancestral": EulerAncestralScheduler,
+    "unipc": UniPCScheduler,
 }
 
 

@@ -56,22 +56,8 @@ class DPMSolverScheduler(Scheduler):
 
     def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
         self._check_steps(num_inference_steps)
-        c, o = self.config, self.options
-        abar = noise.finite_terminal(self.alphas_cumprod)
-        all_sigmas = noise.ve_sigmas(abar).numpy()
-        if o.use_karras_sigmas:
-            sigmas = noise.karras_sigmas(float(all_sigmas[0]), float(all_sigmas[-1]), num_inference_steps)
-            grid = noise.sigma_to_timestep(sigmas, np.log(all_sigmas))
-            if c.beta_schedule != "squaredcos_cap_v2":
-                grid = grid.round()
-        else:
-            grid = noise.spaced_timesteps(
-                c.timestep_spacing, num_inference_steps, c.num_train_timesteps, c.steps_offset, reserve_final=True
-            ).round()
-            sigmas = np.interp(grid, np.arange(len(all_sigmas)), all_sigmas)
-        final = 0.0 if self.final_sigma_zero else float(all_sigmas[0])
-        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [final]]).astype(np.float32))
-        self.timesteps = self._checked_grid(torch.from_numpy(grid.astype(np.int64)), strict=not o.use_karras_sigmas).to(device)
+        timesteps, self.sigmas = solver_grid(self, num_inference_steps, self.options.use_karras_sigmas, self.final_sigma_zero)
+        self.timesteps = timesteps.to(device)
         self._outputs: list[torch.Tensor] = []  # converted network terms of previous steps, newest last
 
     def step(
@@ -178,6 +164,29 @@ class DPMSolverPlusPlusSDEScheduler(DPMSolverPlusPlusScheduler):
         if d2 is not None:
             prev = prev + alpha_t * ((em2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5) * d2
         return prev + sigma_t * em2.sqrt() * z
+
+
+def solver_grid(
+    scheduler: Scheduler, num_inference_steps: int, use_karras_sigmas: bool, final_sigma_zero: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps, VE sigmas with the end point appended) of the exponential-integrator solvers
+    (DPM-Solver, UniPC), laid out as diffusers lays them out for those solvers."""
+    c = scheduler.config
+    all_sigmas = noise.ve_sigmas(noise.finite_terminal(scheduler.alphas_cumprod)).numpy()
+    if use_karras_sigmas:
+        sigmas = noise.karras_sigmas(float(all_sigmas[0]), float(all_sigmas[-1]), num_inference_steps)
+        grid = noise.sigma_to_timestep(sigmas, np.log(all_sigmas))
+        if c.beta_schedule != "squaredcos_cap_v2":
+            grid = grid.round()
+    else:
+        grid = noise.spaced_timesteps(
+            c.timestep_spacing, num_inference_steps, c.num_train_timesteps, c.steps_offset, reserve_final=True
+        ).round()
+        sigmas = np.interp(grid, np.arange(len(all_sigmas)), all_sigmas)
+    final = 0.0 if final_sigma_zero else float(all_sigmas[0])
+    sigmas = torch.from_numpy(np.concatenate([sigmas, [final]]).astype(np.float32))
+    timesteps = scheduler._checked_grid(torch.from_numpy(grid.astype(np.int64)), strict=not use_karras_sigmas)
+    return timesteps, sigmas
 
 
 def _vp(ve_sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
