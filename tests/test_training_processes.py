@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -59,6 +60,8 @@ def test_sigkill_then_resume_latest_equals_an_uninterrupted_run(tmp_path):
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
+    with open(crashed / "log.csv") as f:
+        assert [int(row["step"]) for row in csv.DictReader(f)] == list(range(1, 13))  # each step logged once
     start = load_file(str(model / "unet" / "diffusion_pytorch_model.safetensors"))
     assert any(not torch.equal(start[k], v) for k, v in got.items())
 

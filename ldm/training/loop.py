@@ -118,6 +118,8 @@ def train(
     accelerator = accelerator or make_accelerator(config)
     if resume is None and ckpt.list_checkpoints(output_dir):
         raise ConfigError(f"{output_dir} already holds checkpoints; pass --resume latest or choose another --output")
+    if config.train_text_encoder and dataset.config.cache_text_embeddings:
+        raise ConfigError("cached text embeddings need a frozen text encoder; drop one of the two settings")
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(config.seed)  # the same LoRA initialisation on every rank
     weight_dtype = DTYPES[config.mixed_precision]
@@ -184,7 +186,7 @@ def train(
     latent_cache = cache_latents(dataset, vae, device, weight_dtype) if dataset.config.cache_latents else None
     source = dataset.without_pixels() if latent_cache is not None else dataset
     text_cache: dict[str, torch.Tensor] = {}
-    log = MetricsLog(output_dir, config.log_format) if accelerator.is_main_process else None
+    log = MetricsLog(output_dir, config.log_format, first_step=step) if accelerator.is_main_process else None
     bar = tqdm(total=config.max_steps, initial=step, unit="step", disable=not (show_progress and accelerator.is_main_process))
     images_per_step = config.batch_size * config.gradient_accumulation_steps * world
     trainable = [p for model in trained.values() for p in model.parameters() if p.requires_grad]

@@ -21,7 +21,9 @@ LOG_FIELDS = ("step", "epoch", "loss", "lr", "images_per_second", "elapsed_secon
 class MetricsLog:
     """Append-only ``log.csv`` (rows survive a kill: each is flushed) or a TensorBoard event folder."""
 
-    def __init__(self, output_dir: Path, log_format: str):
+    def __init__(self, output_dir: Path, log_format: str, first_step: int = 0):
+        """``first_step``: the step a resumed run starts from; CSV rows written after it by the
+        interrupted run are dropped, so every step appears once."""
         self.log_format = log_format
         self.writer: Any = None
         if log_format == "tensorboard":
@@ -32,12 +34,14 @@ class MetricsLog:
             self.writer = SummaryWriter(str(output_dir / "tensorboard"))
             return
         path = output_dir / "log.csv"
-        new = not path.exists()
+        kept = []
+        if path.exists():
+            with open(path, newline="") as f:
+                kept = [row for row in csv.DictReader(f) if int(row["step"]) <= first_step]
         output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: _write_rows(tmp, kept), overwrite=True)
         self.file = open(path, "a", newline="")
         self.csv = csv.DictWriter(self.file, fieldnames=LOG_FIELDS)
-        if new:
-            self.csv.writeheader()
 
     def write(self, row: dict) -> None:
         if self.writer is not None:
@@ -52,6 +56,13 @@ class MetricsLog:
             self.writer.close()
         else:
             self.file.close()
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 @dataclass
