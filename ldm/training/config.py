@@ -120,7 +120,3 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
         return cls(**{**values, "sample_prompts": tuple(values.get("sample_prompts", ()))})
-
-
-def data_config_from_dict(values: dict) -> DataConfig:
-    return DataConfig(**values)
