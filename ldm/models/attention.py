@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.errors import ConfigError
+from ldm.models.tome import bipartite_soft_matching
 
 AttentionBackend = Literal["sdpa", "xformers", "sliced"]
 
@@ -166,9 +167,16 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = Attention(dim, heads, context_dim=context_dim, upcast=upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
+        self.token_merge_ratio = 0.0  # ToMe in self-attention, set by ldm.models.tome.set_token_merging
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = self.attn1(self.norm1(x)) + x
+    def forward(self, x: torch.Tensor, context: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        # x: (B, H*W, dim) tokens of an H x W map, ``size`` = (H, W) (needed only for token merging)
+        h = self.norm1(x)
+        if self.token_merge_ratio > 0 and size is not None:
+            merge, unmerge = bipartite_soft_matching(h, size, self.token_merge_ratio)
+            x = unmerge(self.attn1(merge(h))) + x
+        else:
+            x = self.attn1(h) + x
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 
@@ -204,7 +212,7 @@ class SpatialTransformer(nn.Module):
         else:
             tokens = self.proj_in(tokens).permute(0, 2, 3, 1).reshape(b, h * w, c)
         for block in self.transformer_blocks:
-            tokens = block(tokens, context)
+            tokens = block(tokens, context, (h, w))
         if self.use_linear_projection:
             out = self.proj_out(tokens).view(b, h, w, c).permute(0, 3, 1, 2)
         else:

@@ -1,0 +1,140 @@
+"""Speed-up mechanisms of the U-Net: DeepCache and token merging, exact when switched off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldm.errors import ConfigError
+from ldm.models import UNet, UNetConfig
+from ldm.models.deepcache import DeepCacheUNet
+from ldm.models.tome import bipartite_soft_matching, set_token_merging
+
+
+@pytest.fixture(scope="module")
+def unet() -> UNet:
+    torch.manual_seed(0)
+    model = UNet(UNetConfig.tiny()).eval()
+    # Random init leaves the output convolution near zero in some inits; scale so differences are visible.
+    return model
+
+
+def _inputs(seed: int, batch: int = 2, side: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, side, side, generator=g), torch.randn(batch, 77, 64, generator=g)
+
+
+def _count_calls(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@torch.no_grad()
+def test_deepcache_interval_1_equals_the_plain_unet(unet):
+    cached = DeepCacheUNet(unet, interval=1)
+    for step, t in enumerate((900, 500, 100)):
+        x, c = _inputs(step)
+        assert torch.equal(cached(x, t, c), unet(x, t, c))
+    assert cached.full_calls == 3
+
+
+@pytest.mark.parametrize("branch", [1, 2, 3])
+@torch.no_grad()
+def test_a_cached_step_on_the_same_input_reproduces_the_full_step(unet, branch):
+    # The cached feature is exactly what a full pass recomputes for the same input, so the shallow path must
+    # route every fresh skip to the right up layer to give back the full output.
+    cached = DeepCacheUNet(unet, interval=2, branch=branch)
+    x, c = _inputs(0)
+    full = cached(x, 700, c)
+    again = cached(x, 700, c)
+    assert cached.full_calls == 1
+    torch.testing.assert_close(again, full, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_deepcache_interval_3_skips_the_deep_part_and_stays_close(unet):
+    cached = DeepCacheUNet(unet, interval=3)
+    deep = _count_calls(unet.mid_block)
+    errors = []
+    for step, t in enumerate(torch.linspace(950, 50, 6).round()):
+        # Neighbouring steps see slightly different latents, as in a denoising loop.
+        x, c = _inputs(0)
+        x = x + 0.05 * step * _inputs(step + 10)[0]
+        exact, fast = unet(x, t, c), cached(x, t, c)
+        errors.append((fast - exact).abs().max().item() / exact.abs().max().item())
+    assert deep[0] == 6 + 2  # six plain passes and two full DeepCache passes
+    assert cached.full_calls == 2
+    assert errors[0] == errors[3] == 0.0
+    cached_errors = [e for i, e in enumerate(errors) if i % 3]
+    assert all(0 < e < 0.5 for e in cached_errors)
+
+
+@torch.no_grad()
+def test_deepcache_recomputes_when_the_batch_changes(unet):
+    cached = DeepCacheUNet(unet, interval=4)
+    x, c = _inputs(0)
+    cached(x, 500, c)
+    out = cached(x[1:], 480, c[1:])  # guidance dropped: the cached batch-2 feature does not fit
+    assert cached.full_calls == 2
+    assert torch.equal(out, unet(x[1:], 480, c[1:]))
+
+
+def test_deepcache_rejects_bad_settings(unet):
+    with pytest.raises(ConfigError, match="interval"):
+        DeepCacheUNet(unet, interval=0)
+    with pytest.raises(ConfigError, match="branch"):
+        DeepCacheUNet(unet, interval=2, branch=4)
+
+
+def test_merge_then_unmerge_is_lossless_on_constant_windows():
+    # Every 2x2 window holds one repeated token: each source has an identical destination, so averaging
+    # loses nothing and unmerging restores the input exactly.
+    g = torch.Generator().manual_seed(0)
+    window = torch.randn(2, 3, 4, 16, generator=g)  # (B, H/2, W/2, C)
+    x = window.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2).reshape(2, 6 * 8, 16)
+    merge, unmerge = bipartite_soft_matching(x, (6, 8), 0.75)
+    merged = merge(x)
+    assert merged.shape == (2, 12, 16)
+    torch.testing.assert_close(unmerge(merged), x)
+
+
+def test_merge_averages_the_most_similar_pairs_only():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 16, 8, generator=g)  # a 4x4 map; destinations are tokens 0, 2, 8, 10
+    x[0, 1] = x[0, 0] * 3.0  # same direction as its destination: cosine similarity 1
+    merge, unmerge = bipartite_soft_matching(x, (4, 4), 1 / 16)
+    merged = merge(x)
+    assert merged.shape == (1, 15, 8)
+    torch.testing.assert_close(merged[0, -4], (x[0, 0] + x[0, 1]) / 2)
+    restored = unmerge(merged)
+    torch.testing.assert_close(restored[0, 1], restored[0, 0])
+    keep = [i for i in range(16) if i not in (0, 1)]
+    torch.testing.assert_close(restored[0, keep], x[0, keep])
+
+
+@torch.no_grad()
+def test_token_merging_ratio_0_is_exact_and_ratio_half_attends_to_fewer_tokens(unet):
+    x, c = _inputs(0)
+    exact = unet(x, 500, c)
+    set_token_merging(unet, 0.0)
+    assert torch.equal(unet(x, 500, c), exact)
+    first = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    seen: list[int] = []
+    handle = first.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    try:
+        set_token_merging(unet, 0.5)
+        merged = unet(x, 500, c)
+    finally:
+        handle.remove()
+        set_token_merging(unet, 0.0)
+    assert seen == [64 - 32]
+    assert not torch.equal(merged, exact)
+    assert (merged - exact).abs().max() < 0.5 * exact.abs().max()
+
+
+def test_token_merging_rejects_bad_settings(unet):
+    with pytest.raises(ConfigError, match="ratio"):
+        set_token_merging(unet, 0.9)
+    with pytest.raises(ConfigError, match="levels"):
+        set_token_merging(unet, 0.5, levels=4)
