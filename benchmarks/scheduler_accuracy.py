@@ -49,6 +49,10 @@ ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("dpm-solver++ 3 karras", "dpm-solver++", {"solver_order": 3, "use_karras_sigmas": True}),
     ("dpm-solver++-sde 2", "dpm-solver++-sde", {"solver_order": 2}),
     ("dpm-solver++-sde 2 karras", "dpm-solver++-sde", {"solver_order": 2, "use_karras_sigmas": True}),
+    ("unipc 2", "unipc", {"solver_order": 2}),
+    ("unipc 3", "unipc", {"solver_order": 3}),
+    ("unipc 2 karras", "unipc", {"solver_order": 2, "use_karras_sigmas": True}),
+    ("unipc 3 karras", "unipc", {"solver_order": 3, "use_karras_sigmas": True}),
 ]
 
 

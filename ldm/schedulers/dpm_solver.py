@@ -76,6 +76,10 @@ class DPMSolverScheduler(Scheduler):
         lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
         # 2. The network term this solver integrates, from the model output.
         self._outputs = [*self._outputs, self._network_term(model_output, sample, i)][-o.solver_order :]
+        if bool(self.sigmas[i + 1] == self.sigmas[i]):
+            # A zero-length step (the last one of a grid that ends at t = 0 when the end point is
+            # sigma(t = 0)): nothing to integrate, and the divided differences would divide by h = 0.
+            return sample
         # 3. Order of this step: warm-up uses the outputs available; the last steps drop order.
         order = min(o.solver_order, len(self._outputs))
         few_steps = o.lower_order_final and n < 15
