@@ -283,3 +283,39 @@ def test_full_size_key_set_matches_diffusers_conversion(family):
         assert "cond_stage_model.model.transformer.resblocks.24.ln_1.weight" not in shapes
         assert shapes["model.diffusion_model.input_blocks.1.1.proj_in.weight"] == (320, 320)
     assert keymap.UNET_PREFIX + "time_embed.0.weight" in shapes
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_size_detection_recovers_the_released_configs(family):
+    import dataclasses
+
+    from ldm.loading.detect import detect
+    from ldm.models import UNetConfig, VAEConfig
+    from ldm.models.text_encoder import clip_config
+
+    def no_read(key):
+        raise AssertionError(f"detection read {key}")
+
+    shapes = _meta_single_file_keys(family)
+    prediction = "v_prediction" if family == "sd2" else None
+    found = detect(shapes, {}, None, no_read, prediction)
+    assert found.family == family
+    unet_preset = UNetConfig.sd1() if family == "sd1" else UNetConfig.sd2()
+    assert UNetConfig.from_diffusers(found.unet) == unet_preset
+    vae_preset = VAEConfig.sd() if family == "sd1" else dataclasses.replace(VAEConfig.sd(), sample_size=768)
+    assert VAEConfig.from_diffusers(found.vae) == vae_preset
+    reference_text = clip_config(family).to_dict()
+    assert {k: found.text.to_dict()[k] for k in reference_text} == reference_text
+    assert found.text_blocks_in_file == (12 if family == "sd1" else 24)
+    if family == "sd2":
+        # A ViT-H file written without the unused 24th block (diffusers' old script) keeps 23 layers.
+        without_last = {k: v for k, v in shapes.items() if ".resblocks.23." not in k}
+        assert detect(without_last, {}, None, no_read, prediction).text.num_hidden_layers == 23
+
+
+def test_tokenizer_argument(single_files, folders):
+    loaded = load_components(single_files["sd1", ".safetensors"], tokenizer="sd2")
+    assert loaded.tokenizer.pad_token == "!"
+    loaded = load_components(single_files["sd1", ".ckpt"], tokenizer=folders["sd2"] / "tokenizer")
+    assert loaded.tokenizer.pad_token == "!"
+    assert loaded.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]

@@ -1,8 +1,9 @@
 """Reading weight files tensor by tensor, without running code.
 
-- ``.safetensors``: the header is parsed first; each tensor is read from disk
-  straight into its own memory when asked for, so a load holds one copy of the
-  weights (plus one tensor while converting dtype).
+- ``.safetensors``: ``safe_open`` reads the header, then each tensor on demand
+  as a zero-copy view of the memory-mapped file (copy-on-write); a dtype change
+  copies one tensor at a time. Loading thus holds one copy of the weights, and
+  when the file's dtype is the target dtype its pages come from the page cache.
 - ``.ckpt`` / ``.bin`` / ``.pt``: ``torch.load(weights_only=True)`` with
   ``mmap=True`` (tensors stay in the page cache until used). A pickle that asks
   for anything but tensors and plain containers is refused, so opening an
@@ -15,7 +16,6 @@ Every failure (missing, truncated, not a checkpoint, unsafe pickle) is a one-lin
 from __future__ import annotations
 
 import json
-import math
 import pickle
 import re
 import zipfile
@@ -23,26 +23,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from ldm.errors import CheckpointError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
-# safetensors dtype names (little-endian, as the format specifies).
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
 
 
 class _LightningCallback:
@@ -68,7 +54,7 @@ class TensorFile:
         self.path = path
         self.metadata: dict[str, str] = {}
         self.global_step: int | None = None
-        self._layout = None
+        self._safe = None
         self._tensors: dict[str, torch.Tensor] = {}
         if not path.exists():
             raise CheckpointError(f"{path} does not exist; pass a .safetensors/.ckpt file or a diffusers folder")
@@ -82,58 +68,15 @@ class TensorFile:
             raise CheckpointError(f"{path} has an unknown extension; ldm reads .safetensors, .ckpt, .bin, .pt files")
 
     def _open_safetensors(self) -> None:
-        """Parse the safetensors header (8-byte little-endian length, then JSON) ourselves, so each
-        tensor can be read straight into its own memory; safe_open would also page the whole file
-        in through its memory map, doubling resident memory while loading."""
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            length = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if not 2 <= length <= min(size - 8, 100_000_000):
-                self._unreadable("no safetensors header")
-            try:
-                header = json.loads(f.read(length))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                self._unreadable("header is not JSON")
-        if not isinstance(header, dict):
-            self._unreadable("header is not a JSON object")
-        self.metadata = dict(header.pop("__metadata__", None) or {})
-        self._data_start = 8 + length
-        self._layout: dict[str, tuple[torch.dtype, int, int]] = {}
-        self.shapes = {}
-        for key, info in header.items():
-            try:
-                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-                shape = tuple(int(n) for n in info["shape"])
-                start, end = (int(n) for n in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                self._unreadable(f"bad header entry for {key}")
-            if end - start != math.prod(shape) * dtype.itemsize:
-                self._unreadable(f"{key} has {end - start} bytes for shape {list(shape)}")
-            if self._data_start + end > size:
-                self._unreadable(f"{key} ends past the end of the file")
-            self._layout[key] = (dtype, start, end)
-            self.shapes[key] = shape
-
-    def _unreadable(self, reason: str):
-        raise CheckpointError(
-            f"{self.path} is not a readable safetensors file ({reason}); it may be truncated or not a checkpoint"
-        )
-
-    def _read_safetensors(self, key: str) -> torch.Tensor:
-        dtype, start, end = self._layout[key]
-        tensor = torch.empty(self.shapes[key], dtype=dtype)
-        if end > start:
-            buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-            with open(self.path, "rb", buffering=0) as f:
-                f.seek(self._data_start + start)
-                done = 0
-                while done < len(buffer):
-                    count = f.readinto(buffer[done:])
-                    if not count:
-                        self._unreadable(f"{key} is cut short")
-                    done += count
-        return tensor
+        try:
+            self._safe = safe_open(str(self.path), framework="pt", device="cpu")
+            self.shapes = {key: tuple(self._safe.get_slice(key).get_shape()) for key in self._safe.keys()}
+        except (SafetensorError, OSError, ValueError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise CheckpointError(
+                f"{self.path} is not a readable safetensors file ({reason}); it may be truncated or not a checkpoint"
+            ) from None
+        self.metadata = dict(self._safe.metadata() or {})
 
     def _open_pickle(self) -> None:
         content = self._torch_load()
@@ -162,8 +105,8 @@ class TensorFile:
                 ) from None
 
     def read(self, key: str) -> torch.Tensor:
-        if self._layout is not None:
-            return self._read_safetensors(key)
+        if self._safe is not None:
+            return self._safe.get_tensor(key)
         return self._tensors[key]
 
 
