@@ -275,4 +275,5 @@ def test_every_registered_scheduler_is_in_the_suite():
 def test_abar_at_is_exact_at_integer_timesteps():
     scheduler = create("ddim")
     for t in (0, 1, 500, 999):
-        assert float(abar_at(scheduler.alphas_cumprod, t)) == pytest.approx(float(scheduler.alphas_cumprod[t]), rel=1e-6)
+        exact = float(scheduler.alphas_cumprod[t])
+        assert float(abar_at(scheduler.alphas_cumprod, t)) == pytest.approx(exact, rel=1e-6)

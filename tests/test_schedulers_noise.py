@@ -94,7 +94,8 @@ def test_leading_spacing_is_the_sd_grid():
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_prediction_conversions_invert_the_targets(prediction_type):
     gen = torch.Generator().manual_seed(0)
-    x0, eps = torch.randn(3, 4, generator=gen, dtype=torch.float64), torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    x0 = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    eps = torch.randn(3, 4, generator=gen, dtype=torch.float64)
     abar = torch.tensor([0.9, 0.3, 0.01], dtype=torch.float64).reshape(3, 1)
     alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
     x_t = alpha * x0 + sigma * eps
@@ -150,5 +151,6 @@ def test_config_rejects_what_it_cannot_honour(key, value, message):
 
 
 def test_config_ignores_sampler_specific_keys():
-    cfg = {**json.loads(SD15_SCHEDULER_JSON), "solver_order": 3, "algorithm_type": "dpmsolver++", "use_karras_sigmas": True}
+    sampler_keys = {"solver_order": 3, "algorithm_type": "dpmsolver++", "use_karras_sigmas": True}
+    cfg = {**json.loads(SD15_SCHEDULER_JSON), **sampler_keys}
     assert SchedulerConfig.from_diffusers(cfg) == SchedulerConfig()

@@ -4,6 +4,7 @@ import diffusers
 import pytest
 import torch
 
+from ldm.errors import ConfigError
 from ldm.schedulers import SchedulerConfig, create, from_diffusers_scheduler
 
 STEPS = [5, 12, 25]
@@ -152,7 +153,9 @@ def test_unipc_equals_diffusers(prediction_type, order, solver_type, spacing):
 def test_unipc_karras_and_disabled_corrector_equal_diffusers():
     cfg = SchedulerConfig(prediction_type="v_prediction")
     ours = create("unipc", cfg, use_karras_sigmas=True, disable_corrector=(0, 3))
-    ref = diffusers.UniPCMultistepScheduler.from_config(cfg.to_diffusers(), use_karras_sigmas=True, disable_corrector=[0, 3])
+    ref = diffusers.UniPCMultistepScheduler.from_config(
+        cfg.to_diffusers(), use_karras_sigmas=True, disable_corrector=[0, 3]
+    )
     ours.set_timesteps(12)
     ref.set_timesteps(12)
     assert torch.equal(ours.timesteps, ref.timesteps)
@@ -212,3 +215,10 @@ def test_adapter_passes_the_generator_to_stochastic_diffusers_schedulers():
     got = run(wrapped, x, lambda out, t, x, g: wrapped.step(out, t, x, generator=g), seed=4)
     want = run(ours, x, lambda out, t, x, g: ours.step(out, t, x, generator=g), seed=4)
     assert float((got - want).norm() / want.norm()) < 1e-6
+
+
+def test_adapter_refuses_what_is_not_a_ddpm_type_diffusers_scheduler():
+    with pytest.raises(ConfigError, match="not a diffusers scheduler"):
+        from_diffusers_scheduler(create("ddim"))
+    with pytest.raises(ConfigError, match="alphas_cumprod"):
+        from_diffusers_scheduler(diffusers.FlowMatchEulerDiscreteScheduler())

@@ -66,7 +66,8 @@ class DDIMScheduler(Scheduler):
         # 1. abar_t and abar_prev of this step.
         abar_t, abar_prev = self._abars[i], self._abars[i + 1]
         # 2. x_0 hat and eps hat from the network output (eq. 9 solved for x_0).
-        x0, eps = noise.to_x0_and_eps(model_output, sample, abar_t**0.5, (1 - abar_t) ** 0.5, self.config.prediction_type)
+        alpha_t, sigma_t = abar_t**0.5, (1 - abar_t) ** 0.5
+        x0, eps = noise.to_x0_and_eps(model_output, sample, alpha_t, sigma_t, self.config.prediction_type)
         x0 = self._process_x0(x0)
         # 3. sigma_t(eta) = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev), eq. 16.
         eta = self._eta()

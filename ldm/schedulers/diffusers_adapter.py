@@ -21,7 +21,9 @@ class DiffusersScheduler:
     """A diffusers scheduler (``SchedulerMixin``) behind the ldm contract; see ``base.py``."""
 
     def __init__(self, scheduler: Any) -> None:
-        if not hasattr(scheduler, "step") or not hasattr(scheduler, "set_timesteps"):
+        from diffusers import SchedulerMixin  # imported here: diffusers is slow to import
+
+        if not isinstance(scheduler, SchedulerMixin):
             raise ConfigError(f"{type(scheduler).__name__} is not a diffusers scheduler; pass one from diffusers")
         if getattr(scheduler, "alphas_cumprod", None) is None:
             raise ConfigError(

@@ -4,8 +4,8 @@ Both integrate the probability-flow ODE exactly in its linear part and approxima
 term by a polynomial in lambda = log(alpha_t / sigma_t) (half the log-SNR), using the outputs of
 previous steps (multistep):
 
-    DPM-Solver    integrates the noise prediction eps(x, lambda)  (Lu et al. 2022, eq. 3.4)
-    DPM-Solver++  integrates the data prediction x_0(x, lambda)   (Lu et al. 2022b, eq. 9)
+    DPM-Solver    integrates the noise prediction eps(x, lambda)  (Lu et al. 2022, sec. 3)
+    DPM-Solver++  integrates the data prediction x_0(x, lambda)   (Lu et al. 2022b, sec. 4)
 
 Notation: s0, s1, s2 are the current and two previous timesteps, t the next one; alpha, sigma are
 the VP coefficients (x = alpha x_0 + sigma eps); h = lambda_t - lambda_s0; D0, D1, D2 are the
@@ -56,7 +56,8 @@ class DPMSolverScheduler(Scheduler):
 
     def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
         self._check_steps(num_inference_steps)
-        timesteps, self.sigmas = solver_grid(self, num_inference_steps, self.options.use_karras_sigmas, self.final_sigma_zero)
+        karras = self.options.use_karras_sigmas
+        timesteps, self.sigmas = solver_grid(self, num_inference_steps, karras, self.final_sigma_zero)
         self.timesteps = timesteps.to(device)
         self._outputs: list[torch.Tensor] = []  # converted network terms of previous steps, newest last
 
@@ -87,7 +88,7 @@ class DPMSolverScheduler(Scheduler):
             order = 1
         elif i == n - 2 and few_steps:
             order = min(order, 2)
-        # 4. Divided differences D0, D1, D2 in lambda (Lu et al. 2022b, eq. 12 and App. A).
+        # 4. Scaled divided differences D0, D1, D2 of the outputs in lambda (Lu et al. 2022b, sec. 4).
         sample = sample.to(torch.float32)
         lambdas = [_half_log_snr(self.sigmas[i - k]) for k in range(order)]
         h = lambda_t - lambdas[0]
@@ -118,7 +119,7 @@ class DPMSolverScheduler(Scheduler):
         return x0 if self.predicts_data else (sample - alpha * x0) / sigma
 
     def _update(self, x, h, s, t, d0, d1, d2, z):
-        """DPM-Solver on eps: Lu et al. 2022, eq. 3.7 (order 1) and the multistep terms of App. B."""
+        """DPM-Solver on eps: DPM-Solver-1 (Lu et al. 2022, sec. 3.3) plus the multistep terms."""
         (alpha_s, _), (alpha_t, sigma_t) = s, t
         em1 = torch.expm1(h)  # e^h - 1
         prev = (alpha_t / alpha_s) * x - sigma_t * em1 * d0
@@ -138,7 +139,7 @@ class DPMSolverPlusPlusScheduler(DPMSolverScheduler):
     final_sigma_zero = True
 
     def _update(self, x, h, s, t, d0, d1, d2, z):
-        """x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) D0 + higher terms (Lu et al. 2022b, eq. 10)."""
+        """x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) D0 + higher terms (Lu et al. 2022b, Alg. 2)."""
         (_, sigma_s), (alpha_t, sigma_t) = s, t
         em1 = torch.expm1(-h)  # e^-h - 1
         prev = (sigma_t / sigma_s) * x - alpha_t * em1 * d0
@@ -152,7 +153,7 @@ class DPMSolverPlusPlusScheduler(DPMSolverScheduler):
 
 
 class DPMSolverPlusPlusSDEScheduler(DPMSolverPlusPlusScheduler):
-    """SDE-DPM-Solver++ multistep (Lu et al. 2022b, App. / sec. 4.3): the same data-prediction
+    """SDE-DPM-Solver++ multistep (Lu et al. 2022b, "SDE-DPM-Solver++(2M)"): the same data-prediction
     polynomial integrated along the reverse SDE, with fresh Gaussian noise every step."""
 
     stochastic = True

@@ -9,8 +9,9 @@ Each step has two halves that share one network evaluation:
 
 Both are the exponential integrator of DPM-Solver++ (Lu et al. 2022b) with a correction term
 alpha_t B(h) sum_k rho_k D_k, where D_k = (m_k - m_s0) / r_k are scaled differences of earlier
-outputs, r_k = (lambda_k - lambda_s0) / h, and rho solves R rho = b (Zhao et al. 2023, Alg. 2,
-with the phi-function expansion of eq. 9); B(h) is h ("bh1") or e^h - 1 ("bh2"). The grid, the
+outputs, r_k = (lambda_k - lambda_s0) / h, and rho solves R rho = b with R_ik = r_k^(i-1) and b
+from the phi-function expansion of the integral (Zhao et al. 2023, sec. 3); B(h) is h ("bh1") or
+e^h - 1 ("bh2"). The grid, the
 order schedule (warm-up, lower orders on the last steps) and the variants follow diffusers'
 ``UniPCMultistepScheduler`` with ``predict_x0=True``.
 """
@@ -30,7 +31,7 @@ from ldm.schedulers.dpm_solver import _vp, solver_grid
 
 @dataclass(frozen=True)
 class UniPCOptions:
-    solver_order: int = 2  # 2 for guided sampling, 3 for unconditional (Zhao et al. 2023, sec. 4)
+    solver_order: int = 2  # 2 for guided sampling, 3 for unconditional
     solver_type: Literal["bh1", "bh2"] = "bh2"  # B(h) = h or e^h - 1; bh2 is better at few steps
     lower_order_final: bool = True  # reduce the order on the last steps
     use_karras_sigmas: bool = False  # Karras et al. 2022 eq. 5 sigmas
@@ -44,7 +45,7 @@ class UniPCOptions:
 
 
 class UniPCScheduler(Scheduler):
-    """Multistep UniPC with the UniC corrector after every step (Zhao et al. 2023, Alg. 2)."""
+    """Multistep UniPC with the UniC corrector after every step (Zhao et al. 2023)."""
 
     Options = UniPCOptions
 
@@ -88,7 +89,7 @@ class UniPCScheduler(Scheduler):
         if order == 1:
             return base
         diffs = [(m[k] - m[0]) / rks[k - 1] for k in range(1, order)]
-        # Order 2 uses rho = 1/2, the value the order conditions give for any r_1 (Zhao et al. 2023, sec. 3.2).
+        # Order 2 uses rho = 1/2 (the h -> 0 limit of b_1), as the reference implementation does.
         rhos = [0.5] if order == 2 else list(torch.linalg.solve(_powers(rks)[:-1, :-1], b[:-1]))
         residual = sum(rho * d for rho, d in zip(rhos, diffs))
         return base - alpha_t * b_h * residual
@@ -99,7 +100,7 @@ class UniPCScheduler(Scheduler):
         m = self._outputs[::-1]  # m[0] at sigmas[i - 1], m[k] at sigmas[i - 1 - k]
         base, alpha_t, b_h, rks, b, _ = self._terms(i - 1, i, order, self._last_sample, m[0])
         diffs = [(m[k] - m[0]) / rks[k - 1] for k in range(1, order)]
-        rhos = [0.5] if order == 1 else list(torch.linalg.solve(_powers(rks), b))
+        rhos = [0.5] if order == 1 else list(torch.linalg.solve(_powers(rks), b))  # 1/2: as above
         residual = sum(rho * d for rho, d in zip(rhos[:-1], diffs)) + rhos[-1] * (x0_new - m[0])
         return base - alpha_t * b_h * residual
 
@@ -117,7 +118,7 @@ class UniPCScheduler(Scheduler):
         hh = -h  # the data-prediction form integrates in -lambda
         h_phi_1 = torch.expm1(hh)
         b_h = hh if self.options.solver_type == "bh1" else h_phi_1
-        # b_k = k! phi_{k+1}(hh) hh^k / B(h), from phi_{k+1}(h) = (phi_k(h) - 1/k!) / h (eq. 9).
+        # b_k = k! hh phi_{k+1}(hh) / B(h) with the recursion phi_{k+1}(h) = (phi_k(h) - 1/k!) / h.
         b, h_phi_k, factorial = [], h_phi_1 / hh - 1, 1
         for k in range(1, order + 1):
             b.append(h_phi_k * factorial / b_h)
