@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from ldm.errors import ConfigError
 from ldm.io import atomic_write
 from ldm.loading import Components, save_diffusers
 from ldm.models import AutoencoderKL, UNet, UNetConfig, VAEConfig
-from ldm.models.text_encoder import load_tokenizer
+from ldm.models.text_encoder import TOKENIZER_DIR, load_tokenizer
 from ldm.schedulers import SchedulerConfig
 from ldm.shapes import generate, parse_caption, random_sample
 from ldm.shapes_score import accuracy, analyze, expected
@@ -53,7 +54,8 @@ class VAEStage:
     batch_size: int = 16
     learning_rate: float = 1e-3
     kl_weight: float = 1e-6  # on the KL summed over the latent, relative to the L1 summed over the pixels (LDM's convention)
-    crop: int = 32  # train on random crops of this side: the VAE is convolutional, crops cost a fraction of full images
+    crop: int = 32  # side of the random crops of the first crop_steps steps (cheap: the VAE is convolutional) ...
+    crop_steps: int = 0  # ... after which it trains on whole images, whose GroupNorm and attention statistics it must match
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class Recipe:
     samples: int = 10000  # training images (train split of ldm.shapes)
     seed: int = 0  # data stream, initialisation, batches and noise
     checkpoint_every: int = 200  # optimizer steps between resumable checkpoints
+    eval_prompts: int = 64  # captions scored at the end of training (training.json); the benchmark does the full grid
     vae: VAEConfig = field(default_factory=VAEConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     text_encoder: TextEncoderShape = field(default_factory=TextEncoderShape)
@@ -193,8 +196,9 @@ def train_vae(recipe: Recipe, images: np.ndarray, work: Path) -> tuple[Autoencod
     for step in range(start, stage.steps):
         generator = step_generator(recipe.seed, 2, step)
         index = torch.randint(0, len(images), (stage.batch_size,), generator=generator).numpy()
-        top, left = torch.randint(0, images.shape[1] - stage.crop + 1, (2,), generator=generator).tolist()
-        batch = to_pixels(images[index, top : top + stage.crop, left : left + stage.crop])
+        side = stage.crop if step < stage.crop_steps else images.shape[1]
+        top, left = torch.randint(0, images.shape[1] - side + 1, (2,), generator=generator).tolist()
+        batch = to_pixels(images[index, top : top + side, left : left + side])
         loss, l1 = vae_loss(vae, batch, generator, stage.kl_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -275,28 +279,50 @@ def train_denoiser(recipe: Recipe, vae: AutoencoderKL, data: Path, work: Path) -
 
 
 @torch.no_grad()
-def adherence(model: Components, recipe: Recipe, guidance: float, count: int = 64) -> dict[str, float]:
+def adherence(model: Components, recipe: Recipe, guidance: float) -> dict[str, float]:
     """Scorer accuracy at 20 guided DPM-Solver++ steps on ``count`` training-distribution captions."""
     from ldm.pipeline import Pipeline
 
     pipe = Pipeline(model.unet, model.vae, model.text_encoder, model.tokenizer, model.scheduler_config)
-    samples = [random_sample(recipe.seed + 2, i, recipe.resolution, split="train") for i in range(count)]
+    samples = [random_sample(recipe.seed + 2, i, recipe.resolution, split="train") for i in range(recipe.eval_prompts)]
     prompts = [s.caption for s in samples]
     images = pipe(prompts, num_inference_steps=20, guidance_scale=guidance, scheduler="dpm-solver++", seed=0).images
     readings = [analyze(np.asarray(image)) for image in images]
-    return accuracy(readings, [prompt_targets(s.caption) for s in samples])
-
-
-def prompt_targets(caption: str) -> dict[str, str]:
-    """What a caption asks for, keyed like the scorer's attributes (size and position only when named)."""
-    return parse_caption(caption)
+    return accuracy(readings, [parse_caption(s.caption) for s in samples])
 
 
 # ---------------------------------------------------------------------------------------------- stage 4: export
 def export(folder: Path, model: Components, record: dict) -> None:
-    """The diffusers layout (ldm.loading.save_diffusers) plus training.json."""
+    """The diffusers layout (ldm.loading.save_diffusers) plus training.json.
+
+    The tokenizer folder also gets the shipped vocab.json and merges.txt, which transformers 4
+    needs beside the tokenizer.json that transformers 5 writes.
+    """
     save_diffusers(model, folder)
+    for name in ("vocab.json", "merges.txt"):
+        if not (folder / "tokenizer" / name).exists():
+            shutil.copy2(TOKENIZER_DIR / name, folder / "tokenizer" / name)
     atomic_write(folder / "training.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+
+
+def snapshot(work: Path, recipe: Recipe) -> tuple[Path, Recipe]:
+    """A copy of ``work`` frozen at its newest U-Net checkpoint, and the recipe that stops there.
+
+    The copy keeps a running training undisturbed; training on the copy with ``steps`` set to the
+    checkpoint's step resumes, finds nothing left to do, and exports.
+    """
+    checkpoints = list_checkpoints(work / "denoiser")
+    if not (work / "vae.ckpt").is_file() or not checkpoints:
+        raise ConfigError(f"{work} holds no VAE and U-Net checkpoints yet; train first, then take a snapshot")
+    step = int(checkpoints[-1].name.split("-")[-1])
+    frozen = work.parent / f"{work.name}-snapshot-{step}"
+    if not frozen.exists():
+        (frozen / "denoiser" / "checkpoints").mkdir(parents=True)
+        shutil.copy2(work / "vae.ckpt", frozen / "vae.ckpt")
+        (frozen / "data").symlink_to((work / "data").resolve())
+        shutil.copytree(checkpoints[-1], frozen / "denoiser" / "checkpoints" / checkpoints[-1].name)
+    log(f"snapshot of {work} at U-Net step {step} in {frozen}")
+    return frozen, dataclasses.replace(recipe, diffusion_training=dataclasses.replace(recipe.diffusion_training, steps=step))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=None, help="checkpoints and caches (default runs/<name>)")
     parser.add_argument("--out", type=Path, default=None, help="model folder to create (default weights/<name>)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--snapshot", action="store_true", help="export the newest U-Net checkpoint of --work-dir (e.g. of a run still training)"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         # On a CPU shared with other jobs, fewer threads than cores avoids OpenMP spin-wait contention.
@@ -314,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or REPO / "weights" / recipe.name
     if out.exists():
         raise SystemExit(f"{out} already exists; pass --out to write the model elsewhere")
+    if args.snapshot:
+        work, recipe = snapshot(work, recipe)
     work.mkdir(parents=True, exist_ok=True)
     atomic_write(work / "recipe.json", lambda tmp: tmp.write_text(json.dumps(recipe.to_dict(), indent=2)), overwrite=True)
     record: dict = {"recipe": recipe.to_dict(), "torch": torch.__version__, "threads": torch.get_num_threads()}
