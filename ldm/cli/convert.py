@@ -35,7 +35,9 @@ def register(sub) -> None:
         default=None,
         help="store the weights in this precision (default: fp32)",
     )
-    parser.add_argument("--tokenizer", type=Path, default=None, help="a CLIP tokenizer folder for a single-file SRC")
+    parser.add_argument(
+        "--tokenizer", default=None, help="a CLIP tokenizer folder, or sd1 / sd2 for the shipped one (single-file SRC)"
+    )
     parser.set_defaults(run=run)
 
 

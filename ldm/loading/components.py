@@ -64,13 +64,14 @@ def load_entries(
     device: torch.device,
     dtype: torch.dtype,
     where: str,
-    optional: Mapping[str, tuple[int, ...] | None] = {},  # noqa: B006 - read-only
+    optional: Mapping[str, tuple[int, ...] | None] | None = None,
 ) -> None:
     """Check keys and shapes of ``file_shapes`` against ``entries``, then assign every tensor.
 
     ``optional`` are keys the file may hold that the network does not use (checked for shape
     when the expected shape is given, then skipped). All checks run before any tensor is read.
     """
+    optional = optional or {}
     expected = {entry.original for entry in entries}
     missing = sorted(expected - file_shapes.keys())
     unexpected = sorted(file_shapes.keys() - expected - optional.keys())

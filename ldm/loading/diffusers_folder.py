@@ -33,13 +33,11 @@ from ldm.errors import CheckpointError, ConfigError
 from ldm.io import atomic_write_dir
 from ldm.loading.components import Components, build_networks, finish, load_entries, resolve_tokenizer, shapes_of
 from ldm.loading.detect import PredictionType
+from ldm.loading import keymap
 from ldm.loading.keymap import Entry
 from ldm.loading.sources import open_component
 from ldm.schedulers import SchedulerConfig
 
-TEXT_PREFIX = "text_model."
-# Older transformers saved this non-persistent buffer; it is recomputed, never read.
-TEXT_POSITION_IDS = "embeddings.position_ids"
 
 
 def is_diffusers_folder(path: Path) -> bool:
@@ -63,12 +61,14 @@ def family_of(text: CLIPTextConfig) -> str:
     raise ConfigError(f"text encoder activation {text.hidden_act!r} is neither SD 1.x (quick_gelu) nor SD 2.x (gelu)")
 
 
-def _load_part(model, folder: Path, library: str, *, device, dtype, strip: str = "") -> None:
+def _load_part(model, folder: Path, library: str, *, device, dtype) -> None:
     source = open_component(folder, library)
-    names = {key[len(strip) :] if strip and key.startswith(strip) else key: key for key in source.shapes}
+    text = library == "transformers"
+    names = {keymap.normalize_text_encoder_key(key) if text else key: key for key in source.shapes}
     file_shapes = {name: source.shapes[key] for name, key in names.items()}
     entries = [Entry(key, (key,), "copy", shape) for key, shape in shapes_of(model).items()]
-    optional = {TEXT_POSITION_IDS: None} if strip else {}
+    # Older transformers saved the recomputed position_ids buffer.
+    optional = {keymap.TEXT_POSITION_IDS: None} if text else {}
     load_entries(
         model,
         entries,
@@ -96,7 +96,7 @@ def load_diffusers(
     unet, vae, text_encoder = build_networks(unet_json, vae_json, text_config)
     _load_part(unet, folder / "unet", "diffusers", device=device, dtype=dtype)
     _load_part(vae, folder / "vae", "diffusers", device=device, dtype=dtype)
-    _load_part(text_encoder, folder / "text_encoder", "transformers", device=device, dtype=dtype, strip=TEXT_PREFIX)
+    _load_part(text_encoder, folder / "text_encoder", "transformers", device=device, dtype=dtype)
     finish(unet, vae, text_encoder, device)
 
     scheduler_json = folder / "scheduler" / "scheduler_config.json"
@@ -156,7 +156,7 @@ def save_diffusers(components: Components, folder: str | Path, dtype: torch.dtyp
         text_config["architectures"] = ["CLIPTextModel"]
         _write_json(tmp / "text_encoder" / "config.json", text_config)
         # The "text_model." prefix of the released folders: read by transformers 4 and 5 alike.
-        weights = _tensors(components.text_encoder, dtype, TEXT_PREFIX)
+        weights = _tensors(components.text_encoder, dtype, keymap.TEXT_MODEL_PREFIX)
         save_file(weights, str(tmp / "text_encoder" / "model.safetensors"), {"format": "pt"})
         components.tokenizer.save_pretrained(tmp / "tokenizer")
         (tmp / "scheduler").mkdir()

@@ -19,6 +19,7 @@ original shape and the transform between the two:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -215,6 +216,71 @@ def text_entries(shapes: Mapping[str, tuple[int, ...]], family: Literal["sd1", "
     if family == "sd1":
         return _build(shapes, SD1_TEXT_PREFIX, lambda k: k)
     return _build(shapes, SD2_TEXT_PREFIX, openclip_original_key)
+
+
+# ---------------------------------------------------------------------------
+# Keys outside the networks' own: legacy spellings and tensors SD never runs
+# ---------------------------------------------------------------------------
+
+# transformers < 5 (and every released diffusers folder) prefix the text encoder's keys with this.
+TEXT_MODEL_PREFIX = "text_model."
+# Buffers that older files store and the networks recompute: accepted on read, never used.
+SD1_POSITION_IDS = SD1_TEXT_PREFIX + "embeddings.position_ids"
+TEXT_POSITION_IDS = "embeddings.position_ids"
+
+
+def normalize_single_file_key(key: str) -> str:
+    """Early SD 1.x files (and some merges) omit ``text_model.`` in the text encoder's keys."""
+    if key.startswith(SD1_TEXT_LEGACY_PREFIX) and not key.startswith(SD1_TEXT_PREFIX):
+        return SD1_TEXT_PREFIX + key[len(SD1_TEXT_LEGACY_PREFIX) :]
+    return key
+
+
+def normalize_text_encoder_key(key: str) -> str:
+    """A diffusers folder's text encoder key in transformers 5 naming (no ``text_model.``)."""
+    return key.removeprefix(TEXT_MODEL_PREFIX)
+
+
+def unused_text_keys(family: str, text_shapes: Mapping[str, tuple[int, ...]], blocks_in_file: int) -> dict:
+    """Original keys of text-encoder tensors SD does not run -> expected shape (None: any).
+
+    SD 1.x: the ``position_ids`` buffer. SD 2.x: the OpenCLIP blocks past the ones used (SD 2
+    conditions on the penultimate block), ``text_projection`` (width x projection width, any
+    projection width) and ``logit_scale`` (a scalar).
+    """
+    if family == "sd1":
+        return {SD1_POSITION_IDS: (1, text_shapes["embeddings.position_embedding.weight"][0])}
+    unused: dict[str, tuple[int, ...] | None] = {
+        SD2_TEXT_PREFIX + "text_projection": None,
+        SD2_TEXT_PREFIX + "logit_scale": (),
+    }
+    layers = 1 + max(int(k.split(".")[2]) for k in text_shapes if k.startswith("encoder.layers."))
+    for entry in text_entries(text_shapes, "sd2"):
+        if m := re.fullmatch(r"(.*transformer\.resblocks\.)0\.(.+)", entry.original):
+            for block in range(layers, blocks_in_file):
+                unused[f"{m[1]}{block}.{m[2]}"] = entry.original_shape
+    return unused
+
+
+def unused_text_tensors(family: str, state: Mapping[str, torch.Tensor], layers: int, width: int, positions: int) -> dict:
+    """Values written for the tensors of ``unused_text_keys``, so a file has the released layout.
+
+    SD 2.x: one more OpenCLIP block of zeros (an identity residual block: every projection and
+    norm outputs 0), an identity ``text_projection`` and ``logit_scale = log(100)`` (CLIP's
+    trained value, clamped at 100). They are never run by SD.
+    """
+    if family == "sd1":
+        return {SD1_POSITION_IDS: torch.arange(positions, dtype=torch.int64).unsqueeze(0)}
+    last = f"{SD2_TEXT_PREFIX}transformer.resblocks.{layers - 1}."
+    like = state[SD2_TEXT_PREFIX + "ln_final.weight"]
+    unused = {
+        f"{SD2_TEXT_PREFIX}transformer.resblocks.{layers}.{key[len(last):]}": torch.zeros_like(value)
+        for key, value in state.items()
+        if key.startswith(last)
+    }
+    unused[SD2_TEXT_PREFIX + "text_projection"] = torch.eye(width, dtype=like.dtype, device=like.device)
+    unused[SD2_TEXT_PREFIX + "logit_scale"] = torch.tensor(math.log(100.0), dtype=like.dtype, device=like.device)
+    return unused
 
 
 # ---------------------------------------------------------------------------

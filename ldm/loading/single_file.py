@@ -21,8 +21,6 @@ network weights:
 
 from __future__ import annotations
 
-import math
-import re
 from pathlib import Path
 
 import torch
@@ -43,34 +41,6 @@ V_PRED_KEY = "v_pred"
 _MODELSPEC = {"epsilon": "epsilon", "v_prediction": "v", "sample": "sample"}
 
 
-def normalized_names(keys) -> dict[str, str]:
-    """normalized key -> key in the file; early SD 1.x files omit ``text_model.``."""
-    names = {}
-    for key in keys:
-        name = key
-        if key.startswith(keymap.SD1_TEXT_LEGACY_PREFIX) and not key.startswith(keymap.SD1_TEXT_PREFIX):
-            name = keymap.SD1_TEXT_PREFIX + key[len(keymap.SD1_TEXT_LEGACY_PREFIX) :]
-        names[name] = key
-    return names
-
-
-def _text_extras(family: str, text_shapes: dict[str, tuple[int, ...]], layers: int, blocks: int):
-    """Keys of the file's text encoder that the network does not use, with their shapes."""
-    if family == "sd1":
-        positions = text_shapes["embeddings.position_embedding.weight"][0]
-        return {keymap.SD1_TEXT_PREFIX + "embeddings.position_ids": (1, positions)}
-    extras: dict[str, tuple[int, ...] | None] = {
-        keymap.SD2_TEXT_PREFIX + "text_projection": None,  # (width, projection_dim); any projection width
-        keymap.SD2_TEXT_PREFIX + "logit_scale": (),
-    }
-    for entry in keymap.text_entries(text_shapes, "sd2"):
-        m = re.fullmatch(r"(.*transformer\.resblocks\.)0\.(.+)", entry.original)
-        if m:
-            for unused in range(layers, blocks):
-                extras[f"{m[1]}{unused}.{m[2]}"] = entry.original_shape
-    return extras
-
-
 def load_single_file(
     path: Path,
     *,
@@ -80,7 +50,7 @@ def load_single_file(
     tokenizer: str | Path | CLIPTokenizer | None,
 ) -> Components:
     source = TensorFile(path)
-    names = normalized_names(source.shapes)
+    names = {keymap.normalize_single_file_key(key): key for key in source.shapes}
     shapes = {name: source.shapes[key] for name, key in names.items()}
 
     def read(name: str) -> torch.Tensor:
@@ -96,7 +66,7 @@ def load_single_file(
             text_encoder,
             keymap.text_entries(text_shapes, found.family),
             "cond_stage_model.",
-            _text_extras(found.family, text_shapes, found.text.num_hidden_layers, found.text_blocks_in_file),
+            keymap.unused_text_keys(found.family, text_shapes, found.text_blocks_in_file),
             "text encoder",
         ),
     )
@@ -131,26 +101,16 @@ def single_file_state(components: Components, dtype: torch.dtype | None = None) 
         for entry in entries_of(shapes_of(model)):
             state[entry.original] = keymap.to_original(entry, tensors)
     text = components.text_encoder.config
-    if components.family == "sd1":
-        positions = torch.arange(text.max_position_embeddings, dtype=torch.int64).unsqueeze(0)
-        state[keymap.SD1_TEXT_PREFIX + "embeddings.position_ids"] = positions
-    else:
-        _add_unused_openclip_tensors(state, text.num_hidden_layers, text.hidden_size)
+    state.update(
+        keymap.unused_text_tensors(
+            components.family, state, text.num_hidden_layers, text.hidden_size, text.max_position_embeddings
+        )
+    )
     if components.scheduler_config.prediction_type == "v_prediction":
         state[V_PRED_KEY] = torch.zeros(0)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     return state
-
-
-def _add_unused_openclip_tensors(state: dict[str, torch.Tensor], layers: int, width: int) -> None:
-    prefix = keymap.SD2_TEXT_PREFIX
-    last = f"{prefix}transformer.resblocks.{layers - 1}."
-    for key in [k for k in state if k.startswith(last)]:
-        state[f"{prefix}transformer.resblocks.{layers}.{key[len(last):]}"] = torch.zeros_like(state[key])
-    like = state[prefix + "ln_final.weight"]
-    state[prefix + "text_projection"] = torch.eye(width, dtype=like.dtype, device=like.device)
-    state[prefix + "logit_scale"] = torch.tensor(math.log(100.0), dtype=like.dtype, device=like.device)
 
 
 def save_single_file(components: Components, path: str | Path, dtype: torch.dtype | None = None) -> Path:
