@@ -1,0 +1,134 @@
+"""One classifier-free-guidance U-Net step (batch 2) of ldm against diffusers, and the FLOP rate it achieves.
+
+    python benchmarks/unet_step.py [--quick]
+
+Both engines load the same diffusers folder and run the same seeded inputs
+(latents (2, 4, h, w), timestep 500, text states (2, 77, width)) under
+``torch.inference_mode``. The FLOPs of the step are counted once with
+``torch.utils.flop_counter`` (2 per multiply-add, matmuls, convolutions and
+attention); the reference rate is a large fp32 GEMM timed in the same run. ldm
+variants (channels-last memory format, ``torch.compile``) are timed too, so
+whether they help on this machine is measured rather than assumed.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+TIMESTEP = 500
+
+
+def step_inputs(spec: common.ModelSpec, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    side = spec.image_size // 8
+    sample = torch.randn(batch, 4, side, side, generator=g)
+    context = torch.randn(batch, 77, spec.text_width, generator=g)
+    return sample, torch.tensor(TIMESTEP), context
+
+
+def load_unet(impl: str, folder: str, variant: str = "exact"):
+    """A callable (sample, t, context) -> prediction; ``variant`` is an ldm option: exact, channels_last, compile."""
+    if impl == "diffusers":
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
+        return lambda x, t, c: unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
+    from ldm.loading import load_components
+
+    unet = load_components(folder).unet.eval()
+    if variant == "channels_last":
+        unet = unet.to(memory_format=torch.channels_last)
+        return lambda x, t, c: unet(x.contiguous(memory_format=torch.channels_last), t, c)
+    return torch.compile(unet) if variant == "compile" else unet
+
+
+def run(args: dict[str, Any]) -> dict[str, Any]:
+    spec = common.SPECS[args["spec"]]
+    if args["impl"] == "matmul":
+        return {"gflops": common.matmul_rate()}
+    forward = load_unet(args["impl"], args["folder"], args.get("variant", "exact"))
+    sample, t, context = step_inputs(spec)
+    outputs = []
+
+    def step() -> None:
+        with torch.inference_mode():
+            outputs.append(forward(sample, t, context))
+
+    result = common.measure(step, warmup=1, repeats=spec.repeats)
+    if args.get("save"):
+        torch.save(outputs[-1].contiguous(), args["save"])
+    return result
+
+
+def count_step_flops(spec: common.ModelSpec) -> int:
+    """FLOPs of one guided step, counted on a meta-device ldm U-Net of the spec's shape."""
+    from ldm.models import UNet, UNetConfig
+
+    cfg = UNetConfig(block_out_channels=spec.unet_widths, cross_attention_dim=spec.text_width)
+    with torch.device("meta"):
+        unet = UNet(cfg)
+        sample, _, context = (x.to("meta") for x in step_inputs(spec))
+    # Sliced attention runs Q K^T and P V as plain matmuls, which the counter sees at any backend version.
+    unet.set_attention("sliced")
+    return common.count_flops(lambda: unet(sample, torch.tensor(TIMESTEP, device="meta"), context))
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    spec = common.spec_from_argv(argv)
+    folder, _ = common.build_model(spec)
+    rounds = 1 if spec is common.FULL else 2
+    base = {"spec": "quick" if spec is common.QUICK else "full", "folder": str(folder)}
+    flops = count_step_flops(spec)
+    gemm = common.run_worker("unet_step.py", {**base, "impl": "matmul"})["gflops"]
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, theirs = Path(tmp) / "ldm.pt", Path(tmp) / "diffusers.pt"
+        runs = common.alternate("unet_step.py", base, rounds)
+        common.run_worker("unet_step.py", {**base, "impl": "ldm", "save": str(ours)})
+        common.run_worker("unet_step.py", {**base, "impl": "diffusers", "save": str(theirs)})
+        a, b = torch.load(ours), torch.load(theirs)
+        max_diff = (a - b).abs().max().item()
+    variants = {}
+    for variant in ("channels_last", "compile"):
+        try:
+            variants[variant] = common.run_worker("unet_step.py", {**base, "impl": "ldm", "variant": variant})
+        except RuntimeError as error:  # e.g. no C++ compiler for torch.compile: recorded, not fatal
+            lines = [line for line in str(error).splitlines() if line.strip()]
+            variants[variant] = {"error": lines[-1] if lines else "failed"}
+    gemm_after = common.run_worker("unet_step.py", {**base, "impl": "matmul"})["gflops"]
+    t_ldm, t_diff = common.pooled(runs["ldm"]), common.pooled(runs["diffusers"])
+    rate = max(gemm, gemm_after)
+    payload = {
+        "flops": flops,
+        "matmul_gflops": [gemm, gemm_after],
+        "ldm": {"median_s": t_ldm, "peak_mib": common.max_of(runs["ldm"], "peak_mib"), "runs": runs["ldm"],
+                "gflops": flops / t_ldm / 1e9, "fraction_of_matmul": flops / t_ldm / 1e9 / rate},
+        "diffusers": {"median_s": t_diff, "peak_mib": common.max_of(runs["diffusers"], "peak_mib"),
+                      "runs": runs["diffusers"], "gflops": flops / t_diff / 1e9,
+                      "fraction_of_matmul": flops / t_diff / 1e9 / rate},
+        "variants": {k: ({**v, "ratio_to_exact": v["median_s"] / t_ldm} if "median_s" in v else v)
+                     for k, v in variants.items()},
+        "time_ratio": common.ratio(t_ldm, t_diff),
+        "max_abs_diff_vs_diffusers": max_diff,
+    }  # fmt: skip
+    path = common.save_results("unet_step", spec, payload)
+    print(
+        f"U-Net step ({spec.name}, batch 2): ldm {t_ldm:.2f} s, diffusers {t_diff:.2f} s, "
+        f"ratio {payload['time_ratio']:.3f}; {flops / 1e12:.3f} TFLOP, ldm {payload['ldm']['gflops']:.0f} GFLOP/s = "
+        f"{payload['ldm']['fraction_of_matmul']:.0%} of GEMM {rate:.0f} GFLOP/s; max |diff| {max_diff:.2e} -> {path}"
+    )
+    return payload
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        common.worker_main(run)
+    else:
+        main(sys.argv[1:])

@@ -1,0 +1,163 @@
+"""A whole image (prompt to pixels) of ldm against diffusers, and ldm's switchable speed-ups.
+
+    python benchmarks/whole_image.py [--quick] [--speedups] [--size 1024]
+
+Both pipelines load the same diffusers folder and make one guided image
+(DPM-Solver++(2M), guidance 7.5, a negative prompt) from the same initial
+latents; the time covers text encoding, denoising and VAE decoding, after a
+one-step warm-up call. Peak memory is the process's resident high-water mark
+during the timed call, weights included.
+
+``--speedups`` times ldm with each speed-up switched on and reports its
+speed-up over ldm's exact image of the same run and its fidelity cost: the
+PSNR of the image against the exact one, and (when the default model
+``weights/ldm-shapes`` is installed) the prompt adherence of the pixel scorer.
+``--size`` makes one large image with VAE tiling and sliced attention and
+reports its time and peak memory.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+# Each speed-up as the ldm pipeline arguments that switch it on (docs/performance.md).
+SPEEDUPS: dict[str, dict[str, Any]] = {
+    "deepcache": {"deepcache_interval": 3},
+    "guidance-truncation": {"guidance_fraction": 0.6},
+    "token-merging": {"token_merging": 0.5},
+    "deepcache+truncation": {"deepcache_interval": 3, "guidance_fraction": 0.6},
+}
+
+
+def initial_latents(size: int, batch: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
+
+
+def make_pipeline(impl: str, folder: str, large: bool):
+    """A callable (steps, latents, size, options) -> images (N, H, W, 3) float in [0, 1]."""
+    if impl == "diffusers":
+        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        if large:
+            pipe.vae.enable_tiling()
+            pipe.enable_attention_slicing()
+
+        def generate(steps: int, latents: torch.Tensor, size: int, options: dict) -> np.ndarray:
+            return pipe(common.PROMPT, negative_prompt=common.NEGATIVE, num_inference_steps=steps,
+                        guidance_scale=common.GUIDANCE, height=size, width=size, latents=latents,
+                        output_type="np").images  # fmt: skip
+
+        return generate
+    from ldm import Pipeline
+
+    pipe = Pipeline.from_pretrained(folder)
+    if large:
+        pipe.vae_decode = "tiled"
+        pipe.set_attention("sliced")
+
+    def generate(steps: int, latents: torch.Tensor, size: int, options: dict) -> np.ndarray:
+        return pipe(common.PROMPT, negative_prompt=common.NEGATIVE, num_inference_steps=steps,
+                    guidance_scale=common.GUIDANCE, height=size, width=size, latents=latents,
+                    scheduler="dpm-solver++", output_type="np", **options).images  # fmt: skip
+
+    return generate
+
+
+def run(args: dict[str, Any]) -> dict[str, Any]:
+    size, steps = args["size"], args["steps"]
+    generate = make_pipeline(args["impl"], args["folder"], args.get("large", False))
+    latents = initial_latents(size)
+    options = args.get("options", {})
+    images = []
+    generate(1, latents, size, options)  # warm-up: one step, so kernels and allocator are primed
+    result = common.measure(lambda: images.append(generate(steps, latents, size, options)), warmup=0, repeats=1)
+    if args.get("save"):
+        np.save(args["save"], images[-1])
+    return result
+
+
+def psnr(image: np.ndarray, reference: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB of images in [0, 1]."""
+    mse = float(np.mean((image.astype(np.float64) - reference.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def compare(spec: common.ModelSpec, folder: Path, steps: int, tmp: Path) -> dict[str, Any]:
+    """ldm and diffusers at ``steps`` steps, alternated; the images' PSNR against each other."""
+    base = {"spec": spec.name, "folder": str(folder), "size": spec.image_size, "steps": steps}
+    saves = {impl: str(tmp / f"{impl}-{steps}.npy") for impl in ("ldm", "diffusers")}
+    runs = {impl: [] for impl in saves}
+    for impl in ("ldm", "diffusers") if steps % 2 == 0 else ("diffusers", "ldm"):
+        runs[impl].append(common.run_worker("whole_image.py", {**base, "impl": impl, "save": saves[impl]}))
+    summary = {impl: {"time_s": r[0]["median_s"], "peak_mib": r[0]["peak_mib"], "runs": r} for impl, r in runs.items()}
+    return {
+        **summary,
+        "time_ratio": common.ratio(summary["ldm"]["time_s"], summary["diffusers"]["time_s"]),
+        "peak_ratio": common.ratio(summary["ldm"]["peak_mib"], summary["diffusers"]["peak_mib"]),
+        "psnr_ldm_vs_diffusers_db": psnr(np.load(saves["ldm"]), np.load(saves["diffusers"])),
+    }
+
+
+def speedups(spec: common.ModelSpec, folder: Path, tmp: Path, exact: dict[str, Any]) -> dict[str, Any]:
+    """Each speed-up's time, speed-up over the exact ldm image and PSNR against it."""
+    reference = np.load(tmp / f"ldm-{spec.steps}.npy")
+    base = {"spec": spec.name, "folder": str(folder), "size": spec.image_size, "steps": spec.steps, "impl": "ldm"}
+    out = {}
+    for name, options in SPEEDUPS.items():
+        save = str(tmp / f"{name}.npy")
+        result = common.run_worker("whole_image.py", {**base, "options": options, "save": save})
+        out[name] = {
+            "options": options,
+            "time_s": result["median_s"],
+            "peak_mib": result["peak_mib"],
+            "speedup": exact["ldm"]["time_s"] / result["median_s"],
+            "psnr_db": psnr(np.load(save), reference),
+        }
+    return out
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    spec = common.spec_from_argv(argv)
+    folder, _ = common.build_model(spec)
+    payload: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        by_steps = {steps: compare(spec, folder, steps, Path(tmp)) for steps in sorted({*spec.plot_steps, spec.steps})}
+        payload["by_steps"] = by_steps
+        payload.update(by_steps[spec.steps])
+        if "--speedups" in argv:
+            payload["speedups"] = speedups(spec, folder, Path(tmp), by_steps[spec.steps])
+    if "--size" in argv:
+        size = int(argv[argv.index("--size") + 1])
+        large = {"spec": spec.name, "folder": str(folder), "size": size, "steps": spec.steps, "large": True}
+        payload["large"] = {"size": size, **{impl: common.run_worker("whole_image.py", {**large, "impl": impl})
+                                             for impl in ("ldm", "diffusers")}}  # fmt: skip
+    path = common.save_results("whole_image", spec, payload)
+    ours, theirs = payload["ldm"], payload["diffusers"]
+    print(
+        f"Whole image ({spec.image_size}px, {spec.steps} steps): ldm {ours['time_s']:.1f} s / {ours['peak_mib']:.0f} MiB, "
+        f"diffusers {theirs['time_s']:.1f} s / {theirs['peak_mib']:.0f} MiB; ratios time {payload['time_ratio']:.3f}, "
+        f"peak {payload['peak_ratio']:.3f}; PSNR ldm vs diffusers {payload['psnr_ldm_vs_diffusers_db']:.1f} dB -> {path}"
+    )
+    for name, s in payload.get("speedups", {}).items():
+        print(f"  {name}: {s['time_s']:.1f} s, {s['speedup']:.2f}x, PSNR {s['psnr_db']:.1f} dB")
+    return payload
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        common.worker_main(run)
+    else:
+        main(sys.argv[1:])
