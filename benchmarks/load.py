@@ -186,7 +186,10 @@ def main() -> None:
             "load_mb": max(r["load_mb"] for r in runs),
         }
         r = results[which]
-        print(f"{which:>9}: {r['seconds']:6.2f} s load, {r['ready']:6.2f} s with every weight paged in   peak RSS {r['peak_mb']:7.0f} MiB   (+{r['load_mb']:.0f} MiB during load)")
+        print(
+            f"{which:>9}: {r['seconds']:6.2f} s load, {r['ready']:6.2f} s with every weight paged in   "
+            f"peak RSS {r['peak_mb']:7.0f} MiB   (+{r['load_mb']:.0f} MiB during load)"
+        )
     ours, theirs = results["ldm"], results["diffusers"]
     if abs(ours["checksum"] - theirs["checksum"]) > 1e-3 * max(1.0, abs(theirs["checksum"])):
         raise SystemExit(f"ldm and diffusers loaded different weights ({ours['checksum']} vs {theirs['checksum']})")

@@ -11,7 +11,11 @@ from tiny_models import save_diffusers_folder
 
 from ldm.cli import main
 
-SD2_UNUSED_TEXT = ("cond_stage_model.model.transformer.resblocks.3.", "cond_stage_model.model.text_projection", "cond_stage_model.model.logit_scale")
+SD2_UNUSED_TEXT = (
+    "cond_stage_model.model.transformer.resblocks.3.",
+    "cond_stage_model.model.text_projection",
+    "cond_stage_model.model.logit_scale",
+)
 
 
 def _folder_tensors(folder) -> dict[str, torch.Tensor]:
@@ -82,6 +86,7 @@ def test_single_to_diffusers_to_single_keeps_every_used_tensor(family, folders, 
         assert len(changed) == 14
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_written_folder_loads_in_diffusers(family, folders, tmp_path):
     from diffusers import StableDiffusionPipeline
@@ -98,6 +103,7 @@ def test_written_folder_loads_in_diffusers(family, folders, tmp_path):
     assert pipe.tokenizer.pad_token == ref.tokenizer.pad_token
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_single_file_loads_in_diffusers_from_single_file(family, folders, tmp_path, monkeypatch):
     from diffusers import StableDiffusionPipeline

@@ -123,7 +123,8 @@ def test_diffusers_folder_loads_bit_identical(family, folders):
     loaded = load_components(folders[family])
     assert loaded.family == family
     assert loaded.scheduler_config.prediction_type == ("v_prediction" if family == "sd2" else "epsilon")
-    for ours, ref in ((loaded.unet, diffusers_unet(family)), (loaded.vae, diffusers_vae()), (loaded.text_encoder, clip_text_model(family))):
+    references = (diffusers_unet(family), diffusers_vae(), clip_text_model(family))
+    for ours, ref in zip((loaded.unet, loaded.vae, loaded.text_encoder), references):
         expected = ref.state_dict()
         state = ours.state_dict()
         assert state.keys() == expected.keys()
@@ -150,6 +151,19 @@ def test_diffusers_folder_with_bin_and_fp16_variant_only(tmp_path):
     assert torch.equal(loaded.unet.conv_in.weight, expected["conv_in.weight"].half())
 
 
+def test_sharded_diffusers_component(folders, tmp_path):
+    import shutil
+
+    folder = tmp_path / "sharded"
+    shutil.copytree(folders["sd1"], folder)
+    shutil.rmtree(folder / "unet")
+    diffusers_unet("sd1").save_pretrained(folder / "unet", max_shard_size="300KB")
+    assert len(list((folder / "unet").glob("*.safetensors"))) > 1
+    loaded = load_components(folder)
+    expected = diffusers_unet("sd1").state_dict()
+    assert all(torch.equal(loaded.unet.state_dict()[k], expected[k]) for k in expected)
+
+
 def test_dtype_and_prediction_type_arguments(single_files):
     loaded = load_components(single_files["sd1", ".safetensors"], dtype="bf16", prediction_type="v_prediction")
     assert loaded.unet.conv_in.weight.dtype == torch.bfloat16
@@ -159,12 +173,14 @@ def test_dtype_and_prediction_type_arguments(single_files):
     assert (loaded.scheduler_config.timestep_spacing, loaded.scheduler_config.steps_offset) == ("leading", 1)
 
 
-def test_legacy_sd1_text_keys_without_text_model(single_files, tmp_path):
+def test_legacy_sd1_text_keys_and_legacy_pickle_format(single_files, tmp_path):
+    """Early SD 1.x files: text keys without "text_model.", pre-zip torch.save format (no mmap)."""
     state = _read_single(single_files["sd1", ".safetensors"])
-    legacy = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v for k, v in state.items()}
+    old_prefix, new_prefix = "cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."
+    legacy = {k.replace(old_prefix, new_prefix): v for k, v in state.items()}
     assert legacy.keys() != state.keys()
     path = tmp_path / "legacy.ckpt"
-    torch.save({"state_dict": legacy}, path)
+    torch.save({"state_dict": legacy}, path, _use_new_zipfile_serialization=False)
     loaded = load_components(path)
     expected = clip_text_model("sd1").state_dict()
     assert all(torch.equal(loaded.text_encoder.state_dict()[k], expected[k]) for k in expected)
@@ -238,11 +254,14 @@ def _meta_single_file_keys(family: str) -> dict[str, tuple[int, ...]]:
         unet = UNet(UNetConfig.sd1() if family == "sd1" else UNetConfig.sd2())
         vae = AutoencoderKL(VAEConfig.sd())
         text = CLIPTextModel(clip_config(family))
-    components = SimpleNamespace(unet=unet, vae=vae, text_encoder=text, family=family, scheduler_config=SchedulerConfig())
+    components = SimpleNamespace(
+        unet=unet, vae=vae, text_encoder=text, family=family, scheduler_config=SchedulerConfig()
+    )
     state = single_file_state(components)
     return {key: tuple(value.shape) for key, value in state.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_full_size_key_set_matches_diffusers_conversion(family):
     """The full-size SD 1.5 / 2.1 single-file key set maps, through diffusers' own converters, onto
@@ -272,7 +291,8 @@ def test_full_size_key_set_matches_diffusers_conversion(family):
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         assert {k: tuple(v.shape) for k, v in converted.items()} == expected
 
-    counts = {p: sum(k.startswith(p) for k in shapes) for p in ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")}
+    prefixes = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
+    counts = {p: sum(k.startswith(p) for k in shapes) for p in prefixes}
     if family == "sd1":
         # The released v1-5-pruned-emaonly file: 686 U-Net, 248 VAE, 197 text encoder tensors.
         assert counts == {"model.diffusion_model.": 686, "first_stage_model.": 248, "cond_stage_model.": 197}

@@ -71,7 +71,8 @@ def test_lightning_callback_in_released_ckpt_is_read_inertly(sd1_state, tmp_path
     for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__):
         monkeypatch.setitem(sys.modules, name, module if name == module.__name__ else types.ModuleType(name))
     path = tmp_path / "lightning.ckpt"
-    torch.save({"state_dict": sd1_state, "global_step": 470000, "callbacks": {ModelCheckpoint: ModelCheckpoint()}}, path)
+    callbacks = {ModelCheckpoint: ModelCheckpoint()}
+    torch.save({"state_dict": sd1_state, "global_step": 470000, "callbacks": callbacks}, path)
     for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__):
         monkeypatch.delitem(sys.modules, name)
     loaded = load_components(path)
@@ -111,7 +112,8 @@ def test_unknown_architecture(tmp_path):
     save_file({"encoder.layer.0.weight": torch.zeros(2, 2)}, str(path))
     assert "unknown architecture" in _error(path)
     sdxl = tmp_path / "sdxl.safetensors"
-    save_file({"conditioner.embedders.0.transformer.x": torch.zeros(1), "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, str(sdxl))
+    sdxl_keys = ("conditioner.embedders.0.transformer.x", "model.diffusion_model.input_blocks.0.0.weight")
+    save_file({key: torch.zeros(1) for key in sdxl_keys}, str(sdxl))
     assert "SDXL" in _error(sdxl)
 
 
