@@ -209,6 +209,9 @@ def test_sd2_prediction_type_detection_rules(single_files, tmp_path, global_step
 
 
 def test_prediction_type_markers(single_files, tmp_path):
+    sample = load_components(single_files["sd1", ".ckpt"], prediction_type="sample")
+    save_single_file(sample, tmp_path / "sample.safetensors")
+    assert load_components(tmp_path / "sample.safetensors").scheduler_config.prediction_type == "sample"
     with safe_open(str(single_files["sd2", ".safetensors"]), "pt") as f:
         assert f.metadata()["modelspec.prediction_type"] == "v"
         assert "v_pred" in f.keys()

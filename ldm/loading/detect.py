@@ -16,7 +16,7 @@ U-Net's cross-attention width must equal the text encoder's width.
 Prediction type, first rule that applies:
 1. the ``prediction_type=`` argument;
 2. a ``v_pred`` key (ComfyUI's marker) or safetensors metadata
-   ``modelspec.prediction_type`` ("v" / "epsilon", Stability's model spec);
+   ``modelspec.prediction_type`` ("v" / "epsilon" / "sample"; Stability's model spec key);
 3. SD 1.x: epsilon;
 4. SD 2.x .ckpt with ``global_step``: 875000 is the 512-base model (epsilon), any
    other step is v-prediction (diffusers' rule);
@@ -204,6 +204,8 @@ def detect_prediction_type(
         return "v_prediction"
     if spec in ("epsilon", "eps"):
         return "epsilon"
+    if spec == "sample":
+        return "sample"
     if family == "sd1":
         return "epsilon"
     if global_step is not None:

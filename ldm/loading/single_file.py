@@ -36,7 +36,6 @@ from ldm.schedulers import SchedulerConfig
 
 SUFFIXES = (".safetensors", ".ckpt")
 IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.")
-COMPONENT_PREFIXES = (keymap.UNET_PREFIX, keymap.VAE_PREFIX, "cond_stage_model.")
 V_PRED_KEY = "v_pred"
 _MODELSPEC = {"epsilon": "epsilon", "v_prediction": "v", "sample": "sample"}
 
