@@ -231,11 +231,18 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        # Without autograd every intermediate is ours alone: activate and add in place, and drop each map
+        # as soon as the next exists, so at most three maps of this size are alive at once.
+        inplace = not torch.is_grad_enabled()
+        h = F.silu(self.norm1(x), inplace=inplace)
+        h = self.conv1(h)
         if self.time_emb_proj is not None:
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+            shift = self.time_emb_proj(F.silu(temb))[:, :, None, None]
+            h = h.add_(shift) if inplace else h + shift
+        h = F.silu(self.norm2(h), inplace=inplace)
+        h = self.conv2(h)
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return h.add_(shortcut) if inplace else shortcut + h
 
 
 class Downsample(nn.Module):
