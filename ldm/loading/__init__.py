@@ -23,7 +23,6 @@ from ldm.errors import CheckpointError
 from ldm.loading.components import Components, parse_dtype
 from ldm.loading.detect import PredictionType
 from ldm.loading.diffusers_folder import is_diffusers_folder, load_diffusers, save_diffusers
-from ldm.loading.single_file import SUFFIXES as SINGLE_FILE_SUFFIXES
 from ldm.loading.single_file import load_single_file, save_single_file
 
 __all__ = [
