@@ -85,7 +85,7 @@ def reference_outputs() -> dict:
         inputs = {
             "tokens": torch.randint(0, 49408, (1, 77), generator=g),
             "sample": torch.randn(2, 4, 8, 8, generator=g),
-            "context": torch.randn(2, 77, unet.config.cross_attention_dim, generator=g),
+            "context": torch.randn(2, 8, unet.config.cross_attention_dim, generator=g),
             "t": torch.tensor([10, 900]),
             "image": torch.rand(1, 3, 32, 32, generator=g) * 2 - 1,
         }
