@@ -14,6 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def _umask() -> int:
+    """The process umask (os.umask can only be read by setting it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:
     """Call ``write(tmp_path)`` and move the result to ``path`` atomically.
 
@@ -29,6 +36,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwri
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        # mkstemp creates 0600; give the file the permissions a plain open() would.
+        os.chmod(tmp_path, 0o666 & ~_umask())
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         if overwrite:
@@ -55,6 +64,7 @@ def atomic_write_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> 
     tmp_path = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         write(tmp_path)
+        os.chmod(tmp_path, 0o777 & ~_umask())  # mkdtemp creates 0700
         os.rename(tmp_path, path)
     finally:
         if tmp_path.exists():
