@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from ldm.errors import ConfigError
 from ldm.training.config import DataConfig, TrainConfig
 
@@ -135,7 +133,9 @@ def result_path(output: Path, config: TrainConfig) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Heavy imports after argument parsing keep `ldm finetune --help` fast.
+    # Heavy imports after argument parsing keep `ldm --help` and the other commands fast.
+    import torch
+
     from ldm.loading import Components, load_components, save_diffusers
     from ldm.lora import save_lora
     from ldm.training import ImageCaptionDataset, scan_folder, train

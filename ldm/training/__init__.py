@@ -20,22 +20,28 @@ Modules: ``config`` (typed settings), ``data`` (folder scanning, captions, bucke
 training state, resume), ``reporting`` (metrics log, sample images), ``loop`` (``train``).
 """
 
-from ldm.training.config import DataConfig, TrainConfig
-from ldm.training.data import DataWarning, Example, ImageCaptionDataset, scan_folder
-from ldm.training.loop import ModelSet, TrainResult, make_accelerator, train
-from ldm.training.reporting import SampleRequest, save_samples
+from importlib import import_module
 
-__all__ = [
-    "DataConfig",
-    "DataWarning",
-    "Example",
-    "ImageCaptionDataset",
-    "ModelSet",
-    "SampleRequest",
-    "TrainConfig",
-    "TrainResult",
-    "make_accelerator",
-    "save_samples",
-    "scan_folder",
-    "train",
-]
+# Where each public name lives. Imported on first use: the loop pulls in accelerate and peft
+# (seconds of start-up), which `ldm --help` or `ldm txt2img` should not pay for.
+_PUBLIC = {
+    "DataConfig": "config",
+    "TrainConfig": "config",
+    "DataWarning": "data",
+    "Example": "data",
+    "ImageCaptionDataset": "data",
+    "scan_folder": "data",
+    "ModelSet": "loop",
+    "TrainResult": "loop",
+    "make_accelerator": "loop",
+    "train": "loop",
+    "SampleRequest": "reporting",
+    "save_samples": "reporting",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(import_module(f"ldm.training.{_PUBLIC[name]}"), name)
+    raise AttributeError(f"module 'ldm.training' has no attribute {name!r}")
