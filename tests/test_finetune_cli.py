@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from PIL import Image
-from test_training_support import colour_folder, save_micro_model
+from test_training_support import colour_folder, one_torch_thread, save_micro_model  # noqa: F401 - one_torch_thread is an autouse fixture
 
 from ldm.cli import main
 
@@ -130,3 +130,15 @@ def test_settings_are_recorded_in_checkpoints(micro_folder, data_folder, tmp_pat
     state = json.loads((out / "checkpoints" / "checkpoint-000001" / "state.json").read_text())
     assert state["settings"]["min_snr_gamma"] == 5.0 and state["settings"]["lr_schedule"] == "cosine"
     assert state["step"] == 1 and state["world_size"] == 1
+
+
+def test_tensorboard_log_or_a_clear_error_without_it(micro_folder, data_folder, tmp_path, capsys):
+    import importlib.util
+
+    out = tmp_path / "run"
+    code = finetune("--max-steps", "1", "--log", "tensorboard", model=micro_folder, data=data_folder, output=out)
+    if importlib.util.find_spec("tensorboard") is None:
+        assert code == 2
+        assert "pip install tensorboard" in error_line(capsys)
+    else:
+        assert code == 0 and list((out / "tensorboard").glob("events.out.tfevents.*"))

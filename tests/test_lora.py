@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_training_support import micro_models
+from test_training_support import micro_models, one_torch_thread  # noqa: F401 - one_torch_thread is an autouse fixture
 
 from ldm.errors import CheckpointError, InputError
 from ldm.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_adapters, apply_lora, parse_lora_argument, read_lora, save_lora

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_training_support import colour_folder, generate, micro_models, redness
+from test_training_support import colour_folder, generate, micro_models, one_torch_thread, redness  # noqa: F401 - one_torch_thread is an autouse fixture
 
 from ldm.schedulers import SchedulerConfig
 from ldm.training import DataConfig, ImageCaptionDataset, TrainConfig, scan_folder, train
