@@ -123,9 +123,12 @@ def main() -> None:
     parser.add_argument("--full-resolution", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--full-mode", choices=("auto", "full", "lora"), default="auto")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads of the measuring process (default: torch's)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
+        if args.threads:
+            torch.set_num_threads(args.threads)
         resolution = args.full_resolution if args.worker == "full" else args.small_resolution
         mode = args.full_mode if args.worker == "full" else "full"
         print(json.dumps(worker(args.worker, resolution, args.steps, args.batch_size, mode)))
@@ -134,6 +137,8 @@ def main() -> None:
         command = [sys.executable, __file__, "--worker", size, "--steps", str(args.steps),
                    "--small-resolution", str(args.small_resolution), "--full-resolution", str(args.full_resolution),
                    "--batch-size", str(args.batch_size), "--full-mode", args.full_mode]
+        if args.threads:
+            command += ["--threads", str(args.threads)]
         done = subprocess.run(command, capture_output=True, text=True, env=os.environ)
         if done.returncode != 0:
             print(json.dumps({"size": size, "error": done.stderr.strip().splitlines()[-1:]}))
