@@ -191,3 +191,15 @@ def test_frozen_text_encoder_and_lora_train_only_adapters(tmp_path):
     assert all(torch.equal(v, result.text_encoder.state_dict()[k]) for k, v in text_before.items())
     saved = load_checkpoint(resolve_resume(tmp_path / "l", "latest")).trainable
     assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
+
+
+def test_bf16_mixed_precision_keeps_fp32_master_weights(tmp_path):
+    folder = colour_folder(tmp_path / "data", COLOURS, per_caption=1)
+    models = micro_models()
+    start = {k: v.clone() for k, v in models.unet.state_dict().items()}
+    config = TrainConfig(max_steps=2, batch_size=3, learning_rate=1e-3, mixed_precision="bf16", ema_decay=0.9)
+    result = train(models, dataset_for(folder, DataConfig(resolution=32)), config, tmp_path / "bf16", show_progress=False)
+    assert math.isfinite(result.last_loss)
+    assert all(p.dtype == torch.float32 for p in result.unet.parameters())  # autocast computes in bf16, stores fp32
+    assert next(models.vae.parameters()).dtype == torch.bfloat16  # the frozen VAE runs in half precision
+    assert any(not torch.equal(start[k], v) for k, v in result.unet.state_dict().items())
