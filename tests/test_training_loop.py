@@ -193,7 +193,18 @@ def test_frozen_text_encoder_and_lora_train_only_adapters(tmp_path):
     assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
 
 
-def test_bf16_mixed_precision_keeps_fp32_master_weights(tmp_path):
+@pytest.fixture()
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state whose precision cannot change once set; this test
+    needs bf16 after fp32 runs, so it resets that state before and after (as accelerate's tests do)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_mixed_precision_keeps_fp32_master_weights(tmp_path, fresh_accelerate_state):
     folder = colour_folder(tmp_path / "data", COLOURS, per_caption=1)
     models = micro_models()
     start = {k: v.clone() for k, v in models.unet.state_dict().items()}

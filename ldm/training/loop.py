@@ -112,7 +112,8 @@ def train(
     Checkpoints go to ``output_dir/checkpoints``, the metrics log and samples beside them.
     ``resume`` is ``"latest"`` or a checkpoint folder. The models are modified in place (trained,
     LoRA-injected); the result holds the unwrapped, final ones. Saving them in a model format is the
-    caller's job (``ldm.loading.save_diffusers``, ``ldm.lora.save_lora``).
+    caller's job (``ldm.loading.save_diffusers``, ``ldm.lora.save_lora``). accelerate keeps one state
+    per process: later calls in the same process must use the same ``mixed_precision``.
     """
     output_dir = Path(output_dir)
     accelerator = accelerator or make_accelerator(config)
