@@ -164,3 +164,10 @@ def test_missing_default_model_says_to_pass_model(tmp_path, capsys, monkeypatch)
     code, _, err = run(capsys, "a cat", "--out", tmp_path / "out", *FAST)
     assert code == 2
     assert "pass --model" in err and err.count("\n") == 1
+
+
+def test_every_registered_scheduler_has_a_metadata_name():
+    from ldm.cli.txt2img import A1111_SAMPLER_NAMES
+    from ldm.schedulers import SCHEDULERS
+
+    assert set(A1111_SAMPLER_NAMES) == set(SCHEDULERS)

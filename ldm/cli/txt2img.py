@@ -30,6 +30,7 @@ A1111_SAMPLER_NAMES = {
     "dpm-solver++-sde": "DPM++ 2M SDE",
     "euler": "Euler",
     "euler-ancestral": "Euler a",
+    "unipc": "UniPC",
 }
 DTYPES = ("fp32", "fp16", "bf16")
 
@@ -44,7 +45,7 @@ def register(sub) -> None:
     parser.add_argument("--from-file", type=Path, metavar="FILE", help="a text file with one prompt per line, instead of PROMPT")
     parser.add_argument("--negative-prompt", default="", metavar="TEXT", help="what the image should not show")
     parser.add_argument("--model", type=Path, metavar="PATH", help="diffusers folder or .safetensors/.ckpt file (default: the project's model)")
-    parser.add_argument("--scheduler", default="dpm-solver++", metavar="NAME", help="ddim, ddpm, dpm-solver, dpm-solver++, dpm-solver++-sde, euler, euler-ancestral")
+    parser.add_argument("--scheduler", default="dpm-solver++", metavar="NAME", help=", ".join(A1111_SAMPLER_NAMES))
     parser.add_argument("--eta", type=float, help="noise of DDIM steps (0: deterministic; only schedulers that take it)")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance; <= 1 disables it")
