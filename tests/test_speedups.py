@@ -138,3 +138,36 @@ def test_token_merging_rejects_bad_settings(unet):
         set_token_merging(unet, 0.9)
     with pytest.raises(ConfigError, match="levels"):
         set_token_merging(unet, 0.5, levels=4)
+
+
+# --- exact-mode kernels: sub-pixel upsampling and the strip-wise VAE decoder ---------------------------------
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 32, 32), (1, 16, 33, 40)])
+def test_subpixel_upsample_equals_nearest_upsample_then_conv(shape):
+    from ldm.models.unet import Upsample
+
+    torch.manual_seed(0)
+    up = Upsample(16).eval()
+    x = torch.randn(shape)
+    expected = up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+    with torch.no_grad():
+        got = up(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("strip_elements", [2**23, 300, 50])
+def test_strip_wise_decode_equals_the_plain_decoder(monkeypatch, strip_elements):
+    import ldm.models.vae as vae_module
+    from ldm.models import AutoencoderKL, VAEConfig
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig.tiny()).eval().requires_grad_(False)
+    z = torch.randn(1, 4, 9, 7)
+    with torch.enable_grad():  # autograd on: the plain layer-by-layer path
+        expected = vae.decode(z)
+    monkeypatch.setattr(vae_module, "STRIP_ELEMENTS", strip_elements)  # many strips of a few rows
+    with torch.inference_mode():
+        got = vae.decode(z)
+    assert ((got - expected).norm() / expected.norm()) < 1e-5

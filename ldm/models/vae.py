@@ -24,7 +24,7 @@ from torch import nn
 from ldm.errors import ConfigError, InputError
 from ldm.models._config import as_int, as_int_tuple, check_defaults
 from ldm.models.attention import AttentionBackend, VAEAttention, set_attention
-from ldm.models.unet import ResnetBlock
+from ldm.models.unet import ResnetBlock, subpixel_kernels
 from ldm.random import randn
 
 _EPS = 1e-6  # GroupNorm epsilon throughout the SD VAE
@@ -258,42 +258,67 @@ class Decoder(nn.Module):
         return _norm_act_conv(self.conv_norm_out, self.conv_out, x)
 
 
-STRIP_ELEMENTS = 2**20  # input elements per strip of the lean decoder (4 MiB in fp32)
+STRIP_ELEMENTS = 2**23  # input elements per strip of the lean decoder (32 MiB in fp32): big enough for full-speed convs
 
 
 def _strip_rows(x: torch.Tensor) -> int:
-    return max(1, STRIP_ELEMENTS // (x.shape[0] * x.shape[1] * x.shape[3]))
+    return max(2, STRIP_ELEMENTS // (x.shape[0] * x.shape[1] * x.shape[3]))
 
 
-def _group_norm_act(norm: nn.GroupNorm, rows: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def _group_norm_act(rows: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """SiLU(GroupNorm(rows)) for rows of a map whose GroupNorm is folded into ``stats`` (Wu & He 2018, eq. 1)."""
     scale, shift = stats  # (B, C, 1, 1)
     return F.silu(torch.addcmul(shift, rows, scale), inplace=True)
 
 
 def _group_stats(norm: nn.GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (scale, shift) with GroupNorm(x) = x * scale + shift, as torch's own kernel folds it."""
-    b, c = x.shape[:2]
-    var, mean = torch.var_mean(x.view(b, norm.num_groups, -1), dim=-1, correction=0)
-    rstd = (var + norm.eps).rsqrt().repeat_interleave(c // norm.num_groups, dim=1)  # (B, C)
+    """Per-channel (scale, shift) with GroupNorm(x) = x * scale + shift, as torch's own kernel folds it.
+
+    The variance is the two-pass one (mean first, then the mean squared deviation, strip by strip): as
+    accurate as Welford's and several times faster than ``torch.var_mean`` on CPU.
+    """
+    b, c, height, _ = x.shape
+    g = norm.num_groups
+    mean = x.view(b, g, -1).mean(dim=-1)  # (B, G)
+    centre = mean[:, :, None, None, None]
+    var = torch.zeros_like(mean)
+    step = _strip_rows(x)
+    for top in range(0, height, step):
+        rows = x[:, :, top : top + step]
+        deviation = rows.reshape(b, g, c // g, *rows.shape[2:]) - centre
+        var += deviation.square_().sum(dim=(2, 3, 4))
+    var /= x[0, 0].numel() * (c // g)
+    rstd = (var + norm.eps).rsqrt().repeat_interleave(c // g, dim=1)  # (B, C)
     scale = rstd * norm.weight
-    shift = norm.bias - mean.repeat_interleave(c // norm.num_groups, dim=1) * scale
+    shift = norm.bias - mean.repeat_interleave(c // g, dim=1) * scale
     return scale[..., None, None], shift[..., None, None]
+
+
+def _strips(height: int, step: int):
+    """(top, bottom, lo, hi): output rows [top, bottom) and the input rows [lo, hi) a 3x3 conv needs for them."""
+    for top in range(0, height, step):
+        bottom = min(top + step, height)
+        yield top, bottom, max(top - 1, 0), min(bottom + 1, height)
+
+
+def _conv_rows(conv: nn.Conv2d, rows: torch.Tensor, top: int, bottom: int, lo: int) -> torch.Tensor:
+    # Zero padding 1 all round is the conv's own padding at the image border; inside, the halo rows
+    # are real neighbours and the output rows they produce are dropped.
+    return conv(rows)[:, :, top - lo : bottom - lo]
+
+
+def _empty_like_map(x: torch.Tensor, channels: int, height: int, width: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], channels, height, width)
 
 
 def _norm_act_conv(norm: nn.GroupNorm, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """conv(SiLU(GroupNorm(x))) for a 3x3, padding-1 conv, computed in row strips with a one-row halo."""
     stats = _group_stats(norm, x)
-    height = x.shape[2]
-    out = x.new_empty(x.shape[0], conv.out_channels, height, x.shape[3])
-    step = _strip_rows(x)
-    for top in range(0, height, step):
-        bottom = min(top + step, height)
-        lo, hi = max(top - 1, 0), min(bottom + 1, height)
-        act = _group_norm_act(norm, x[:, :, lo:hi], stats)
-        # Zero rows where the strip meets the image border: the conv's own zero padding.
-        act = F.pad(act, (0, 0, 1 if top == 0 else 0, 1 if bottom == height else 0))
-        out[:, :, top:bottom] = F.conv2d(act, conv.weight, conv.bias, padding=(0, 1))
+    if _strip_rows(x) >= x.shape[2]:
+        return conv(_group_norm_act(x, stats))
+    out = _empty_like_map(x, conv.out_channels, x.shape[2], x.shape[3])
+    for top, bottom, lo, hi in _strips(x.shape[2], _strip_rows(x)):
+        out[:, :, top:bottom] = _conv_rows(conv, _group_norm_act(x[:, :, lo:hi], stats), top, bottom, lo)
     return out
 
 
@@ -304,24 +329,30 @@ def _lean_resnet(block: ResnetBlock, x: torch.Tensor) -> torch.Tensor:
     if block.conv_shortcut is None:
         return h.add_(x)
     step = _strip_rows(x)
+    if step >= x.shape[2]:
+        return h.add_(block.conv_shortcut(x))
     for top in range(0, x.shape[2], step):
         h[:, :, top : top + step] += block.conv_shortcut(x[:, :, top : top + step])
     return h
 
 
 def _lean_upsample(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """conv(nearest-2x-upsample(x)) in output row strips; the upsampled map is never whole."""
-    b, c, h, w = x.shape
-    height = 2 * h
-    out = x.new_empty(b, conv.out_channels, height, 2 * w)
-    step = max(2, _strip_rows(x) // 4 * 2)  # even, so strips start on a source row
-    for top in range(0, height, step):
-        bottom = min(top + step, height)
-        lo, hi = max(top - 1, 0), min(bottom + 1, height)
-        src = x[:, :, lo // 2 : (hi + 1) // 2]
-        up = F.interpolate(src, scale_factor=2.0, mode="nearest")[:, :, lo - lo // 2 * 2 : hi - lo // 2 * 2]
-        up = F.pad(up, (0, 0, 1 if top == 0 else 0, 1 if bottom == height else 0))
-        out[:, :, top:bottom] = F.conv2d(up, conv.weight, conv.bias, padding=(0, 1))
+    """conv(nearest-2x-upsample(x)) as four 2x2 sub-pixel convolutions of x, in source row strips.
+
+    Each output pixel of a 3x3 conv over a nearest-upsampled map sees only a 2x2 block of source pixels, so
+    the upsampled map is never built and the conv costs 4/9 of the plain one (``subpixel_kernels``).
+    """
+    b, _, height, width = x.shape
+    co = conv.out_channels
+    kernels, bias = subpixel_kernels(conv)
+    out = _empty_like_map(x, co, 2 * height, 2 * width)
+    for top, bottom, lo, hi in _strips(height, _strip_rows(x)):
+        res = F.conv2d(x[:, :, lo:hi], kernels, bias, padding=1)  # (B, 4*co, hi - lo + 1, width + 1)
+        n, r0 = bottom - top, top - lo
+        for phase in range(4):
+            a, c = divmod(phase, 2)
+            part = res[:, phase * co : (phase + 1) * co, r0 + a : r0 + a + n, c : c + width]
+            out[:, :, 2 * top + a : 2 * bottom : 2, c::2] = part
     return out
 
 
