@@ -75,3 +75,12 @@ def test_tokenizer_from_a_folder(tmp_path):
     assert load_tokenizer(TOKENIZER_DIR)("a cat").input_ids == [49406, 320, 2368, 49407]
     with pytest.raises(ConfigError, match="not a CLIP tokenizer folder"):
         load_tokenizer(tmp_path)
+
+
+def test_tokenizer_folder_saved_by_transformers_loads(tmp_path):
+    """transformers 5 saves only tokenizer.json; such a folder (as diffusers writes it) must load."""
+    load_tokenizer("sd2").save_pretrained(tmp_path)
+    assert (tmp_path / "tokenizer.json").is_file() and not (tmp_path / "vocab.json").exists()
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert tokenizer.pad_token == "!"

@@ -20,7 +20,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from ldm.errors import CheckpointError, ConfigError
 from ldm.loading.keymap import Entry, check_shape, describe_key_mismatch, to_diffusers
 from ldm.models import AutoencoderKL, UNet, UNetConfig, VAEConfig
-from ldm.models.text_encoder import load_tokenizer
+from ldm.models.text_encoder import is_tokenizer_folder, load_tokenizer
 from ldm.schedulers import SchedulerConfig
 
 Family = Literal["sd1", "sd2"]
@@ -145,13 +145,6 @@ def resolve_tokenizer(tokenizer: str | Path | CLIPTokenizer | None, family: Fami
     if tokenizer in ("sd1", "sd2"):
         return load_tokenizer(str(tokenizer))
     folder = Path(tokenizer) if tokenizer is not None else model_folder
-    if folder is None:
+    if folder is None or (tokenizer is None and not is_tokenizer_folder(folder)):
         return load_tokenizer(family)
-    has_files = (folder / "tokenizer.json").is_file() or (
-        (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
-    )
-    if not has_files:
-        if tokenizer is None:
-            return load_tokenizer(family)
-        raise ConfigError(f"{folder} is not a CLIP tokenizer folder (needs tokenizer.json or vocab.json and merges.txt)")
-    return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    return load_tokenizer(folder)

@@ -91,6 +91,13 @@ def load_tokenizer(family_or_path: Family | str | Path) -> CLIPTokenizer:
     if family_or_path in _PAD_TOKENS:
         return CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token=_PAD_TOKENS[str(family_or_path)])
     folder = Path(family_or_path)
-    if not (folder / "vocab.json").is_file() or not (folder / "merges.txt").is_file():
-        raise ConfigError(f"{folder} is not a CLIP tokenizer folder (needs vocab.json and merges.txt); pass 'sd1' or 'sd2'")
-    return CLIPTokenizer.from_pretrained(folder)
+    if not is_tokenizer_folder(folder):
+        raise ConfigError(
+            f"{folder} is not a CLIP tokenizer folder (needs tokenizer.json, or vocab.json and merges.txt); pass 'sd1' or 'sd2'"
+        )
+    return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def is_tokenizer_folder(folder: Path) -> bool:
+    """True if ``folder`` holds a tokenizer: ``tokenizer.json`` (transformers 5) or ``vocab.json`` + ``merges.txt``."""
+    return (folder / "tokenizer.json").is_file() or ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
