@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", nargs="+", type=int, default=[5, 10, 20, 50])
     parser.add_argument("--guidance", nargs="+", type=float, default=[1.0, 3.0, 7.0])
     parser.add_argument("--reference-steps", type=int, default=REFERENCE[1], help="DDPM steps of the reference (0: skip)")
+    parser.add_argument("--reference-guidance", nargs="+", type=float, default=[3.0], help="guidance scales of the reference")
     parser.add_argument("--batch", type=int, default=48)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                     "held_out_pairs": sorted(HELD_OUT_PAIRS)}
     settings = [(s, n, g) for s in args.schedulers for n in args.steps for g in args.guidance]
     if args.reference_steps:
-        settings += [(REFERENCE[0], args.reference_steps, g) for g in args.guidance]
+        settings += [(REFERENCE[0], args.reference_steps, g) for g in args.reference_guidance]
     samples: dict[tuple[str, int, float], list[np.ndarray]] = {}
     for scheduler, steps, guidance in settings:
         began = time.time()
