@@ -53,7 +53,7 @@ class ModelSpec:
     repeats: int  # timed runs per process after one warm-up
 
 
-FULL = ModelSpec("sd15", (320, 640, 1280, 1280), (128, 256, 512, 512), 768, 12, 12, 512, 20, (20,), 3)
+FULL = ModelSpec("sd15", (320, 640, 1280, 1280), (128, 256, 512, 512), 768, 12, 12, 512, 20, (20,), 2)
 # Same architecture at about 1/5 of the width and 1/2 of the resolution: a few minutes end to end.
 QUICK = ModelSpec("quick", (64, 128, 256, 256), (32, 64, 128, 128), 256, 4, 4, 256, 8, (4, 8), 2)
 SPECS = {"full": FULL, "quick": QUICK}

@@ -1,6 +1,7 @@
 """Run every performance benchmark of ldm against diffusers in one go and publish the table.
 
     python benchmarks/run_all.py [--quick] [--no-speedups] [--no-load] [--large 1024]
+    python benchmarks/run_all.py --speedups-only [--quick] [--large 1024]   # add to the last run
 
 Builds (once, cached in ``$LDM_BENCH_CACHE`` or the temp folder) a random-weight SD 1.5-architecture
 model in the diffusers layout and as a single file, then runs, each measurement in its own process:
@@ -207,18 +208,23 @@ def main(argv: list[str]) -> None:
     start = time.time()
     common.build_model(spec)
     flags = ["--quick"] if quick else []
-    summary: dict[str, Any] = {"spec": spec.__dict__, "time": time.strftime("%Y-%m-%d %H:%M")}
-    if "--no-load" not in argv:
-        summary["load"] = run_load(quick)
-        print("load:", summary["load"].get("output", summary["load"])[-1:])
-    summary["unet_step"] = unet_step.main(flags)
-    summary["vae_decode"] = vae_decode.main(flags)
-    summary["whole_image"] = whole_image.main(flags + ([] if "--no-speedups" in argv else ["--speedups"]))
+    summary_path = common.RESULTS_DIR / f"summary-{spec.name}.json"
+    if "--speedups-only" in argv:  # add the speed-ups (and the large image) to the last full run
+        summary = json.loads(summary_path.read_text())
+        summary["whole_image"]["speedups"] = whole_image.main(flags + ["--speedups-only"])["speedups"]
+    else:
+        summary = {"spec": spec.__dict__, "time": time.strftime("%Y-%m-%d %H:%M")}
+        if "--no-load" not in argv:
+            summary["load"] = run_load(quick)
+            print("load:", summary["load"].get("output", summary["load"])[-1:])
+        summary["unet_step"] = unet_step.main(flags)
+        summary["vae_decode"] = vae_decode.main(flags)
+        summary["whole_image"] = whole_image.main(flags + ([] if "--no-speedups" in argv else ["--speedups"]))
     if "--large" in argv:
         summary["large"] = run_large(spec, int(argv[argv.index("--large") + 1]))
     summary["wall_s"] = time.time() - start
     common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (common.RESULTS_DIR / f"summary-{spec.name}.json").write_text(json.dumps(summary, indent=2, default=str))
+    summary_path.write_text(json.dumps(summary, indent=2, default=str))
     plot(summary, common.RESULTS_DIR / f"time_per_image-{spec.name}.png")
     text = table(summary)
     if not quick or "--publish" in argv:

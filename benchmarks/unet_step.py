@@ -1,6 +1,6 @@
 """One classifier-free-guidance U-Net step (batch 2) of ldm against diffusers, and the FLOP rate it achieves.
 
-    python benchmarks/unet_step.py [--quick]
+    python benchmarks/unet_step.py [--quick] [--compile]
 
 Both engines load the same diffusers folder and run the same seeded inputs
 (latents (2, 4, h, w), timestep 500, text states (2, 77, width)) under
@@ -64,7 +64,7 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
 
     result = common.measure(step, warmup=1, repeats=spec.repeats)
     if args.get("save"):
-        torch.save(outputs[-1].contiguous(), args["save"])
+        torch.save(outputs[-1].contiguous(), args["save"].format(impl=args["impl"]))
     return result
 
 
@@ -89,14 +89,11 @@ def main(argv: list[str]) -> dict[str, Any]:
     flops = count_step_flops(spec)
     gemm = common.run_worker("unet_step.py", {**base, "impl": "matmul"})["gflops"]
     with tempfile.TemporaryDirectory() as tmp:
-        ours, theirs = Path(tmp) / "ldm.pt", Path(tmp) / "diffusers.pt"
-        runs = common.alternate("unet_step.py", base, rounds)
-        common.run_worker("unet_step.py", {**base, "impl": "ldm", "save": str(ours)})
-        common.run_worker("unet_step.py", {**base, "impl": "diffusers", "save": str(theirs)})
-        a, b = torch.load(ours), torch.load(theirs)
-        max_diff = (a - b).abs().max().item()
+        runs = common.alternate("unet_step.py", {**base, "save": str(Path(tmp) / "{impl}.pt")}, rounds)
+        max_diff = (torch.load(Path(tmp) / "ldm.pt") - torch.load(Path(tmp) / "diffusers.pt")).abs().max().item()
     variants = {}
-    for variant in ("channels_last", "compile"):
+    # torch.compile of the full-size U-Net takes many minutes on 2 cores: measured with --compile only.
+    for variant in ("channels_last", "compile") if "--compile" in argv else ("channels_last",):
         try:
             variants[variant] = common.run_worker("unet_step.py", {**base, "impl": "ldm", "variant": variant})
         except RuntimeError as error:  # e.g. no C++ compiler for torch.compile: recorded, not fatal

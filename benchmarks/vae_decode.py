@@ -54,7 +54,7 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
 
     result = common.measure(step, warmup=args.get("warmup", 1), repeats=args.get("repeats", spec.repeats))
     if args.get("save"):
-        torch.save(images[-1], args["save"])
+        torch.save(images[-1], args["save"].format(impl=args["impl"]))
     return result
 
 
@@ -62,12 +62,9 @@ def main(argv: list[str]) -> dict[str, Any]:
     spec = common.spec_from_argv(argv)
     folder, _ = common.build_model(spec)
     base = {"spec": "quick" if spec is common.QUICK else "full", "folder": str(folder), "size": spec.image_size}
-    runs = common.alternate("vae_decode.py", base, 1 if spec is common.FULL else 2)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = {impl: str(Path(tmp) / f"{impl}.pt") for impl in ("ldm", "diffusers")}
-        for impl, path in paths.items():
-            common.run_worker("vae_decode.py", {**base, "impl": impl, "save": path, "warmup": 0, "repeats": 1})
-        max_diff = (torch.load(paths["ldm"]) - torch.load(paths["diffusers"])).abs().max().item()
+        runs = common.alternate("vae_decode.py", {**base, "save": str(Path(tmp) / "{impl}.pt")}, 1 if spec is common.FULL else 2)
+        max_diff = (torch.load(Path(tmp) / "ldm.pt") - torch.load(Path(tmp) / "diffusers.pt")).abs().max().item()
     summary = {
         impl: {"median_s": common.pooled(r), "peak_mib": common.max_of(r, "peak_mib"),
                "peak_increase_mib": common.max_of(r, "peak_increase_mib"), "runs": r}

@@ -1,6 +1,6 @@
 """A whole image (prompt to pixels) of ldm against diffusers, and ldm's switchable speed-ups.
 
-    python benchmarks/whole_image.py [--quick] [--speedups] [--size 1024]
+    python benchmarks/whole_image.py [--quick] [--speedups | --speedups-only] [--size 1024]
 
 Both pipelines load the same diffusers folder and make one guided image
 (DPM-Solver++(2M), guidance 7.5, a negative prompt) from the same initial
@@ -12,12 +12,14 @@ during the timed call, weights included.
 speed-up over ldm's exact image of the same run and its fidelity cost: the
 PSNR of the image against the exact one, and (when the default model
 ``weights/ldm-shapes`` is installed) the prompt adherence of the pixel scorer.
-``--size`` makes one large image with VAE tiling and sliced attention and
+``--speedups-only`` measures the speed-ups against the exact image and time of the
+last comparison run. ``--size`` makes one large image with VAE tiling and sliced attention and
 reports its time and peak memory.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import tempfile
@@ -39,6 +41,9 @@ SPEEDUPS: dict[str, dict[str, Any]] = {
 }
 
 
+RESULT_KEYS = ("by_steps", "ldm", "diffusers", "time_ratio", "peak_ratio", "psnr_ldm_vs_diffusers_db", "speedups", "large")
+
+
 def initial_latents(size: int, batch: int = 1) -> torch.Tensor:
     return torch.randn(batch, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
 
@@ -55,10 +60,10 @@ def make_pipeline(impl: str, folder: str, large: bool):
             pipe.vae.enable_tiling()
             pipe.enable_attention_slicing()
 
-        def generate(steps: int, latents: torch.Tensor, size: int, options: dict) -> np.ndarray:
+        def generate(steps: int, latents: torch.Tensor, size: int, options: dict, output: str = "np") -> np.ndarray:
             return pipe(common.PROMPT, negative_prompt=common.NEGATIVE, num_inference_steps=steps,
                         guidance_scale=common.GUIDANCE, height=size, width=size, latents=latents,
-                        output_type="np").images  # fmt: skip
+                        output_type=output).images  # fmt: skip
 
         return generate
     from ldm import Pipeline
@@ -68,10 +73,10 @@ def make_pipeline(impl: str, folder: str, large: bool):
         pipe.vae_decode = "tiled"
         pipe.set_attention("sliced")
 
-    def generate(steps: int, latents: torch.Tensor, size: int, options: dict) -> np.ndarray:
+    def generate(steps: int, latents: torch.Tensor, size: int, options: dict, output: str = "np") -> np.ndarray:
         return pipe(common.PROMPT, negative_prompt=common.NEGATIVE, num_inference_steps=steps,
                     guidance_scale=common.GUIDANCE, height=size, width=size, latents=latents,
-                    scheduler="dpm-solver++", output_type="np", **options).images  # fmt: skip
+                    scheduler="dpm-solver++", output_type=output, **options).images  # fmt: skip
 
     return generate
 
@@ -82,7 +87,7 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
     latents = initial_latents(size)
     options = args.get("options", {})
     images = []
-    generate(1, latents, size, options)  # warm-up: one step, so kernels and allocator are primed
+    generate(1, latents, size, options, "latent")  # warm-up: one U-Net step, so kernels and allocator are primed
     result = common.measure(lambda: images.append(generate(steps, latents, size, options)), warmup=0, repeats=1)
     if args.get("save"):
         np.save(args["save"], images[-1])
@@ -111,9 +116,14 @@ def compare(spec: common.ModelSpec, folder: Path, steps: int, tmp: Path) -> dict
     }
 
 
-def speedups(spec: common.ModelSpec, folder: Path, tmp: Path, exact: dict[str, Any]) -> dict[str, Any]:
+def reference_path(spec: common.ModelSpec) -> Path:
+    """Where the exact ldm image of the last comparison is kept, for speed-up runs made later."""
+    return common.CACHE_DIR / spec.name / f"ldm-exact-{spec.steps}.npy"
+
+
+def speedups(spec: common.ModelSpec, folder: Path, tmp: Path, exact_seconds: float) -> dict[str, Any]:
     """Each speed-up's time, speed-up over the exact ldm image and PSNR against it."""
-    reference = np.load(tmp / f"ldm-{spec.steps}.npy")
+    reference = np.load(reference_path(spec))
     base = {"spec": spec.name, "folder": str(folder), "size": spec.image_size, "steps": spec.steps, "impl": "ldm"}
     out = {}
     for name, options in SPEEDUPS.items():
@@ -123,7 +133,7 @@ def speedups(spec: common.ModelSpec, folder: Path, tmp: Path, exact: dict[str, A
             "options": options,
             "time_s": result["median_s"],
             "peak_mib": result["peak_mib"],
-            "speedup": exact["ldm"]["time_s"] / result["median_s"],
+            "speedup": exact_seconds / result["median_s"],
             "psnr_db": psnr(np.load(save), reference),
         }
     return out
@@ -133,12 +143,21 @@ def main(argv: list[str]) -> dict[str, Any]:
     spec = common.spec_from_argv(argv)
     folder, _ = common.build_model(spec)
     payload: dict[str, Any] = {}
+    if "--speedups-only" in argv:  # against the exact image and time of the last full comparison
+        last = json.loads((common.RESULTS_DIR / f"whole_image-{spec.name}.json").read_text())
+        with tempfile.TemporaryDirectory() as tmp:
+            last["speedups"] = speedups(spec, folder, Path(tmp), last["ldm"]["time_s"])
+        common.save_results("whole_image", spec, {k: v for k, v in last.items() if k in RESULT_KEYS})
+        for name, s in last["speedups"].items():
+            print(f"  {name}: {s['time_s']:.1f} s, {s['speedup']:.2f}x, PSNR {s['psnr_db']:.1f} dB")
+        return last
     with tempfile.TemporaryDirectory() as tmp:
         by_steps = {steps: compare(spec, folder, steps, Path(tmp)) for steps in sorted({*spec.plot_steps, spec.steps})}
         payload["by_steps"] = by_steps
         payload.update(by_steps[spec.steps])
+        reference_path(spec).write_bytes((Path(tmp) / f"ldm-{spec.steps}.npy").read_bytes())
         if "--speedups" in argv:
-            payload["speedups"] = speedups(spec, folder, Path(tmp), by_steps[spec.steps])
+            payload["speedups"] = speedups(spec, folder, Path(tmp), payload["ldm"]["time_s"])
     if "--size" in argv:
         size = int(argv[argv.index("--size") + 1])
         large = {"spec": spec.name, "folder": str(folder), "size": size, "steps": spec.steps, "large": True}
