@@ -251,6 +251,7 @@ class Pipeline:
             return GenerationOutput(to_numpy(images), seeds)
         return GenerationOutput(to_pil(images), seeds)
 
+    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images in [0, 1]; retries in fp32 if fp16 overflowed; raises on NaN / inf."""
         z = latents / self.vae.config.scaling_factor
