@@ -20,7 +20,8 @@ draws the position at random per step to avoid grid artifacts; we prefer reprodu
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -105,3 +106,16 @@ def set_token_merging(unet: nn.Module, ratio: float, levels: int = 1) -> None:
         for module in block.modules():
             if isinstance(module, BasicTransformerBlock):
                 module.token_merge_ratio = ratio if block in chosen else 0.0
+
+
+@contextmanager
+def token_merging(unet: nn.Module, ratio: float, levels: int = 1) -> Iterator[None]:
+    """Token merging at ``ratio`` for the duration of the block, off again afterwards (a no-op at 0)."""
+    if ratio == 0:
+        yield
+        return
+    set_token_merging(unet, ratio, levels)
+    try:
+        yield
+    finally:
+        set_token_merging(unet, 0.0)
