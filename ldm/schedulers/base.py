@@ -18,6 +18,8 @@ start at ``timesteps[k]`` (img2img) and then continues in order.
 
 from __future__ import annotations
 
+import abc
+
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, get_args
@@ -130,7 +132,7 @@ class NoOptions:
     """A scheduler without options of its own."""
 
 
-class Scheduler:
+class Scheduler(abc.ABC):
     """Shared state and the parts of the contract that do not depend on the sampling algorithm.
 
     Subclasses set ``Options`` (a frozen dataclass of their typed options) and implement
@@ -173,9 +175,11 @@ class Scheduler:
         alpha_t, sigma_t = self._vp_coefficients(t, x0)
         return noise.prediction_from(x0, eps, alpha_t, sigma_t, self.config.prediction_type)
 
+    @abc.abstractmethod
     def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
-        raise NotImplementedError
+        """Choose the inference timesteps and reset the per-run state."""
 
+    @abc.abstractmethod
     def step(
         self,
         model_output: torch.Tensor,
@@ -183,7 +187,7 @@ class Scheduler:
         sample: torch.Tensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> torch.Tensor:
-        raise NotImplementedError
+        """One denoising step from ``sample`` at ``t`` to the previous sample."""
 
     # --- helpers for subclasses -----------------------------------------------------------------
 
