@@ -19,6 +19,7 @@ Stages, each checkpointed in --work-dir so a killed run resumes where it stopped
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import math
@@ -287,7 +288,25 @@ def train_denoiser(recipe: Recipe, vae: AutoencoderKL, data: Path, work: Path) -
     began = time.time()
     result = train(components, dataset, config, output, resume=resume, show_progress=False)
     trained = dataclasses.replace(components, unet=result.unet, text_encoder=result.text_encoder)
-    return trained, {"seconds_this_run": time.time() - began, "steps": result.step, "last_loss": result.last_loss}
+    seconds, losses = loop_history(output / "log.csv")
+    return trained, {"seconds": seconds, "steps": result.step, "last_loss": result.last_loss, "loss": losses,
+                     "seconds_this_process": time.time() - began}
+
+
+def loop_history(log_csv: Path) -> tuple[float, list[tuple[int, float]]]:
+    """Training seconds over every (resumed) process of the loop, and the logged losses, from its log.csv.
+
+    Each process's ``elapsed_seconds`` restarts at 0, so the total is the sum of each run's last value.
+    """
+    with open(log_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    total, previous = 0.0, 0.0
+    for row in rows:
+        elapsed = float(row["elapsed_seconds"])
+        if elapsed < previous:
+            total += previous
+        previous = elapsed
+    return total + previous, [(int(row["step"]), round(float(row["loss"]), 5)) for row in rows]
 
 
 @torch.no_grad()
@@ -333,6 +352,7 @@ def snapshot(work: Path, recipe: Recipe) -> tuple[Path, Recipe]:
         shutil.copy2(work / "vae.ckpt", frozen / "vae.ckpt")
         (frozen / "data").symlink_to((work / "data").resolve())
         shutil.copytree(checkpoints[-1], frozen / "denoiser" / "checkpoints" / checkpoints[-1].name)
+        shutil.copy2(work / "denoiser" / "log.csv", frozen / "denoiser" / "log.csv")
     log(f"snapshot of {work} at U-Net step {step} in {frozen}")
     return frozen, dataclasses.replace(recipe, diffusion_training=dataclasses.replace(recipe.diffusion_training, steps=step))
 
@@ -378,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"vae: scaling factor {vae_config.scaling_factor}, reconstructions read as {record['vae_reconstruction_accuracy']}")
 
     model, denoiser = train_denoiser(recipe, vae, work / "data", work)
-    seconds["unet_and_text_encoder"] = denoiser["seconds_this_run"]
+    seconds["unet_and_text_encoder"] = denoiser["seconds"]
     record["adherence_20_steps_by_guidance"] = {g: adherence(model, recipe, g) for g in (1.0, 3.0, 7.0)}
     log(f"adherence at 20 dpm-solver++ steps by guidance: {record['adherence_20_steps_by_guidance']}")
 
