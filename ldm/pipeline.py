@@ -21,6 +21,7 @@ single image equals diffusers' image for the same seed.
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,6 +36,9 @@ from torch import nn
 
 from ldm.errors import CheckpointError, ConfigError, InputError, LdmError
 from ldm.images import image_to_tensor, open_image, to_numpy, to_pil
+from ldm.models.deepcache import DeepCacheUNet
+from ldm.models.tome import MAX_RATIO as MAX_TOKEN_MERGING
+from ldm.models.tome import token_merging as merged_tokens
 from ldm.prompts import encode_prompts
 from ldm.random import randn, seed_generators
 from ldm.schedulers import Scheduler, SchedulerConfig, create
@@ -77,6 +81,7 @@ class Pipeline:
         self.device = next(unet.parameters()).device  # where the networks run
         self.dtype = next(unet.parameters()).dtype
         self.offload_device: torch.device | None = None  # set by enable_model_cpu_offload
+        self.channels_last = False  # set by enable_channels_last
 
     @classmethod
     def from_pretrained(
@@ -145,7 +150,12 @@ class Pipeline:
 
     # --- generation --------------------------------------------------------------------------------
 
-    @torch.no_grad()
+    def enable_channels_last(self, enabled: bool = True) -> None:
+        """Keep the U-Net's weights and activations in channels-last (NHWC) memory format (see docs/performance.md)."""
+        self.unet.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        self.channels_last = enabled
+
+    @torch.inference_mode()
     def __call__(
         self,
         prompt: str | list[str],
@@ -166,6 +176,9 @@ class Pipeline:
         clip_skip: int | None = None,
         output_type: OutputType = "pil",
         callback: StepCallback | None = None,
+        guidance_fraction: float = 1.0,
+        deepcache_interval: int = 1,
+        token_merging: float = 0.0,
     ) -> GenerationOutput:
         """Generate images; see the module docstring and docs/txt2img.md for every argument.
 
@@ -174,6 +187,12 @@ class Pipeline:
         or a diffusers scheduler object. ``guidance_scale <= 1`` runs the conditional
         pass alone. ``init_image`` with ``strength`` in (0, 1] turns this into
         img2img. ``callback(i, t, latents)`` is called after each step.
+
+        Speed-ups (docs/performance.md), exact at their defaults: ``guidance_fraction``
+        runs the unconditional pass only in the first ``ceil(fraction * steps)``
+        steps; ``deepcache_interval`` > 1 runs the deep U-Net only every that many
+        steps (DeepCache); ``token_merging`` merges that fraction of the tokens in the
+        full-resolution self-attention (ToMe).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -190,6 +209,7 @@ class Pipeline:
         height = self.unet.config.sample_size * factor if height is None else height
         width = self.unet.config.sample_size * factor if width is None else width
         check_arguments(height, width, factor, num_inference_steps, num_images_per_prompt, strength, output_type)
+        check_speedups(guidance_fraction, deepcache_interval, token_merging)
         batch = len(prompts) * num_images_per_prompt
         seeds, generators = self._generators(generator, seed, batch)
         guided = guidance_scale > 1.0
@@ -226,13 +246,18 @@ class Pipeline:
         else:
             x = self._noised_init_latents(init, sampler, timesteps[:1], shape, generators)
 
-        # 4. Denoise with classifier-free guidance (Ho & Salimans 2022, eq. 6): both passes in one U-Net call.
-        with self._running(self.unet) as unet:
+        # 4. Denoise with classifier-free guidance (Ho & Salimans 2022, eq. 6): both passes in one U-Net call,
+        #    for the first ``guided_steps`` steps (guidance truncation), the conditional pass alone after.
+        guided_steps = math.ceil(guidance_fraction * len(timesteps)) if guided else 0
+        with self._running(self.unet) as unet, merged_tokens(unet, token_merging):
+            model = DeepCacheUNet(unet, deepcache_interval) if deepcache_interval > 1 else unet
             for i, t in enumerate(timesteps):
-                model_input = torch.cat([x, x]) if guided else x
+                both = i < guided_steps
+                model_input = torch.cat([x, x]) if both else x
                 model_input = sampler.scale_model_input(model_input, t)
-                output = unet(model_input.to(self.dtype), t, context).float()
-                if guided:
+                model_input = model_input.to(self.dtype, memory_format=self._memory_format)
+                output = model(model_input, t, context if both else cond).float()
+                if both:
                     out_uncond, out_cond = output.chunk(2)
                     output = out_uncond + guidance_scale * (out_cond - out_uncond)
                     if guidance_rescale > 0:
@@ -276,6 +301,10 @@ class Pipeline:
         return vae.decode(z)
 
     # --- helpers of __call__ -----------------------------------------------------------------------
+
+    @property
+    def _memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
 
     def _negative_prompts(self, negative_prompt: str | list[str] | None, count: int) -> list[str]:
         if negative_prompt is None:
@@ -376,6 +405,16 @@ def check_arguments(
         raise InputError(f"strength must be in (0, 1], got {strength}")
     if output_type not in ("pil", "np", "pt", "latent"):
         raise InputError(f"output_type must be one of pil, np, pt, latent; got {output_type!r}")
+
+
+def check_speedups(guidance_fraction: float, deepcache_interval: int, token_merging: float) -> None:
+    """Raise ``InputError`` for speed-up settings out of range."""
+    if not 0.0 <= guidance_fraction <= 1.0:
+        raise InputError(f"guidance_fraction must be in [0, 1] (1 = guidance at every step), got {guidance_fraction}")
+    if not isinstance(deepcache_interval, int) or deepcache_interval < 1:
+        raise InputError(f"deepcache_interval must be an integer >= 1 (1 = off), got {deepcache_interval!r}")
+    if not 0.0 <= token_merging <= MAX_TOKEN_MERGING:
+        raise InputError(f"token_merging must be in [0, {MAX_TOKEN_MERGING}] (0 = off), got {token_merging}")
 
 
 def check_dtype(dtype: torch.dtype, device: torch.device) -> None:

@@ -64,6 +64,11 @@ def register(sub) -> None:
     parser.add_argument("--vae-decode", choices=("full", "sliced", "tiled"), default="full", help="sliced/tiled bound memory")
     parser.add_argument("--attention", choices=("sdpa", "sliced", "xformers"), default="sdpa", help="attention backend")
     parser.add_argument("--cpu-offload", action="store_true", help="CUDA: keep each network on the CPU until it runs")
+    speed = parser.add_argument_group("speed-ups (trade fidelity for speed; see docs/performance.md)")
+    speed.add_argument("--deepcache", type=int, default=1, metavar="N", help="full U-Net every N-th step only (DeepCache; 3 is ~2x; 1 = off)")
+    speed.add_argument("--guidance-fraction", type=float, default=1.0, metavar="F", help="guidance in the first F of the steps only (1 = off)")
+    speed.add_argument("--tome", type=float, default=0.0, metavar="R", help="merge R (0..0.75) of the tokens in full-resolution self-attention (0 = off)")
+    speed.add_argument("--channels-last", action="store_true", help="channels-last memory format for the U-Net")
     parser.add_argument("--out", type=Path, default=Path("outputs"), metavar="DIR", help="output folder (default: outputs/)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
@@ -102,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
     pipe.vae_decode = args.vae_decode
     if args.attention != "sdpa":
         pipe.set_attention(args.attention)
+    if args.channels_last:
+        pipe.enable_channels_last()
 
     from tqdm import tqdm
 
@@ -128,6 +135,9 @@ def run(args: argparse.Namespace) -> int:
                 init_image=job.init_image,
                 strength=job.strength,
                 callback=lambda i, t, x, bar=steps_bar: bar.update(1),
+                guidance_fraction=args.guidance_fraction,
+                deepcache_interval=args.deepcache,
+                token_merging=args.tome,
             )
             steps_bar.close()
             for image, seed in zip(result.images, result.seeds):
@@ -162,6 +172,12 @@ def extra_parameters(args: argparse.Namespace) -> dict[str, str]:
         extra["Eta"] = f"{args.eta:g}"
     if args.guidance_rescale:
         extra["Guidance rescale"] = f"{args.guidance_rescale:g}"
+    if args.deepcache > 1:
+        extra["DeepCache interval"] = str(args.deepcache)
+    if args.guidance_fraction < 1:
+        extra["Guidance fraction"] = f"{args.guidance_fraction:g}"
+    if args.tome:
+        extra["Token merging ratio"] = f"{args.tome:g}"
     if args.lora:
         extra["Lora"] = ", ".join(f"{path.stem}: {scale:g}" for path, scale in map(lora_argument, args.lora))
     extra["Version"] = f"ldm {__version__}"
@@ -195,6 +211,14 @@ def check_arguments(args: argparse.Namespace) -> Job:
         raise InputError(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
     if args.clip_skip is not None and args.clip_skip < 0:
         raise InputError(f"--clip-skip must be 0 or more, got {args.clip_skip}")
+    if not 0 <= args.guidance_fraction <= 1:
+        raise InputError(f"--guidance-fraction must be in [0, 1] (1 = guidance at every step), got {args.guidance_fraction}")
+    if args.deepcache < 1:
+        raise InputError(f"--deepcache must be at least 1 (1 = off), got {args.deepcache}")
+    from ldm.models.tome import MAX_RATIO
+
+    if not 0 <= args.tome <= MAX_RATIO:
+        raise InputError(f"--tome must be in [0, {MAX_RATIO}] (0 = off), got {args.tome}")
     if args.device is not None:
         check_device(args.device)
     if args.dtype == "fp16" and args.device is not None and args.device.startswith("cpu"):
