@@ -115,9 +115,14 @@ def table(summary: dict[str, Any]) -> str:
         parts = [f"{k}: {x['ratio_to_exact']:.2f}x the exact time" if "ratio_to_exact" in x else f"{k}: {x['error']}"
                  for k, x in variants.items()]  # fmt: skip
         lines += ["", "U-Net variants (ldm, time relative to the default): " + "; ".join(parts) + "."]
-    if "speedups" in w:
-        lines += ["", "| speed-up (ldm) | options | time (s) | speed-up | PSNR vs exact (dB) |", "|---|---|---|---|---|"]
-        for name, s in w["speedups"].items():
+    for key, where in (("whole_image", f"{spec['image_size']}x{spec['image_size']}"), ("speedups_256", "256x256")):
+        block = summary.get(key, {})
+        if "speedups" not in block:
+            continue
+        lines += ["", f"Speed-ups, {where}, {spec['steps']} steps, full-size model; exact ldm image "
+                      f"{block['ldm']['time_s']:.1f} s:", "",
+                  "| speed-up (ldm) | options | time (s) | speed-up | PSNR vs exact (dB) |", "|---|---|---|---|---|"]  # fmt: skip
+        for name, s in block["speedups"].items():
             opts = ", ".join(f"{k}={x}" for k, x in s["options"].items())
             lines.append(f"| {name} | {opts} | {s['time_s']:.1f} | {s['speedup']:.2f}x | {s['psnr_db']:.1f} |")
     if "load" in summary and "output" in load:
