@@ -229,6 +229,12 @@ class Scheduler(abc.ABC):
             raise ConfigError("step() called after the last timestep; call set_timesteps again for a new run")
         return self._step_index
 
+    def _begin_step(self, t: torch.Tensor | int | float) -> int:
+        """The index of the step ``step(..., t, ...)`` is taking; the next call takes the one after it."""
+        i = self._index_for_step(t)
+        self._step_index = i + 1
+        return i
+
     def _vp_coefficients(self, t: torch.Tensor | int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha_t, sigma_t) = (sqrt(abar_t), sqrt(1 - abar_t)) shaped to broadcast against ``like``."""
         t = torch.as_tensor(t, device=self.alphas_cumprod.device)

@@ -61,8 +61,7 @@ class DDIMScheduler(Scheduler):
         sample: torch.Tensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> torch.Tensor:
-        i = self._index_for_step(t)
-        self._step_index = i + 1
+        i = self._begin_step(t)
         # 1. abar_t and abar_prev of this step.
         abar_t, abar_prev = self._abars[i], self._abars[i + 1]
         # 2. x_0 hat and eps hat from the network output (eq. 9 solved for x_0).

@@ -68,8 +68,7 @@ class DPMSolverScheduler(Scheduler):
         sample: torch.Tensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> torch.Tensor:
-        i = self._index_for_step(t)
-        self._step_index = i + 1
+        i = self._begin_step(t)
         o, n = self.options, len(self.timesteps)
         # 1. Half log-SNR lambda = log(alpha / sigma) at the current and next points.
         alpha_s, sigma_s = _vp(self.sigmas[i])

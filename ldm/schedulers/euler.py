@@ -74,8 +74,7 @@ class EulerScheduler(Scheduler):
         sample: torch.Tensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> torch.Tensor:
-        i = self._index_for_step(t)
-        self._step_index = i + 1
+        i = self._begin_step(t)
         sample = sample.to(torch.float32)
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
         # 1. The denoiser D(x; sigma) = predicted x_0, from the network's VP view of x.

@@ -64,8 +64,7 @@ class UniPCScheduler(Scheduler):
         sample: torch.Tensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> torch.Tensor:
-        i = self._index_for_step(t)
-        self._step_index = i + 1
+        i = self._begin_step(t)
         o = self.options
         # 1. The data prediction at the current point s0 = sigmas[i].
         alpha, sigma = _vp(self.sigmas[i])
