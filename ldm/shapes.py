@@ -213,11 +213,3 @@ def generate(count: int, seed: int, resolution: int, split: Split = "train") -> 
     if count < 0 or resolution < 16:
         raise InputError(f"need count >= 0 and resolution >= 16, got {count} and {resolution}")
     return [random_sample(seed, i, resolution, split) for i in range(count)]
-
-
-def to_tensor_batch(samples: list[Sample]):
-    """Images as a (N, 3, H, W) float tensor in [-1, 1], the VAE's input range."""
-    import torch
-
-    images = np.stack([s.image for s in samples]).astype(np.float32) / 127.5 - 1.0
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
