@@ -56,6 +56,8 @@ class VAEStage:
     batch_size: int = 16
     learning_rate: float = 1e-3
     kl_weight: float = 1e-6  # on the KL summed over the latent, relative to the L1 summed over the pixels (LDM's convention)
+    initial_logvar: float = 0.0  # start of the posterior's log-variance: the tiny KL weight drives it far below 0 anyway,
+    # and starting there spares the early steps a decoder fed mostly noise (std 1 around means near 0)
     crop: int = 32  # side of the random crops of the first crop_steps steps (cheap: the VAE is convolutional) ...
     crop_steps: int = 0  # ... after which it trains on whole images, whose GroupNorm and attention statistics it must match
     decay_steps: int = 0  # the last decay_steps steps lower the learning rate to 10 % (half cosine) to settle the edges
@@ -186,6 +188,8 @@ def train_vae(recipe: Recipe, images: np.ndarray, work: Path) -> tuple[Autoencod
     stage = recipe.vae_training
     torch.manual_seed(recipe.seed)
     vae = AutoencoderKL(recipe.vae)
+    with torch.no_grad():  # quant_conv's output is (mean, logvar) per latent channel
+        vae.quant_conv.bias[recipe.vae.latent_channels :] += stage.initial_logvar
     optimizer = torch.optim.AdamW(vae.parameters(), lr=stage.learning_rate, weight_decay=0.0)
     state = load_state(work / "vae.ckpt")
     start, history = 0, {"l1": [], "seconds": 0.0}
