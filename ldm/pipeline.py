@@ -45,6 +45,7 @@ from ldm.schedulers import Scheduler, SchedulerConfig, create
 
 OutputType = Literal["pil", "np", "pt", "latent"]
 VaeDecode = Literal["full", "sliced", "tiled"]
+WeightsAfterUse = Literal["keep", "release"]  # see Pipeline.release_weights_after_use
 Generators = torch.Generator | list[torch.Generator]
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -56,6 +57,10 @@ MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 
 class NonFiniteOutputError(LdmError):
     """The generated image contains NaN or infinity."""
+
+
+class ReleasedWeightsError(LdmError):
+    """A network's weights were released after a one-shot call (``release_weights_after_use``)."""
 
 
 @dataclass
@@ -82,6 +87,7 @@ class Pipeline:
         self.dtype = next(unet.parameters()).dtype
         self.offload_device: torch.device | None = None  # set by enable_model_cpu_offload
         self.channels_last = False  # set by enable_channels_last
+        self.weights_after_use: WeightsAfterUse = "keep"  # set by release_weights_after_use
 
     @classmethod
     def from_pretrained(
@@ -136,6 +142,18 @@ class Pipeline:
 
         apply_lora(self.unet, self.text_encoder, path, scale=scale, fuse=fuse)
 
+    def release_weights_after_use(self) -> None:
+        """Make the next call a one-shot: each network's weights are freed as soon as its stage is done.
+
+        The text encoder is released after the prompts are encoded, the U-Net after the last
+        denoising step, the VAE after decoding (as stable-diffusion.cpp's CLI does). Weights loaded
+        from safetensors in their own dtype are memory-mapped and become resident only when a network
+        first runs, so the call's peak memory is about the U-Net's weights plus its activations
+        instead of all weights at once. The pipeline cannot generate again afterwards (a later call
+        raises ``ReleasedWeightsError``); ``ldm txt2img`` uses this when it makes a single call.
+        """
+        self.weights_after_use = "release"
+
     @contextmanager
     def _running(self, module: nn.Module) -> Iterator[nn.Module]:
         """``module`` on the execution device for the duration of the block (a no-op without offload)."""
@@ -147,6 +165,19 @@ class Pipeline:
             yield module
         finally:
             module.to(self.offload_device)
+
+    def _done_with(self, module: nn.Module) -> None:
+        """The end of ``module``'s last stage in this call: free its weights if asked to (one-shot)."""
+        if self.weights_after_use == "release":
+            # The meta device holds no data: the parameters' storage (and the file mapping they
+            # view) is freed once nothing else refers to it.
+            module.to("meta")
+
+    def _check_loaded(self, *modules: nn.Module) -> None:
+        if any(next(module.parameters()).is_meta for module in modules):
+            raise ReleasedWeightsError(
+                "this pipeline released its weights after its one-shot call; load it again with Pipeline.from_pretrained"
+            )
 
     # --- generation --------------------------------------------------------------------------------
 
@@ -194,6 +225,7 @@ class Pipeline:
         steps (DeepCache); ``token_merging`` merges that fraction of the tokens in the
         full-resolution self-attention (ToMe).
         """
+        self._check_loaded(self.text_encoder, self.unet, self.vae)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise InputError("the prompt list is empty; give at least one prompt")
@@ -220,6 +252,7 @@ class Pipeline:
         with self._running(self.text_encoder) as text_encoder:
             texts = prompts + negatives if guided else prompts
             embeddings = encode_prompts(text_encoder, self.tokenizer, texts, clip_skip=clip_skip)
+        self._done_with(self.text_encoder)
         embeddings = embeddings.to(self.device, self.dtype).repeat_interleave(num_images_per_prompt, dim=0)
         cond, uncond = embeddings[:batch], embeddings[batch:]
         context = torch.cat([uncond, cond]) if guided else cond
@@ -265,11 +298,14 @@ class Pipeline:
                 x = sampler.step(output, t, x, generator=generators)
                 if callback is not None:
                     callback(i, t, x)
+        self._done_with(self.unet)
 
         # 5. Decode.
         if output_type == "latent":
+            self._done_with(self.vae)
             return GenerationOutput(x, seeds)
         images = self.decode_latents(x)
+        self._done_with(self.vae)
         if output_type == "pt":
             return GenerationOutput(images, seeds)
         if output_type == "np":
@@ -279,6 +315,7 @@ class Pipeline:
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images in [0, 1]; retries in fp32 if fp16 overflowed; raises on NaN / inf."""
+        self._check_loaded(self.vae)
         z = latents / self.vae.config.scaling_factor
         with self._running(self.vae) as vae:
             images = self._vae_decode(vae, z.to(self.dtype))

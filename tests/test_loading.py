@@ -8,6 +8,8 @@ not only self-consistent.
 
 from __future__ import annotations
 
+import gc
+import os
 import socket
 
 import pytest
@@ -342,3 +344,21 @@ def test_tokenizer_argument(single_files, folders):
     loaded = load_components(single_files["sd1", ".ckpt"], tokenizer=folders["sd2"] / "tokenizer")
     assert loaded.tokenizer.pad_token == "!"
     assert loaded.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def _mappings_of(path) -> int:
+    return sum(line.rstrip().endswith(str(path)) for line in open("/proc/self/maps"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_each_network_of_a_single_safetensors_file_has_its_own_mapping(single_files):
+    # So one network's weights can be freed while another runs (Pipeline.release_weights_after_use).
+    path = single_files["sd1", ".safetensors"].resolve()
+    gc.collect()
+    before = _mappings_of(path)
+    loaded = load_components(path)
+    assert _mappings_of(path) == before + 3
+    loaded.text_encoder.to("meta")
+    gc.collect()
+    assert _mappings_of(path) == before + 2
+    assert torch.isfinite(loaded.unet.conv_in.weight).all()

@@ -5,6 +5,7 @@ Parity with diffusers' pipelines through the loaders is in test_pipeline_parity.
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from tiny_models import diffusers_pipeline  # noqa: E402
 
 from ldm.errors import ConfigError, InputError  # noqa: E402
 from ldm.models import AutoencoderKL, UNet, UNetConfig, VAEConfig  # noqa: E402
-from ldm.pipeline import NonFiniteOutputError, Pipeline, rescale_guidance  # noqa: E402
+from ldm.pipeline import NonFiniteOutputError, Pipeline, ReleasedWeightsError, rescale_guidance  # noqa: E402
 from ldm.schedulers import SchedulerConfig, create  # noqa: E402
 
 SIZE = dict(height=64, width=64, num_inference_steps=3)
@@ -353,6 +354,29 @@ def test_model_offload_moves_networks_back_and_keeps_the_image(pipe):
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert devices and all(device == pipe.device for device in devices)
     assert pipe.unet.conv_in.weight.device.type == "cpu"
+
+
+@pytest.mark.parametrize("init", [False, True], ids=["txt2img", "img2img"])
+def test_one_shot_call_releases_each_network_after_its_stage_and_keeps_the_image(reference, init):
+    extra = {"init_image": torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1} if init else {}
+    expected = ldm_pipeline(reference)("a cat", seed=1, output_type="pt", **SIZE, **extra).images
+    pipe = ldm_pipeline(reference)
+    pipe.text_encoder = copy.deepcopy(pipe.text_encoder)  # the fixture's own is shared with other tests
+    pipe.release_weights_after_use()
+    resident: list[tuple[bool, bool, bool]] = []  # (text encoder, U-Net, VAE) still hold weights, per U-Net call
+
+    def loaded(module) -> bool:
+        return not next(module.parameters()).is_meta
+
+    pipe.unet.register_forward_pre_hook(lambda *_: resident.append(tuple(map(loaded, (pipe.text_encoder, pipe.unet, pipe.vae)))))
+    got = pipe("a cat", seed=1, output_type="pt", **SIZE, **extra).images
+    assert torch.equal(got, expected)
+    assert resident and set(resident) == {(False, True, True)}
+    assert not any(map(loaded, (pipe.text_encoder, pipe.unet, pipe.vae)))
+    with pytest.raises(ReleasedWeightsError, match="load it again"):
+        pipe("a cat", seed=1, output_type="pt", **SIZE)
+    with pytest.raises(ReleasedWeightsError):
+        pipe.decode_latents(torch.zeros(1, 4, 8, 8))
 
 
 # --- LoRA -------------------------------------------------------------------------------------------

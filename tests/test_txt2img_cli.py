@@ -171,3 +171,22 @@ def test_every_registered_scheduler_has_a_metadata_name():
     from ldm.schedulers import SCHEDULERS
 
     assert set(A1111_SAMPLER_NAMES) == set(SCHEDULERS)
+
+
+def test_a_single_call_run_releases_the_weights_and_writes_the_same_image(model, tmp_path, capsys, monkeypatch):
+    released: list[Pipeline] = []
+    original = Pipeline.release_weights_after_use
+
+    def spy(pipe: Pipeline) -> None:
+        released.append(pipe)
+        original(pipe)
+
+    monkeypatch.setattr(Pipeline, "release_weights_after_use", spy)
+    code, _, _ = run(capsys, "a red cat", "--model", model, "--seed", 7, "--out", tmp_path, *FAST)
+    assert code == 0 and len(released) == 1
+    assert next(released[0].unet.parameters()).is_meta  # the U-Net's weights are gone after the run
+    kept = Pipeline.from_pretrained(model)("a red cat", seed=7, num_inference_steps=2, height=64, width=64).images[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "00000-7.png")), np.asarray(kept))
+    # Two images in batches of one take two calls: nothing is released.
+    code, _, _ = run(capsys, "a cat", "--num-images", 2, "--model", model, "--out", tmp_path / "two", *FAST)
+    assert code == 0 and len(released) == 1 and len(list((tmp_path / "two").iterdir())) == 2

@@ -9,6 +9,7 @@ image can be made again with ``--seed <its seed> --num-images 1``.
 from __future__ import annotations
 
 import argparse
+import math
 import secrets
 import sys
 from dataclasses import dataclass
@@ -109,6 +110,10 @@ def run(args: argparse.Namespace) -> int:
         pipe.set_attention(args.attention)
     if args.channels_last:
         pipe.enable_channels_last()
+    if len(job.prompts) * math.ceil(args.num_images / args.batch_size) == 1:
+        # One call makes every image: free each network once its stage is done (peak memory is
+        # about the U-Net's weights instead of all of them); the image is the same.
+        pipe.release_weights_after_use()
 
     from tqdm import tqdm
 

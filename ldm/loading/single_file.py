@@ -71,8 +71,16 @@ def load_single_file(
     )
     for model, entries, prefix, optional, what in parts:
         own = {k: s for k, s in shapes.items() if k.startswith(prefix) and not k.startswith(IGNORED_PREFIXES)}
+        part_source = source.own_mapping()
         load_entries(
-            model, entries, own, read, device=device, dtype=dtype, where=f"{path} ({what})", optional=optional
+            model,
+            entries,
+            own,
+            lambda name, part_source=part_source: part_source.read(names[name]),
+            device=device,
+            dtype=dtype,
+            where=f"{path} ({what})",
+            optional=optional,
         )
     finish(unet, vae, text_encoder, device)
     loaded_tokenizer = resolve_tokenizer(tokenizer, found.family)

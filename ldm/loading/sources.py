@@ -15,6 +15,7 @@ Every failure (missing, truncated, not a checkpoint, unsafe pickle) is a one-lin
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 import re
@@ -108,6 +109,19 @@ class TensorFile:
         if self._safe is not None:
             return self._safe.get_tensor(key)
         return self._tensors[key]
+
+    def own_mapping(self) -> TensorFile:
+        """This file read through a memory map of its own (safetensors; pickles share one).
+
+        A tensor read from safetensors views its handle's map, which stays resident until every such
+        tensor is freed: giving each network of a single file its own map lets one network's weights
+        be freed while the others are in use (``Pipeline.release_weights_after_use``).
+        """
+        if self._safe is None:
+            return self
+        other = copy.copy(self)
+        other._safe = safe_open(str(self.path), framework="pt", device="cpu")
+        return other
 
 
 def _unpickling_message(path: Path, error: Exception) -> str:
