@@ -71,6 +71,19 @@ def test_recipe_rejects_unknown_keys(tmp_path):
         script.Recipe.from_json(path)
 
 
+@pytest.mark.parametrize("initial_logvar", [0.0, -8.0])
+def test_vae_posterior_starts_at_the_recipes_log_variance(tmp_path, initial_logvar):
+    script = _script()
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({**TINY, "vae_training": {**TINY["vae_training"], "steps": 0, "initial_logvar": initial_logvar}}))
+    recipe = script.Recipe.from_json(config)
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    vae, _ = script.train_vae(recipe, images, tmp_path)
+    with torch.no_grad():
+        logvar = vae.encode(script.to_pixels(images)).logvar
+    assert abs(logvar.mean().item() - initial_logvar) < 1.0
+
+
 @pytest.mark.slow
 def test_training_script_end_to_end_and_resume(tmp_path):
     """Train a tiny model, load it in ldm and in diffusers (same image), rerun: resumes and reproduces it."""
