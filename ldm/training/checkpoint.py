@@ -7,7 +7,8 @@ complete. It holds
     state.json            step, data position (epoch, batch), settings, world size
     trainable.safetensors the trained tensors ("unet.<param>", "text_encoder.<param>"; LoRA: adapters only)
     ema.safetensors       the EMA copy of the same tensors (when EMA is on)
-    optimizer.pt          AdamW moments and step counts
+    optimizer.pt          AdamW moments and step counts, keyed by the same names (whole tensors, so the
+                          file does not depend on how FSDP2 sharded them)
     lr_scheduler.pt       the learning-rate schedule's position
     rng.pt                every rank's torch RNG states (CPU and CUDA), for dropout and anything else global
 
@@ -29,7 +30,7 @@ from ldm.errors import CheckpointError, ConfigError
 from ldm.io import atomic_write_dir
 
 PREFIX = "checkpoint-"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter name instead of position
 
 
 @dataclass
@@ -41,7 +42,7 @@ class TrainingState:
     world_size: int
     trainable: dict[str, torch.Tensor]
     ema: dict[str, torch.Tensor] | None
-    optimizer: dict
+    optimizer: dict  # distributed.gather_optimizer_state()
     lr_scheduler: dict
     rng: list[dict[str, torch.Tensor]]  # one entry per rank
 

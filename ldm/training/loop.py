@@ -1,9 +1,13 @@
 """The training loop: one readable function, ``train``, over already-built models.
 
-Stages: (1) freeze what is not trained and inject LoRA adapters if asked, (2) optimizer,
-learning-rate schedule, EMA, (3) hand the trained models to accelerate (device, DDP/FSDP/DeepSpeed,
-mixed precision, gradient accumulation), (4) resume, (5) the loop: batch → latents and text
+Stages: (1) freeze what is not trained and inject LoRA adapters if asked, (2) optimizer and
+learning-rate schedule, (3) hand the trained models to accelerate (device, DDP or FSDP2, mixed
+precision, gradient accumulation), then EMA, (4) resume, (5) the loop: batch → latents and text
 embeddings → noise, predict, loss → backward, clip, step → EMA, log, samples, checkpoint.
+
+Sharding (FSDP2): each rank holds a slice of every trained parameter, so whatever needs whole
+weights (checkpoints, sample images, the result) gathers them with the collective functions of
+``distributed.py``, on every rank at the same point of the loop; see that module for what is refused.
 
 Reproducibility: the noise and timesteps of micro-batch ``m`` of optimizer step ``s`` on rank
 ``r`` come from a generator seeded with (seed, r, s, m), and every image's augmentation from
@@ -23,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin, gather_object, set_seed
+from accelerate.utils import DistributedType, GradientAccumulationPlugin, gather_object, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -34,6 +38,17 @@ from ldm.schedulers import SchedulerConfig, create
 from ldm.training import checkpoint as ckpt
 from ldm.training.config import TrainConfig
 from ldm.training.data import BucketBatches, ImageCaptionDataset, collate
+from ldm.training.distributed import (
+    check_backend,
+    check_units,
+    gather_optimizer_state,
+    gather_tensors,
+    load_optimizer_state,
+    load_parameters,
+    materialize,
+    meta_skeleton,
+    trainable_parameters,
+)
 from ldm.training.ema import EMA
 from ldm.training.objective import diffusion_loss
 from ldm.training.reporting import MetricsLog, SampleRequest, save_samples
@@ -53,7 +68,9 @@ class ModelSet(Protocol):
 
 @dataclass
 class TrainResult:
-    unet: nn.Module  # trained (EMA weights if EMA was on); with LoRA, carries the peft adapters
+    # Trained (EMA weights if EMA was on); with LoRA, carries the peft adapters. Under FSDP2 these
+    # are plain copies with whole weights on the main process and the sharded modules elsewhere.
+    unet: nn.Module
     text_encoder: nn.Module
     step: int  # optimizer steps done in total
     last_loss: float | None
@@ -121,6 +138,7 @@ def train(
         raise ConfigError(f"{output_dir} already holds checkpoints; pass --resume latest or choose another --output")
     if config.train_text_encoder and dataset.config.cache_text_embeddings:
         raise ConfigError("cached text embeddings need a frozen text encoder; drop one of the two settings")
+    check_backend(accelerator, config.train_text_encoder)
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(config.seed)  # the same LoRA initialisation on every rank
     weight_dtype = DTYPES[config.mixed_precision]
@@ -149,7 +167,7 @@ def train(
     for model in trained.values():
         model.to(device).train()  # fp32 master weights; autocast runs the maths in fp16/bf16
 
-    # 2. Optimizer (AdamW, Loshchilov & Hutter 2019), warm-up + schedule, EMA.
+    # 2. Optimizer (AdamW, Loshchilov & Hutter 2019), warm-up + schedule.
     groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": config.learning_rate}]
     if config.train_text_encoder:
         lr = config.text_encoder_learning_rate or config.learning_rate
@@ -159,12 +177,21 @@ def train(
     )
     # Not passed to accelerate.prepare: its wrapper would step the schedule once per process.
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config))
-    emas = {name: EMA(model, config.ema_decay) for name, model in trained.items()} if config.ema_decay else {}
 
-    # 3. accelerate wraps the trained models (DDP / FSDP / DeepSpeed per the launch config) and the optimizer.
+    # 3. accelerate wraps the trained models (DDP or FSDP2 per the launch config) and the optimizer.
+    # FSDP2 shards the modules in place; a weightless copy taken before is what whole weights are
+    # put back into for samples and the result.
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    skeletons = {name: meta_skeleton(model) for name, model in trained.items()} if sharded else {}
     prepared = accelerator.prepare(*trained.values(), optimizer)
     wrapped = dict(zip(trained, prepared[:-1]))
     optimizer = prepared[-1]
+    if sharded:
+        check_units(trained["unet"])
+    # After prepare: the EMA must have the layout of the parameters it follows (see ema.py).
+    emas = {name: EMA(model, config.ema_decay) for name, model in trained.items()} if config.ema_decay else {}
+    parameters = trainable_parameters(trained)
+    names = {p: name for name, p in parameters.items()}
 
     # 4. Resume: weights, optimizer, schedule, EMA, RNG and data position.
     step, epoch, position = 0, 0, 0
@@ -172,8 +199,10 @@ def train(
         path = ckpt.resolve_resume(output_dir, resume)
         state = ckpt.load_checkpoint(path)
         ckpt.check_compatible(state.settings, config.to_dict(), state.world_size, world)
-        load_trainable(trained, state.trainable)
-        optimizer.load_state_dict(state.optimizer)
+        if set(state.trainable) != set(parameters):
+            raise ConfigError(f"cannot resume: the tensors saved in {path} differ from the ones this run trains")
+        load_parameters(parameters, state.trainable)
+        load_optimizer_state(optimizer, state.optimizer, names)
         lr_scheduler.load_state_dict(state.lr_scheduler)
         for name, ema in emas.items():
             if state.ema is None:
@@ -190,7 +219,7 @@ def train(
     log = MetricsLog(output_dir, config.log_format, first_step=step) if accelerator.is_main_process else None
     bar = tqdm(total=config.max_steps, initial=step, unit="step", disable=not (show_progress and accelerator.is_main_process))
     images_per_step = config.batch_size * config.gradient_accumulation_steps * world
-    trainable = [p for model in trained.values() for p in model.parameters() if p.requires_grad]
+    trainable = list(parameters.values())
     micro, losses, last_loss = 0, [], None
     started, started_step = time.perf_counter(), step
     while step < config.max_steps:
@@ -230,10 +259,10 @@ def train(
                 lr = lr_scheduler.get_last_lr()[0]
                 elapsed = time.perf_counter() - started
                 log.write({"step": step, "epoch": epoch, "loss": last_loss, "lr": lr, "images_per_second": rate, "elapsed_seconds": elapsed})
-            if config.sample_every and step % config.sample_every == 0 and accelerator.is_main_process:
-                render_samples(sample_fn, models, trained, text_encoder, config, dataset, step, output_dir)
+            if config.sample_every and step % config.sample_every == 0:
+                render_samples(sample_fn, accelerator, models, trained, skeletons, text_encoder, config, dataset, step, output_dir)
             if config.checkpointing_steps and step % config.checkpointing_steps == 0:
-                write_checkpoint(accelerator, output_dir, config, trained, emas, optimizer, lr_scheduler, step, epoch, position)
+                write_checkpoint(accelerator, output_dir, config, parameters, names, emas, optimizer, lr_scheduler, step, epoch, position)
             if step >= config.max_steps:
                 break
         else:
@@ -246,6 +275,8 @@ def train(
     final = {name: accelerator.unwrap_model(model) for name, model in wrapped.items()}
     for name, ema in emas.items():
         ema.copy_to(final[name])
+    if sharded:
+        final = whole_models(accelerator, final, skeletons) or final
     for model in final.values():
         model.eval()
     return TrainResult(
@@ -301,40 +332,36 @@ def split_prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, t
     return {key[len(prefix) + 1:]: value for key, value in tensors.items() if key.startswith(prefix + ".")}
 
 
-def trainable_state(trained: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    return {
-        f"{name}.{key}": p.detach().cpu()
-        for name, model in trained.items()
-        for key, p in model.named_parameters()
-        if p.requires_grad
-    }
+def whole_models(accelerator: Accelerator, trained: dict[str, nn.Module], skeletons: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Collective. On the main process: plain copies of sharded models with whole weights, on the
+    accelerator's device; on the other ranks, which only help gather: {}."""
+    main = accelerator.is_main_process
+    whole = {name: gather_tensors(model.state_dict(), keep=main) for name, model in trained.items()}
+    return {name: materialize(skeletons[name], state).to(accelerator.device) for name, state in whole.items()} if main else {}
 
 
-def load_trainable(trained: dict[str, nn.Module], tensors: dict[str, torch.Tensor]) -> None:
-    for name, model in trained.items():
-        wanted = {key: p for key, p in model.named_parameters() if p.requires_grad}
-        saved = split_prefixed(tensors, name)
-        if set(saved) != set(wanted):
-            raise ConfigError(f"cannot resume: the checkpoint's {name} tensors differ from this run's trained ones")
-        with torch.no_grad():
-            for key, parameter in wanted.items():
-                parameter.copy_(saved[key])
-
-
-def write_checkpoint(accelerator, output_dir, config, trained, emas, optimizer, lr_scheduler, step, epoch, position) -> None:
+def write_checkpoint(accelerator, output_dir, config, parameters, names, emas, optimizer, lr_scheduler, step, epoch, position) -> None:
+    """Collective: every rank gathers (sharded tensors need all ranks), the main process writes."""
     rng = gather_object([ckpt.capture_rng()])  # every rank's RNG, collected on all ranks
+    trainable = gather_tensors(parameters, keep=accelerator.is_main_process)
+    ema = {f"{name}.{key}": value for name, e in emas.items() for key, value in e.state_dict().items()} or None
+    optimizer_state = gather_optimizer_state(optimizer, names)
     if accelerator.is_main_process:
-        ema = {f"{name}.{key}": value for name, e in emas.items() for key, value in e.state_dict().items()} or None
         state = ckpt.TrainingState(
             step=step, epoch=epoch, batch=position, settings=config.to_dict(), world_size=accelerator.num_processes,
-            trainable=trainable_state(trained), ema=ema, optimizer=optimizer.state_dict(),
-            lr_scheduler=lr_scheduler.state_dict(), rng=rng,
+            trainable=trainable, ema=ema, optimizer=optimizer_state, lr_scheduler=lr_scheduler.state_dict(), rng=rng,
         )
         ckpt.save_checkpoint(output_dir, state, keep=config.checkpoints_total_limit)
     accelerator.wait_for_everyone()
 
 
-def render_samples(sample_fn, models, trained, text_encoder, config, dataset, step, output_dir) -> None:
+def render_samples(sample_fn, accelerator, models, trained, skeletons, text_encoder, config, dataset, step, output_dir) -> None:
+    """Sample images on the main process; under sharding every rank first helps gather the weights."""
+    if skeletons:
+        trained = whole_models(accelerator, trained, skeletons)
+        text_encoder = trained.get("text_encoder", text_encoder)
+    if not accelerator.is_main_process:
+        return
     unet = trained["unet"]
     was_training = {name: model.training for name, model in trained.items()}
     unet.eval()
