@@ -22,8 +22,10 @@ class MetricsLog:
     """Append-only ``log.csv`` (rows survive a kill: each is flushed) or a TensorBoard event folder."""
 
     def __init__(self, output_dir: Path, log_format: str, first_step: int = 0):
-        """``first_step``: the step a resumed run starts from; CSV rows written after it by the
-        interrupted run are dropped, so every step appears once."""
+        """``first_step``: the step a resumed run starts from. What the interrupted run logged after
+        it is logged again by the resumed run, so it is dropped: CSV rows are removed, and TensorBoard
+        gets a purge marker at ``first_step + 1`` (its reader then hides the older events of those
+        steps; TensorBoard event files are append-only), so every step appears once."""
         self.log_format = log_format
         self.writer: Any = None
         if log_format == "tensorboard":
@@ -31,7 +33,7 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise ConfigError("--log tensorboard needs the tensorboard package; pip install tensorboard, or use --log csv") from None
-            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=first_step + 1 if first_step else None)
             return
         path = output_dir / "log.csv"
         kept = []
