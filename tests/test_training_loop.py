@@ -108,6 +108,21 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(tmp_path, colour
     assert any(not torch.equal(start[k], v) for k, v in full.unet.state_dict().items())
 
 
+def test_data_loading_workers_give_the_same_run_and_resume_at_the_same_batch(tmp_path, colour_data):
+    # Augmentations are drawn per (seed, epoch, image) and batches are read in the sampler's order,
+    # so which worker process loads an image must not matter; the data position is counted in the
+    # main process, so a resume with workers restarts at the same batch.
+    inline, inline_folder = run(tmp_path, "inline", colour_data, 4)
+    workers, workers_folder = run(tmp_path, "workers", colour_data, 4, num_workers=2)
+    _, cut = run(tmp_path, "cut", colour_data, 3, num_workers=2)
+    resumed, _ = run(tmp_path, "cut", colour_data, 4, resume="latest", num_workers=2)
+    for name, value in inline.unet.state_dict().items():
+        assert torch.equal(value, workers.unet.state_dict()[name]), name
+        assert torch.equal(value, resumed.unet.state_dict()[name]), name
+    positions = [(s.epoch, s.batch) for s in (load_checkpoint(list_checkpoints(f)[-1]) for f in (inline_folder, workers_folder))]
+    assert positions[0] == positions[1] and positions[0] != (0, 0)
+
+
 def test_a_different_seed_gives_different_weights(tmp_path, colour_data):
     a, _ = run(tmp_path, "a", colour_data, 1)
     models = micro_models()
