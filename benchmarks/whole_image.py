@@ -8,6 +8,12 @@ latents; the time covers text encoding, denoising and VAE decoding, after a
 one-step warm-up call. Peak memory is the process's resident high-water mark
 during the timed call, weights included.
 
+The one-shot row runs the real ``ldm txt2img`` command (seed 0 draws the same initial
+latents) in a fresh process, which frees each network after its stage
+(``Pipeline.release_weights_after_use``); its peak is that whole process's resident
+high-water mark, imports and loading included, against diffusers' standard pipeline
+above. Its PNG must equal the reusable pipeline's image in 8 bits exactly.
+
 ``--speedups`` times ldm with each speed-up switched on and reports its
 speed-up over ldm's exact image of the same run and its fidelity cost: the
 PSNR of the image against the exact one, and (when the default model
@@ -21,7 +27,10 @@ from __future__ import annotations
 
 import json
 import math
+import resource
+import subprocess
 import sys
+import time
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -40,7 +49,7 @@ SPEEDUPS: dict[str, dict[str, Any]] = {
 }
 
 
-RESULT_KEYS = ("by_steps", "ldm", "diffusers", "time_ratio", "peak_ratio", "psnr_ldm_vs_diffusers_db", "speedups", "large")
+RESULT_KEYS = ("by_steps", "ldm", "diffusers", "time_ratio", "peak_ratio", "psnr_ldm_vs_diffusers_db", "one_shot", "speedups", "large")
 
 
 def initial_latents(size: int, batch: int = 1) -> torch.Tensor:
@@ -80,7 +89,30 @@ def make_pipeline(impl: str, folder: str, large: bool):
     return generate
 
 
+def one_shot_cli(args: dict[str, Any]) -> dict[str, Any]:
+    """``ldm txt2img`` as a user runs it, one image: wall time and peak RSS of that process, and its PNG."""
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as out:
+        command = [
+            sys.executable, "-m", "ldm", "txt2img", common.PROMPT, "--negative-prompt", common.NEGATIVE,
+            "--model", args["folder"], "--seed", "0", "--steps", str(args["steps"]), "--scheduler", "dpm-solver++",
+            "--guidance-scale", str(common.GUIDANCE), "--width", str(args["size"]), "--height", str(args["size"]),
+            "--out", out, "--quiet",
+        ]  # fmt: skip
+        start = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True, cwd=common.REPO_DIR)
+        seconds = time.perf_counter() - start
+        # The only child of this worker: its peak resident memory (KiB on Linux).
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        (png,) = Path(out).glob("*.png")
+        np.save(args["save"], np.asarray(Image.open(png)))
+    return {"times": [seconds], "median_s": seconds, "peak_mib": peak}
+
+
 def run(args: dict[str, Any]) -> dict[str, Any]:
+    if args["impl"] == "ldm-cli":
+        return one_shot_cli(args)
     size, steps = args["size"], args["steps"]
     generate = make_pipeline(args["impl"], args["folder"], args.get("large", False))
     latents = initial_latents(size)
@@ -113,6 +145,20 @@ def compare(spec: common.ModelSpec, folder: Path, steps: int, tmp: Path) -> dict
         "time_ratio": common.ratio(summary["ldm"]["time_s"], summary["diffusers"]["time_s"]),
         "peak_ratio": common.ratio(summary["ldm"]["peak_mib"], summary["diffusers"]["peak_mib"]),
         "psnr_ldm_vs_diffusers_db": psnr(np.load(saves["ldm"]), np.load(saves["diffusers"])),
+    }
+
+
+def compare_one_shot(spec: common.ModelSpec, folder: Path, tmp: Path, diffusers_peak: float) -> dict[str, Any]:
+    """The one-shot ``ldm txt2img`` process against diffusers' standard pipeline; its PNG against ldm's image."""
+    save = str(tmp / "ldm-cli.npy")
+    args = {"spec": spec.name, "folder": str(folder), "size": spec.image_size, "steps": spec.steps, "save": save}
+    result = common.run_worker("whole_image.py", {**args, "impl": "ldm-cli"})
+    reusable = (np.load(tmp / f"ldm-{spec.steps}.npy")[0] * 255).round().astype(np.uint8)  # as ldm writes a PNG
+    return {
+        "time_s": result["median_s"],
+        "peak_mib": result["peak_mib"],
+        "peak_ratio": common.ratio(result["peak_mib"], diffusers_peak),
+        "png_equals_reusable_pipeline_image": bool(np.array_equal(np.load(save), reusable)),
     }
 
 
@@ -162,6 +208,7 @@ def main(argv: list[str]) -> dict[str, Any]:
         payload["by_steps"] = by_steps
         payload.update(by_steps[spec.steps])
         reference_path(spec).write_bytes((Path(tmp) / f"ldm-{spec.steps}.npy").read_bytes())
+        payload["one_shot"] = compare_one_shot(spec, folder, Path(tmp), payload["diffusers"]["peak_mib"])
         if "--speedups" in argv:
             payload["speedups"] = speedups(spec, folder, Path(tmp), payload["ldm"]["time_s"])
     if "--size" in argv:
@@ -175,6 +222,11 @@ def main(argv: list[str]) -> dict[str, Any]:
         f"Whole image ({spec.image_size}px, {spec.steps} steps): ldm {ours['time_s']:.1f} s / {ours['peak_mib']:.0f} MiB, "
         f"diffusers {theirs['time_s']:.1f} s / {theirs['peak_mib']:.0f} MiB; ratios time {payload['time_ratio']:.3f}, "
         f"peak {payload['peak_ratio']:.3f}; PSNR ldm vs diffusers {payload['psnr_ldm_vs_diffusers_db']:.1f} dB -> {path}"
+    )
+    one = payload["one_shot"]
+    print(
+        f"  one-shot ldm txt2img process: {one['time_s']:.1f} s (imports and load included) / {one['peak_mib']:.0f} MiB, "
+        f"peak ratio {one['peak_ratio']:.3f}; PNG equals the reusable pipeline's image: {one['png_equals_reusable_pipeline_image']}"
     )
     for name, s in payload.get("speedups", {}).items():
         print(f"  {name}: {s['time_s']:.1f} s, {s['speedup']:.2f}x, PSNR {s['psnr_db']:.1f} dB")
