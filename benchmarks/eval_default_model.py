@@ -10,7 +10,8 @@ deterministic scorer of ``ldm.shapes_score`` (background colour, shape colour,
 shape class, size and position when the prompt names them) and reports the
 accuracy per attribute. It adds DDPM at 1000 steps as the reference sampler,
 the held-out colour-shape pairs (never seen in training) at 20 DPM-Solver++
-steps, and a contact sheet of samples.
+steps, the cost in adherence and fidelity (PSNR against the exact image) of
+the opt-in speed-ups, and a contact sheet of samples.
 
 Writes ``<out>/default_model_eval.json``, ``<out>/default_model_eval.md`` and
 ``<out>/default_model_contact_sheet.png`` (``<out>`` defaults to benchmarks/results).
@@ -35,6 +36,9 @@ from ldm.schedulers import SCHEDULERS
 from ldm.shapes import COLORS, HELD_OUT_PAIRS, parse_caption, random_sample
 from ldm.shapes_score import accuracy, analyze
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from whole_image import SPEEDUPS  # noqa: E402  (the settings the speed benchmark uses)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 MAIN = ("dpm-solver++", 20)  # the setting the issue's targets are stated at
 REFERENCE = ("ddpm", 1000)
@@ -57,15 +61,23 @@ def held_out_prompts() -> list[str]:
     return prompts
 
 
-def run(pipe: Pipeline, prompts: list[str], scheduler: str, steps: int, guidance: float, seed: int, batch: int):
+def run(pipe: Pipeline, prompts: list[str], scheduler: str, steps: int, guidance: float, seed: int, batch: int,
+        **speedup):
     """Images (as uint8 arrays) and the scorer's accuracy for one setting."""
     images: list[np.ndarray] = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
-        out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, scheduler=scheduler, seed=seed + start)
+        out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, scheduler=scheduler, seed=seed + start,
+                   **speedup)
         images += [np.asarray(image) for image in out.images]
     readings = [analyze(image) for image in images]
     return images, accuracy(readings, [parse_caption(p) for p in prompts])
+
+
+def psnr(images: list[np.ndarray], references: list[np.ndarray]) -> float:
+    """Peak signal-to-noise ratio in dB over all pixels of the two image lists (8-bit peak 255)."""
+    error = np.mean([np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2) for a, b in zip(images, references)])
+    return float("inf") if error == 0 else float(10 * np.log10(255.0**2 / error))
 
 
 def contact_sheet(rows: list[tuple[str, list[np.ndarray]]], columns: list[str], scale: int = 2) -> Image.Image:
@@ -100,6 +112,13 @@ def markdown(report: dict) -> str:
     lines.append(f"\n## Held-out colour-shape pairs ({', '.join(' '.join(p) for p in report['held_out_pairs'])})\n\n" + head)
     for r in report["held_out"]:
         lines.append(row(f"{r['scheduler']} {r['steps']} steps, guidance {r['guidance']:g}", r))
+    if report["speedups"]:
+        exact = report["speedups"][0]
+        lines.append(f"\n## Speed-ups ({exact['scheduler']} {exact['steps']} steps, guidance {exact['guidance']:g}; "
+                     "PSNR against the exact images)\n\n" + head.replace(" seconds |", " seconds | speed-up | PSNR (dB) |")
+                     .replace("---:|\n", "---:|---:|---:|\n"))
+        for r in report["speedups"]:
+            lines.append(row(r["name"], r).rstrip("\n") + f" {exact['seconds'] / r['seconds']:.2f}x | {r['psnr']:.1f} |\n")
     return "".join(lines)
 
 
@@ -115,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-steps", type=int, default=REFERENCE[1], help="DDPM steps of the reference (0: skip)")
     parser.add_argument("--reference-guidance", nargs="+", type=float, default=[3.0], help="guidance scales of the reference")
     parser.add_argument("--batch", type=int, default=48)
+    parser.add_argument("--no-speedups", dest="speedups", action="store_false", help="skip the speed-up comparison")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads:
@@ -122,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pipe = Pipeline.from_pretrained(args.model)
     prompts = grid_prompts(args.prompts, args.seed)
-    report: dict = {"model": str(args.model), "prompts": len(prompts), "seed": args.seed, "grid": [], "held_out": [],
+    report: dict = {"model": str(args.model), "prompts": len(prompts), "seed": args.seed, "grid": [], "held_out": [], "speedups": [],
                     "held_out_pairs": sorted(HELD_OUT_PAIRS)}
     settings = [(s, n, g) for s in args.schedulers for n in args.steps for g in args.guidance]
     if args.reference_steps:
@@ -147,6 +167,19 @@ def main(argv: list[str] | None = None) -> int:
                                    "seconds": time.time() - began})
         print(f"held-out {MAIN[0]} {MAIN[1]} steps guidance {guidance:g}: "
               + " ".join(f"{k} {100 * v:.0f}%" for k, v in result.items()), flush=True)
+
+    # Opt-in speed-ups at the main setting and guidance 3 (whole_image.py's settings), against the exact images.
+    exact_images: list[np.ndarray] = []
+    run(pipe, prompts, MAIN[0], MAIN[1], 3.0, args.seed, args.batch)  # warm-up, so the first timing is not penalised
+    for name, options in [("exact", {})] + (list(SPEEDUPS.items()) if args.speedups else []):
+        began = time.time()
+        images, result = run(pipe, prompts, MAIN[0], MAIN[1], 3.0, args.seed, args.batch, **options)
+        exact_images = exact_images or images
+        report["speedups"].append({"name": name, "options": options, "scheduler": MAIN[0], "steps": MAIN[1],
+                                   "guidance": 3.0, "accuracy": result, "seconds": time.time() - began,
+                                   "psnr": psnr(images, exact_images)})
+        print(f"speed-up {name}: " + " ".join(f"{k} {100 * v:.0f}%" for k, v in result.items())
+              + f" psnr {report['speedups'][-1]['psnr']:.1f} dB", flush=True)
 
     main_settings = [(MAIN[0], MAIN[1], g) for g in args.guidance if (MAIN[0], MAIN[1], g) in samples]
     rows = [(p, [samples[s][i] for s in main_settings]) for i, p in enumerate(prompts[:10])]
