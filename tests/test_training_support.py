@@ -56,7 +56,9 @@ class PoolingAutoencoder(nn.Module):
     def __init__(self):
         super().__init__()
         self.config = VAEConfig.tiny()
-        self.register_buffer("anchor", torch.zeros(()))  # gives the module a device and dtype
+        # Gives the module a device and dtype; a (frozen) parameter, as the pipeline finds a module's
+        # device from its first parameter.
+        self.anchor = nn.Parameter(torch.zeros(()), requires_grad=False)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         pooled = F.avg_pool2d(x, self.config.downsample_factor)
