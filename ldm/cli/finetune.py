@@ -1,7 +1,8 @@
 """`ldm finetune`: train a model (full U-Net or LoRA) on a folder of captioned images.
 
     ldm finetune --model M --data DIR --output OUT [--lora-rank 8] [--checkpointing-steps 500]
-    accelerate launch --num_processes 2 -m ldm finetune ...     # several GPUs / machines, same options
+    accelerate launch --multi_gpu --num_processes 2 -m ldm finetune ...     # DDP on several GPUs, same options
+    accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 -m ldm finetune ...   # sharded (FSDP2, GPUs)
 
 Everything the user can get wrong (settings, data, output folder) is checked before the model is
 loaded. The result is ``OUT/model`` (a diffusers folder for ``ldm txt2img --model`` and

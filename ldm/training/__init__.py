@@ -13,11 +13,13 @@
 unless ``config.train_text_encoder``; with ``config.lora_rank`` it trains peft LoRA adapters on the
 attention projections only. It returns ``TrainResult(unet, text_encoder, step, last_loss,
 is_main_process)``; saving is the caller's job (``ldm.loading.save_diffusers``, ``ldm.lora.save_lora``).
-Run it under ``accelerate launch`` for several GPUs or machines; nothing else changes.
+Run it under ``accelerate launch`` for several GPUs or machines (DDP, or FSDP2 sharding); nothing
+else changes.
 
 Modules: ``config`` (typed settings), ``data`` (folder scanning, captions, buckets, augmentations),
 ``objective`` (noise, target, Min-SNR weighting, noise offset), ``ema``, ``checkpoint`` (atomic
-training state, resume), ``reporting`` (metrics log, sample images), ``loop`` (``train``).
+training state, resume), ``distributed`` (whole tensors from sharded ones and back; which
+back-ends are refused), ``reporting`` (metrics log, sample images), ``loop`` (``train``).
 """
 
 from importlib import import_module

@@ -276,7 +276,8 @@ def train(
     for name, ema in emas.items():
         ema.copy_to(final[name])
     if sharded:
-        final = whole_models(accelerator, final, skeletons) or final
+        whole = whole_models(accelerator, final, skeletons)  # collective; {} on the other ranks
+        final = whole if accelerator.is_main_process else final
     for model in final.values():
         model.eval()
     return TrainResult(
