@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
@@ -106,6 +107,28 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(tmp_path, colour
         assert torch.equal(value, resumed.unet.state_dict()[name]), name
     start = micro_models().unet.state_dict()
     assert any(not torch.equal(start[k], v) for k, v in full.unet.state_dict().items())
+
+
+def test_a_format_1_checkpoint_with_positional_optimizer_state_still_resumes_exactly(tmp_path, colour_data):
+    full, _ = run(tmp_path, "full", colour_data, 3)
+    _, folder = run(tmp_path, "old", colour_data, 2)
+    checkpoint = list_checkpoints(folder)[-1]
+    # Rewrite it as the format-1 writer did: torch's optimizer.state_dict(), keyed by position.
+    named = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    order = [name for group in named["param_groups"] for name in group["params"]]
+    positional = {
+        "state": {order.index(name): values for name, values in named["state"].items()},
+        "param_groups": [{**g, "params": [order.index(n) for n in g["params"]]} for g in named["param_groups"]],
+    }
+    torch.save(positional, checkpoint / "optimizer.pt")
+    meta = json.loads((checkpoint / "state.json").read_text())
+    (checkpoint / "state.json").write_text(json.dumps({**meta, "format_version": 1}))
+    resumed, _ = run(tmp_path, "old", colour_data, 3, resume="latest")
+    for name, value in full.unet.state_dict().items():
+        assert torch.equal(value, resumed.unet.state_dict()[name]), name
+    (checkpoint / "state.json").write_text(json.dumps({**meta, "format_version": 7}))
+    with pytest.raises(CheckpointError, match="has checkpoint format 7, this ldm reads"):
+        load_checkpoint(checkpoint)
 
 
 def test_data_loading_workers_give_the_same_run_and_resume_at_the_same_batch(tmp_path, colour_data):

@@ -31,6 +31,7 @@ from ldm.io import atomic_write_dir
 
 PREFIX = "checkpoint-"
 FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter name instead of position
+READABLE_VERSIONS = (1, 2)  # format 1 (torch's positional optimizer state) resumes unsharded runs
 
 
 @dataclass
@@ -45,6 +46,7 @@ class TrainingState:
     optimizer: dict  # distributed.gather_optimizer_state()
     lr_scheduler: dict
     rng: list[dict[str, torch.Tensor]]  # one entry per rank
+    format_version: int = FORMAT_VERSION
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:
@@ -123,8 +125,8 @@ def load_checkpoint(path: Path) -> TrainingState:
     path = Path(path)
     try:
         meta = json.loads((path / "state.json").read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{path} has checkpoint format {meta.get('format_version')}, this ldm reads {FORMAT_VERSION}")
+        if meta.get("format_version") not in READABLE_VERSIONS:
+            raise CheckpointError(f"{path} has checkpoint format {meta.get('format_version')}, this ldm reads {READABLE_VERSIONS}")
         ema_file = path / "ema.safetensors"
         return TrainingState(
             step=meta["step"],
@@ -137,6 +139,7 @@ def load_checkpoint(path: Path) -> TrainingState:
             optimizer=torch.load(path / "optimizer.pt", weights_only=True),
             lr_scheduler=torch.load(path / "lr_scheduler.pt", weights_only=True),
             rng=torch.load(path / "rng.pt", weights_only=True),
+            format_version=meta["format_version"],
         )
     except (OSError, KeyError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"cannot read checkpoint {path} ({error}); resume from another checkpoint") from None

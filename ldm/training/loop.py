@@ -202,7 +202,12 @@ def train(
         if set(state.trainable) != set(parameters):
             raise ConfigError(f"cannot resume: the tensors saved in {path} differ from the ones this run trains")
         load_parameters(parameters, state.trainable)
-        load_optimizer_state(optimizer, state.optimizer, names)
+        if state.format_version == 1:  # written before sharding support: torch's positional layout
+            if sharded:
+                raise ConfigError(f"cannot resume {path} (checkpoint format 1) under FSDP; resume it without FSDP")
+            optimizer.load_state_dict(state.optimizer)
+        else:
+            load_optimizer_state(optimizer, state.optimizer, names)
         lr_scheduler.load_state_dict(state.lr_scheduler)
         for name, ema in emas.items():
             if state.ema is None:
