@@ -38,7 +38,7 @@ from ldm.models.unet import DownBlock, UpBlock
 def check_backend(accelerator: Accelerator, train_text_encoder: bool) -> None:
     """Refuse the distributed set-ups this loop does not handle correctly (see the module docstring)."""
     kind = accelerator.distributed_type
-    if kind == DistributedType.DEEPSPEED or (parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") and kind != DistributedType.DEEPSPEED):
+    if kind == DistributedType.DEEPSPEED or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
         raise ConfigError("ldm finetune does not run under DeepSpeed; shard with FSDP2 instead (accelerate launch --use_fsdp --fsdp_version 2)")
     if parse_flag_from_env("ACCELERATE_USE_FSDP") and kind != DistributedType.FSDP:
         raise ConfigError(f"FSDP was requested but accelerate runs this launch as {kind.value} (it shards on GPUs only); drop --use_fsdp")
