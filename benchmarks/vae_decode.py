@@ -35,9 +35,9 @@ def load_decoder(impl: str, folder: str, mode: str):
         if mode == "tiled":
             vae.enable_tiling()
         return lambda z: vae.decode(z, return_dict=False)[0]
-    from ldm.loading import load_components
+    from ldm.loading import load_vae_only
 
-    vae = load_components(folder).vae.eval()
+    vae = load_vae_only(folder)  # the VAE alone, as diffusers loads it above
     return vae.decode_tiled if mode == "tiled" else vae.decode
 
 

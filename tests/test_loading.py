@@ -362,3 +362,16 @@ def test_each_network_of_a_single_safetensors_file_has_its_own_mapping(single_fi
     gc.collect()
     assert _mappings_of(path) == before + 2
     assert torch.isfinite(loaded.unet.conv_in.weight).all()
+
+
+def test_vae_only_loads_the_folders_vae_bit_identical(folders, tmp_path):
+    from ldm.errors import CheckpointError
+    from ldm.loading import load_vae_only
+
+    vae = load_vae_only(folders["sd1"])
+    full = load_components(folders["sd1"]).vae
+    assert not vae.training
+    assert vae.state_dict().keys() == full.state_dict().keys()
+    assert all(torch.equal(vae.state_dict()[k], v) for k, v in full.state_dict().items())
+    with pytest.raises(CheckpointError, match="not a diffusers model folder"):
+        load_vae_only(tmp_path)

@@ -157,9 +157,9 @@ def test_subpixel_upsample_equals_nearest_upsample_then_conv(shape):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("strip_elements", [2**23, 300, 50])
-def test_strip_wise_decode_equals_the_plain_decoder(monkeypatch, strip_elements):
-    import ldm.models.vae as vae_module
+@pytest.mark.parametrize("strip_pixels", [2**14, 300, 50])
+def test_strip_wise_decode_equals_the_plain_decoder(monkeypatch, strip_pixels):
+    import ldm.models.vae_strips as vae_module
     from ldm.models import AutoencoderKL, VAEConfig
 
     torch.manual_seed(0)
@@ -167,7 +167,7 @@ def test_strip_wise_decode_equals_the_plain_decoder(monkeypatch, strip_elements)
     z = torch.randn(1, 4, 9, 7)
     with torch.enable_grad():  # autograd on: the plain layer-by-layer path
         expected = vae.decode(z)
-    monkeypatch.setattr(vae_module, "STRIP_ELEMENTS", strip_elements)  # many strips of a few rows
+    monkeypatch.setattr(vae_module, "STRIP_PIXELS", strip_pixels)  # many strips of a few rows
     with torch.inference_mode():
         got = vae.decode(z)
     assert ((got - expected).norm() / expected.norm()) < 1e-5

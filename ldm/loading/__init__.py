@@ -22,13 +22,14 @@ from transformers import CLIPTokenizer
 from ldm.errors import CheckpointError
 from ldm.loading.components import Components, parse_dtype
 from ldm.loading.detect import PredictionType
-from ldm.loading.diffusers_folder import is_diffusers_folder, load_diffusers, save_diffusers
+from ldm.loading.diffusers_folder import is_diffusers_folder, load_diffusers, load_vae, save_diffusers
 from ldm.loading.single_file import load_single_file, save_single_file
 
 __all__ = [
     "DEFAULT_MODEL_DIR",
     "Components",
     "load_components",
+    "load_vae_only",
     "save_diffusers",
     "save_single_file",
 ]
@@ -37,6 +38,15 @@ __all__ = [
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "weights" / "ldm-shapes"
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def load_vae_only(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = torch.float32):
+    """Only the ``AutoencoderKL`` of a diffusers folder, for decode-only work (as diffusers'
+    ``AutoencoderKL.from_pretrained(folder, subfolder="vae")``)."""
+    path = Path(path)
+    if not is_diffusers_folder(path):
+        raise CheckpointError(f"{path} is not a diffusers model folder; load_vae_only reads a folder's vae/ (use load_components for files)")
+    return load_vae(path, device=torch.device(device), dtype=parse_dtype(dtype))
 
 
 def load_components(

@@ -36,6 +36,7 @@ from ldm.loading.detect import PredictionType
 from ldm.loading import keymap
 from ldm.loading.keymap import Entry
 from ldm.loading.sources import open_component
+from ldm.models import AutoencoderKL, VAEConfig
 from ldm.schedulers import SchedulerConfig
 
 
@@ -105,6 +106,18 @@ def load_diffusers(
         scheduler = dataclasses.replace(scheduler, prediction_type=prediction_type)
     loaded_tokenizer = resolve_tokenizer(tokenizer, family, folder / "tokenizer")
     return Components(unet, vae, text_encoder, loaded_tokenizer, scheduler, family, folder)
+
+
+def load_vae(folder: Path, *, device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
+    """Only the VAE of a diffusers folder (for decode-only work: nothing else is read)."""
+    config = VAEConfig.from_diffusers(_read_json(folder / "vae" / "config.json"))
+    with torch.device("meta"):
+        vae = AutoencoderKL(config)
+    _load_part(vae, folder / "vae", "diffusers", device=device, dtype=dtype)
+    for key, tensor in [*vae.named_parameters(), *vae.named_buffers()]:
+        if tensor.is_meta:
+            raise RuntimeError(f"VAE tensor {key} was not loaded")
+    return vae.eval()
 
 
 def _model_index() -> dict:

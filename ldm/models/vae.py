@@ -24,7 +24,8 @@ from torch import nn
 from ldm.errors import ConfigError, InputError
 from ldm.models._config import as_int, as_int_tuple, check_defaults
 from ldm.models.attention import AttentionBackend, VAEAttention, set_attention
-from ldm.models.unet import ResnetBlock, subpixel_kernels
+from ldm.models.unet import ResnetBlock
+from ldm.models.vae_strips import decode_up
 from ldm.random import randn
 
 _EPS = 1e-6  # GroupNorm epsilon throughout the SD VAE
@@ -235,125 +236,11 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.mid_block(self.conv_in(z))
         if not torch.is_grad_enabled() and x.dtype == torch.float32 and x.is_contiguous():
-            return self._forward_lean(x)
+            # Inference: the same function in row strips, in a fraction of the memory (see vae_strips).
+            return decode_up(self.up_blocks, self.conv_norm_out, self.conv_out, x)
         for block in self.up_blocks:
             x = block(x)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
-
-    def _forward_lean(self, x: torch.Tensor) -> torch.Tensor:
-        """The up path in row strips (inference only): the same function in a fraction of the memory.
-
-        Plainly, a ResNet block holds its input, a normalized copy, an activated copy and the
-        convolution's output at once, and the upsampler holds the 2x-upsampled copy and its
-        convolution's output: at 512x512 pixels each is a 128-256 MiB tensor. Here every
-        GroupNorm-SiLU-conv runs strip by strip (with the GroupNorm statistics of the whole map)
-        into a preallocated output, and the upsampler upsamples strip by strip, so only the input
-        and output maps are whole.
-        """
-        for block in self.up_blocks:
-            for resnet in block.resnets:
-                x = _lean_resnet(resnet, x)
-            if block.upsamplers is not None:
-                x = _lean_upsample(block.upsamplers[0].conv, x)
-        return _norm_act_conv(self.conv_norm_out, self.conv_out, x)
-
-
-STRIP_ELEMENTS = 2**23  # input elements per strip of the lean decoder (32 MiB in fp32): big enough for full-speed convs
-
-
-def _strip_rows(x: torch.Tensor) -> int:
-    return max(2, STRIP_ELEMENTS // (x.shape[0] * x.shape[1] * x.shape[3]))
-
-
-def _group_norm_act(rows: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """SiLU(GroupNorm(rows)) for rows of a map whose GroupNorm is folded into ``stats`` (Wu & He 2018, eq. 1)."""
-    scale, shift = stats  # (B, C, 1, 1)
-    return F.silu(torch.addcmul(shift, rows, scale), inplace=True)
-
-
-def _group_stats(norm: nn.GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (scale, shift) with GroupNorm(x) = x * scale + shift, as torch's own kernel folds it.
-
-    The variance is the two-pass one (mean first, then the mean squared deviation, strip by strip): as
-    accurate as Welford's and several times faster than ``torch.var_mean`` on CPU.
-    """
-    b, c, height, _ = x.shape
-    g = norm.num_groups
-    mean = x.view(b, g, -1).mean(dim=-1)  # (B, G)
-    centre = mean[:, :, None, None, None]
-    var = torch.zeros_like(mean)
-    step = _strip_rows(x)
-    for top in range(0, height, step):
-        rows = x[:, :, top : top + step]
-        deviation = rows.reshape(b, g, c // g, *rows.shape[2:]) - centre
-        var += deviation.square_().sum(dim=(2, 3, 4))
-    var /= x[0, 0].numel() * (c // g)
-    rstd = (var + norm.eps).rsqrt().repeat_interleave(c // g, dim=1)  # (B, C)
-    scale = rstd * norm.weight
-    shift = norm.bias - mean.repeat_interleave(c // g, dim=1) * scale
-    return scale[..., None, None], shift[..., None, None]
-
-
-def _strips(height: int, step: int):
-    """(top, bottom, lo, hi): output rows [top, bottom) and the input rows [lo, hi) a 3x3 conv needs for them."""
-    for top in range(0, height, step):
-        bottom = min(top + step, height)
-        yield top, bottom, max(top - 1, 0), min(bottom + 1, height)
-
-
-def _conv_rows(conv: nn.Conv2d, rows: torch.Tensor, top: int, bottom: int, lo: int) -> torch.Tensor:
-    # Zero padding 1 all round is the conv's own padding at the image border; inside, the halo rows
-    # are real neighbours and the output rows they produce are dropped.
-    return conv(rows)[:, :, top - lo : bottom - lo]
-
-
-def _empty_like_map(x: torch.Tensor, channels: int, height: int, width: int) -> torch.Tensor:
-    return x.new_empty(x.shape[0], channels, height, width)
-
-
-def _norm_act_conv(norm: nn.GroupNorm, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """conv(SiLU(GroupNorm(x))) for a 3x3, padding-1 conv, computed in row strips with a one-row halo."""
-    stats = _group_stats(norm, x)
-    if _strip_rows(x) >= x.shape[2]:
-        return conv(_group_norm_act(x, stats))
-    out = _empty_like_map(x, conv.out_channels, x.shape[2], x.shape[3])
-    for top, bottom, lo, hi in _strips(x.shape[2], _strip_rows(x)):
-        out[:, :, top:bottom] = _conv_rows(conv, _group_norm_act(x[:, :, lo:hi], stats), top, bottom, lo)
-    return out
-
-
-def _lean_resnet(block: ResnetBlock, x: torch.Tensor) -> torch.Tensor:
-    """``block(x)`` holding at most x, one intermediate map and the output (plus one strip)."""
-    h = _norm_act_conv(block.norm1, block.conv1, x)
-    h = _norm_act_conv(block.norm2, block.conv2, h)
-    if block.conv_shortcut is None:
-        return h.add_(x)
-    step = _strip_rows(x)
-    if step >= x.shape[2]:
-        return h.add_(block.conv_shortcut(x))
-    for top in range(0, x.shape[2], step):
-        h[:, :, top : top + step] += block.conv_shortcut(x[:, :, top : top + step])
-    return h
-
-
-def _lean_upsample(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """conv(nearest-2x-upsample(x)) as four 2x2 sub-pixel convolutions of x, in source row strips.
-
-    Each output pixel of a 3x3 conv over a nearest-upsampled map sees only a 2x2 block of source pixels, so
-    the upsampled map is never built and the conv costs 4/9 of the plain one (``subpixel_kernels``).
-    """
-    b, _, height, width = x.shape
-    co = conv.out_channels
-    kernels, bias = subpixel_kernels(conv)
-    out = _empty_like_map(x, co, 2 * height, 2 * width)
-    for top, bottom, lo, hi in _strips(height, _strip_rows(x)):
-        res = F.conv2d(x[:, :, lo:hi], kernels, bias, padding=1)  # (B, 4*co, hi - lo + 1, width + 1)
-        n, r0 = bottom - top, top - lo
-        for phase in range(4):
-            a, c = divmod(phase, 2)
-            part = res[:, phase * co : (phase + 1) * co, r0 + a : r0 + a + n, c : c + width]
-            out[:, :, 2 * top + a : 2 * bottom : 2, c::2] = part
-    return out
 
 
 class AutoencoderKL(nn.Module):
