@@ -41,7 +41,6 @@ def test_strip_decode_equals_the_plain_decoder(vae, monkeypatch, strip_pixels, b
 def test_moments_merged_band_by_band_equal_the_whole_maps_two_pass_statistics():
     # A large common offset is where a one-pass sum of squares would lose the variance.
     x = torch.randn(2, 8, 13, 5, generator=torch.Generator().manual_seed(2)) * 0.1 + 30.0
-    x = x.contiguous(memory_format=torch.channels_last)
     moments = Moments(2, 4, x.device)
     for top, bottom in [(0, 1), (1, 7), (7, 13)]:
         moments.add(x[:, :, top:bottom])
@@ -58,7 +57,7 @@ def test_moments_merged_band_by_band_equal_the_whole_maps_two_pass_statistics():
 def _bands(x: torch.Tensor, cuts: list[int]) -> Bands:
     bands = Bands(x, x.shape[1], x.shape[2], x.shape[3]).track_moments(4)
     for top, bottom in zip([0, *cuts], [*cuts, x.shape[2]]):
-        bands.append(x[:, :, top:bottom].contiguous(memory_format=torch.channels_last))
+        bands.append(x[:, :, top:bottom].contiguous())
     return bands
 
 

@@ -16,9 +16,9 @@ convolution's output: at 512x512 pixels each is a 128-256 MiB tensor. Here:
 - the 2x nearest upsampler and its 3x3 conv run as four 2x2 sub-pixel convolutions of the
   source strip (``subpixel_kernels``): the upsampled map is never built.
 
-Maps are channels-last (NHWC): a band of rows is then one contiguous block, and oneDNN
-convolves NHWC without reordering into its blocked layout and back (faster at these
-widths). The largest 512x512 step thus holds two 128-channel full-resolution maps (a
+Maps stay NCHW: channels-last strips made the convolutions about 10 % faster but the
+elementwise work (normalization, moments, sub-pixel interleave) about twice as slow, a net
+loss measured at 512x512. The largest 512x512 step thus holds two 128-channel full-resolution maps (a
 block's input, kept for its residual, and its first convolution's output) plus a strip or
 two, where the plain path holds up to four. The result equals the plain path's to float
 rounding (tests/test_models_vae_strips.py).
@@ -54,7 +54,7 @@ class Moments:
         self.m2 = torch.zeros(batch, groups, dtype=torch.float64, device=device)
 
     def add(self, rows: torch.Tensor) -> None:
-        """Merge in channels-last rows (B, C, r, W): per-channel sums, then per-group (few, large ops).
+        """Merge in rows (B, C, r, W): per-channel sums, then per-group (few, large ops).
 
         The corrected two-pass form (Chan, Golub & LeVeque 1983, eq. 1.7): deviations from the
         float32 band mean, whose own sum corrects that mean's rounding in float64.
@@ -65,12 +65,12 @@ class Moments:
         def per_group(per_channel: torch.Tensor) -> torch.Tensor:  # (B, C) -> (B, G) in float64
             return per_channel.double().view(b, g, c // g).sum(dim=-1)
 
-        pixels = rows.permute(0, 2, 3, 1).reshape(b, -1, c)  # (B, r*W, C), a view of channels-last rows
-        n = pixels.shape[1] * (c // g)
-        rough = (per_group(pixels.sum(dim=1)) / n).to(rows.dtype)  # (B, G)
-        deviation = pixels - rough.repeat_interleave(c // g, dim=1)[:, None, :]
-        first = per_group(deviation.sum(dim=1))
-        m2 = per_group(deviation.square_().sum(dim=1)) - first.square() / n
+        pixels = rows.reshape(b, c, -1)
+        n = pixels.shape[2] * (c // g)
+        rough = (per_group(pixels.sum(dim=2)) / n).to(rows.dtype)  # (B, G)
+        deviation = pixels - rough.repeat_interleave(c // g, dim=1)[:, :, None]
+        first = per_group(deviation.sum(dim=2))
+        m2 = per_group(deviation.square_().sum(dim=2)) - first.square() / n
         self._merge(n, rough.double() + first / n, m2)
 
     def _merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
@@ -99,7 +99,7 @@ class Bands:
     @classmethod
     def whole(cls, x: torch.Tensor) -> Bands:
         bands = cls(x, x.shape[1], x.shape[2], x.shape[3])
-        bands.append(x.contiguous(memory_format=torch.channels_last))
+        bands.append(x.contiguous())
         return bands
 
     def track_moments(self, groups: int) -> Bands:
@@ -155,7 +155,7 @@ class Bands:
 
     def empty_rows(self, channels: int, rows: int, width: int | None = None) -> torch.Tensor:
         shape = (self.shape[0], channels, rows, width or self.shape[3])
-        return torch.empty(shape, device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
+        return torch.empty(shape, device=self.device, dtype=self.dtype)
 
     def tensor(self) -> torch.Tensor:
         return self.rows(0, self.shape[2]).contiguous()
