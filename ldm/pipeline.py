@@ -21,11 +21,12 @@ single image equals diffusers' image for the same seed.
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,6 +60,30 @@ class NonFiniteOutputError(LdmError):
     """The generated image contains NaN or infinity."""
 
 
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """The settings a call uses when it does not give them.
+
+    A model folder may recommend its own in ``generation_config.json`` (as transformers' models do
+    for text generation): a model trained on simple data can need less guidance than SD's 7.5.
+    """
+
+    guidance_scale: float = 7.5
+    num_inference_steps: int = DEFAULT_STEPS
+
+    @classmethod
+    def of_model(cls, path: Path) -> GenerationDefaults:
+        file = path / "generation_config.json"
+        if not file.is_file():
+            return cls()
+        try:
+            values = json.loads(file.read_text())
+            return cls(**values)
+        except (ValueError, TypeError) as error:
+            allowed = ", ".join(f.name for f in fields(cls))
+            raise ConfigError(f"{file}: {error}; it holds a JSON object with some of: {allowed}") from None
+
+
 class ReleasedWeightsError(LdmError):
     """A network's weights were released after a one-shot call (``release_weights_after_use``)."""
 
@@ -88,6 +113,7 @@ class Pipeline:
         self.offload_device: torch.device | None = None  # set by enable_model_cpu_offload
         self.channels_last = False  # set by enable_channels_last
         self.weights_after_use: WeightsAfterUse = "keep"  # set by release_weights_after_use
+        self.defaults = GenerationDefaults()  # from_pretrained reads the model's own, if it has any
 
     @classmethod
     def from_pretrained(
@@ -110,6 +136,8 @@ class Pipeline:
         parts = load_components(path, device=device, dtype=dtype, prediction_type=prediction_type)
         pipe = cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config)
         pipe.name = Path(path).stem if Path(path).is_file() else Path(path).name
+        if Path(path).is_dir():
+            pipe.defaults = GenerationDefaults.of_model(Path(path))
         return pipe
 
     # --- set-up ------------------------------------------------------------------------------------
@@ -192,8 +220,8 @@ class Pipeline:
         self,
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = DEFAULT_STEPS,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
@@ -218,7 +246,8 @@ class Pipeline:
         model's scheduler config and ``eta`` if given), one of our scheduler objects,
         or a diffusers scheduler object. ``guidance_scale <= 1`` runs the conditional
         pass alone. ``init_image`` with ``strength`` in (0, 1] turns this into
-        img2img. ``callback(i, t, latents)`` is called after each step.
+        img2img. ``callback(i, t, latents)`` is called after each step. Steps and guidance
+        left as None come from ``self.defaults`` (25 and 7.5 unless the model recommends others).
 
         Speed-ups (README: Performance), exact at their defaults: ``guidance_fraction``
         runs the unconditional pass only in the first ``ceil(fraction * steps)``
@@ -227,6 +256,8 @@ class Pipeline:
         full-resolution self-attention (ToMe).
         """
         self._check_loaded(self.text_encoder, self.unet, self.vae)
+        num_inference_steps = self.defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance_scale = self.defaults.guidance_scale if guidance_scale is None else guidance_scale
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise InputError("the prompt list is empty; give at least one prompt")

@@ -190,3 +190,33 @@ def test_a_single_call_run_releases_the_weights_and_writes_the_same_image(model,
     # Two images in batches of one take two calls: nothing is released.
     code, _, _ = run(capsys, "a cat", "--num-images", 2, "--model", model, "--out", tmp_path / "two", *FAST)
     assert code == 0 and len(released) == 1 and len(list((tmp_path / "two").iterdir())) == 2
+
+
+def test_the_models_recommended_steps_and_guidance_are_the_defaults(model, tmp_path, capsys):
+    """generation_config.json in a model folder sets what a run uses when it does not say; flags still win."""
+    import shutil
+
+    recommending = tmp_path / "recommending"
+    shutil.copytree(model, recommending)
+    (recommending / "generation_config.json").write_text('{"guidance_scale": 3.0, "num_inference_steps": 3}')
+    pipe = Pipeline.from_pretrained(recommending)
+    assert (pipe.defaults.guidance_scale, pipe.defaults.num_inference_steps) == (3.0, 3)
+    seen = []
+    default = pipe("a cat", seed=1, height=64, width=64, callback=lambda i, t, x: seen.append(i), output_type="np").images
+    explicit = pipe("a cat", seed=1, height=64, width=64, num_inference_steps=3, guidance_scale=3.0, output_type="np").images
+    assert seen == [0, 1, 2] and np.array_equal(default, explicit)
+    assert Pipeline.from_pretrained(model).defaults.guidance_scale == 7.5  # no file: SD's defaults
+
+    out = tmp_path / "out"
+    assert run(capsys, "a cat", "--model", recommending, "--seed", 1, "--width", "64", "--height", "64", "--quiet",
+               "--out", out)[0] == 0
+    params = read_parameters(out / "00000-1.png")
+    assert (params.cfg_scale, params.steps) == (3.0, 3)
+    assert run(capsys, "a cat", "--model", recommending, "--seed", 1, "--guidance-scale", 5, "--steps", 2, "--width", "64",
+               "--height", "64", "--quiet", "--out", out)[0] == 0
+    params = read_parameters(out / "00001-1.png")
+    assert (params.cfg_scale, params.steps) == (5.0, 2)
+
+    (recommending / "generation_config.json").write_text('{"guidance": 3.0}')
+    code, _, err = run(capsys, "a cat", "--model", recommending, "--out", out, "--quiet")
+    assert code == 2 and "generation_config.json" in err and "guidance_scale" in err and len(err.strip().splitlines()) == 1

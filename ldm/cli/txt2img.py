@@ -48,8 +48,10 @@ def register(sub) -> None:
     parser.add_argument("--model", type=Path, metavar="PATH", help="diffusers folder or .safetensors/.ckpt file (default: the project's model)")
     parser.add_argument("--scheduler", default="dpm-solver++", metavar="NAME", help=", ".join(A1111_SAMPLER_NAMES))
     parser.add_argument("--eta", type=float, help="noise of DDIM steps (0: deterministic; only schedulers that take it)")
-    parser.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance; <= 1 disables it")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the model's recommendation, else 25)")
+    parser.add_argument(
+        "--guidance-scale", type=float, help="classifier-free guidance; <= 1 disables it (default: the model's recommendation, else 7.5)"
+    )
     parser.add_argument("--guidance-rescale", type=float, default=0.0, help="0..1, for v-prediction models (Lin et al. 2024)")
     parser.add_argument("--clip-skip", type=int, metavar="K", help="use the text encoder's k-th layer from the end, diffusers' meaning")
     parser.add_argument("--seed", type=int, help="seed of the first image; image j gets seed + j (default: random)")
@@ -117,18 +119,21 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    steps = pipe.defaults.num_inference_steps if args.steps is None else args.steps
+    guidance_scale = pipe.defaults.guidance_scale if args.guidance_scale is None else args.guidance_scale
+
     base_seed = args.seed if args.seed is not None else secrets.randbelow(2**32 - args.num_images)
     total = len(job.prompts) * args.num_images
     images_bar = tqdm(total=total, desc="images", unit="img", disable=args.quiet or total <= args.batch_size, file=sys.stderr)
     for prompt in job.prompts:
         for first in range(0, args.num_images, args.batch_size):
             count = min(args.batch_size, args.num_images - first)
-            steps_bar = tqdm(total=args.steps, desc="steps", leave=False, disable=args.quiet, file=sys.stderr)
+            steps_bar = tqdm(total=steps, desc="steps", leave=False, disable=args.quiet, file=sys.stderr)
             result = pipe(
                 prompt,
                 negative_prompt=args.negative_prompt,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance_scale,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
                 guidance_rescale=args.guidance_rescale,
                 clip_skip=args.clip_skip,
                 height=args.height,
@@ -149,9 +154,9 @@ def run(args: argparse.Namespace) -> int:
                 params = GenerationParameters(
                     prompt=prompt,
                     negative_prompt=args.negative_prompt,
-                    steps=args.steps,
+                    steps=steps,
                     sampler=A1111_SAMPLER_NAMES.get(args.scheduler, args.scheduler),
-                    cfg_scale=args.guidance_scale,
+                    cfg_scale=guidance_scale,
                     seed=seed,
                     width=image.width,
                     height=image.height,
@@ -201,7 +206,7 @@ def check_arguments(args: argparse.Namespace) -> Job:
         if value is not None and (value <= 0 or value % 8):
             raise InputError(f"{name} must be a positive multiple of 8, got {value}")
     for name, value in (("--steps", args.steps), ("--num-images", args.num_images), ("--batch-size", args.batch_size)):
-        if value < 1:
+        if value is not None and value < 1:
             raise InputError(f"{name} must be at least 1, got {value}")
     if args.strength is not None and args.init_image is None:
         raise InputError("--strength only applies with --init-image")
