@@ -326,9 +326,17 @@ def adherence(model: Components, recipe: Recipe, guidance: float) -> dict[str, f
     return accuracy(readings, [parse_caption(s.caption) for s in samples])
 
 
+def best_guidance(by_guidance: dict[float, dict[str, float]]) -> float:
+    """The guidance scale with the best mean accuracy on background, shape colour and shape class."""
+    return max(by_guidance, key=lambda g: sum(by_guidance[g][k] for k in ("background", "color", "shape")))
+
+
 # ---------------------------------------------------------------------------------------------- stage 4: export
 def export(folder: Path, model: Components, record: dict) -> None:
-    """The diffusers layout (ldm.loading.save_diffusers) plus training.json.
+    """The diffusers layout (ldm.loading.save_diffusers) plus training.json and generation_config.json.
+
+    generation_config.json holds the recommended guidance scale, the default of ``ldm txt2img`` and
+    ``Pipeline`` calls with this model (SD's 7.5 over-saturates a model this small).
 
     The tokenizer folder also gets the shipped vocab.json and merges.txt, which transformers 4
     needs beside the tokenizer.json that transformers 5 writes.
@@ -338,6 +346,8 @@ def export(folder: Path, model: Components, record: dict) -> None:
         if not (folder / "tokenizer" / name).exists():
             shutil.copy2(TOKENIZER_DIR / name, folder / "tokenizer" / name)
     atomic_write(folder / "training.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+    defaults = {"guidance_scale": record["recommended_guidance_scale"]}
+    atomic_write(folder / "generation_config.json", lambda tmp: tmp.write_text(json.dumps(defaults, indent=2) + "\n"))
 
 
 def snapshot(work: Path, recipe: Recipe) -> tuple[Path, Recipe]:
@@ -405,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds["unet_and_text_encoder"] = denoiser["seconds"]
     record["adherence_20_steps_by_guidance"] = {g: adherence(model, recipe, g) for g in (1.0, 3.0, 7.0)}
     log(f"adherence at 20 dpm-solver++ steps by guidance: {record['adherence_20_steps_by_guidance']}")
+    record["recommended_guidance_scale"] = best_guidance(record["adherence_20_steps_by_guidance"])
 
     record.update(
         scaling_factor=vae_config.scaling_factor,

@@ -71,6 +71,16 @@ def test_recipe_rejects_unknown_keys(tmp_path):
         script.Recipe.from_json(path)
 
 
+def test_recommended_guidance_is_the_best_on_the_targets_attributes():
+    script = _script()
+    scores = {
+        1.0: {"background": 0.7, "color": 0.5, "shape": 0.5, "position": 1.0},
+        3.0: {"background": 1.0, "color": 0.9, "shape": 0.6, "position": 0.2},
+        7.0: {"background": 1.0, "color": 0.6, "shape": 0.7, "position": 0.2},
+    }
+    assert script.best_guidance(scores) == 3.0
+
+
 @pytest.mark.parametrize("initial_logvar", [0.0, -8.0])
 def test_vae_posterior_starts_at_the_recipes_log_variance(tmp_path, initial_logvar):
     script = _script()
@@ -105,6 +115,9 @@ def test_training_script_end_to_end_and_resume(tmp_path):
     assert record["recipe"]["vae_training"]["steps"] == 12 and record["denoiser"]["steps"] == 6
     assert set(record["seconds"]) == {"data", "vae", "unet_and_text_encoder"} and record["total_seconds"] > 0
     assert set(record["adherence_20_steps_by_guidance"]) == {"1.0", "3.0", "7.0"}
+    recommended = json.loads((out / "generation_config.json").read_text())
+    assert recommended == {"guidance_scale": record["recommended_guidance_scale"]}
+    assert Pipeline.from_pretrained(out).defaults.guidance_scale == record["recommended_guidance_scale"]
     vae_config = json.loads((out / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] == pytest.approx(record["scaling_factor"]) and vae_config["scaling_factor"] > 0
 
