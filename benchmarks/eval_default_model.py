@@ -20,6 +20,7 @@ Writes ``<out>/default_model_eval.json``, ``<out>/default_model_eval.md`` and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -32,7 +33,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ldm.io import atomic_write
 from ldm.loading import DEFAULT_MODEL_DIR
 from ldm.pipeline import Pipeline
-from ldm.schedulers import SCHEDULERS
+from ldm.schedulers import SCHEDULERS, create
 from ldm.shapes import COLORS, HELD_OUT_PAIRS, parse_caption, random_sample
 from ldm.shapes_score import accuracy, analyze
 
@@ -61,7 +62,7 @@ def held_out_prompts() -> list[str]:
     return prompts
 
 
-def run(pipe: Pipeline, prompts: list[str], scheduler: str, steps: int, guidance: float, seed: int, batch: int,
+def run(pipe: Pipeline, prompts: list[str], scheduler, steps: int, guidance: float, seed: int, batch: int,
         **speedup):
     """Images (as uint8 arrays) and the scorer's accuracy for one setting."""
     images: list[np.ndarray] = []
@@ -150,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     samples: dict[tuple[str, int, float], list[np.ndarray]] = {}
     for scheduler, steps, guidance in settings:
         began = time.time()
-        images, result = run(pipe, prompts, scheduler, steps, guidance, args.seed, args.batch)
+        # The reference is the whole training chain t = 999 ... 0: with SD's 'leading' spacing and
+        # steps_offset 1, 1000 steps would start past the last timestep.
+        full_chain = create(scheduler, dataclasses.replace(pipe.scheduler_config, timestep_spacing="trailing"))
+        sampler = full_chain if (scheduler, steps) == (REFERENCE[0], args.reference_steps) else scheduler
+        images, result = run(pipe, prompts, sampler, steps, guidance, args.seed, args.batch)
         samples[(scheduler, steps, guidance)] = images
         report["grid"].append({"scheduler": scheduler, "steps": steps, "guidance": guidance, "accuracy": result,
                                "seconds": time.time() - began})
