@@ -16,24 +16,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny_models import diffusers_pipeline  # noqa: E402
+from tiny_models import diffusers_pipeline, ldm_pipeline  # noqa: E402
 
 from ldm.errors import ConfigError, InputError  # noqa: E402
-from ldm.models import AutoencoderKL, UNet, UNetConfig, VAEConfig  # noqa: E402
 from ldm.pipeline import NonFiniteOutputError, Pipeline, ReleasedWeightsError, rescale_guidance  # noqa: E402
 from ldm.schedulers import SchedulerConfig, create  # noqa: E402
 
 SIZE = dict(height=64, width=64, num_inference_steps=3)
-
-
-def ldm_pipeline(reference) -> Pipeline:
-    """Our networks holding the reference pipeline's weights (same key names, strict load)."""
-    unet = UNet(UNetConfig.from_diffusers(dict(reference.unet.config)))
-    unet.load_state_dict(reference.unet.state_dict(), strict=True)
-    vae = AutoencoderKL(VAEConfig.from_diffusers(dict(reference.vae.config)))
-    vae.load_state_dict(reference.vae.state_dict(), strict=True)
-    config = SchedulerConfig.from_diffusers(dict(reference.scheduler.config))
-    return Pipeline(unet.eval(), vae.eval(), reference.text_encoder, reference.tokenizer, config)
 
 
 @pytest.fixture(scope="module")

@@ -12,25 +12,17 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny_models import diffusers_pipeline  # noqa: E402
+from tiny_models import diffusers_pipeline, ldm_pipeline  # noqa: E402
 
 from ldm.errors import InputError  # noqa: E402
-from ldm.models import AutoencoderKL, UNet, UNetConfig, VAEConfig  # noqa: E402
 from ldm.pipeline import Pipeline  # noqa: E402
-from ldm.schedulers import SchedulerConfig  # noqa: E402
 
 RUN = dict(height=64, width=64, num_inference_steps=6, seed=3, output_type="pt")
 
 
 @pytest.fixture(scope="module")
 def pipe() -> Pipeline:
-    reference = diffusers_pipeline("sd1")
-    unet = UNet(UNetConfig.from_diffusers(dict(reference.unet.config)))
-    unet.load_state_dict(reference.unet.state_dict(), strict=True)
-    vae = AutoencoderKL(VAEConfig.from_diffusers(dict(reference.vae.config)))
-    vae.load_state_dict(reference.vae.state_dict(), strict=True)
-    config = SchedulerConfig.from_diffusers(dict(reference.scheduler.config))
-    return Pipeline(unet.eval(), vae.eval(), reference.text_encoder, reference.tokenizer, config)
+    return ldm_pipeline(diffusers_pipeline("sd1"))
 
 
 @pytest.fixture(scope="module")

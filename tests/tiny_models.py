@@ -117,6 +117,20 @@ def diffusers_pipeline(family: Family = "sd1", seed: int = 0):
     )
 
 
+def ldm_pipeline(reference):
+    """An ldm Pipeline holding a diffusers reference pipeline's weights (same key names, strict load)."""
+    from ldm.models import AutoencoderKL, UNet, UNetConfig, VAEConfig
+    from ldm.pipeline import Pipeline
+    from ldm.schedulers import SchedulerConfig
+
+    unet = UNet(UNetConfig.from_diffusers(dict(reference.unet.config)))
+    unet.load_state_dict(reference.unet.state_dict(), strict=True)
+    vae = AutoencoderKL(VAEConfig.from_diffusers(dict(reference.vae.config)))
+    vae.load_state_dict(reference.vae.state_dict(), strict=True)
+    config = SchedulerConfig.from_diffusers(dict(reference.scheduler.config))
+    return Pipeline(unet.eval(), vae.eval(), reference.text_encoder, reference.tokenizer, config)
+
+
 def save_diffusers_folder(folder: Path, family: Family = "sd1", seed: int = 0, safe_serialization: bool = True) -> Path:
     """Write a random-weight model in the diffusers folder layout and return the folder."""
     diffusers_pipeline(family, seed).save_pretrained(folder, safe_serialization=safe_serialization)
