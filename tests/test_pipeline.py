@@ -20,7 +20,7 @@ from tiny_models import diffusers_pipeline, ldm_pipeline  # noqa: E402
 
 from ldm.errors import ConfigError, InputError  # noqa: E402
 from ldm.pipeline import NonFiniteOutputError, Pipeline, ReleasedWeightsError, rescale_guidance  # noqa: E402
-from ldm.schedulers import SchedulerConfig, create  # noqa: E402
+from ldm.schedulers import create  # noqa: E402
 
 SIZE = dict(height=64, width=64, num_inference_steps=3)
 
