@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ldm.errors import CheckpointError, ConfigError
@@ -39,10 +40,45 @@ class Components:
     source: Path
 
 
+# Calls that only write values into an existing tensor: the random and constant initialisers
+# of torch.nn.init that dispatch on their argument, and the in-place tensor writes that the
+# other initialisers end in. On a meta tensor they change nothing (it holds no values).
+_VALUE_WRITES = frozenset(
+    {
+        nn.init.kaiming_uniform_,
+        nn.init.uniform_,
+        nn.init.normal_,
+        nn.init.constant_,
+        torch.Tensor.uniform_,
+        torch.Tensor.normal_,
+        torch.Tensor.fill_,
+        torch.Tensor.zero_,
+    }
+)
+
+
+class _NoValueWritesOnMeta(TorchFunctionMode):
+    """Skips ``_VALUE_WRITES`` whose target is a meta tensor.
+
+    Building on the meta device still runs every module's ``reset_parameters``, whose meta
+    kernels are Python decompositions: for SD 1.5 they are about half the build time. Skipping
+    them leaves the same modules, parameters, shapes and dtypes. A torch function mode acts on
+    the current thread only; nothing global is patched.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _VALUE_WRITES:
+            target = args[0] if args else kwargs["tensor"]
+            if target.is_meta:
+                return target
+        return func(*args, **kwargs)
+
+
 def build_networks(unet: dict[str, Any], vae: dict[str, Any], text: CLIPTextConfig) -> tuple[UNet, AutoencoderKL, CLIPTextModel]:
     """The three networks from diffusers-style configs, on the meta device (weights come later)."""
     unet_config, vae_config = UNetConfig.from_diffusers(unet), VAEConfig.from_diffusers(vae)
-    with torch.device("meta"):
+    with torch.device("meta"), _NoValueWritesOnMeta():
         return UNet(unet_config), AutoencoderKL(vae_config), CLIPTextModel(text)
 
 
