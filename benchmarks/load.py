@@ -157,13 +157,12 @@ def measure(which: str, path: Path, config_dir: Path, dtype_name: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a ~10x smaller SD 1.x-shaped model")
     parser.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="file and load precision")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ldm-bench-load")
-    parser.add_argument("--repeats", type=int, default=1, help="loads per library (best time, max memory)")
+    parser.add_argument("--repeats", type=int, default=1, help="loads per library, alternated (best time, max memory)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -173,9 +172,13 @@ def main() -> None:
     path, config_dir = write_checkpoint(args.cache, args.quick, dtype)
     size_mb = path.stat().st_size / 2**20
     print(f"checkpoint: {path} ({size_mb:.0f} MiB, {args.dtype}), loading as {args.dtype}")
+    # Fresh processes, ldm and diffusers alternated, so a slow spell of a shared CPU hits both.
+    runs_of = {"ldm": [], "diffusers": []}
+    for _ in range(args.repeats):
+        for which, runs in runs_of.items():
+            runs.append(measure(which, path, config_dir, args.dtype))
     results = {}
-    for which in ("ldm", "diffusers"):
-        runs = [measure(which, path, config_dir, args.dtype) for _ in range(args.repeats)]
+    for which, runs in runs_of.items():
         if len({round(r["checksum"], 2) for r in runs}) != 1:
             raise SystemExit(f"{which} loaded different weights on repeats")
         results[which] = {
@@ -186,9 +189,11 @@ def main() -> None:
             "load_mb": max(r["load_mb"] for r in runs),
         }
         r = results[which]
+        times = " ".join(f"{run['seconds']:.2f}" for run in runs)
         print(
             f"{which:>9}: {r['seconds']:6.2f} s load, {r['ready']:6.2f} s with every weight paged in   "
-            f"peak RSS {r['peak_mb']:7.0f} MiB   (+{r['load_mb']:.0f} MiB during load)"
+            f"peak RSS {r['peak_mb']:7.0f} MiB   (+{r['load_mb']:.0f} MiB during load)   "
+            f"load times {times}"
         )
     ours, theirs = results["ldm"], results["diffusers"]
     if abs(ours["checksum"] - theirs["checksum"]) > 1e-3 * max(1.0, abs(theirs["checksum"])):
