@@ -1,0 +1,96 @@
+"""The fast network build of loading: networks built on the meta device without running their
+initialisers must be the same networks, and every tensor must end up loaded from the file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+from tiny_models import save_diffusers_folder
+from torch import nn
+from transformers import CLIPTextModel
+
+from ldm.loading import load_components, save_single_file
+from ldm.loading.components import _NoValueWritesOnMeta, build_networks
+from ldm.loading.single_file import single_file_state
+from ldm.models import AutoencoderKL, UNet, UNetConfig, VAEConfig
+from ldm.models.text_encoder import clip_config
+
+FAMILIES = ("sd1", "sd2")
+FULL_SIZE = {"sd1": UNetConfig.sd1(), "sd2": UNetConfig.sd2()}
+
+
+def _layout(model: nn.Module) -> dict:
+    """Everything about a network except its values."""
+    state = model.state_dict(keep_vars=True)
+    return {key: (type(t), t.shape, t.dtype, t.device, t.requires_grad) for key, t in state.items()}
+
+
+def _unloaded(model: nn.Module) -> list[str]:
+    return [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_build_without_initialisers_gives_the_same_networks(family):
+    """Full-size SD networks (on meta, so no memory) match a plain meta-device build exactly."""
+    unet_config, vae_config, text_config = FULL_SIZE[family], VAEConfig.sd(), clip_config(family)
+    with torch.device("meta"):
+        plain = (UNet(unet_config), AutoencoderKL(vae_config), CLIPTextModel(text_config))
+    fast = build_networks(unet_config.to_diffusers(), vae_config.to_diffusers(), text_config)
+    for ours, reference in zip(fast, plain):
+        assert type(ours) is type(reference)
+        assert repr(ours) == repr(reference)
+        assert _layout(ours) == _layout(reference)
+        assert all(t.is_meta for t in ours.state_dict().values())
+
+
+def test_initialisers_still_run_on_real_tensors_and_after_the_build():
+    """Only writes into meta tensors are skipped: a CPU module built inside the mode, or any
+    module built after it, is initialised exactly as usual."""
+
+    def seeded_linear() -> nn.Linear:
+        torch.manual_seed(0)
+        return nn.Linear(16, 8, device="cpu")
+
+    reference = seeded_linear()
+    assert reference.weight.abs().sum() > 0
+    with torch.device("meta"), _NoValueWritesOnMeta():
+        inside = seeded_linear()
+        norm = nn.GroupNorm(2, 8, device="cpu")
+    assert torch.equal(inside.weight, reference.weight) and torch.equal(inside.bias, reference.bias)
+    assert torch.equal(norm.weight, torch.ones(8)) and torch.equal(norm.bias, torch.zeros(8))
+    build_networks(UNetConfig.tiny().to_diffusers(), VAEConfig.tiny().to_diffusers(), clip_config("sd1"))
+    after = seeded_linear()
+    assert torch.equal(after.weight, reference.weight) and torch.equal(after.bias, reference.bias)
+
+
+@pytest.fixture(scope="module")
+def single_files(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("meta-build")
+    files = {}
+    for family in FAMILIES:
+        folder = save_diffusers_folder(root / family, family)
+        files[family] = (folder, save_single_file(load_components(folder), root / f"{family}.safetensors"))
+    return files
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_loaded_tensor_is_the_files(family, single_files):
+    folder, path = single_files[family]
+    loaded = load_components(path)
+    for model in (loaded.unet, loaded.vae, loaded.text_encoder):
+        assert _unloaded(model) == []
+    with safe_open(str(path), "pt") as f:
+        in_file = {key: f.get_tensor(key) for key in f.keys()}
+    state = single_file_state(loaded)
+    assert state.keys() == in_file.keys()
+    for key, value in in_file.items():
+        assert state[key].dtype == value.dtype, key
+        assert torch.equal(state[key], value), key
+    # The diffusers folder the file came from: same tensors, key for key.
+    from_folder = load_components(folder)
+    pairs = zip((loaded.unet, loaded.vae, loaded.text_encoder), (from_folder.unet, from_folder.vae, from_folder.text_encoder))
+    for ours, theirs in pairs:
+        assert _unloaded(theirs) == []
+        expected = theirs.state_dict()
+        assert all(torch.equal(value, expected[key]) for key, value in ours.state_dict().items())
