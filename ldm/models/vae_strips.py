@@ -41,10 +41,10 @@ MIN_STRIP_ROWS = 2
 class Moments:
     """Per-group count, mean and sum of squared deviations of a map, merged band by band.
 
-    Each band's mean and squared deviations are computed two-pass while the band is fresh in
-    the cache, then merged with Chan et al.'s pairwise update (1979, "Updating formulae and a
-    pairwise algorithm for computing sample variances", eq. 2.1) in float64: as accurate as a
-    two-pass variance over the whole map, with one read of each band instead of two later.
+    Each band's mean and variance come from one pass over the band while it is fresh in the
+    cache, and the bands are merged with Chan et al.'s pairwise update (1979, "Updating formulae
+    and a pairwise algorithm for computing sample variances", eq. 2.1) in float64: as accurate as
+    a variance over the whole map, with one read of each band instead of two later.
     """
 
     def __init__(self, batch: int, groups: int, device: torch.device):
@@ -54,24 +54,13 @@ class Moments:
         self.m2 = torch.zeros(batch, groups, dtype=torch.float64, device=device)
 
     def add(self, rows: torch.Tensor) -> None:
-        """Merge in rows (B, C, r, W): per-channel sums, then per-group (few, large ops).
-
-        The corrected two-pass form (Chan, Golub & LeVeque 1983, eq. 1.7): deviations from the
-        float32 band mean, whose own sum corrects that mean's rounding in float64.
-        """
+        """Merge in rows (B, C, r, W): one ``var_mean`` pass per band (Welford's update inside torch's
+        kernel), so a band is read once while it is fresh in the cache."""
         b, c = rows.shape[:2]
-        g = self.groups
-
-        def per_group(per_channel: torch.Tensor) -> torch.Tensor:  # (B, C) -> (B, G) in float64
-            return per_channel.double().view(b, g, c // g).sum(dim=-1)
-
-        pixels = rows.reshape(b, c, -1)
-        n = pixels.shape[2] * (c // g)
-        rough = (per_group(pixels.sum(dim=2)) / n).to(rows.dtype)  # (B, G)
-        deviation = pixels - rough.repeat_interleave(c // g, dim=1)[:, :, None]
-        first = per_group(deviation.sum(dim=2))
-        m2 = per_group(deviation.square_().sum(dim=2)) - first.square() / n
-        self._merge(n, rough.double() + first / n, m2)
+        per_group = rows.unflatten(1, (self.groups, c // self.groups))  # a view, also of a band's rows
+        var, mean = torch.var_mean(per_group, dim=(2, 3, 4), correction=0)
+        n = per_group[0, 0].numel()
+        self._merge(n, mean.double(), var.double() * n)
 
     def _merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         total = self.count + n
