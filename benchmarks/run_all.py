@@ -1,7 +1,8 @@
 """Run every performance benchmark of ldm against diffusers in one go and publish the table.
 
-    python benchmarks/run_all.py [--quick] [--no-speedups] [--no-load] [--large 1024]
+    python benchmarks/run_all.py [--quick] [--no-speedups] [--no-load] [--compile] [--large 1024]
     python benchmarks/run_all.py --speedups-only [--quick] [--large 1024]   # add to the last run
+    python benchmarks/run_all.py --large-only 1024   # only the large image (kept for later tables)
 
 Builds (once, cached in ``$LDM_BENCH_CACHE`` or the temp folder) a random-weight SD 1.5-architecture
 model in the diffusers layout and as a single file, then runs, each measurement in its own process:
@@ -66,7 +67,15 @@ def run_large(spec: common.ModelSpec, size: int) -> dict[str, Any]:
     """One ldm image at ``size`` px with VAE tiling and sliced attention, 2 steps: time and peak memory."""
     folder, _ = common.build_model(spec)
     args = {"spec": spec.name, "folder": str(folder), "size": size, "steps": 2, "large": True, "impl": "ldm"}
-    return {"size": size, "steps": 2, **common.run_worker("whole_image.py", args)}
+    result = {"size": size, "steps": 2, **common.run_worker("whole_image.py", args)}
+    common.save_results("large", spec, result)
+    return result
+
+
+def last_large(spec: common.ModelSpec) -> dict[str, Any] | None:
+    """The last large-image run (``--large``, kept in ``results/large-<spec>.json``), with its own date."""
+    path = common.RESULTS_DIR / f"large-{spec.name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def table(summary: dict[str, Any]) -> str:
@@ -136,7 +145,8 @@ def table(summary: dict[str, Any]) -> str:
         lines += ["", "Load (benchmarks/load.py):", "", "```", *load["output"], "```"]
     if "large" in summary:
         large = summary["large"]
-        lines += ["", f"Large image: {large['size']}x{large['size']}, {large['steps']} steps, VAE tiling + sliced "
+        when = f" (run {large['time'].replace('T', ' ')[:16]})" if "time" in large else ""
+        lines += ["", f"Large image{when}: {large['size']}x{large['size']}, {large['steps']} steps, VAE tiling + sliced "
                       f"attention: {large['median_s']:.1f} s, peak RSS {large['peak_mib'] / 1024:.2f} GiB."]  # fmt: skip
     lines += ["", f"![time per image against steps](results/time_per_image-{spec['name']}.png)"]
     return "\n".join(lines)
@@ -221,6 +231,10 @@ def main(argv: list[str]) -> None:
     common.build_model(spec)
     flags = ["--quick"] if quick else []
     summary_path = common.RESULTS_DIR / f"summary-{spec.name}.json"
+    if "--large-only" in argv:  # the large image alone; the next tables show it with its own date
+        result = run_large(spec, int(argv[argv.index("--large-only") + 1]))
+        print(f"large image {result['size']}px: {result['median_s']:.1f} s, peak RSS {result['peak_mib'] / 1024:.2f} GiB")
+        return
     if "--speedups-only" in argv:  # add the speed-ups (and the large image) to the last full run
         summary = json.loads(summary_path.read_text())
         summary["whole_image"]["speedups"] = whole_image.main(flags + ["--speedups-only"])["speedups"]
@@ -229,11 +243,13 @@ def main(argv: list[str]) -> None:
         if "--no-load" not in argv:
             summary["load"] = run_load(quick)
             print("load:", summary["load"].get("output", summary["load"])[-1:])
-        summary["unet_step"] = unet_step.main(flags)
+        summary["unet_step"] = unet_step.main(flags + (["--compile"] if "--compile" in argv else []))
         summary["vae_decode"] = vae_decode.main(flags)
         summary["whole_image"] = whole_image.main(flags + ([] if "--no-speedups" in argv else ["--speedups"]))
     if "--large" in argv:
         summary["large"] = run_large(spec, int(argv[argv.index("--large") + 1]))
+    elif (large := last_large(spec)) is not None:
+        summary["large"] = large
     summary["wall_s"] = time.time() - start
     common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     summary_path.write_text(json.dumps(summary, indent=2, default=str))
