@@ -3,6 +3,7 @@
     python benchmarks/run_all.py [--quick] [--no-speedups] [--no-load] [--compile] [--large 1024]
     python benchmarks/run_all.py --speedups-only [--quick] [--large 1024]   # add to the last run
     python benchmarks/run_all.py --large-only 1024   # only the large image (kept for later tables)
+    python benchmarks/run_all.py --parts load,vae_decode   # re-measure these parts, keep the others
 
 Builds (once, cached in ``$LDM_BENCH_CACHE`` or the temp folder) a random-weight SD 1.5-architecture
 model in the diffusers layout and as a single file, then runs, each measurement in its own process:
@@ -31,6 +32,7 @@ import vae_decode  # noqa: E402
 import whole_image  # noqa: E402
 
 README = common.BENCH_DIR / "README.md"
+PARTS = ("load", "unet_step", "vae_decode", "whole_image")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 # (what, target as "ldm / diffusers <= x" or a GEMM fraction >= x)
@@ -50,7 +52,7 @@ def run_load(quick: bool) -> dict[str, Any]:
     script = common.BENCH_DIR / "load.py"
     if not script.exists():
         return {"error": "benchmarks/load.py not present"}
-    command = [sys.executable, str(script), "--dtype", "fp32", *(["--quick"] if quick else [])]
+    command = [sys.executable, str(script), "--dtype", "fp32", "--repeats", "3", *(["--quick"] if quick else [])]
     done = subprocess.run(command, capture_output=True, text=True, cwd=common.REPO_DIR)
     text = done.stdout.strip()
     if done.returncode != 0:
@@ -110,7 +112,10 @@ def table(summary: dict[str, Any]) -> str:
          "<= 0.3", verdict(load.get("time_ratio"), "load_time")),
     ]  # fmt: skip
     spec = summary["spec"]
+    measured = summary.get("measured", {})
+    when = "; ".join(f"{part} {at}" for part, at in measured.items()) if len(set(measured.values())) > 1 else ""
     lines = [
+        *([f"Parts measured at: {when}.", ""] if when else []),
         f"Run {summary['time']} ({spec['name']}: {spec['image_size']}x{spec['image_size']}, whole image "
         f"{spec['steps']} DPM-Solver++ steps, torch threads {common.THREADS}); U-Net step {u['flops'] / 1e12:.3f} TFLOP, "
         f"GEMM rate {max(u['matmul_gflops']):.0f} GFLOP/s.",
@@ -231,6 +236,11 @@ def main(argv: list[str]) -> None:
     common.build_model(spec)
     flags = ["--quick"] if quick else []
     summary_path = common.RESULTS_DIR / f"summary-{spec.name}.json"
+    if "--table-only" in argv:  # redraw the table and plot of the last run (after editing this script)
+        summary = json.loads(summary_path.read_text())
+        plot(summary, common.RESULTS_DIR / f"time_per_image-{spec.name}.png")
+        update_readme(table(summary))
+        return
     if "--large-only" in argv:  # the large image alone; the next tables show it with its own date
         result = run_large(spec, int(argv[argv.index("--large-only") + 1]))
         print(f"large image {result['size']}px: {result['median_s']:.1f} s, peak RSS {result['peak_mib'] / 1024:.2f} GiB")
@@ -239,13 +249,25 @@ def main(argv: list[str]) -> None:
         summary = json.loads(summary_path.read_text())
         summary["whole_image"]["speedups"] = whole_image.main(flags + ["--speedups-only"])["speedups"]
     else:
-        summary = {"spec": spec.__dict__, "time": time.strftime("%Y-%m-%d %H:%M")}
-        if "--no-load" not in argv:
+        # --parts load,unet_step,...: re-measure only these; the others stay as the last run measured them.
+        parts = argv[argv.index("--parts") + 1].split(",") if "--parts" in argv else list(PARTS)
+        unknown = sorted(set(parts) - set(PARTS))
+        if unknown:
+            raise SystemExit(f"unknown part {unknown[0]!r}; choose from {', '.join(PARTS)}")
+        summary = json.loads(summary_path.read_text()) if len(parts) < len(PARTS) else {"spec": spec.__dict__}
+        measured = summary.setdefault("measured", {part: summary["time"] for part in PARTS if part in summary})
+        for part in parts:
+            measured[part] = time.strftime("%Y-%m-%d %H:%M")
+        summary["time"] = time.strftime("%Y-%m-%d %H:%M")
+        if "load" in parts and "--no-load" not in argv:
             summary["load"] = run_load(quick)
             print("load:", summary["load"].get("output", summary["load"])[-1:])
-        summary["unet_step"] = unet_step.main(flags + (["--compile"] if "--compile" in argv else []))
-        summary["vae_decode"] = vae_decode.main(flags)
-        summary["whole_image"] = whole_image.main(flags + ([] if "--no-speedups" in argv else ["--speedups"]))
+        if "unet_step" in parts:
+            summary["unet_step"] = unet_step.main(flags + (["--compile"] if "--compile" in argv else []))
+        if "vae_decode" in parts:
+            summary["vae_decode"] = vae_decode.main(flags)
+        if "whole_image" in parts:
+            summary["whole_image"] = whole_image.main(flags + ([] if "--no-speedups" in argv else ["--speedups"]))
     if "--large" in argv:
         summary["large"] = run_large(spec, int(argv[argv.index("--large") + 1]))
     elif (large := last_large(spec)) is not None:
