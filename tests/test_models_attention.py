@@ -10,6 +10,7 @@ from ldm.models.attention import (
     _KERNELS,
     Attention,
     BasicTransformerBlock,
+    FeedForward,
     SpatialTransformer,
     VAEAttention,
     require_backend,
@@ -107,3 +108,20 @@ def test_backend_validation():
     assert require_backend("sliced", 3) == 3
     with pytest.raises(ConfigError, match="choose one of sdpa, xformers, sliced"):
         require_backend("math", None)
+
+
+def test_feed_forward_without_autograd_runs_in_token_chunks_with_the_same_result(monkeypatch):
+    import ldm.models.attention as attention
+
+    torch.manual_seed(4)
+    ff = FeedForward(16).eval()
+    x = torch.randn(2, 7, 16)
+    exact = ff(x)  # autograd on: one pass over all 14 tokens
+    calls = []
+    ff.net[0].register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    monkeypatch.setattr(attention, "FF_CHUNK_ROWS", 4)
+    with torch.no_grad():
+        chunked = ff(x)
+    assert calls == [4, 4, 4, 2]  # 14 tokens of both images, 4 at a time
+    assert chunked.shape == x.shape
+    torch.testing.assert_close(chunked, exact, rtol=1e-6, atol=1e-6)
