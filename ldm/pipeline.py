@@ -71,6 +71,11 @@ class GenerationDefaults:
     guidance_scale: float = 7.5
     num_inference_steps: int = DEFAULT_STEPS
 
+    def fill(self, num_inference_steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
+        """The given steps and guidance, each left as None replaced by its default."""
+        steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
+        return steps, self.guidance_scale if guidance_scale is None else guidance_scale
+
     @classmethod
     def of_model(cls, path: Path) -> GenerationDefaults:
         file = path / "generation_config.json"
@@ -256,8 +261,7 @@ class Pipeline:
         full-resolution self-attention (ToMe).
         """
         self._check_loaded(self.text_encoder, self.unet, self.vae)
-        num_inference_steps = self.defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
-        guidance_scale = self.defaults.guidance_scale if guidance_scale is None else guidance_scale
+        num_inference_steps, guidance_scale = self.defaults.fill(num_inference_steps, guidance_scale)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise InputError("the prompt list is empty; give at least one prompt")

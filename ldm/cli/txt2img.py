@@ -119,8 +119,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    steps = pipe.defaults.num_inference_steps if args.steps is None else args.steps
-    guidance_scale = pipe.defaults.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    steps, guidance_scale = pipe.defaults.fill(args.steps, args.guidance_scale)
 
     base_seed = args.seed if args.seed is not None else secrets.randbelow(2**32 - args.num_images)
     total = len(job.prompts) * args.num_images
