@@ -375,3 +375,19 @@ def test_vae_only_loads_the_folders_vae_bit_identical(folders, tmp_path):
     assert all(torch.equal(vae.state_dict()[k], v) for k, v in full.state_dict().items())
     with pytest.raises(CheckpointError, match="not a diffusers model folder"):
         load_vae_only(tmp_path)
+
+
+def test_vae_only_work_does_not_import_the_text_encoder_code(folders):
+    # A fresh process: this one has imported transformers' CLIP model already.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from ldm.loading import load_vae_only\n"
+        f"vae = load_vae_only({str(folders['sd1'])!r})\n"
+        "assert vae.decoder is not None\n"
+        "print(sorted(name for name in sys.modules if name.startswith('transformers.models.clip.modeling')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

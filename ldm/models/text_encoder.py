@@ -13,12 +13,15 @@ clip-skip rule and the tokenizer shipped in ``ldm/assets/clip_tokenizer``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTokenizer
 
 from ldm.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from transformers import CLIPTextModel  # only annotates here; ldm.loading builds it
 
 Family = Literal["sd1", "sd2"]
 
