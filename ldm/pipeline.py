@@ -322,8 +322,8 @@ class Pipeline:
             model = DeepCacheUNet(unet, deepcache_interval) if deepcache_interval > 1 else unet
             for i, t in enumerate(timesteps):
                 both = i < guided_steps
-                model_input = torch.cat([x, x]) if both else x
-                model_input = sampler.scale_model_input(model_input, t)
+                # One latent row serves both passes: the U-Net repeats it where it meets the text.
+                model_input = sampler.scale_model_input(x, t)
                 model_input = model_input.to(self.dtype, memory_format=self._memory_format)
                 output = model(model_input, t, context if both else cond).float()
                 if both:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_models import diffusers_unet
 
-from ldm.errors import ConfigError
+from ldm.errors import ConfigError, InputError
 from ldm.models import UNet, UNetConfig
 from ldm.models.unet import ResnetBlock
 
@@ -61,6 +61,32 @@ def test_scalar_timestep_broadcasts_over_the_batch():
         d = ours(sample, torch.tensor([500, 20]), context)
     assert torch.equal(a, b) and torch.equal(b, c) and torch.equal(c, e)
     assert not torch.allclose(c[1], d[1])
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_a_sample_shared_by_several_text_embeddings_equals_the_repeated_sample(family):
+    _, ours = _pair(family)
+    sample, t, _ = _inputs(ours.config)  # two samples, one timestep each
+    context = torch.randn(6, 77, ours.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+    first = ours.down_blocks[0]
+    seen = {"resnet": [], "self": [], "cross": []}
+    for name, module in (("resnet", first.resnets[0]), ("self", first.attentions[0].transformer_blocks[0].attn1),
+                         ("cross", first.attentions[0].transformer_blocks[0].attn2)):  # fmt: skip
+        module.register_forward_pre_hook(lambda _, args, name=name: seen[name].append(args[0].shape[0]))
+    with torch.no_grad():
+        shared = ours(sample, t, context)
+        repeated = ours(torch.cat([sample] * 3), t.repeat(3), context)
+    assert shared.shape == (6, *sample.shape[1:])
+    torch.testing.assert_close(shared, repeated, rtol=1e-5, atol=1e-6)
+    # The layers before the text runs once per sample; the cross-attention once per embedding.
+    assert seen == {"resnet": [2, 6], "self": [2, 6], "cross": [6, 6]}
+
+
+def test_text_embeddings_not_a_multiple_of_the_samples_are_an_input_error():
+    _, ours = _pair("sd1")
+    sample, t, context = _inputs(ours.config)
+    with pytest.raises(InputError, match="2 samples"):
+        ours(sample, t, torch.cat([context, context[:1]]))
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])

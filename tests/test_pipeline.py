@@ -36,8 +36,9 @@ def pipe(reference):
 
 
 def count_unet_batches(pipe: Pipeline) -> list[int]:
+    """The rows each U-Net call returns: images x passes (2 with guidance)."""
     sizes: list[int] = []
-    pipe.unet.register_forward_hook(lambda module, args, output: sizes.append(args[0].shape[0]))
+    pipe.unet.register_forward_hook(lambda module, args, output: sizes.append(output.shape[0]))
     return sizes
 
 
@@ -95,8 +96,11 @@ def test_generators_instead_of_a_seed(pipe):
 
 def test_guidance_batches_both_passes_in_one_unet_call(pipe):
     sizes = count_unet_batches(pipe)
+    samples: list[int] = []
+    pipe.unet.register_forward_pre_hook(lambda module, args: samples.append(args[0].shape[0]))
     pipe("a cat", seed=1, num_images_per_prompt=2, guidance_scale=7.5, **SIZE)
     assert sizes == [4, 4, 4]
+    assert samples == [2, 2, 2]  # each latent is passed once and shared by its two passes
 
 
 def test_guidance_scale_at_most_one_runs_the_conditional_pass_alone(pipe, reference):

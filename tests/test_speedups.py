@@ -80,6 +80,17 @@ def test_deepcache_recomputes_when_the_batch_changes(unet):
     assert torch.equal(out, unet(x[1:], 480, c[1:]))
 
 
+@torch.no_grad()
+def test_deepcache_with_a_shared_sample_equals_deepcache_with_the_repeated_sample(unet):
+    # Guided denoising passes each latent once for both passes; cached steps must repeat the fresh skips.
+    shared, repeated = DeepCacheUNet(unet, interval=2), DeepCacheUNet(unet, interval=2)
+    for step, t in enumerate((900, 850, 800)):
+        x, _ = _inputs(step, batch=1)
+        c = _inputs(step + 10)[1]
+        torch.testing.assert_close(shared(x, t, c), repeated(torch.cat([x, x]), t, c), rtol=1e-5, atol=1e-5)
+    assert shared.full_calls == repeated.full_calls == 2
+
+
 def test_deepcache_rejects_bad_settings(unet):
     with pytest.raises(ConfigError, match="interval"):
         DeepCacheUNet(unet, interval=0)

@@ -31,8 +31,9 @@ def exact(pipe) -> torch.Tensor:
 
 
 def _record(module: torch.nn.Module) -> tuple[list[int], object]:
+    # The output's rows: guided calls pass one latent row for both passes and return two.
     sizes: list[int] = []
-    handle = module.register_forward_pre_hook(lambda _, args: sizes.append(args[0].shape[0]))
+    handle = module.register_forward_hook(lambda _, args, out: sizes.append(out.shape[0]))
     return sizes, handle
 
 

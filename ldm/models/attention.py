@@ -87,6 +87,17 @@ def _sliced(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcas
 _KERNELS = {"sdpa": _sdpa, "xformers": _xformers, "sliced": _sliced}
 
 
+def repeat_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` with its batch repeated to ``rows`` rows, as ``torch.cat([t] * (rows // len(t)))``.
+
+    A U-Net given fewer samples than text embeddings shares each sample between several
+    embeddings (classifier-free guidance feeds one latent to the unconditional and the
+    conditional pass). Everything before the first cross-attention is the same for both, so it
+    is computed once per sample and repeated here, where it meets the text.
+    """
+    return t if t.shape[0] == rows else t.repeat(rows // t.shape[0], *(1,) * (t.dim() - 1))
+
+
 def require_backend(backend: str, slice_size: int | None) -> int:
     """Check that ``backend`` can run here; return the slice size to use."""
     if backend not in _KERNELS:
@@ -185,6 +196,7 @@ class BasicTransformerBlock(nn.Module):
             x = unmerge(self.attn1(merge(h))) + x
         else:
             x = self.attn1(h) + x
+        x = repeat_rows(x, context.shape[0])
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 
@@ -221,13 +233,14 @@ class SpatialTransformer(nn.Module):
             tokens = self.proj_in(tokens).permute(0, 2, 3, 1).reshape(b, h * w, c)
         for block in self.transformer_blocks:
             tokens = block(tokens, context, (h, w))
+        b = tokens.shape[0]  # the text's batch: shared samples were repeated at the cross-attention
         if self.use_linear_projection:
             out = self.proj_out(tokens).view(b, h, w, c).permute(0, 3, 1, 2)
         else:
             out = self.proj_out(tokens.view(b, h, w, c).permute(0, 3, 1, 2))
         # ``out`` is a channels-last view; ``x`` first makes the sum contiguous (NCHW) in the same pass,
         # instead of a separate copy, and keeps channels-last layout from spreading to the next convs.
-        return x + out
+        return repeat_rows(x, out.shape[0]) + out
 
 
 class VAEAttention(nn.Module):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.errors import ConfigError
+from ldm.models.attention import repeat_rows
 from ldm.models.unet import UNet, timestep_embedding
 
 
@@ -31,7 +32,7 @@ class DeepCacheUNet(nn.Module):
     """``UNet`` with the forward signature of ``UNet``, computing its deep part every ``interval`` calls.
 
     ``interval == 1`` runs every call in full and equals the plain U-Net exactly. A call whose
-    batch size differs from the cached feature's (e.g. after guidance is dropped) runs in full.
+    sample or text batch differs from the cached call's (e.g. after guidance is dropped) runs in full.
     """
 
     def __init__(self, unet: UNet, interval: int, branch: int = 2):
@@ -49,13 +50,16 @@ class DeepCacheUNet(nn.Module):
         self.calls = 0
         self.full_calls = 0
         self._cached: torch.Tensor | None = None
+        self._cached_rows: tuple[int, int] | None = None  # (samples, text embeddings) of the cached call
 
     @property
     def config(self):
         return self.unet.config
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        full = self.calls % self.interval == 0 or self._cached is None or self._cached.shape[0] != sample.shape[0]
+        rows = (sample.shape[0], encoder_hidden_states.shape[0])
+        full = self.calls % self.interval == 0 or self._cached is None or self._cached_rows != rows
+        self._cached_rows = rows
         self.calls += 1
         if full:
             self.full_calls += 1
@@ -85,7 +89,7 @@ class DeepCacheUNet(nn.Module):
         for i in range(resume if not full else 0, len(last.resnets)):
             if full and i == resume:
                 self._cached = x
-            x = _layer(last, i, torch.cat([x, skips.pop()], dim=1), temb, context)
+            x = _layer(last, i, torch.cat([x, repeat_rows(skips.pop(), x.shape[0])], dim=1), temb, context)
         return unet.conv_out(F.silu(unet.conv_norm_out(x)))
 
 

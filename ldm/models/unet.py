@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ldm.errors import ConfigError
+from ldm.errors import ConfigError, InputError
 from ldm.models._config import as_int, as_int_tuple, check_defaults
-from ldm.models.attention import AttentionBackend, SpatialTransformer, set_attention
+from ldm.models.attention import AttentionBackend, SpatialTransformer, repeat_rows, set_attention
 
 
 @dataclass(frozen=True)
@@ -237,7 +237,7 @@ class ResnetBlock(nn.Module):
         h = F.silu(self.norm1(x), inplace=inplace)
         h = self.conv1(h)
         if self.time_emb_proj is not None:
-            shift = self.time_emb_proj(F.silu(temb))[:, :, None, None]
+            shift = repeat_rows(self.time_emb_proj(F.silu(temb)), h.shape[0])[:, :, None, None]
             h = h.add_(shift) if inplace else h + shift
         h = F.silu(self.norm2(h), inplace=inplace)
         h = self.conv2(h)
@@ -384,7 +384,7 @@ class UpBlock(_Block):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
-            x = self._run(resnet, torch.cat([x, skips.pop()], dim=1), temb)
+            x = self._run(resnet, torch.cat([x, repeat_rows(skips.pop(), x.shape[0])], dim=1), temb)
             if self.attentions is not None:
                 x = self._run(self.attentions[i], x, context)
         if self.upsamplers is not None:
@@ -419,11 +419,22 @@ class UNet(nn.Module):
     def forward(
         self, sample: torch.Tensor, timestep: torch.Tensor | float | int, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
-        # sample: (B, in_channels, h, w); timestep: scalar or (B,); encoder_hidden_states: (B, 77, cross_attention_dim)
-        # One timestep (0-d or shape (1,)) applies to the whole batch.
+        """Predict the noise (or v) of ``sample`` at ``timestep`` given the text ``encoder_hidden_states``.
+
+        sample: (B, in_channels, h, w); timestep: one value, or one per sample (B,);
+        encoder_hidden_states: (k * B, 77, cross_attention_dim). With k > 1 each sample is shared by
+        k embeddings and the result has k * B rows, equal to passing ``torch.cat([sample] * k)``:
+        classifier-free guidance passes its latents once, and the layers before the first
+        cross-attention (conv_in, a ResNet and a 4096-token self-attention at 512x512; about 3 % of
+        a step) run once instead of k times.
+        """
+        context = encoder_hidden_states
+        if context.shape[0] % sample.shape[0]:
+            raise InputError(
+                f"the U-Net got {context.shape[0]} text embeddings for {sample.shape[0]} samples; pass a multiple of the sample count"
+            )
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
         temb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(sample.dtype))
-        context = encoder_hidden_states
 
         x = self.conv_in(sample)
         skips = [x]
@@ -432,7 +443,7 @@ class UNet(nn.Module):
         x = self.mid_block(x, temb, context)
         for block in self.up_blocks:
             x = block(x, temb, context, skips)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(F.silu(self.conv_norm_out(x)))  # the middle's cross-attention made it k * B rows
 
     def set_attention(self, backend: AttentionBackend, slice_size: int | None = None) -> None:
         """Compute attention with ``backend`` (see ``ldm.models.attention``)."""
