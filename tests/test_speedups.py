@@ -168,6 +168,39 @@ def test_subpixel_upsample_equals_nearest_upsample_then_conv(shape):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+class _RecordCalls(torch.overrides.TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    ("in_channels", "side", "kernel", "stride", "padding", "gemm"),
+    [(64, 8, 3, 1, 1, True), (48, 17, 3, 1, 1, True), (32, 16, 3, 2, 1, True), (32, 9, 2, 1, 1, True),
+     (32, 18, 3, 1, 1, False), (32, 8, 1, 1, 0, False)],
+)  # fmt: skip
+def test_small_map_convolution_as_a_gemm_equals_the_convolution(in_channels, side, kernel, stride, padding, gemm):
+    from ldm.models.unet import GEMM_CONV_MAX_PIXELS, Conv2d
+
+    torch.manual_seed(0)
+    conv = Conv2d(in_channels, 40, kernel, stride=stride, padding=padding)
+    x = torch.randn(2, in_channels, side, side)
+    expected = torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride, padding)
+    with torch.no_grad(), _RecordCalls() as calls:
+        got = conv(x)
+    assert got.shape == expected.shape
+    assert (got.shape[-2] * got.shape[-1] <= GEMM_CONV_MAX_PIXELS and kernel > 1) == gemm
+    assert ("unfold" in calls.names) == gemm
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with _RecordCalls() as calls:  # with autograd (training) the plain convolution runs
+        assert torch.equal(conv(x), expected)
+    assert "unfold" not in calls.names
+
+
 @pytest.mark.parametrize("strip_pixels", [2**14, 300, 50])
 def test_strip_wise_decode_equals_the_plain_decoder(monkeypatch, strip_pixels):
     import ldm.models.vae_strips as vae_module
