@@ -117,8 +117,10 @@ def table(summary: dict[str, Any]) -> str:
     lines = [
         *([f"Parts measured at: {when}.", ""] if when else []),
         f"Run {summary['time']} ({spec['name']}: {spec['image_size']}x{spec['image_size']}, whole image "
-        f"{spec['steps']} DPM-Solver++ steps, torch threads {common.THREADS}); U-Net step {u['flops'] / 1e12:.3f} TFLOP, "
-        f"GEMM rate {max(u['matmul_gflops']):.0f} GFLOP/s.",
+        f"{spec['steps']} DPM-Solver++ steps, torch threads {common.THREADS}); U-Net step {u['flops'] / 1e12:.3f} TFLOP"
+        + (f" (ldm computes {u['ldm_flops'] / 1e12:.3f}: the guided latent is shared up to the first cross-attention)"
+           if "ldm_flops" in u else "")
+        + f", GEMM rate {max(u['matmul_gflops']):.0f} GFLOP/s.",
         "",
         "| measure | ldm | diffusers | ldm / diffusers | target | |",
         "|---|---|---|---|---|---|",
