@@ -124,7 +124,7 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
         generate(1, latents, size, options, "latent")
     result = common.measure(lambda: images.append(generate(steps, latents, size, options)), warmup=0, repeats=1)
     if args.get("save"):
-        np.save(args["save"], images[-1])
+        np.save(args["save"].format(impl=args["impl"]), images[-1])
     return result
 
 
@@ -140,11 +140,8 @@ ROUNDS = 2  # ABBA: one image per engine moved the time ratio by about 5 % betwe
 def compare(spec: common.ModelSpec, folder: Path, steps: int, tmp: Path) -> dict[str, Any]:
     """ldm and diffusers at ``steps`` steps, ``ROUNDS`` alternated rounds; the images' PSNR against each other."""
     base = {"spec": spec.name, "folder": str(folder), "size": spec.image_size, "steps": steps}
-    saves = {impl: str(tmp / f"{impl}-{steps}.npy") for impl in ("ldm", "diffusers")}
-    runs: dict[str, list[dict]] = {impl: [] for impl in saves}
-    for round_ in range(ROUNDS):
-        for impl in ("ldm", "diffusers") if (steps + round_) % 2 == 0 else ("diffusers", "ldm"):
-            runs[impl].append(common.run_worker("whole_image.py", {**base, "impl": impl, "save": saves[impl]}))
+    runs = common.alternate("whole_image.py", {**base, "save": str(tmp / f"{{impl}}-{steps}.npy")}, ROUNDS)
+    saves = {impl: tmp / f"{impl}-{steps}.npy" for impl in runs}
     summary = {
         impl: {"time_s": common.pooled(r), "peak_mib": common.max_of(r, "peak_mib"), "runs": r} for impl, r in runs.items()
     }
