@@ -32,7 +32,7 @@ class DeepCacheUNet(nn.Module):
     """``UNet`` with the forward signature of ``UNet``, computing its deep part every ``interval`` calls.
 
     ``interval == 1`` runs every call in full and equals the plain U-Net exactly. A call whose
-    sample or text batch differs from the cached call's (e.g. after guidance is dropped) runs in full.
+    text batch differs from the cached feature's (e.g. after guidance is dropped) runs in full.
     """
 
     def __init__(self, unet: UNet, interval: int, branch: int = 2):
@@ -50,16 +50,15 @@ class DeepCacheUNet(nn.Module):
         self.calls = 0
         self.full_calls = 0
         self._cached: torch.Tensor | None = None
-        self._cached_rows: tuple[int, int] | None = None  # (samples, text embeddings) of the cached call
 
     @property
     def config(self):
         return self.unet.config
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        rows = (sample.shape[0], encoder_hidden_states.shape[0])
-        full = self.calls % self.interval == 0 or self._cached is None or self._cached_rows != rows
-        self._cached_rows = rows
+        # The cached feature has the text's rows (the U-Net repeats shared samples at the cross-attention).
+        stale = self._cached is None or self._cached.shape[0] != encoder_hidden_states.shape[0]
+        full = self.calls % self.interval == 0 or stale
         self.calls += 1
         if full:
             self.full_calls += 1
