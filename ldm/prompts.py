@@ -180,8 +180,16 @@ def encode_prompts(text_encoder, tokenizer, prompts: list[str], clip_skip: int |
 
 
 def apply_weights(embedding: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Scale token embeddings ``(B, T, D)`` by ``weights (B, T)``, keeping each prompt's mean."""
+    """Scale token embeddings ``(B, T, D)`` by ``weights (B, T)``, keeping each prompt's mean.
+
+    The mean is restored only where it stands clear of zero: an embedding that averages to about
+    zero (a final LayerNorm without bias, as in freshly initialised models) would be rescaled by a
+    ratio of rounding noise, of any size or sign, or by zero over zero. Its weighted tokens are
+    kept as they are.
+    """
     original = embedding.float()
     weighted = original * weights[..., None].float()
-    ratio = original.mean(dim=(1, 2), keepdim=True) / weighted.mean(dim=(1, 2), keepdim=True)
-    return (weighted * ratio).to(embedding.dtype)
+    mean = original.mean(dim=(1, 2), keepdim=True)
+    ratio = mean / weighted.mean(dim=(1, 2), keepdim=True)
+    clear = (mean.abs() > 1e-3 * original.abs().mean(dim=(1, 2), keepdim=True)) & (ratio > 0) & ratio.isfinite()
+    return (weighted * torch.where(clear, ratio, 1.0)).to(embedding.dtype)

@@ -135,8 +135,10 @@ def test_batch_pads_short_prompts_with_empty_chunks(text_encoder, tokenizer):
     torch.testing.assert_close(batch[1:, 77:], empty, rtol=1e-5, atol=1e-5)
 
 
-def test_weighting_scales_tokens_and_keeps_the_mean(text_encoder, tokenizer):
-    with torch.no_grad():
+def test_weighting_scales_tokens_and_keeps_the_mean(tokenizer):
+    text_encoder = clip_text_model("sd1")
+    with torch.no_grad():  # released CLIP's final LayerNorm has a bias, so its embeddings have a mean clear of zero
+        text_encoder.final_layer_norm.bias.normal_(0.2, 0.1, generator=torch.Generator().manual_seed(0))
         plain = encode_prompts(text_encoder, tokenizer, ["a red cat"])
         weighted = encode_prompts(text_encoder, tokenizer, ["a (red:1.5) cat"])
     assert weighted.mean().item() == pytest.approx(plain.mean().item(), rel=1e-5, abs=1e-6)
@@ -147,6 +149,19 @@ def test_weighting_scales_tokens_and_keeps_the_mean(text_encoder, tokenizer):
     others = torch.cat([ratio[:2], ratio[3:]])
     torch.testing.assert_close(others, torch.full_like(others, keep), rtol=1e-4, atol=1e-6)
     assert keep != pytest.approx(1.0, abs=1e-6)
+
+
+def test_weighting_an_embedding_of_mean_zero_only_scales_its_tokens():
+    from ldm.prompts import apply_weights
+
+    embedding = torch.randn(2, 77, 16)
+    embedding[0] -= embedding[0].mean()  # as a final LayerNorm without bias gives: the mean is rounding noise
+    weights = torch.ones(2, 77)
+    weights[:, 3] = 1.2
+    got = apply_weights(embedding, weights)
+    assert got.isfinite().all()
+    torch.testing.assert_close(got[0], embedding[0] * weights[0, :, None])  # no rescale by noise (or 0/0)
+    assert got[1].mean().item() == pytest.approx(embedding[1].mean().item(), rel=1e-5)  # a clear mean is kept
 
 
 def test_weighting_in_a_batch_does_not_touch_other_prompts(text_encoder, tokenizer):
