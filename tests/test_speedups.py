@@ -179,26 +179,24 @@ class _RecordCalls(torch.overrides.TorchFunctionMode):
 
 
 @pytest.mark.parametrize(
-    ("in_channels", "side", "kernel", "stride", "padding", "gemm"),
-    [(64, 8, 3, 1, 1, True), (48, 17, 3, 1, 1, True), (32, 16, 3, 2, 1, True), (32, 9, 2, 1, 1, True),
-     (32, 18, 3, 1, 1, False), (32, 8, 1, 1, 0, False)],
-)  # fmt: skip
-def test_small_map_convolution_as_a_gemm_equals_the_convolution(in_channels, side, kernel, stride, padding, gemm):
-    from ldm.models.unet import GEMM_CONV_MAX_PIXELS, Conv2d
+    ("shape", "bias", "contiguous"), [((2, 37, 24), True, True), ((5, 24), False, True), ((2, 3, 4, 24), True, False)]
+)
+def test_cpu_linear_as_a_1x1_convolution_equals_the_linear_layer(shape, bias, contiguous):
+    from ldm.models.attention import Linear
 
     torch.manual_seed(0)
-    conv = Conv2d(in_channels, 40, kernel, stride=stride, padding=padding)
-    x = torch.randn(2, in_channels, side, side)
-    expected = torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride, padding)
-    with torch.no_grad(), _RecordCalls() as calls:
-        got = conv(x)
-    assert got.shape == expected.shape
-    assert (got.shape[-2] * got.shape[-1] <= GEMM_CONV_MAX_PIXELS and kernel > 1) == gemm
-    assert ("unfold" in calls.names) == gemm
+    layer = Linear(24, 40, bias=bias)
+    x = torch.randn(shape) if contiguous else torch.randn(shape).transpose(0, 1)
+    expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    with torch.inference_mode(), _RecordCalls() as calls:
+        got = layer(x)
+    assert "conv2d" in calls.names and "linear" not in calls.names
+    assert got.shape == expected.shape and got.is_contiguous()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    with _RecordCalls() as calls:  # with autograd (training) the plain convolution runs
-        assert torch.equal(conv(x), expected)
-    assert "unfold" not in calls.names
+    with _RecordCalls() as calls:  # with autograd (training), and in half precision, the plain linear layer runs
+        assert torch.equal(layer(x), expected)
+        layer.to(torch.bfloat16)(x.bfloat16())
+    assert "conv2d" not in calls.names
 
 
 @pytest.mark.parametrize("strip_pixels", [2**14, 300, 50])

@@ -215,41 +215,6 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-# oneDNN's direct convolution is slow on small maps on this 2-core CPU: 3x3 convs of 1280 channels ran at
-# 75-80 GFLOP/s on 8x8 maps and 135 on 16x16, against 180-200 from 32x32 on. The same convolution as one
-# matrix product over unfolded patches (im2col; Chellapilla, Puri & Simard 2006, "High Performance
-# Convolutional Neural Networks for Document Processing", sec. 2) ran at 140 and 168 there, and no faster on
-# larger maps or for 1x1 kernels. Outputs of at most this many pixels take that path.
-GEMM_CONV_MAX_PIXELS = 17 * 17
-
-
-def conv2d(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int], padding: tuple[int, int]
-) -> torch.Tensor:
-    """``F.conv2d`` with zero padding; a kernel larger than 1x1 with a small output, on the CPU without
-    autograd, runs as one GEMM over unfolded patches (see ``GEMM_CONV_MAX_PIXELS``)."""
-    kh, kw = weight.shape[-2:]
-    oh = (x.shape[-2] + 2 * padding[0] - kh) // stride[0] + 1
-    ow = (x.shape[-1] + 2 * padding[1] - kw) // stride[1] + 1
-    if x.device.type != "cpu" or torch.is_grad_enabled() or kh * kw == 1 or oh * ow > GEMM_CONV_MAX_PIXELS:
-        return F.conv2d(x, weight, bias, stride, padding)
-    patches = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # (B, C*kh*kw, oh*ow)
-    out = torch.matmul(weight.reshape(weight.shape[0], -1), patches)  # (B, out, oh*ow)
-    if bias is not None:
-        out.add_(bias[:, None])
-    return out.view(x.shape[0], -1, oh, ow)
-
-
-class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` (same parameters, same checkpoint keys) computed by ``conv2d``."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0):
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv2d(x, self.weight, self.bias, self.stride, self.padding)
-
-
 class ResnetBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, with the time embedding added in between (diffusers' ``ResnetBlock2D``).
 
@@ -259,10 +224,10 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, groups: int, eps: float):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
-        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
@@ -283,7 +248,7 @@ class ResnetBlock(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -294,7 +259,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         doubled = size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1])
@@ -307,8 +272,9 @@ class Upsample(nn.Module):
         return self.conv(x)
 
 
-# Measured on a 2-core CPU: the sub-pixel form is ~1.7x faster from 32x32 inputs on, no faster below.
-SUBPIXEL_MIN_PIXELS = 32 * 32
+# Measured on the 2-core benchmark CPU: the sub-pixel form is 1.3x faster at 16x16 inputs and about 2x from
+# 32x32 on, slower at 8x8.
+SUBPIXEL_MIN_PIXELS = 16 * 16
 
 
 def upsample_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -316,7 +282,7 @@ def upsample_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     b, _, height, width = x.shape
     co = conv.out_channels
     kernels, bias = subpixel_kernels(conv)
-    res = conv2d(x, kernels, bias, (1, 1), (1, 1))  # (B, 4*co, height + 1, width + 1)
+    res = F.conv2d(x, kernels, bias, padding=1)  # (B, 4*co, height + 1, width + 1)
     out = x.new_empty(b, co, 2 * height, 2 * width)
     for phase in range(4):
         a, c = divmod(phase, 2)
