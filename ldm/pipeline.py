@@ -40,13 +40,14 @@ from ldm.images import image_to_tensor, open_image, to_numpy, to_pil
 from ldm.models.deepcache import DeepCacheUNet
 from ldm.models.tome import MAX_RATIO as MAX_TOKEN_MERGING
 from ldm.models.tome import token_merging as merged_tokens
+from ldm.paging import release_to_page_cache
 from ldm.prompts import encode_prompts
 from ldm.random import randn, seed_generators
 from ldm.schedulers import Scheduler, SchedulerConfig, create
 
 OutputType = Literal["pil", "np", "pt", "latent"]
 VaeDecode = Literal["full", "sliced", "tiled"]
-WeightsAfterUse = Literal["keep", "release"]  # see Pipeline.release_weights_after_use
+WeightsAfterUse = Literal["page-out", "keep", "release"]  # see Pipeline.weights_after_use
 Generators = torch.Generator | list[torch.Generator]
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -117,7 +118,9 @@ class Pipeline:
         self.dtype = next(unet.parameters()).dtype
         self.offload_device: torch.device | None = None  # set by enable_model_cpu_offload
         self.channels_last = False  # set by enable_channels_last
-        self.weights_after_use: WeightsAfterUse = "keep"  # set by release_weights_after_use
+        # After each network's stage: "page-out" hands its memory-mapped weights back to the page cache
+        # (ldm.paging), "keep" leaves them resident, "release" frees them (one-shot calls).
+        self.weights_after_use: WeightsAfterUse = "page-out"
         self.defaults = GenerationDefaults()  # from_pretrained reads the model's own, if it has any
 
     @classmethod
@@ -200,8 +203,11 @@ class Pipeline:
             module.to(self.offload_device)
 
     def _done_with(self, module: nn.Module) -> None:
-        """The end of ``module``'s last stage in this call: free its weights if asked to (one-shot)."""
-        if self.weights_after_use == "release":
+        """The end of ``module``'s last stage in this call: page its weights out or free them, as asked."""
+        if self.weights_after_use == "page-out":
+            # Only file-mapped weights the process never wrote are unmapped; they map again on next use.
+            release_to_page_cache(module)
+        elif self.weights_after_use == "release":
             # The meta device holds no data: the parameters' storage (and the file mapping they
             # view) is freed once nothing else refers to it.
             module.to("meta")

@@ -1,0 +1,79 @@
+"""Idle networks' memory-mapped weights go back to the page cache, and nothing the process wrote is lost."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_models import save_diffusers_folder  # noqa: E402
+
+from ldm.loading.sources import TensorFile  # noqa: E402
+from ldm.paging import PAGE, release_to_page_cache, resident_bytes  # noqa: E402
+from ldm.pipeline import Pipeline  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/pagemap is Linux's")
+
+
+def mapped_layers(tmp_path: Path) -> nn.Sequential:
+    """Three 64 KiB-weight linear layers whose weights are views of a safetensors file's mapping."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(128, 128) for _ in range(3)))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "layers.safetensors"))
+    source = TensorFile(tmp_path / "layers.safetensors")  # as the loaders read every checkpoint
+    model.load_state_dict({key: source.read(key) for key in source.shapes}, assign=True)
+    return model
+
+
+def test_unmodified_file_mapped_weights_leave_memory_and_read_back_the_same(tmp_path):
+    model = mapped_layers(tmp_path)
+    x = torch.randn(4, 128)
+    with torch.no_grad():
+        expected = model(x).clone()  # every weight page is now mapped
+    weights = [layer.weight for layer in model]
+    assert all(resident_bytes(w) >= w.numel() * 4 for w in weights)
+    released = release_to_page_cache(model)
+    assert released >= 3 * 128 * 128 * 4
+    assert all(resident_bytes(w) == 0 for w in weights)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)  # the pages map again from the file
+
+
+def test_weights_the_process_wrote_or_owns_are_never_unmapped(tmp_path):
+    model = mapped_layers(tmp_path)
+    with torch.no_grad():
+        model(torch.randn(4, 128))  # every weight page mapped
+        model[1].weight.add_(1.0)  # copy-on-write: these pages are the process's own now (a fused LoRA does this)
+    edited = model[1].weight.clone()
+    owned = nn.Linear(128, 128)  # ordinary process memory, not a file
+    owned_weight = owned.weight.detach().clone()
+    release_to_page_cache(model)
+    release_to_page_cache(owned)
+    assert torch.equal(model[1].weight, edited) and torch.equal(owned.weight, owned_weight)
+    assert resident_bytes(model[1].weight) >= 128 * 128 * 4 - 2 * PAGE
+    # Its untouched neighbours in the same file still go, but for a page one may share with the edited weight.
+    assert resident_bytes(model[0].weight) <= PAGE and resident_bytes(model[2].weight) <= PAGE
+
+
+def test_pipeline_pages_each_network_out_after_its_stage_and_keeps_the_image(tmp_path):
+    folder = save_diffusers_folder(tmp_path / "model")
+    kept = Pipeline.from_pretrained(folder)
+    kept.weights_after_use = "keep"
+    expected = kept("a cat", seed=1, output_type="pt", height=64, width=64, num_inference_steps=2).images
+
+    pipe = Pipeline.from_pretrained(folder)
+    assert pipe.weights_after_use == "page-out"  # the default
+    text_weight = pipe.text_encoder.get_input_embeddings().weight
+    seen: list[int] = []  # the text encoder's resident embedding bytes at each U-Net call
+    pipe.unet.register_forward_pre_hook(lambda *_: seen.append(resident_bytes(text_weight)))
+    for _ in range(2):  # a second call maps everything again
+        got = pipe("a cat", seed=1, output_type="pt", height=64, width=64, num_inference_steps=2).images
+        assert torch.equal(got, expected)
+    assert seen and set(seen) == {0}
+    assert resident_bytes(pipe.unet.conv_in.weight) == 0 and resident_bytes(pipe.vae.decoder.conv_out.weight) == 0
+    assert resident_bytes(kept.unet.conv_in.weight) > 0
