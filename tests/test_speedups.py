@@ -199,6 +199,28 @@ def test_cpu_linear_as_a_1x1_convolution_equals_the_linear_layer(shape, bias, co
     assert "conv2d" not in calls.names
 
 
+@pytest.mark.parametrize(
+    ("channels", "side", "stride", "bias", "sliced"),
+    [(700, 8, 1, True, True), (700, 64, 2, False, True), (700, 33, 1, True, False), (320, 8, 1, True, False)],
+)
+def test_small_map_convolution_in_output_channel_slices_equals_the_convolution(channels, side, stride, bias, sliced):
+    from ldm.models.unet import SLICED_CONV_CHANNELS, SLICED_CONV_MAX_PIXELS, Conv2d
+
+    torch.manual_seed(0)
+    conv = Conv2d(16, channels, 3, stride=stride, padding=1, bias=bias)
+    x = torch.randn(2, 16, side, side)
+    expected = torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride, 1)
+    with torch.inference_mode(), _RecordCalls() as calls:
+        got = conv(x)
+    small = got.shape[-2] * got.shape[-1] <= SLICED_CONV_MAX_PIXELS
+    assert (small and channels > SLICED_CONV_CHANNELS) == sliced
+    assert calls.names.count("conv2d") == (-(-channels // SLICED_CONV_CHANNELS) if sliced else 1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with _RecordCalls() as calls:  # with autograd (training) one plain convolution runs
+        torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-5)
+    assert calls.names.count("conv2d") == 1
+
+
 @pytest.mark.parametrize("strip_pixels", [2**14, 300, 50])
 def test_strip_wise_decode_equals_the_plain_decoder(monkeypatch, strip_pixels):
     import ldm.models.vae_strips as vae_module
