@@ -45,22 +45,22 @@ def _file_mappings() -> list[tuple[int, int]]:
     return sorted(spans)
 
 
-def _page_spans(module: nn.Module) -> list[tuple[int, int]]:
-    """Page-aligned (first page, end page) address ranges of ``module``'s contiguous CPU tensors."""
-    spans = []
-    for tensor in (*module.parameters(), *module.buffers()):
-        if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.numel() == 0:
-            continue
-        start = tensor.data_ptr()
-        end = start + tensor.numel() * tensor.element_size()
-        spans.append((start // PAGE * PAGE, -(-end // PAGE) * PAGE))
-    return spans
+def _page_span(tensor: torch.Tensor) -> tuple[int, int]:
+    """Page-aligned (first page, end page) address range of a contiguous tensor's data."""
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    return start // PAGE * PAGE, -(-end // PAGE) * PAGE
+
+
+def _entries(pagemap, start: int, end: int) -> np.ndarray:
+    """The 64-bit pagemap entry of every page in the page-aligned range [start, end)."""
+    pagemap.seek(start // PAGE * 8)
+    return np.frombuffer(pagemap.read((end - start) // PAGE * 8), dtype=np.uint64)
 
 
 def _file_page_runs(pagemap, start: int, end: int) -> list[tuple[int, int]]:
     """(start, end) runs of the pages in [start, end) that are not anonymous copies, resident or swapped out."""
-    pagemap.seek(start // PAGE * 8)
-    entries = np.frombuffer(pagemap.read((end - start) // PAGE * 8), dtype=np.uint64)
+    entries = _entries(pagemap, start, end)
     anonymous = ((entries & np.uint64(PRESENT)) != 0) & ((entries & np.uint64(FILE_OR_SHARED)) == 0)
     keep = anonymous | ((entries & np.uint64(SWAPPED)) != 0)
     edges = np.flatnonzero(np.diff(np.concatenate(([True], keep, [True])).astype(np.int8)))  # run starts, ends
@@ -78,7 +78,9 @@ def release_to_page_cache(module: nn.Module) -> int:
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     released = 0
     with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
-        for start, end in sorted(set(_page_spans(module))):
+        tensors = (*module.parameters(), *module.buffers())
+        spans = {_page_span(t) for t in tensors if t.device.type == "cpu" and t.is_contiguous() and t.numel()}
+        for start, end in sorted(spans):
             i = bisect_right(starts, start) - 1
             if i < 0 or end > mappings[i][1]:
                 continue  # not (wholly) in a file mapping: the process's own memory
@@ -90,9 +92,6 @@ def release_to_page_cache(module: nn.Module) -> int:
 
 def resident_bytes(tensor: torch.Tensor) -> int:
     """Bytes of ``tensor``'s pages that are mapped into this process now (for tests and diagnostics)."""
-    start = tensor.data_ptr() // PAGE * PAGE
-    end = -(-(tensor.data_ptr() + tensor.numel() * tensor.element_size()) // PAGE) * PAGE
     with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
-        pagemap.seek(start // PAGE * 8)
-        entries = np.frombuffer(pagemap.read((end - start) // PAGE * 8), dtype=np.uint64)
+        entries = _entries(pagemap, *_page_span(tensor))
     return int(((entries & np.uint64(PRESENT)) != 0).sum()) * PAGE
