@@ -140,7 +140,8 @@ def child(which: str, path: str, config_dir: str, dtype_name: str) -> None:
     checksum = sum(float(p.detach().reshape(-1)[::1024].float().sum()) for m in modules for p in m.parameters())
     ready = time.perf_counter() - start
     peak = _peak_rss_mb()
-    print(json.dumps({"import_s": imports, "seconds": seconds, "ready": ready, "peak_mb": peak, "load_mb": peak - before, "checksum": checksum}))
+    result = {"import_s": imports, "seconds": seconds, "ready": ready, "peak_mb": peak, "load_mb": peak - before}
+    print(json.dumps({**result, "checksum": checksum}))
 
 
 def _peak_rss_mb() -> float:
