@@ -42,8 +42,9 @@ class Moments:
     """Per-group count, mean and sum of squared deviations of a map, merged band by band.
 
     Each band's mean and sum of squared deviations come from two passes over the band while it
-    is fresh in the cache (mean first, then the squares about it), and the bands are merged with Chan et al.'s pairwise update (1979, "Updating formulae
-    and a pairwise algorithm for computing sample variances", eq. 2.1) in float64. The GroupNorm
+    is fresh in the cache (mean first, then the squares about it), and the bands are merged with
+    Chan et al.'s pairwise update (1979, "Updating formulae and a pairwise algorithm for computing
+    sample variances", eq. 2.1) in float64. The GroupNorm
     they give is at least as close to the exact one as torch's float32 ``group_norm`` of the whole
     map (tested).
     """
