@@ -44,9 +44,8 @@ class Moments:
     Each band's mean and sum of squared deviations come from two passes over the band while it
     is fresh in the cache (mean first, then the squares about it), and the bands are merged with
     Chan et al.'s pairwise update (1979, "Updating formulae and a pairwise algorithm for computing
-    sample variances", eq. 2.1) in float64. The GroupNorm
-    they give is at least as close to the exact one as torch's float32 ``group_norm`` of the whole
-    map (tested).
+    sample variances", eq. 2.1) in float64. The GroupNorm they give is at least as close to the
+    exact one as torch's float32 ``group_norm`` of the whole map (tested).
     """
 
     def __init__(self, batch: int, groups: int, device: torch.device):
