@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import math
 import statistics
 import subprocess
 import sys
@@ -236,15 +235,7 @@ def matmul_rate(n: int = 4096, repeats: int = 5) -> float:
     rows = a.view(1, n, 1, n).permute(0, 3, 1, 2)  # a's rows as the pixels of a channels-last map
     weight = b.t().contiguous()[:, :, None, None]  # (out, in, 1, 1): the map times b
     products = (lambda: torch.mm(a, b, out=out), lambda: torch.nn.functional.conv2d(rows, weight))
-    best = math.inf
-    for product in products:
-        product()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            product()
-            times.append(time.perf_counter() - start)
-        best = min(best, statistics.median(times))
+    best = min(measure(product, warmup=1, repeats=repeats)["median_s"] for product in products)
     return 2 * n**3 / best / 1e9
 
 
