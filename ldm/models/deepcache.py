@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.errors import ConfigError
-from ldm.models.attention import repeat_rows
-from ldm.models.unet import UNet, timestep_embedding
+from ldm.models.unet import UNet, join_skip, timestep_embedding
 
 
 class DeepCacheUNet(nn.Module):
@@ -88,7 +87,7 @@ class DeepCacheUNet(nn.Module):
         for i in range(resume if not full else 0, len(last.resnets)):
             if full and i == resume:
                 self._cached = x
-            x = _layer(last, i, torch.cat([x, repeat_rows(skips.pop(), x.shape[0])], dim=1), temb, context)
+            x = _layer(last, i, join_skip(x, skips), temb, context)
         return unet.conv_out(F.silu(unet.conv_norm_out(x)))
 
 

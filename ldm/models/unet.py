@@ -395,6 +395,12 @@ class MidBlock(_Block):
         return self._run(self.resnets[1], x, temb)
 
 
+def join_skip(x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+    """``x`` with the last skip connection appended along the channels (popped from ``skips``); a skip made
+    before the first cross-attention holds one row per shared sample and is repeated to ``x``'s rows."""
+    return torch.cat([x, repeat_rows(skips.pop(), x.shape[0])], dim=1)
+
+
 class UpBlock(_Block):
     """Up level ``i`` (counted from the deepest): ``layers_per_block + 1`` ResNets, each eating one skip."""
 
@@ -417,7 +423,7 @@ class UpBlock(_Block):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
-            x = self._run(resnet, torch.cat([x, repeat_rows(skips.pop(), x.shape[0])], dim=1), temb)
+            x = self._run(resnet, join_skip(x, skips), temb)
             if self.attentions is not None:
                 x = self._run(self.attentions[i], x, context)
         if self.upsamplers is not None:
