@@ -200,6 +200,43 @@ def test_cpu_linear_as_a_1x1_convolution_equals_the_linear_layer(shape, bias, co
 
 
 @pytest.mark.parametrize(
+    ("heads", "width", "queries", "keys", "chunks"),
+    [(2, 80, 100, 100, 4), (1, 64, 50, 90, 2), (3, 48, 64, 64, 3)],  # head widths 40 (padded to 48), 64, 16
+)
+def test_cpu_long_attention_as_convolutions_equals_the_formula(monkeypatch, heads, width, queries, keys, chunks):
+    import ldm.models.attention as attention
+
+    # Small sizes stand in for 4096 tokens: at most 30 query rows' scores per chunk, at least 16 rows.
+    monkeypatch.setattr(attention, "CONV_ATTENTION_SCORES", 30 * keys)
+    monkeypatch.setattr(attention, "CONV_ATTENTION_MIN_ROWS", 16)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, queries, width), torch.randn(2, keys, width), torch.randn(2, keys, width)
+    d = width // heads
+    probs = torch.softmax(
+        q.double().view(2, -1, heads, d).transpose(1, 2) @ k.double().view(2, -1, heads, d).permute(0, 2, 3, 1) / d**0.5,
+        dim=-1,
+    )
+    expected = (probs @ v.double().view(2, -1, heads, d).transpose(1, 2)).transpose(1, 2).reshape(2, queries, width)
+    with torch.inference_mode(), _RecordCalls() as calls:
+        got = attention._sdpa(q, k, v, heads, False, 0)
+    assert "scaled_dot_product_attention" not in calls.names
+    assert calls.names.count("conv2d") == 2 * 2 * heads * chunks  # Q K^T and P V per sample, head and chunk
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    # The fused kernel runs with autograd, in half precision, for few keys, and for more keys than a chunk holds.
+    cases = [(q, k, v, True), (q.bfloat16(), k.bfloat16(), v.bfloat16(), False), (q, k[:, :15], v[:, :15], False)]
+    cases.append((q, torch.cat([k, k[:, :1]], 1), torch.cat([v, v[:, :1]], 1), False))  # 30 * keys / (keys + 1) < 30
+    for q_, k_, v_, grad in cases:
+        monkeypatch.setattr(attention, "CONV_ATTENTION_MIN_ROWS", 30 if q_ is q and k_.shape[1] > keys else 16)
+        with torch.set_grad_enabled(grad), _RecordCalls() as calls:
+            attention._sdpa(q_, k_, v_, heads, False, 0)
+        assert "scaled_dot_product_attention" in calls.names and "conv2d" not in calls.names
+    # The chunks' softmax runs in place; torch's CPU kernel gives the same bits as out of place.
+    scores = torch.randn(64, 300) * 10
+    out_of_place = torch.softmax(scores, -1)
+    assert torch.equal(torch._softmax(scores, -1, False, out=scores), out_of_place)
+
+
+@pytest.mark.parametrize(
     ("channels", "side", "stride", "bias", "sliced"),
     [(700, 8, 1, True, True), (700, 64, 2, False, True), (700, 33, 1, True, False), (320, 8, 1, True, False)],
 )
