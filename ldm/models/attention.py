@@ -236,7 +236,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
+        return F.gelu(gate).mul_(value)  # in place: one hidden-width buffer instead of two
 
 
 class FeedForward(nn.Module):
