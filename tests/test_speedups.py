@@ -199,6 +199,24 @@ def test_cpu_linear_as_a_1x1_convolution_equals_the_linear_layer(shape, bias, co
     assert "conv2d" not in calls.names
 
 
+def test_geglu_without_autograd_computes_its_halves_apart_with_the_formula_s_result():
+    from ldm.models.attention import GEGLU
+
+    torch.manual_seed(0)
+    geglu = GEGLU(24, 40)
+    x = torch.randn(2, 7, 24, requires_grad=True)
+    value, gate = torch.nn.functional.linear(x, geglu.proj.weight, geglu.proj.bias).chunk(2, dim=-1)
+    expected = value * torch.nn.functional.gelu(gate)  # Shazeer 2020, eq. 5
+    with torch.inference_mode(), _RecordCalls() as calls:
+        got = geglu(x.detach())
+    assert calls.names.count("conv2d") == 2 and got.shape == (2, 7, 40)  # the gate's and the value's half
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-6, atol=1e-6)
+    trained = geglu(x)  # with autograd: one product, and gradients through it
+    torch.testing.assert_close(trained, expected, rtol=1e-6, atol=1e-6)
+    grad_got, grad_expected = (torch.autograd.grad(y.square().sum(), x)[0] for y in (trained, expected))
+    torch.testing.assert_close(grad_got, grad_expected)
+
+
 @pytest.mark.parametrize(
     ("heads", "width", "queries", "keys", "chunks"),
     [(2, 80, 100, 100, 4), (1, 64, 50, 90, 2), (3, 48, 64, 64, 3)],  # head widths 40 (padded to 48), 64, 16

