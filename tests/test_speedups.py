@@ -218,17 +218,23 @@ def test_geglu_without_autograd_computes_its_halves_apart_with_the_formula_s_res
 
 
 @pytest.mark.parametrize(
-    ("heads", "width", "queries", "keys", "chunks"),
-    [(2, 80, 100, 100, 4), (1, 64, 50, 90, 2), (3, 48, 64, 64, 3)],  # head widths 40 (padded to 48), 64, 16
+    ("heads", "width", "queries", "keys", "chunks", "transposed"),
+    # head widths 40 (padded to 48), 64 and 16; transposed: (B, C, N) storage viewed as (B, N, C), as in the VAE
+    [(2, 80, 100, 100, 4, False), (1, 64, 50, 90, 2, True), (3, 48, 64, 64, 3, False), (3, 48, 64, 64, 3, True)],
 )
-def test_cpu_long_attention_as_convolutions_equals_the_formula(monkeypatch, heads, width, queries, keys, chunks):
+def test_cpu_long_attention_as_convolutions_equals_the_formula(
+    monkeypatch, heads, width, queries, keys, chunks, transposed
+):
     import ldm.models.attention as attention
 
     # Small sizes stand in for 4096 tokens: at most 30 query rows' scores per chunk, at least 16 rows.
     monkeypatch.setattr(attention, "CONV_ATTENTION_SCORES", 30 * keys)
     monkeypatch.setattr(attention, "CONV_ATTENTION_MIN_ROWS", 16)
     torch.manual_seed(0)
-    q, k, v = torch.randn(2, queries, width), torch.randn(2, keys, width), torch.randn(2, keys, width)
+    if transposed:
+        q, k, v = (torch.randn(2, width, n).transpose(1, 2) for n in (queries, keys, keys))
+    else:
+        q, k, v = torch.randn(2, queries, width), torch.randn(2, keys, width), torch.randn(2, keys, width)
     d = width // heads
     probs = torch.softmax(
         q.double().view(2, -1, heads, d).transpose(1, 2) @ k.double().view(2, -1, heads, d).permute(0, 2, 3, 1) / d**0.5,
