@@ -242,6 +242,8 @@ def main(argv: list[str]) -> None:
     summary_path = common.RESULTS_DIR / f"summary-{spec.name}.json"
     if "--table-only" in argv:  # redraw the table and plot of the last run (after editing this script)
         summary = json.loads(summary_path.read_text())
+        if (large := last_large(spec)) is not None:  # a later --large-only run, with its own date
+            summary["large"] = large
         plot(summary, common.RESULTS_DIR / f"time_per_image-{spec.name}.png")
         update_readme(table(summary))
         return
