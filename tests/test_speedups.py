@@ -236,11 +236,9 @@ def test_cpu_long_attention_as_convolutions_equals_the_formula(
     else:
         q, k, v = torch.randn(2, queries, width), torch.randn(2, keys, width), torch.randn(2, keys, width)
     d = width // heads
-    probs = torch.softmax(
-        q.double().view(2, -1, heads, d).transpose(1, 2) @ k.double().view(2, -1, heads, d).permute(0, 2, 3, 1) / d**0.5,
-        dim=-1,
-    )
-    expected = (probs @ v.double().view(2, -1, heads, d).transpose(1, 2)).transpose(1, 2).reshape(2, queries, width)
+    q_, k_, v_ = (t.double().reshape(2, -1, heads, d).transpose(1, 2) for t in (q, k, v))  # (B, H, N, d)
+    probs = torch.softmax(q_ @ k_.transpose(-1, -2) / d**0.5, dim=-1)  # Vaswani et al. 2017, eq. 1
+    expected = (probs @ v_).transpose(1, 2).reshape(2, queries, width)
     with torch.inference_mode(), _RecordCalls() as calls:
         got = attention._sdpa(q, k, v, heads, False, 0)
     assert "scaled_dot_product_attention" not in calls.names

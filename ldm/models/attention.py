@@ -90,7 +90,9 @@ def _conv_attention_rows(q: torch.Tensor, k: torch.Tensor) -> int:
     return rows if rows >= CONV_ATTENTION_MIN_ROWS else 0
 
 
-def _attention_as_convolutions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, rows: int) -> torch.Tensor:
+def _attention_as_convolutions(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, rows: int
+) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017, eq. 1) as two oneDNN 1x1 convolutions per head.
 
     For each head and chunk of ``rows`` queries: the queries, as the pixels of a (1, d, rows, 1) map,
