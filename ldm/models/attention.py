@@ -69,9 +69,14 @@ class Linear(nn.Linear):
         return _linear(x, self.weight, self.bias)
 
 
+def _cpu_fp32_inference(x: torch.Tensor) -> bool:
+    """Whether ``x`` is fp32 on the CPU with autograd off: where the oneDNN paths below run."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+
+
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear``, computed as a oneDNN 1x1 convolution on the CPU in fp32 without autograd (see ``Linear``)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled():
+    if not _cpu_fp32_inference(x):
         return F.linear(x, weight, bias)
     out = F.conv2d(_as_pixels(x), weight[:, :, None, None], bias)  # (1, out, rows, 1), channels-last
     return _from_pixels(out).view(*x.shape[:-1], weight.shape[0])
@@ -79,7 +84,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 def _conv_attention_rows(q: torch.Tensor, k: torch.Tensor) -> int:
     """Query rows per chunk for ``_attention_as_convolutions``, or 0 where the fused SDPA kernel runs."""
-    if q.device.type != "cpu" or q.dtype != torch.float32 or torch.is_grad_enabled():
+    if not _cpu_fp32_inference(q):
         return 0
     queries, keys = q.shape[1], k.shape[1]
     most = CONV_ATTENTION_SCORES // keys  # query rows whose scores fit in a chunk
