@@ -9,7 +9,7 @@ import torch
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as diffusers_rescale
 
 from ldm.errors import ConfigError
-from ldm.schedulers import SchedulerConfig, noise
+from ldm.schedulers import SchedulerConfig, create, noise
 
 # The released files, verbatim: runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1.
 SD15_SCHEDULER_JSON = """{
@@ -120,11 +120,89 @@ def test_dynamic_thresholding_matches_diffusers():
     assert torch.equal(noise.dynamic_threshold(small, 0.995, 1.0), small)  # s clamps to 1: a no-op inside [-1, 1]
 
 
+# Every key but the ones each released file sets is remembered as left out.
+SD15_DEFAULTED = {
+    "prediction_type", "timestep_spacing", "rescale_betas_zero_snr", "clip_sample_range",
+    "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
+}
+
+
 def test_sd15_and_sd21_configs_read():
     sd15 = SchedulerConfig.from_diffusers(json.loads(SD15_SCHEDULER_JSON))
-    assert sd15 == SchedulerConfig()
+    assert sd15 == SchedulerConfig(defaulted=frozenset(SD15_DEFAULTED))
     sd21 = SchedulerConfig.from_diffusers(json.loads(SD21_SCHEDULER_JSON))
     assert sd21.prediction_type == "v_prediction" and sd21.steps_offset == 1
+    assert sd21.defaulted == SD15_DEFAULTED - {"prediction_type"}
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        ("ddpm", diffusers.DDPMScheduler),
+        ("ddim", diffusers.DDIMScheduler),
+        ("dpm-solver", diffusers.DPMSolverMultistepScheduler),
+        ("dpm-solver++", diffusers.DPMSolverMultistepScheduler),
+        ("dpm-solver++-sde", diffusers.DPMSolverMultistepScheduler),
+        ("euler", diffusers.EulerDiscreteScheduler),
+        ("euler-ancestral", diffusers.EulerAncestralDiscreteScheduler),
+        ("unipc", diffusers.UniPCMultistepScheduler),
+    ],
+)
+@pytest.mark.parametrize("released", [SD15_SCHEDULER_JSON, SD21_SCHEDULER_JSON])
+def test_a_key_the_file_leaves_out_takes_the_chosen_samplers_diffusers_default(ours, theirs, released):
+    """What diffusers' ``Sampler.from_config(pipe.scheduler.config)`` swap gives, key by key."""
+    source = json.loads(released)
+    loaded = getattr(diffusers, source["_class_name"]).from_config(source)  # as from_pretrained loads it
+    reference = theirs.from_config(loaded.config)
+    config = create(ours, SchedulerConfig.from_diffusers(source)).config
+    for key in SchedulerConfig.from_diffusers(source).defaulted & reference.config.keys():
+        assert getattr(config, key) == reference.config[key], key
+    # The keys the diffusers class lacks are ones it never applies: it neither clips nor thresholds.
+    assert not config.clip_sample or "clip_sample" in reference.config
+    assert not config.thresholding or "thresholding" in reference.config
+    assert config.defaulted == frozenset()
+    assert config.timestep_spacing == reference.config.timestep_spacing
+    assert (config.steps_offset, config.beta_start, config.beta_schedule) == (1, 0.00085, "scaled_linear")
+
+
+def test_the_default_tables_are_the_diffusers_class_defaults():
+    import inspect
+
+    from ldm.schedulers.base import LEADING_DEFAULTS, LINSPACE_DEFAULTS
+
+    for table, classes in (
+        (LEADING_DEFAULTS, (diffusers.DDIMScheduler, diffusers.DDPMScheduler)),
+        (LINSPACE_DEFAULTS, (diffusers.DPMSolverMultistepScheduler, diffusers.UniPCMultistepScheduler,
+                             diffusers.EulerDiscreteScheduler, diffusers.EulerAncestralDiscreteScheduler)),
+    ):
+        for cls in classes:
+            parameters = inspect.signature(cls.__init__).parameters
+            for key in table.keys() & parameters.keys():
+                assert parameters[key].default == table[key], (cls, key)
+            assert "clip_sample" in parameters or table["clip_sample"] is False
+
+
+def test_defaulted_keys_are_not_written_back_and_survive_a_round_trip():
+    sd15 = SchedulerConfig.from_diffusers(json.loads(SD15_SCHEDULER_JSON))
+    written = sd15.to_diffusers()
+    assert not SD15_DEFAULTED & written.keys()
+    assert SchedulerConfig.from_diffusers(written) == sd15
+    assert create("dpm-solver++", SchedulerConfig.from_diffusers(written)).config.timestep_spacing == "linspace"
+
+
+def test_values_set_later_and_diffusers_used_defaults_are_not_defaulted():
+    sd15 = SchedulerConfig.from_diffusers(json.loads(SD15_SCHEDULER_JSON))
+    trailing = sd15.with_values(timestep_spacing="trailing")
+    assert "timestep_spacing" not in trailing.defaulted and "prediction_type" in trailing.defaulted
+    assert create("euler", trailing).config.timestep_spacing == "trailing"
+    # An in-memory diffusers config holds every key and lists the ones it defaulted.
+    in_memory = dict(diffusers.PNDMScheduler.from_config(json.loads(SD15_SCHEDULER_JSON)).config)
+    assert "timestep_spacing" in in_memory
+    assert "timestep_spacing" in SchedulerConfig.from_diffusers(in_memory).defaulted
+    release = SchedulerConfig.sd_release("v_prediction")
+    assert release.prediction_type == "v_prediction" and release.defaulted == SD15_DEFAULTED - {"prediction_type"}
+    with pytest.raises(ConfigError, match="defaulted"):
+        SchedulerConfig(defaulted=frozenset({"karras_magic"}))
 
 
 def test_config_roundtrips_through_diffusers():
@@ -153,4 +231,4 @@ def test_config_rejects_what_it_cannot_honour(key, value, message):
 def test_config_ignores_sampler_specific_keys():
     sampler_keys = {"solver_order": 3, "algorithm_type": "dpmsolver++", "use_karras_sigmas": True}
     cfg = {**json.loads(SD15_SCHEDULER_JSON), **sampler_keys}
-    assert SchedulerConfig.from_diffusers(cfg) == SchedulerConfig()
+    assert SchedulerConfig.from_diffusers(cfg) == SchedulerConfig(defaulted=frozenset(SD15_DEFAULTED))

@@ -116,12 +116,11 @@ def test_euler_equals_diffusers(prediction_type, spacing, karras):
     ours.set_timesteps(25)
     ref.set_timesteps(25)
     assert torch.allclose(ours.timesteps, ref.timesteps, rtol=1e-6)
-    # init_noise_sigma is sqrt(sigma_max^2 + 1), the std of the VE state at sigma_max; diffusers
-    # uses sigma_max itself for "linspace" and "trailing" (a 0.2% smaller start for SD).
+    # sigma_max for "linspace" and "trailing", sqrt(sigma_max^2 + 1) for "leading", as diffusers.
     sigma_max = float(ours.sigmas.max())
-    assert ours.init_noise_sigma == pytest.approx((sigma_max**2 + 1) ** 0.5, rel=1e-6)
-    if spacing == "leading":
-        assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
+    expected = (sigma_max**2 + 1) ** 0.5 if spacing == "leading" else sigma_max
+    assert ours.init_noise_sigma == pytest.approx(expected, rel=1e-6)
+    assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
     assert_trajectories_agree(ours, ref)
 
 

@@ -21,7 +21,6 @@ CLIP's ``quick_gelu`` is SD 1.x.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -103,7 +102,7 @@ def load_diffusers(
     scheduler_json = folder / "scheduler" / "scheduler_config.json"
     scheduler = SchedulerConfig.from_diffusers(_read_json(scheduler_json)) if scheduler_json.is_file() else SchedulerConfig()
     if prediction_type is not None:
-        scheduler = dataclasses.replace(scheduler, prediction_type=prediction_type)
+        scheduler = scheduler.with_values(prediction_type=prediction_type)
     loaded_tokenizer = resolve_tokenizer(tokenizer, family, folder / "tokenizer")
     return Components(unet, vae, text_encoder, loaded_tokenizer, scheduler, family, folder)
 

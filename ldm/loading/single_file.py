@@ -89,7 +89,7 @@ def load_single_file(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=loaded_tokenizer,
-        scheduler_config=SchedulerConfig(prediction_type=found.prediction_type),
+        scheduler_config=SchedulerConfig.sd_release(found.prediction_type),
         family=found.family,
         source=path,
     )

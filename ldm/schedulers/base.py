@@ -19,9 +19,10 @@ start at ``timesteps[k]`` (img2img) and then continues in order.
 from __future__ import annotations
 
 import abc
-
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, ClassVar, get_args
 
 import torch
@@ -51,6 +52,39 @@ DIFFUSERS_NEUTRAL_VALUES: dict[str, Any] = {
     "time_shift_type": "exponential",
 }
 
+# diffusers' own defaults of the noise-process keys, per sampler class. diffusers' ``from_config``
+# gives each key that the model's scheduler_config.json left out the default of the class being
+# built (configuration_utils.py, ``_use_default_values``), so the same SD 1.5 model samples on
+# "leading" timesteps with DDIM and DDPM and on "linspace" ones with DPM-Solver, Euler and UniPC.
+_DIFFUSERS_COMMON_DEFAULTS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": "epsilon",
+    "steps_offset": 0,
+    "rescale_betas_zero_snr": False,
+    "clip_sample_range": 1.0,
+    "thresholding": False,
+    "dynamic_thresholding_ratio": 0.995,
+    "sample_max_value": 1.0,
+}
+# DDIMScheduler, DDPMScheduler.
+LEADING_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {**_DIFFUSERS_COMMON_DEFAULTS, "timestep_spacing": "leading", "clip_sample": True}
+)
+# DPMSolverMultistepScheduler, UniPCMultistepScheduler, EulerDiscreteScheduler and
+# EulerAncestralDiscreteScheduler, which have no clip_sample key: they never clip.
+LINSPACE_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {**_DIFFUSERS_COMMON_DEFAULTS, "timestep_spacing": "linspace", "clip_sample": False}
+)
+# The keys that SD's released scheduler configs set (SD 1.5's PNDM, SD 2.x's DDIM); a single-file
+# checkpoint carries no scheduler config, so ldm assumes these and leaves the rest to each sampler,
+# as diffusers' ``from_single_file`` does with the released config.
+SD_RELEASE_KEYS = frozenset(
+    {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "steps_offset", "clip_sample", "prediction_type"}
+)
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -69,6 +103,9 @@ class SchedulerConfig:
     thresholding: bool = False  # dynamic thresholding of predicted x_0 (Saharia et al. 2022)
     dynamic_thresholding_ratio: float = 0.995
     sample_max_value: float = 1.0
+    # Keys the model's scheduler_config.json left out: each sampler fills them with its own
+    # diffusers class's default (``filled_for``), and ``to_diffusers`` does not write them.
+    defaulted: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         for field, kind in (
@@ -87,6 +124,24 @@ class SchedulerConfig:
             raise ConfigError(f"steps_offset must be >= 0, got {self.steps_offset}")
         if not 0 < self.dynamic_thresholding_ratio <= 1:
             raise ConfigError(f"dynamic_thresholding_ratio must be in (0, 1], got {self.dynamic_thresholding_ratio}")
+        unknown = set(self.defaulted) - set(_process_keys())
+        if unknown:
+            raise ConfigError(f"defaulted names unknown scheduler config key(s) {', '.join(sorted(unknown))}")
+
+    @classmethod
+    def sd_release(cls, prediction_type: PredictionType = "epsilon") -> SchedulerConfig:
+        """The config a single-file SD checkpoint implies: SD's released keys set, the rest defaulted."""
+        return cls(prediction_type=prediction_type, defaulted=frozenset(_process_keys()) - SD_RELEASE_KEYS)
+
+    def filled_for(self, defaults: Mapping[str, Any]) -> SchedulerConfig:
+        """This config with each defaulted key set to ``defaults[key]``, a sampler's own default."""
+        if not self.defaulted:
+            return self
+        return dataclasses.replace(self, defaulted=frozenset(), **{key: defaults[key] for key in self.defaulted})
+
+    def with_values(self, **values: Any) -> SchedulerConfig:
+        """This config with ``values`` set as if the model's file had them (no longer defaulted)."""
+        return dataclasses.replace(self, defaulted=self.defaulted - values.keys(), **values)
 
     @classmethod
     def from_diffusers(cls, config: dict[str, Any]) -> SchedulerConfig:
@@ -94,13 +149,16 @@ class SchedulerConfig:
 
         Keys starting with "_" and sampler-specific keys are ignored; keys that would change the
         noise process to one we do not model must hold their neutral value; anything else unknown
-        is a ConfigError.
+        is a ConfigError. Keys the dict leaves out, or lists in diffusers' ``_use_default_values``
+        (an in-memory diffusers config), are remembered as ``defaulted``.
         """
-        ours = {f.name for f in dataclasses.fields(cls)}
+        ours = set(_process_keys())
+        used_defaults = set(config.get("_use_default_values", ()))
         values = {}
         for key, value in config.items():
             if key in ours:
-                values[key] = value
+                if key not in used_defaults:
+                    values[key] = value
             elif key.startswith("_") or key in DIFFUSERS_SAMPLER_KEYS:
                 continue
             elif key in DIFFUSERS_NEUTRAL_VALUES:
@@ -111,20 +169,28 @@ class SchedulerConfig:
                     )
             else:
                 raise ConfigError(f"unknown scheduler config key {key!r}; remove it from scheduler_config.json")
-        return cls(**values)
+        return cls(**values, defaulted=frozenset(ours - values.keys()))
 
     def to_diffusers(self) -> dict[str, Any]:
         """A scheduler_config.json dict; any diffusers SD scheduler loads it with ``from_config``.
 
-        ``set_alpha_to_one=False`` and ``trained_betas=None`` are written out because that is how
-        the SD checkpoints' configs state the conventions ldm's DDIM follows.
+        Defaulted keys are left out, as the model's own file left them out, so each diffusers
+        sampler fills them with its own default as ldm's do. ``set_alpha_to_one=False`` and
+        ``trained_betas=None`` are written out because that is how the SD checkpoints' configs
+        state the conventions ldm's DDIM follows.
         """
+        values = {key: getattr(self, key) for key in _process_keys() if key not in self.defaulted}
         return {
-            **dataclasses.asdict(self),
+            **dict(sorted(values.items())),
             "set_alpha_to_one": False,
             "trained_betas": None,
             "_class_name": "DDIMScheduler",
         }
+
+
+def _process_keys() -> tuple[str, ...]:
+    """The noise-process keys of ``SchedulerConfig`` (every field but ``defaulted``)."""
+    return tuple(f.name for f in dataclasses.fields(SchedulerConfig) if f.name != "defaulted")
 
 
 @dataclass(frozen=True)
@@ -135,16 +201,20 @@ class NoOptions:
 class Scheduler(abc.ABC):
     """Shared state and the parts of the contract that do not depend on the sampling algorithm.
 
-    Subclasses set ``Options`` (a frozen dataclass of their typed options) and implement
+    Subclasses set ``Options`` (a frozen dataclass of their typed options) and, where their diffusers
+    class's defaults are not ``LINSPACE_DEFAULTS``, ``DIFFUSERS_DEFAULTS``; they implement
     ``set_timesteps`` and ``step``.
     """
 
     Options: ClassVar[type] = NoOptions
+    # The defaults of this sampler's diffusers class, for keys the model's config left out.
+    DIFFUSERS_DEFAULTS: ClassVar[Mapping[str, Any]] = LINSPACE_DEFAULTS
 
     def __init__(self, config: SchedulerConfig | None = None, **options: Any) -> None:
-        self.config = config if config is not None else SchedulerConfig()
-        if not isinstance(self.config, SchedulerConfig):
-            raise ConfigError(f"expected a SchedulerConfig, got {type(self.config).__name__}")
+        config = config if config is not None else SchedulerConfig()
+        if not isinstance(config, SchedulerConfig):
+            raise ConfigError(f"expected a SchedulerConfig, got {type(config).__name__}")
+        self.config = config.filled_for(self.DIFFUSERS_DEFAULTS)
         self.options = build_options(type(self), options)
         c = self.config
         betas = noise.betas_for(c.beta_schedule, c.num_train_timesteps, c.beta_start, c.beta_end)
@@ -210,7 +280,7 @@ class Scheduler(abc.ABC):
             raise ConfigError(
                 f"{self.num_inference_steps} steps do not fit {c.num_train_timesteps} training timesteps with "
                 f"{c.timestep_spacing!r} spacing and steps_offset={c.steps_offset}; use fewer steps or "
-                "timestep_spacing='trailing'"
+                "trailing spacing (ldm txt2img --timestep-spacing trailing; timestep_spacing='trailing' in Python)"
             )
         return timesteps
 

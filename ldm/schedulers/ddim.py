@@ -15,6 +15,7 @@ n dividing T this is diffusers' ``t - T // n``; for other grids diffusers' DDIM 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ import torch
 from ldm.errors import ConfigError
 from ldm.random import randn
 from ldm.schedulers import noise
-from ldm.schedulers.base import NoOptions, Scheduler
+from ldm.schedulers.base import LEADING_DEFAULTS, NoOptions, Scheduler
 
 
 @dataclass(frozen=True)
@@ -30,14 +31,15 @@ class DDIMOptions:
     eta: float = 0.0  # 0: deterministic DDIM; 1: the DDPM posterior variance (Song et al. 2021, eq. 16)
 
     def __post_init__(self) -> None:
-        if not self.eta >= 0:
-            raise ConfigError(f"eta must be >= 0, got {self.eta}")
+        if not 0 <= self.eta < math.inf:
+            raise ConfigError(f"eta must be a finite number >= 0, got {self.eta}")
 
 
 class DDIMScheduler(Scheduler):
     """DDIM sampling, Song et al. 2021, eq. 12 with the variance of eq. 16 scaled by eta."""
 
     Options = DDIMOptions
+    DIFFUSERS_DEFAULTS = LEADING_DEFAULTS
 
     def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
         self._check_steps(num_inference_steps)

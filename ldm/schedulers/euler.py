@@ -6,9 +6,10 @@ noise level is sigma = sigma_t / alpha_t = sqrt((1 - abar) / abar):
     dx / dsigma = (x - D(x; sigma)) / sigma          (eq. 3 with sigma(t) = t, s(t) = 1)
 
 where D is the denoiser (the predicted x_0). The scheduler's state is that VE x, as in k-diffusion
-and diffusers: the starting noise has std ``init_noise_sigma`` = sqrt(sigma_max^2 + 1),
-``scale_model_input`` divides by sqrt(sigma^2 + 1) (giving the network its VP input), and
-``add_noise`` returns x_0 + sigma eps.
+and diffusers: ``scale_model_input`` divides by sqrt(sigma^2 + 1) (giving the network its VP input),
+and ``add_noise`` returns x_0 + sigma eps. The starting noise's std ``init_noise_sigma`` is
+diffusers' choice: sigma_max for "linspace" and "trailing" spacing, sqrt(sigma_max^2 + 1) (the VE
+state's std at sigma_max) for "leading".
 """
 
 from __future__ import annotations
@@ -56,7 +57,10 @@ class EulerScheduler(Scheduler):
     def init_noise_sigma(self) -> float:
         if self.num_inference_steps == 0:
             return 1.0
-        return float((self.sigmas.max() ** 2 + 1) ** 0.5)
+        sigma_max = float(self.sigmas.max())
+        if self.config.timestep_spacing in ("linspace", "trailing"):
+            return sigma_max
+        return (sigma_max**2 + 1) ** 0.5
 
     def scale_model_input(self, sample: torch.Tensor, t: torch.Tensor | int | float) -> torch.Tensor:
         sigma = self.sigmas[self._index_for_step(t)]
