@@ -26,7 +26,7 @@ import math
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,6 +44,7 @@ from ldm.paging import release_to_page_cache
 from ldm.prompts import encode_prompts
 from ldm.random import randn, seed_generators
 from ldm.schedulers import Scheduler, SchedulerConfig, create
+from ldm.schedulers.noise import TimestepSpacing
 
 OutputType = Literal["pil", "np", "pt", "latent"]
 VaeDecode = Literal["full", "sliced", "tiled"]
@@ -110,8 +111,7 @@ class Pipeline:
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
-        self.scheduler_config = scheduler_config
-        self.scheduler: Scheduler = create(DEFAULT_SCHEDULER, scheduler_config)
+        self.scheduler_config = scheduler_config  # each call builds its own sampler from it
         self.name = "model"  # shown as "Model" in image metadata; from_pretrained sets the folder / file stem
         self.vae_decode: VaeDecode = "full"  # "sliced": one image at a time; "tiled": overlapping tiles
         self.device = next(unet.parameters()).device  # where the networks run
@@ -238,6 +238,8 @@ class Pipeline:
         num_images_per_prompt: int = 1,
         scheduler: str | Scheduler | Any | None = None,
         eta: float | None = None,
+        timestep_spacing: TimestepSpacing | None = None,
+        use_karras_sigmas: bool = False,
         generator: Generators | None = None,
         seed: int | None = None,
         latents: torch.Tensor | None = None,
@@ -254,8 +256,9 @@ class Pipeline:
         """Generate images; see the module docstring and the README for every argument.
 
         ``scheduler`` is a name from ``ldm.schedulers.SCHEDULERS`` (built with this
-        model's scheduler config and ``eta`` if given), one of our scheduler objects,
-        or a diffusers scheduler object. ``guidance_scale <= 1`` runs the conditional
+        model's scheduler config, ``timestep_spacing`` in place of the model's if given,
+        and the options ``eta`` and ``use_karras_sigmas`` if given), or one of our or
+        diffusers' scheduler objects as a template (the call builds its own from it). ``guidance_scale <= 1`` runs the conditional
         pass alone. ``init_image`` with ``strength`` in (0, 1] turns this into
         img2img. ``callback(i, t, latents)`` is called after each step. Steps and guidance
         left as None come from ``self.defaults`` (25 and 7.5 unless the model recommends others).
@@ -287,7 +290,7 @@ class Pipeline:
         batch = len(prompts) * num_images_per_prompt
         seeds, generators = self._generators(generator, seed, batch)
         guided = guidance_scale > 1.0
-        sampler = self._scheduler(scheduler, eta)
+        sampler = self._scheduler(scheduler, eta, timestep_spacing, use_karras_sigmas)
 
         # 1. Encode prompts: one text-encoder pass for the prompts and negative prompts together, so long
         #    prompts and their negatives get the same number of 77-token chunks; diffusers' batch order.
@@ -423,19 +426,33 @@ class Pipeline:
         seeds = [seed + i for i in range(batch)]
         return seeds, seed_generators(seed, batch)
 
-    def _scheduler(self, scheduler: str | Scheduler | Any | None, eta: float | None) -> Scheduler:
-        options = {} if eta is None else {"eta": eta}
-        if scheduler is None and not options:
-            return self.scheduler
+    def _scheduler(
+        self,
+        scheduler: str | Scheduler | Any | None,
+        eta: float | None,
+        timestep_spacing: TimestepSpacing | None,
+        use_karras_sigmas: bool,
+    ) -> Scheduler:
+        """A new sampler for this call, so that calls (threads, a callback that calls again) share no state.
+
+        A scheduler object given is a template: the call builds its own from its config and options.
+        """
+        options = ({} if eta is None else {"eta": eta}) | ({"use_karras_sigmas": True} if use_karras_sigmas else {})
+        config = self.scheduler_config
+        if timestep_spacing is not None:
+            config = config.with_values(timestep_spacing=timestep_spacing)
         if scheduler is None or isinstance(scheduler, str):
-            return create(scheduler or DEFAULT_SCHEDULER, self.scheduler_config, **options)
-        if options:
-            raise ConfigError("eta is an option of the scheduler: pass it when building the scheduler object")
+            return create(scheduler or DEFAULT_SCHEDULER, config, **options)
+        if options or timestep_spacing is not None:
+            raise ConfigError(
+                "eta, timestep_spacing and use_karras_sigmas configure a scheduler named by its string; "
+                "pass them when building the scheduler object"
+            )
         if isinstance(scheduler, Scheduler):
-            return scheduler
+            return type(scheduler)(scheduler.config, **asdict(scheduler.options))
         from ldm.schedulers import from_diffusers_scheduler
 
-        return from_diffusers_scheduler(scheduler)
+        return from_diffusers_scheduler(type(scheduler).from_config(scheduler.config))
 
     def _noised_init_latents(
         self,

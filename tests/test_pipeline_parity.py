@@ -1,10 +1,12 @@
 """End-to-end parity: a random-weight SD-shaped model saved in the diffusers layout, loaded by ldm,
 gives the images diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline give for the
-same prompt, negative prompt, seed, steps and guidance (max abs difference < 1e-4 in [0, 1] pixels).
+same prompt, negative prompt, seed, steps, guidance and sampler (max abs difference < 1e-4 in
+[0, 1] pixels), with every sampler swapped in as diffusers' documentation does it.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -23,42 +25,113 @@ TOLERANCE = 1e-4
 COMMON = dict(prompt="a photo of a red cat", negative_prompt="blurry, dark", guidance_scale=7.5, output_type="np")
 
 
-def diffusers_scheduler(name: str, config):
-    """diffusers' scheduler ``name`` on the folder's noise process.
+# The released scheduler configs, verbatim (runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1):
+# they leave out timestep_spacing (and SD 1.5 prediction_type), which each sampler then fills with
+# its own diffusers default. save_pretrained would write every key and hide that.
+RELEASED_SCHEDULER_CONFIGS = {
+    "sd1": {
+        "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+        "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+        "clip_sample": False,
+    },
+    "sd2": {
+        "_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+        "num_train_timesteps": 1000, "prediction_type": "v_prediction", "set_alpha_to_one": False,
+        "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+    },
+}
 
-    ``from_config`` gives a class its own default for keys the source config only
-    defaulted (DPM-Solver and Euler default to "linspace" spacing, DDIM to "leading"),
-    while ldm reads the spacing written in the folder; pin it so both run the same grid.
+# Every sampler ldm names, with the diffusers class and options a diffusers user swaps in for it
+# (``Class.from_config(pipe.scheduler.config, **options)``) and the call arguments both take.
+SAMPLERS = {
+    "ddim": ("DDIMScheduler", {}, {}),
+    "ddim-eta": ("DDIMScheduler", {}, {"eta": 0.6}),
+    "ddpm": ("DDPMScheduler", {}, {}),
+    "dpm-solver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}, {}),
+    "dpm-solver++": ("DPMSolverMultistepScheduler", {}, {}),
+    "dpm-solver++-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, {}),
+    "dpm-solver++-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}),
+    "euler": ("EulerDiscreteScheduler", {}, {}),
+    "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}, {}),
+    "unipc": ("UniPCMultistepScheduler", {}, {}),
+}
+
+
+def ours_for(sampler: str) -> dict:
+    """ldm's call arguments for a SAMPLERS entry."""
+    name, options = sampler.removesuffix("-eta").removesuffix("-karras"), dict(SAMPLERS[sampler][2])
+    if sampler.endswith("-karras"):
+        options["use_karras_sigmas"] = True
+    return {"scheduler": name, **options}
+
+
+def swap_scheduler(reference, sampler: str) -> dict:
+    """Swap the loaded scheduler the way diffusers' docs do; returns the extra call arguments.
+
+    Always from the model's own scheduler: the module's tests share one reference pipeline, and a
+    swap from a swapped scheduler would inherit the options passed to the earlier one.
     """
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    import diffusers
 
-    classes = {"ddim": DDIMScheduler, "dpm-solver++": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
-    return classes[name].from_config(config, timestep_spacing=config["timestep_spacing"])
+    class_name, options, call = SAMPLERS[sampler]
+    reference.scheduler = getattr(diffusers, class_name).from_config(reference.loaded_scheduler.config, **options)
+    return call
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
 def models(request, tmp_path_factory):
-    reference = diffusers_pipeline(request.param)
+    from diffusers import StableDiffusionPipeline
+
     folder = tmp_path_factory.mktemp(request.param) / "model"
-    reference.save_pretrained(folder)
+    diffusers_pipeline(request.param).save_pretrained(folder)
+    config = json.dumps(RELEASED_SCHEDULER_CONFIGS[request.param], indent=2)
+    (folder / "scheduler" / "scheduler_config.json").write_text(config)
+    (folder / "model_index.json").write_text(
+        (folder / "model_index.json").read_text().replace('"DDIMScheduler"', f'"{RELEASED_SCHEDULER_CONFIGS[request.param]["_class_name"]}"')
+    )
+    reference = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    assert type(reference.scheduler).__name__ == RELEASED_SCHEDULER_CONFIGS[request.param]["_class_name"]
+    reference.loaded_scheduler = reference.scheduler
     return reference, Pipeline.from_pretrained(folder)
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "dpm-solver++"])
-def test_txt2img_matches_diffusers(models, scheduler):
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_txt2img_matches_diffusers_after_its_scheduler_swap(models, sampler):
     reference, pipe = models
-    reference.scheduler = diffusers_scheduler(scheduler, reference.scheduler.config)
+    call = swap_scheduler(reference, sampler)
     theirs = reference(
-        **COMMON, num_inference_steps=6, height=64, width=64, generator=torch.Generator("cpu").manual_seed(1234)
+        **COMMON, **call, num_inference_steps=6, height=64, width=64, generator=torch.Generator("cpu").manual_seed(1234)
     ).images
-    ours = pipe(**COMMON, num_inference_steps=6, height=64, width=64, scheduler=scheduler, seed=1234)
+    ours = pipe(**COMMON, **ours_for(sampler), num_inference_steps=6, height=64, width=64, seed=1234)
     assert ours.seeds == [1234]
     assert np.abs(ours.images - theirs).max() < TOLERANCE
 
 
+def test_samplers_start_where_diffusers_starts_them(models):
+    """The defect this guards: DPM-Solver, Euler and UniPC on "leading" spacing (t = 901 for 10 steps)."""
+    import diffusers
+
+    reference, pipe = models
+    for name, class_name in (("dpm-solver++", "DPMSolverMultistepScheduler"), ("euler", "EulerDiscreteScheduler"), ("ddim", "DDIMScheduler")):
+        theirs = getattr(diffusers, class_name).from_config(reference.loaded_scheduler.config)
+        theirs.set_timesteps(10)
+        ours = pipe._scheduler(name, None, None, False)
+        ours.set_timesteps(10)
+        assert torch.allclose(ours.timesteps.double(), theirs.timesteps.double()), name
+        assert ours.init_noise_sigma == pytest.approx(float(theirs.init_noise_sigma), rel=1e-6)
+    first = {}
+    for name in ("dpm-solver++", "ddim"):
+        sampler = pipe._scheduler(name, None, None, False)
+        sampler.set_timesteps(10)
+        first[name] = int(sampler.timesteps[0])
+    assert first == {"dpm-solver++": 999, "ddim": 901}
+
+
 def test_batch_matches_diffusers_with_one_generator_per_image(models):
     reference, pipe = models
-    reference.scheduler = diffusers_scheduler("ddim", reference.scheduler.config)
+    swap_scheduler(reference, "ddim")
     generators = [torch.Generator("cpu").manual_seed(s) for s in (50, 51)]
     kwargs = dict(num_inference_steps=4, height=64, width=64, num_images_per_prompt=2)
     theirs = reference(**COMMON, **kwargs, generator=generators).images
@@ -67,11 +140,13 @@ def test_batch_matches_diffusers_with_one_generator_per_image(models):
 
 
 def test_a_diffusers_scheduler_object_can_drive_our_pipeline(models):
+    from diffusers import HeunDiscreteScheduler
+
     reference, pipe = models
-    reference.scheduler = diffusers_scheduler("euler", reference.scheduler.config)
+    reference.scheduler = HeunDiscreteScheduler.from_config(reference.loaded_scheduler.config)
     kwargs = dict(num_inference_steps=4, height=64, width=64)
     theirs = reference(**COMMON, **kwargs, generator=torch.Generator("cpu").manual_seed(8)).images
-    scheduler = diffusers_scheduler("euler", reference.scheduler.config)
+    scheduler = HeunDiscreteScheduler.from_config(reference.loaded_scheduler.config)
     ours = pipe(**COMMON, **kwargs, scheduler=scheduler, seed=8).images
     assert np.abs(ours - theirs).max() < TOLERANCE
 
@@ -82,16 +157,16 @@ def init_image() -> Image.Image:
     return Image.fromarray(array.astype(np.uint8))
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "dpm-solver++"])
-def test_img2img_matches_diffusers(models, scheduler):
+@pytest.mark.parametrize("sampler", ["ddim", "dpm-solver++", "euler"])
+def test_img2img_matches_diffusers(models, sampler):
     from diffusers import StableDiffusionImg2ImgPipeline
 
     reference, pipe = models
+    call = swap_scheduler(reference, sampler)
     img2img = StableDiffusionImg2ImgPipeline(**reference.components)
-    img2img.scheduler = diffusers_scheduler(scheduler, reference.scheduler.config)
     theirs = img2img(
-        **COMMON, image=init_image(), strength=0.6, num_inference_steps=6, generator=torch.Generator("cpu").manual_seed(77)
+        **COMMON, **call, image=init_image(), strength=0.6, num_inference_steps=6, generator=torch.Generator("cpu").manual_seed(77)
     ).images
-    ours = pipe(**COMMON, init_image=init_image(), strength=0.6, num_inference_steps=6, scheduler=scheduler, seed=77)
+    ours = pipe(**COMMON, **ours_for(sampler), init_image=init_image(), strength=0.6, num_inference_steps=6, seed=77)
     assert ours.images.shape == (1, 64, 64, 3)
     assert np.abs(ours.images - theirs).max() < TOLERANCE

@@ -12,7 +12,7 @@ import argparse
 import math
 import secrets
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,6 +48,13 @@ def register(sub) -> None:
     parser.add_argument("--model", type=Path, metavar="PATH", help="diffusers folder or .safetensors/.ckpt file (default: the project's model)")
     parser.add_argument("--scheduler", default="dpm-solver++", metavar="NAME", help=", ".join(A1111_SAMPLER_NAMES))
     parser.add_argument("--eta", type=float, help="noise of DDIM steps (0: deterministic; only schedulers that take it)")
+    parser.add_argument(
+        "--timestep-spacing",
+        choices=("leading", "linspace", "trailing"),
+        help="which timesteps the steps visit (default: the model's, else the scheduler's diffusers default; "
+        "trailing allows up to 1000 steps)",
+    )
+    parser.add_argument("--karras", action="store_true", help="Karras et al. 2022 noise levels (dpm-solver*, euler*, unipc)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's recommendation, else 25)")
     parser.add_argument(
         "--guidance-scale", type=float, help="classifier-free guidance; <= 1 disables it (default: the model's recommendation, else 7.5)"
@@ -140,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
                 num_images_per_prompt=count,
                 scheduler=args.scheduler,
                 eta=args.eta,
+                timestep_spacing=args.timestep_spacing,
+                use_karras_sigmas=args.karras,
                 seed=base_seed + first,
                 init_image=job.init_image,
                 strength=job.strength,
@@ -179,6 +188,10 @@ def extra_parameters(args: argparse.Namespace) -> dict[str, str]:
         extra["Clip skip"] = str(args.clip_skip + 1)  # A1111 counts the last layer as 1, diffusers as 0
     if args.eta is not None:
         extra["Eta"] = f"{args.eta:g}"
+    if args.karras:
+        extra["Schedule type"] = "Karras"  # A1111's key and value
+    if args.timestep_spacing is not None:
+        extra["Timestep spacing"] = args.timestep_spacing
     if args.guidance_rescale:
         extra["Guidance rescale"] = f"{args.guidance_rescale:g}"
     if args.deepcache > 1:
@@ -196,7 +209,7 @@ def extra_parameters(args: argparse.Namespace) -> dict[str, str]:
 def check_arguments(args: argparse.Namespace) -> Job:
     """Check every argument that can be checked without the model; raise ``InputError`` / ``CheckpointError``."""
     from ldm.loading import DEFAULT_MODEL_DIR
-    from ldm.schedulers import SCHEDULERS, create
+    from ldm.schedulers import SCHEDULERS
 
     if (args.prompt is None) == (args.from_file is None):
         raise InputError("give either a PROMPT or --from-file FILE (one prompt per line)")
@@ -215,7 +228,7 @@ def check_arguments(args: argparse.Namespace) -> Job:
         raise InputError(f"--seed must be from 0 to 2**63 - 1, got {args.seed}")
     if args.scheduler not in SCHEDULERS:
         raise InputError(f"unknown scheduler {args.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    create(args.scheduler, **({} if args.eta is None else {"eta": args.eta}))  # a ConfigError if it takes no eta
+    check_scheduler_options(args)
     if not 0 <= args.guidance_rescale <= 1:
         raise InputError(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
     if args.clip_skip is not None and args.clip_skip < 0:
@@ -250,6 +263,21 @@ def check_arguments(args: argparse.Namespace) -> Job:
         if args.width is None and init_image.width < 8 or args.height is None and init_image.height < 8:
             raise InputError(f"init image {args.init_image} is smaller than 8x8 pixels")
     return Job(prompts, model, loras, init_image, 0.8 if args.strength is None else args.strength)
+
+
+def check_scheduler_options(args: argparse.Namespace) -> None:
+    """``--eta`` and ``--karras`` only where the scheduler takes them."""
+    from ldm.schedulers import SCHEDULERS
+
+    takes = {field.name for field in fields(SCHEDULERS[args.scheduler].Options)}
+    for flag, option, given in (("--eta", "eta", args.eta is not None), ("--karras", "use_karras_sigmas", args.karras)):
+        if given and option not in takes:
+            users = [name for name, cls in SCHEDULERS.items() if option in {f.name for f in fields(cls.Options)}]
+            raise InputError(f"{flag} does not apply to --scheduler {args.scheduler}; it applies to {', '.join(users)}")
+    if args.eta is not None:
+        from ldm.schedulers import create
+
+        create(args.scheduler, eta=args.eta)  # the option's own range check
 
 
 def read_prompts(path: Path) -> list[str]:
