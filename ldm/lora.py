@@ -140,7 +140,7 @@ def _parse_key(key: str) -> tuple[str | None, str, str]:
     for part in PREFIXES:
         for suffix, kind in ((".lora_A.weight", "down"), (".lora_B.weight", "up")):
             if key.startswith(part + ".") and key.endswith(suffix):
-                return part, key[len(part) + 1:-len(suffix)].replace(".", "_"), kind
+                return part, _flat_name(part, key[len(part) + 1:-len(suffix)]), kind
     return None, "", ""
 
 
