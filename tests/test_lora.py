@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_training_support import micro_models, one_torch_thread  # noqa: F401 - one_torch_thread is an autouse fixture
+from test_training_support import MICRO_UNET, micro_models, one_torch_thread  # noqa: F401 - one_torch_thread is an autouse fixture
 
 from ldm.errors import CheckpointError, InputError
 from ldm.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_adapters, apply_lora, parse_lora_argument, read_lora, save_lora
@@ -159,3 +160,213 @@ def test_parse_lora_argument():
     assert parse_lora_argument("style.safetensors") == (Path("style.safetensors"), 1.0)
     assert parse_lora_argument("dir/style.safetensors:0.6")[1] == 0.6
     assert parse_lora_argument("C:/x/style.safetensors")[0].name == "style.safetensors"
+
+
+# --- LoRA on every layer kind, fused and unfused ----------------------------------------------------------
+
+def adaptable_modules(model):
+    """``{module path: module}`` of every Linear and Conv2d: what a kohya or LCM LoRA may adapt."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))}
+
+
+def random_pair(module, rank, generator):
+    """Random (down, up) for ``module`` in kohya's shapes: a conv's down has its kernel, its up is 1x1."""
+    if isinstance(module, torch.nn.Conv2d):
+        down = torch.randn(rank, module.in_channels, *module.kernel_size, generator=generator)
+        up = torch.randn(module.out_channels, rank, 1, 1, generator=generator)
+    else:
+        down = torch.randn(rank, module.in_features, generator=generator)
+        up = torch.randn(module.out_features, rank, generator=generator)
+    return down * 0.2, up * 0.2
+
+
+def kohya_key(part, name):
+    if part == "text_encoder" and not name.startswith("text_model."):
+        name = "text_model." + name  # kohya spells CLIP paths from text_model, as transformers 4 nests them
+    return {"unet": "lora_unet_", "text_encoder": "lora_te_"}[part] + name.replace(".", "_")
+
+
+def write_lora(path, pairs, layout, alpha=None):
+    """``pairs`` = {(part, module path): (down, up)} as a kohya file (with ``alpha``) or a diffusers-peft one."""
+    state = {}
+    for (part, name), (down, up) in pairs.items():
+        if layout == "kohya":
+            key = kohya_key(part, name)
+            state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"] = down, up
+            if alpha is not None:
+                state[f"{key}.alpha"] = torch.tensor(alpha)
+        else:
+            state[f"{part}.{name}.lora_A.weight"], state[f"{part}.{name}.lora_B.weight"] = down, up
+    save_file(state, str(path))
+    return path
+
+
+def every_layer_pairs(unet, text_encoder, rank=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    parts = {"unet": unet, "text_encoder": text_encoder}
+    return {
+        (part, name): random_pair(module, rank, generator)
+        for part, model in parts.items()
+        for name, module in adaptable_modules(model).items()
+    }
+
+
+# MICRO_UNET has one channel per GroupNorm group, which cancels the time embedding's per-channel shift (the
+# output ignores the timestep); with 8 groups a LoRA on the time embedding shows.
+LORA_UNET = dataclasses.replace(MICRO_UNET, norm_num_groups=8)
+
+
+def reference_pipeline():
+    """A diffusers pipeline with a LORA_UNET-shaped random U-Net and the tiny CLIP, and ldm's copies of
+    both networks. A U-Net forward at 64x64 latents takes a quarter of the tiny SD U-Net's time (2 heads at
+    4096 tokens instead of 8, and no 1024-token level), with every kind of layer still present."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from tiny_models import clip_text_model, clip_tokenizer, diffusers_vae
+
+    from ldm.models import UNet
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(LORA_UNET.to_diffusers()).eval()
+    reference = StableDiffusionPipeline(
+        vae=diffusers_vae(), text_encoder=clip_text_model("sd1"), tokenizer=clip_tokenizer("sd1"), unet=unet,
+        scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    ours = UNet(LORA_UNET).eval()
+    ours.load_state_dict(unet.state_dict(), strict=True)
+    return reference, ours, copy.deepcopy(reference.text_encoder)
+
+
+def test_every_layer_fused_unfused_and_diffusers_agree_at_512px(tmp_path, monkeypatch):
+    """A kohya file on every Linear and Conv2d of the U-Net and CLIP, at 64x64 latents (a 512x512 image),
+    where every fast path runs: sub-pixel upsampling from 32x32, attention as convolutions, oneDNN linears,
+    GEGLU's split product; convs are sliced from 16 channels so the sliced path runs on the 32x32 maps."""
+    from ldm.models import unet as unet_module
+
+    monkeypatch.setattr(unet_module, "SLICED_CONV_CHANNELS", 16)
+    reference, unet, text_encoder = reference_pipeline()
+    pairs = every_layer_pairs(unet, text_encoder)
+    path = write_lora(tmp_path / "all.safetensors", pairs, "kohya", alpha=3.0)  # alpha/rank = 1.5
+    assert len(read_lora(path)) == len(pairs) == len(adaptable_modules(unet)) + 12
+    reference.load_lora_weights(str(path))
+    unfused = (unet, text_encoder)
+    fused = copy.deepcopy(unfused)
+    apply_lora(*unfused, path)
+    apply_lora(*fused, path, fuse=True)
+
+    ids = reference.tokenizer(["a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    latents = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected_text = reference.text_encoder(ids)[0]
+        expected = reference.unet(latents, 500, encoder_hidden_states=expected_text).sample
+        outputs = {}
+        for name, (unet, text_encoder) in (("unfused", unfused), ("fused", fused)):
+            text = text_encoder(ids)[0]
+            assert torch.allclose(text, expected_text, atol=1e-4), name
+            outputs[name] = unet(latents, torch.tensor([500]), text)
+    assert torch.allclose(outputs["unfused"], outputs["fused"], atol=1e-5)
+    assert torch.allclose(outputs["fused"], expected, atol=1e-4)
+    assert torch.allclose(outputs["unfused"], expected, atol=1e-4)
+
+
+def test_kohya_and_peft_layouts_of_the_same_weights_agree(micro_by_family, tmp_path):
+    """The same every-layer tensors in both layouts (peft's CLIP keys as transformers 5 names them, without
+    text_model.) fuse to the same weights and give the same unfused output."""
+    (by_family, tokenizer), base = micro_by_family, micro_by_family[0]["sd1"]
+    pairs = every_layer_pairs(base["unet"], base["text_encoder"])
+    assert any(part == "text_encoder" and not name.startswith("text_model.") for part, name in pairs)
+    kohya = write_lora(tmp_path / "kohya.safetensors", pairs, "kohya", alpha=2.0)  # alpha = rank, peft's default
+    peft = write_lora(tmp_path / "peft.safetensors", pairs, "peft")
+    fused = {}
+    for layout, path in (("kohya", kohya), ("peft", peft)):
+        models = copy.deepcopy(base)
+        apply_lora(models["unet"], models["text_encoder"], path, fuse=True)
+        fused[layout] = {part: model.state_dict() for part, model in models.items()}
+        unfused = copy.deepcopy(base)
+        apply_lora(unfused["unet"], unfused["text_encoder"], path)
+        for part in models:
+            expected = part_output(models, part, tokenizer)
+            assert torch.allclose(part_output(unfused, part, tokenizer), expected, atol=1e-5), (layout, part)
+    for part, model in base.items():
+        original = model.state_dict()
+        assert all(torch.equal(fused["kohya"][part][key], fused["peft"][part][key]) for key in original)
+        changed = [key for key, value in original.items() if not torch.equal(value, fused["peft"][part][key])]
+        assert len(changed) == len(adaptable_modules(model)), part  # every weight, no bias
+
+
+# One module of each kind, in micro U-Nets of two levels: attention at level 0 (32x32 at 32x32 latents),
+# a downsampler, an upsampler from 16x16, 1x1 shortcuts in the up blocks; "sd2" projects with Linears.
+LAYER_KINDS = {
+    "self-attention q": ("sd1", "unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"),
+    "cross-attention k": ("sd1", "unet", "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"),
+    "cross-attention v": ("sd1", "unet", "mid_block.attentions.0.transformer_blocks.0.attn2.to_v"),
+    "attention out": ("sd1", "unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"),
+    "feed-forward GEGLU proj": ("sd1", "unet", "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj"),
+    "feed-forward out": ("sd1", "unet", "up_blocks.1.attentions.1.transformer_blocks.0.ff.net.2"),
+    "proj_in 1x1 conv": ("sd1", "unet", "down_blocks.0.attentions.0.proj_in"),
+    "proj_out 1x1 conv": ("sd1", "unet", "mid_block.attentions.0.proj_out"),
+    "proj_in Linear": ("sd2", "unet", "down_blocks.0.attentions.0.proj_in"),
+    "proj_out Linear": ("sd2", "unet", "up_blocks.1.attentions.0.proj_out"),
+    "ResNet conv1 3x3": ("sd1", "unet", "down_blocks.0.resnets.0.conv1"),
+    "ResNet conv2 3x3": ("sd1", "unet", "up_blocks.0.resnets.1.conv2"),
+    "shortcut 1x1 conv": ("sd1", "unet", "up_blocks.1.resnets.0.conv_shortcut"),
+    "time embedding linear_1": ("sd1", "unet", "time_embedding.linear_1"),
+    "time embedding linear_2": ("sd1", "unet", "time_embedding.linear_2"),
+    "ResNet time_emb_proj": ("sd1", "unet", "mid_block.resnets.0.time_emb_proj"),
+    "downsampler conv": ("sd1", "unet", "down_blocks.0.downsamplers.0.conv"),
+    "upsampler conv": ("sd1", "unet", "up_blocks.0.upsamplers.0.conv"),
+    "conv_in": ("sd1", "unet", "conv_in"),
+    "conv_out": ("sd1", "unet", "conv_out"),
+    "CLIP q_proj": ("sd1", "text_encoder", "encoder.layers.0.self_attn.q_proj"),
+    "CLIP out_proj": ("sd1", "text_encoder", "encoder.layers.1.self_attn.out_proj"),
+    "CLIP fc1": ("sd1", "text_encoder", "encoder.layers.0.mlp.fc1"),
+    "CLIP fc2": ("sd1", "text_encoder", "encoder.layers.1.mlp.fc2"),
+}
+
+
+@pytest.fixture(scope="module")
+def micro_by_family():
+    """``({family: {"unet": unet, "text_encoder": clip}}, tokenizer)``; "sd2" projects with Linears."""
+    from ldm.models import UNet
+
+    models = micro_models()
+    by_family = {}
+    for family, linear in (("sd1", False), ("sd2", True)):
+        torch.manual_seed(0)
+        unet = UNet(dataclasses.replace(LORA_UNET, use_linear_projection=linear)).eval()
+        by_family[family] = {"unet": unet, "text_encoder": models.text_encoder}
+    return by_family, models.tokenizer
+
+
+def part_output(models, part, tokenizer):
+    if part == "text_encoder":
+        ids = tokenizer(["a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        with torch.no_grad():
+            return models["text_encoder"](ids)[0]
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 32, 32, generator=generator)
+    with torch.no_grad():
+        return models["unet"](latents, torch.tensor([500]), torch.randn(1, 77, 64, generator=generator))
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_a_lora_on_one_layer_changes_the_output_fused_or_not(kind, micro_by_family, tmp_path, monkeypatch):
+    """Each kind alone changes its network's output, unfused as fused. The U-Net's fast paths run at the
+    32x32 latents used here: sub-pixel upsampling from 16x16 (its threshold lowered) and convs sliced in
+    16 channels (see the 512px test for the real thresholds)."""
+    from ldm.models import unet as unet_module
+
+    monkeypatch.setattr(unet_module, "SUBPIXEL_MIN_PIXELS", 16 * 16)
+    monkeypatch.setattr(unet_module, "SLICED_CONV_CHANNELS", 16)
+    family, part, name = LAYER_KINDS[kind]
+    by_family, tokenizer = micro_by_family
+    base = by_family[family]
+    pair = random_pair(adaptable_modules(base[part])[name], 2, torch.Generator().manual_seed(0))
+    before = part_output(base, part, tokenizer)
+    for layout in ("kohya", "peft"):
+        path = write_lora(tmp_path / f"{layout}.safetensors", {(part, name): pair}, layout)
+        unfused, fused = copy.deepcopy(base), copy.deepcopy(base)
+        apply_lora(unfused["unet"], unfused["text_encoder"], path)
+        apply_lora(fused["unet"], fused["text_encoder"], path, fuse=True)
+        after = part_output(unfused, part, tokenizer)
+        assert (after - before).abs().max() > 1e-3, layout
+        assert torch.allclose(after, part_output(fused, part, tokenizer), atol=1e-5), layout
