@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,54 @@ def test_parse_lora_argument():
     assert parse_lora_argument("style.safetensors") == (Path("style.safetensors"), 1.0)
     assert parse_lora_argument("dir/style.safetensors:0.6")[1] == 0.6
     assert parse_lora_argument("C:/x/style.safetensors")[0].name == "style.safetensors"
+    assert parse_lora_argument("C:/x/style.safetensors:-0.5") == (Path("C:/x/style.safetensors"), -0.5)
+    for text, scale in (("style.safetensors:abc", "'abc'"), ("style.safetensors:", "''")):
+        with pytest.raises(InputError, match=f"--lora {text}: scale {scale} is not a number"):
+            parse_lora_argument(text)
+
+
+def test_a_colon_in_an_existing_file_name_is_no_scale(tmp_path):
+    path = tmp_path / "style:v2.safetensors"
+    path.write_bytes(b"")
+    assert parse_lora_argument(str(path)) == (path, 1.0)
+    assert parse_lora_argument(f"{path}:0.5") == (path, 0.5)
+
+
+@pytest.mark.parametrize(
+    "argument, message",
+    [
+        ("{lora}:abc", "scale 'abc' is not a number"),
+        ("{lora}:inf", "LoRA scale inf for .* is not a finite number"),
+        ("{tmp}", "is a folder, not a LoRA file"),
+        ("{tmp}/missing.safetensors:0.5", "LoRA file .*missing.safetensors does not exist"),
+    ],
+)
+def test_cli_lora_argument_errors_are_one_line(argument, message, lora_file, tmp_path, capsys):
+    from ldm.cli import main
+
+    path, _ = lora_file
+    argument = argument.format(lora=path, tmp=tmp_path)
+    assert main(["txt2img", "a cat", "--model", str(tmp_path), "--lora", argument, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert re.search(f"^ldm txt2img: error: .*{message}", err)
+
+
+def test_cli_refuses_a_broken_lora_file_before_generating(tmp_path, capsys):
+    from test_training_support import save_micro_model
+
+    from ldm.cli import main
+
+    model = save_micro_model(tmp_path / "model")
+    path = tmp_path / "nan.safetensors"
+    save_file(with_value(DOWN, float("nan")), str(path))
+    out = tmp_path / "out"
+    argv = ["txt2img", "a cat", "--model", str(model), "--lora", f"{path}:0.8", "--steps", "1", "--out", str(out), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"ldm txt2img: error: {path}: key '{DOWN}' holds NaN or infinite values" in err
+    assert not out.exists()
 
 
 # --- LoRA on every layer kind, fused and unfused ----------------------------------------------------------
@@ -370,3 +419,102 @@ def test_a_lora_on_one_layer_changes_the_output_fused_or_not(kind, micro_by_fami
         after = part_output(unfused, part, tokenizer)
         assert (after - before).abs().max() > 1e-3, layout
         assert torch.allclose(after, part_output(fused, part, tokenizer), atol=1e-5), layout
+
+
+# --- Broken files and scales are refused before any model changes -------------------------------------------
+
+Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"  # a (32, 32) Linear of the micro U-Net
+DOWN, UP, ALPHA = f"{Q}.lora_down.weight", f"{Q}.lora_up.weight", f"{Q}.alpha"
+PEFT_Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"
+MISSING = "lora_unet_no_such_block_to_q"
+GOOD = {"lora_unet_conv_in.lora_down.weight": torch.ones(2, 4, 3, 3), "lora_unet_conv_in.lora_up.weight": torch.ones(32, 2, 1, 1)}
+
+
+def q_pair(down=(2, 32), up=(32, 2), **alpha):
+    return {DOWN: torch.ones(down), UP: torch.ones(up), **{ALPHA: value for value in alpha.values()}}
+
+
+def with_value(key, value):
+    tensors = q_pair()
+    tensors[key] = tensors[key].clone()
+    tensors[key][0, 0] = value
+    return tensors
+
+
+# name: (tensors besides GOOD's valid module, error, message, the key it names)
+BROKEN_FILES = {
+    "ranks disagree": (q_pair(up=(32, 3)), CheckpointError, "has rank 3 but .* has rank 2", UP),
+    "rank 0": (q_pair(down=(0, 32), up=(32, 0)), CheckpointError, "has rank 0", DOWN),
+    "alpha of two numbers": (q_pair(alpha=torch.tensor([1.0, 2.0])), CheckpointError, "holds 2 values; alpha must be one number", ALPHA),
+    "boolean alpha": (q_pair(alpha=torch.tensor(True)), CheckpointError, "torch.bool alpha", ALPHA),
+    "infinite alpha": (q_pair(alpha=torch.tensor(float("inf"))), CheckpointError, "alpha = inf", ALPHA),
+    "NaN alpha": (q_pair(alpha=torch.tensor(float("nan"))), CheckpointError, "alpha = nan", ALPHA),
+    "NaN weight": (with_value(DOWN, float("nan")), CheckpointError, "NaN or infinite", DOWN),
+    "infinite weight": (with_value(UP, float("-inf")), CheckpointError, "NaN or infinite", UP),
+    "integer weight": ({**q_pair(), UP: torch.ones(32, 2, dtype=torch.int64)}, CheckpointError, "torch.int64 values", UP),
+    "1-D weight": ({**q_pair(), DOWN: torch.ones(64)}, CheckpointError, "2-D or 4-D", DOWN),
+    "no up weight": ({DOWN: torch.ones(2, 32)}, CheckpointError, "no LoRA up weight", DOWN),
+    "module does not exist": (
+        {f"{MISSING}.lora_down.weight": torch.ones(2, 32), f"{MISSING}.lora_up.weight": torch.ones(32, 2)},
+        CheckpointError, "does not exist in the unet", f"{MISSING}.lora_down.weight",
+    ),
+    "in features do not fit": (q_pair(down=(2, 48)), CheckpointError, r"do not fit the weight \(32, 32\)", DOWN),
+    "out features do not fit": (q_pair(up=(48, 2)), CheckpointError, "do not fit the weight", DOWN),
+    "3x3 LoRA on a Linear": (q_pair(down=(2, 32, 3, 3), up=(32, 2, 1, 1)), CheckpointError, "do not fit the weight", DOWN),
+    "one module twice": ({**q_pair(), PEFT_Q: torch.ones(2, 32)}, CheckpointError, "adapts the same module as", PEFT_Q),
+    "LoHa key": ({**q_pair(), f"{Q}.hada_w1_a": torch.ones(2, 32)}, CheckpointError, "not a LoRA down or up weight", f"{Q}.hada_w1_a"),
+    "peft key of another kind": (
+        {"unet.conv_in.lora_magnitude_vector": torch.ones(32)},
+        CheckpointError, "not a LoRA down or up weight", "unet.conv_in.lora_magnitude_vector",
+    ),
+    "not a LoRA": ({"model.diffusion_model.out.2.weight": torch.ones(2)}, CheckpointError, "neither kohya", "model.diffusion_model.out.2.weight"),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def micro_unet_and_clip():
+    models = micro_models()
+    return models.unet, models.text_encoder
+
+
+@pytest.mark.parametrize("case", BROKEN_FILES)
+def test_broken_files_are_one_line_errors_and_change_nothing(case, micro_unet_and_clip, tmp_path):
+    tensors, error, message, key = BROKEN_FILES[case]
+    path = tmp_path / "broken.safetensors"
+    save_file({**GOOD, **tensors}, str(path))
+    unet, text_encoder = micro_unet_and_clip
+    before = {name: value.clone() for name, value in unet.state_dict().items()}
+    for fuse in (False, True):
+        with pytest.raises(error, match=message) as raised:
+            apply_lora(unet, text_encoder, path, fuse=fuse)
+        text = str(raised.value)
+        assert "\n" not in text and str(path) in text and repr(key) in text
+    # GOOD's valid module was neither fused nor wrapped: the file was refused as a whole.
+    assert set(unet.state_dict()) == set(before)
+    assert all(torch.equal(value, before[name]) for name, value in unet.state_dict().items())
+
+
+def test_empty_file_and_folder_are_named_as_such(micro_unet_and_clip, tmp_path):
+    unet, text_encoder = micro_unet_and_clip
+    save_file({}, str(tmp_path / "empty.safetensors"))
+    with pytest.raises(CheckpointError, match=r"empty.safetensors holds no tensors; it is empty$"):
+        apply_lora(unet, text_encoder, tmp_path / "empty.safetensors")
+    with pytest.raises(InputError, match="is a folder, not a LoRA file"):
+        apply_lora(unet, text_encoder, tmp_path)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), float("-inf")])
+def test_a_scale_that_is_not_finite_is_refused(scale, micro_unet_and_clip, lora_file):
+    from ldm.pipeline import Pipeline
+
+    path, _ = lora_file
+    unet, text_encoder = micro_unet_and_clip
+    for fuse in (False, True):
+        with pytest.raises(InputError, match=f"LoRA scale {scale} for .* is not a finite number"):
+            apply_lora(unet, text_encoder, path, scale=scale, fuse=fuse)
+    models = micro_models()
+    pipe = Pipeline(models.unet, models.vae, models.text_encoder, models.tokenizer, models.scheduler_config)
+    with pytest.raises(InputError, match="not a finite number"):
+        pipe.load_lora(path, scale=scale)
+    with pytest.raises(InputError, match="not a finite number"):
+        parse_lora_argument(f"style.safetensors:{scale}")
