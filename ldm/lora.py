@@ -20,6 +20,7 @@ dots replaced by underscores::
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -39,6 +40,9 @@ from ldm.io import atomic_write
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+# The key endings of a module's tensors: kohya's after the first dot, diffusers-peft's at the end.
+KOHYA_KINDS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+PEFT_KINDS = {".lora_A.weight": "down", ".lora_B.weight": "up"}
 TRAINING_ADAPTER = "ldm"
 
 
@@ -47,6 +51,7 @@ class LoraWeights:
     down: torch.Tensor  # (rank, in, ...) : lora_A
     up: torch.Tensor  # (out, rank, ...) : lora_B
     alpha: float
+    key: str  # the down weight's key in the file, named in errors
 
     @property
     def rank(self) -> int:
@@ -109,39 +114,99 @@ def save_lora(path: str | os.PathLike, unet: nn.Module, text_encoder: nn.Module 
 
 
 def read_lora(path: str | os.PathLike) -> dict[tuple[str, str], LoraWeights]:
-    """``{(part, flat_name): LoraWeights}`` from a kohya or diffusers-peft file; ``flat_name`` has ``_`` for ``.``."""
+    """``{(part, flat_name): LoraWeights}`` from a kohya or diffusers-peft file; ``flat_name`` has ``_`` for ``.``.
+
+    Every tensor is checked here, before any model is touched: a broken file is a ``CheckpointError``
+    naming the file and the key, not a crash or NaN images later.
+    """
     path = Path(path)
+    modules: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = {}
+    for key, tensor in _load_tensors(path).items():
+        part, flat, kind = _parse_key(path, key)
+        found = modules.setdefault((part, flat), {})
+        if kind in found:
+            raise CheckpointError(f"{path}: key {key!r} adapts the same module as {found[kind][0]!r}; keep one of them")
+        found[kind] = (key, tensor)
+    return {module: _lora_weights(path, found) for module, found in modules.items()}
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if path.is_dir():
+        raise InputError(f"LoRA path {path} is a folder, not a LoRA file; give the .safetensors file in it")
     if not path.is_file():
         raise InputError(f"LoRA file {path} does not exist; check the path")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"cannot read LoRA file {path} ({error}); it must be a .safetensors file") from None
-    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        part, flat, kind = _parse_key(key)
-        if part is None:
-            raise CheckpointError(f"{path}: key {key!r} is neither kohya (lora_unet_/lora_te_) nor diffusers (unet./text_encoder.) LoRA format")
-        parts.setdefault((part, flat), {})[kind] = tensor
-    weights = {}
-    for (part, flat), found in parts.items():
-        if "down" not in found or "up" not in found:
-            raise CheckpointError(f"{path}: LoRA module {flat} lacks its down or up weight; the file is incomplete")
-        alpha = float(found["alpha"]) if "alpha" in found else float(found["down"].shape[0])
-        weights[(part, flat)] = LoraWeights(found["down"], found["up"], alpha)
-    return weights
+    if not tensors:
+        raise CheckpointError(f"LoRA file {path} holds no tensors; it is empty")
+    return tensors
 
 
-def _parse_key(key: str) -> tuple[str | None, str, str]:
+def _parse_key(path: Path, key: str) -> tuple[str, str, str]:
+    """``(part, flat module name, "down" | "up" | "alpha")`` of a kohya or peft key."""
+    part, module, kind = _split_key(key)
+    if part is None:
+        raise CheckpointError(
+            f"{path}: key {key!r} is neither kohya (lora_unet_/lora_te_) nor diffusers (unet./text_encoder.) LoRA format"
+        )
+    if kind is None:
+        raise CheckpointError(
+            f"{path}: key {key!r} is not a LoRA down or up weight or alpha (LoHa, LoKr and DoRA files are not supported)"
+        )
+    return part, module, kind
+
+
+def _split_key(key: str) -> tuple[str | None, str, str | None]:
     for part, prefix in PREFIXES.items():
         if key.startswith(prefix):
             module, _, kind = key[len(prefix):].partition(".")
-            return part, module, {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(kind, kind)
+            return part, module, KOHYA_KINDS.get(kind)
     for part in PREFIXES:
-        for suffix, kind in ((".lora_A.weight", "down"), (".lora_B.weight", "up")):
-            if key.startswith(part + ".") and key.endswith(suffix):
-                return part, key[len(part) + 1:-len(suffix)].replace(".", "_"), kind
-    return None, "", ""
+        if key.startswith(part + "."):
+            for suffix, kind in PEFT_KINDS.items():
+                if key.endswith(suffix):
+                    return part, _flat_name(part, key[len(part) + 1:-len(suffix)]), kind
+            return part, "", None
+    return None, "", None
+
+
+def _lora_weights(path: Path, found: dict[str, tuple[str, torch.Tensor]]) -> LoraWeights:
+    """One module's down, up and alpha, each checked: present, floating point, finite, ranks that agree."""
+    for kind in ("down", "up"):
+        if kind not in found:
+            key = next(iter(found.values()))[0]
+            raise CheckpointError(f"{path}: key {key!r} has no LoRA {kind} weight beside it; the file is incomplete")
+    (down_key, down), (up_key, up) = found["down"], found["up"]
+    for key, tensor in (found["down"], found["up"]):
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{path}: key {key!r} holds {tensor.dtype} values, not floating-point weights")
+        if tensor.dim() not in (2, 4):
+            raise CheckpointError(f"{path}: key {key!r} has shape {tuple(tensor.shape)}; LoRA weights are 2-D or 4-D")
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: key {key!r} holds NaN or infinite values; the file is broken")
+    if down.shape[0] < 1:
+        raise CheckpointError(f"{path}: key {down_key!r} has rank 0; a LoRA needs rank 1 or more")
+    if up.shape[1] != down.shape[0]:
+        raise CheckpointError(
+            f"{path}: key {up_key!r} has rank {up.shape[1]} but {down_key!r} has rank {down.shape[0]}; they must agree"
+        )
+    alpha = _alpha(path, found["alpha"]) if "alpha" in found else float(down.shape[0])
+    return LoraWeights(down, up, alpha, down_key)
+
+
+def _alpha(path: Path, entry: tuple[str, torch.Tensor]) -> float:
+    key, tensor = entry
+    # A boolean would pass as 1.0; it is a writer's bug, not a strength.
+    if tensor.dtype == torch.bool or tensor.is_complex():
+        raise CheckpointError(f"{path}: key {key!r} holds a {tensor.dtype} alpha; it must be one real number")
+    if tensor.numel() != 1:
+        raise CheckpointError(f"{path}: key {key!r} holds {tensor.numel()} values; alpha must be one number")
+    alpha = float(tensor)
+    if not math.isfinite(alpha):
+        raise CheckpointError(f"{path}: key {key!r} is alpha = {alpha}; it must be a finite number")
+    return alpha
 
 
 def _modules_by_flat_name(part: str, model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
@@ -159,22 +224,12 @@ def apply_lora(
 
     ``fuse=True`` adds the low-rank update into the weights (no run-time cost, not removable) and
     returns None; otherwise peft adapter layers are injected and their adapter name is returned.
-    Several files can be applied one after another; all their adapters stay active.
+    Several files can be applied one after another; all their adapters stay active. The whole file
+    is checked before either model is changed, so a refused file leaves them as they were.
     """
-    weights = read_lora(path)
+    check_scale(scale, path)
     models = {"unet": unet, "text_encoder": text_encoder}
-    targets: dict[str, dict[str, LoraWeights]] = {"unet": {}, "text_encoder": {}}
-    lookup = {part: _modules_by_flat_name(part, model) for part, model in models.items() if model is not None}
-    for (part, flat), lora in weights.items():
-        if part not in lookup:
-            raise InputError(f"{path} adapts the text encoder but no text encoder was given")
-        modules = lookup[part]
-        if flat not in modules:
-            raise CheckpointError(f"{path}: LoRA module {flat} does not exist in the {part}; the file is for another architecture")
-        name, module = modules[flat]
-        if lora.up.shape[0] != module.weight.shape[0] or lora.down[0].numel() != module.weight[0].numel():
-            raise CheckpointError(f"{path}: LoRA module {flat} has shapes {tuple(lora.up.shape)} x {tuple(lora.down.shape)}, the weight is {tuple(module.weight.shape)}")
-        targets[part][name] = lora
+    targets = _targets(path, read_lora(path), models)
     if fuse:
         with torch.no_grad():
             for part, loras in targets.items():
@@ -188,6 +243,47 @@ def apply_lora(
         if loras:
             _inject(models[part], loras, adapter, scale)
     return adapter
+
+
+def check_scale(scale: float, path: str | os.PathLike) -> None:
+    """A LoRA strength must be a finite number: NaN or infinity would turn every image into NaN."""
+    if not math.isfinite(scale):
+        raise InputError(f"LoRA scale {scale} for {path} is not a finite number; give one such as 0.8")
+
+
+def _targets(
+    path: str | os.PathLike, weights: dict[tuple[str, str], LoraWeights], models: dict[str, nn.Module | None]
+) -> dict[str, dict[str, LoraWeights]]:
+    """``{part: {module path: LoraWeights}}``; every entry names a Linear or Conv2d whose weight it fits."""
+    targets: dict[str, dict[str, LoraWeights]] = {"unet": {}, "text_encoder": {}}
+    lookup = {part: _modules_by_flat_name(part, model) for part, model in models.items() if model is not None}
+    for (part, flat), lora in weights.items():
+        if part not in lookup:
+            raise InputError(f"{path} adapts the text encoder (key {lora.key!r}) but no text encoder was given")
+        if flat not in lookup[part]:
+            raise CheckpointError(
+                f"{path}: key {lora.key!r} is for a module that does not exist in the {part} ({flat}); "
+                f"the file is for another architecture"
+            )
+        name, module = lookup[part][flat]
+        _check_fit(path, lora, module.weight)
+        targets[part][name] = lora
+    return targets
+
+
+def _check_fit(path: str | os.PathLike, lora: LoraWeights, weight: torch.Tensor) -> None:
+    """up must be (out, rank), down (rank, *weight.shape[1:]); a 1x1 conv and a Linear are interchangeable,
+    since kohya stores a 1x1 conv's LoRA as 4-D and a linear projection's as 2-D."""
+    up, down = _without_1x1(lora.up.shape), _without_1x1(lora.down.shape)
+    if up != (weight.shape[0], lora.rank) or down[1:] != _without_1x1(weight.shape)[1:]:
+        raise CheckpointError(
+            f"{path}: key {lora.key!r} has shapes up {tuple(lora.up.shape)} x down {tuple(lora.down.shape)}, "
+            f"which do not fit the weight {tuple(weight.shape)}"
+        )
+
+
+def _without_1x1(shape: torch.Size) -> tuple[int, ...]:
+    return tuple(shape[:2]) if tuple(shape[2:]) == (1, 1) else tuple(shape)
 
 
 def _free_adapter_name(*models: nn.Module | None) -> str:
@@ -234,11 +330,20 @@ def _inject(model: nn.Module, loras: dict[str, LoraWeights], adapter: str, scale
 
 
 def parse_lora_argument(text: str) -> tuple[Path, float]:
-    """``FILE[:SCALE]`` (the ``--lora`` argument) as ``(path, scale)``; scale defaults to 1."""
+    """``FILE[:SCALE]`` (the ``--lora`` argument) as ``(path, scale)``; scale defaults to 1.
+
+    The tail after the last colon is the scale unless it holds a path separator (``C:/x.safetensors``).
+    A tail that is not a number is an error, unless the whole text names an existing file (a colon
+    in a file name); a scale that is not finite is an error.
+    """
     head, sep, tail = text.rpartition(":")
-    if sep and head:
-        try:
-            return Path(head), float(tail)
-        except ValueError:
-            pass
-    return Path(text), 1.0
+    if not sep or not head or "/" in tail or "\\" in tail:
+        return Path(text), 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        if Path(text).is_file():
+            return Path(text), 1.0
+        raise InputError(f"--lora {text}: scale {tail!r} is not a number; write FILE:SCALE, e.g. style.safetensors:0.8") from None
+    check_scale(scale, head)
+    return Path(head), scale

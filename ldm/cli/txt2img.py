@@ -295,6 +295,8 @@ def lora_argument(text: str) -> tuple[Path, float]:
     from ldm.lora import parse_lora_argument
 
     path, scale = parse_lora_argument(text)
+    if path.is_dir():
+        raise InputError(f"--lora {path} is a folder, not a LoRA file; give the .safetensors file in it")
     if not path.is_file():
         raise InputError(f"LoRA file {path} does not exist (--lora FILE[:SCALE])")
     return path, scale

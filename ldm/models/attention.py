@@ -255,7 +255,10 @@ class GEGLU(nn.Module):
         self.proj = Linear(dim, inner_dim * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
+        # The split product below reads the projection's weight, so it runs only for a plain Linear. An
+        # unfused LoRA wraps the projection in a peft layer (not an nn.Linear) whose update exists only
+        # in its forward: the projection must then be called as a module.
+        if torch.is_grad_enabled() or not isinstance(self.proj, nn.Linear):
             value, gate = self.proj(x).chunk(2, dim=-1)
             return value * F.gelu(gate)
         # Without autograd the gate's and the value's halves of the projection are two products, and

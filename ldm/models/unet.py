@@ -294,7 +294,10 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         doubled = size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1])
-        if doubled and not torch.is_grad_enabled() and x.shape[-2] * x.shape[-1] >= SUBPIXEL_MIN_PIXELS:
+        # The sub-pixel form reads the conv's weight, so it runs only for a plain Conv2d. An unfused LoRA
+        # wraps the conv in a peft layer (not an nn.Conv2d) whose update exists only in its forward.
+        plain = isinstance(self.conv, nn.Conv2d)
+        if plain and doubled and not torch.is_grad_enabled() and x.shape[-2] * x.shape[-1] >= SUBPIXEL_MIN_PIXELS:
             return upsample_conv(self.conv, x)
         if size is None:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
