@@ -39,13 +39,14 @@ def error_line(capsys) -> str:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--resolution", "500"], "--resolution 500 is not a positive multiple of 8"),
+        (["--resolution", "500"], "--resolution must be a positive multiple of 8 (e.g. 512), got 500"),
         (["--lora-alpha", "4"], "--lora-alpha needs --lora-rank"),
         (["--mixed-precision", "fp16"], "needs a CUDA GPU"),
         (["--cache-latents", "--crop", "random"], "--cache-latents needs a fixed crop"),
         (["--sample-every", "10"], "needs at least one --sample-prompt"),
         (["--cache-text-embeddings", "--train-text-encoder"], "needs a frozen text encoder"),
-        (["--max-steps", "0"], "max_steps must be at least 1"),
+        (["--max-steps", "0"], "--max-steps must be at least 1, got 0"),
+        (["--lora-rank", "0"], "--lora-rank must be at least 1, got 0"),
         (["--resume", "latest"], "holds no checkpoint"),
     ],
 )
@@ -55,6 +56,36 @@ def test_bad_settings_fail_before_the_model_is_loaded(extra, message, data_folde
     # The model path does not exist: an error about it would mean the settings were checked too late.
     assert finetune(*extra, model=tmp_path / "no-model", data=data_folder, output=tmp_path / "out") == 2
     assert message in error_line(capsys)
+
+
+# (flag, a finite value out of its range, other flags it needs)
+FLOAT_FLAGS = [
+    ("--caption-dropout", "1.5", []),
+    ("--learning-rate", "0", []),
+    ("--text-encoder-learning-rate", "-1e-5", []),
+    ("--adam-beta1", "1", []),
+    ("--adam-beta2", "-0.1", []),
+    ("--weight-decay", "-0.01", []),
+    ("--adam-epsilon", "0", []),
+    ("--max-grad-norm", "-1", []),
+    ("--min-snr-gamma", "0", []),
+    ("--noise-offset", "-0.05", []),
+    ("--ema-decay", "1", []),
+    ("--lora-alpha", "0", ["--lora-rank", "2"]),
+    ("--sample-guidance-scale", "-1", []),
+]
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf", "out of range"])
+@pytest.mark.parametrize(("option", "out_of_range", "extra"), FLOAT_FLAGS)
+def test_every_float_option_is_finite_and_in_range(option, out_of_range, extra, bad, data_folder, tmp_path, capsys):
+    value = out_of_range if bad == "out of range" else bad
+    # --flag=value: argparse would take a separate "-inf" for an option.
+    code = finetune(f"{option}={value}", *extra, model=tmp_path / "no-model", data=data_folder, output=tmp_path / "out")
+    assert code == 2
+    line = error_line(capsys)
+    assert f"ldm finetune: error: {option} must be a finite number" in line, line
+    assert "_" not in line.split("error: ")[1].split(" must")[0]
 
 
 def test_bad_data_fails_before_the_model_is_loaded(tmp_path, capsys):

@@ -199,7 +199,7 @@ def test_caption_dropout_rate_and_determinism(tmp_path):
     assert 0.22 < dropped < 0.38
     assert set(captions) == {"", "a red square"}
     assert captions == [dataset[(epoch, 0)]["caption"] for epoch in range(400)]
-    with pytest.raises(ConfigError, match="caption-dropout"):
+    with pytest.raises(ConfigError, match="caption_dropout"):
         DataConfig(caption_dropout=1.5)
 
 

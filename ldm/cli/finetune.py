@@ -15,7 +15,10 @@ import argparse
 from pathlib import Path
 
 from ldm.errors import ConfigError
-from ldm.training.config import DataConfig, TrainConfig
+from ldm.training.config import DataConfig, SettingError, TrainConfig
+
+# Settings whose flag is not "--" + the field name with dashes.
+FLAGS = {"log_format": "--log", "sample_prompts": "--sample-prompt", "buckets": "--no-buckets"}
 
 
 def register(sub) -> None:
@@ -79,7 +82,20 @@ def register(sub) -> None:
     parser.set_defaults(run=run)
 
 
+def flag(field: str) -> str:
+    """The command-line flag of a ``DataConfig`` / ``TrainConfig`` field."""
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
 def configs_from_args(args: argparse.Namespace) -> tuple[DataConfig, TrainConfig]:
+    """Both configs, checked; an invalid setting is reported by its flag, not its field name."""
+    try:
+        return build_configs(args)
+    except SettingError as error:
+        raise ConfigError(error.worded(flag)) from None
+
+
+def build_configs(args: argparse.Namespace) -> tuple[DataConfig, TrainConfig]:
     data = DataConfig(
         resolution=args.resolution,
         crop=args.crop,
