@@ -98,6 +98,23 @@ def test_bad_data_fails_before_the_model_is_loaded(tmp_path, capsys):
     assert "have no caption (e.g. a.png)" in error_line(capsys)
 
 
+def test_skipped_images_are_one_plain_warning_line_and_bad_captions_one_error_line(data_folder, tmp_path, capsys):
+    import shutil
+
+    data = shutil.copytree(data_folder, tmp_path / "data")
+    (data / "broken.png").write_bytes(b"not an image")
+    (data / "broken.txt").write_text("zqx")
+    assert finetune(model=tmp_path / "no-model", data=data, output=tmp_path / "out") == 2  # stops at the model
+    warning, error = capsys.readouterr().err.strip().splitlines()
+    assert warning == "ldm finetune: warning: skipped 1 of 5 images: 1 unreadable or truncated (e.g. broken.png)"
+    assert "no-model does not exist" in error
+    (data / "broken.png").unlink()
+    (data / "0-0.txt").write_bytes(b"zqx \xc3(")
+    assert finetune(model=tmp_path / "no-model", data=data, output=tmp_path / "out") == 2
+    line = error_line(capsys)
+    assert line.startswith("ldm finetune: error: ") and line.endswith("0-0.txt line 1 is not valid UTF-8 (byte 0xc3); save it as UTF-8")
+
+
 def test_full_finetune_writes_a_model_txt2img_loads(micro_folder, data_folder, tmp_path, capsys):
     from ldm.loading import load_components
     from ldm.pipeline import Pipeline

@@ -47,6 +47,24 @@ def test_txt_captions_and_metadata_jsonl(tmp_path):
     assert {e.path.name: e.caption for e in examples} == {"a.png": "red square", "b.jpg": "blue square"}
 
 
+def test_invalid_utf8_in_a_caption_file_is_refused_naming_file_and_line(tmp_path):
+    write(tmp_path, "a.png", solid(), None)
+    (tmp_path / "a.txt").write_bytes(b"a red\nsquare \xff\n")
+    with pytest.raises(InputError, match=r"a\.txt line 2 is not valid UTF-8 \(byte 0xff\); save it as UTF-8$"):
+        scan_folder(tmp_path, DataConfig(resolution=32))
+    (tmp_path / "a.txt").write_text("a red square \u00e9", encoding="utf-8")
+    assert scan_quietly(tmp_path, DataConfig(resolution=32))[0].caption == "a red square \u00e9"
+
+
+def test_invalid_utf8_in_metadata_jsonl_is_refused_naming_the_line(tmp_path):
+    write(tmp_path, "a.png", solid(), None)
+    write(tmp_path, "b.png", solid(), None)
+    rows = [json.dumps({"file_name": "a.png", "text": "fine"}).encode(), b'{"file_name": "b.png", "text": "caf\xe9"}']
+    (tmp_path / "metadata.jsonl").write_bytes(b"\n".join(rows) + b"\n")
+    with pytest.raises(InputError, match=r"metadata\.jsonl line 2 is not valid UTF-8 \(byte 0xe9\)"):
+        scan_folder(tmp_path, DataConfig(resolution=32))
+
+
 def test_metadata_caption_column_and_bad_line(tmp_path):
     write(tmp_path, "a.png", solid(), None)
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "prompt": "p"}) + "\n")

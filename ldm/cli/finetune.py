@@ -12,6 +12,8 @@ loaded. The result is ``OUT/model`` (a diffusers folder for ``ldm txt2img --mode
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 from pathlib import Path
 
 from ldm.errors import ConfigError
@@ -145,6 +147,22 @@ def build_configs(args: argparse.Namespace) -> tuple[DataConfig, TrainConfig]:
     return data, config
 
 
+def scan_data(folder: Path, config: DataConfig) -> list:
+    """``scan_folder``, its ``DataWarning``s shown as one plain line each (not Python's warning format,
+    which adds a source file, line number and code line that mean nothing to a user)."""
+    from ldm.training import DataWarning, scan_folder
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        examples = scan_folder(folder, config)
+    for warning in caught:
+        if issubclass(warning.category, DataWarning):
+            print(f"ldm finetune: warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return examples
+
+
 def result_path(output: Path, config: TrainConfig) -> Path:
     return output / ("lora.safetensors" if config.lora else "model")
 
@@ -155,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ldm.loading import Components, load_components, save_diffusers
     from ldm.lora import save_lora
-    from ldm.training import ImageCaptionDataset, scan_folder, train
+    from ldm.training import ImageCaptionDataset, train
     from ldm.training.checkpoint import list_checkpoints, resolve_resume
 
     data_config, config = configs_from_args(args)
@@ -168,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.output} already holds checkpoints; pass --resume latest or choose another --output")
     if args.resume is not None:
         resolve_resume(args.output, args.resume)
-    examples = scan_folder(args.data, data_config)
+    examples = scan_data(args.data, data_config)
     dataset = ImageCaptionDataset(examples, data_config, seed=config.seed)
 
     components = load_components(args.model, prediction_type=args.prediction_type)

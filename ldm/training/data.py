@@ -64,12 +64,23 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def read_text(path: Path) -> str:
+    """A caption file as text. Invalid UTF-8 is refused, naming the file and line: replacing the bytes
+    would train on captions the user never wrote, and guessing another encoding can be silently wrong."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise InputError(f"{path} line {line} is not valid UTF-8 (byte 0x{data[error.start]:02x}); save it as UTF-8") from None
+
+
 def _read_metadata(folder: Path, column: str) -> dict[Path, str]:
     captions: dict[Path, str] = {}
     path = folder / "metadata.jsonl"
     if not path.is_file():
         return captions
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -140,7 +151,7 @@ def scan_folder(folder: str | Path, config: DataConfig) -> list[Example]:
         caption = metadata.get(path.resolve())
         text_file = path.with_suffix(".txt")
         if caption is None and text_file.is_file():
-            caption = text_file.read_text(encoding="utf-8").strip()
+            caption = read_text(text_file).strip()
         if caption is None:
             if not config.allow_empty_captions:
                 uncaptioned.append(path)
