@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 import torch
@@ -25,9 +26,9 @@ def data_folder(tmp_path_factory):
     return colour_folder(tmp_path_factory.mktemp("data"), COLOURS, per_caption=2)
 
 
-def finetune(*extra: str, model, data, output) -> int:
-    return main(["finetune", "--model", str(model), "--data", str(data), "--output", str(output), "--resolution", "32",
-                 "--no-progress", *extra])
+def finetune(*extra: str, model, data, output, resolution: str | None = "32") -> int:
+    size = [] if resolution is None else ["--resolution", resolution]
+    return main(["finetune", "--model", str(model), "--data", str(data), "--output", str(output), *size, "--no-progress", *extra])
 
 
 def error_line(capsys) -> str:
@@ -99,8 +100,6 @@ def test_bad_data_fails_before_the_model_is_loaded(tmp_path, capsys):
 
 
 def test_skipped_images_are_one_plain_warning_line_and_bad_captions_one_error_line(data_folder, tmp_path, capsys):
-    import shutil
-
     data = shutil.copytree(data_folder, tmp_path / "data")
     (data / "broken.png").write_bytes(b"not an image")
     (data / "broken.txt").write_text("zqx")
@@ -113,6 +112,39 @@ def test_skipped_images_are_one_plain_warning_line_and_bad_captions_one_error_li
     assert finetune(model=tmp_path / "no-model", data=data, output=tmp_path / "out") == 2
     line = error_line(capsys)
     assert line.startswith("ldm finetune: error: ") and line.endswith("0-0.txt line 1 is not valid UTF-8 (byte 0xc3); save it as UTF-8")
+
+
+def test_defaults_are_the_models_native_size_and_its_sampling_settings(micro_folder, data_folder, tmp_path, capsys):
+    import numpy as np
+
+    from ldm.pipeline import Pipeline
+
+    model = shutil.copytree(micro_folder, tmp_path / "model")
+    (model / "generation_config.json").write_text(json.dumps({"guidance_scale": 2.0, "num_inference_steps": 3}))
+    out = tmp_path / "run"
+    code = finetune("--max-steps", "1", "--sample-every", "1", "--sample-prompt", "zqx", model=model, data=data_folder,
+                    output=out, resolution=None)
+    assert code == 0, capsys.readouterr().err
+    assert "warning" not in capsys.readouterr().err  # 32 px images at the micro model's native 4 latents x 8 = 32 px
+    with Image.open(out / "samples" / "step-000001-0.png") as sample:
+        rendered = np.asarray(sample.convert("RGB"))
+    assert rendered.shape == (32, 32, 3)
+    # The weights after step 1 are the result's: the sample is what they give at the model's 3 steps, guidance 2.
+    pipe = Pipeline.from_pretrained(out / "model")
+    expected = np.asarray(pipe("zqx", num_inference_steps=3, guidance_scale=2.0, width=32, height=32, seed=0).images[0])
+    assert np.array_equal(rendered, expected)
+    txt2img_default = np.asarray(pipe("zqx", num_inference_steps=20, guidance_scale=7.5, width=32, height=32, seed=0).images[0])
+    assert not np.array_equal(rendered, txt2img_default)
+
+
+def test_images_resized_more_than_twice_are_one_warning_line(data_folder, tmp_path, capsys):
+    assert finetune(model=tmp_path / "no-model", data=data_folder, output=tmp_path / "out", resolution="128") == 2
+    warning, error = capsys.readouterr().err.strip().splitlines()
+    assert warning == ("ldm finetune: warning: 4 of 4 images are resized by more than 2x to train at 128 px "
+                       "(e.g. 0-0.png: 32x32 enlarged 4x); if that is not intended, set --resolution")
+    assert "no-model does not exist" in error
+    assert finetune(model=tmp_path / "no-model", data=data_folder, output=tmp_path / "out", resolution="64") == 2
+    assert "warning" not in capsys.readouterr().err  # exactly 2x is a usual upscale
 
 
 def test_full_finetune_writes_a_model_txt2img_loads(micro_folder, data_folder, tmp_path, capsys):

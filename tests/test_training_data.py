@@ -239,3 +239,16 @@ def test_batches_share_a_bucket_and_split_between_ranks(tmp_path):
     assert sorted(i for b in single for _, i in b) == list(range(9))
     assert BucketBatches(examples, 2, seed=0).epoch(1) != single  # reshuffled every epoch
     assert BucketBatches(examples, 2, seed=0).epoch(0, start=2) == single[2:]
+
+
+def test_images_resized_by_more_than_2x_are_counted_in_one_warning(tmp_path):
+    write(tmp_path, "big.png", solid((128, 128)))
+    write(tmp_path, "fine.png", solid((64, 64)))
+    with pytest.warns(DataWarning) as caught:
+        scan_folder(tmp_path, DataConfig(resolution=32))
+    assert [str(w.message) for w in caught] == [
+        "1 of 2 images are resized by more than 2x to train at 32 px (e.g. big.png: 128x128 shrunk 4x); "
+        "if that is not intended, set --resolution"
+    ]
+    with pytest.raises(ConfigError, match="resolution is None"):
+        scan_folder(tmp_path, DataConfig(resolution=None))

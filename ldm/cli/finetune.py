@@ -4,14 +4,15 @@
     accelerate launch --multi_gpu --num_processes 2 -m ldm finetune ...     # DDP on several GPUs, same options
     accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 -m ldm finetune ...   # sharded (FSDP2, GPUs)
 
-Everything the user can get wrong (settings, data, output folder) is checked before the model is
-loaded. The result is ``OUT/model`` (a diffusers folder for ``ldm txt2img --model`` and
+Everything the user can get wrong (settings, output folder, and data when ``--resolution`` is given)
+is checked before the model is loaded; the default resolution is the model's native size. The result is ``OUT/model`` (a diffusers folder for ``ldm txt2img --model`` and
 ``Pipeline.from_pretrained``) or ``OUT/lora.safetensors`` (for ``--lora`` / ``Pipeline.load_lora``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import warnings
 from pathlib import Path
@@ -34,7 +35,7 @@ def register(sub) -> None:
     io.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample"), help="override the model's")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--resolution", type=int, default=512, help="training size in pixels (multiple of 8)")
+    data.add_argument("--resolution", type=int, help="training size in pixels (multiple of 8; default: the model's native size)")
     data.add_argument("--crop", choices=("center", "random"), default="center")
     data.add_argument("--random-flip", action="store_true", help="mirror images left-right at random")
     data.add_argument("--no-buckets", action="store_true", help="crop everything square instead of aspect-ratio buckets")
@@ -78,8 +79,8 @@ def register(sub) -> None:
     out.add_argument("--log-every", type=int, default=1)
     out.add_argument("--sample-every", type=int, help="render --sample-prompt images every N steps")
     out.add_argument("--sample-prompt", action="append", default=[], help="repeatable")
-    out.add_argument("--sample-steps", type=int, default=20)
-    out.add_argument("--sample-guidance-scale", type=float, default=7.5)
+    out.add_argument("--sample-steps", type=int, help="default: the model's (generation_config.json), else 25")
+    out.add_argument("--sample-guidance-scale", type=float, help="default: the model's (generation_config.json), else 7.5")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
@@ -98,6 +99,10 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataConfig, TrainConfig
 
 
 def build_configs(args: argparse.Namespace) -> tuple[DataConfig, TrainConfig]:
+    from ldm.pipeline import GenerationDefaults
+
+    # Samples are rendered as txt2img would render the model: its own recommended steps and guidance.
+    sample_steps, sample_guidance = GenerationDefaults.of_model(Path(args.model)).fill(args.sample_steps, args.sample_guidance_scale)
     data = DataConfig(
         resolution=args.resolution,
         crop=args.crop,
@@ -138,8 +143,8 @@ def build_configs(args: argparse.Namespace) -> tuple[DataConfig, TrainConfig]:
         checkpoints_total_limit=args.checkpoints_total_limit,
         sample_every=args.sample_every,
         sample_prompts=tuple(args.sample_prompt),
-        sample_steps=args.sample_steps,
-        sample_guidance_scale=args.sample_guidance_scale,
+        sample_steps=sample_steps,
+        sample_guidance_scale=sample_guidance,
         log_every=args.log_every,
         log_format=args.log,
         num_workers=args.num_workers,
@@ -161,6 +166,11 @@ def scan_data(folder: Path, config: DataConfig) -> list:
         else:
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     return examples
+
+
+def native_resolution(components) -> int:
+    """The image size the model was trained at: the U-Net's latent size times the VAE's downsampling."""
+    return components.unet.config.sample_size * components.vae.config.downsample_factor
 
 
 def result_path(output: Path, config: TrainConfig) -> Path:
@@ -186,10 +196,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.output} already holds checkpoints; pass --resume latest or choose another --output")
     if args.resume is not None:
         resolve_resume(args.output, args.resume)
-    examples = scan_data(args.data, data_config)
-    dataset = ImageCaptionDataset(examples, data_config, seed=config.seed)
-
+    # A given --resolution lets the data be checked before the (slow) model load; the default, the
+    # model's native size, is known only once the model is read.
+    examples = scan_data(args.data, data_config) if data_config.resolution is not None else None
     components = load_components(args.model, prediction_type=args.prediction_type)
+    if examples is None:
+        data_config = dataclasses.replace(data_config, resolution=native_resolution(components))
+        examples = scan_data(args.data, data_config)
+    dataset = ImageCaptionDataset(examples, data_config, seed=config.seed)
     result = train(components, dataset, config, args.output, resume=args.resume, show_progress=not args.no_progress)
     if not result.is_main_process:
         return 0

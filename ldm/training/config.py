@@ -63,7 +63,7 @@ def _interval(low: float, high: float, open_low: bool, open_high: bool) -> str:
 
 @dataclass(frozen=True)
 class DataConfig:
-    resolution: int = 512  # pixels; the area of every training image is about resolution**2
+    resolution: int | None = 512  # pixels; every training image has about resolution**2 (None: not chosen yet)
     crop: Crop = "center"  # where the crop to the (bucket) size is taken
     random_flip: bool = False  # mirror left-right with probability 1/2
     buckets: bool = True  # aspect-ratio buckets keep non-square images whole instead of cropping them square
@@ -75,7 +75,7 @@ class DataConfig:
     cache_text_embeddings: bool = False  # encode each caption once (only with a frozen text encoder)
 
     def __post_init__(self):
-        if self.resolution <= 0 or self.resolution % 8:
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             raise SettingError(f"{{resolution}} must be a positive multiple of 8 (e.g. 512), got {self.resolution}")
         check_float("caption_dropout", self.caption_dropout, 0.0, 1.0)
         if self.cache_latents and self.crop == "random":
@@ -109,8 +109,8 @@ class TrainConfig:
     checkpoints_total_limit: int | None = None  # keep only the newest K checkpoints
     sample_every: int | None = None  # generate sample images every N steps
     sample_prompts: tuple[str, ...] = ()
-    sample_steps: int = 20  # sampler steps of those images
-    sample_guidance_scale: float = 7.5
+    sample_steps: int | None = None  # sampler steps of those images (None: the pipeline's default)
+    sample_guidance_scale: float | None = None  # None: the pipeline's default; ldm finetune passes the model's own
     log_every: int = 1  # write a log row every N steps
     log_format: LogFormat = "csv"
     num_workers: int = 0  # data-loading worker processes
