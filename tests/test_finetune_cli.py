@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 import shutil
+import signal
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,6 +207,41 @@ def test_lora_finetune_writes_a_file_txt2img_applies(micro_folder, data_folder, 
     assert main(["txt2img", "zqx", "--model", str(micro_folder), "--lora", f"{lora}:0.8", "--steps", "2",
                  "--width", "32", "--height", "32", "--seed", "0", "--out", str(images), "--quiet"]) == 0
     assert len(list(images.glob("*.png"))) == 1
+
+
+def press_ctrl_c_after_the_first_logged_step(output):
+    """From another thread: SIGINT to this process once ``output/log.csv`` has a row (as a terminal's Ctrl-C)."""
+
+    def wait_then_interrupt():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            log = output / "log.csv"
+            if log.exists() and len(log.read_text().splitlines()) >= 2:
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=wait_then_interrupt, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume_in_one_line(micro_folder, data_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    thread = press_ctrl_c_after_the_first_logged_step(out)
+    code = finetune("--max-steps", "2000", "--lora-rank", "2", model=micro_folder, data=data_folder, output=out)
+    thread.join()
+    assert code == 130
+    line = error_line(capsys)
+    match = re.fullmatch(r"ldm finetune: interrupted at step (\d+); saved (\S+); continue with the same options and --resume latest", line)
+    assert match, line
+    step, saved = int(match[1]), Path(match[2])
+    assert 1 <= step < 500 and saved == out / "checkpoints" / f"checkpoint-{step:06d}"
+    assert json.loads((saved / "state.json").read_text())["step"] == step
+    assert not (out / "lora.safetensors").exists()
+    assert finetune("--max-steps", str(step + 1), "--lora-rank", "2", "--resume", "latest",
+                    model=micro_folder, data=data_folder, output=out) == 0
+    assert (out / "lora.safetensors").is_file()
 
 
 def test_settings_are_recorded_in_checkpoints(micro_folder, data_folder, tmp_path):

@@ -1,6 +1,6 @@
 """`ldm finetune`: train a model (full U-Net or LoRA) on a folder of captioned images.
 
-    ldm finetune --model M --data DIR --output OUT [--lora-rank 8] [--checkpointing-steps 500]
+    ldm finetune --model M --data DIR --output OUT [--lora-rank 8] [--checkpointing-steps 500] [--resume latest]
     accelerate launch --multi_gpu --num_processes 2 -m ldm finetune ...     # DDP on several GPUs, same options
     accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 -m ldm finetune ...   # sharded (FSDP2, GPUs)
 
@@ -73,8 +73,10 @@ def register(sub) -> None:
     what.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
 
     out = parser.add_argument_group("checkpoints, log, samples")
-    out.add_argument("--checkpointing-steps", type=int, help="write the full training state every N steps")
-    out.add_argument("--checkpoints-total-limit", type=int, help="keep only the newest K checkpoints")
+    out.add_argument("--checkpointing-steps", type=int, default=500,
+                     help="write the full training state every N steps and at the last one (0: never)")
+    out.add_argument("--checkpoints-total-limit", type=int, default=3,
+                     help="keep only the newest K checkpoints (0: all); a finished run's last one is always kept")
     out.add_argument("--log", choices=("csv", "tensorboard"), default="csv")
     out.add_argument("--log-every", type=int, default=1)
     out.add_argument("--sample-every", type=int, help="render --sample-prompt images every N steps")
@@ -139,8 +141,8 @@ def build_configs(args: argparse.Namespace) -> tuple[DataConfig, TrainConfig]:
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
         text_encoder_learning_rate=args.text_encoder_learning_rate,
-        checkpointing_steps=args.checkpointing_steps,
-        checkpoints_total_limit=args.checkpoints_total_limit,
+        checkpointing_steps=args.checkpointing_steps or None,
+        checkpoints_total_limit=args.checkpoints_total_limit or None,
         sample_every=args.sample_every,
         sample_prompts=tuple(args.sample_prompt),
         sample_steps=sample_steps,
@@ -177,6 +179,12 @@ def result_path(output: Path, config: TrainConfig) -> Path:
     return output / ("lora.safetensors" if config.lora else "model")
 
 
+def interrupted_message(stop, output: Path) -> str:
+    """Where the interrupted run's state is and the option that continues it."""
+    resume = "latest" if stop.checkpoint.parent == output / "checkpoints" else str(stop.checkpoint)
+    return f"interrupted at step {stop.step}; saved {stop.checkpoint}; continue with the same options and --resume {resume}"
+
+
 def run(args: argparse.Namespace) -> int:
     # Heavy imports after argument parsing keep `ldm --help` and the other commands fast.
     import torch
@@ -184,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
     from ldm.loading import Components, load_components, save_diffusers
     from ldm.lora import save_lora
     from ldm.training import ImageCaptionDataset, train
+    from ldm.training.interrupt import TrainingInterrupted
     from ldm.training.checkpoint import list_checkpoints, resolve_resume
 
     data_config, config = configs_from_args(args)
@@ -204,7 +213,11 @@ def run(args: argparse.Namespace) -> int:
         data_config = dataclasses.replace(data_config, resolution=native_resolution(components))
         examples = scan_data(args.data, data_config)
     dataset = ImageCaptionDataset(examples, data_config, seed=config.seed)
-    result = train(components, dataset, config, args.output, resume=args.resume, show_progress=not args.no_progress)
+    try:
+        result = train(components, dataset, config, args.output, resume=args.resume, show_progress=not args.no_progress)
+    except TrainingInterrupted as stop:
+        print(f"ldm finetune: {interrupted_message(stop, args.output)}", file=sys.stderr)
+        return 130
     if not result.is_main_process:
         return 0
     if config.lora:

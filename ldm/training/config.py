@@ -42,7 +42,9 @@ def check_int(name: str, value: int | None, low: int) -> None:
         raise SettingError(f"{{{name}}} must be at least {low}, got {value}")
 
 
-def check_float(name: str, value: float | None, low: float, high: float = math.inf, *, open_low: bool = False, open_high: bool = False) -> None:
+def check_float(
+    name: str, value: float | None, low: float, high: float = math.inf, *, open_low: bool = False, open_high: bool = False
+) -> None:
     """``value`` (None: unset, allowed) is a finite number between ``low`` and ``high``.
 
     nan compares False with everything, so it would pass a plain range check: finiteness comes first.
@@ -105,8 +107,10 @@ class TrainConfig:
     lora_rank: int | None = None  # train LoRA adapters of this rank instead of the full weights
     lora_alpha: float | None = None  # LoRA scale numerator (default: the rank, i.e. scale 1)
     text_encoder_learning_rate: float | None = None  # default: learning_rate
-    checkpointing_steps: int | None = None  # write the full training state every N steps
-    checkpoints_total_limit: int | None = None  # keep only the newest K checkpoints
+    # A checkpoint every N steps and at the last one (None: none): a killed run loses at most N steps
+    # (minutes on a GPU), and a finished run's final state is what a longer run continues from.
+    checkpointing_steps: int | None = 500
+    checkpoints_total_limit: int | None = 3  # keep only the newest K (None: all); see checkpoint.save_checkpoint
     sample_every: int | None = None  # generate sample images every N steps
     sample_prompts: tuple[str, ...] = ()
     sample_steps: int | None = None  # sampler steps of those images (None: the pipeline's default)
