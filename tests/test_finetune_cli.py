@@ -244,6 +244,66 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume_in_one_line(micro_fold
     assert (out / "lora.safetensors").is_file()
 
 
+def lora_tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_a_finished_lora_run_continues_in_its_folder_keeping_the_shorter_result(micro_folder, data_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    lora = ["--lora-rank", "2", "--learning-rate", "1e-2", "--batch-size", "2"]
+    assert finetune("--max-steps", "2", *lora, model=micro_folder, data=data_folder, output=out) == 0
+    first, kept = out / "lora.safetensors", out / "checkpoints" / "checkpoint-000002" / "lora.safetensors"
+    assert first.samefile(kept)  # the result lives in the run's last checkpoint, linked beside it
+    shorter = first.read_bytes()
+    capsys.readouterr()
+
+    assert finetune("--max-steps", "4", *lora, model=micro_folder, data=data_folder, output=out) == 2
+    assert "lora.safetensors already exists (the run is finished); continue it with --resume latest" in error_line(capsys)
+    assert finetune("--max-steps", "2", "--resume", "latest", *lora, model=micro_folder, data=data_folder, output=out) == 2
+    assert "finished at step 2; pass a larger --max-steps" in error_line(capsys)
+
+    # The README's way: --resume latest with a larger --max-steps, checkpoints every step, keeping 1.
+    code = finetune("--max-steps", "4", "--resume", "latest", "--checkpointing-steps", "1", "--checkpoints-total-limit", "1",
+                    *lora, model=micro_folder, data=data_folder, output=out)
+    assert code == 0, capsys.readouterr().err
+    assert f"the shorter run's result is kept in {kept}" in capsys.readouterr().out
+    assert kept.read_bytes() == shorter  # not lost, and the limit of 1 did not delete its checkpoint
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-000002", "checkpoint-000004"]
+    assert first.samefile(out / "checkpoints" / "checkpoint-000004" / "lora.safetensors")
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no staging left behind
+    straight = tmp_path / "straight"
+    assert finetune("--max-steps", "4", *lora, model=micro_folder, data=data_folder, output=straight) == 0
+    expected, got = lora_tensors(straight / "lora.safetensors"), lora_tensors(first)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+    other = tmp_path / "other"
+    assert finetune("--max-steps", "1", *lora, model=micro_folder, data=data_folder, output=other) == 0
+    capsys.readouterr()
+    foreign = other / "checkpoints" / "checkpoint-000001"
+    assert finetune("--max-steps", "6", "--resume", str(foreign), *lora, model=micro_folder, data=data_folder, output=out) == 2
+    assert "is not a checkpoint of its run; choose another --output" in error_line(capsys)
+    # A result that no checkpoint keeps (as an older ldm wrote them) is never replaced.
+    first.unlink()
+    first.write_bytes(shorter)
+    assert finetune("--max-steps", "6", "--resume", "latest", *lora, model=micro_folder, data=data_folder, output=out) == 2
+    assert "lora.safetensors is kept in no checkpoint" in error_line(capsys)
+    assert first.read_bytes() == shorter
+
+
+def test_a_finished_full_run_continues_and_replaces_its_model_folder(micro_folder, data_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert finetune("--max-steps", "1", model=micro_folder, data=data_folder, output=out) == 0
+    shorter = (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert finetune("--max-steps", "2", "--resume", "latest", model=micro_folder, data=data_folder, output=out) == 0
+    unet = out / "model" / "unet" / "diffusion_pytorch_model.safetensors"
+    assert unet.samefile(out / "checkpoints" / "checkpoint-000002" / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert unet.read_bytes() != shorter
+    assert (out / "checkpoints" / "checkpoint-000001" / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == shorter
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "log.csv", "model"]
+
+
 def test_settings_are_recorded_in_checkpoints(micro_folder, data_folder, tmp_path):
     out = tmp_path / "run"
     assert finetune("--max-steps", "1", "--checkpointing-steps", "1", "--min-snr-gamma", "5", "--noise-offset", "0.05",

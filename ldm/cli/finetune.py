@@ -175,10 +175,6 @@ def native_resolution(components) -> int:
     return components.unet.config.sample_size * components.vae.config.downsample_factor
 
 
-def result_path(output: Path, config: TrainConfig) -> Path:
-    return output / ("lora.safetensors" if config.lora else "model")
-
-
 def interrupted_message(stop, output: Path) -> str:
     """Where the interrupted run's state is and the option that continues it."""
     resume = "latest" if stop.checkpoint.parent == output / "checkpoints" else str(stop.checkpoint)
@@ -189,22 +185,16 @@ def run(args: argparse.Namespace) -> int:
     # Heavy imports after argument parsing keep `ldm --help` and the other commands fast.
     import torch
 
-    from ldm.loading import Components, load_components, save_diffusers
-    from ldm.lora import save_lora
+    from ldm.loading import load_components
     from ldm.training import ImageCaptionDataset, train
     from ldm.training.interrupt import TrainingInterrupted
-    from ldm.training.checkpoint import list_checkpoints, resolve_resume
+    from ldm.training.results import check_output, result_path, save_result
 
     data_config, config = configs_from_args(args)
     if config.mixed_precision != "no" and not torch.cuda.is_available():
         raise ConfigError(f"--mixed-precision {config.mixed_precision} needs a CUDA GPU; use --mixed-precision no on CPU")
     target = result_path(args.output, config)
-    if target.exists():
-        raise ConfigError(f"{target} already exists (the run is finished); choose another --output")
-    if args.resume is None and list_checkpoints(args.output):
-        raise ConfigError(f"{args.output} already holds checkpoints; pass --resume latest or choose another --output")
-    if args.resume is not None:
-        resolve_resume(args.output, args.resume)
+    superseded = check_output(args.output, target, args.resume, config)
     # A given --resolution lets the data be checked before the (slow) model load; the default, the
     # model's native size, is known only once the model is read.
     examples = scan_data(args.data, data_config) if data_config.resolution is not None else None
@@ -220,20 +210,29 @@ def run(args: argparse.Namespace) -> int:
         return 130
     if not result.is_main_process:
         return 0
-    if config.lora:
-        written = save_lora(target, result.unet, result.text_encoder if config.train_text_encoder else None)
-    else:
-        # Mixed precision ran the frozen parts in half precision; the saved model is full precision.
-        trained = Components(
-            unet=result.unet.float(),
-            vae=components.vae.float(),
-            text_encoder=result.text_encoder.float(),
-            tokenizer=components.tokenizer,
-            scheduler_config=components.scheduler_config,
-            family=components.family,
-            source=components.source,
-        )
-        written = save_diffusers(trained, target)
+    written = save_result(target, result.checkpoint, result_writer(result, components, config))
     loss = "" if result.last_loss is None else f" (last loss {result.last_loss:.4f})"
     print(f"wrote {written} after {result.step} steps{loss}")
+    if superseded is not None:
+        print(f"the shorter run's result is kept in {superseded / target.name}")
     return 0
+
+
+def result_writer(result, components, config: TrainConfig):
+    """``save(path)``: the trained LoRA adapters or the whole model (diffusers folder), written atomically."""
+    from ldm.loading import Components, save_diffusers
+    from ldm.lora import save_lora
+
+    if config.lora:
+        return lambda path: save_lora(path, result.unet, result.text_encoder if config.train_text_encoder else None)
+    # Mixed precision ran the frozen parts in half precision; the saved model is full precision.
+    trained = Components(
+        unet=result.unet.float(),
+        vae=components.vae.float(),
+        text_encoder=result.text_encoder.float(),
+        tokenizer=components.tokenizer,
+        scheduler_config=components.scheduler_config,
+        family=components.family,
+        source=components.source,
+    )
+    return lambda path: save_diffusers(trained, path)
