@@ -3,7 +3,8 @@
 Stages: (1) freeze what is not trained and inject LoRA adapters if asked, (2) optimizer and
 learning-rate schedule, (3) hand the trained models to accelerate (device, DDP or FSDP2, mixed
 precision, gradient accumulation), then EMA, (4) resume, (5) the loop: batch → latents and text
-embeddings → noise, predict, loss → backward, clip, step → EMA, log, samples, checkpoint.
+embeddings → noise, predict, loss → backward, clip, step → EMA, log, samples, checkpoint (every N
+steps and at the last), and Ctrl-C, which is acted on only here, between optimizer steps.
 
 Sharding (FSDP2): each rank holds a slice of every trained parameter, so whatever needs whole
 weights (checkpoints, sample images, the result) gathers them with the collective functions of
