@@ -277,6 +277,11 @@ def test_a_finished_lora_run_continues_in_its_folder_keeping_the_shorter_result(
     assert finetune("--max-steps", "4", *lora, model=micro_folder, data=data_folder, output=straight) == 0
     expected, got = lora_tensors(straight / "lora.safetensors"), lora_tensors(first)
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    # The README's way to get the shorter result out: resume its checkpoint elsewhere at its own --max-steps.
+    copy, files = tmp_path / "copy", sorted(kept.parent.iterdir())
+    assert finetune("--max-steps", "2", "--resume", str(kept.parent), *lora, model=micro_folder, data=data_folder, output=copy) == 0
+    assert (copy / "lora.safetensors").read_bytes() == shorter
+    assert sorted(kept.parent.iterdir()) == files  # the other folder's checkpoint is only read
 
     other = tmp_path / "other"
     assert finetune("--max-steps", "1", *lora, model=micro_folder, data=data_folder, output=other) == 0
