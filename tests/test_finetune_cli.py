@@ -280,7 +280,8 @@ def test_a_finished_lora_run_continues_in_its_folder_keeping_the_shorter_result(
     # The README's way to get the shorter result out: resume its checkpoint elsewhere at its own --max-steps.
     copy, files = tmp_path / "copy", sorted(kept.parent.iterdir())
     assert finetune("--max-steps", "2", "--resume", str(kept.parent), *lora, model=micro_folder, data=data_folder, output=copy) == 0
-    assert (copy / "lora.safetensors").read_bytes() == shorter
+    again, original = lora_tensors(copy / "lora.safetensors"), lora_tensors(kept)
+    assert again.keys() == original.keys() and all(torch.equal(again[k], original[k]) for k in again)
     assert sorted(kept.parent.iterdir()) == files  # the other folder's checkpoint is only read
 
     other = tmp_path / "other"
