@@ -5,8 +5,11 @@
     accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 -m ldm finetune ...   # sharded (FSDP2, GPUs)
 
 Everything the user can get wrong (settings, output folder, and data when ``--resolution`` is given)
-is checked before the model is loaded; the default resolution is the model's native size. The result is ``OUT/model`` (a diffusers folder for ``ldm txt2img --model`` and
-``Pipeline.from_pretrained``) or ``OUT/lora.safetensors`` (for ``--lora`` / ``Pipeline.load_lora``).
+is checked before the model is loaded; the default resolution is the model's native size. The result
+is ``OUT/model`` (a diffusers folder for ``ldm txt2img --model`` and ``Pipeline.from_pretrained``) or
+``OUT/lora.safetensors`` (for ``--lora`` / ``Pipeline.load_lora``), kept in the run's last checkpoint
+too, so that continuing the run (``--resume latest --max-steps N``) can replace it (``results.py``).
+Ctrl-C saves a checkpoint and exits with code 130.
 """
 
 from __future__ import annotations
@@ -104,7 +107,8 @@ def build_configs(args: argparse.Namespace) -> tuple[DataConfig, TrainConfig]:
     from ldm.pipeline import GenerationDefaults
 
     # Samples are rendered as txt2img would render the model: its own recommended steps and guidance.
-    sample_steps, sample_guidance = GenerationDefaults.of_model(Path(args.model)).fill(args.sample_steps, args.sample_guidance_scale)
+    recommended = GenerationDefaults.of_model(Path(args.model))
+    sample_steps, sample_guidance = recommended.fill(args.sample_steps, args.sample_guidance_scale)
     data = DataConfig(
         resolution=args.resolution,
         crop=args.crop,
