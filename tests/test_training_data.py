@@ -47,6 +47,24 @@ def test_txt_captions_and_metadata_jsonl(tmp_path):
     assert {e.path.name: e.caption for e in examples} == {"a.png": "red square", "b.jpg": "blue square"}
 
 
+def test_invalid_utf8_in_a_caption_file_is_refused_naming_file_and_line(tmp_path):
+    write(tmp_path, "a.png", solid(), None)
+    (tmp_path / "a.txt").write_bytes(b"a red\nsquare \xff\n")
+    with pytest.raises(InputError, match=r"a\.txt line 2 is not valid UTF-8 \(byte 0xff\); save it as UTF-8$"):
+        scan_folder(tmp_path, DataConfig(resolution=32))
+    (tmp_path / "a.txt").write_text("a red square \u00e9", encoding="utf-8")
+    assert scan_quietly(tmp_path, DataConfig(resolution=32))[0].caption == "a red square \u00e9"
+
+
+def test_invalid_utf8_in_metadata_jsonl_is_refused_naming_the_line(tmp_path):
+    write(tmp_path, "a.png", solid(), None)
+    write(tmp_path, "b.png", solid(), None)
+    rows = [json.dumps({"file_name": "a.png", "text": "fine"}).encode(), b'{"file_name": "b.png", "text": "caf\xe9"}']
+    (tmp_path / "metadata.jsonl").write_bytes(b"\n".join(rows) + b"\n")
+    with pytest.raises(InputError, match=r"metadata\.jsonl line 2 is not valid UTF-8 \(byte 0xe9\)"):
+        scan_folder(tmp_path, DataConfig(resolution=32))
+
+
 def test_metadata_caption_column_and_bad_line(tmp_path):
     write(tmp_path, "a.png", solid(), None)
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "prompt": "p"}) + "\n")
@@ -199,7 +217,7 @@ def test_caption_dropout_rate_and_determinism(tmp_path):
     assert 0.22 < dropped < 0.38
     assert set(captions) == {"", "a red square"}
     assert captions == [dataset[(epoch, 0)]["caption"] for epoch in range(400)]
-    with pytest.raises(ConfigError, match="caption-dropout"):
+    with pytest.raises(ConfigError, match="caption_dropout"):
         DataConfig(caption_dropout=1.5)
 
 
@@ -221,3 +239,16 @@ def test_batches_share_a_bucket_and_split_between_ranks(tmp_path):
     assert sorted(i for b in single for _, i in b) == list(range(9))
     assert BucketBatches(examples, 2, seed=0).epoch(1) != single  # reshuffled every epoch
     assert BucketBatches(examples, 2, seed=0).epoch(0, start=2) == single[2:]
+
+
+def test_images_resized_by_more_than_2x_are_counted_in_one_warning(tmp_path):
+    write(tmp_path, "big.png", solid((128, 128)))
+    write(tmp_path, "fine.png", solid((64, 64)))
+    with pytest.warns(DataWarning) as caught:
+        scan_folder(tmp_path, DataConfig(resolution=32))
+    assert [str(w.message) for w in caught] == [
+        "1 of 2 images are resized by more than 2x to train at 32 px (e.g. big.png: 128x128 shrunk 4x); "
+        "if that is not intended, set --resolution"
+    ]
+    with pytest.raises(ConfigError, match="resolution is None"):
+        scan_folder(tmp_path, DataConfig(resolution=None))

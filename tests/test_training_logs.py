@@ -30,9 +30,9 @@ def csv_losses(output) -> list[tuple[int, float]]:
 
 def test_csv_rows_after_the_resumed_checkpoint_are_replaced_not_repeated(tmp_path, dataset):
     run(dataset, tmp_path / "whole", 5, "csv")
-    run(dataset, tmp_path / "cut", 3, "csv")  # killed after step 3; the last checkpoint is step 2
+    run(dataset, tmp_path / "cut", 3, "csv")  # as if killed after step 3, resumed from the checkpoint at step 2
     assert [s for s, _ in csv_losses(tmp_path / "cut")] == [1, 2, 3]
-    run(dataset, tmp_path / "cut", 5, "csv", resume="latest")
+    run(dataset, tmp_path / "cut", 5, "csv", resume=str(tmp_path / "cut" / "checkpoints" / "checkpoint-000002"))
     assert csv_losses(tmp_path / "cut") == csv_losses(tmp_path / "whole")
 
 
@@ -41,7 +41,7 @@ def test_tensorboard_purges_the_steps_a_resumed_run_logs_again(tmp_path, dataset
 
     run(dataset, tmp_path / "whole", 5, "csv")
     run(dataset, tmp_path / "cut", 3, "tensorboard")
-    run(dataset, tmp_path / "cut", 5, "tensorboard", resume="latest")
+    run(dataset, tmp_path / "cut", 5, "tensorboard", resume=str(tmp_path / "cut" / "checkpoints" / "checkpoint-000002"))
     events = EventAccumulator(str(tmp_path / "cut" / "tensorboard"))
     events.Reload()
     logged = [(event.step, event.value) for event in events.Scalars("train/loss")]

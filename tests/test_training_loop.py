@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import warnings
 
 import pytest
@@ -15,6 +17,7 @@ from ldm.schedulers import SchedulerConfig, create
 from ldm.training import DataConfig, ImageCaptionDataset, TrainConfig, scan_folder, train
 from ldm.training.checkpoint import list_checkpoints, load_checkpoint, resolve_resume
 from ldm.training.ema import EMA
+from ldm.training.interrupt import TrainingInterrupted
 from ldm.training.loop import lr_factor
 from ldm.training.objective import min_snr_weights, sample_noise, snr
 
@@ -98,9 +101,9 @@ def run(tmp_path, name, data, steps, resume=None, models=None, **overrides):
 
 def test_same_seed_same_weights_and_resume_equals_uninterrupted(tmp_path, colour_data):
     full, _ = run(tmp_path, "full", colour_data, 4)
-    # A second run stops after 3 steps (one checkpoint, at 2), then resumes from it to the end.
+    # A second run stops after 3 steps (checkpoints at 2 and at its last step), then resumes from 2 to the end.
     _, folder = run(tmp_path, "cut", colour_data, 3)
-    assert [p.name for p in list_checkpoints(folder)] == ["checkpoint-000002"]
+    assert [p.name for p in list_checkpoints(folder)] == ["checkpoint-000002", "checkpoint-000003"]
     resumed, _ = run(tmp_path, "cut", colour_data, 4, resume=str(folder / "checkpoints" / "checkpoint-000002"))
     assert resumed.step == 4
     for name, value in full.unet.state_dict().items():
@@ -168,6 +171,38 @@ def test_checkpoints_keep_the_last_k_and_latest_is_the_newest(tmp_path, colour_d
     done, _ = run(tmp_path, "k", colour_data, 6, resume="latest", checkpoints_total_limit=2,
                   gradient_accumulation_steps=1, ema_decay=None)
     assert done.step == 6 and done.last_loss is None
+
+
+def test_checkpoints_by_default_at_every_500_steps_and_the_last_keeping_3():
+    config = TrainConfig()
+    assert (config.checkpointing_steps, config.checkpoints_total_limit) == (500, 3)
+
+
+def interrupt_at(step: int):
+    """A sample hook that presses Ctrl-C (SIGINT to this process) while step ``step`` renders."""
+
+    def sample(request):
+        if request.step == step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return sample
+
+
+def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_the_resume_is_exact(tmp_path, colour_data):
+    full, _ = run(tmp_path, "full", colour_data, 5)
+    folder = tmp_path / "cut"
+    config = TrainConfig(max_steps=1000, seed=7, sample_every=1, sample_prompts=("zqx",), **BUSY)
+    with pytest.raises(TrainingInterrupted) as caught:
+        train(micro_models(), dataset_for(*colour_data, seed=7), config, folder, sample_fn=interrupt_at(3), show_progress=False)
+    # Step 3 is not a multiple of checkpointing_steps (2): this checkpoint is Ctrl-C's own.
+    assert caught.value.step == 3 and caught.value.checkpoint == folder / "checkpoints" / "checkpoint-000003"
+    assert isinstance(caught.value, KeyboardInterrupt)
+    assert load_checkpoint(caught.value.checkpoint).step == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C means Ctrl-C again
+    resumed, _ = run(tmp_path, "cut", colour_data, 5, resume="latest")
+    for name, value in full.unet.state_dict().items():
+        assert torch.equal(value, resumed.unet.state_dict()[name]), name
+    assert resumed.checkpoint == folder / "checkpoints" / "checkpoint-000005"  # the last step's
 
 
 def test_resume_refuses_changed_settings_and_bad_paths(tmp_path, colour_data):

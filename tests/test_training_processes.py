@@ -36,12 +36,19 @@ def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
-def test_sigkill_then_resume_latest_equals_an_uninterrupted_run(tmp_path):
-    model = save_micro_model(tmp_path / "model")
-    data = colour_folder(tmp_path / "data", COLOURS)
-    reference = tmp_path / "reference"
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """(model, data, run folder) of a 12-step run that nothing interrupted."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    model = save_micro_model(folder / "model")
+    data = colour_folder(folder / "data", COLOURS)
+    reference = folder / "reference"
     subprocess.run(finetune_command(model, data, reference, "--max-steps", "12"), check=True, env=ENV, capture_output=True)
+    return model, data, reference
 
+
+def test_sigkill_then_resume_latest_equals_an_uninterrupted_run(tmp_path, uninterrupted):
+    model, data, reference = uninterrupted
     crashed = tmp_path / "crashed"
     process = subprocess.Popen(finetune_command(model, data, crashed, "--max-steps", "1000"), env=ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -64,6 +71,33 @@ def test_sigkill_then_resume_latest_equals_an_uninterrupted_run(tmp_path):
         assert [int(row["step"]) for row in csv.DictReader(f)] == list(range(1, 13))  # each step logged once
     start = load_file(str(model / "unet" / "diffusion_pytorch_model.safetensors"))
     assert any(not torch.equal(start[k], v) for k, v in got.items())
+
+
+def test_ctrl_c_saves_the_current_step_exits_130_and_the_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted):
+    model, data, reference = uninterrupted
+    stopped = tmp_path / "stopped"
+    process = subprocess.Popen(finetune_command(model, data, stopped, "--max-steps", "1000"), env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = stopped / "checkpoints" / "checkpoint-000003"
+    deadline = time.monotonic() + 300
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("ldm finetune: interrupted at step ") and line.endswith("; continue with the same options and --resume latest")
+    step = int(line.split("interrupted at step ")[1].split(";")[0])
+    assert 3 <= step < 12, line  # the test needs the stop before the reference's last step
+    assert f"saved {stopped / 'checkpoints' / f'checkpoint-{step:06d}'};" in line
+    assert "Traceback" not in stderr
+
+    resumed = subprocess.run(finetune_command(model, data, stopped, "--max-steps", "12", "--resume", "latest"),
+                             env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    expected, got = unet_weights(reference), unet_weights(stopped)
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
 
 
 DISTRIBUTED_SCRIPT = """

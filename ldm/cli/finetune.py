@@ -1,21 +1,30 @@
 """`ldm finetune`: train a model (full U-Net or LoRA) on a folder of captioned images.
 
-    ldm finetune --model M --data DIR --output OUT [--lora-rank 8] [--checkpointing-steps 500]
+    ldm finetune --model M --data DIR --output OUT [--lora-rank 8] [--checkpointing-steps 500] [--resume latest]
     accelerate launch --multi_gpu --num_processes 2 -m ldm finetune ...     # DDP on several GPUs, same options
     accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 -m ldm finetune ...   # sharded (FSDP2, GPUs)
 
-Everything the user can get wrong (settings, data, output folder) is checked before the model is
-loaded. The result is ``OUT/model`` (a diffusers folder for ``ldm txt2img --model`` and
-``Pipeline.from_pretrained``) or ``OUT/lora.safetensors`` (for ``--lora`` / ``Pipeline.load_lora``).
+Everything the user can get wrong (settings, output folder, and data when ``--resolution`` is given)
+is checked before the model is loaded; the default resolution is the model's native size. The result
+is ``OUT/model`` (a diffusers folder for ``ldm txt2img --model`` and ``Pipeline.from_pretrained``) or
+``OUT/lora.safetensors`` (for ``--lora`` / ``Pipeline.load_lora``), kept in the run's last checkpoint
+too, so that continuing the run (``--resume latest --max-steps N``) can replace it (``results.py``).
+Ctrl-C saves a checkpoint and exits with code 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
+import warnings
 from pathlib import Path
 
 from ldm.errors import ConfigError
-from ldm.training.config import DataConfig, TrainConfig
+from ldm.training.config import DataConfig, SettingError, TrainConfig
+
+# Settings whose flag is not "--" + the field name with dashes.
+FLAGS = {"log_format": "--log", "sample_prompts": "--sample-prompt", "buckets": "--no-buckets"}
 
 
 def register(sub) -> None:
@@ -29,7 +38,7 @@ def register(sub) -> None:
     io.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample"), help="override the model's")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--resolution", type=int, default=512, help="training size in pixels (multiple of 8)")
+    data.add_argument("--resolution", type=int, help="training size in pixels (multiple of 8; default: the model's native size)")
     data.add_argument("--crop", choices=("center", "random"), default="center")
     data.add_argument("--random-flip", action="store_true", help="mirror images left-right at random")
     data.add_argument("--no-buckets", action="store_true", help="crop everything square instead of aspect-ratio buckets")
@@ -67,19 +76,39 @@ def register(sub) -> None:
     what.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
 
     out = parser.add_argument_group("checkpoints, log, samples")
-    out.add_argument("--checkpointing-steps", type=int, help="write the full training state every N steps")
-    out.add_argument("--checkpoints-total-limit", type=int, help="keep only the newest K checkpoints")
+    out.add_argument("--checkpointing-steps", type=int, default=500,
+                     help="write the full training state every N steps and at the last one (0: never)")
+    out.add_argument("--checkpoints-total-limit", type=int, default=3,
+                     help="keep only the newest K checkpoints (0: all); a finished run's last one is always kept")
     out.add_argument("--log", choices=("csv", "tensorboard"), default="csv")
     out.add_argument("--log-every", type=int, default=1)
     out.add_argument("--sample-every", type=int, help="render --sample-prompt images every N steps")
     out.add_argument("--sample-prompt", action="append", default=[], help="repeatable")
-    out.add_argument("--sample-steps", type=int, default=20)
-    out.add_argument("--sample-guidance-scale", type=float, default=7.5)
+    out.add_argument("--sample-steps", type=int, help="default: the model's (generation_config.json), else 25")
+    out.add_argument("--sample-guidance-scale", type=float, help="default: the model's (generation_config.json), else 7.5")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
 
+def flag(field: str) -> str:
+    """The command-line flag of a ``DataConfig`` / ``TrainConfig`` field."""
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
 def configs_from_args(args: argparse.Namespace) -> tuple[DataConfig, TrainConfig]:
+    """Both configs, checked; an invalid setting is reported by its flag, not its field name."""
+    try:
+        return build_configs(args)
+    except SettingError as error:
+        raise ConfigError(error.worded(flag)) from None
+
+
+def build_configs(args: argparse.Namespace) -> tuple[DataConfig, TrainConfig]:
+    from ldm.pipeline import GenerationDefaults
+
+    # Samples are rendered as txt2img would render the model: its own recommended steps and guidance.
+    recommended = GenerationDefaults.of_model(Path(args.model))
+    sample_steps, sample_guidance = recommended.fill(args.sample_steps, args.sample_guidance_scale)
     data = DataConfig(
         resolution=args.resolution,
         crop=args.crop,
@@ -116,12 +145,12 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataConfig, TrainConfig
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
         text_encoder_learning_rate=args.text_encoder_learning_rate,
-        checkpointing_steps=args.checkpointing_steps,
-        checkpoints_total_limit=args.checkpoints_total_limit,
+        checkpointing_steps=args.checkpointing_steps or None,
+        checkpoints_total_limit=args.checkpoints_total_limit or None,
         sample_every=args.sample_every,
         sample_prompts=tuple(args.sample_prompt),
-        sample_steps=args.sample_steps,
-        sample_guidance_scale=args.sample_guidance_scale,
+        sample_steps=sample_steps,
+        sample_guidance_scale=sample_guidance,
         log_every=args.log_every,
         log_format=args.log,
         num_workers=args.num_workers,
@@ -129,50 +158,85 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataConfig, TrainConfig
     return data, config
 
 
-def result_path(output: Path, config: TrainConfig) -> Path:
-    return output / ("lora.safetensors" if config.lora else "model")
+def scan_data(folder: Path, config: DataConfig) -> list:
+    """``scan_folder``, its ``DataWarning``s shown as one plain line each (not Python's warning format,
+    which adds a source file, line number and code line that mean nothing to a user)."""
+    from ldm.training import DataWarning, scan_folder
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        examples = scan_folder(folder, config)
+    for warning in caught:
+        if issubclass(warning.category, DataWarning):
+            print(f"ldm finetune: warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return examples
+
+
+def native_resolution(components) -> int:
+    """The image size the model was trained at: the U-Net's latent size times the VAE's downsampling."""
+    return components.unet.config.sample_size * components.vae.config.downsample_factor
+
+
+def interrupted_message(stop, output: Path) -> str:
+    """Where the interrupted run's state is and the option that continues it."""
+    resume = "latest" if stop.checkpoint.parent == output / "checkpoints" else str(stop.checkpoint)
+    return f"interrupted at step {stop.step}; saved {stop.checkpoint}; continue with the same options and --resume {resume}"
 
 
 def run(args: argparse.Namespace) -> int:
     # Heavy imports after argument parsing keep `ldm --help` and the other commands fast.
     import torch
 
-    from ldm.loading import Components, load_components, save_diffusers
-    from ldm.lora import save_lora
-    from ldm.training import ImageCaptionDataset, scan_folder, train
-    from ldm.training.checkpoint import list_checkpoints, resolve_resume
+    from ldm.loading import load_components
+    from ldm.training import ImageCaptionDataset, train
+    from ldm.training.interrupt import TrainingInterrupted
+    from ldm.training.results import check_output, result_path, save_result
 
     data_config, config = configs_from_args(args)
     if config.mixed_precision != "no" and not torch.cuda.is_available():
         raise ConfigError(f"--mixed-precision {config.mixed_precision} needs a CUDA GPU; use --mixed-precision no on CPU")
     target = result_path(args.output, config)
-    if target.exists():
-        raise ConfigError(f"{target} already exists (the run is finished); choose another --output")
-    if args.resume is None and list_checkpoints(args.output):
-        raise ConfigError(f"{args.output} already holds checkpoints; pass --resume latest or choose another --output")
-    if args.resume is not None:
-        resolve_resume(args.output, args.resume)
-    examples = scan_folder(args.data, data_config)
-    dataset = ImageCaptionDataset(examples, data_config, seed=config.seed)
-
+    superseded = check_output(args.output, target, args.resume, config)
+    # A given --resolution lets the data be checked before the (slow) model load; the default, the
+    # model's native size, is known only once the model is read.
+    examples = scan_data(args.data, data_config) if data_config.resolution is not None else None
     components = load_components(args.model, prediction_type=args.prediction_type)
-    result = train(components, dataset, config, args.output, resume=args.resume, show_progress=not args.no_progress)
+    if examples is None:
+        data_config = dataclasses.replace(data_config, resolution=native_resolution(components))
+        examples = scan_data(args.data, data_config)
+    dataset = ImageCaptionDataset(examples, data_config, seed=config.seed)
+    try:
+        result = train(components, dataset, config, args.output, resume=args.resume, show_progress=not args.no_progress)
+    except TrainingInterrupted as stop:
+        print(f"ldm finetune: {interrupted_message(stop, args.output)}", file=sys.stderr)
+        return 130
     if not result.is_main_process:
         return 0
-    if config.lora:
-        written = save_lora(target, result.unet, result.text_encoder if config.train_text_encoder else None)
-    else:
-        # Mixed precision ran the frozen parts in half precision; the saved model is full precision.
-        trained = Components(
-            unet=result.unet.float(),
-            vae=components.vae.float(),
-            text_encoder=result.text_encoder.float(),
-            tokenizer=components.tokenizer,
-            scheduler_config=components.scheduler_config,
-            family=components.family,
-            source=components.source,
-        )
-        written = save_diffusers(trained, target)
+    written = save_result(target, result.checkpoint, result_writer(result, components, config))
     loss = "" if result.last_loss is None else f" (last loss {result.last_loss:.4f})"
     print(f"wrote {written} after {result.step} steps{loss}")
+    if superseded is not None:
+        print(f"the shorter run's result is kept in {superseded / target.name}")
     return 0
+
+
+def result_writer(result, components, config: TrainConfig):
+    """``save(path)``: the trained LoRA adapters or the whole model (diffusers folder), written atomically."""
+    from ldm.loading import Components, save_diffusers
+    from ldm.lora import save_lora
+
+    if config.lora:
+        return lambda path: save_lora(path, result.unet, result.text_encoder if config.train_text_encoder else None)
+    # Mixed precision ran the frozen parts in half precision; the saved model is full precision.
+    trained = Components(
+        unet=result.unet.float(),
+        vae=components.vae.float(),
+        text_encoder=result.text_encoder.float(),
+        tokenizer=components.tokenizer,
+        scheduler_config=components.scheduler_config,
+        family=components.family,
+        source=components.source,
+    )
+    return lambda path: save_diffusers(trained, path)

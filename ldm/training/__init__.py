@@ -11,15 +11,18 @@
 ``ldm.loading.load_components(path)``, or freshly built ``UNet(cfg)`` / ``AutoencoderKL(cfg)`` /
 ``CLIPTextModel`` for training from scratch). ``train`` freezes the VAE always and the text encoder
 unless ``config.train_text_encoder``; with ``config.lora_rank`` it trains peft LoRA adapters on the
-attention projections only. It returns ``TrainResult(unet, text_encoder, step, last_loss,
-is_main_process)``; saving is the caller's job (``ldm.loading.save_diffusers``, ``ldm.lora.save_lora``).
+attention projections only. Checkpoints are written every 500 steps and at the last one by default;
+Ctrl-C saves one and raises ``TrainingInterrupted``. It returns ``TrainResult(unet, text_encoder,
+step, last_loss, is_main_process, checkpoint)``; saving is the caller's job (``ldm.loading.save_diffusers``,
+``ldm.lora.save_lora``; ``results.save_result`` keeps it in the run's last checkpoint as ``ldm finetune`` does).
 Run it under ``accelerate launch`` for several GPUs or machines (DDP, or FSDP2 sharding); nothing
 else changes.
 
 Modules: ``config`` (typed settings), ``data`` (folder scanning, captions, buckets, augmentations),
 ``objective`` (noise, target, Min-SNR weighting, noise offset), ``ema``, ``checkpoint`` (atomic
-training state, resume), ``distributed`` (whole tensors from sharded ones and back; which
-back-ends are refused), ``reporting`` (metrics log, sample images), ``loop`` (``train``).
+training state, resume), ``results`` (a run's result kept in its last checkpoint; continuation),
+``interrupt`` (Ctrl-C acted on between steps), ``distributed`` (whole tensors from sharded ones and
+back; which back-ends are refused), ``reporting`` (metrics log, sample images), ``loop`` (``train``).
 """
 
 from importlib import import_module
@@ -37,6 +40,7 @@ _PUBLIC = {
     "TrainResult": "loop",
     "make_accelerator": "loop",
     "train": "loop",
+    "TrainingInterrupted": "interrupt",
     "SampleRequest": "reporting",
     "save_samples": "reporting",
 }

@@ -30,6 +30,9 @@ from ldm.errors import CheckpointError, ConfigError
 from ldm.io import atomic_write_dir
 
 PREFIX = "checkpoint-"
+# What a finished run keeps in its last checkpoint besides the state (see results.py); such a
+# checkpoint is never deleted to honour a checkpoint limit, since it holds a result the user has.
+RESULTS = ("model", "lora.safetensors")
 FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter name instead of position
 READABLE_VERSIONS = (1, 2)  # format 1 (torch's positional optimizer state) resumes unsharded runs
 
@@ -90,8 +93,13 @@ def restore_rng(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def holds_result(path: Path) -> bool:
+    return any((path / name).exists() for name in RESULTS)
+
+
 def save_checkpoint(output_dir: Path, state: TrainingState, keep: int | None = None) -> Path:
-    """Write ``state`` as ``checkpoint-<step>`` atomically, then delete all but the newest ``keep``."""
+    """Write ``state`` as ``checkpoint-<step>`` atomically, then delete all but the newest ``keep``
+    (not counting those that keep a finished run's result, which stay)."""
     meta = {
         "format_version": FORMAT_VERSION,
         "step": state.step,
@@ -113,7 +121,7 @@ def save_checkpoint(output_dir: Path, state: TrainingState, keep: int | None = N
 
     path = atomic_write_dir(checkpoint_dir(output_dir, state.step), write)
     if keep is not None:
-        for old in list_checkpoints(output_dir)[:-keep]:
+        for old in [c for c in list_checkpoints(output_dir) if not holds_result(c)][:-keep]:
             # Rename first so a kill during the deletion never leaves a half-deleted "complete" checkpoint.
             doomed = old.with_name(f".deleting-{old.name}")
             old.rename(doomed)

@@ -8,6 +8,9 @@ run whose settings changed in a way that would break the continuation.
 from __future__ import annotations
 
 import dataclasses
+import math
+import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,9 +23,49 @@ MixedPrecision = Literal["no", "fp16", "bf16"]
 LogFormat = Literal["csv", "tensorboard"]
 
 
+class SettingError(ConfigError):
+    """A setting with a value it cannot take. The message names fields as ``{field}`` placeholders, so
+    the Python API can show the field (``lora_rank``) and the CLI the flag (``--lora-rank``)."""
+
+    def __init__(self, template: str):
+        self.template = template
+        self.fields = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+        super().__init__(self.worded(lambda field: field))
+
+    def worded(self, label: Callable[[str], str]) -> str:
+        return self.template.format_map({field: label(field) for field in self.fields})
+
+
+def check_int(name: str, value: int | None, low: int) -> None:
+    """``value`` (None: unset, allowed) is at least ``low``."""
+    if value is not None and value < low:
+        raise SettingError(f"{{{name}}} must be at least {low}, got {value}")
+
+
+def check_float(
+    name: str, value: float | None, low: float, high: float = math.inf, *, open_low: bool = False, open_high: bool = False
+) -> None:
+    """``value`` (None: unset, allowed) is a finite number between ``low`` and ``high``.
+
+    nan compares False with everything, so it would pass a plain range check: finiteness comes first.
+    """
+    if value is None:
+        return
+    above = value > low if open_low else value >= low
+    below = value < high if open_high else value <= high
+    if not (math.isfinite(value) and above and below):
+        raise SettingError(f"{{{name}}} must be a finite number {_interval(low, high, open_low, open_high)}, got {value}")
+
+
+def _interval(low: float, high: float, open_low: bool, open_high: bool) -> str:
+    if math.isinf(high):
+        return f"{'above' if open_low else 'at least'} {low:g}"
+    return f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    resolution: int = 512  # pixels; the area of every training image is about resolution**2
+    resolution: int | None = 512  # pixels; every training image has about resolution**2 (None: not chosen yet)
     crop: Crop = "center"  # where the crop to the (bucket) size is taken
     random_flip: bool = False  # mirror left-right with probability 1/2
     buckets: bool = True  # aspect-ratio buckets keep non-square images whole instead of cropping them square
@@ -34,12 +77,11 @@ class DataConfig:
     cache_text_embeddings: bool = False  # encode each caption once (only with a frozen text encoder)
 
     def __post_init__(self):
-        if self.resolution <= 0 or self.resolution % 8:
-            raise ConfigError(f"--resolution {self.resolution} is not a positive multiple of 8; use e.g. 512")
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise ConfigError(f"--caption-dropout {self.caption_dropout} is outside [0, 1]")
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
+            raise SettingError(f"{{resolution}} must be a positive multiple of 8 (e.g. 512), got {self.resolution}")
+        check_float("caption_dropout", self.caption_dropout, 0.0, 1.0)
         if self.cache_latents and self.crop == "random":
-            raise ConfigError("--cache-latents needs a fixed crop; use --crop center or drop --cache-latents")
+            raise SettingError("{cache_latents} needs a fixed crop; use {crop} center or drop {cache_latents}")
 
 
 @dataclass(frozen=True)
@@ -65,50 +107,42 @@ class TrainConfig:
     lora_rank: int | None = None  # train LoRA adapters of this rank instead of the full weights
     lora_alpha: float | None = None  # LoRA scale numerator (default: the rank, i.e. scale 1)
     text_encoder_learning_rate: float | None = None  # default: learning_rate
-    checkpointing_steps: int | None = None  # write the full training state every N steps
-    checkpoints_total_limit: int | None = None  # keep only the newest K checkpoints
+    # A checkpoint every N steps and at the last one (None: none): a killed run loses at most N steps
+    # (minutes on a GPU), and a finished run's final state is what a longer run continues from.
+    checkpointing_steps: int | None = 500
+    checkpoints_total_limit: int | None = 3  # keep only the newest K (None: all); see checkpoint.save_checkpoint
     sample_every: int | None = None  # generate sample images every N steps
     sample_prompts: tuple[str, ...] = ()
-    sample_steps: int = 20  # sampler steps of those images
-    sample_guidance_scale: float = 7.5
+    sample_steps: int | None = None  # sampler steps of those images (None: the pipeline's default)
+    sample_guidance_scale: float | None = None  # None: the pipeline's default; ldm finetune passes the model's own
     log_every: int = 1  # write a log row every N steps
     log_format: LogFormat = "csv"
     num_workers: int = 0  # data-loading worker processes
 
     def __post_init__(self):
-        positive = {
-            "max_steps": self.max_steps,
-            "batch_size": self.batch_size,
-            "gradient_accumulation_steps": self.gradient_accumulation_steps,
-            "log_every": self.log_every,
-            "sample_steps": self.sample_steps,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{name} must be at least 1, got {value}")
-        optional_positive = {
-            "checkpointing_steps": self.checkpointing_steps,
-            "checkpoints_total_limit": self.checkpoints_total_limit,
-            "sample_every": self.sample_every,
-            "lora_rank": self.lora_rank,
-        }
-        for name, value in optional_positive.items():
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be at least 1 (or unset), got {value}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning rate must be positive, got {self.learning_rate}")
-        if self.lr_warmup_steps < 0:
-            raise ConfigError(f"lr warm-up steps must be >= 0, got {self.lr_warmup_steps}")
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ConfigError(f"EMA decay must be in (0, 1), got {self.ema_decay}")
-        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
-            raise ConfigError(f"Min-SNR gamma must be positive, got {self.min_snr_gamma}")
-        if self.noise_offset < 0:
-            raise ConfigError(f"noise offset must be >= 0, got {self.noise_offset}")
+        at_least_one = (
+            "max_steps", "batch_size", "gradient_accumulation_steps", "log_every",
+            "checkpointing_steps", "checkpoints_total_limit", "sample_every", "lora_rank", "sample_steps",
+        )
+        for name in at_least_one:
+            check_int(name, getattr(self, name), 1)
+        check_int("lr_warmup_steps", self.lr_warmup_steps, 0)
+        check_int("num_workers", self.num_workers, 0)
+        self.check_floats()
         if self.lora_alpha is not None and self.lora_rank is None:
-            raise ConfigError("--lora-alpha needs --lora-rank")
+            raise SettingError("{lora_alpha} needs {lora_rank}")
         if self.sample_every is not None and not self.sample_prompts:
-            raise ConfigError("sampling every N steps needs at least one --sample-prompt")
+            raise SettingError("sampling every N steps ({sample_every}) needs at least one {sample_prompts}")
+
+    def check_floats(self) -> None:
+        """Every float is finite and in its range (a nan learning rate would train silently into nan weights)."""
+        for name in ("learning_rate", "text_encoder_learning_rate", "adam_epsilon", "min_snr_gamma", "max_grad_norm", "lora_alpha"):
+            check_float(name, getattr(self, name), 0.0, open_low=True)
+        for name in ("adam_beta1", "adam_beta2"):
+            check_float(name, getattr(self, name), 0.0, 1.0, open_high=True)
+        check_float("ema_decay", self.ema_decay, 0.0, 1.0, open_low=True, open_high=True)
+        for name in ("weight_decay", "noise_offset", "sample_guidance_scale"):
+            check_float(name, getattr(self, name), 0.0)
 
     @property
     def lora(self) -> bool:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ldm.errors import InputError
+from ldm.errors import ConfigError, InputError
 from ldm.training.config import DataConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -64,12 +64,23 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def read_text(path: Path) -> str:
+    """A caption file as text. Invalid UTF-8 is refused, naming the file and line: replacing the bytes
+    would train on captions the user never wrote, and guessing another encoding can be silently wrong."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise InputError(f"{path} line {line} is not valid UTF-8 (byte 0x{data[error.start]:02x}); save it as UTF-8") from None
+
+
 def _read_metadata(folder: Path, column: str) -> dict[Path, str]:
     captions: dict[Path, str] = {}
     path = folder / "metadata.jsonl"
     if not path.is_file():
         return captions
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -114,6 +125,8 @@ def scan_folder(folder: str | Path, config: DataConfig) -> list[Example]:
     in one ``DataWarning``; no usable image at all, or images without captions, are an ``InputError``.
     """
     folder = Path(folder)
+    if config.resolution is None:
+        raise ConfigError("DataConfig.resolution is None; set the training size (e.g. the model's native size) before scanning")
     if not folder.is_dir():
         raise InputError(f"--data {folder} is not a folder; point it at a folder of images with captions")
     metadata = _read_metadata(folder, config.caption_column)
@@ -140,7 +153,7 @@ def scan_folder(folder: str | Path, config: DataConfig) -> list[Example]:
         caption = metadata.get(path.resolve())
         text_file = path.with_suffix(".txt")
         if caption is None and text_file.is_file():
-            caption = text_file.read_text(encoding="utf-8").strip()
+            caption = read_text(text_file).strip()
         if caption is None:
             if not config.allow_empty_captions:
                 uncaptioned.append(path)
@@ -166,7 +179,30 @@ def scan_folder(folder: str | Path, config: DataConfig) -> list[Example]:
         raise InputError(f"--data {folder} has no usable image: {'; '.join(skipped)}; fix or replace the images")
     if skipped:
         warnings.warn(f"skipped {len(unreadable) + len(too_small)} of {len(paths)} images: {'; '.join(skipped)}", DataWarning, stacklevel=2)
+    warn_far_resizes(examples, config.resolution)
     return examples
+
+
+def resize_factor(example: Example) -> float:
+    """The scale that makes the image cover its bucket (above 1: enlarged, below 1: shrunk)."""
+    return max(example.bucket[0] / example.size[0], example.bucket[1] / example.size[1])
+
+
+def warn_far_resizes(examples: list[Example], resolution: int) -> None:
+    """One ``DataWarning`` when images are scaled by more than 2x: upscaled images train blurry and cost
+    far more per step; shrunk ones lose detail. Either often means an unintended training size."""
+    far = [e for e in examples if not 0.5 <= resize_factor(e) <= 2.0]
+    if not far:
+        return
+    worst = max(far, key=lambda e: abs(math.log(resize_factor(e))))
+    factor = resize_factor(worst)
+    how = f"enlarged {factor:.3g}x" if factor > 1 else f"shrunk {1 / factor:.3g}x"
+    warnings.warn(
+        f"{len(far)} of {len(examples)} images are resized by more than 2x to train at {resolution} px "
+        f"(e.g. {worst.path.name}: {worst.size[0]}x{worst.size[1]} {how}); if that is not intended, set --resolution",
+        DataWarning,
+        stacklevel=3,
+    )
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:

@@ -3,7 +3,8 @@
 Stages: (1) freeze what is not trained and inject LoRA adapters if asked, (2) optimizer and
 learning-rate schedule, (3) hand the trained models to accelerate (device, DDP or FSDP2, mixed
 precision, gradient accumulation), then EMA, (4) resume, (5) the loop: batch → latents and text
-embeddings → noise, predict, loss → backward, clip, step → EMA, log, samples, checkpoint.
+embeddings → noise, predict, loss → backward, clip, step → EMA, log, samples, checkpoint (every N
+steps and at the last), and Ctrl-C, which is acted on only here, between optimizer steps.
 
 Sharding (FSDP2): each rank holds a slice of every trained parameter, so whatever needs whole
 weights (checkpoints, sample images, the result) gathers them with the collective functions of
@@ -50,6 +51,7 @@ from ldm.training.distributed import (
     trainable_parameters,
 )
 from ldm.training.ema import EMA
+from ldm.training.interrupt import InterruptFlag, TrainingInterrupted, ignore_interrupts
 from ldm.training.objective import diffusion_loss
 from ldm.training.reporting import MetricsLog, SampleRequest, save_samples
 
@@ -75,6 +77,7 @@ class TrainResult:
     step: int  # optimizer steps done in total
     last_loss: float | None
     is_main_process: bool
+    checkpoint: Path | None = None  # the checkpoint holding exactly this final state, if one does
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -126,7 +129,9 @@ def train(
 ) -> TrainResult:
     """Train ``models.unet`` (and, with ``config.train_text_encoder``, the text encoder) on ``dataset``.
 
-    Checkpoints go to ``output_dir/checkpoints``, the metrics log and samples beside them.
+    Checkpoints go to ``output_dir/checkpoints`` (every ``checkpointing_steps`` and at the last step),
+    the metrics log and samples beside them. Ctrl-C finishes the current step, saves a checkpoint and
+    raises ``TrainingInterrupted`` (a ``KeyboardInterrupt``) naming it.
     ``resume`` is ``"latest"`` or a checkpoint folder. The models are modified in place (trained,
     LoRA-injected); the result holds the unwrapped, final ones. Saving them in a model format is the
     caller's job (``ldm.loading.save_diffusers``, ``ldm.lora.save_lora``). accelerate keeps one state
@@ -195,6 +200,7 @@ def train(
 
     # 4. Resume: weights, optimizer, schedule, EMA, RNG and data position.
     step, epoch, position = 0, 0, 0
+    saved, saved_step = None, -1  # the newest checkpoint of this run and its step
     if resume is not None:
         path = ckpt.resolve_resume(output_dir, resume)
         state = ckpt.load_checkpoint(path)
@@ -215,6 +221,7 @@ def train(
             ema.load_state_dict(split_prefixed(state.ema, name))
         ckpt.restore_rng(state.rng[rank])
         step, epoch, position = state.step, state.epoch, state.batch
+        saved, saved_step = path, state.step
 
     # 5. The loop.
     batches = BucketBatches(dataset.examples, config.batch_size, config.seed, rank, world)
@@ -227,55 +234,65 @@ def train(
     trainable = list(parameters.values())
     micro, losses, last_loss = 0, [], None
     started, started_step = time.perf_counter(), step
-    while step < config.max_steps:
-        loader = torch.utils.data.DataLoader(
-            source, batch_sampler=batches.epoch(epoch, position), collate_fn=collate, num_workers=config.num_workers
-        )
-        for batch in loader:
-            position += 1
-            generator = step_generator(config.seed, rank, step, micro)
-            with accelerator.accumulate(*wrapped.values()):
-                latents = batch_latents(batch, vae, latent_cache, generator, device, weight_dtype)
-                context = batch_context(batch["caption"], models.tokenizer, text_encoder, wrapped, text_cache, dataset, device)
-                with accelerator.autocast():
-                    loss = diffusion_loss(
-                        wrapped["unet"], scheduler, latents, context, generator,
-                        noise_offset=config.noise_offset, min_snr_gamma=config.min_snr_gamma,
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
-            micro += 1
-            if not accelerator.sync_gradients:
-                continue
-            lr_scheduler.step()
-            for name, ema in emas.items():
-                ema.update(trained[name])
-            step, micro = step + 1, 0
-            last_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
-            losses = []
-            rate = (step - started_step) * images_per_step / (time.perf_counter() - started)
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.2f}")
-            if log is not None and step % config.log_every == 0:
-                lr = lr_scheduler.get_last_lr()[0]
-                elapsed = time.perf_counter() - started
-                log.write({"step": step, "epoch": epoch, "loss": last_loss, "lr": lr, "images_per_second": rate, "elapsed_seconds": elapsed})
-            if config.sample_every and step % config.sample_every == 0:
-                render_samples(sample_fn, accelerator, models, trained, skeletons, text_encoder, config, dataset, step, output_dir)
-            if config.checkpointing_steps and step % config.checkpointing_steps == 0:
-                write_checkpoint(accelerator, output_dir, config, parameters, names, emas, optimizer, lr_scheduler, step, epoch, position)
-            if step >= config.max_steps:
-                break
-        else:
-            epoch, position = epoch + 1, 0
+    stopping = False  # Ctrl-C on any rank, seen at a step boundary
+    with InterruptFlag() as interrupt:
+        while step < config.max_steps and not stopping:
+            loader = torch.utils.data.DataLoader(
+                source, batch_sampler=batches.epoch(epoch, position), collate_fn=collate,
+                num_workers=config.num_workers, worker_init_fn=ignore_interrupts if config.num_workers else None,
+            )
+            for batch in loader:
+                position += 1
+                generator = step_generator(config.seed, rank, step, micro)
+                with accelerator.accumulate(*wrapped.values()):
+                    latents = batch_latents(batch, vae, latent_cache, generator, device, weight_dtype)
+                    context = batch_context(batch["caption"], models.tokenizer, text_encoder, wrapped, text_cache, dataset, device)
+                    with accelerator.autocast():
+                        loss = diffusion_loss(
+                            wrapped["unet"], scheduler, latents, context, generator,
+                            noise_offset=config.noise_offset, min_snr_gamma=config.min_snr_gamma,
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.detach())
+                micro += 1
+                if not accelerator.sync_gradients:
+                    continue
+                lr_scheduler.step()
+                for name, ema in emas.items():
+                    ema.update(trained[name])
+                step, micro = step + 1, 0
+                last_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+                losses = []
+                rate = (step - started_step) * images_per_step / (time.perf_counter() - started)
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.2f}")
+                if log is not None and step % config.log_every == 0:
+                    lr = lr_scheduler.get_last_lr()[0]
+                    elapsed = time.perf_counter() - started
+                    log.write({"step": step, "epoch": epoch, "loss": last_loss, "lr": lr, "images_per_second": rate, "elapsed_seconds": elapsed})
+                if config.sample_every and step % config.sample_every == 0:
+                    render_samples(sample_fn, accelerator, models, trained, skeletons, text_encoder, config, dataset, step, output_dir)
+                # The last step too: a finished run's final state is what a longer run continues from.
+                if config.checkpointing_steps and (step % config.checkpointing_steps == 0 or step == config.max_steps):
+                    saved = write_checkpoint(accelerator, output_dir, config, parameters, names, emas, optimizer, lr_scheduler, step, epoch, position)
+                    saved_step = step
+                stopping = interrupt.agreed(accelerator)
+                if step >= config.max_steps or stopping:
+                    break
+            else:
+                epoch, position = epoch + 1, 0
     bar.close()
     if log is not None:
         log.close()
     accelerator.wait_for_everyone()
+    if stopping:
+        if saved_step != step:  # saved_step is -1 without a checkpoint, and step >= 1 here
+            saved = write_checkpoint(accelerator, output_dir, config, parameters, names, emas, optimizer, lr_scheduler, step, epoch, position)
+        raise TrainingInterrupted(step, saved)
 
     final = {name: accelerator.unwrap_model(model) for name, model in wrapped.items()}
     for name, ema in emas.items():
@@ -291,6 +308,7 @@ def train(
         step=step,
         last_loss=last_loss,
         is_main_process=accelerator.is_main_process,
+        checkpoint=saved if saved_step == step else None,
     )
 
 
@@ -346,8 +364,8 @@ def whole_models(accelerator: Accelerator, trained: dict[str, nn.Module], skelet
     return {name: materialize(skeletons[name], state).to(accelerator.device) for name, state in whole.items()} if main else {}
 
 
-def write_checkpoint(accelerator, output_dir, config, parameters, names, emas, optimizer, lr_scheduler, step, epoch, position) -> None:
-    """Collective: every rank gathers (sharded tensors need all ranks), the main process writes."""
+def write_checkpoint(accelerator, output_dir, config, parameters, names, emas, optimizer, lr_scheduler, step, epoch, position) -> Path:
+    """Collective: every rank gathers (sharded tensors need all ranks), the main process writes. Returns its folder."""
     rng = gather_object([ckpt.capture_rng()])  # every rank's RNG, collected on all ranks
     trainable = gather_tensors(parameters, keep=accelerator.is_main_process)
     ema = {f"{name}.{key}": value for name, e in emas.items() for key, value in e.state_dict().items()} or None
@@ -359,6 +377,7 @@ def write_checkpoint(accelerator, output_dir, config, parameters, names, emas, o
         )
         ckpt.save_checkpoint(output_dir, state, keep=config.checkpoints_total_limit)
     accelerator.wait_for_everyone()
+    return ckpt.checkpoint_dir(output_dir, step)
 
 
 def render_samples(sample_fn, accelerator, models, trained, skeletons, text_encoder, config, dataset, step, output_dir) -> None:

@@ -79,8 +79,8 @@ class SampleRequest:
     prompts: tuple[str, ...]
     step: int
     seed: int
-    num_inference_steps: int
-    guidance_scale: float
+    num_inference_steps: int | None  # None: the pipeline's default
+    guidance_scale: float | None  # None: the pipeline's default
     size: tuple[int, int]  # (width, height)
     folder: Path
 
