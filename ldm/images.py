@@ -1,4 +1,8 @@
-"""Images in and out: tensor <-> PIL conversion, init images, and PNGs that carry their parameters.
+"""Images in and out: reading any image as RGB, tensor <-> PIL, and PNGs that carry their parameters.
+
+``read_image`` is the one way ldm reads a user's image (init images and training data alike): it
+refuses decompression bombs, applies the EXIF orientation, scales 16-bit greyscale down to 8 bits
+and composites transparency on white.
 
 Each PNG stores its generation parameters in a ``parameters`` text chunk, in
 the format AUTOMATIC1111's web UI and stable-diffusion.cpp write, so those tools
@@ -15,19 +19,38 @@ comma, a colon or a newline is written as a JSON string, as A1111 does.
 from __future__ import annotations
 
 import json
+import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin
 
 from ldm.errors import InputError
 from ldm.io import atomic_write, next_free_path
 
+if TYPE_CHECKING:  # torch is imported where it is used: the command line reads init images before importing it
+    import torch
+
 PARAMETERS_KEY = "parameters"
 NEGATIVE_PREFIX = "Negative prompt:"
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+# Our scheduler names as AUTOMATIC1111 writes them in "Sampler:", so other tools recognise them.
+# dpm-solver (the noise-prediction multistep solver) has no A1111 counterpart and keeps a plain name.
+A1111_SAMPLER_NAMES = {
+    "ddim": "DDIM",
+    "ddpm": "DDPM",
+    "dpm-solver": "DPM-Solver 2M",
+    "dpm-solver++": "DPM++ 2M",
+    "dpm-solver++-sde": "DPM++ 2M SDE",
+    "euler": "Euler",
+    "euler-ancestral": "Euler a",
+    "unipc": "UniPC",
+}
 
 # One "key: value" item of the settings line; the value is a JSON string or runs to the next comma.
 _SETTING = re.compile(r'\s*([A-Za-z][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
@@ -124,7 +147,24 @@ def save_png(image: Image.Image, folder: str | Path, params: GenerationParameter
             return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
         except FileExistsError:
             continue
+        except OSError as error:
+            raise InputError(f"cannot write {path}: {error.strerror or error}; choose another output folder") from None
     raise InputError(f"could not find a free file name in {folder}; is another process writing there?")
+
+
+def check_output_folder(folder: str | Path, name: str = "the output folder") -> None:
+    """Raise ``InputError`` unless ``folder`` is, or can be made as, a writable folder.
+
+    Checked before a generation starts, so a wrong ``--out`` does not cost the whole run.
+    """
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{name} {folder}: {existing} is a file, not a folder; choose a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{name} {folder}: {existing} is not writable; choose a folder you can write to")
 
 
 def read_parameters(path: str | Path) -> GenerationParameters:
@@ -137,19 +177,57 @@ def read_parameters(path: str | Path) -> GenerationParameters:
 
 
 def open_image(path: str | Path) -> Image.Image:
-    """Open an image file, or raise ``InputError`` saying why it cannot be read."""
+    """Open and decode an image file, or raise ``InputError`` saying why it cannot be read.
+
+    An image of more than PIL's ``Image.MAX_IMAGE_PIXELS`` (about 89 million pixels, 268 MB as
+    RGB) is refused before it is decoded: a small PNG can claim gigapixels (a decompression bomb).
+    """
     try:
-        image = Image.open(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
         image.load()
     except FileNotFoundError:
         raise InputError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(
+            f"image {path} has more than {Image.MAX_IMAGE_PIXELS} pixels, too many to decode safely; scale it down first"
+        ) from None
+    except Exception as error:  # PIL raises many unrelated types (OSError, ValueError, SyntaxError, ...) for broken files
         raise InputError(f"cannot read image {path}: {error}") from None
     return image
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB, upright: grayscale, palette, CMYK, 16-bit and transparent images included.
+
+    The EXIF orientation is applied (a phone photo's pixels are stored sideways). Transparent pixels
+    are composited on white (what a viewer shows), not on whatever colour the invisible pixels
+    happen to store.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in SIXTEEN_BIT_MODES:
+        # PIL's convert("L") clips 16-bit values at 255 instead of rescaling them.
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(values / 257.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """The image file at ``path`` as upright 8-bit RGB (``open_image``, then ``to_rgb``)."""
+    return to_rgb(open_image(path))
+
+
 def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
-    """A PIL image as a ``(1, 3, height, width)`` float tensor in [-1, 1], resized with Lanczos if needed."""
+    """An RGB PIL image as a ``(1, 3, height, width)`` float tensor in [-1, 1], resized with Lanczos if needed."""
+    import torch
+
     image = image.convert("RGB")
     if image.size != (width, height):
         image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
@@ -159,6 +237,8 @@ def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor
 
 def to_numpy(images: torch.Tensor) -> np.ndarray:
     """``(B, 3, H, W)`` images in [0, 1] as a float32 ``(B, H, W, 3)`` array."""
+    import torch
+
     return images.detach().to("cpu", torch.float32).permute(0, 2, 3, 1).numpy()
 
 

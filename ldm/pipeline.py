@@ -3,7 +3,8 @@
     from ldm import Pipeline
     pipe = Pipeline.from_pretrained("path/to/model")          # diffusers folder or .safetensors / .ckpt
     result = pipe("a watercolor fox", negative_prompt="blurry", seed=42, num_images_per_prompt=2)
-    result.images[0].save("fox.png"); result.seeds             # [42, 43]
+    result.save("outputs")   # [outputs/00000-42.png, outputs/00001-43.png], settings in each PNG
+    result.seeds             # [42, 43]
 
 ``Pipeline.__call__`` is one function in numbered stages (encode prompts, set
 timesteps, prepare latents, denoise with classifier-free guidance, decode) and
@@ -16,17 +17,20 @@ The seed rule: image i of a call with ``seed=s`` starts from
 shape (1, 4, H/8, W/8) and every later random number of that image (img2img's
 posterior sample and noise, stochastic scheduler steps). So image i of a batch
 equals a single image made with seed s + i, whatever the batch size, and a
-single image equals diffusers' image for the same seed.
+single image equals diffusers' image for the same seed. ``seed=None`` or ``-1`` draws a random
+seed (``ldm.random.resolve_seed``), reported in ``.seeds``.
+
+Every setting is checked before any work (``ldm.checks``, the same checks ``ldm txt2img`` makes),
+and a batch of more than ``pipe.max_pixels`` pixels is refused before it is allocated.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,15 +39,25 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ldm import checks
 from ldm.errors import CheckpointError, ConfigError, InputError, LdmError
-from ldm.images import image_to_tensor, open_image, to_numpy, to_pil
+from ldm.images import (
+    A1111_SAMPLER_NAMES,
+    GenerationParameters,
+    check_output_folder,
+    image_to_tensor,
+    read_image,
+    save_png,
+    to_numpy,
+    to_pil,
+    to_rgb,
+)
 from ldm.models.deepcache import DeepCacheUNet
-from ldm.models.tome import MAX_RATIO as MAX_TOKEN_MERGING
 from ldm.models.tome import token_merging as merged_tokens
 from ldm.paging import release_to_page_cache
-from ldm.prompts import encode_prompts
-from ldm.random import randn, seed_generators
-from ldm.schedulers import Scheduler, SchedulerConfig, create
+from ldm.prompts import check_prompt, encode_prompts
+from ldm.random import randn, resolve_seed, seed_generators
+from ldm.schedulers import SCHEDULERS, DiffusersScheduler, Scheduler, SchedulerConfig, create
 from ldm.schedulers.noise import TimestepSpacing
 
 OutputType = Literal["pil", "np", "pt", "latent"]
@@ -54,8 +68,7 @@ StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 DEFAULT_SCHEDULER = "dpm-solver++"  # DPM-Solver++(2M) converges in 20-25 steps (Lu et al. 2022b, sec. 6)
 DEFAULT_STEPS = 25
-RANDOM_SEED_RANGE = 2**32  # unseeded runs draw 32-bit seeds, as A1111 and stable-diffusion.cpp do
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 class NonFiniteOutputError(LdmError):
@@ -97,10 +110,30 @@ class ReleasedWeightsError(LdmError):
 
 @dataclass
 class GenerationOutput:
-    """``images`` in the requested ``output_type``; ``seeds[i]`` made image i (None when generators were given)."""
+    """``images`` in the requested ``output_type``; ``seeds[i]`` made image i (None when generators were given).
+
+    ``parameters[i]`` is what made image i (prompt, seed, steps, ...), as ``save`` writes it.
+    """
 
     images: list[Image.Image] | np.ndarray | torch.Tensor
     seeds: list[int] | None
+    parameters: list[GenerationParameters] | None = None
+
+    def save(self, folder: str | Path, extra: dict[str, str] | None = None) -> list[Path]:
+        """Write each image as ``folder/NNNNN-<seed>.png`` with its settings in the A1111 ``parameters`` chunk.
+
+        The files ``ldm txt2img`` writes; nothing is overwritten. ``extra`` adds A1111 keys
+        (e.g. ``{"Lora": "style: 0.8"}``). Returns the paths, in image order.
+        """
+        if not isinstance(self.images, list):
+            raise InputError("save() writes PIL images; make them with output_type='pil' (the default)")
+        if self.parameters is None:
+            raise InputError("these images were made with generator=, so their seeds are unknown; pass seed= to save them")
+        check_output_folder(folder)
+        return [
+            save_png(image, folder, replace(params, extra={**params.extra, **(extra or {})}))
+            for image, params in zip(self.images, self.parameters)
+        ]
 
 
 class Pipeline:
@@ -122,6 +155,8 @@ class Pipeline:
         # (ldm.paging), "keep" leaves them resident, "release" frees them (one-shot calls).
         self.weights_after_use: WeightsAfterUse = "page-out"
         self.defaults = GenerationDefaults()  # from_pretrained reads the model's own, if it has any
+        # Largest batch a call may make, in pixels (width x height x images); ldm txt2img --max-pixels.
+        self.max_pixels = checks.MAX_PIXELS
 
     @classmethod
     def from_pretrained(
@@ -258,9 +293,9 @@ class Pipeline:
         ``scheduler`` is a name from ``ldm.schedulers.SCHEDULERS`` (built with this
         model's scheduler config, ``timestep_spacing`` in place of the model's if given,
         and the options ``eta`` and ``use_karras_sigmas`` if given), or one of our or
-        diffusers' scheduler objects as a template (the call builds its own from it). ``guidance_scale <= 1`` runs the conditional
-        pass alone. ``init_image`` with ``strength`` in (0, 1] turns this into
-        img2img. ``callback(i, t, latents)`` is called after each step. Steps and guidance
+        diffusers' scheduler objects as a template (the call builds its own from it).
+        ``guidance_scale <= 1`` runs the conditional pass alone. ``init_image`` with
+        ``strength`` in (0, 1] turns this into img2img. ``callback(i, t, latents)`` is called after each step. Steps and guidance
         left as None come from ``self.defaults`` (25 and 7.5 unless the model recommends others).
 
         Speed-ups (README: Performance), exact at their defaults: ``guidance_fraction``
@@ -275,19 +310,31 @@ class Pipeline:
         if not prompts:
             raise InputError("the prompt list is empty; give at least one prompt")
         negatives = self._negative_prompts(negative_prompt, len(prompts))
+        for text in prompts:
+            check_prompt(text, "prompt")
+        for text in negatives:
+            check_prompt(text, "negative_prompt")
         if init_image is not None and latents is not None:
             raise InputError("give init_image or latents, not both")
-        if not 0 <= guidance_rescale <= 1:
-            raise InputError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
-        init = self._init_image(init_image, width, height) if init_image is not None else None
-        if init is not None:
-            height, width = init.shape[-2:]
-        factor = self.vae.config.downsample_factor
-        height = self.unet.config.sample_size * factor if height is None else height
-        width = self.unet.config.sample_size * factor if width is None else width
-        check_arguments(height, width, factor, num_inference_steps, num_images_per_prompt, strength, output_type)
-        check_speedups(guidance_fraction, deepcache_interval, token_merging)
+        checks.check_steps(num_inference_steps, limit=self.scheduler_config.num_train_timesteps)
+        check_settings(
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, strength=strength, eta=eta, clip_skip=clip_skip,
+            num_images_per_prompt=num_images_per_prompt, guidance_fraction=guidance_fraction,
+            deepcache_interval=deepcache_interval, token_merging=token_merging, output_type=output_type,
+        )
         batch = len(prompts) * num_images_per_prompt
+        if init_image is not None and not isinstance(init_image, torch.Tensor):
+            init_image = read_image(init_image) if not isinstance(init_image, Image.Image) else to_rgb(init_image)
+        width, height = self._size(init_image, width, height)
+        checks.check_pixels(width, height, batch, self.max_pixels, "pipe.max_pixels")
+        factor = self.vae.config.downsample_factor
+        shape = (batch, self.vae.config.latent_channels, height // factor, width // factor)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise InputError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        kept = min(int(num_inference_steps * strength), num_inference_steps)  # img2img's steps
+        if init_image is not None and kept == 0:
+            raise InputError(f"strength {strength} x {num_inference_steps} steps leaves no step to run; raise either")
+        init = self._init_tensor(init_image, width, height) if init_image is not None else None
         seeds, generators = self._generators(generator, seed, batch)
         guided = guidance_scale > 1.0
         sampler = self._scheduler(scheduler, eta, timestep_spacing, use_karras_sigmas)
@@ -308,16 +355,10 @@ class Pipeline:
         if init is not None:
             if len(timesteps) != num_inference_steps:
                 raise ConfigError(f"img2img needs a scheduler with one timestep per step; {type(sampler).__name__} has {len(timesteps)}")
-            kept = min(int(num_inference_steps * strength), num_inference_steps)
-            if kept == 0:
-                raise InputError(f"strength {strength} x {num_inference_steps} steps leaves no step to run; raise either")
             timesteps = timesteps[num_inference_steps - kept :]
 
         # 3. Prepare latents (kept in fp32 whatever the network dtype, so the scheduler's arithmetic is exact).
-        shape = (batch, self.vae.config.latent_channels, height // factor, width // factor)
         if latents is not None:
-            if tuple(latents.shape) != shape:
-                raise InputError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
             x = latents.to(self.device, torch.float32) * sampler.init_noise_sigma
         elif init is None:
             x = randn(shape, generators, self.device, torch.float32) * sampler.init_noise_sigma
@@ -355,7 +396,28 @@ class Pipeline:
             return GenerationOutput(images, seeds)
         if output_type == "np":
             return GenerationOutput(to_numpy(images), seeds)
-        return GenerationOutput(to_pil(images), seeds)
+        if seeds is None:
+            return GenerationOutput(to_pil(images), seeds)
+        used = GenerationParameters(
+            prompt="",
+            negative_prompt="",
+            steps=num_inference_steps,
+            sampler=sampler_name(sampler),
+            cfg_scale=guidance_scale,
+            seed=0,
+            width=width,
+            height=height,
+            model=self.name,
+            extra=extra_parameters(
+                strength if init is not None else None, clip_skip, eta, timestep_spacing, use_karras_sigmas,
+                guidance_rescale, guidance_fraction, deepcache_interval, token_merging,
+            ),
+        )
+        parameters = [
+            replace(used, prompt=prompts[i // num_images_per_prompt], negative_prompt=negatives[i // num_images_per_prompt], seed=s)
+            for i, s in enumerate(seeds)
+        ]
+        return GenerationOutput(to_pil(images), seeds, parameters)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -397,20 +459,28 @@ class Pipeline:
             raise InputError(f"got {len(negative_prompt)} negative prompts for {count} prompts; give one per prompt")
         return list(negative_prompt)
 
-    def _init_image(self, image: Image.Image | str | Path | torch.Tensor, width: int | None, height: int | None) -> torch.Tensor:
-        """The init image as (1, 3, H, W) in [-1, 1]; sizes default to the image's, rounded down to a multiple of 8."""
-        if isinstance(image, torch.Tensor):
-            if image.ndim != 4 or image.shape[:2] != (1, 3):
-                raise InputError(f"init_image tensor must have shape (1, 3, H, W) in [-1, 1], got {tuple(image.shape)}")
-            return image
-        if not isinstance(image, Image.Image):
-            image = open_image(image)
+    def _size(self, init_image: Image.Image | torch.Tensor | None, width: int | None, height: int | None) -> tuple[int, int]:
+        """(width, height) checked: as given, else the init image's rounded down to 8, else the model's native size."""
         factor = self.vae.config.downsample_factor
-        width = width or image.width - image.width % factor
-        height = height or image.height - image.height % factor
-        if width <= 0 or height <= 0:
-            raise InputError(f"init image of {image.width}x{image.height} is too small; it needs at least {factor}x{factor} pixels")
-        return image_to_tensor(image, width, height)
+        if isinstance(init_image, torch.Tensor):
+            if init_image.ndim != 4 or init_image.shape[:2] != (1, 3):
+                raise InputError(f"init_image tensor must have shape (1, 3, H, W) in [-1, 1], got {tuple(init_image.shape)}")
+            height, width = init_image.shape[-2:]
+        elif init_image is not None:
+            if min(init_image.size) < factor:
+                raise InputError(
+                    f"init image of {init_image.width}x{init_image.height} is too small; it needs at least {factor}x{factor} pixels"
+                )
+            width = init_image.width - init_image.width % factor if width is None else width
+            height = init_image.height - init_image.height % factor if height is None else height
+        native = self.unet.config.sample_size * factor
+        width = native if width is None else width
+        height = native if height is None else height
+        return checks.check_side(width, "width", factor), checks.check_side(height, "height", factor)
+
+    def _init_tensor(self, image: Image.Image | torch.Tensor, width: int, height: int) -> torch.Tensor:
+        """The init image as (1, 3, H, W) in [-1, 1]."""
+        return image if isinstance(image, torch.Tensor) else image_to_tensor(image, width, height)
 
     def _generators(self, generator: Generators | None, seed: int | None, batch: int) -> tuple[list[int] | None, Generators]:
         if generator is not None:
@@ -419,10 +489,7 @@ class Pipeline:
             if isinstance(generator, list) and len(generator) != batch:
                 raise InputError(f"got {len(generator)} generators for {batch} images; give one per image")
             return None, generator
-        if seed is None:
-            seed = secrets.randbelow(RANDOM_SEED_RANGE)
-        if not 0 <= seed <= MAX_SEED - batch + 1:
-            raise InputError(f"seed {seed} is out of range; use 0 to {MAX_SEED - batch + 1} for {batch} images")
+        seed = resolve_seed(seed, batch)
         seeds = [seed + i for i in range(batch)]
         return seeds, seed_generators(seed, batch)
 
@@ -487,30 +554,78 @@ def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> to
     return phi * rescaled + (1 - phi) * guided
 
 
-def check_arguments(
-    height: int, width: int, factor: int, steps: int, images_per_prompt: int, strength: float, output_type: str
+def check_settings(
+    *,
+    guidance_scale: float,
+    guidance_rescale: float,
+    strength: float,
+    eta: float | None,
+    clip_skip: int | None,
+    num_images_per_prompt: int,
+    guidance_fraction: float,
+    deepcache_interval: int,
+    token_merging: float,
+    output_type: str,
 ) -> None:
-    """Raise ``InputError`` for sizes, counts and choices the pipeline cannot honour."""
-    if height <= 0 or width <= 0 or height % factor or width % factor:
-        raise InputError(f"height and width must be positive multiples of {factor}, got {width}x{height}")
-    if not isinstance(steps, int) or steps < 1:
-        raise InputError(f"num_inference_steps must be a positive integer, got {steps!r}")
-    if images_per_prompt < 1:
-        raise InputError(f"num_images_per_prompt must be at least 1, got {images_per_prompt}")
-    if not 0 < strength <= 1:
-        raise InputError(f"strength must be in (0, 1], got {strength}")
-    if output_type not in ("pil", "np", "pt", "latent"):
-        raise InputError(f"output_type must be one of pil, np, pt, latent; got {output_type!r}")
+    """Raise ``InputError`` for a setting of a call that is not finite or out of range (``ldm.checks``)."""
+    checks.check_guidance_scale(guidance_scale)
+    checks.check_guidance_rescale(guidance_rescale)
+    checks.check_strength(strength)
+    if eta is not None:
+        checks.check_eta(eta)
+    if clip_skip is not None:
+        checks.check_clip_skip(clip_skip)
+    checks.check_count(num_images_per_prompt, "num_images_per_prompt")
+    checks.check_guidance_fraction(guidance_fraction)
+    checks.check_deepcache_interval(deepcache_interval)
+    checks.check_token_merging(token_merging)
+    if output_type not in OUTPUT_TYPES:
+        raise InputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}")
 
 
-def check_speedups(guidance_fraction: float, deepcache_interval: int, token_merging: float) -> None:
-    """Raise ``InputError`` for speed-up settings out of range."""
-    if not 0.0 <= guidance_fraction <= 1.0:
-        raise InputError(f"guidance_fraction must be in [0, 1] (1 = guidance at every step), got {guidance_fraction}")
-    if not isinstance(deepcache_interval, int) or deepcache_interval < 1:
-        raise InputError(f"deepcache_interval must be an integer >= 1 (1 = off), got {deepcache_interval!r}")
-    if not 0.0 <= token_merging <= MAX_TOKEN_MERGING:
-        raise InputError(f"token_merging must be in [0, {MAX_TOKEN_MERGING}] (0 = off), got {token_merging}")
+def sampler_name(scheduler: Scheduler | DiffusersScheduler) -> str:
+    """The scheduler as image metadata names it: A1111's name for ours, the class name for diffusers'."""
+    if isinstance(scheduler, DiffusersScheduler):
+        return type(scheduler.diffusers).__name__
+    names = [name for name, cls in SCHEDULERS.items() if type(scheduler) is cls]
+    return A1111_SAMPLER_NAMES.get(names[0], names[0]) if names else type(scheduler).__name__
+
+
+def extra_parameters(
+    strength: float | None,
+    clip_skip: int | None,
+    eta: float | None,
+    timestep_spacing: TimestepSpacing | None,
+    use_karras_sigmas: bool,
+    guidance_rescale: float,
+    guidance_fraction: float,
+    deepcache_interval: int,
+    token_merging: float,
+) -> dict[str, str]:
+    """The optional A1111 metadata keys of a call's settings; ``strength`` is None for txt2img."""
+    from ldm import __version__
+
+    extra = {}
+    if strength is not None:
+        extra["Denoising strength"] = f"{strength:g}"
+    if clip_skip:
+        extra["Clip skip"] = str(clip_skip + 1)  # A1111 counts the last layer as 1, diffusers as 0
+    if eta is not None:
+        extra["Eta"] = f"{eta:g}"
+    if use_karras_sigmas:
+        extra["Schedule type"] = "Karras"  # A1111's key and value
+    if timestep_spacing is not None:
+        extra["Timestep spacing"] = timestep_spacing
+    if guidance_rescale:
+        extra["Guidance rescale"] = f"{guidance_rescale:g}"
+    if deepcache_interval > 1:
+        extra["DeepCache interval"] = str(deepcache_interval)
+    if guidance_fraction < 1:
+        extra["Guidance fraction"] = f"{guidance_fraction:g}"
+    if token_merging:
+        extra["Token merging ratio"] = f"{token_merging:g}"
+    extra["Version"] = f"ldm {__version__}"
+    return extra
 
 
 def check_dtype(dtype: torch.dtype, device: torch.device) -> None:

@@ -20,19 +20,30 @@ rescaled so its mean is unchanged, which keeps weighting from shifting the
 overall magnitude the U-Net sees. Our choice: the mean is taken per prompt and
 per chunk (A1111 takes it over the whole batch), so an image never depends on
 which other prompts share its batch.
+
+A weight that is not finite, or beyond ``MAX_WEIGHT`` (``(word:1e309)``, thousands of nested
+brackets), would turn the embedding into infinities and the image into NaN after every step has run;
+``parse_prompt`` refuses it at once and names the words it weighs. Brackets nest at most
+``MAX_NESTING`` deep.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from ldm.errors import InputError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the command line checks prompts before importing it
+    import torch
 
 BREAK = ("BREAK", -1.0)
 CHUNK_TOKENS = 75
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
+MAX_WEIGHT = 100.0  # A1111 users weigh words by 0.5-2; a weight of 100 already swamps the prompt
+MAX_NESTING = 32  # brackets open at once; 1.1**32 = 21
 
 _WEIGHT_CLOSE = re.compile(r":\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)")
 _BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
@@ -43,7 +54,8 @@ def parse_prompt(text: str) -> list[tuple[str, float]]:
     """Split ``text`` into ``(fragment, weight)`` pairs; ``BREAK`` appears as ``("BREAK", -1.0)``.
 
     Adjacent fragments of equal weight are merged, so a prompt without
-    weighting syntax comes back as ``[(text, 1.0)]``.
+    weighting syntax comes back as ``[(text, 1.0)]``. A weight beyond ``MAX_WEIGHT`` or brackets
+    nested deeper than ``MAX_NESTING`` raise ``InputError``.
     """
     fragments: list[list] = []
     open_round: list[int] = []
@@ -82,6 +94,8 @@ def parse_prompt(text: str) -> list[tuple[str, float]]:
             continue
         add_text("".join(plain))
         plain = []
+        if char in "([" and len(open_round) + len(open_square) == MAX_NESTING:
+            raise InputError(f"brackets nest more than {MAX_NESTING} deep at character {i + 1}; use (word:1.5) for a strong weight")
         if char == "(":
             open_round.append(len(fragments))
         elif char == "[":
@@ -101,6 +115,9 @@ def parse_prompt(text: str) -> list[tuple[str, float]]:
     for start in open_square:
         scale_from(start, SQUARE_MULTIPLIER)
 
+    for text_part, weight in fragments:
+        if not abs(weight) <= MAX_WEIGHT and (text_part, weight) != BREAK:  # also NaN
+            raise InputError(f"the weight of {text_part.strip()!r} comes to {weight:g}; keep weights within +-{MAX_WEIGHT:g}")
     merged: list[tuple[str, float]] = []
     for text_part, weight in fragments:
         if merged and weight == merged[-1][1] and (text_part, weight) != BREAK and merged[-1] != BREAK:
@@ -108,6 +125,24 @@ def parse_prompt(text: str) -> list[tuple[str, float]]:
         else:
             merged.append((text_part, weight))
     return merged or [("", 1.0)]
+
+
+def check_prompt(text: str, name: str = "prompt") -> None:
+    """Raise ``InputError`` naming ``name`` if ``text`` is not UTF-8 text or its weights are refused.
+
+    Undecodable bytes of a command line reach Python as lone surrogates (``sys.argv`` is decoded
+    with ``surrogateescape``), which the tokenizer cannot take.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InputError(
+            f"{name} is not valid UTF-8 text (an undecodable byte at character {error.start + 1}); write it in UTF-8"
+        ) from None
+    try:
+        parse_prompt(text)
+    except InputError as error:
+        raise InputError(f"{name}: {error}") from None
 
 
 @dataclass
@@ -157,6 +192,8 @@ def encode_prompts(text_encoder, tokenizer, prompts: list[str], clip_skip: int |
     of the empty prompt, as A1111 does, so the batch has one sequence length.
     The result is on the text encoder's device and in its dtype.
     """
+    import torch
+
     from ldm.models.text_encoder import encode_tokens
 
     device = text_encoder.device
@@ -187,6 +224,8 @@ def apply_weights(embedding: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
     ratio of rounding noise, of any size or sign, or by zero over zero. Its weighted tokens are
     kept as they are.
     """
+    import torch
+
     original = embedding.float()
     weighted = original * weights[..., None].float()
     mean = original.mean(dim=(1, 2), keepdim=True)

@@ -1,4 +1,9 @@
-"""Seeded noise that means the same thing on every device and batch size.
+"""Seeds, and seeded noise that means the same thing on every device and batch size.
+
+A seed is an integer from 0 to ``MAX_SEED``; ``-1`` (``RANDOM_SEED``, the convention of A1111,
+ComfyUI and stable-diffusion.cpp) or None asks for a random one, which ``resolve_seed`` draws and
+the caller reports, so every image can be made again. The command line and ``Pipeline`` both go
+through ``resolve_seed``: one range, one rule.
 
 All random draws in ldm go through ``randn``: noise is drawn on the generator's
 device (the CPU for seeds) and then moved, so a seed gives the same image on a
@@ -8,7 +13,32 @@ image i of a batch equals a single image made with generator i.
 
 from __future__ import annotations
 
-import torch
+import secrets
+from typing import TYPE_CHECKING
+
+from ldm.checks import integer
+from ldm.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
+RANDOM_SEED = -1  # the seed that asks for a random one
+RANDOM_SEEDS = 2**32  # drawn seeds are 32-bit, as A1111 and stable-diffusion.cpp draw them
+
+
+def resolve_seed(seed: int | None, count: int, name: str = "seed") -> int:
+    """The first of ``count`` consecutive seeds: ``seed`` checked, or a random one for None or -1.
+
+    Imports no torch, so the command line checks ``--seed`` before loading anything.
+    """
+    if seed is None or (not isinstance(seed, bool) and seed == RANDOM_SEED):
+        return secrets.randbelow(RANDOM_SEEDS)
+    seed = integer(seed, name)
+    last = MAX_SEED - count + 1
+    if not 0 <= seed <= last:
+        raise InputError(f"{name} must be -1 (random) or from 0 to {last} for {count} images, got {seed}")
+    return seed
 
 
 def randn(
@@ -18,6 +48,8 @@ def randn(
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Standard normal noise of ``shape``; see the module docstring for the rules."""
+    import torch
+
     dtype = dtype or torch.float32
     if isinstance(generator, list):
         if len(generator) != shape[0]:
@@ -31,4 +63,6 @@ def randn(
 
 def seed_generators(seed: int, count: int) -> list[torch.Generator]:
     """CPU generators for seeds ``seed, seed+1, ..., seed+count-1``."""
+    import torch
+
     return [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]

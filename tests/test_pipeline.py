@@ -226,6 +226,22 @@ def test_img2img_size_follows_the_image_rounded_to_8(pipe, tmp_path):
     assert out.images.shape == (1, 3, 64, 64)
 
 
+def test_init_images_are_read_upright_and_16_bit_greyscale_is_scaled(pipe, tmp_path):
+    sideways = tmp_path / "sideways.png"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated by 90 degrees
+    gradient_image(64).crop((0, 0, 64, 32)).save(sideways, exif=exif)
+    out = pipe("a cat", init_image=sideways, strength=0.5, seed=1, num_inference_steps=2, output_type="pt")
+    assert out.images.shape == (1, 3, 64, 32)  # 32 wide, 64 high, as a viewer shows it
+
+    grey8, grey16 = tmp_path / "grey8.png", tmp_path / "grey16.png"
+    ramp = np.linspace(0, 255, 64).round()[None, :].repeat(64, 0)
+    Image.fromarray(ramp.astype(np.uint8)).save(grey8)
+    Image.fromarray((ramp * 257).astype(np.uint16)).save(grey16)
+    kwargs = dict(strength=0.5, seed=1, num_inference_steps=2, output_type="pt")
+    torch.testing.assert_close(pipe("a cat", init_image=grey16, **kwargs).images, pipe("a cat", init_image=grey8, **kwargs).images)
+
+
 def test_img2img_batch_determinism(pipe):
     kwargs = dict(init_image=gradient_image(), strength=0.75, num_inference_steps=4, output_type="pt")
     batch = pipe("a cat", seed=20, num_images_per_prompt=2, **kwargs).images
@@ -239,14 +255,14 @@ def test_img2img_batch_determinism(pipe):
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        ({"height": 60}, InputError, "multiples of 8"),
-        ({"width": 0}, InputError, "multiples of 8"),
+        ({"height": 60}, InputError, "multiple of 8"),
+        ({"width": 0}, InputError, "multiple of 8"),
         ({"num_inference_steps": 0}, InputError, "num_inference_steps"),
         ({"num_images_per_prompt": 0}, InputError, "num_images_per_prompt"),
         ({"output_type": "jpeg"}, InputError, "output_type"),
         ({"negative_prompt": ["a", "b"]}, InputError, "negative prompts"),
         ({"seed": 1, "generator": torch.Generator("cpu")}, InputError, "either seed or generator"),
-        ({"seed": -1}, InputError, "seed"),
+        ({"seed": -2}, InputError, "seed"),
         ({"scheduler": "plms"}, ConfigError, "unknown scheduler"),
         ({"scheduler": "euler", "eta": 0.5}, ConfigError, "eta"),
         ({"latents": torch.zeros(1, 4, 4, 4)}, InputError, "latents have shape"),
@@ -257,12 +273,87 @@ def test_img2img_batch_determinism(pipe):
         ({"init_image": Image.new("RGB", (64, 64)), "latents": torch.zeros(1, 4, 8, 8)}, InputError, "not both"),
         ({"guidance_rescale": 1.5}, InputError, "guidance_rescale"),
         ({"prompt": []}, InputError, "empty"),
+        # Non-finite numbers: NaN or -inf guidance made an unguided image, +inf failed after every step.
+        ({"guidance_scale": float("nan")}, InputError, "guidance_scale must be a finite number"),
+        ({"guidance_scale": float("inf")}, InputError, "guidance_scale must be a finite number"),
+        ({"guidance_scale": float("-inf")}, InputError, "guidance_scale must be a finite number"),
+        ({"guidance_rescale": float("nan")}, InputError, "guidance_rescale must be a finite number"),
+        ({"scheduler": "ddim", "eta": float("inf")}, InputError, "eta must be a finite number"),
+        ({"scheduler": "ddim", "eta": -0.5}, InputError, "eta must be 0 or more"),
+        ({"init_image": Image.new("RGB", (64, 64)), "strength": float("nan")}, InputError, "strength must be a finite"),
+        ({"guidance_fraction": float("nan")}, InputError, "guidance_fraction must be a finite"),
+        ({"token_merging": float("inf")}, InputError, "token_merging must be a finite"),
+        ({"num_inference_steps": 1001}, InputError, "num_inference_steps must be from 1 to 1000"),
+        ({"num_inference_steps": 2.5}, InputError, "num_inference_steps must be an integer"),
+        ({"seed": 2**64 - 1, "num_images_per_prompt": 2}, InputError, "seed must be -1 \\(random\\) or from 0 to"),
+        ({"height": 100_000, "width": 100_000}, InputError, "pixels per batch is over pipe.max_pixels"),
+        ({"num_images_per_prompt": 100_000}, InputError, "pixels per batch is over pipe.max_pixels"),
+        ({"init_image": Image.new("RGB", (4096, 4096)), "height": None, "width": None}, InputError, "4096x4096 x 1 images"),
+        ({"prompt": "a \udcff cat"}, InputError, "prompt is not valid UTF-8"),
+        ({"negative_prompt": "(x:1" + "0" * 400 + ")"}, InputError, "negative_prompt: the weight of 'x' comes to inf"),
+        ({"prompt": "(" * 10_000 + "cat"}, InputError, "prompt: brackets nest more than"),
     ],
 )
-def test_bad_arguments_raise_one_line_errors(pipe, kwargs, error, message):
-    with pytest.raises(error, match=message) as raised:
-        pipe(**{"prompt": "a cat", **SIZE, **kwargs})
+def test_bad_arguments_raise_one_line_errors_before_any_work(pipe, kwargs, error, message):
+    hook = pipe.text_encoder.register_forward_pre_hook(lambda *args: pytest.fail("the text encoder ran"))
+    try:  # the text encoder is the reference pipeline's own module, shared by every test
+        with pytest.raises(error, match=message) as raised:
+            pipe(**{"prompt": "a cat", **SIZE, **kwargs})
+    finally:
+        hook.remove()
     assert "\n" not in str(raised.value)
+
+
+def test_max_pixels_bounds_each_call_and_can_be_raised(pipe):
+    pipe.max_pixels = 64 * 64
+    assert len(pipe("a cat", seed=1, output_type="latent", **{**SIZE, "num_inference_steps": 1}).images) == 1
+    with pytest.raises(InputError, match="64x64 x 2 images = 8192 pixels per batch is over pipe.max_pixels = 4096"):
+        pipe(["a cat", "a dog"], seed=1, **SIZE)
+    pipe.max_pixels = 2 * 64 * 64
+    assert len(pipe(["a cat", "a dog"], seed=1, output_type="latent", **{**SIZE, "num_inference_steps": 1}).images) == 2
+
+
+def test_seed_minus_one_draws_a_random_seed_and_reports_it(pipe):
+    first = pipe("a cat", seed=-1, num_images_per_prompt=2, output_type="latent", **{**SIZE, "num_inference_steps": 1})
+    second = pipe("a cat", seed=-1, output_type="latent", **{**SIZE, "num_inference_steps": 1})
+    s = first.seeds[0]
+    assert first.seeds == [s, s + 1] and 0 <= s < 2**32 and second.seeds != [s]
+    again = pipe("a cat", seed=s, num_images_per_prompt=2, output_type="latent", **{**SIZE, "num_inference_steps": 1})
+    assert torch.equal(first.images, again.images)
+
+
+# --- saving results ---------------------------------------------------------------------------------
+
+
+def test_result_save_writes_pngs_with_the_settings_that_made_them(pipe, tmp_path):
+    from ldm.images import read_parameters
+
+    result = pipe(
+        ["a cat", "a dog"], negative_prompt=["blurry", "dark"], seed=7, num_images_per_prompt=2, scheduler="euler-ancestral",
+        guidance_scale=5.0, clip_skip=1, **SIZE,
+    )
+    paths = result.save(tmp_path / "out", extra={"Lora": "style: 0.8"})
+    assert [p.name for p in paths] == ["00000-7.png", "00001-8.png", "00002-9.png", "00003-10.png"]
+    params = [read_parameters(p) for p in paths]
+    assert [(p.prompt, p.negative_prompt, p.seed) for p in params] == [
+        ("a cat", "blurry", 7), ("a cat", "blurry", 8), ("a dog", "dark", 9), ("a dog", "dark", 10),
+    ]
+    assert (params[0].steps, params[0].sampler, params[0].cfg_scale, params[0].width, params[0].height) == (3, "Euler a", 5.0, 64, 64)
+    assert (params[0].model, params[0].extra["Clip skip"], params[0].extra["Lora"]) == (pipe.name, "2", "style: 0.8")
+    assert params[0].extra["Version"].startswith("ldm ")
+    assert np.array_equal(np.asarray(Image.open(paths[2])), np.asarray(result.images[2]))
+    assert result.save(tmp_path / "out")[0].name == "00004-7.png"  # never overwrites
+
+
+def test_result_save_records_img2img_and_refuses_what_it_cannot_describe(pipe, tmp_path):
+    from ldm.images import read_parameters
+
+    result = pipe("a cat", init_image=gradient_image(), strength=0.5, seed=3, num_inference_steps=2)
+    assert read_parameters(result.save(tmp_path)[0]).extra["Denoising strength"] == "0.5"
+    with pytest.raises(InputError, match="generator="):
+        pipe("a cat", generator=torch.Generator("cpu").manual_seed(1), **SIZE).save(tmp_path)
+    with pytest.raises(InputError, match="output_type='pil'"):
+        pipe("a cat", seed=1, output_type="np", **SIZE).save(tmp_path)
 
 
 def test_eta_with_a_scheduler_object_is_refused(pipe):

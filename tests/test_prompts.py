@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -12,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import clip_text_model, clip_tokenizer  # noqa: E402
 
-from ldm.prompts import BREAK, encode_prompts, parse_prompt, tokenize_prompt  # noqa: E402
+from ldm.errors import InputError  # noqa: E402
+from ldm.prompts import BREAK, MAX_NESTING, check_prompt, encode_prompts, parse_prompt, tokenize_prompt  # noqa: E402
 
 R = 1.1
 S = 1 / 1.1
@@ -53,6 +55,34 @@ def test_parse_prompt_table(text, expected):
     parsed = parse_prompt(text)
     assert [fragment for fragment, _ in parsed] == [fragment for fragment, _ in expected]
     assert [weight for _, weight in parsed] == pytest.approx([weight for _, weight in expected])
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("a (cat:1" + "0" * 400 + ")", "the weight of 'cat' comes to inf"),  # 1e400 overflows to inf
+        ("a (cat:-1" + "0" * 400 + ")", "the weight of 'cat' comes to -inf"),
+        ("(((cat:90)))", "the weight of 'cat' comes to 108.9"),  # finite factors whose product is too big
+        ("(" * 10_000 + "cat", f"nest more than {MAX_NESTING} deep at character {MAX_NESTING + 1}"),
+        ("[" * 10_000 + "cat" + "]" * 10_000, f"nest more than {MAX_NESTING} deep"),
+    ],
+)
+def test_weights_that_would_make_nan_images_are_refused_when_parsed(text, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        parse_prompt(text)
+
+
+def test_the_deepest_allowed_nesting_and_weight_parse():
+    assert parse_prompt("(" * MAX_NESTING + "cat")[0][1] == pytest.approx(R**MAX_NESTING)
+    assert parse_prompt("(cat:100)") == [("cat", 100.0)]
+
+
+def test_check_prompt_names_the_argument():
+    with pytest.raises(InputError, match=r"^PROMPT is not valid UTF-8 text \(an undecodable byte at character 3\)"):
+        check_prompt("a \udcff cat", "PROMPT")  # what sys.argv holds for the bytes b"a \xff cat"
+    with pytest.raises(InputError, match=r"^negative_prompt: the weight of 'x' comes to inf"):
+        check_prompt("(x:1" + "0" * 400 + ")", "negative_prompt")
+    check_prompt("a (cat:1.3) BREAK [dog]", "PROMPT")
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from ldm.images import read_parameters  # noqa: E402
 from ldm.pipeline import Pipeline  # noqa: E402
 
 FAST = ["--steps", "2", "--width", "64", "--height", "64", "--quiet"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -123,10 +125,11 @@ ERROR_CASES = {
     "prompt and file": (["a cat", "--from-file", "{good}"], "give either a PROMPT or --from-file"),
     "missing prompt file": (["--from-file", "{tmp}/none.txt"], "cannot read prompts"),
     "empty prompt file": (["--from-file", "{empty}"], "has no prompts"),
-    "zero steps": (["a cat", "--steps", "0"], "--steps must be at least 1"),
+    "zero steps": (["a cat", "--steps", "0"], "--steps must be from 1 to 1000"),
     "zero images": (["a cat", "--num-images", "0"], "--num-images must be at least 1"),
     "zero batch": (["a cat", "--batch-size", "0"], "--batch-size must be at least 1"),
-    "negative seed": (["a cat", "--seed", "-3"], "--seed must be"),
+    "negative seed": (["a cat", "--seed", "-3"], "--seed must be -1 (random) or from 0 to"),
+    "seed past the range": (["a cat", "--seed", str(2**64 - 1), "--num-images", "2"], "--seed must be -1 (random) or from 0 to"),
     "fp16 on the cpu": (["a cat", "--dtype", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
     "unknown device": (["a cat", "--device", "toaster"], "--device"),
     "cuda without a gpu": (["a cat", "--device", "cuda"], "no CUDA device"),
@@ -136,27 +139,148 @@ ERROR_CASES = {
     "eta for a scheduler without it": (["a cat", "--scheduler", "euler", "--eta", "0.5"], "eta"),
     "bad number": (["a cat", "--steps", "many"], "invalid int value"),
     "unknown dtype": (["a cat", "--dtype", "fp8"], "invalid choice"),
+    # Non-finite and out-of-range numbers (issue 23 §4), refused before anything loads.
+    "guidance nan": (["a cat", "--guidance-scale", "nan"], "--guidance-scale must be a finite number, got nan"),
+    "guidance inf": (["a cat", "--guidance-scale", "inf"], "--guidance-scale must be a finite number"),
+    "guidance -inf": (["a cat", "--guidance-scale=-inf"], "--guidance-scale must be a finite number"),
+    "guidance overflow": (["a cat", "--guidance-scale", "1e999"], "--guidance-scale must be a finite number"),
+    "guidance rescale nan": (["a cat", "--guidance-rescale", "nan"], "--guidance-rescale must be a finite number"),
+    "eta inf": (["a cat", "--scheduler", "ddim", "--eta", "inf"], "--eta must be a finite number"),
+    "eta negative": (["a cat", "--scheduler", "ddim", "--eta", "-0.5"], "--eta must be 0 or more"),
+    "strength nan": (["a cat", "--init-image", "{good}", "--strength", "nan"], "--strength must be a finite number"),
+    "guidance fraction nan": (["a cat", "--guidance-fraction", "nan"], "--guidance-fraction must be a finite number"),
+    "guidance fraction above one": (["a cat", "--guidance-fraction", "2"], "--guidance-fraction must be in [0, 1]"),
+    "tome inf": (["a cat", "--tome", "inf"], "--tome must be a finite number"),
+    "tome too high": (["a cat", "--tome", "0.9"], "--tome must be in [0, 0.75]"),
+    "deepcache zero": (["a cat", "--deepcache", "0"], "--deepcache must be at least 1"),
+    "clip skip negative": (["a cat", "--clip-skip", "-1"], "--clip-skip must be 0 or more"),
+    # Oversized work (issue 22 §4).
+    "too many steps": (["a cat", "--steps", "100000"], "--steps must be from 1 to 1000"),
+    "huge size": (["a cat", "--width", "100000", "--height", "100000"], "pixels per batch is over --max-pixels"),
+    "huge batch": (["a cat", "--num-images", "100000", "--batch-size", "100000"], "64x64 x 100000 images"),
+    "max pixels zero": (["a cat", "--max-pixels", "0"], "--max-pixels must be a positive number"),
+    "init image sets too big a size": (["a cat", "--init-image", "{good}", "--max-pixels", "4000"], "64x64 x 1 images"),
+    "decompression bomb": (["a cat", "--init-image", "{bomb}"], "too many to decode safely"),
+    "init image too small": (["a cat", "--init-image", "{tiny}"], "smaller than 8x8"),
+    "init image is a folder": (["a cat", "--init-image", "{tmp}"], "cannot read image"),
+    # Output paths, checked before the generation instead of after it (issue 22 §3).
+    "out is a file": (["a cat", "--out", "{good}"], "is a file, not a folder"),
+    "out inside a file": (["a cat", "--out", "{good}/images"], "is a file, not a folder"),
+    # Text that the tokenizer cannot take or weights that end in NaN (issue 22 §4).
+    "prompt with an undecodable byte": (["a \udcff cat"], "PROMPT is not valid UTF-8 text"),
+    "negative prompt with an undecodable byte": (["a cat", "--negative-prompt", "\udcfe"], "--negative-prompt is not valid UTF-8"),
+    "prompt file with an undecodable byte": (["--from-file", "{latin1}"], "latin1.txt line 2 is not valid UTF-8 (byte 0xe9"),
+    "prompt file is a folder": (["--from-file", "{tmp}"], "cannot read prompts"),
+    "prompt weight overflows": (["a (cat:1" + "0" * 400 + ")"], "PROMPT: the weight of 'cat' comes to inf"),
+    "prompt nested 10000 deep": (["(" * 10_000 + "cat"], "PROMPT: brackets nest more than 32 deep"),
+    "prompt file weight": (["--from-file", "{weighted}"], "weighted.txt line 1: the weight of 'cat' comes to inf"),
 }
+# Errors that only the model can reveal; every other case is refused before anything is loaded.
+AFTER_LOADING = {"folder that is not a model"}
+
+
+def bad_input_files(tmp_path: Path) -> dict[str, Path]:
+    from test_txt2img_images import png_claiming_size
+
+    (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
+    (tmp_path / "latin1.txt").write_bytes("a cat\nun caf\u00e9\n".encode("latin-1"))
+    (tmp_path / "weighted.txt").write_text("(cat:1" + "0" * 400 + ")\n", encoding="utf-8")
+    Image.new("RGB", (4, 4)).save(tmp_path / "tiny.png")
+    return {
+        "tmp": tmp_path, "broken": broken_image(tmp_path), "good": good_image(tmp_path), "empty": tmp_path / "empty.txt",
+        "latin1": tmp_path / "latin1.txt", "weighted": tmp_path / "weighted.txt", "tiny": tmp_path / "tiny.png",
+        "bomb": png_claiming_size(tmp_path / "bomb.png", 20_000, 20_000),
+    }
+
+
+def bad_input_argv(case: str, names: dict[str, Path], model: Path) -> list[str]:
+    argv = [arg.format(**names) if "{" in arg else arg for arg in ERROR_CASES[case][0]]
+    if "--model" not in argv:
+        argv += ["--model", str(model)]
+    if "--out" not in argv:
+        argv += ["--out", str(names["tmp"] / "out")]
+    sized = any(flag in argv for flag in ("--width", "--height", "--init-image"))
+    return ["txt2img", "--steps", "2", "--quiet", *([] if sized else ["--width", "64", "--height", "64"]), *argv]
 
 
 @pytest.mark.parametrize("case", list(ERROR_CASES))
-def test_errors_are_one_line_with_exit_code_2(case, model, tmp_path, capsys):
-    argv, message = ERROR_CASES[case]
-    (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
-    names = {"tmp": tmp_path, "broken": broken_image(tmp_path), "good": good_image(tmp_path), "empty": tmp_path / "empty.txt"}
-    argv = [arg.format(**names) for arg in argv]
-    if "--model" not in argv:
-        argv += ["--model", str(model)]
-    out = tmp_path / "out"
+def test_errors_are_one_line_with_exit_code_2(case, model, tmp_path, capsys, monkeypatch):
+    if case not in AFTER_LOADING:
+        monkeypatch.setattr(Pipeline, "from_pretrained", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    argv = bad_input_argv(case, bad_input_files(tmp_path), model)
     try:
-        code = main(["txt2img", *FAST, *argv, "--out", str(out)])
+        code = main(argv)
     except SystemExit as exit_:  # argparse usage errors
         code = exit_.code
     err = capsys.readouterr().err
     assert code == 2
-    assert message in err
+    assert ERROR_CASES[case][1] in err
     assert err.count("\n") == 1 and err.startswith("ldm txt2img: error:")
-    assert not out.exists()
+    assert not (tmp_path / "out").exists()
+
+
+# Checked in a fresh interpreter: one line on stderr, exit code 2, no traceback, torch never imported.
+SUBPROCESS_CASES = [
+    "width not a multiple of 8", "guidance nan", "too many steps", "huge batch", "negative seed", "out is a file",
+    "decompression bomb", "prompt weight overflows", "prompt file with an undecodable byte", "eta inf",
+]
+CHECK_WITHOUT_TORCH = """
+import sys
+from ldm.cli import main
+code = main(sys.argv[1:])
+assert 'torch' not in sys.modules, 'torch was imported'
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("case", SUBPROCESS_CASES)
+def test_bad_arguments_fail_fast_without_torch_or_traceback(case, model, tmp_path):
+    argv = bad_input_argv(case, bad_input_files(tmp_path), model)
+    done = subprocess.run([sys.executable, "-c", CHECK_WITHOUT_TORCH, *argv], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    assert done.stderr.count("\n") == 1 and ERROR_CASES[case][1] in done.stderr
+
+
+def test_undecodable_command_line_bytes_are_one_line_from_python_m_ldm(tmp_path):
+    for argv in ([b"a \xff cat"], [b"a cat", b"--negative-prompt", b"\xfe\xff"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "ldm", "txt2img", *argv, "--out", str(tmp_path / "out")],
+            capture_output=True, cwd=ROOT, timeout=60,
+        )
+        assert done.returncode == 2 and b"Traceback" not in done.stderr
+        assert done.stderr.count(b"\n") == 1 and b"is not valid UTF-8 text" in done.stderr
+
+
+def test_version():
+    from ldm import __version__
+
+    done = subprocess.run([sys.executable, "-m", "ldm", "--version"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert (done.returncode, done.stdout) == (0, f"ldm {__version__}\n")
+
+
+def test_seed_minus_one_draws_a_seed_and_records_it(model, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, _ = run(capsys, "a cat", "--seed", "-1", "--num-images", 2, "--model", model, "--out", out, *FAST)
+    assert code == 0
+    paths = [Path(line) for line in stdout.split()]
+    seeds = [read_parameters(path).seed for path in paths]
+    assert seeds[1] == seeds[0] + 1 and 0 <= seeds[0] < 2**32
+    assert [path.name for path in paths] == [f"00000-{seeds[0]}.png", f"00001-{seeds[1]}.png"]
+
+
+def test_max_pixels_option_reaches_the_pipeline(model, tmp_path, capsys, monkeypatch):
+    """Without --width/--height the size is the model's, known once it is loaded: the pipeline refuses it."""
+    code, _, err = run(capsys, "a cat", "--model", model, "--max-pixels", 4000, "--steps", 1, "--out", tmp_path, "--quiet")
+    assert code == 2 and "64x64 x 1 images = 4096 pixels per batch is over pipe.max_pixels = 4000" in err
+    code, _, _ = run(capsys, "a cat", "--model", model, "--max-pixels", 4096, "--steps", 1, "--out", tmp_path, "--quiet")
+    assert code == 0
+
+
+def test_token_merging_bound_is_the_models():
+    from ldm.checks import MAX_TOKEN_MERGING
+    from ldm.models.tome import MAX_RATIO
+
+    assert MAX_TOKEN_MERGING == MAX_RATIO
 
 
 def test_missing_default_model_says_to_pass_model(tmp_path, capsys, monkeypatch):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,10 +14,12 @@ from PIL import Image
 from ldm.errors import InputError
 from ldm.images import (
     GenerationParameters,
+    check_output_folder,
     format_parameters,
     image_to_tensor,
     open_image,
     parse_parameters,
+    read_image,
     read_parameters,
     save_png,
     to_pil,
@@ -132,3 +138,59 @@ def test_to_pil_rounds_to_nearest_level():
     images = torch.tensor([0.0, 0.5, 1.0, 0.2]).view(1, 1, 2, 2).expand(1, 3, 2, 2)
     array = np.asarray(to_pil(images)[0])
     assert array[..., 0].tolist() == [[0, 128], [255, 51]]
+
+
+def png_claiming_size(path: Path, width: int, height: int) -> Path:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb's header)."""
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR's width and height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # IHDR's CRC over type and fields
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("side", [10_000, 20_000])  # over PIL's limit (a warning), over twice the limit (its error)
+def test_decompression_bombs_are_refused_before_decoding(tmp_path, side):
+    bomb = png_claiming_size(tmp_path / "bomb.png", side, side)
+    with pytest.raises(InputError, match="too many to decode safely; scale it down first"):
+        read_image(bomb)
+
+
+def test_read_image_scales_16_bit_greyscale_instead_of_clipping_it(tmp_path):
+    path = tmp_path / "grey16.png"
+    Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(path)
+    assert Image.open(path).mode in ("I;16", "I")
+    array = np.asarray(read_image(path))
+    assert array.shape == (8, 8, 3) and np.all(array == 128)  # 32768 / 257 = 127.5; PIL's convert gives 255
+
+
+def test_read_image_applies_the_exif_orientation(tmp_path):
+    path = tmp_path / "sideways.jpg"
+    pixels = np.zeros((16, 32, 3), dtype=np.uint8)
+    pixels[:, :16] = 255  # white left half, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+    image = read_image(path)
+    assert image.size == (16, 32)
+    array = np.asarray(image, dtype=int)
+    assert array[:16].mean() > 200 and array[16:].mean() < 50  # the white half is now on top
+
+
+def test_training_reads_images_with_the_same_function():
+    from ldm.images import to_rgb
+    from ldm.training import data
+
+    assert data.to_rgb is to_rgb
+
+
+def test_check_output_folder_refuses_files_on_the_way(tmp_path):
+    file = tmp_path / "taken"
+    file.write_text("x")
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        check_output_folder(file, "--out")
+    with pytest.raises(InputError, match=f"{file} is a file, not a folder"):
+        check_output_folder(file / "deeper" / "out", "--out")
+    check_output_folder(tmp_path / "new" / "folder")  # made later, on the first save
+    assert not (tmp_path / "new").exists()

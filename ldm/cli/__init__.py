@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ldm import __version__
 from ldm.cli import convert, finetune, txt2img
 from ldm.errors import LdmError
 
@@ -24,6 +25,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="ldm", description="Latent text-to-image: generate, convert, fine-tune.")
+    parser.add_argument("--version", action="version", version=f"ldm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for command in COMMANDS:
         command.register(sub)

@@ -1,38 +1,31 @@
 """`ldm txt2img PROMPT`: generate images into numbered PNGs that carry their parameters.
 
 Every argument is checked before the model is loaded, so a typo costs no
-loading time; each mistake is a one-line message and exit code 2. Image j of a
-prompt gets seed ``--seed + j`` whatever ``--batch-size`` is, so any single
-image can be made again with ``--seed <its seed> --num-images 1``.
+loading time; each mistake is a one-line message and exit code 2. The checks of
+the settings themselves (``check_settings``) import no torch, so they answer in
+milliseconds; they are ``ldm.checks``' functions, which ``Pipeline`` calls too.
+Image j of a prompt gets seed ``--seed + j`` whatever ``--batch-size`` is, so
+any single image can be made again with ``--seed <its seed> --num-images 1``.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import secrets
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ldm import checks
 from ldm.errors import CheckpointError, InputError
+from ldm.images import A1111_SAMPLER_NAMES, check_output_folder, read_image
+from ldm.prompts import check_prompt
+from ldm.random import resolve_seed
 
 if TYPE_CHECKING:
     from PIL import Image
 
-# Our scheduler names as AUTOMATIC1111 writes them in "Sampler:", so other tools recognise them.
-# dpm-solver (the noise-prediction multistep solver) has no A1111 counterpart and keeps a plain name.
-A1111_SAMPLER_NAMES = {
-    "ddim": "DDIM",
-    "ddpm": "DDPM",
-    "dpm-solver": "DPM-Solver 2M",
-    "dpm-solver++": "DPM++ 2M",
-    "dpm-solver++-sde": "DPM++ 2M SDE",
-    "euler": "Euler",
-    "euler-ancestral": "Euler a",
-    "unipc": "UniPC",
-}
 DTYPES = ("fp32", "fp16", "bf16")
 
 
@@ -61,11 +54,15 @@ def register(sub) -> None:
     )
     parser.add_argument("--guidance-rescale", type=float, default=0.0, help="0..1, for v-prediction models (Lin et al. 2024)")
     parser.add_argument("--clip-skip", type=int, metavar="K", help="use the text encoder's k-th layer from the end, diffusers' meaning")
-    parser.add_argument("--seed", type=int, help="seed of the first image; image j gets seed + j (default: random)")
+    parser.add_argument("--seed", type=int, default=-1, help="seed of the first image; image j gets seed + j (default -1: random)")
     parser.add_argument("--width", type=int, help="multiple of 8 (default: the model's native size or the init image's)")
     parser.add_argument("--height", type=int, help="multiple of 8 (default: the model's native size or the init image's)")
     parser.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt")
     parser.add_argument("--batch-size", type=int, default=1, metavar="N", help="images generated together (memory, not results)")
+    parser.add_argument(
+        "--max-pixels", type=int, default=checks.MAX_PIXELS, metavar="N",
+        help=f"refuse batches of more than N pixels, width x height x batch size (default {checks.MAX_PIXELS}: 1024x1024 x 4)",
+    )
     parser.add_argument("--init-image", type=Path, metavar="FILE", help="start from this image (img2img)")
     parser.add_argument("--strength", type=float, help="img2img: how much to change the image, in (0, 1] (default 0.8)")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="apply a LoRA file (repeatable)")
@@ -89,6 +86,7 @@ class Job:
     """Everything checked and resolved from the command line before any model is loaded."""
 
     prompts: list[str]
+    seed: int  # of each prompt's first image: --seed, or drawn at random
     model: Path
     loras: list[tuple[Path, float]]
     init_image: Image.Image | None
@@ -100,7 +98,6 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ldm.images import GenerationParameters, save_png
     from ldm.pipeline import Pipeline
 
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -110,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--cpu-offload only helps on a CUDA device; drop it or pass --device cuda")
 
     pipe = Pipeline.from_pretrained(job.model, device="cpu" if args.cpu_offload else device, dtype=dtype)
+    pipe.max_pixels = args.max_pixels
     for path, scale in job.loras:
         pipe.load_lora(path, scale=scale)
     if args.cpu_offload:
@@ -127,8 +125,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     steps, guidance_scale = pipe.defaults.fill(args.steps, args.guidance_scale)
-
-    base_seed = args.seed if args.seed is not None else secrets.randbelow(2**32 - args.num_images)
+    extra = {"Lora": ", ".join(f"{path.stem}: {scale:g}" for path, scale in job.loras)} if job.loras else {}
     total = len(job.prompts) * args.num_images
     images_bar = tqdm(total=total, desc="images", unit="img", disable=args.quiet or total <= args.batch_size, file=sys.stderr)
     for prompt in job.prompts:
@@ -149,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
                 eta=args.eta,
                 timestep_spacing=args.timestep_spacing,
                 use_karras_sigmas=args.karras,
-                seed=base_seed + first,
+                seed=job.seed + first,
                 init_image=job.init_image,
                 strength=job.strength,
                 callback=lambda i, t, x, bar=steps_bar: bar.update(1),
@@ -158,89 +155,25 @@ def run(args: argparse.Namespace) -> int:
                 token_merging=args.tome,
             )
             steps_bar.close()
-            for image, seed in zip(result.images, result.seeds):
-                params = GenerationParameters(
-                    prompt=prompt,
-                    negative_prompt=args.negative_prompt,
-                    steps=steps,
-                    sampler=A1111_SAMPLER_NAMES.get(args.scheduler, args.scheduler),
-                    cfg_scale=guidance_scale,
-                    seed=seed,
-                    width=image.width,
-                    height=image.height,
-                    model=pipe.name,
-                    extra=extra_parameters(args),
-                )
-                tqdm.write(str(save_png(image, args.out, params)), file=sys.stdout)
+            for path in result.save(args.out, extra):
+                tqdm.write(str(path), file=sys.stdout)
                 images_bar.update(1)
     images_bar.close()
     return 0
 
 
-def extra_parameters(args: argparse.Namespace) -> dict[str, str]:
-    """The optional A1111 keys that apply to this run."""
-    from ldm import __version__
-
-    extra = {}
-    if args.init_image is not None:
-        extra["Denoising strength"] = f"{0.8 if args.strength is None else args.strength:g}"
-    if args.clip_skip is not None:
-        extra["Clip skip"] = str(args.clip_skip + 1)  # A1111 counts the last layer as 1, diffusers as 0
-    if args.eta is not None:
-        extra["Eta"] = f"{args.eta:g}"
-    if args.karras:
-        extra["Schedule type"] = "Karras"  # A1111's key and value
-    if args.timestep_spacing is not None:
-        extra["Timestep spacing"] = args.timestep_spacing
-    if args.guidance_rescale:
-        extra["Guidance rescale"] = f"{args.guidance_rescale:g}"
-    if args.deepcache > 1:
-        extra["DeepCache interval"] = str(args.deepcache)
-    if args.guidance_fraction < 1:
-        extra["Guidance fraction"] = f"{args.guidance_fraction:g}"
-    if args.tome:
-        extra["Token merging ratio"] = f"{args.tome:g}"
-    if args.lora:
-        extra["Lora"] = ", ".join(f"{path.stem}: {scale:g}" for path, scale in map(lora_argument, args.lora))
-    extra["Version"] = f"ldm {__version__}"
-    return extra
-
-
 def check_arguments(args: argparse.Namespace) -> Job:
-    """Check every argument that can be checked without the model; raise ``InputError`` / ``CheckpointError``."""
+    """Check every argument that can be checked without the model; raise ``InputError`` / ``CheckpointError``.
+
+    The settings come first and import no torch; the scheduler, device and model after.
+    """
+    prompts, seed, init_image = check_settings(args)
     from ldm.loading import DEFAULT_MODEL_DIR
     from ldm.schedulers import SCHEDULERS
 
-    if (args.prompt is None) == (args.from_file is None):
-        raise InputError("give either a PROMPT or --from-file FILE (one prompt per line)")
-    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.from_file)
-    for name, value in (("--width", args.width), ("--height", args.height)):
-        if value is not None and (value <= 0 or value % 8):
-            raise InputError(f"{name} must be a positive multiple of 8, got {value}")
-    for name, value in (("--steps", args.steps), ("--num-images", args.num_images), ("--batch-size", args.batch_size)):
-        if value is not None and value < 1:
-            raise InputError(f"{name} must be at least 1, got {value}")
-    if args.strength is not None and args.init_image is None:
-        raise InputError("--strength only applies with --init-image")
-    if args.strength is not None and not 0 < args.strength <= 1:
-        raise InputError(f"--strength must be in (0, 1], got {args.strength}")
-    if args.seed is not None and not 0 <= args.seed < 2**63:
-        raise InputError(f"--seed must be from 0 to 2**63 - 1, got {args.seed}")
     if args.scheduler not in SCHEDULERS:
         raise InputError(f"unknown scheduler {args.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     check_scheduler_options(args)
-    if not 0 <= args.guidance_rescale <= 1:
-        raise InputError(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
-    if args.clip_skip is not None and args.clip_skip < 0:
-        raise InputError(f"--clip-skip must be 0 or more, got {args.clip_skip}")
-    if not 0 <= args.guidance_fraction <= 1:
-        raise InputError(f"--guidance-fraction must be in [0, 1] (1 = guidance at every step), got {args.guidance_fraction}")
-    if args.deepcache < 1:
-        raise InputError(f"--deepcache must be at least 1 (1 = off), got {args.deepcache}")
-    from ldm.models.tome import MAX_RATIO
-
-    if not 0 <= args.tome <= MAX_RATIO:
-        raise InputError(f"--tome must be in [0, {MAX_RATIO}] (0 = off), got {args.tome}")
     if args.device is not None:
         check_device(args.device)
     if args.dtype == "fp16" and args.device is not None and args.device.startswith("cpu"):
@@ -254,15 +187,55 @@ def check_arguments(args: argparse.Namespace) -> Job:
     elif not model.exists():
         raise CheckpointError(f"model {model} does not exist; pass a diffusers folder or a .safetensors/.ckpt file")
     loras = [lora_argument(text) for text in args.lora]
+    return Job(prompts, seed, model, loras, init_image, 0.8 if args.strength is None else args.strength)
 
-    init_image = None
-    if args.init_image is not None:
-        from ldm.images import open_image
 
-        init_image = open_image(args.init_image)
-        if args.width is None and init_image.width < 8 or args.height is None and init_image.height < 8:
-            raise InputError(f"init image {args.init_image} is smaller than 8x8 pixels")
-    return Job(prompts, model, loras, init_image, 0.8 if args.strength is None else args.strength)
+def check_settings(args: argparse.Namespace) -> tuple[list[str], int, Image.Image | None]:
+    """The prompts, the first seed and the init image, every setting checked with ``ldm.checks``; imports no torch."""
+    if (args.prompt is None) == (args.from_file is None):
+        raise InputError("give either a PROMPT or --from-file FILE (one prompt per line)")
+    if args.prompt is not None:
+        check_prompt(args.prompt, "PROMPT")
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.from_file)
+    check_prompt(args.negative_prompt, "--negative-prompt")
+    for name, value in (("--width", args.width), ("--height", args.height)):
+        if value is not None:
+            checks.check_side(value, name)
+    if args.steps is not None:
+        checks.check_steps(args.steps, "--steps")
+    checks.check_count(args.num_images, "--num-images")
+    checks.check_count(args.batch_size, "--batch-size")
+    checks.check_max_pixels(args.max_pixels, "--max-pixels")
+    seed = resolve_seed(args.seed, args.num_images, "--seed")
+    if args.guidance_scale is not None:
+        checks.check_guidance_scale(args.guidance_scale, "--guidance-scale")
+    checks.check_guidance_rescale(args.guidance_rescale, "--guidance-rescale")
+    if args.eta is not None:
+        checks.check_eta(args.eta, "--eta")
+    if args.strength is not None and args.init_image is None:
+        raise InputError("--strength only applies with --init-image")
+    if args.strength is not None:
+        checks.check_strength(args.strength, "--strength")
+    if args.clip_skip is not None:
+        checks.check_clip_skip(args.clip_skip, "--clip-skip")
+    checks.check_guidance_fraction(args.guidance_fraction, "--guidance-fraction")
+    checks.check_deepcache_interval(args.deepcache, "--deepcache")
+    checks.check_token_merging(args.tome, "--tome")
+    check_output_folder(args.out, "--out")
+    init_image = check_init_image(args)
+    return prompts, seed, init_image
+
+
+def check_init_image(args: argparse.Namespace) -> Image.Image | None:
+    """The ``--init-image`` read upright as RGB, and the batch it sets checked against ``--max-pixels``."""
+    init_image = read_image(args.init_image) if args.init_image is not None else None
+    if init_image is not None and min(init_image.size) < 8:
+        raise InputError(f"init image {args.init_image} is smaller than 8x8 pixels")
+    width = args.width or (init_image.width // 8 * 8 if init_image is not None else None)
+    height = args.height or (init_image.height // 8 * 8 if init_image is not None else None)
+    if width is not None and height is not None:  # else the model's size: the pipeline checks it once loaded
+        checks.check_pixels(width, height, min(args.batch_size, args.num_images), args.max_pixels, "--max-pixels")
+    return init_image
 
 
 def check_scheduler_options(args: argparse.Namespace) -> None:
@@ -274,18 +247,26 @@ def check_scheduler_options(args: argparse.Namespace) -> None:
         if given and option not in takes:
             users = [name for name, cls in SCHEDULERS.items() if option in {f.name for f in fields(cls.Options)}]
             raise InputError(f"{flag} does not apply to --scheduler {args.scheduler}; it applies to {', '.join(users)}")
-    if args.eta is not None:
-        from ldm.schedulers import create
-
-        create(args.scheduler, eta=args.eta)  # the option's own range check
 
 
 def read_prompts(path: Path) -> list[str]:
+    """The non-blank lines of ``path``, stripped; an undecodable line is named by its number."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"cannot read prompts from {path}: {error.__class__.__name__}") from None
-    prompts = [line.strip() for line in lines if line.strip()]
+        data = path.read_bytes()
+    except OSError as error:
+        raise InputError(f"cannot read prompts from {path}: {error.strerror or error.__class__.__name__}") from None
+    prompts = []
+    for number, raw in enumerate(data.splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as error:
+            raise InputError(
+                f"{path} line {number} is not valid UTF-8 (byte {raw[error.start]:#04x} at column {error.start + 1}); "
+                "save the file as UTF-8"
+            ) from None
+        if line:
+            check_prompt(line, f"{path} line {number}")
+            prompts.append(line)
     if not prompts:
         raise InputError(f"{path} has no prompts; write one prompt per line")
     return prompts

@@ -26,10 +26,10 @@ import torch
 from PIL import Image, ImageOps
 
 from ldm.errors import ConfigError, InputError
+from ldm.images import to_rgb  # the one image reader, shared with init images
 from ldm.training.config import DataConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 class DataWarning(UserWarning):
@@ -42,26 +42,6 @@ class Example:
     caption: str
     size: tuple[int, int]  # (width, height) of the source image
     bucket: tuple[int, int]  # (width, height) it is trained at
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image as 8-bit RGB: grayscale, palette, CMYK, 16-bit and transparent images included.
-
-    Transparent pixels are composited on white (what a viewer shows), not on whatever colour the
-    invisible pixels happen to store.
-    """
-    image = ImageOps.exif_transpose(image)
-    if image.mode in SIXTEEN_BIT_MODES:
-        # PIL's convert("L") clips 16-bit values at 255 instead of rescaling them.
-        values = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(values / 257.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
 
 
 def read_text(path: Path) -> str:

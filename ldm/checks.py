@@ -1,0 +1,137 @@
+"""The checks of a generation's settings, shared by ``ldm txt2img`` and ``Pipeline``.
+
+Each function checks one setting and raises ``InputError`` with a one-line message naming the
+setting as the caller spells it: ``--guidance-scale`` on the command line, ``guidance_scale`` in
+Python. Numbers must be finite: a NaN guidance scale would silently make an unguided image, an
+infinite one would run every step and then fail. Nothing here imports torch, so the command line
+refuses a bad argument in milliseconds, before the seconds that importing torch takes.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+from ldm.errors import InputError
+
+# Pixels per batch (width x height x images generated together): 1024x1024 x 4, 512x512 x 16.
+# It stops a mistyped size or batch before it allocates tens of GB; raise it for big GPUs.
+MAX_PIXELS = 4 * 1024 * 1024
+# More steps than the training schedule's timesteps (1000 for every SD model) only repeat timesteps.
+MAX_STEPS = 1000
+MAX_TOKEN_MERGING = 0.75  # = ldm.models.tome.MAX_RATIO (a test keeps them equal; that module imports torch)
+
+
+def finite(value, name: str) -> float:
+    """``value`` as a float; ``InputError`` unless it is a finite number."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise InputError(f"{name} must be a finite number, got {value}")
+    return number
+
+
+def integer(value, name: str) -> int:
+    """``value`` as an int; ``InputError`` unless it is an integer (a bool is not)."""
+    if isinstance(value, bool):
+        raise InputError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise InputError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _between(value, name: str, low: float, high: float, meaning: str = "") -> float:
+    number = finite(value, name)
+    if not low <= number <= high:
+        raise InputError(f"{name} must be in [{low:g}, {high:g}]{meaning}, got {value}")
+    return number
+
+
+def check_guidance_scale(value, name: str = "guidance_scale") -> float:
+    """Any finite weight; <= 1 turns guidance off."""
+    return finite(value, name)
+
+
+def check_guidance_rescale(value, name: str = "guidance_rescale") -> float:
+    return _between(value, name, 0.0, 1.0)
+
+
+def check_eta(value, name: str = "eta") -> float:
+    """DDIM's eta: 0 is deterministic, 1 the DDPM variance; more adds more noise."""
+    number = finite(value, name)
+    if number < 0:
+        raise InputError(f"{name} must be 0 or more (0 = deterministic), got {value}")
+    return number
+
+
+def check_strength(value, name: str = "strength") -> float:
+    number = finite(value, name)
+    if not 0 < number <= 1:
+        raise InputError(f"{name} must be in (0, 1], got {value}")
+    return number
+
+
+def check_guidance_fraction(value, name: str = "guidance_fraction") -> float:
+    return _between(value, name, 0.0, 1.0, " (1 = guidance at every step)")
+
+
+def check_token_merging(value, name: str = "token_merging") -> float:
+    return _between(value, name, 0.0, MAX_TOKEN_MERGING, " (0 = off)")
+
+
+def check_deepcache_interval(value, name: str = "deepcache_interval") -> int:
+    number = integer(value, name)
+    if number < 1:
+        raise InputError(f"{name} must be at least 1 (1 = off), got {value}")
+    return number
+
+
+def check_count(value, name: str) -> int:
+    """An image count or batch size: an integer of at least 1."""
+    number = integer(value, name)
+    if number < 1:
+        raise InputError(f"{name} must be at least 1, got {value}")
+    return number
+
+
+def check_steps(value, name: str = "num_inference_steps", limit: int = MAX_STEPS) -> int:
+    """1 to ``limit`` steps: the model's training timesteps, or ``MAX_STEPS`` before it is loaded."""
+    number = integer(value, name)
+    if not 1 <= number <= limit:
+        raise InputError(f"{name} must be from 1 to {limit} (the model's training timesteps), got {value}")
+    return number
+
+
+def check_clip_skip(value, name: str = "clip_skip") -> int:
+    number = integer(value, name)
+    if number < 0:
+        raise InputError(f"{name} must be 0 or more, got {value}")
+    return number
+
+
+def check_side(value, name: str, factor: int = 8) -> int:
+    """A width or height: a positive multiple of the VAE's factor."""
+    number = integer(value, name)
+    if number <= 0 or number % factor:
+        raise InputError(f"{name} must be a positive multiple of {factor}, got {value}")
+    return number
+
+
+def check_max_pixels(value, name: str = "max_pixels") -> int:
+    number = integer(value, name)
+    if number < 1:
+        raise InputError(f"{name} must be a positive number of pixels, got {value}")
+    return number
+
+
+def check_pixels(width: int, height: int, batch: int, max_pixels: int, limit_name: str = "max_pixels") -> None:
+    """Refuse a batch of more than ``max_pixels`` pixels before anything is allocated for it."""
+    pixels = width * height * batch
+    if pixels > max_pixels:
+        raise InputError(
+            f"{width}x{height} x {batch} images = {pixels} pixels per batch is over {limit_name} = {max_pixels}; "
+            f"make the images smaller or fewer at a time, or raise {limit_name}"
+        )
