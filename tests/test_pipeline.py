@@ -6,6 +6,7 @@ Parity with diffusers' pipelines through the loaders is in test_pipeline_parity.
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 from pathlib import Path
 
@@ -189,13 +190,34 @@ def test_default_size_comes_from_the_unet(pipe):
     assert out.images.shape[-1] * factor == pipe.unet.config.sample_size * factor
 
 
-def test_sliced_and_tiled_vae_decode_match_the_full_decode(pipe):
+def test_sliced_vae_decode_matches_the_full_decode(pipe):
     latent = pipe("a cat", seed=1, num_images_per_prompt=2, output_type="latent", **SIZE).images
     full = pipe.decode_latents(latent)
     pipe.vae_decode = "sliced"
     torch.testing.assert_close(pipe.decode_latents(latent), full, rtol=0, atol=1e-5)
+
+
+def test_tiled_vae_decode_decodes_the_scaled_latents_tile_by_tile(pipe, monkeypatch):
+    latent = pipe("a cat", seed=1, num_images_per_prompt=2, output_type="latent", **SIZE).images
+    full = pipe.decode_latents(latent)
+    # Tiles of 4 latent pixels overlapping by 2: the 8 x 8 latents decode as 3 x 3 tiles. (The default
+    # 64-pixel tile holds these latents whole; test_models_vae.py bounds multi-tile against plain decoding.)
+    monkeypatch.setattr(pipe.vae, "decode_tiled", functools.partial(pipe.vae.decode_tiled, tile=4, overlap=2))
+    tiles = count_decoder_tiles(pipe)
     pipe.vae_decode = "tiled"
-    torch.testing.assert_close(pipe.decode_latents(latent), full, rtol=0, atol=1e-5)
+    got = pipe.decode_latents(latent)
+    assert tiles == [(2, 4, 4)] * 9
+    with torch.no_grad():
+        expected = (pipe.vae.decode_tiled(latent / pipe.vae.config.scaling_factor) / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert (got - full).abs().max() > 1e-3  # tiles normalized on their own: not the full decode
+
+
+def count_decoder_tiles(pipe: Pipeline) -> list[tuple[int, int, int]]:
+    """(batch, height, width) of each latent tile the VAE decoder runs on."""
+    tiles: list[tuple[int, int, int]] = []
+    pipe.vae.decoder.register_forward_pre_hook(lambda module, args: tiles.append((args[0].shape[0], *args[0].shape[-2:])))
+    return tiles
 
 
 def test_sliced_attention_gives_the_same_image(pipe):
