@@ -360,15 +360,39 @@ def test_bfloat16_runs_and_stays_close_to_float32(pipe):
     assert (half - full).abs().mean() < 0.05
 
 
-def test_model_offload_moves_networks_back_and_keeps_the_image(pipe):
+def test_model_offload_runs_each_network_on_the_execution_device_and_parks_the_others(pipe, monkeypatch):
     expected = pipe("a cat", seed=1, output_type="pt", **SIZE).images
-    devices: list[torch.device] = []
-    pipe.unet.register_forward_pre_hook(lambda module, args: devices.append(module.conv_in.weight.device))
-    pipe.enable_model_cpu_offload("cpu")
+    pipe.text_encoder = copy.deepcopy(pipe.text_encoder)  # the fixture's own is shared with other tests
+    moved_to = record_moves(pipe, monkeypatch)
+    running: list[tuple[str, dict[str, torch.device]]] = []  # (network, where each network was) per forward
+    for name, module in {"text encoder": pipe.text_encoder, "unet": pipe.unet, "vae": pipe.vae.decoder}.items():
+        module.register_forward_pre_hook(lambda *_, name=name: running.append((name, dict(moved_to))))
+    # "cpu:0" runs on the CPU but is a device of its own name, so moves to it are told apart from offloading.
+    execution, offload = torch.device("cpu:0"), torch.device("cpu")
+    pipe.enable_model_cpu_offload(execution)
+    networks = ("text encoder", "unet", "vae")
+    assert moved_to == dict.fromkeys(networks, offload)
     got = pipe("a cat", seed=1, output_type="pt", **SIZE).images
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    assert devices and all(device == pipe.device for device in devices)
-    assert pipe.unet.conv_in.weight.device.type == "cpu"
+    assert [name for name, _ in running] == ["text encoder", "unet", "unet", "unet", "vae"]
+    for name, where in running:
+        assert where == {other: execution if other == name else offload for other in networks}
+    assert moved_to == dict.fromkeys(networks, offload)
+
+
+def record_moves(pipe: Pipeline, monkeypatch) -> dict[str, torch.device]:
+    """The device each network (text encoder, U-Net, VAE) was last moved to with ``.to``, kept up to date."""
+    moved_to: dict[str, torch.device] = {}
+    for name, module in {"text encoder": pipe.text_encoder, "unet": pipe.unet, "vae": pipe.vae}.items():
+
+        def to(*args, name=name, move=module.to, **kwargs):
+            target = kwargs.get("device", args[0] if args else None)
+            if isinstance(target, (str, torch.device)):
+                moved_to[name] = torch.device(target)
+            return move(*args, **kwargs)
+
+        monkeypatch.setattr(module, "to", to)
+    return moved_to
 
 
 @pytest.mark.parametrize("init", [False, True], ids=["txt2img", "img2img"])
