@@ -357,7 +357,9 @@ def test_bfloat16_runs_and_stays_close_to_float32(pipe):
     assert pipe.unet.conv_in.weight.dtype == torch.bfloat16 and pipe.vae.decoder.conv_out.weight.dtype == torch.bfloat16
     half = pipe("a cat", seed=1, output_type="pt", **{**SIZE, "num_inference_steps": 2}).images
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
-    assert (half - full).abs().mean() < 0.05
+    # Measured max |half - full| = 0.036 (images in [0, 1]; another seed's image differs by up to 1.0).
+    error = (half - full).abs().max()
+    assert 1e-3 < error < 0.1
 
 
 def test_model_offload_runs_each_network_on_the_execution_device_and_parks_the_others(pipe, monkeypatch):
