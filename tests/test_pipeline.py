@@ -198,7 +198,7 @@ def test_sliced_vae_decode_matches_the_full_decode(pipe):
 
 
 def test_tiled_vae_decode_decodes_the_scaled_latents_tile_by_tile(pipe, monkeypatch):
-    latent = pipe("a cat", seed=1, num_images_per_prompt=2, output_type="latent", **SIZE).images
+    latent = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     full = pipe.decode_latents(latent)
     # Tiles of 4 latent pixels overlapping by 2: the 8 x 8 latents decode as 3 x 3 tiles. (The default
     # 64-pixel tile holds these latents whole; test_models_vae.py bounds multi-tile against plain decoding.)
