@@ -180,4 +180,4 @@ def test_bf16_forward_stays_close_to_fp32():
         ours.to(torch.bfloat16)
         got = ours(sample.bfloat16(), t, context.bfloat16())
     assert got.dtype == torch.bfloat16
-    assert _rel(got, expected) < 5e-2
+    assert _rel(got, expected) < 3e-2  # measured 0.012

@@ -280,3 +280,75 @@ def test_abar_at_is_exact_at_integer_timesteps():
     for t in (0, 1, 500, 999):
         exact = float(scheduler.alphas_cumprod[t])
         assert float(abar_at(scheduler.alphas_cumprod, t)) == pytest.approx(exact, rel=1e-6)
+
+
+# --- closed form: DDIM steps with the exact noise predictor of Gaussian data --------------------------------
+
+NARROW = GaussianMixture1D.gaussian(0.5, 0.5)  # variance 1/4: the marginal variance changes with t
+LEADING_10 = [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]  # SD's 10 "leading" steps, steps_offset=1
+
+
+def sd_alphas_cumprod() -> torch.Tensor:
+    """SD's abar_t in float64, apart from ldm.schedulers.noise: sqrt(beta) linear from 0.00085 to 0.012."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def ddim_abars(final: float | None = None) -> list[float]:
+    """abar at each of the 10 timesteps, then where the last step lands (abar_0 unless ``final``)."""
+    abar = sd_alphas_cumprod()
+    return [float(abar[t]) for t in LEADING_10] + [float(abar[0]) if final is None else final]
+
+
+def ddim_coefficients(abar_t: float, abar_prev: float, eta: float) -> tuple[float, float, float]:
+    """(sqrt(abar_prev), direction coefficient, sigma) of Song et al. 2021, eq. 12, sigma from eq. 16 times eta."""
+    sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) ** 0.5
+    return abar_prev**0.5, (1 - abar_prev - sigma**2) ** 0.5, sigma
+
+
+@pytest.mark.parametrize(
+    "name, options, final", [("ddim", {"eta": 0.0}, None), ("ddim", {"eta": 1.0}, None), ("ddpm", {}, 1.0)]
+)
+def test_every_ddim_step_is_eq_12_of_song_et_al(name, options, final):
+    eta = options.get("eta", 1.0)  # DDPM is DDIM at eta = 1, landing on abar = 1
+    abars = ddim_abars(final)
+    x = torch.linspace(-3, 3, 64).reshape(4, 16)
+    for k, t in enumerate(LEADING_10):
+        scheduler = create(name, **options)
+        scheduler.set_timesteps(10)
+        assert scheduler.timesteps.tolist() == LEADING_10
+        eps = NARROW.predict(x, abars[k], "epsilon")
+        got = scheduler.step(eps, t, x, generator=torch.Generator().manual_seed(k))
+        # x_{t-1} = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps + sigma z, in float64.
+        x0_hat = (x.double() - (1 - abars[k]) ** 0.5 * eps.double()) / abars[k] ** 0.5
+        scale, direction, sigma = ddim_coefficients(abars[k], abars[k + 1], eta)
+        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(k)).double()  # the step's draw
+        expected = scale * x0_hat + direction * eps.double() + sigma * z
+        torch.testing.assert_close(got.double(), expected, rtol=0, atol=5e-6)  # float32 steps: measured 1.5e-6
+
+
+def ddim_output_law(data: GaussianMixture1D, abars: list[float], eta: float) -> tuple[float, float]:
+    """(mean, variance) of a DDIM run with the exact predictor, from the marginal at abars[0], in closed form.
+
+    For Gaussian data N(m, s^2) both x0_hat = m + g (x - a m), g = a s^2 / (a^2 s^2 + 1 - a^2), and eps_hat
+    are linear in x, so each step is x_prev = A x + B + sigma z and the law stays Gaussian.
+    """
+    m, s2 = data.mean, data.std**2
+    mean, var = abars[0] ** 0.5 * m, abars[0] * s2 + 1 - abars[0]
+    for abar_t, abar_prev in zip(abars, abars[1:]):
+        a, b = abar_t**0.5, (1 - abar_t) ** 0.5
+        g = a * s2 / (abar_t * s2 + 1 - abar_t)
+        scale, direction, sigma = ddim_coefficients(abar_t, abar_prev, eta)
+        slope = scale * g + direction * (1 - a * g) / b
+        offset = (m - g * a * m) * (scale - direction * a / b)
+        mean, var = slope * mean + offset, slope**2 * var + sigma**2
+    return mean, var
+
+
+def test_a_full_ddim_run_at_eta_1_has_the_closed_form_output_law():
+    count = 2**16
+    out = run_sampler(create("ddim", eta=1.0), NARROW, 10, count, generator=torch.Generator().manual_seed(0))
+    mean, var = ddim_output_law(NARROW, ddim_abars(), eta=1.0)
+    # Only the sampler's noise is random (the start is stratified): 4 standard errors of a Gaussian sample.
+    assert abs(float(out.mean()) - mean) < 4 * (var / count) ** 0.5
+    assert abs(float(out.var()) - var) < 4 * var * (2 / count) ** 0.5

@@ -141,7 +141,7 @@ def test_token_merging_ratio_0_is_exact_and_ratio_half_attends_to_fewer_tokens(u
         set_token_merging(unet, 0.0)
     assert seen == [64 - 32]
     assert not torch.equal(merged, exact)
-    assert (merged - exact).abs().max() < 0.5 * exact.abs().max()
+    assert (merged - exact).abs().max() < 0.1 * exact.abs().max()  # measured 0.036 (another input: 1.1)
 
 
 def test_token_merging_rejects_bad_settings(unet):

@@ -37,6 +37,12 @@ def _record(module: torch.nn.Module) -> tuple[list[int], object]:
     return sizes, handle
 
 
+def max_difference(images: torch.Tensor, exact: torch.Tensor) -> float:
+    """Largest pixel difference. Images are in [0, 1]; another seed's image differs from ``exact`` by up
+    to 0.87 (mean 0.18), so bounds near half of that would pass an unrelated image."""
+    return (images - exact).abs().max().item()
+
+
 def test_switches_at_their_neutral_values_give_the_exact_image(pipe, exact):
     images = pipe("a red circle", guidance_fraction=1.0, deepcache_interval=1, token_merging=0.0, **RUN).images
     assert torch.equal(images, exact)
@@ -49,8 +55,10 @@ def test_guidance_fraction_half_drops_the_unconditional_pass_in_the_second_half(
     finally:
         handle.remove()
     assert sizes == [2, 2, 2, 1, 1, 1]
-    assert not torch.equal(images, exact)
-    assert (images - exact).abs().mean() < 0.1
+    assert 1e-3 < max_difference(images, exact) < 0.01  # measured 0.0042
+    # With no guided step every pass is the conditional one: the image of guidance_scale 1.
+    unguided = pipe("a red circle", guidance_fraction=0.0, **RUN).images
+    torch.testing.assert_close(unguided, pipe("a red circle", guidance_scale=1.0, **RUN).images, rtol=0, atol=1e-5)
 
 
 def test_deepcache_runs_the_deep_part_every_third_step(pipe, exact):
@@ -60,14 +68,12 @@ def test_deepcache_runs_the_deep_part_every_third_step(pipe, exact):
     finally:
         handle.remove()
     assert len(sizes) == 2  # steps 0 and 3 of 6
-    assert not torch.equal(images, exact)
-    assert (images - exact).abs().mean() < 0.1
+    assert 0.01 < max_difference(images, exact) < 0.09  # measured 0.046
 
 
 def test_token_merging_applies_for_the_call_only(pipe, exact):
     images = pipe("a red circle", token_merging=0.5, **RUN).images
-    assert not torch.equal(images, exact)
-    assert (images - exact).abs().mean() < 0.1
+    assert 3e-3 < max_difference(images, exact) < 0.04  # measured 0.016
     assert torch.equal(pipe("a red circle", **RUN).images, exact)
 
 
