@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPTokenizer
 
-from ldm.errors import CheckpointError
+from ldm.errors import CheckpointError, ConfigError
 from ldm.loading.components import Components, parse_dtype
 from ldm.loading.detect import PredictionType
 from ldm.loading.diffusers_folder import is_diffusers_folder, load_diffusers, load_vae, save_diffusers
@@ -28,6 +28,7 @@ from ldm.loading.single_file import load_single_file, save_single_file
 __all__ = [
     "DEFAULT_MODEL_DIR",
     "Components",
+    "check_config_folder",
     "load_components",
     "load_vae_only",
     "save_diffusers",
@@ -56,13 +57,18 @@ def load_components(
     dtype: str | torch.dtype = torch.float32,
     prediction_type: PredictionType | None = None,
     tokenizer: str | Path | CLIPTokenizer | None = None,
+    config: str | Path | None = None,
 ) -> Components:
     """Load a diffusers folder or a single ``.safetensors``/``.ckpt`` file.
 
     ``prediction_type`` overrides the file's (or the detected) one; ``tokenizer`` is a
     tokenizer folder, ``"sd1"``/``"sd2"`` for the shipped one, or a ``CLIPTokenizer``.
+    ``config`` is a diffusers folder whose configuration files (weights not needed) describe a
+    single file, instead of what the file carries or SD's conventions (diffusers'
+    ``from_single_file(config=...)``); its ``tokenizer/`` is used when it has one.
     """
     path = Path(path)
+    config = check_config_folder(Path(config)) if config is not None else None
     device = torch.device(device)
     dtype = parse_dtype(dtype)
     if prediction_type is not None and prediction_type not in _PREDICTION_TYPES:
@@ -73,5 +79,17 @@ def load_components(
     if path.is_dir():
         if not is_diffusers_folder(path):
             raise CheckpointError(f"{path} is a folder without model_index.json or unet/config.json; not a diffusers model")
+        if config is not None:
+            raise ConfigError(f"{path} is a diffusers folder, which carries its own configuration; drop config=")
         return load_diffusers(path, **options)
-    return load_single_file(path, **options)
+    return load_single_file(path, config=config, **options)
+
+
+def check_config_folder(folder: Path) -> Path:
+    """``folder`` if it holds a diffusers model's configuration files, else a one-line error."""
+    needed = ("unet/config.json", "vae/config.json", "text_encoder/config.json")
+    if not folder.is_dir() or not all((folder / name).is_file() for name in needed):
+        raise ConfigError(
+            f"{folder} is not a model configuration folder; pass a diffusers model folder (with {', '.join(needed)})"
+        )
+    return folder
