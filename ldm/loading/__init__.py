@@ -35,8 +35,17 @@ __all__ = [
     "save_single_file",
 ]
 
-# The project's own default model, in the diffusers layout.
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "weights" / "ldm-shapes"
+
+
+def _default_model_dir() -> Path:
+    """The project's own model, in the diffusers layout: inside the package in an installed wheel
+    (``setup.py`` copies it there), at the top of the repository in a checkout or editable install."""
+    package = Path(__file__).resolve().parents[1]
+    installed, checkout = package / "weights" / "ldm-shapes", package.parent / "weights" / "ldm-shapes"
+    return checkout if checkout.is_dir() and not installed.is_dir() else installed
+
+
+DEFAULT_MODEL_DIR = _default_model_dir()
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
