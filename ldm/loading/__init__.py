@@ -6,7 +6,12 @@ Two layouts are read and written:
   ``tokenizer/``, ``scheduler/``), see ``ldm.loading.diffusers_folder``;
 - an original single file (``.safetensors`` or ``.ckpt``), see ``ldm.loading.single_file``;
   its architecture and family are detected from keys and shapes (``ldm.loading.detect``),
-  every rename lives in ``ldm.loading.keymap``.
+  every rename lives in ``ldm.loading.keymap``; ldm's own files carry the configuration the
+  conventions would not give back (``ldm.loading.configs``).
+
+What is written, is written byte for byte reproducibly (``ldm.loading.writers``). Models ldm
+cannot run (inpainting, instruct-pix2pix) and configurations no machine could build are
+refused before any network is built.
 
 Nothing here touches the network: paths are local, tokenizers come from the model
 folder, the shipped ``ldm/assets/clip_tokenizer`` or a ``tokenizer=`` path.
