@@ -27,6 +27,7 @@ Files are written byte for byte reproducibly (``ldm.loading.writers``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -113,7 +114,7 @@ def load_single_file(
 def file_configs(
     source: TensorFile,
     shapes: dict[str, tuple[int, ...]],
-    read,
+    read: Callable[[str], torch.Tensor],
     family: str,
     config: Path | None,
     prediction_type: PredictionType | None,
