@@ -81,6 +81,7 @@ class GenerationDefaults:
 
     A model folder may recommend its own in ``generation_config.json`` (as transformers' models do
     for text generation): a model trained on simple data can need less guidance than SD's 7.5.
+    ``ldm.loading`` reads and checks it for folders and single files alike (``Components.generation_config``).
     """
 
     guidance_scale: float = 7.5
@@ -165,8 +166,13 @@ class Pipeline:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = None,
+        config: str | Path | None = None,
     ) -> Pipeline:
-        """Load a diffusers folder or a single ``.safetensors`` / ``.ckpt`` (default: the project's model)."""
+        """Load a diffusers folder or a single ``.safetensors`` / ``.ckpt`` (default: the project's model).
+
+        ``config``: a diffusers folder whose configuration describes a single file that carries none
+        (see ``ldm.loading.load_components``).
+        """
         from ldm.loading import DEFAULT_MODEL_DIR, load_components
 
         if path is None:
@@ -176,11 +182,10 @@ class Pipeline:
         device = torch.device(device or "cpu")
         dtype = dtype or torch.float32
         check_dtype(dtype, device)
-        parts = load_components(path, device=device, dtype=dtype, prediction_type=prediction_type)
+        parts = load_components(path, device=device, dtype=dtype, prediction_type=prediction_type, config=config)
         pipe = cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config)
-        pipe.name = Path(path).stem if Path(path).is_file() else Path(path).name
-        if Path(path).is_dir():
-            pipe.defaults = GenerationDefaults.of_model(Path(path))
+        pipe.name = parts.name or (Path(path).stem if Path(path).is_file() else Path(path).name)
+        pipe.defaults = GenerationDefaults(**parts.generation_config)  # checked by the loader
         return pipe
 
     # --- set-up ------------------------------------------------------------------------------------

@@ -173,7 +173,9 @@ def test_full_finetune_writes_a_model_txt2img_loads(micro_folder, data_folder, t
     assert [int(r["step"]) for r in rows] == [1, 2] and all(float(r["loss"]) > 0 for r in rows)
     assert (out / "samples" / "step-000002-0.png").is_file()
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-000002"]
-    image = Pipeline.from_pretrained(out / "model")("zqx", num_inference_steps=2, height=32, width=32, seed=0).images[0]
+    pipe = Pipeline.from_pretrained(out / "model")
+    assert pipe.name == "run"  # named after the run's folder, not "model"
+    image = pipe("zqx", num_inference_steps=2, height=32, width=32, seed=0).images[0]
     assert image.size == (32, 32)
     # The run is finished: running it again would overwrite the result.
     assert finetune("--max-steps", "2", model=micro_folder, data=data_folder, output=out) == 2

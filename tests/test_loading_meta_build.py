@@ -36,7 +36,7 @@ def test_build_without_initialisers_gives_the_same_networks(family):
     unet_config, vae_config, text_config = FULL_SIZE[family], VAEConfig.sd(), clip_config(family)
     with torch.device("meta"):
         plain = (UNet(unet_config), AutoencoderKL(vae_config), CLIPTextModel(text_config))
-    fast = build_networks(unet_config.to_diffusers(), vae_config.to_diffusers(), text_config)
+    fast = build_networks(unet_config, vae_config, text_config)
     for ours, reference in zip(fast, plain):
         assert type(ours) is type(reference)
         assert repr(ours) == repr(reference)
@@ -59,7 +59,7 @@ def test_initialisers_still_run_on_real_tensors_and_after_the_build():
         norm = nn.GroupNorm(2, 8, device="cpu")
     assert torch.equal(inside.weight, reference.weight) and torch.equal(inside.bias, reference.bias)
     assert torch.equal(norm.weight, torch.ones(8)) and torch.equal(norm.bias, torch.zeros(8))
-    build_networks(UNetConfig.tiny().to_diffusers(), VAEConfig.tiny().to_diffusers(), clip_config("sd1"))
+    build_networks(UNetConfig.tiny(), VAEConfig.tiny(), clip_config("sd1"))
     after = seeded_linear()
     assert torch.equal(after.weight, reference.weight) and torch.equal(after.bias, reference.bias)
 

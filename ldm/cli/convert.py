@@ -3,7 +3,11 @@
 The direction follows DST: a name ending in ``.safetensors`` or ``.ckpt`` is written as
 one original-layout file, anything else as a diffusers folder. SRC may be either form
 (a single file can also be re-saved as a single file, e.g. ``.ckpt`` -> ``.safetensors``).
-DST is written atomically and never overwritten.
+DST is written atomically and never overwritten, and converting the same SRC twice gives
+the same bytes. Everything ldm reads comes back: a single file carries, in its metadata,
+the configuration that SD's conventions would not give back (other widths, heads, groups,
+sizes, VAE scaling, scheduler) and the model's generation_config.json; a folder gets it as
+files. A single file without it (other tools' files) can be described by --config FOLDER.
 """
 
 from __future__ import annotations
@@ -38,6 +42,14 @@ def register(sub) -> None:
     parser.add_argument(
         "--tokenizer", default=None, help="a CLIP tokenizer folder, or sd1 / sd2 for the shipped one (single-file SRC)"
     )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a diffusers folder whose configuration describes a single-file SRC that carries none (default: "
+        "what SRC carries, else SD's conventions)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -52,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("SRC and DST are the same path; choose a new DST")
     # Loading straight into the target precision: one copy of the weights in memory.
     dtype = parse_dtype(args.dtype or "fp32")
-    components = load_components(args.src, dtype=dtype, prediction_type=args.prediction_type, tokenizer=args.tokenizer)
+    components = load_components(
+        args.src, dtype=dtype, prediction_type=args.prediction_type, tokenizer=args.tokenizer, config=args.config
+    )
     if args.dst.suffix in SUFFIXES:
         written = save_single_file(components, args.dst)
     else:

@@ -214,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
         return 130
     if not result.is_main_process:
         return 0
-    written = save_result(target, result.checkpoint, result_writer(result, components, config))
+    # Named after the run's folder: images made with OUT/model say "Model: <OUT's name>", not "model".
+    written = save_result(target, result.checkpoint, result_writer(result, components, config, args.output.resolve().name))
     loss = "" if result.last_loss is None else f" (last loss {result.last_loss:.4f})"
     print(f"wrote {written} after {result.step} steps{loss}")
     if superseded is not None:
@@ -222,21 +223,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def result_writer(result, components, config: TrainConfig):
-    """``save(path)``: the trained LoRA adapters or the whole model (diffusers folder), written atomically."""
-    from ldm.loading import Components, save_diffusers
+def result_writer(result, components, config: TrainConfig, name: str):
+    """``save(path)``: the trained LoRA adapters or the whole model (diffusers folder, recording ``name``),
+    written atomically."""
+    from ldm.loading import save_diffusers
     from ldm.lora import save_lora
 
     if config.lora:
         return lambda path: save_lora(path, result.unet, result.text_encoder if config.train_text_encoder else None)
     # Mixed precision ran the frozen parts in half precision; the saved model is full precision.
-    trained = Components(
-        unet=result.unet.float(),
-        vae=components.vae.float(),
-        text_encoder=result.text_encoder.float(),
-        tokenizer=components.tokenizer,
-        scheduler_config=components.scheduler_config,
-        family=components.family,
-        source=components.source,
+    # Everything else (scheduler, generation_config.json...) is the base model's.
+    trained = dataclasses.replace(
+        components, unet=result.unet.float(), vae=components.vae.float(), text_encoder=result.text_encoder.float()
     )
-    return lambda path: save_diffusers(trained, path)
+    return lambda path: save_diffusers(trained, path, name=name)

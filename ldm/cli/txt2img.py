@@ -39,6 +39,9 @@ def register(sub) -> None:
     parser.add_argument("--from-file", type=Path, metavar="FILE", help="a text file with one prompt per line, instead of PROMPT")
     parser.add_argument("--negative-prompt", default="", metavar="TEXT", help="what the image should not show")
     parser.add_argument("--model", type=Path, metavar="PATH", help="diffusers folder or .safetensors/.ckpt file (default: the project's model)")
+    parser.add_argument(
+        "--config", type=Path, metavar="DIR", help="a diffusers folder whose configuration describes a --model file that carries none"
+    )
     parser.add_argument("--scheduler", default="dpm-solver++", metavar="NAME", help=", ".join(A1111_SAMPLER_NAMES))
     parser.add_argument("--eta", type=float, help="noise of DDIM steps (0: deterministic; only schedulers that take it)")
     parser.add_argument(
@@ -106,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     if args.cpu_offload and device.type != "cuda":
         raise InputError("--cpu-offload only helps on a CUDA device; drop it or pass --device cuda")
 
-    pipe = Pipeline.from_pretrained(job.model, device="cpu" if args.cpu_offload else device, dtype=dtype)
+    pipe = Pipeline.from_pretrained(job.model, device="cpu" if args.cpu_offload else device, dtype=dtype, config=args.config)
     pipe.max_pixels = args.max_pixels
     for path, scale in job.loras:
         pipe.load_lora(path, scale=scale)
@@ -186,6 +189,12 @@ def check_arguments(args: argparse.Namespace) -> Job:
         model = Path(DEFAULT_MODEL_DIR)
     elif not model.exists():
         raise CheckpointError(f"model {model} does not exist; pass a diffusers folder or a .safetensors/.ckpt file")
+    if args.config is not None:
+        from ldm.loading import check_config_folder
+
+        if model.is_dir():
+            raise InputError(f"--config describes a model file; {model} is a folder with its own configuration, drop --config")
+        check_config_folder(args.config)
     loras = [lora_argument(text) for text in args.lora]
     return Job(prompts, seed, model, loras, init_image, 0.8 if args.strength is None else args.strength)
 

@@ -6,7 +6,12 @@ Two layouts are read and written:
   ``tokenizer/``, ``scheduler/``), see ``ldm.loading.diffusers_folder``;
 - an original single file (``.safetensors`` or ``.ckpt``), see ``ldm.loading.single_file``;
   its architecture and family are detected from keys and shapes (``ldm.loading.detect``),
-  every rename lives in ``ldm.loading.keymap``.
+  every rename lives in ``ldm.loading.keymap``; ldm's own files carry the configuration the
+  conventions would not give back (``ldm.loading.configs``).
+
+What is written, is written byte for byte reproducibly (``ldm.loading.writers``). Models ldm
+cannot run (inpainting, instruct-pix2pix) and configurations no machine could build are
+refused before any network is built.
 
 Nothing here touches the network: paths are local, tokenizers come from the model
 folder, the shipped ``ldm/assets/clip_tokenizer`` or a ``tokenizer=`` path.
@@ -19,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPTokenizer
 
-from ldm.errors import CheckpointError
+from ldm.errors import CheckpointError, ConfigError
 from ldm.loading.components import Components, parse_dtype
 from ldm.loading.detect import PredictionType
 from ldm.loading.diffusers_folder import is_diffusers_folder, load_diffusers, load_vae, save_diffusers
@@ -28,14 +33,24 @@ from ldm.loading.single_file import load_single_file, save_single_file
 __all__ = [
     "DEFAULT_MODEL_DIR",
     "Components",
+    "check_config_folder",
     "load_components",
     "load_vae_only",
     "save_diffusers",
     "save_single_file",
 ]
 
-# The project's own default model, in the diffusers layout.
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "weights" / "ldm-shapes"
+
+
+def _default_model_dir() -> Path:
+    """The project's own model, in the diffusers layout: inside the package in an installed wheel
+    (``setup.py`` copies it there), at the top of the repository in a checkout or editable install."""
+    package = Path(__file__).resolve().parents[1]
+    installed, checkout = package / "weights" / "ldm-shapes", package.parent / "weights" / "ldm-shapes"
+    return checkout if checkout.is_dir() and not installed.is_dir() else installed
+
+
+DEFAULT_MODEL_DIR = _default_model_dir()
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -56,13 +71,18 @@ def load_components(
     dtype: str | torch.dtype = torch.float32,
     prediction_type: PredictionType | None = None,
     tokenizer: str | Path | CLIPTokenizer | None = None,
+    config: str | Path | None = None,
 ) -> Components:
     """Load a diffusers folder or a single ``.safetensors``/``.ckpt`` file.
 
     ``prediction_type`` overrides the file's (or the detected) one; ``tokenizer`` is a
     tokenizer folder, ``"sd1"``/``"sd2"`` for the shipped one, or a ``CLIPTokenizer``.
+    ``config`` is a diffusers folder whose configuration files (weights not needed) describe a
+    single file, instead of what the file carries or SD's conventions (diffusers'
+    ``from_single_file(config=...)``); its ``tokenizer/`` is used when it has one.
     """
     path = Path(path)
+    config = check_config_folder(Path(config)) if config is not None else None
     device = torch.device(device)
     dtype = parse_dtype(dtype)
     if prediction_type is not None and prediction_type not in _PREDICTION_TYPES:
@@ -73,5 +93,17 @@ def load_components(
     if path.is_dir():
         if not is_diffusers_folder(path):
             raise CheckpointError(f"{path} is a folder without model_index.json or unet/config.json; not a diffusers model")
+        if config is not None:
+            raise ConfigError(f"{path} is a diffusers folder, which carries its own configuration; drop config=")
         return load_diffusers(path, **options)
-    return load_single_file(path, **options)
+    return load_single_file(path, config=config, **options)
+
+
+def check_config_folder(folder: Path) -> Path:
+    """``folder`` if it holds a diffusers model's configuration files, else a one-line error."""
+    needed = ("unet/config.json", "vae/config.json", "text_encoder/config.json")
+    if not folder.is_dir() or not all((folder / name).is_file() for name in needed):
+        raise ConfigError(
+            f"{folder} is not a model configuration folder; pass a diffusers model folder (with {', '.join(needed)})"
+        )
+    return folder

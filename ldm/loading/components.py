@@ -9,7 +9,7 @@ loading is about the size of the weights.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -41,6 +41,10 @@ class Components:
     scheduler_config: SchedulerConfig
     family: Family
     source: Path
+    # The model's generation_config.json (ldm.pipeline.GenerationDefaults), kept so a copy
+    # recommends what the original does; empty when the model recommends nothing.
+    generation_config: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None  # the name the model records for itself; None: named after its folder or file
 
 
 # Calls that only write values into an existing tensor: the random and constant initialisers
@@ -78,15 +82,14 @@ class _NoValueWritesOnMeta(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def build_networks(unet: dict[str, Any], vae: dict[str, Any], text: CLIPTextConfig) -> tuple[UNet, AutoencoderKL, CLIPTextModel]:
-    """The three networks from diffusers-style configs, on the meta device (weights come later)."""
+def build_networks(unet: UNetConfig, vae: VAEConfig, text: CLIPTextConfig) -> tuple[UNet, AutoencoderKL, CLIPTextModel]:
+    """The three networks, on the meta device (weights come later)."""
     # transformers' CLIP modelling code adds about 90 MiB and 1.6 s to a process that imports
     # it, so it is imported only where a text encoder is built: VAE-only work never pays it.
     from transformers import CLIPTextModel
 
-    unet_config, vae_config = UNetConfig.from_diffusers(unet), VAEConfig.from_diffusers(vae)
     with torch.device("meta"), _NoValueWritesOnMeta():
-        return UNet(unet_config), AutoencoderKL(vae_config), CLIPTextModel(text)
+        return UNet(unet), AutoencoderKL(vae), CLIPTextModel(text)
 
 
 def shapes_of(model: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -155,20 +155,27 @@ def vae_config(shapes: Mapping[str, tuple[int, ...]], sample_size: int) -> dict[
     }
 
 
+def stored_text_blocks(shapes: Mapping[str, Any], family: Family) -> int:
+    """How many transformer blocks the file's text encoder stores."""
+    if family == "sd1":
+        return 1 + max(_indices(shapes, re.escape(SD1_TEXT_PREFIX) + r"encoder\.layers\.(\d+)\."), default=-1)
+    return 1 + max(_indices(shapes, re.escape(SD2_TEXT_PREFIX) + r"transformer\.resblocks\.(\d+)\."), default=-1)
+
+
 def text_config(shapes: Mapping[str, tuple[int, ...]], family: Family) -> tuple[CLIPTextConfig, int]:
     """The CLIPTextConfig, and how many transformer blocks the file stores."""
     if family == "sd1":
         p = SD1_TEXT_PREFIX
         vocab, width = _shape(shapes, p + "embeddings.token_embedding.weight")
         positions = _shape(shapes, p + "embeddings.position_embedding.weight")[0]
-        blocks = 1 + max(_indices(shapes, re.escape(p) + r"encoder\.layers\.(\d+)\."))
+        blocks = stored_text_blocks(shapes, family)
         inner = _shape(shapes, p + "encoder.layers.0.mlp.fc1.weight")[0]
         layers = blocks
     else:
         p = SD2_TEXT_PREFIX
         vocab, width = _shape(shapes, p + "token_embedding.weight")
         positions = _shape(shapes, p + "positional_embedding")[0]
-        blocks = 1 + max(_indices(shapes, re.escape(p) + r"transformer\.resblocks\.(\d+)\."))
+        blocks = stored_text_blocks(shapes, family)
         inner = _shape(shapes, p + "transformer.resblocks.0.mlp.c_fc.weight")[0]
         # SD 2.x conditions on the penultimate block: the last stored block is never run.
         lacks_unused_block = width == _VIT_H_WIDTH and blocks == _VIT_H_BLOCKS - 1

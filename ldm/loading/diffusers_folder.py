@@ -8,12 +8,14 @@
     text_encoder/config.json  text_encoder/model.safetensors
     tokenizer/                (vocab.json, merges.txt, ...)
     scheduler/scheduler_config.json
+    generation_config.json    (optional, ldm's: the guidance and steps the model recommends)
 
 Weights may also be ``.bin`` pickles, sharded (``*.index.json``) or only the fp16
 variant (``diffusion_pytorch_model.fp16.safetensors``); full precision is preferred
 when several exist. ldm's networks use diffusers' key names, so no renaming happens
 here; the text encoder's keys may carry the ``text_model.`` prefix of the released
-folders (transformers < 5) or not.
+folders (transformers < 5) or not. Weights are written byte for byte reproducibly
+(``ldm.loading.writers``).
 
 The family is read from the text encoder: OpenCLIP's ``gelu`` is SD 2.x, OpenAI
 CLIP's ``quick_gelu`` is SD 1.x.
@@ -25,32 +27,23 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTokenizer
 
 from ldm.errors import CheckpointError, ConfigError
 from ldm.io import atomic_write_dir
-from ldm.loading.components import Components, build_networks, finish, load_entries, resolve_tokenizer, shapes_of
-from ldm.loading.detect import PredictionType
 from ldm.loading import keymap
+from ldm.loading.components import Components, build_networks, finish, load_entries, resolve_tokenizer, shapes_of
+from ldm.loading.configs import check_text_to_image, folder_configs, read_json
+from ldm.loading.detect import PredictionType
 from ldm.loading.keymap import Entry
 from ldm.loading.sources import open_component
+from ldm.loading.writers import write_safetensors
 from ldm.models import AutoencoderKL, VAEConfig
 from ldm.schedulers import SchedulerConfig
 
 
-
 def is_diffusers_folder(path: Path) -> bool:
     return path.is_dir() and ((path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file())
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing; a diffusers model folder needs unet/, vae/, text_encoder/ configs")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path} is not valid JSON ({error.msg} at line {error.lineno})") from None
 
 
 def family_of(text: CLIPTextConfig) -> str:
@@ -89,27 +82,27 @@ def load_diffusers(
     prediction_type: PredictionType | None,
     tokenizer: str | Path | CLIPTokenizer | None,
 ) -> Components:
-    text_config = CLIPTextConfig.from_dict(_read_json(folder / "text_encoder" / "config.json"))
-    family = family_of(text_config)
-    unet_json = _read_json(folder / "unet" / "config.json")
-    vae_json = _read_json(folder / "vae" / "config.json")
-    unet, vae, text_encoder = build_networks(unet_json, vae_json, text_config)
+    configs = folder_configs(folder)
+    check_text_to_image(configs.unet, configs.vae, folder)
+    family = family_of(configs.text)
+    unet, vae, text_encoder = build_networks(configs.unet, configs.vae, configs.text)
     _load_part(unet, folder / "unet", "diffusers", device=device, dtype=dtype)
     _load_part(vae, folder / "vae", "diffusers", device=device, dtype=dtype)
     _load_part(text_encoder, folder / "text_encoder", "transformers", device=device, dtype=dtype)
     finish(unet, vae, text_encoder, device)
 
-    scheduler_json = folder / "scheduler" / "scheduler_config.json"
-    scheduler = SchedulerConfig.from_diffusers(_read_json(scheduler_json)) if scheduler_json.is_file() else SchedulerConfig()
+    scheduler = configs.scheduler or SchedulerConfig()
     if prediction_type is not None:
         scheduler = scheduler.with_values(prediction_type=prediction_type)
     loaded_tokenizer = resolve_tokenizer(tokenizer, family, folder / "tokenizer")
-    return Components(unet, vae, text_encoder, loaded_tokenizer, scheduler, family, folder)
+    return Components(
+        unet, vae, text_encoder, loaded_tokenizer, scheduler, family, folder, configs.generation, model_name(folder)
+    )
 
 
 def load_vae(folder: Path, *, device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
     """Only the VAE of a diffusers folder (for decode-only work: nothing else is read)."""
-    config = VAEConfig.from_diffusers(_read_json(folder / "vae" / "config.json"))
+    config = VAEConfig.from_diffusers(read_json(folder / "vae" / "config.json"))
     with torch.device("meta"):
         vae = AutoencoderKL(config)
     _load_part(vae, folder / "vae", "diffusers", device=device, dtype=dtype)
@@ -119,8 +112,21 @@ def load_vae(folder: Path, *, device: torch.device, dtype: torch.dtype) -> Autoe
     return vae.eval()
 
 
-def _model_index() -> dict:
+# A name the model records for itself in model_index.json (diffusers ignores "_" keys); without
+# one, a model is named after its folder.
+NAME_KEY = "_ldm_name"
+
+
+def model_name(folder: Path) -> str | None:
+    """The name ``folder``'s model records for itself, if any."""
+    index = folder / "model_index.json"
+    name = read_json(index).get(NAME_KEY) if index.is_file() else None
+    return name if isinstance(name, str) and name else None
+
+
+def _model_index(name: str | None) -> dict:
     return {
+        **({NAME_KEY: name} if name else {}),
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": "0.30.0",
         "feature_extractor": [None, None],
@@ -148,31 +154,39 @@ def _write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
-def save_diffusers(components: Components, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write ``components`` as a diffusers folder (loads in diffusers' ``from_pretrained``), atomically."""
+def save_diffusers(
+    components: Components, folder: str | Path, dtype: torch.dtype | None = None, name: str | None = None
+) -> Path:
+    """Write ``components`` as a diffusers folder (loads in diffusers' ``from_pretrained``), atomically.
+
+    ``name``: what images made with the model call it, when not the folder's name (a fine-tuned
+    model in ``OUT/model/`` is named after ``OUT``).
+    """
     folder = Path(folder)
     if folder.exists():
         raise CheckpointError(f"{folder} already exists; ldm never overwrites, choose a new folder name")
 
     def write(tmp: Path) -> None:
-        _write_json(tmp / "model_index.json", _model_index())
-        for name, model, config in (
+        _write_json(tmp / "model_index.json", _model_index(name))
+        for part, model, config in (
             ("unet", components.unet, components.unet.config.to_diffusers()),
             ("vae", components.vae, components.vae.config.to_diffusers()),
         ):
-            (tmp / name).mkdir()
-            _write_json(tmp / name / "config.json", config)
-            save_file(_tensors(model, dtype), str(tmp / name / "diffusion_pytorch_model.safetensors"), {"format": "pt"})
+            (tmp / part).mkdir()
+            _write_json(tmp / part / "config.json", config)
+            write_safetensors(tmp / part / "diffusion_pytorch_model.safetensors", _tensors(model, dtype), {"format": "pt"})
         (tmp / "text_encoder").mkdir()
         text_config = components.text_encoder.config.to_dict()
         text_config["architectures"] = ["CLIPTextModel"]
         _write_json(tmp / "text_encoder" / "config.json", text_config)
         # The "text_model." prefix of the released folders: read by transformers 4 and 5 alike.
         weights = _tensors(components.text_encoder, dtype, keymap.TEXT_MODEL_PREFIX)
-        save_file(weights, str(tmp / "text_encoder" / "model.safetensors"), {"format": "pt"})
+        write_safetensors(tmp / "text_encoder" / "model.safetensors", weights, {"format": "pt"})
         components.tokenizer.save_pretrained(tmp / "tokenizer")
         (tmp / "scheduler").mkdir()
         _write_json(tmp / "scheduler" / "scheduler_config.json", components.scheduler_config.to_diffusers())
+        if components.generation_config:
+            _write_json(tmp / "generation_config.json", components.generation_config)
 
     try:
         return atomic_write_dir(folder, write)

@@ -16,27 +16,39 @@ network weights:
   ``logit_scale`` as log(100), so the file keeps the released layout and loads in the
   original code; their original values cannot survive a trip through a diffusers folder.
 - the prediction type: ``v_pred`` key for v-prediction (ComfyUI's marker) and, in
-  safetensors, ``modelspec.prediction_type`` metadata.
+  safetensors, ``modelspec.prediction_type`` metadata;
+- the configuration, when SD's conventions would not give it back (a model of other
+  widths, heads, groups, sizes or VAE scaling; a scheduler or generation defaults of its
+  own): JSON strings in the metadata (``ldm.loading.configs``). Read back before the
+  conventions; ``config=`` (a diffusers folder's configs) wins over both.
+
+Files are written byte for byte reproducibly (``ldm.loading.writers``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from transformers import CLIPTokenizer
 
-from ldm.errors import CheckpointError
+from ldm.errors import CheckpointError, LdmError
 from ldm.io import atomic_write
 from ldm.loading import keymap
 from ldm.loading.components import Components, build_networks, finish, load_entries, resolve_tokenizer, shapes_of
-from ldm.loading.detect import PredictionType, detect
+from ldm.loading.configs import ModelConfigs, check_text_to_image, folder_configs, from_metadata, text_fields, to_metadata
+from ldm.loading.detect import PredictionType, detect, detect_family, detect_prediction_type, stored_text_blocks
 from ldm.loading.sources import TensorFile
+from ldm.loading.writers import write_ckpt, write_safetensors
+from ldm.models import UNetConfig, VAEConfig
 from ldm.schedulers import SchedulerConfig
 
 SUFFIXES = (".safetensors", ".ckpt")
 IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.")
 V_PRED_KEY = "v_pred"
+CONFIG_PREFIX = "ldm."  # metadata keys of ldm.loading.configs.METADATA_KEYS
 _MODELSPEC = {"epsilon": "epsilon", "v_prediction": "v", "sample": "sample"}
 
 
@@ -47,6 +59,7 @@ def load_single_file(
     dtype: torch.dtype,
     prediction_type: PredictionType | None,
     tokenizer: str | Path | CLIPTokenizer | None,
+    config: Path | None = None,
 ) -> Components:
     source = TensorFile(path)
     names = {keymap.normalize_single_file_key(key): key for key in source.shapes}
@@ -55,17 +68,19 @@ def load_single_file(
     def read(name: str) -> torch.Tensor:
         return source.read(names[name])
 
-    found = detect(shapes, source.metadata, source.global_step, read, prediction_type)
-    unet, vae, text_encoder = build_networks(found.unet, found.vae, found.text)
+    family = detect_family(shapes)
+    configs, text_blocks = file_configs(source, shapes, read, family, config, prediction_type)
+    check_text_to_image(configs.unet, configs.vae, path)
+    unet, vae, text_encoder = build_networks(configs.unet, configs.vae, configs.text)
     text_shapes = shapes_of(text_encoder)
     parts = (
         (unet, keymap.unet_entries(shapes_of(unet)), keymap.UNET_PREFIX, {}, "U-Net"),
         (vae, keymap.vae_entries(shapes_of(vae)), keymap.VAE_PREFIX, {}, "VAE"),
         (
             text_encoder,
-            keymap.text_entries(text_shapes, found.family),
+            keymap.text_entries(text_shapes, family),
             "cond_stage_model.",
-            keymap.unused_text_keys(found.family, text_shapes, found.text_blocks_in_file),
+            keymap.unused_text_keys(family, text_shapes, text_blocks),
             "text encoder",
         ),
     )
@@ -83,16 +98,49 @@ def load_single_file(
             optional=optional,
         )
     finish(unet, vae, text_encoder, device)
-    loaded_tokenizer = resolve_tokenizer(tokenizer, found.family)
+    loaded_tokenizer = resolve_tokenizer(tokenizer, family, config / "tokenizer" if config is not None else None)
     return Components(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=loaded_tokenizer,
-        scheduler_config=SchedulerConfig.sd_release(found.prediction_type),
-        family=found.family,
+        scheduler_config=configs.scheduler,
+        family=family,
         source=path,
+        generation_config=configs.generation,
     )
+
+
+def file_configs(
+    source: TensorFile,
+    shapes: dict[str, tuple[int, ...]],
+    read: Callable[[str], torch.Tensor],
+    family: str,
+    config: Path | None,
+    prediction_type: PredictionType | None,
+) -> tuple[ModelConfigs, int]:
+    """The configuration of a single file, its scheduler resolved, and how many text blocks it stores.
+
+    From ``config`` (a folder's files) if given, else from the file's metadata, else detected from
+    shapes by SD's conventions. ``prediction_type`` overrides what any of them says.
+    """
+    given = folder_configs(config) if config is not None else from_metadata(source.metadata, source.path, family)
+    if given is None:
+        found = detect(shapes, source.metadata, source.global_step, read, prediction_type)
+        detected = ModelConfigs(
+            UNetConfig.from_diffusers(found.unet),
+            VAEConfig.from_diffusers(found.vae),
+            found.text,
+            SchedulerConfig.sd_release(found.prediction_type),
+        )
+        return detected, found.text_blocks_in_file
+    scheduler = given.scheduler
+    if scheduler is None:
+        prediction = prediction_type or detect_prediction_type(family, shapes, source.metadata, source.global_step, read)
+        scheduler = SchedulerConfig.sd_release(prediction)
+    elif prediction_type is not None:
+        scheduler = scheduler.with_values(prediction_type=prediction_type)
+    return replace(given, scheduler=scheduler), stored_text_blocks(shapes, family)
 
 
 def single_file_state(components: Components, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -120,23 +168,61 @@ def single_file_state(components: Components, dtype: torch.dtype | None = None) 
     return state
 
 
+def configs_of(components: Components) -> ModelConfigs:
+    return ModelConfigs(
+        components.unet.config,
+        components.vae.config,
+        components.text_encoder.config,
+        components.scheduler_config,
+        components.generation_config,
+    )
+
+
+def conventions_give_back(configs: ModelConfigs, state: dict[str, torch.Tensor]) -> bool:
+    """True if reading ``state`` by SD's conventions (``detect``) rebuilds exactly these networks."""
+    shapes = {key: tuple(value.shape) for key, value in state.items()}
+    try:
+        found = detect(shapes, {}, None, state.__getitem__, configs.scheduler.prediction_type)
+        return (
+            UNetConfig.from_diffusers(found.unet) == configs.unet
+            and VAEConfig.from_diffusers(found.vae) == configs.vae
+            and text_fields(found.text) == text_fields(configs.text)
+        )
+    except LdmError:
+        return False
+
+
+def file_metadata(components: Components, state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The conventions' metadata, plus each configuration that the conventions would not give back."""
+    configs = configs_of(components)
+    prediction = configs.scheduler.prediction_type
+    parts = () if conventions_give_back(configs, state) else ("unet", "vae", "text_encoder")
+    if configs.scheduler != SchedulerConfig.sd_release(prediction):
+        parts += ("scheduler",)
+    if configs.generation:
+        parts += ("generation",)
+    return {"format": "pt", "modelspec.prediction_type": _MODELSPEC[prediction], **to_metadata(configs, parts)}
+
+
 def save_single_file(components: Components, path: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write ``components`` as one original-layout ``.safetensors`` or ``.ckpt``, atomically."""
+    """Write ``components`` as one original-layout ``.safetensors`` or ``.ckpt``, atomically.
+
+    A ``.ckpt`` keeps the configuration strings of the metadata in a ``"metadata"`` dict beside
+    its ``"state_dict"`` (only when there are any: a standard model keeps the released layout).
+    """
     path = Path(path)
     if path.suffix not in SUFFIXES:
         raise CheckpointError(f"{path}: a single-file checkpoint must end in .safetensors or .ckpt")
     if path.exists():
         raise CheckpointError(f"{path} already exists; ldm never overwrites, choose a new name")
     state = {key: value.cpu().contiguous() for key, value in single_file_state(components, dtype).items()}
-    prediction = components.scheduler_config.prediction_type
+    metadata = file_metadata(components, state)
 
     def write(tmp: Path) -> None:
         if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file(state, str(tmp), metadata={"format": "pt", "modelspec.prediction_type": _MODELSPEC[prediction]})
+            write_safetensors(tmp, state, metadata)
         else:
-            torch.save({"state_dict": state}, tmp)
+            write_ckpt(tmp, state, {key: value for key, value in metadata.items() if key.startswith(CONFIG_PREFIX)})
 
     try:
         return atomic_write(path, write)

@@ -19,6 +19,7 @@ import copy
 import json
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -84,6 +85,7 @@ class TensorFile:
         if isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping):
             step = content.get("global_step")
             self.global_step = step if isinstance(step, int) else None
+            self.metadata = _string_dict(content.get("metadata"))
             content = content["state_dict"]
         if not isinstance(content, Mapping):
             raise CheckpointError(f"{self.path} holds a {type(content).__name__}, not a state dict of tensors")
@@ -93,7 +95,9 @@ class TensorFile:
         self.shapes = {key: tuple(value.shape) for key, value in self._tensors.items()}
 
     def _torch_load(self):
-        with torch.serialization.safe_globals(_STAND_INS):
+        # torch warns about pickle protocols it may not read; the refusal below says it in one line.
+        with torch.serialization.safe_globals(_STAND_INS), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
             try:
                 return torch.load(self.path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(self.path))
             except pickle.UnpicklingError as error:
@@ -124,19 +128,24 @@ class TensorFile:
         return other
 
 
+def _string_dict(value) -> dict[str, str]:
+    """``value`` if it is a dict of strings (ldm's configuration in a .ckpt), else empty."""
+    if isinstance(value, Mapping) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        return dict(value)
+    return {}
+
+
 def _unpickling_message(path: Path, error: Exception) -> str:
     text = str(error)
+    refusal = f"{path} holds pickled Python objects beyond tensors"
+    advice = "ldm does not run code from checkpoints: convert it to .safetensors with a trusted tool"
     found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
     if found:
-        return (
-            f"{path} is a pickle that imports {found[1]} when loaded, which can run code; ldm reads .ckpt files "
-            "only as plain tensors (torch.load weights_only=True): use a .safetensors file of this model"
-        )
-    first = next((line.strip() for line in text.splitlines() if line.strip() and "Weights only load" not in line), "")
-    return (
-        f"{path} is not a plain-tensor PyTorch checkpoint ({first or 'refused by the safe unpickler'}); "
-        "it may be truncated, not a checkpoint, or need code to load: use a .safetensors file"
-    )
+        return f"{refusal} (it imports {found[1]} when loaded, which can run code); {advice}"
+    if "Weights only load failed" in text:
+        return f"{refusal}; {advice}"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{path} is not a readable PyTorch checkpoint ({first or type(error).__name__}); it may be truncated or not a checkpoint"
 
 
 class TensorSource:

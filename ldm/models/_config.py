@@ -53,3 +53,17 @@ def as_int_tuple(config: Mapping[str, Any], key: str, what: str, default: tuple[
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise ConfigError(f"{what} config key {key!r}={value!r} must be a list of integers")
     return tuple(value)
+
+
+def check_range(what: str, key: str, value: Any, low: int, high: int) -> None:
+    """Raise ``ConfigError`` unless ``value`` (an int, or a list of ints) lies in ``[low, high]``.
+
+    The bounds keep a config from asking for more memory than any machine has (a width of 10^9,
+    a 10^5-latent sample size): such a value is a broken file, reported by key before anything
+    is allocated.
+    """
+    for item in value if isinstance(value, (list, tuple)) else (value,):
+        if not isinstance(item, int) or isinstance(item, bool):
+            raise ConfigError(f"{what} config key {key!r}={value!r} must be an integer")
+        if not low <= item <= high:
+            raise ConfigError(f"{what} config key {key!r}={value!r} is out of range; ldm accepts {low} to {high}")

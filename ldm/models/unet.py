@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.errors import ConfigError, InputError
-from ldm.models._config import as_int, as_int_tuple, check_defaults
+from ldm.models._config import as_int, as_int_tuple, check_defaults, check_range
 from ldm.models.attention import AttentionBackend, SpatialTransformer, repeat_rows, set_attention
 
 
@@ -43,7 +43,11 @@ class UNetConfig:
     sample_size: int = 64  # native latent size (image size / 8)
 
     def __post_init__(self) -> None:
+        for key, (low, high) in _BOUNDS.items():
+            check_range("UNet", key, getattr(self, key), low, high)
         levels = len(self.block_out_channels)
+        if not 1 <= levels <= _MAX_LEVELS:
+            raise ConfigError(f"UNet config key 'block_out_channels' has {levels} levels; ldm accepts 1 to {_MAX_LEVELS}")
         if len(self.cross_attention_levels) != levels or len(self.num_attention_heads) != levels:
             raise ConfigError(
                 f"UNetConfig needs one cross_attention_levels and num_attention_heads entry per block_out_channels "
@@ -150,6 +154,19 @@ class UNetConfig:
         }
 
 
+# What a config may ask for: well above every SD-family model (widths up to 1280, 2 layers per
+# block, 4 levels, 64 to 128 latents), well below what exhausts a machine's memory.
+_BOUNDS = {
+    "in_channels": (1, 64),
+    "out_channels": (1, 64),
+    "block_out_channels": (1, 8192),
+    "layers_per_block": (1, 16),
+    "num_attention_heads": (1, 1024),
+    "cross_attention_dim": (1, 8192),
+    "norm_num_groups": (1, 8192),
+    "sample_size": (1, 1024),
+}
+_MAX_LEVELS = 8
 _DOWN_TYPES = {True: "CrossAttnDownBlock2D", False: "DownBlock2D"}
 _UP_TYPES = {True: "CrossAttnUpBlock2D", False: "UpBlock2D"}
 _MODELED_KEYS = {

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.errors import ConfigError, InputError
-from ldm.models._config import as_int, as_int_tuple, check_defaults
+from ldm.models._config import as_int, as_int_tuple, check_defaults, check_range
 from ldm.models.attention import AttentionBackend, VAEAttention, set_attention
 from ldm.models.unet import ResnetBlock
 from ldm.models.vae_strips import decode_up
@@ -43,6 +43,14 @@ class VAEConfig:
     sample_size: int = 512  # native image size
 
     def __post_init__(self) -> None:
+        for key, (low, high) in _BOUNDS.items():
+            check_range("VAE", key, getattr(self, key), low, high)
+        if not 1 <= len(self.block_out_channels) <= _MAX_LEVELS:
+            raise ConfigError(
+                f"VAE config key 'block_out_channels' has {len(self.block_out_channels)} levels; ldm accepts 1 to {_MAX_LEVELS}"
+            )
+        if not 0 < self.scaling_factor < float("inf"):
+            raise ConfigError(f"VAE config key 'scaling_factor'={self.scaling_factor!r} must be a positive number")
         for width in self.block_out_channels:
             if width % self.norm_num_groups:
                 raise ConfigError(f"VAE width {width} must be divisible by norm_num_groups {self.norm_num_groups}")
@@ -103,6 +111,18 @@ class VAEConfig:
         }
 
 
+# What a config may ask for: well above the SD VAE (widths up to 512, 512-1024 px samples), well
+# below what exhausts a machine's memory.
+_BOUNDS = {
+    "in_channels": (1, 64),
+    "out_channels": (1, 64),
+    "latent_channels": (1, 64),
+    "block_out_channels": (1, 8192),
+    "layers_per_block": (1, 16),
+    "norm_num_groups": (1, 8192),
+    "sample_size": (1, 8192),
+}
+_MAX_LEVELS = 8
 _MODELED_KEYS = {
     "in_channels", "out_channels", "latent_channels", "block_out_channels", "down_block_types", "up_block_types",
     "layers_per_block", "norm_num_groups", "scaling_factor", "sample_size",

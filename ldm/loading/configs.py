@@ -1,0 +1,199 @@
+"""A model's configuration apart from its weights, and where it is kept.
+
+A diffusers folder keeps it in JSON files (``unet/config.json``, ``vae/config.json``,
+``text_encoder/config.json``, ``scheduler/scheduler_config.json`` and ldm's
+``generation_config.json``). An original single file keeps none: its networks are read from
+tensor shapes and SD's conventions (``ldm.loading.detect``), which cannot tell a model with 4
+GroupNorm groups, 2 text-encoder heads or another VAE scaling factor from SD. So that every
+model ldm writes comes back as it was, a ``.safetensors`` file whose configuration the
+conventions would not give back carries it in its metadata, one JSON string per file of the
+folder layout (``METADATA_KEYS``); a ``.ckpt`` holds the same strings in a ``"metadata"``
+dict beside its ``"state_dict"``. Files that carry none can be given a folder's configuration
+(``config=``, as diffusers' ``from_single_file(config=...)``).
+
+Every value is bounded before a network is built (``UNetConfig`` and ``VAEConfig`` bound
+their own), and a U-Net that does not take the VAE's latents alone is refused
+(``check_text_to_image``): ldm cannot run inpainting or instruct-pix2pix models yet.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from transformers import CLIPTextConfig
+
+from ldm.errors import CheckpointError, ConfigError
+from ldm.models import UNetConfig, VAEConfig
+from ldm.models._config import check_range
+from ldm.models.text_encoder import clip_config
+from ldm.schedulers import SchedulerConfig
+
+Family = Literal["sd1", "sd2"]
+
+# Metadata key of each configuration in a single file.
+METADATA_KEYS = {
+    "unet": "ldm.unet_config",
+    "vae": "ldm.vae_config",
+    "text_encoder": "ldm.text_encoder_config",
+    "scheduler": "ldm.scheduler_config",
+    "generation": "ldm.generation_config",
+}
+NETWORKS = ("unet", "vae", "text_encoder")
+
+# The CLIPTextConfig fields that decide the text encoder's hidden states, which are all SD uses
+# (the token ids only move the pooled output; the rest are training settings or bookkeeping).
+TEXT_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+    "max_position_embeddings", "hidden_act", "layer_norm_eps",
+)  # fmt: skip
+# The range ldm accepts for each size.
+TEXT_BOUNDS = {
+    "vocab_size": (1, 1_000_000),
+    "hidden_size": (1, 8192),
+    "intermediate_size": (1, 65536),
+    "num_attention_heads": (1, 128),
+    "num_hidden_layers": (1, 64),
+    "max_position_embeddings": (1, 4096),
+    "projection_dim": (1, 8192),
+}
+
+# Models whose U-Net takes more than the latents, by its input width: (one, several).
+_CONDITIONED_KINDS = {
+    9: ("an inpainting model", "inpainting models"),  # latents, mask, masked image's latents
+    8: ("an instruct-pix2pix model", "instruct-pix2pix models"),  # latents, input image's latents
+}
+
+
+@dataclass(frozen=True)
+class ModelConfigs:
+    """The configuration of the three networks, and what else the model recommends."""
+
+    unet: UNetConfig
+    vae: VAEConfig
+    text: CLIPTextConfig
+    scheduler: SchedulerConfig | None = None  # None: the model does not say (the file's conventions decide)
+    generation: dict[str, Any] = field(default_factory=dict)  # generation_config.json; empty: none
+
+
+def read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; a diffusers model folder needs unet/, vae/, text_encoder/ configs")
+    return parse_json(path.read_text(), str(path))
+
+
+def parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{where} is not valid JSON ({error.msg} at line {error.lineno})") from None
+
+
+def text_config(values: Any, where: str, base: Mapping[str, Any] | None = None) -> CLIPTextConfig:
+    """A ``CLIPTextConfig`` from a ``text_encoder/config.json`` dict (on top of ``base``), every size bounded."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where} must hold a JSON object")
+    for key, (low, high) in TEXT_BOUNDS.items():
+        if key in values:
+            check_range("text encoder", key, values[key], low, high)
+    config = CLIPTextConfig.from_dict({**(base or {}), **values})
+    if config.hidden_size % config.num_attention_heads:
+        raise ConfigError(
+            f"text encoder config key 'num_attention_heads'={config.num_attention_heads} must divide "
+            f"hidden_size {config.hidden_size}"
+        )
+    return config
+
+
+def text_fields(config: CLIPTextConfig) -> dict[str, Any]:
+    """The fields of ``TEXT_FIELDS``: what two text encoders must share to be the same network."""
+    return {key: getattr(config, key) for key in TEXT_FIELDS}
+
+
+def generation_config(values: Any, where: str) -> dict[str, Any]:
+    """``values`` if ``GenerationDefaults`` accepts them (a ConfigError naming ``where`` if not)."""
+    from ldm.pipeline import GenerationDefaults  # the pipeline module is not needed to load networks
+
+    try:
+        if not isinstance(values, dict):
+            raise TypeError("not a JSON object")
+        GenerationDefaults(**values)
+    except (TypeError, ValueError) as error:
+        allowed = ", ".join(GenerationDefaults.__dataclass_fields__)
+        raise ConfigError(f"{where}: {error}; it holds a JSON object with some of: {allowed}") from None
+    return dict(values)
+
+
+def folder_configs(folder: Path) -> ModelConfigs:
+    """The configuration files of a diffusers folder (weights are not needed)."""
+    unet = UNetConfig.from_diffusers(read_json(folder / "unet" / "config.json"))
+    vae = VAEConfig.from_diffusers(read_json(folder / "vae" / "config.json"))
+    text_path = folder / "text_encoder" / "config.json"
+    text = text_config(read_json(text_path), str(text_path))
+    scheduler_path = folder / "scheduler" / "scheduler_config.json"
+    scheduler = SchedulerConfig.from_diffusers(read_json(scheduler_path)) if scheduler_path.is_file() else None
+    generation_path = folder / "generation_config.json"
+    generation = generation_config(read_json(generation_path), str(generation_path)) if generation_path.is_file() else {}
+    return ModelConfigs(unet, vae, text, scheduler, generation)
+
+
+def to_metadata(configs: ModelConfigs, parts: tuple[str, ...]) -> dict[str, str]:
+    """The metadata strings of ``parts`` (names of ``METADATA_KEYS``); sorted JSON, so the bytes are fixed."""
+    values = {
+        "unet": configs.unet.to_diffusers(),
+        "vae": configs.vae.to_diffusers(),
+        "text_encoder": text_fields(configs.text),
+        "scheduler": configs.scheduler.to_diffusers() if configs.scheduler is not None else None,
+        "generation": configs.generation,
+    }
+    return {METADATA_KEYS[part]: json.dumps(values[part], sort_keys=True) for part in parts}
+
+
+def from_metadata(metadata: Mapping[str, str], path: Path, family: Family) -> ModelConfigs | None:
+    """The configuration a single file carries, or None when it carries no network configs.
+
+    The text encoder's fields not in ``TEXT_FIELDS`` are the SD ``family``'s.
+    """
+    present = [part for part in NETWORKS if METADATA_KEYS[part] in metadata]
+    if not present:
+        return None
+    if len(present) < len(NETWORKS):
+        missing = ", ".join(METADATA_KEYS[p] for p in NETWORKS if p not in present)
+        raise CheckpointError(f"{path} carries only part of its configuration (no {missing}); pass config= a model folder")
+
+    def value(part: str) -> Any:
+        key = METADATA_KEYS[part]
+        return parse_json(metadata[key], f"the {key} metadata of {path}")
+
+    scheduler_key, generation_key = METADATA_KEYS["scheduler"], METADATA_KEYS["generation"]
+    return ModelConfigs(
+        unet=UNetConfig.from_diffusers(value("unet")),
+        vae=VAEConfig.from_diffusers(value("vae")),
+        text=text_config(
+            value("text_encoder"), f"the {METADATA_KEYS['text_encoder']} metadata of {path}", clip_config(family).to_dict()
+        ),
+        scheduler=SchedulerConfig.from_diffusers(value("scheduler")) if scheduler_key in metadata else None,
+        generation=generation_config(value("generation"), f"the {generation_key} metadata of {path}")
+        if generation_key in metadata
+        else {},
+    )
+
+
+def check_text_to_image(unet: UNetConfig, vae: VAEConfig, source: Path) -> None:
+    """Refuse a U-Net that does not map the VAE's latents alone to a prediction of their shape."""
+    latents = vae.latent_channels
+    if unet.in_channels in _CONDITIONED_KINDS and unet.in_channels != latents:
+        one, several = _CONDITIONED_KINDS[unet.in_channels]
+        raise CheckpointError(
+            f"{source} is {one} (U-Net takes {unet.in_channels} input channels, the VAE makes {latents}); "
+            f"ldm cannot run {several} yet"
+        )
+    for what, channels in (("takes", unet.in_channels), ("predicts", unet.out_channels)):
+        if channels != latents:
+            raise CheckpointError(
+                f"{source} has a U-Net that {what} {channels} channels but a VAE with {latents} latent channels; "
+                "ldm runs only text-to-image models whose U-Net works on the latents alone"
+            )
