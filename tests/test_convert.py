@@ -133,3 +133,33 @@ def test_options_and_refusals(folders, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+# SD 1.5's scheduler_config.json as released: it leaves out timestep_spacing and prediction_type.
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+    "clip_sample": False,
+}
+
+
+def test_keys_the_model_left_out_stay_left_out_through_conversions(tmp_path):
+    """Written back as set, they would pin "leading" spacing on every sampler of the copy."""
+    from ldm.loading import load_components
+    from ldm.schedulers import create
+
+    folder = save_diffusers_folder(tmp_path / "sd15", "sd1")
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER))
+    single, back = tmp_path / "model.safetensors", tmp_path / "back"
+    assert main(["convert", str(folder), str(single)]) == 0
+    assert main(["convert", str(single), str(back)]) == 0
+    with safe_open(str(single), "pt") as f:
+        assert "ldm.scheduler_config" not in f.metadata()  # SD's released config: nothing to record
+    written = json.loads((back / "scheduler" / "scheduler_config.json").read_text())
+    assert "timestep_spacing" not in written  # a single file states its prediction type: that one is set
+    assert (written["steps_offset"], written["beta_schedule"], written["prediction_type"]) == (1, "scaled_linear", "epsilon")
+    for path in (single, back):
+        config = load_components(path).scheduler_config
+        assert create("dpm-solver++", config).config.timestep_spacing == "linspace"
+        assert create("ddim", config).config.timestep_spacing == "leading"

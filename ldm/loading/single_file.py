@@ -197,7 +197,8 @@ def file_metadata(components: Components, state: dict[str, torch.Tensor]) -> dic
     configs = configs_of(components)
     prediction = configs.scheduler.prediction_type
     parts = () if conventions_give_back(configs, state) else ("unet", "vae", "text_encoder")
-    if configs.scheduler != SchedulerConfig.sd_release(prediction):
+    # The file states its prediction type (modelspec), so a config that left it out is SD's too.
+    if configs.scheduler.with_values(prediction_type=prediction) != SchedulerConfig.sd_release(prediction):
         parts += ("scheduler",)
     if configs.generation:
         parts += ("generation",)
