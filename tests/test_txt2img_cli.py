@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -268,12 +269,34 @@ def test_seed_minus_one_draws_a_seed_and_records_it(model, tmp_path, capsys):
     assert [path.name for path in paths] == [f"00000-{seeds[0]}.png", f"00001-{seeds[1]}.png"]
 
 
-def test_max_pixels_option_reaches_the_pipeline(model, tmp_path, capsys, monkeypatch):
-    """Without --width/--height the size is the model's, known once it is loaded: the pipeline refuses it."""
+def test_max_pixels_for_the_models_own_size_is_checked_before_loading(model, tmp_path, capsys, monkeypatch):
+    """Without --width/--height the size is the model's: read from its configuration, not its weights."""
+    import ldm.pipeline
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(ldm.pipeline.Pipeline, "from_pretrained", no_loading)
     code, _, err = run(capsys, "a cat", "--model", model, "--max-pixels", 4000, "--steps", 1, "--out", tmp_path, "--quiet")
-    assert code == 2 and "64x64 x 1 images = 4096 pixels per batch is over pipe.max_pixels = 4000" in err
+    assert code == 2 and "64x64 x 1 images = 4096 pixels per batch is over --max-pixels = 4000" in err
+    code, _, err = run(capsys, "a cat", "--model", model, "--width", "128", "--max-pixels", 8000, "--out", tmp_path)
+    assert code == 2 and "128x64 x 1 images" in err
+    monkeypatch.undo()
     code, _, _ = run(capsys, "a cat", "--model", model, "--max-pixels", 4096, "--steps", 1, "--out", tmp_path, "--quiet")
     assert code == 0
+
+
+def test_a_file_without_its_configuration_is_given_sds_largest_size(tmp_path):
+    from safetensors.torch import save_file
+
+    from ldm.loading.configs import LARGEST_CONVENTIONAL_SIDE, native_side_estimate
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "bare.safetensors"))
+    assert native_side_estimate(tmp_path / "bare.safetensors") == LARGEST_CONVENTIONAL_SIDE == 768
+    assert native_side_estimate(ldm.loading.DEFAULT_MODEL_DIR) == 64
+    converted = tmp_path / "shapes.safetensors"  # carries its configuration: not SD's
+    assert main(["convert", str(ldm.loading.DEFAULT_MODEL_DIR), str(converted)]) == 0
+    assert native_side_estimate(converted) == 64
 
 
 def test_token_merging_bound_is_the_models():

@@ -195,6 +195,8 @@ def check_arguments(args: argparse.Namespace) -> Job:
         if model.is_dir():
             raise InputError(f"--config describes a model file; {model} is a folder with its own configuration, drop --config")
         check_config_folder(args.config)
+    if init_image is None and (args.width is None or args.height is None):
+        check_native_size(args, model)
     loras = [lora_argument(text) for text in args.lora]
     return Job(prompts, seed, model, loras, init_image, 0.8 if args.strength is None else args.strength)
 
@@ -242,9 +244,18 @@ def check_init_image(args: argparse.Namespace) -> Image.Image | None:
         raise InputError(f"init image {args.init_image} is smaller than 8x8 pixels")
     width = args.width or (init_image.width // 8 * 8 if init_image is not None else None)
     height = args.height or (init_image.height // 8 * 8 if init_image is not None else None)
-    if width is not None and height is not None:  # else the model's size: the pipeline checks it once loaded
+    if width is not None and height is not None:  # else the model's size: check_native_size
         checks.check_pixels(width, height, min(args.batch_size, args.num_images), args.max_pixels, "--max-pixels")
     return init_image
+
+
+def check_native_size(args: argparse.Namespace, model: Path) -> None:
+    """``--max-pixels`` for a size that comes from the model, read from its configuration before loading it."""
+    from ldm.loading.configs import native_side_estimate
+
+    side = native_side_estimate(model, args.config)
+    width, height = args.width or side, args.height or side
+    checks.check_pixels(width, height, min(args.batch_size, args.num_images), args.max_pixels, "--max-pixels")
 
 
 def check_scheduler_options(args: argparse.Namespace) -> None:

@@ -197,3 +197,29 @@ def check_text_to_image(unet: UNetConfig, vae: VAEConfig, source: Path) -> None:
                 f"{source} has a U-Net that {what} {channels} channels but a VAE with {latents} latent channels; "
                 "ldm runs only text-to-image models whose U-Net works on the latents alone"
             )
+
+
+# The largest image side SD's conventions give a single file that carries no configuration:
+# SD 2.x v-prediction models are made at 768x768, the others at 512x512 (``ldm.loading.detect``).
+LARGEST_CONVENTIONAL_SIDE = 768
+
+
+def native_side_estimate(model: Path, config: Path | None = None) -> int:
+    """The side of the model's native image size, read without loading any weight.
+
+    A folder (or a ``config`` folder) says it exactly; a ``.safetensors`` file that carries its
+    configuration says it in its header; any other file is given the largest size SD's conventions
+    give, an upper bound (reading a ``.ckpt``'s metadata would mean reading the whole file).
+    """
+    if config is not None or model.is_dir():
+        configs = folder_configs(config if config is not None else model)
+        return configs.unet.sample_size * configs.vae.downsample_factor
+    if model.suffix == ".safetensors":
+        from ldm.loading.sources import TensorFile
+
+        metadata = TensorFile(model).metadata
+        if METADATA_KEYS["unet"] in metadata and METADATA_KEYS["vae"] in metadata:
+            unet = UNetConfig.from_diffusers(parse_json(metadata[METADATA_KEYS["unet"]], f"{model} {METADATA_KEYS['unet']}"))
+            vae = VAEConfig.from_diffusers(parse_json(metadata[METADATA_KEYS["vae"]], f"{model} {METADATA_KEYS['vae']}"))
+            return unet.sample_size * vae.downsample_factor
+    return LARGEST_CONVENTIONAL_SIDE
