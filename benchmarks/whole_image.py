@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-# Each speed-up as the ldm pipeline arguments that switch it on (README: Performance).
+# Each speed-up as the ldm pipeline arguments that switch it on (docs/performance.md).
 SPEEDUPS: dict[str, dict[str, Any]] = {
     "deepcache": {"deepcache_interval": 3},
     "guidance-truncation": {"guidance_fraction": 0.6},

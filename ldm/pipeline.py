@@ -262,7 +262,7 @@ class Pipeline:
     # --- generation --------------------------------------------------------------------------------
 
     def enable_channels_last(self, enabled: bool = True) -> None:
-        """Keep the U-Net's weights and activations in channels-last (NHWC) memory format (see the README's Performance section)."""
+        """Keep the U-Net's weights and activations in channels-last (NHWC) memory format (see docs/performance.md)."""
         self.unet.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
         self.channels_last = enabled
 
@@ -293,7 +293,7 @@ class Pipeline:
         deepcache_interval: int = 1,
         token_merging: float = 0.0,
     ) -> GenerationOutput:
-        """Generate images; see the module docstring and the README for every argument.
+        """Generate images; see the module docstring and docs/generating.md for every argument.
 
         ``scheduler`` is a name from ``ldm.schedulers.SCHEDULERS`` (built with this
         model's scheduler config, ``timestep_spacing`` in place of the model's if given,
@@ -303,7 +303,7 @@ class Pipeline:
         ``strength`` in (0, 1] turns this into img2img. ``callback(i, t, latents)`` is called after each step. Steps and guidance
         left as None come from ``self.defaults`` (25 and 7.5 unless the model recommends others).
 
-        Speed-ups (README: Performance), exact at their defaults: ``guidance_fraction``
+        Speed-ups (docs/performance.md), exact at their defaults: ``guidance_fraction``
         runs the unconditional pass only in the first ``ceil(fraction * steps)``
         steps; ``deepcache_interval`` > 1 runs the deep U-Net only every that many
         steps (DeepCache); ``token_merging`` merges that fraction of the tokens in the

@@ -266,7 +266,7 @@ def test_a_finished_lora_run_continues_in_its_folder_keeping_the_shorter_result(
     assert finetune("--max-steps", "2", "--resume", "latest", *lora, model=micro_folder, data=data_folder, output=out) == 2
     assert "finished at step 2; pass a larger --max-steps" in error_line(capsys)
 
-    # The README's way: --resume latest with a larger --max-steps, checkpoints every step, keeping 1.
+    # docs/training.md's way: --resume latest with a larger --max-steps, checkpoints every step, keeping 1.
     code = finetune("--max-steps", "4", "--resume", "latest", "--checkpointing-steps", "1", "--checkpoints-total-limit", "1",
                     *lora, model=micro_folder, data=data_folder, output=out)
     assert code == 0, capsys.readouterr().err
@@ -279,7 +279,7 @@ def test_a_finished_lora_run_continues_in_its_folder_keeping_the_shorter_result(
     assert finetune("--max-steps", "4", *lora, model=micro_folder, data=data_folder, output=straight) == 0
     expected, got = lora_tensors(straight / "lora.safetensors"), lora_tensors(first)
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
-    # The README's way to get the shorter result out: resume its checkpoint elsewhere at its own --max-steps.
+    # docs/training.md's way to get the shorter result out: resume its checkpoint elsewhere at its own --max-steps.
     copy, files = tmp_path / "copy", sorted(kept.parent.iterdir())
     assert finetune("--max-steps", "2", "--resume", str(kept.parent), *lora, model=micro_folder, data=data_folder, output=copy) == 0
     again, original = lora_tensors(copy / "lora.safetensors"), lora_tensors(kept)

@@ -15,7 +15,7 @@ STOCHASTIC = {"ddpm", "dpm-solver++-sde", "euler-ancestral"}
 GAUSSIAN = GaussianMixture1D.gaussian(0.5, 1.0)
 MIXTURE = GaussianMixture1D((0.3, 0.7), (-1.5, 1.0), (0.3, 0.5))
 # Stated tolerances at 50 trailing steps (data std ~1), a few times the measured errors
-# (the README's Schedulers section); a wrong conversion, sigma or step index misses them by far.
+# (docs/samplers.md); a wrong conversion, sigma or step index misses them by far.
 MEAN_TOL, STD_TOL, W1_TOL = 0.03, 0.08, 0.06
 
 

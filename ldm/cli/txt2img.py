@@ -74,7 +74,7 @@ def register(sub) -> None:
     parser.add_argument("--vae-decode", choices=("full", "sliced", "tiled"), default="full", help="sliced/tiled bound memory")
     parser.add_argument("--attention", choices=("sdpa", "sliced", "xformers"), default="sdpa", help="attention backend")
     parser.add_argument("--cpu-offload", action="store_true", help="CUDA: keep each network on the CPU until it runs")
-    speed = parser.add_argument_group("speed-ups (trade fidelity for speed; see the README's Performance section)")
+    speed = parser.add_argument_group("speed-ups (trade fidelity for speed; see docs/performance.md)")
     speed.add_argument("--deepcache", type=int, default=1, metavar="N", help="full U-Net every N-th step only (DeepCache; 3 is ~2x; 1 = off)")
     speed.add_argument("--guidance-fraction", type=float, default=1.0, metavar="F", help="guidance in the first F of the steps only (1 = off)")
     speed.add_argument("--tome", type=float, default=0.0, metavar="R", help="merge R (0..0.75) of the tokens in full-resolution self-attention (0 = off)")

@@ -7,7 +7,7 @@
     for t in scheduler.timesteps:
         x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x, generator=generator)
 
-See ``base.py`` for the contract and the README's Schedulers section for the list and which to choose.
+See ``base.py`` for the contract and docs/samplers.md for the list and which to choose.
 """
 
 from __future__ import annotations
