@@ -203,3 +203,28 @@ def test_bad_metadata_is_one_line(shapes_file, tmp_path):
     save_file(tensors, str(partial), {k: v for k, v in metadata.items() if k != "ldm.vae_config"})
     with pytest.raises(LdmError, match="only part of its configuration"):
         load_components(partial)
+    for key, value, message in (
+        ("ldm.scheduler_config", "[1]", "ldm.scheduler_config metadata of .* must hold a JSON object, not list"),
+        ("ldm.unet_config", '{"sample_size": "big"}', "ldm.unet_config metadata of .*broken"),
+        ("ldm.text_encoder_config", '{"layer_norm_eps": "abc"}', "ldm.text_encoder_config metadata of .*broken"),
+    ):
+        broken.unlink()
+        save_file(tensors, str(broken), {**metadata, key: value})
+        with pytest.raises(LdmError, match=message) as error:
+            load_components(broken)
+        assert "\n" not in str(error.value)
+
+
+def test_an_sd_shaped_file_keeps_its_own_scheduler_and_generation_defaults(tmp_path):
+    """A file of SD's shapes carries no network configs; what it recommends is read all the same."""
+    from tiny_models import save_diffusers_folder
+
+    first = save_single_file(load_components(save_diffusers_folder(tmp_path / "sd1", "sd1")), tmp_path / "first.safetensors")
+    model = load_components(_without_ldm_metadata(first, tmp_path / "released.safetensors"))  # configs by SD's conventions
+    model = replace(model, scheduler_config=SchedulerConfig(timestep_spacing="trailing"), generation_config={"guidance_scale": 2.0})
+    path = save_single_file(model, tmp_path / "model.safetensors")
+    with safe_open(str(path), "pt") as f:
+        assert "ldm.unet_config" not in f.metadata() and "ldm.scheduler_config" in f.metadata()
+    back = load_components(path)
+    assert back.scheduler_config == model.scheduler_config and back.generation_config == {"guidance_scale": 2.0}
+    assert Pipeline.from_pretrained(path).defaults.guidance_scale == 2.0

@@ -286,13 +286,13 @@ def test_max_pixels_for_the_models_own_size_is_checked_before_loading(model, tmp
     assert code == 0
 
 
-def test_a_file_without_its_configuration_is_given_sds_largest_size(tmp_path):
+def test_the_native_size_is_read_where_the_configuration_says_it(tmp_path):
     from safetensors.torch import save_file
 
-    from ldm.loading.configs import LARGEST_CONVENTIONAL_SIDE, native_side_estimate
+    from ldm.loading.configs import native_side_estimate
 
     save_file({"x": torch.zeros(1)}, str(tmp_path / "bare.safetensors"))
-    assert native_side_estimate(tmp_path / "bare.safetensors") == LARGEST_CONVENTIONAL_SIDE == 768
+    assert native_side_estimate(tmp_path / "bare.safetensors") is None  # detection needs the tensors
     assert native_side_estimate(ldm.loading.DEFAULT_MODEL_DIR) == 64
     converted = tmp_path / "shapes.safetensors"  # carries its configuration: not SD's
     assert main(["convert", str(ldm.loading.DEFAULT_MODEL_DIR), str(converted)]) == 0

@@ -250,12 +250,13 @@ def check_init_image(args: argparse.Namespace) -> Image.Image | None:
 
 
 def check_native_size(args: argparse.Namespace, model: Path) -> None:
-    """``--max-pixels`` for a size that comes from the model, read from its configuration before loading it."""
+    """``--max-pixels`` for a size that comes from the model, where its configuration says it without loading it."""
     from ldm.loading.configs import native_side_estimate
 
     side = native_side_estimate(model, args.config)
-    width, height = args.width or side, args.height or side
-    checks.check_pixels(width, height, min(args.batch_size, args.num_images), args.max_pixels, "--max-pixels")
+    if side is not None:  # else known once the model is loaded: the pipeline checks pipe.max_pixels then
+        width, height = args.width or side, args.height or side
+        checks.check_pixels(width, height, min(args.batch_size, args.num_images), args.max_pixels, "--max-pixels")
 
 
 def check_scheduler_options(args: argparse.Namespace) -> None:

@@ -19,11 +19,12 @@ their own), and a U-Net that does not take the VAE's latents alone is refused
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
+from huggingface_hub.errors import StrictDataclassError
 from transformers import CLIPTextConfig
 
 from ldm.errors import CheckpointError, ConfigError
@@ -33,6 +34,7 @@ from ldm.models.text_encoder import clip_config
 from ldm.schedulers import SchedulerConfig
 
 Family = Literal["sd1", "sd2"]
+T = TypeVar("T")
 
 # Metadata key of each configuration in a single file.
 METADATA_KEYS = {
@@ -92,6 +94,17 @@ def parse_json(text: str, where: str) -> Any:
         raise CheckpointError(f"{where} is not valid JSON ({error.msg} at line {error.lineno})") from None
 
 
+def built(make: Callable[[dict], T], values: Any, where: str) -> T:
+    """``make(values)`` for a JSON object; anything else, or a value of the wrong type, is a ConfigError
+    naming ``where`` (a file's metadata is untrusted input like any other)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must hold a JSON object, not {type(values).__name__}")
+    try:
+        return make(values)
+    except (TypeError, ValueError, KeyError, StrictDataclassError) as error:
+        raise ConfigError(f"{where}: {error}".splitlines()[0]) from None
+
+
 def text_config(values: Any, where: str, base: Mapping[str, Any] | None = None) -> CLIPTextConfig:
     """A ``CLIPTextConfig`` from a ``text_encoder/config.json`` dict (on top of ``base``), every size bounded."""
     if not isinstance(values, Mapping):
@@ -99,7 +112,7 @@ def text_config(values: Any, where: str, base: Mapping[str, Any] | None = None) 
     for key, (low, high) in TEXT_BOUNDS.items():
         if key in values:
             check_range("text encoder", key, values[key], low, high)
-    config = CLIPTextConfig.from_dict({**(base or {}), **values})
+    config = built(CLIPTextConfig.from_dict, {**(base or {}), **values}, where)
     if config.hidden_size % config.num_attention_heads:
         raise ConfigError(
             f"text encoder config key 'num_attention_heads'={config.num_attention_heads} must divide "
@@ -129,12 +142,17 @@ def generation_config(values: Any, where: str) -> dict[str, Any]:
 
 def folder_configs(folder: Path) -> ModelConfigs:
     """The configuration files of a diffusers folder (weights are not needed)."""
-    unet = UNetConfig.from_diffusers(read_json(folder / "unet" / "config.json"))
-    vae = VAEConfig.from_diffusers(read_json(folder / "vae" / "config.json"))
+    unet_path, vae_path = folder / "unet" / "config.json", folder / "vae" / "config.json"
+    unet = built(UNetConfig.from_diffusers, read_json(unet_path), str(unet_path))
+    vae = built(VAEConfig.from_diffusers, read_json(vae_path), str(vae_path))
     text_path = folder / "text_encoder" / "config.json"
     text = text_config(read_json(text_path), str(text_path))
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
-    scheduler = SchedulerConfig.from_diffusers(read_json(scheduler_path)) if scheduler_path.is_file() else None
+    scheduler = (
+        built(SchedulerConfig.from_diffusers, read_json(scheduler_path), str(scheduler_path))
+        if scheduler_path.is_file()
+        else None
+    )
     generation_path = folder / "generation_config.json"
     generation = generation_config(read_json(generation_path), str(generation_path)) if generation_path.is_file() else {}
     return ModelConfigs(unet, vae, text, scheduler, generation)
@@ -163,23 +181,35 @@ def from_metadata(metadata: Mapping[str, str], path: Path, family: Family) -> Mo
     if len(present) < len(NETWORKS):
         missing = ", ".join(METADATA_KEYS[p] for p in NETWORKS if p not in present)
         raise CheckpointError(f"{path} carries only part of its configuration (no {missing}); pass config= a model folder")
-
-    def value(part: str) -> Any:
-        key = METADATA_KEYS[part]
-        return parse_json(metadata[key], f"the {key} metadata of {path}")
-
-    scheduler_key, generation_key = METADATA_KEYS["scheduler"], METADATA_KEYS["generation"]
+    scheduler, generation = recommendations_from_metadata(metadata, path)
     return ModelConfigs(
-        unet=UNetConfig.from_diffusers(value("unet")),
-        vae=VAEConfig.from_diffusers(value("vae")),
-        text=text_config(
-            value("text_encoder"), f"the {METADATA_KEYS['text_encoder']} metadata of {path}", clip_config(family).to_dict()
-        ),
-        scheduler=SchedulerConfig.from_diffusers(value("scheduler")) if scheduler_key in metadata else None,
-        generation=generation_config(value("generation"), f"the {generation_key} metadata of {path}")
-        if generation_key in metadata
-        else {},
+        unet=built(UNetConfig.from_diffusers, _metadata_value(metadata, "unet", path), _where("unet", path)),
+        vae=built(VAEConfig.from_diffusers, _metadata_value(metadata, "vae", path), _where("vae", path)),
+        text=text_config(_metadata_value(metadata, "text_encoder", path), _where("text_encoder", path), clip_config(family).to_dict()),
+        scheduler=scheduler,
+        generation=generation,
     )
+
+
+def recommendations_from_metadata(metadata: Mapping[str, str], path: Path) -> tuple[SchedulerConfig | None, dict[str, Any]]:
+    """The scheduler config and generation defaults a single file carries (None and {} where it carries none).
+
+    A file of SD's shapes carries them without network configs, so they are read on their own.
+    """
+    scheduler, generation = None, {}
+    if METADATA_KEYS["scheduler"] in metadata:
+        scheduler = built(SchedulerConfig.from_diffusers, _metadata_value(metadata, "scheduler", path), _where("scheduler", path))
+    if METADATA_KEYS["generation"] in metadata:
+        generation = generation_config(_metadata_value(metadata, "generation", path), _where("generation", path))
+    return scheduler, generation
+
+
+def _where(part: str, path: Path) -> str:
+    return f"the {METADATA_KEYS[part]} metadata of {path}"
+
+
+def _metadata_value(metadata: Mapping[str, str], part: str, path: Path) -> Any:
+    return parse_json(metadata[METADATA_KEYS[part]], _where(part, path))
 
 
 def check_text_to_image(unet: UNetConfig, vae: VAEConfig, source: Path) -> None:
@@ -199,17 +229,13 @@ def check_text_to_image(unet: UNetConfig, vae: VAEConfig, source: Path) -> None:
             )
 
 
-# The largest image side SD's conventions give a single file that carries no configuration:
-# SD 2.x v-prediction models are made at 768x768, the others at 512x512 (``ldm.loading.detect``).
-LARGEST_CONVENTIONAL_SIDE = 768
 
+def native_side_estimate(model: Path, config: Path | None = None) -> int | None:
+    """The side of the model's native image size, read without loading any weight; None if unknown.
 
-def native_side_estimate(model: Path, config: Path | None = None) -> int:
-    """The side of the model's native image size, read without loading any weight.
-
-    A folder (or a ``config`` folder) says it exactly; a ``.safetensors`` file that carries its
-    configuration says it in its header; any other file is given the largest size SD's conventions
-    give, an upper bound (reading a ``.ckpt``'s metadata would mean reading the whole file).
+    A folder (or a ``config`` folder) says it; a ``.safetensors`` file that carries its
+    configuration says it in its header. Any other file's size comes from detection, which needs
+    its tensors (and reading a ``.ckpt``'s metadata means reading the whole file).
     """
     if config is not None or model.is_dir():
         configs = folder_configs(config if config is not None else model)
@@ -219,7 +245,7 @@ def native_side_estimate(model: Path, config: Path | None = None) -> int:
 
         metadata = TensorFile(model).metadata
         if METADATA_KEYS["unet"] in metadata and METADATA_KEYS["vae"] in metadata:
-            unet = UNetConfig.from_diffusers(parse_json(metadata[METADATA_KEYS["unet"]], f"{model} {METADATA_KEYS['unet']}"))
-            vae = VAEConfig.from_diffusers(parse_json(metadata[METADATA_KEYS["vae"]], f"{model} {METADATA_KEYS['vae']}"))
+            unet = built(UNetConfig.from_diffusers, _metadata_value(metadata, "unet", model), _where("unet", model))
+            vae = built(VAEConfig.from_diffusers, _metadata_value(metadata, "vae", model), _where("vae", model))
             return unet.sample_size * vae.downsample_factor
-    return LARGEST_CONVENTIONAL_SIDE
+    return None

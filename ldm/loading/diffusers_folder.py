@@ -91,7 +91,8 @@ def load_diffusers(
     _load_part(text_encoder, folder / "text_encoder", "transformers", device=device, dtype=dtype)
     finish(unet, vae, text_encoder, device)
 
-    scheduler = configs.scheduler or SchedulerConfig()
+    # A folder without a scheduler config says as little as a single file: SD's released keys.
+    scheduler = configs.scheduler or SchedulerConfig.sd_release()
     if prediction_type is not None:
         scheduler = scheduler.with_values(prediction_type=prediction_type)
     loaded_tokenizer = resolve_tokenizer(tokenizer, family, folder / "tokenizer")
@@ -120,7 +121,8 @@ NAME_KEY = "_ldm_name"
 def model_name(folder: Path) -> str | None:
     """The name ``folder``'s model records for itself, if any."""
     index = folder / "model_index.json"
-    name = read_json(index).get(NAME_KEY) if index.is_file() else None
+    values = read_json(index) if index.is_file() else {}
+    name = values.get(NAME_KEY) if isinstance(values, dict) else None
     return name if isinstance(name, str) and name else None
 
 

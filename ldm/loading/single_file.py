@@ -38,7 +38,15 @@ from ldm.errors import CheckpointError, LdmError
 from ldm.io import atomic_write
 from ldm.loading import keymap
 from ldm.loading.components import Components, build_networks, finish, load_entries, resolve_tokenizer, shapes_of
-from ldm.loading.configs import ModelConfigs, check_text_to_image, folder_configs, from_metadata, text_fields, to_metadata
+from ldm.loading.configs import (
+    ModelConfigs,
+    check_text_to_image,
+    folder_configs,
+    from_metadata,
+    recommendations_from_metadata,
+    text_fields,
+    to_metadata,
+)
 from ldm.loading.detect import PredictionType, detect, detect_family, detect_prediction_type, stored_text_blocks
 from ldm.loading.sources import TensorFile
 from ldm.loading.writers import write_ckpt, write_safetensors
@@ -127,11 +135,15 @@ def file_configs(
     given = folder_configs(config) if config is not None else from_metadata(source.metadata, source.path, family)
     if given is None:
         found = detect(shapes, source.metadata, source.global_step, read, prediction_type)
+        scheduler, generation = recommendations_from_metadata(source.metadata, source.path)
+        if scheduler is not None and prediction_type is not None:
+            scheduler = scheduler.with_values(prediction_type=prediction_type)
         detected = ModelConfigs(
             UNetConfig.from_diffusers(found.unet),
             VAEConfig.from_diffusers(found.vae),
             found.text,
-            SchedulerConfig.sd_release(found.prediction_type),
+            scheduler or SchedulerConfig.sd_release(found.prediction_type),
+            generation,
         )
         return detected, found.text_blocks_in_file
     scheduler = given.scheduler
