@@ -116,6 +116,47 @@ def encode_captions(captions: list[str], tokenizer, text_encoder: nn.Module, dev
     return text_encoder(ids.to(device))[0]
 
 
+@dataclass(frozen=True)
+class Run:
+    """What set-up builds and every later part of the run reads; it does not change while training."""
+
+    config: TrainConfig
+    models: ModelSet  # as given: the frozen VAE, the tokenizer and the scheduler settings are read from here
+    dataset: ImageCaptionDataset
+    output_dir: Path
+    accelerator: Accelerator
+    weight_dtype: torch.dtype  # of the frozen models; trained ones keep fp32 master weights
+    scheduler: Any  # DDPM: the forward process the objective noises latents with
+    text_encoder: nn.Module  # what captions are encoded with (LoRA-injected if asked), trained or frozen
+    trained: dict[str, nn.Module]  # "unet" (and "text_encoder"): the modules being trained, unwrapped
+    wrapped: dict[str, nn.Module]  # the same as accelerate prepared them (DDP, FSDP2); forward passes use these
+    skeletons: dict[str, nn.Module]  # under FSDP2, weightless copies taken before sharding; else {}
+    optimizer: torch.optim.Optimizer  # as accelerate prepared it
+    lr_scheduler: torch.optim.lr_scheduler.LambdaLR
+    emas: dict[str, EMA]  # per trained model, when EMA is on
+    parameters: dict[str, nn.Parameter]  # the trained tensors, by the names checkpoints use
+
+    @property
+    def sharded(self) -> bool:
+        return bool(self.skeletons)
+
+    @property
+    def names(self) -> dict[nn.Parameter, str]:
+        return {p: name for name, p in self.parameters.items()}
+
+
+@dataclass
+class Progress:
+    """Where the run stands: what a checkpoint records and a resume restores, and what the result reports."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch of the next batch
+    batch: int = 0  # index of the next batch within this rank's list of that epoch
+    last_loss: float | None = None  # of the last optimizer step, averaged over its micro-batches and the processes
+    checkpoint: Path | None = None  # the newest checkpoint of this run
+    checkpoint_step: int = -1  # its step (-1: none yet)
+
+
 def train(
     models: ModelSet,
     dataset: ImageCaptionDataset,
@@ -139,19 +180,114 @@ def train(
     """
     output_dir = Path(output_dir)
     accelerator = accelerator or make_accelerator(config)
+    run = set_up(models, dataset, config, output_dir, accelerator, resume)
+    progress = resume_from(run, resume) if resume is not None else Progress()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+    step, epoch, position = progress.step, progress.epoch, progress.batch
+
+    # 5. The loop.
+    batches = BucketBatches(dataset.examples, config.batch_size, config.seed, rank, world)
+    latent_cache = cache_latents(dataset, models.vae, device, run.weight_dtype) if dataset.config.cache_latents else None
+    source = dataset.without_pixels() if latent_cache is not None else dataset
+    text_cache: dict[str, torch.Tensor] = {}
+    log = MetricsLog(output_dir, config.log_format, first_step=step) if accelerator.is_main_process else None
+    bar = tqdm(total=config.max_steps, initial=step, unit="step", disable=not (show_progress and accelerator.is_main_process))
+    images_per_step = config.batch_size * config.gradient_accumulation_steps * world
+    trainable = list(run.parameters.values())
+    micro, losses = 0, []
+    started, started_step = time.perf_counter(), step
+    stopping = False  # Ctrl-C on any rank, seen at a step boundary
+    with InterruptFlag() as interrupt:
+        while step < config.max_steps and not stopping:
+            loader = torch.utils.data.DataLoader(
+                source, batch_sampler=batches.epoch(epoch, position), collate_fn=collate,
+                num_workers=config.num_workers, worker_init_fn=ignore_interrupts if config.num_workers else None,
+            )
+            for batch in loader:
+                position += 1
+                generator = step_generator(config.seed, rank, step, micro)
+                with accelerator.accumulate(*run.wrapped.values()):
+                    latents = batch_latents(batch, models.vae, latent_cache, generator, device, run.weight_dtype)
+                    context = batch_context(batch["caption"], models.tokenizer, run.text_encoder, run.wrapped, text_cache, dataset, device)
+                    with accelerator.autocast():
+                        loss = diffusion_loss(
+                            run.wrapped["unet"], run.scheduler, latents, context, generator,
+                            noise_offset=config.noise_offset, min_snr_gamma=config.min_snr_gamma,
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                    run.optimizer.step()
+                    run.optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.detach())
+                micro += 1
+                if not accelerator.sync_gradients:
+                    continue
+                run.lr_scheduler.step()
+                for name, ema in run.emas.items():
+                    ema.update(run.trained[name])
+                step, micro = step + 1, 0
+                progress.last_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+                losses = []
+                rate = (step - started_step) * images_per_step / (time.perf_counter() - started)
+                bar.update(1)
+                bar.set_postfix(loss=f"{progress.last_loss:.4f}", img_s=f"{rate:.2f}")
+                if log is not None and step % config.log_every == 0:
+                    lr = run.lr_scheduler.get_last_lr()[0]
+                    elapsed = time.perf_counter() - started
+                    log.write({"step": step, "epoch": epoch, "loss": progress.last_loss, "lr": lr, "images_per_second": rate, "elapsed_seconds": elapsed})
+                progress.step, progress.epoch, progress.batch = step, epoch, position
+                if config.sample_every and step % config.sample_every == 0:
+                    render_samples(run, sample_fn, step)
+                # The last step too: a finished run's final state is what a longer run continues from.
+                if config.checkpointing_steps and (step % config.checkpointing_steps == 0 or step == config.max_steps):
+                    write_checkpoint(run, progress)
+                stopping = interrupt.agreed(accelerator)
+                if step >= config.max_steps or stopping:
+                    break
+            else:
+                epoch, position = epoch + 1, 0
+    bar.close()
+    if log is not None:
+        log.close()
+    accelerator.wait_for_everyone()
+    if stopping:
+        if progress.checkpoint_step != progress.step:  # -1 without a checkpoint, and step >= 1 here
+            write_checkpoint(run, progress)
+        raise TrainingInterrupted(progress.step, progress.checkpoint)
+    return final_result(run, progress)
+
+
+def set_up(models: ModelSet, dataset: ImageCaptionDataset, config: TrainConfig, output_dir: Path,
+           accelerator: Accelerator, resume: str | None) -> Run:
+    """Everything the loop needs, once the settings are known to work together: stages 1 to 3."""
     if resume is None and ckpt.list_checkpoints(output_dir):
         raise ConfigError(f"{output_dir} already holds checkpoints; pass --resume latest or choose another --output")
     if config.train_text_encoder and dataset.config.cache_text_embeddings:
         raise ConfigError("cached text embeddings need a frozen text encoder; drop one of the two settings")
     check_backend(accelerator, config.train_text_encoder)
-    rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(config.seed)  # the same LoRA initialisation on every rank
     weight_dtype = DTYPES[config.mixed_precision]
-    device = accelerator.device
     scheduler = create("ddpm", models.scheduler_config)
-    unet, vae, text_encoder = models.unet, models.vae, models.text_encoder
+    trained, text_encoder = freeze_and_adapt(models, config, accelerator.device, weight_dtype)
+    optimizer, lr_scheduler = make_optimizer(config, trained)
+    wrapped, optimizer, skeletons = hand_to_accelerate(accelerator, trained, optimizer)
+    # After prepare: the EMA must have the layout of the parameters it follows (see ema.py).
+    emas = {name: EMA(model, config.ema_decay) for name, model in trained.items()} if config.ema_decay else {}
+    return Run(
+        config=config, models=models, dataset=dataset, output_dir=output_dir, accelerator=accelerator,
+        weight_dtype=weight_dtype, scheduler=scheduler, text_encoder=text_encoder, trained=trained, wrapped=wrapped,
+        skeletons=skeletons, optimizer=optimizer, lr_scheduler=lr_scheduler, emas=emas, parameters=trainable_parameters(trained),
+    )
 
-    # 1. Frozen parts are frozen explicitly; LoRA freezes the base weights and trains adapters only.
+
+def freeze_and_adapt(models: ModelSet, config: TrainConfig, device: torch.device, weight_dtype: torch.dtype) -> tuple[dict[str, nn.Module], nn.Module]:
+    """1. The models to train by name, on the device in training mode, and the text encoder (trained or not).
+
+    Frozen parts are frozen explicitly; LoRA freezes the base weights and trains adapters only.
+    """
+    unet, vae, text_encoder = models.unet, models.vae, models.text_encoder
     vae.requires_grad_(False).eval().to(device, weight_dtype)
     unet.requires_grad_(not config.lora)
     text_encoder.requires_grad_(config.train_text_encoder and not config.lora)
@@ -171,145 +307,58 @@ def train(
             text_encoder.gradient_checkpointing_enable()
     for model in trained.values():
         model.to(device).train()  # fp32 master weights; autocast runs the maths in fp16/bf16
+    return trained, text_encoder
 
-    # 2. Optimizer (AdamW, Loshchilov & Hutter 2019), warm-up + schedule.
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": config.learning_rate}]
+
+def make_optimizer(config: TrainConfig, trained: dict[str, nn.Module]) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """2. AdamW (Loshchilov & Hutter 2019) over the trainable parameters, and its warm-up + schedule."""
+    groups = [{"params": [p for p in trained["unet"].parameters() if p.requires_grad], "lr": config.learning_rate}]
     if config.train_text_encoder:
         lr = config.text_encoder_learning_rate or config.learning_rate
-        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": lr})
+        groups.append({"params": [p for p in trained["text_encoder"].parameters() if p.requires_grad], "lr": lr})
     optimizer = torch.optim.AdamW(
         groups, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay, eps=config.adam_epsilon
     )
     # Not passed to accelerate.prepare: its wrapper would step the schedule once per process.
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config))
 
-    # 3. accelerate wraps the trained models (DDP or FSDP2 per the launch config) and the optimizer.
-    # FSDP2 shards the modules in place; a weightless copy taken before is what whole weights are
-    # put back into for samples and the result.
+
+def hand_to_accelerate(accelerator: Accelerator, trained: dict[str, nn.Module], optimizer: torch.optim.Optimizer):
+    """3. accelerate wraps the trained models (DDP or FSDP2 per the launch config) and the optimizer.
+
+    Returns the wrapped models by name, the wrapped optimizer, and under FSDP2 the skeletons: FSDP2
+    shards the modules in place, and a weightless copy taken before is what whole weights are put
+    back into for samples and the result.
+    """
     sharded = accelerator.distributed_type == DistributedType.FSDP
     skeletons = {name: meta_skeleton(model) for name, model in trained.items()} if sharded else {}
     prepared = accelerator.prepare(*trained.values(), optimizer)
-    wrapped = dict(zip(trained, prepared[:-1]))
-    optimizer = prepared[-1]
     if sharded:
         check_units(trained["unet"])
-    # After prepare: the EMA must have the layout of the parameters it follows (see ema.py).
-    emas = {name: EMA(model, config.ema_decay) for name, model in trained.items()} if config.ema_decay else {}
-    parameters = trainable_parameters(trained)
-    names = {p: name for name, p in parameters.items()}
+    return dict(zip(trained, prepared[:-1])), prepared[-1], skeletons
 
-    # 4. Resume: weights, optimizer, schedule, EMA, RNG and data position.
-    step, epoch, position = 0, 0, 0
-    saved, saved_step = None, -1  # the newest checkpoint of this run and its step
-    if resume is not None:
-        path = ckpt.resolve_resume(output_dir, resume)
-        state = ckpt.load_checkpoint(path)
-        ckpt.check_compatible(state.settings, config.to_dict(), state.world_size, world)
-        if set(state.trainable) != set(parameters):
-            raise ConfigError(f"cannot resume: the tensors saved in {path} differ from the ones this run trains")
-        load_parameters(parameters, state.trainable)
-        if state.format_version == 1:  # written before sharding support: torch's positional layout
-            if sharded:
-                raise ConfigError(f"cannot resume {path} (checkpoint format 1) under FSDP; resume it without FSDP")
-            optimizer.load_state_dict(state.optimizer)
-        else:
-            load_optimizer_state(optimizer, state.optimizer, names)
-        lr_scheduler.load_state_dict(state.lr_scheduler)
-        for name, ema in emas.items():
-            if state.ema is None:
-                raise ConfigError(f"cannot resume: {path} holds no EMA weights but EMA is on")
-            ema.load_state_dict(split_prefixed(state.ema, name))
-        ckpt.restore_rng(state.rng[rank])
-        step, epoch, position = state.step, state.epoch, state.batch
-        saved, saved_step = path, state.step
 
-    # 5. The loop.
-    batches = BucketBatches(dataset.examples, config.batch_size, config.seed, rank, world)
-    latent_cache = cache_latents(dataset, vae, device, weight_dtype) if dataset.config.cache_latents else None
-    source = dataset.without_pixels() if latent_cache is not None else dataset
-    text_cache: dict[str, torch.Tensor] = {}
-    log = MetricsLog(output_dir, config.log_format, first_step=step) if accelerator.is_main_process else None
-    bar = tqdm(total=config.max_steps, initial=step, unit="step", disable=not (show_progress and accelerator.is_main_process))
-    images_per_step = config.batch_size * config.gradient_accumulation_steps * world
-    trainable = list(parameters.values())
-    micro, losses, last_loss = 0, [], None
-    started, started_step = time.perf_counter(), step
-    stopping = False  # Ctrl-C on any rank, seen at a step boundary
-    with InterruptFlag() as interrupt:
-        while step < config.max_steps and not stopping:
-            loader = torch.utils.data.DataLoader(
-                source, batch_sampler=batches.epoch(epoch, position), collate_fn=collate,
-                num_workers=config.num_workers, worker_init_fn=ignore_interrupts if config.num_workers else None,
-            )
-            for batch in loader:
-                position += 1
-                generator = step_generator(config.seed, rank, step, micro)
-                with accelerator.accumulate(*wrapped.values()):
-                    latents = batch_latents(batch, vae, latent_cache, generator, device, weight_dtype)
-                    context = batch_context(batch["caption"], models.tokenizer, text_encoder, wrapped, text_cache, dataset, device)
-                    with accelerator.autocast():
-                        loss = diffusion_loss(
-                            wrapped["unet"], scheduler, latents, context, generator,
-                            noise_offset=config.noise_offset, min_snr_gamma=config.min_snr_gamma,
-                        )
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and config.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.detach())
-                micro += 1
-                if not accelerator.sync_gradients:
-                    continue
-                lr_scheduler.step()
-                for name, ema in emas.items():
-                    ema.update(trained[name])
-                step, micro = step + 1, 0
-                last_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
-                losses = []
-                rate = (step - started_step) * images_per_step / (time.perf_counter() - started)
-                bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.2f}")
-                if log is not None and step % config.log_every == 0:
-                    lr = lr_scheduler.get_last_lr()[0]
-                    elapsed = time.perf_counter() - started
-                    log.write({"step": step, "epoch": epoch, "loss": last_loss, "lr": lr, "images_per_second": rate, "elapsed_seconds": elapsed})
-                if config.sample_every and step % config.sample_every == 0:
-                    render_samples(sample_fn, accelerator, models, trained, skeletons, text_encoder, config, dataset, step, output_dir)
-                # The last step too: a finished run's final state is what a longer run continues from.
-                if config.checkpointing_steps and (step % config.checkpointing_steps == 0 or step == config.max_steps):
-                    saved = write_checkpoint(accelerator, output_dir, config, parameters, names, emas, optimizer, lr_scheduler, step, epoch, position)
-                    saved_step = step
-                stopping = interrupt.agreed(accelerator)
-                if step >= config.max_steps or stopping:
-                    break
-            else:
-                epoch, position = epoch + 1, 0
-    bar.close()
-    if log is not None:
-        log.close()
-    accelerator.wait_for_everyone()
-    if stopping:
-        if saved_step != step:  # saved_step is -1 without a checkpoint, and step >= 1 here
-            saved = write_checkpoint(accelerator, output_dir, config, parameters, names, emas, optimizer, lr_scheduler, step, epoch, position)
-        raise TrainingInterrupted(step, saved)
-
-    final = {name: accelerator.unwrap_model(model) for name, model in wrapped.items()}
-    for name, ema in emas.items():
-        ema.copy_to(final[name])
-    if sharded:
-        whole = whole_models(accelerator, final, skeletons)  # collective; {} on the other ranks
-        final = whole if accelerator.is_main_process else final
-    for model in final.values():
-        model.eval()
-    return TrainResult(
-        unet=final["unet"],
-        text_encoder=final.get("text_encoder", text_encoder),
-        step=step,
-        last_loss=last_loss,
-        is_main_process=accelerator.is_main_process,
-        checkpoint=saved if saved_step == step else None,
-    )
+def resume_from(run: Run, resume: str) -> Progress:
+    """4. Weights, optimizer, schedule, EMA and RNG from a checkpoint; returns its step and data position."""
+    path = ckpt.resolve_resume(run.output_dir, resume)
+    state = ckpt.load_checkpoint(path)
+    ckpt.check_compatible(state.settings, run.config.to_dict(), state.world_size, run.accelerator.num_processes)
+    if set(state.trainable) != set(run.parameters):
+        raise ConfigError(f"cannot resume: the tensors saved in {path} differ from the ones this run trains")
+    load_parameters(run.parameters, state.trainable)
+    if state.format_version == 1:  # written before sharding support: torch's positional layout
+        if run.sharded:
+            raise ConfigError(f"cannot resume {path} (checkpoint format 1) under FSDP; resume it without FSDP")
+        run.optimizer.load_state_dict(state.optimizer)
+    else:
+        load_optimizer_state(run.optimizer, state.optimizer, run.names)
+    run.lr_scheduler.load_state_dict(state.lr_scheduler)
+    for name, ema in run.emas.items():
+        if state.ema is None:
+            raise ConfigError(f"cannot resume: {path} holds no EMA weights but EMA is on")
+        ema.load_state_dict(split_prefixed(state.ema, name))
+    ckpt.restore_rng(state.rng[run.accelerator.process_index])
+    return Progress(step=state.step, epoch=state.epoch, batch=state.batch, checkpoint=path, checkpoint_step=state.step)
 
 
 def batch_latents(batch: dict, vae: nn.Module, cache: dict | None, generator: torch.Generator, device, dtype) -> torch.Tensor:
@@ -364,41 +413,67 @@ def whole_models(accelerator: Accelerator, trained: dict[str, nn.Module], skelet
     return {name: materialize(skeletons[name], state).to(accelerator.device) for name, state in whole.items()} if main else {}
 
 
-def write_checkpoint(accelerator, output_dir, config, parameters, names, emas, optimizer, lr_scheduler, step, epoch, position) -> Path:
-    """Collective: every rank gathers (sharded tensors need all ranks), the main process writes. Returns its folder."""
+def write_checkpoint(run: Run, progress: Progress) -> None:
+    """Collective: every rank gathers (sharded tensors need all ranks), the main process writes.
+    The checkpoint becomes ``progress.checkpoint``."""
+    accelerator = run.accelerator
     rng = gather_object([ckpt.capture_rng()])  # every rank's RNG, collected on all ranks
-    trainable = gather_tensors(parameters, keep=accelerator.is_main_process)
-    ema = {f"{name}.{key}": value for name, e in emas.items() for key, value in e.state_dict().items()} or None
-    optimizer_state = gather_optimizer_state(optimizer, names)
+    trainable = gather_tensors(run.parameters, keep=accelerator.is_main_process)
+    ema = {f"{name}.{key}": value for name, e in run.emas.items() for key, value in e.state_dict().items()} or None
+    optimizer_state = gather_optimizer_state(run.optimizer, run.names)
     if accelerator.is_main_process:
         state = ckpt.TrainingState(
-            step=step, epoch=epoch, batch=position, settings=config.to_dict(), world_size=accelerator.num_processes,
-            trainable=trainable, ema=ema, optimizer=optimizer_state, lr_scheduler=lr_scheduler.state_dict(), rng=rng,
+            step=progress.step, epoch=progress.epoch, batch=progress.batch, settings=run.config.to_dict(),
+            world_size=accelerator.num_processes, trainable=trainable, ema=ema, optimizer=optimizer_state,
+            lr_scheduler=run.lr_scheduler.state_dict(), rng=rng,
         )
-        ckpt.save_checkpoint(output_dir, state, keep=config.checkpoints_total_limit)
+        ckpt.save_checkpoint(run.output_dir, state, keep=run.config.checkpoints_total_limit)
     accelerator.wait_for_everyone()
-    return ckpt.checkpoint_dir(output_dir, step)
+    progress.checkpoint, progress.checkpoint_step = ckpt.checkpoint_dir(run.output_dir, progress.step), progress.step
 
 
-def render_samples(sample_fn, accelerator, models, trained, skeletons, text_encoder, config, dataset, step, output_dir) -> None:
+def render_samples(run: Run, sample_fn: Callable[[SampleRequest], Any], step: int) -> None:
     """Sample images on the main process; under sharding every rank first helps gather the weights."""
-    if skeletons:
-        trained = whole_models(accelerator, trained, skeletons)
+    trained, text_encoder = run.trained, run.text_encoder
+    if run.sharded:
+        trained = whole_models(run.accelerator, trained, run.skeletons)
         text_encoder = trained.get("text_encoder", text_encoder)
-    if not accelerator.is_main_process:
+    if not run.accelerator.is_main_process:
         return
     unet = trained["unet"]
     was_training = {name: model.training for name, model in trained.items()}
     unet.eval()
     text_encoder.eval()
     try:
-        size = (dataset.config.resolution, dataset.config.resolution)
+        size = (run.dataset.config.resolution, run.dataset.config.resolution)
+        config, models = run.config, run.models
         sample_fn(SampleRequest(
             unet=unet, vae=models.vae, text_encoder=text_encoder, tokenizer=models.tokenizer,
             scheduler_config=models.scheduler_config, prompts=config.sample_prompts, step=step, seed=config.seed,
             num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance_scale, size=size,
-            folder=output_dir / "samples",
+            folder=run.output_dir / "samples",
         ))
     finally:
         for name, model in trained.items():
             model.train(was_training[name])
+
+
+def final_result(run: Run, progress: Progress) -> TrainResult:
+    """The trained models, unwrapped, with the EMA weights if EMA is on; collective under sharding."""
+    accelerator = run.accelerator
+    final = {name: accelerator.unwrap_model(model) for name, model in run.wrapped.items()}
+    for name, ema in run.emas.items():
+        ema.copy_to(final[name])
+    if run.sharded:
+        whole = whole_models(accelerator, final, run.skeletons)  # collective; {} on the other ranks
+        final = whole if accelerator.is_main_process else final
+    for model in final.values():
+        model.eval()
+    return TrainResult(
+        unet=final["unet"],
+        text_encoder=final.get("text_encoder", run.text_encoder),
+        step=progress.step,
+        last_loss=progress.last_loss,
+        is_main_process=accelerator.is_main_process,
+        checkpoint=progress.checkpoint if progress.checkpoint_step == progress.step else None,
+    )
