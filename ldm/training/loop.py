@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -178,80 +178,30 @@ def train(
     caller's job (``ldm.loading.save_diffusers``, ``ldm.lora.save_lora``). accelerate keeps one state
     per process: later calls in the same process must use the same ``mixed_precision``.
     """
-    output_dir = Path(output_dir)
-    accelerator = accelerator or make_accelerator(config)
-    run = set_up(models, dataset, config, output_dir, accelerator, resume)
+    run = set_up(models, dataset, config, Path(output_dir), accelerator or make_accelerator(config), resume)
     progress = resume_from(run, resume) if resume is not None else Progress()
-    rank, world = accelerator.process_index, accelerator.num_processes
-    device = accelerator.device
-    step, epoch, position = progress.step, progress.epoch, progress.batch
-
-    # 5. The loop.
-    batches = BucketBatches(dataset.examples, config.batch_size, config.seed, rank, world)
-    latent_cache = cache_latents(dataset, models.vae, device, run.weight_dtype) if dataset.config.cache_latents else None
-    source = dataset.without_pixels() if latent_cache is not None else dataset
-    text_cache: dict[str, torch.Tensor] = {}
-    log = MetricsLog(output_dir, config.log_format, first_step=step) if accelerator.is_main_process else None
-    bar = tqdm(total=config.max_steps, initial=step, unit="step", disable=not (show_progress and accelerator.is_main_process))
-    images_per_step = config.batch_size * config.gradient_accumulation_steps * world
-    trainable = list(run.parameters.values())
-    micro, losses = 0, []
-    started, started_step = time.perf_counter(), step
+    feed = data_feed(run)
+    report = Report(run, progress.step, show_progress)
+    losses: list[torch.Tensor] = []  # one per micro-batch of the optimizer step under way
     stopping = False  # Ctrl-C on any rank, seen at a step boundary
     with InterruptFlag() as interrupt:
-        while step < config.max_steps and not stopping:
-            loader = torch.utils.data.DataLoader(
-                source, batch_sampler=batches.epoch(epoch, position), collate_fn=collate,
-                num_workers=config.num_workers, worker_init_fn=ignore_interrupts if config.num_workers else None,
-            )
-            for batch in loader:
-                position += 1
-                generator = step_generator(config.seed, rank, step, micro)
-                with accelerator.accumulate(*run.wrapped.values()):
-                    latents = batch_latents(batch, models.vae, latent_cache, generator, device, run.weight_dtype)
-                    context = batch_context(batch["caption"], models.tokenizer, run.text_encoder, run.wrapped, text_cache, dataset, device)
-                    with accelerator.autocast():
-                        loss = diffusion_loss(
-                            run.wrapped["unet"], run.scheduler, latents, context, generator,
-                            noise_offset=config.noise_offset, min_snr_gamma=config.min_snr_gamma,
-                        )
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and config.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-                    run.optimizer.step()
-                    run.optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.detach())
-                micro += 1
-                if not accelerator.sync_gradients:
-                    continue
-                run.lr_scheduler.step()
-                for name, ema in run.emas.items():
-                    ema.update(run.trained[name])
-                step, micro = step + 1, 0
-                progress.last_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
-                losses = []
-                rate = (step - started_step) * images_per_step / (time.perf_counter() - started)
-                bar.update(1)
-                bar.set_postfix(loss=f"{progress.last_loss:.4f}", img_s=f"{rate:.2f}")
-                if log is not None and step % config.log_every == 0:
-                    lr = run.lr_scheduler.get_last_lr()[0]
-                    elapsed = time.perf_counter() - started
-                    log.write({"step": step, "epoch": epoch, "loss": progress.last_loss, "lr": lr, "images_per_second": rate, "elapsed_seconds": elapsed})
-                progress.step, progress.epoch, progress.batch = step, epoch, position
-                if config.sample_every and step % config.sample_every == 0:
-                    render_samples(run, sample_fn, step)
-                # The last step too: a finished run's final state is what a longer run continues from.
-                if config.checkpointing_steps and (step % config.checkpointing_steps == 0 or step == config.max_steps):
-                    write_checkpoint(run, progress)
-                stopping = interrupt.agreed(accelerator)
-                if step >= config.max_steps or stopping:
-                    break
-            else:
-                epoch, position = epoch + 1, 0
-    bar.close()
-    if log is not None:
-        log.close()
-    accelerator.wait_for_everyone()
+        for batch in epochs(run, feed, progress):
+            generator = step_generator(config.seed, run.accelerator.process_index, progress.step, len(losses))
+            losses.append(micro_step(run, feed, batch, generator))
+            if not run.accelerator.sync_gradients:
+                continue  # accumulating: the optimizer has not stepped yet
+            end_step(run, progress, losses)
+            losses = []
+            report.step(progress)
+            if config.sample_every and progress.step % config.sample_every == 0:
+                render_samples(run, sample_fn, progress.step)
+            if checkpoint_due(config, progress.step):
+                write_checkpoint(run, progress)
+            stopping = interrupt.agreed(run.accelerator)
+            if progress.step >= config.max_steps or stopping:
+                break
+    report.close()
+    run.accelerator.wait_for_everyone()
     if stopping:
         if progress.checkpoint_step != progress.step:  # -1 without a checkpoint, and step >= 1 here
             write_checkpoint(run, progress)
@@ -361,32 +311,98 @@ def resume_from(run: Run, resume: str) -> Progress:
     return Progress(step=state.step, epoch=state.epoch, batch=state.batch, checkpoint=path, checkpoint_step=state.step)
 
 
-def batch_latents(batch: dict, vae: nn.Module, cache: dict | None, generator: torch.Generator, device, dtype) -> torch.Tensor:
+@dataclass(frozen=True)
+class Feed:
+    """Where micro-batches come from: this rank's share of each epoch, and the encodings kept for reuse."""
+
+    batches: BucketBatches
+    source: ImageCaptionDataset  # without pixels when the latents are cached
+    latents: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] | None  # (index, flipped) → VAE (mean, std)
+    texts: dict[str, torch.Tensor] | None  # caption → embedding, filled on first use
+
+
+def data_feed(run: Run) -> Feed:
+    """5. The batches of this rank, the latents encoded up front and the text cache, as the data config asks."""
+    dataset, config, accelerator = run.dataset, run.config, run.accelerator
+    batches = BucketBatches(dataset.examples, config.batch_size, config.seed, accelerator.process_index, accelerator.num_processes)
+    latents = cache_latents(dataset, run.models.vae, accelerator.device, run.weight_dtype) if dataset.config.cache_latents else None
+    source = dataset.without_pixels() if latents is not None else dataset
+    return Feed(batches, source, latents, {} if dataset.config.cache_text_embeddings else None)
+
+
+def epochs(run: Run, feed: Feed, progress: Progress) -> Iterator[dict]:
+    """Micro-batches from the data position in ``progress`` on, advancing it, until the last step is done."""
+    config = run.config
+    while progress.step < config.max_steps:
+        loader = torch.utils.data.DataLoader(
+            feed.source, batch_sampler=feed.batches.epoch(progress.epoch, progress.batch), collate_fn=collate,
+            num_workers=config.num_workers, worker_init_fn=ignore_interrupts if config.num_workers else None,
+        )
+        for batch in loader:
+            progress.batch += 1
+            yield batch
+        progress.epoch, progress.batch = progress.epoch + 1, 0
+
+
+def micro_step(run: Run, feed: Feed, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    """Latents and text embeddings → noise, predict, loss (``objective.py``) → backward. The prepared
+    optimizer steps (after clipping) only once accelerate has accumulated a whole step's gradients."""
+    accelerator, config = run.accelerator, run.config
+    with accelerator.accumulate(*run.wrapped.values()):
+        latents = batch_latents(run, feed, batch, generator)
+        context = batch_context(run, feed, batch["caption"])
+        with accelerator.autocast():
+            loss = diffusion_loss(
+                run.wrapped["unet"], run.scheduler, latents, context, generator,
+                noise_offset=config.noise_offset, min_snr_gamma=config.min_snr_gamma,
+            )
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and config.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(list(run.parameters.values()), config.max_grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def end_step(run: Run, progress: Progress, losses: list[torch.Tensor]) -> None:
+    """After an optimizer step: the schedule, the EMA, the count, and the step's loss (a collective:
+    the mean over its micro-batches and all processes)."""
+    run.lr_scheduler.step()
+    for name, ema in run.emas.items():
+        ema.update(run.trained[name])
+    progress.step += 1
+    progress.last_loss = run.accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+
+
+def batch_latents(run: Run, feed: Feed, batch: dict, generator: torch.Generator) -> torch.Tensor:
     """Scaled latents z = scaling_factor * (mean + std * eps) of the batch's images (Rombach et al. 2022, sec. 4.3.2)."""
-    if cache is not None:
-        mean = torch.stack([cache[(i, f)][0] for i, f in zip(batch["index"], batch["flipped"])]).to(device)
-        std = torch.stack([cache[(i, f)][1] for i, f in zip(batch["index"], batch["flipped"])]).to(device)
+    device, vae = run.accelerator.device, run.models.vae
+    if feed.latents is not None:
+        keys = list(zip(batch["index"], batch["flipped"]))
+        mean = torch.stack([feed.latents[key][0] for key in keys]).to(device)
+        std = torch.stack([feed.latents[key][1] for key in keys]).to(device)
     else:
         with torch.no_grad():
-            posterior = vae.encode(batch["pixels"].to(device, dtype))
+            posterior = vae.encode(batch["pixels"].to(device, run.weight_dtype))
         mean, std = posterior.mean, posterior.std
     eps = randn(tuple(mean.shape), generator, device, mean.dtype)
     return ((mean + std * eps) * vae.config.scaling_factor).float()
 
 
-def batch_context(captions, tokenizer, text_encoder, wrapped, cache, dataset, device) -> torch.Tensor:
+def batch_context(run: Run, feed: Feed, captions: list[str]) -> torch.Tensor:
     """Text embeddings: through the (wrapped) encoder when it trains, else under no_grad, cached if asked."""
-    if "text_encoder" in wrapped:
-        return encode_captions(captions, tokenizer, wrapped["text_encoder"], device).float()
-    if not dataset.config.cache_text_embeddings:
+    tokenizer, device = run.models.tokenizer, run.accelerator.device
+    if "text_encoder" in run.wrapped:
+        return encode_captions(captions, tokenizer, run.wrapped["text_encoder"], device).float()
+    if feed.texts is None:
         with torch.no_grad():
-            return encode_captions(captions, tokenizer, text_encoder, device).float()
-    missing = sorted({c for c in captions if c not in cache})
+            return encode_captions(captions, tokenizer, run.text_encoder, device).float()
+    missing = sorted({c for c in captions if c not in feed.texts})
     if missing:
         with torch.no_grad():
-            for caption, embedding in zip(missing, encode_captions(missing, tokenizer, text_encoder, device)):
-                cache[caption] = embedding
-    return torch.stack([cache[c] for c in captions]).float()
+            for caption, embedding in zip(missing, encode_captions(missing, tokenizer, run.text_encoder, device)):
+                feed.texts[caption] = embedding
+    return torch.stack([feed.texts[c] for c in captions]).float()
 
 
 @torch.no_grad()
@@ -401,6 +417,34 @@ def cache_latents(dataset: ImageCaptionDataset, vae: nn.Module, device, dtype) -
     return cache
 
 
+class Report:
+    """What a run shows as it goes: a progress bar with the loss and images per second, and (main
+    process only) the metrics log."""
+
+    def __init__(self, run: Run, first_step: int, show_progress: bool):
+        config, main = run.config, run.accelerator.is_main_process
+        self.run = run
+        self.log = MetricsLog(run.output_dir, config.log_format, first_step=first_step) if main else None
+        self.bar = tqdm(total=config.max_steps, initial=first_step, unit="step", disable=not (show_progress and main))
+        self.images_per_step = config.batch_size * config.gradient_accumulation_steps * run.accelerator.num_processes
+        self.first_step, self.started = first_step, time.perf_counter()
+
+    def step(self, progress: Progress) -> None:
+        elapsed = time.perf_counter() - self.started
+        rate = (progress.step - self.first_step) * self.images_per_step / elapsed
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{progress.last_loss:.4f}", img_s=f"{rate:.2f}")
+        if self.log is not None and progress.step % self.run.config.log_every == 0:
+            lr = self.run.lr_scheduler.get_last_lr()[0]
+            self.log.write({"step": progress.step, "epoch": progress.epoch, "loss": progress.last_loss, "lr": lr,
+                            "images_per_second": rate, "elapsed_seconds": elapsed})
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.log is not None:
+            self.log.close()
+
+
 def split_prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {key[len(prefix) + 1:]: value for key, value in tensors.items() if key.startswith(prefix + ".")}
 
@@ -411,6 +455,12 @@ def whole_models(accelerator: Accelerator, trained: dict[str, nn.Module], skelet
     main = accelerator.is_main_process
     whole = {name: gather_tensors(model.state_dict(), keep=main) for name, model in trained.items()}
     return {name: materialize(skeletons[name], state).to(accelerator.device) for name, state in whole.items()} if main else {}
+
+
+def checkpoint_due(config: TrainConfig, step: int) -> bool:
+    """Every ``checkpointing_steps`` and at the last step too: a finished run's final state is what a
+    longer run continues from."""
+    return bool(config.checkpointing_steps) and (step % config.checkpointing_steps == 0 or step == config.max_steps)
 
 
 def write_checkpoint(run: Run, progress: Progress) -> None:
