@@ -1,10 +1,18 @@
-"""The training loop: one readable function, ``train``, over already-built models.
+"""The training loop: ``train`` over already-built models, read top to bottom; its parts follow it in order.
 
-Stages: (1) freeze what is not trained and inject LoRA adapters if asked, (2) optimizer and
-learning-rate schedule, (3) hand the trained models to accelerate (device, DDP or FSDP2, mixed
-precision, gradient accumulation), then EMA, (4) resume, (5) the loop: batch → latents and text
-embeddings → noise, predict, loss → backward, clip, step → EMA, log, samples, checkpoint (every N
-steps and at the last), and Ctrl-C, which is acted on only here, between optimizer steps.
+  set-up      ``set_up``: (1) freeze what is not trained and inject LoRA adapters if asked,
+              (2) optimizer and learning-rate schedule, (3) hand the trained models to accelerate
+              (device, DDP or FSDP2, mixed precision, gradient accumulation), then EMA: a frozen ``Run``
+  resume      ``resume_from``: (4) weights, optimizer, schedule, EMA, RNG and data position
+  batch       ``data_feed``, ``epochs``: (5) this rank's micro-batches, from the data position on
+  step        ``micro_step``: latents and text embeddings → noise, predict, loss → backward, clip,
+              step; ``end_step``: schedule, EMA, the step's loss
+  report      ``Report`` (progress bar, metrics log), ``render_samples``
+  checkpoint  ``write_checkpoint``, every N steps and at the last; and Ctrl-C, acted on only in
+              ``train``, between optimizer steps; then ``final_result``
+
+What changes as the run goes (step, data position, last loss, newest checkpoint) is one ``Progress``;
+everything else the parts share is the ``Run``.
 
 Sharding (FSDP2): each rank holds a slice of every trained parameter, so whatever needs whole
 weights (checkpoints, sample images, the result) gathers them with the collective functions of
@@ -80,42 +88,6 @@ class TrainResult:
     checkpoint: Path | None = None  # the checkpoint holding exactly this final state, if one does
 
 
-def make_accelerator(config: TrainConfig) -> Accelerator:
-    """An ``Accelerator`` for ``config``; under ``accelerate launch`` it picks up the launch settings."""
-    # We never hand a DataLoader to accelerate (the rank split is ours, see BucketBatches), so
-    # accumulation counts micro-batches instead of watching a data loader's end.
-    plugin = GradientAccumulationPlugin(num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False)
-    return Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_plugin=plugin)
-
-
-def lr_factor(config: TrainConfig) -> Callable[[int], float]:
-    """Multiplier of the learning rate after ``step`` optimizer steps: linear warm-up, then the schedule."""
-
-    def factor(step: int) -> float:
-        if step < config.lr_warmup_steps:
-            return (step + 1) / (config.lr_warmup_steps + 1)
-        if config.lr_schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - config.lr_warmup_steps) / max(1, config.max_steps - config.lr_warmup_steps))
-        if config.lr_schedule == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
-    """The generator of one micro-batch's noise and timesteps; depends only on where it is in the run."""
-    state = np.random.SeedSequence([seed, rank, step, micro]).generate_state(2, dtype=np.uint32)
-    return torch.Generator("cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-def encode_captions(captions: list[str], tokenizer, text_encoder: nn.Module, device: torch.device) -> torch.Tensor:
-    """CLIP last hidden states (B, 77, D) of padded, truncated captions (the conditioning SD is trained on)."""
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids.to(device))[0]
-
-
 @dataclass(frozen=True)
 class Run:
     """What set-up builds and every later part of the run reads; it does not change while training."""
@@ -128,7 +100,7 @@ class Run:
     weight_dtype: torch.dtype  # of the frozen models; trained ones keep fp32 master weights
     scheduler: Any  # DDPM: the forward process the objective noises latents with
     text_encoder: nn.Module  # what captions are encoded with (LoRA-injected if asked), trained or frozen
-    trained: dict[str, nn.Module]  # "unet" (and "text_encoder"): the modules being trained, unwrapped
+    trained: dict[str, nn.Module]  # "unet" (and "text_encoder") unwrapped: what the EMA follows and samples use
     wrapped: dict[str, nn.Module]  # the same as accelerate prepared them (DDP, FSDP2); forward passes use these
     skeletons: dict[str, nn.Module]  # under FSDP2, weightless copies taken before sharding; else {}
     optimizer: torch.optim.Optimizer  # as accelerate prepared it
@@ -155,6 +127,14 @@ class Progress:
     last_loss: float | None = None  # of the last optimizer step, averaged over its micro-batches and the processes
     checkpoint: Path | None = None  # the newest checkpoint of this run
     checkpoint_step: int = -1  # its step (-1: none yet)
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """An ``Accelerator`` for ``config``; under ``accelerate launch`` it picks up the launch settings."""
+    # We never hand a DataLoader to accelerate (the rank split is ours, see BucketBatches), so
+    # accumulation counts micro-batches instead of watching a data loader's end.
+    plugin = GradientAccumulationPlugin(num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False)
+    return Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_plugin=plugin)
 
 
 def train(
@@ -211,7 +191,7 @@ def train(
 
 def set_up(models: ModelSet, dataset: ImageCaptionDataset, config: TrainConfig, output_dir: Path,
            accelerator: Accelerator, resume: str | None) -> Run:
-    """Everything the loop needs, once the settings are known to work together: stages 1 to 3."""
+    """Stages 1 to 3, after refusing settings that cannot run together (before any model is touched)."""
     if resume is None and ckpt.list_checkpoints(output_dir):
         raise ConfigError(f"{output_dir} already holds checkpoints; pass --resume latest or choose another --output")
     if config.train_text_encoder and dataset.config.cache_text_embeddings:
@@ -232,7 +212,9 @@ def set_up(models: ModelSet, dataset: ImageCaptionDataset, config: TrainConfig, 
     )
 
 
-def freeze_and_adapt(models: ModelSet, config: TrainConfig, device: torch.device, weight_dtype: torch.dtype) -> tuple[dict[str, nn.Module], nn.Module]:
+def freeze_and_adapt(
+    models: ModelSet, config: TrainConfig, device: torch.device, weight_dtype: torch.dtype
+) -> tuple[dict[str, nn.Module], nn.Module]:
     """1. The models to train by name, on the device in training mode, and the text encoder (trained or not).
 
     Frozen parts are frozen explicitly; LoRA freezes the base weights and trains adapters only.
@@ -273,7 +255,25 @@ def make_optimizer(config: TrainConfig, trained: dict[str, nn.Module]) -> tuple[
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config))
 
 
-def hand_to_accelerate(accelerator: Accelerator, trained: dict[str, nn.Module], optimizer: torch.optim.Optimizer):
+def lr_factor(config: TrainConfig) -> Callable[[int], float]:
+    """Multiplier of the learning rate after ``step`` optimizer steps: linear warm-up, then the schedule."""
+
+    def factor(step: int) -> float:
+        if step < config.lr_warmup_steps:
+            return (step + 1) / (config.lr_warmup_steps + 1)
+        if config.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - config.lr_warmup_steps) / max(1, config.max_steps - config.lr_warmup_steps))
+        if config.lr_schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def hand_to_accelerate(
+    accelerator: Accelerator, trained: dict[str, nn.Module], optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, nn.Module], torch.optim.Optimizer, dict[str, nn.Module]]:
     """3. accelerate wraps the trained models (DDP or FSDP2 per the launch config) and the optimizer.
 
     Returns the wrapped models by name, the wrapped optimizer, and under FSDP2 the skeletons: FSDP2
@@ -311,6 +311,10 @@ def resume_from(run: Run, resume: str) -> Progress:
     return Progress(step=state.step, epoch=state.epoch, batch=state.batch, checkpoint=path, checkpoint_step=state.step)
 
 
+def split_prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {key[len(prefix) + 1:]: value for key, value in tensors.items() if key.startswith(prefix + ".")}
+
+
 @dataclass(frozen=True)
 class Feed:
     """Where micro-batches come from: this rank's share of each epoch, and the encodings kept for reuse."""
@@ -330,6 +334,18 @@ def data_feed(run: Run) -> Feed:
     return Feed(batches, source, latents, {} if dataset.config.cache_text_embeddings else None)
 
 
+@torch.no_grad()
+def cache_latents(dataset: ImageCaptionDataset, vae: nn.Module, device, dtype) -> dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]]:
+    """Encode every image (and its mirror image when flipping is on) once: (index, flipped) → (mean, std)."""
+    cache = {}
+    flips = (False, True) if dataset.config.random_flip else (False,)
+    for index in range(len(dataset)):
+        for flip in flips:
+            posterior = vae.encode(dataset.pixels(index, flip, 0.5)[None].to(device, dtype))
+            cache[(index, flip)] = (posterior.mean[0].cpu(), posterior.std[0].cpu())
+    return cache
+
+
 def epochs(run: Run, feed: Feed, progress: Progress) -> Iterator[dict]:
     """Micro-batches from the data position in ``progress`` on, advancing it, until the last step is done."""
     config = run.config
@@ -342,6 +358,12 @@ def epochs(run: Run, feed: Feed, progress: Progress) -> Iterator[dict]:
             progress.batch += 1
             yield batch
         progress.epoch, progress.batch = progress.epoch + 1, 0
+
+
+def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
+    """The generator of one micro-batch's noise and timesteps; depends only on where it is in the run."""
+    state = np.random.SeedSequence([seed, rank, step, micro]).generate_state(2, dtype=np.uint32)
+    return torch.Generator("cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 def micro_step(run: Run, feed: Feed, batch: dict, generator: torch.Generator) -> torch.Tensor:
@@ -362,16 +384,6 @@ def micro_step(run: Run, feed: Feed, batch: dict, generator: torch.Generator) ->
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
     return loss.detach()
-
-
-def end_step(run: Run, progress: Progress, losses: list[torch.Tensor]) -> None:
-    """After an optimizer step: the schedule, the EMA, the count, and the step's loss (a collective:
-    the mean over its micro-batches and all processes)."""
-    run.lr_scheduler.step()
-    for name, ema in run.emas.items():
-        ema.update(run.trained[name])
-    progress.step += 1
-    progress.last_loss = run.accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
 
 
 def batch_latents(run: Run, feed: Feed, batch: dict, generator: torch.Generator) -> torch.Tensor:
@@ -405,16 +417,20 @@ def batch_context(run: Run, feed: Feed, captions: list[str]) -> torch.Tensor:
     return torch.stack([feed.texts[c] for c in captions]).float()
 
 
-@torch.no_grad()
-def cache_latents(dataset: ImageCaptionDataset, vae: nn.Module, device, dtype) -> dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]]:
-    """Encode every image (and its mirror image when flipping is on) once: (index, flipped) → (mean, std)."""
-    cache = {}
-    flips = (False, True) if dataset.config.random_flip else (False,)
-    for index in range(len(dataset)):
-        for flip in flips:
-            posterior = vae.encode(dataset.pixels(index, flip, 0.5)[None].to(device, dtype))
-            cache[(index, flip)] = (posterior.mean[0].cpu(), posterior.std[0].cpu())
-    return cache
+def encode_captions(captions: list[str], tokenizer, text_encoder: nn.Module, device: torch.device) -> torch.Tensor:
+    """CLIP last hidden states (B, 77, D) of padded, truncated captions (the conditioning SD is trained on)."""
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids.to(device))[0]
+
+
+def end_step(run: Run, progress: Progress, losses: list[torch.Tensor]) -> None:
+    """After an optimizer step: the schedule, the EMA, the count, and the step's loss (a collective:
+    the mean over its micro-batches and all processes)."""
+    run.lr_scheduler.step()
+    for name, ema in run.emas.items():
+        ema.update(run.trained[name])
+    progress.step += 1
+    progress.last_loss = run.accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
 
 
 class Report:
@@ -445,8 +461,30 @@ class Report:
             self.log.close()
 
 
-def split_prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {key[len(prefix) + 1:]: value for key, value in tensors.items() if key.startswith(prefix + ".")}
+def render_samples(run: Run, sample_fn: Callable[[SampleRequest], Any], step: int) -> None:
+    """Sample images on the main process; under sharding every rank first helps gather the weights."""
+    trained, text_encoder = run.trained, run.text_encoder
+    if run.sharded:
+        trained = whole_models(run.accelerator, trained, run.skeletons)
+        text_encoder = trained.get("text_encoder", text_encoder)
+    if not run.accelerator.is_main_process:
+        return
+    unet = trained["unet"]
+    was_training = {name: model.training for name, model in trained.items()}
+    unet.eval()
+    text_encoder.eval()
+    try:
+        size = (run.dataset.config.resolution, run.dataset.config.resolution)
+        config, models = run.config, run.models
+        sample_fn(SampleRequest(
+            unet=unet, vae=models.vae, text_encoder=text_encoder, tokenizer=models.tokenizer,
+            scheduler_config=models.scheduler_config, prompts=config.sample_prompts, step=step, seed=config.seed,
+            num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance_scale, size=size,
+            folder=run.output_dir / "samples",
+        ))
+    finally:
+        for name, model in trained.items():
+            model.train(was_training[name])
 
 
 def whole_models(accelerator: Accelerator, trained: dict[str, nn.Module], skeletons: dict[str, nn.Module]) -> dict[str, nn.Module]:
@@ -480,32 +518,6 @@ def write_checkpoint(run: Run, progress: Progress) -> None:
         ckpt.save_checkpoint(run.output_dir, state, keep=run.config.checkpoints_total_limit)
     accelerator.wait_for_everyone()
     progress.checkpoint, progress.checkpoint_step = ckpt.checkpoint_dir(run.output_dir, progress.step), progress.step
-
-
-def render_samples(run: Run, sample_fn: Callable[[SampleRequest], Any], step: int) -> None:
-    """Sample images on the main process; under sharding every rank first helps gather the weights."""
-    trained, text_encoder = run.trained, run.text_encoder
-    if run.sharded:
-        trained = whole_models(run.accelerator, trained, run.skeletons)
-        text_encoder = trained.get("text_encoder", text_encoder)
-    if not run.accelerator.is_main_process:
-        return
-    unet = trained["unet"]
-    was_training = {name: model.training for name, model in trained.items()}
-    unet.eval()
-    text_encoder.eval()
-    try:
-        size = (run.dataset.config.resolution, run.dataset.config.resolution)
-        config, models = run.config, run.models
-        sample_fn(SampleRequest(
-            unet=unet, vae=models.vae, text_encoder=text_encoder, tokenizer=models.tokenizer,
-            scheduler_config=models.scheduler_config, prompts=config.sample_prompts, step=step, seed=config.seed,
-            num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance_scale, size=size,
-            folder=run.output_dir / "samples",
-        ))
-    finally:
-        for name, model in trained.items():
-            model.train(was_training[name])
 
 
 def final_result(run: Run, progress: Progress) -> TrainResult:
