@@ -90,7 +90,8 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class Run:
-    """What set-up builds and every later part of the run reads; it does not change while training."""
+    """What set-up builds and every later part of the run reads. Frozen: no part swaps a model, the
+    optimizer or an EMA for another (their weights and state of course change as they train)."""
 
     config: TrainConfig
     models: ModelSet  # as given: the frozen VAE, the tokenizer and the scheduler settings are read from here
