@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -110,57 +110,86 @@ def scan_folder(folder: str | Path, config: DataConfig) -> list[Example]:
     if not folder.is_dir():
         raise InputError(f"--data {folder} is not a folder; point it at a folder of images with captions")
     metadata = _read_metadata(folder, config.caption_column)
-    paths = sorted(
-        p for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    paths = image_files(folder)
     if not paths:
         raise InputError(f"--data {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); add images with captions")
-    buckets = bucket_sizes(config.resolution) if config.buckets else [(config.resolution, config.resolution)]
+    scan = scan_images(paths, metadata, config)
 
-    examples: list[Example] = []
-    unreadable: list[Path] = []
-    too_small: list[Path] = []
-    uncaptioned: list[Path] = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                image.load()  # decodes fully: a truncated file fails here, not in the middle of training
-                size = ImageOps.exif_transpose(image).size
-        except Exception:  # PIL raises many unrelated types for broken files
-            unreadable.append(path)
-            continue
-        caption = metadata.get(path.resolve())
-        text_file = path.with_suffix(".txt")
-        if caption is None and text_file.is_file():
-            caption = read_text(text_file).strip()
-        if caption is None:
-            if not config.allow_empty_captions:
-                uncaptioned.append(path)
-                continue
-            caption = ""
-        bucket = choose_bucket(size, buckets)
-        if config.small_images == "skip" and (size[0] < bucket[0] or size[1] < bucket[1]):
-            too_small.append(path)
-            continue
-        examples.append(Example(path, caption, size, bucket))
-
-    if uncaptioned:
+    if scan.uncaptioned:
         raise InputError(
-            f"{len(uncaptioned)} image(s) have no caption (e.g. {uncaptioned[0].name}); add a same-name .txt file, "
+            f"{len(scan.uncaptioned)} image(s) have no caption (e.g. {scan.uncaptioned[0].name}); add a same-name .txt file, "
             "a metadata.jsonl, or pass --allow-empty-captions"
         )
     skipped = []
-    if unreadable:
-        skipped.append(f"{len(unreadable)} unreadable or truncated (e.g. {unreadable[0].name})")
-    if too_small:
-        skipped.append(f"{len(too_small)} smaller than {config.resolution} px (e.g. {too_small[0].name})")
-    if not examples:
+    if scan.unreadable:
+        skipped.append(f"{len(scan.unreadable)} unreadable or truncated (e.g. {scan.unreadable[0].name})")
+    if scan.too_small:
+        skipped.append(f"{len(scan.too_small)} smaller than {config.resolution} px (e.g. {scan.too_small[0].name})")
+    if not scan.examples:
         raise InputError(f"--data {folder} has no usable image: {'; '.join(skipped)}; fix or replace the images")
     if skipped:
-        warnings.warn(f"skipped {len(unreadable) + len(too_small)} of {len(paths)} images: {'; '.join(skipped)}", DataWarning, stacklevel=2)
-    warn_far_resizes(examples, config.resolution)
-    return examples
+        count = len(scan.unreadable) + len(scan.too_small)
+        warnings.warn(f"skipped {count} of {len(paths)} images: {'; '.join(skipped)}", DataWarning, stacklevel=2)
+    warn_far_resizes(scan.examples, config.resolution)
+    return scan.examples
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files under ``folder``, sorted; hidden files and anything in hidden folders are left out."""
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+@dataclass
+class FolderScan:
+    """What ``scan_images`` found: the usable examples, and the images it left out by reason."""
+
+    examples: list[Example] = field(default_factory=list)
+    unreadable: list[Path] = field(default_factory=list)
+    too_small: list[Path] = field(default_factory=list)  # only with small_images="skip"
+    uncaptioned: list[Path] = field(default_factory=list)  # only without allow_empty_captions
+
+
+def scan_images(paths: list[Path], metadata: dict[Path, str], config: DataConfig) -> FolderScan:
+    """Decode each image, find its caption and bucket. An unreadable image is never asked for its caption."""
+    buckets = bucket_sizes(config.resolution) if config.buckets else [(config.resolution, config.resolution)]
+    scan = FolderScan()
+    for path in paths:
+        size = decoded_size(path)
+        if size is None:
+            scan.unreadable.append(path)
+            continue
+        caption = find_caption(path, metadata)
+        if caption is None and not config.allow_empty_captions:
+            scan.uncaptioned.append(path)
+            continue
+        bucket = choose_bucket(size, buckets)
+        if config.small_images == "skip" and (size[0] < bucket[0] or size[1] < bucket[1]):
+            scan.too_small.append(path)
+            continue
+        scan.examples.append(Example(path, "" if caption is None else caption, size, bucket))
+    return scan
+
+
+def decoded_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) after the EXIF rotation, or None if the file does not decode completely."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes fully: a truncated file fails here, not in the middle of training
+            return ImageOps.exif_transpose(image).size
+    except Exception:  # PIL raises many unrelated types for broken files
+        return None
+
+
+def find_caption(path: Path, metadata: dict[Path, str]) -> str | None:
+    """The image's metadata.jsonl caption, else its same-name .txt file, else None."""
+    caption = metadata.get(path.resolve())
+    text_file = path.with_suffix(".txt")
+    if caption is None and text_file.is_file():
+        caption = read_text(text_file).strip()
+    return caption
 
 
 def resize_factor(example: Example) -> float:

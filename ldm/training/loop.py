@@ -1,10 +1,18 @@
-"""The training loop: one readable function, ``train``, over already-built models.
+"""The training loop: ``train`` over already-built models, read top to bottom; its parts follow it in order.
 
-Stages: (1) freeze what is not trained and inject LoRA adapters if asked, (2) optimizer and
-learning-rate schedule, (3) hand the trained models to accelerate (device, DDP or FSDP2, mixed
-precision, gradient accumulation), then EMA, (4) resume, (5) the loop: batch → latents and text
-embeddings → noise, predict, loss → backward, clip, step → EMA, log, samples, checkpoint (every N
-steps and at the last), and Ctrl-C, which is acted on only here, between optimizer steps.
+  set-up      ``set_up``: (1) freeze what is not trained and inject LoRA adapters if asked,
+              (2) optimizer and learning-rate schedule, (3) hand the trained models to accelerate
+              (device, DDP or FSDP2, mixed precision, gradient accumulation), then EMA: a frozen ``Run``
+  resume      ``resume_from``: (4) weights, optimizer, schedule, EMA, RNG and data position
+  batch       ``data_feed``, ``epochs``: (5) this rank's micro-batches, from the data position on
+  step        ``micro_step``: latents and text embeddings → noise, predict, loss → backward, clip,
+              step; ``end_step``: schedule, EMA, the step's loss
+  report      ``Report`` (progress bar, metrics log), ``render_samples``
+  checkpoint  ``write_checkpoint``, every N steps and at the last; and Ctrl-C, acted on only in
+              ``train``, between optimizer steps; then ``final_result``
+
+What changes as the run goes (step, data position, last loss, newest checkpoint) is one ``Progress``;
+everything else the parts share is the ``Run``.
 
 Sharding (FSDP2): each rank holds a slice of every trained parameter, so whatever needs whole
 weights (checkpoints, sample images, the result) gathers them with the collective functions of
@@ -20,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -80,40 +88,54 @@ class TrainResult:
     checkpoint: Path | None = None  # the checkpoint holding exactly this final state, if one does
 
 
+@dataclass(frozen=True)
+class Run:
+    """What set-up builds and every later part of the run reads. Frozen: no part swaps a model, the
+    optimizer or an EMA for another (their weights and state of course change as they train)."""
+
+    config: TrainConfig
+    models: ModelSet  # as given: the frozen VAE, the tokenizer and the scheduler settings are read from here
+    dataset: ImageCaptionDataset
+    output_dir: Path
+    accelerator: Accelerator
+    weight_dtype: torch.dtype  # of the frozen models; trained ones keep fp32 master weights
+    scheduler: Any  # DDPM: the forward process the objective noises latents with
+    text_encoder: nn.Module  # what captions are encoded with (LoRA-injected if asked), trained or frozen
+    trained: dict[str, nn.Module]  # "unet" (and "text_encoder") unwrapped: what the EMA follows and samples use
+    wrapped: dict[str, nn.Module]  # the same as accelerate prepared them (DDP, FSDP2); forward passes use these
+    skeletons: dict[str, nn.Module]  # under FSDP2, weightless copies taken before sharding; else {}
+    optimizer: torch.optim.Optimizer  # as accelerate prepared it
+    lr_scheduler: torch.optim.lr_scheduler.LambdaLR
+    emas: dict[str, EMA]  # per trained model, when EMA is on
+    parameters: dict[str, nn.Parameter]  # the trained tensors, by the names checkpoints use
+
+    @property
+    def sharded(self) -> bool:
+        return bool(self.skeletons)
+
+    @property
+    def names(self) -> dict[nn.Parameter, str]:
+        return {p: name for name, p in self.parameters.items()}
+
+
+@dataclass
+class Progress:
+    """Where the run stands: what a checkpoint records and a resume restores, and what the result reports."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch of the next batch
+    batch: int = 0  # index of the next batch within this rank's list of that epoch
+    last_loss: float | None = None  # of the last optimizer step, averaged over its micro-batches and the processes
+    checkpoint: Path | None = None  # the newest checkpoint of this run
+    checkpoint_step: int = -1  # its step (-1: none yet)
+
+
 def make_accelerator(config: TrainConfig) -> Accelerator:
     """An ``Accelerator`` for ``config``; under ``accelerate launch`` it picks up the launch settings."""
     # We never hand a DataLoader to accelerate (the rank split is ours, see BucketBatches), so
     # accumulation counts micro-batches instead of watching a data loader's end.
     plugin = GradientAccumulationPlugin(num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False)
     return Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_plugin=plugin)
-
-
-def lr_factor(config: TrainConfig) -> Callable[[int], float]:
-    """Multiplier of the learning rate after ``step`` optimizer steps: linear warm-up, then the schedule."""
-
-    def factor(step: int) -> float:
-        if step < config.lr_warmup_steps:
-            return (step + 1) / (config.lr_warmup_steps + 1)
-        if config.lr_schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - config.lr_warmup_steps) / max(1, config.max_steps - config.lr_warmup_steps))
-        if config.lr_schedule == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
-    """The generator of one micro-batch's noise and timesteps; depends only on where it is in the run."""
-    state = np.random.SeedSequence([seed, rank, step, micro]).generate_state(2, dtype=np.uint32)
-    return torch.Generator("cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-def encode_captions(captions: list[str], tokenizer, text_encoder: nn.Module, device: torch.device) -> torch.Tensor:
-    """CLIP last hidden states (B, 77, D) of padded, truncated captions (the conditioning SD is trained on)."""
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids.to(device))[0]
 
 
 def train(
@@ -137,21 +159,68 @@ def train(
     caller's job (``ldm.loading.save_diffusers``, ``ldm.lora.save_lora``). accelerate keeps one state
     per process: later calls in the same process must use the same ``mixed_precision``.
     """
-    output_dir = Path(output_dir)
-    accelerator = accelerator or make_accelerator(config)
+    run = set_up(models, dataset, config, Path(output_dir), accelerator or make_accelerator(config), resume)
+    progress = resume_from(run, resume) if resume is not None else Progress()
+    feed = data_feed(run)
+    report = Report(run, progress.step, show_progress)
+    losses: list[torch.Tensor] = []  # one per micro-batch of the optimizer step under way
+    stopping = False  # Ctrl-C on any rank, seen at a step boundary
+    with InterruptFlag() as interrupt:
+        for batch in epochs(run, feed, progress):
+            generator = step_generator(config.seed, run.accelerator.process_index, progress.step, len(losses))
+            losses.append(micro_step(run, feed, batch, generator))
+            if not run.accelerator.sync_gradients:
+                continue  # accumulating: the optimizer has not stepped yet
+            end_step(run, progress, losses)
+            losses = []
+            report.step(progress)
+            if config.sample_every and progress.step % config.sample_every == 0:
+                render_samples(run, sample_fn, progress.step)
+            if checkpoint_due(config, progress.step):
+                write_checkpoint(run, progress)
+            stopping = interrupt.agreed(run.accelerator)
+            if progress.step >= config.max_steps or stopping:
+                break
+    report.close()
+    run.accelerator.wait_for_everyone()
+    if stopping:
+        if progress.checkpoint_step != progress.step:  # -1 without a checkpoint, and step >= 1 here
+            write_checkpoint(run, progress)
+        raise TrainingInterrupted(progress.step, progress.checkpoint)
+    return final_result(run, progress)
+
+
+def set_up(models: ModelSet, dataset: ImageCaptionDataset, config: TrainConfig, output_dir: Path,
+           accelerator: Accelerator, resume: str | None) -> Run:
+    """Stages 1 to 3, after refusing settings that cannot run together (before any model is touched)."""
     if resume is None and ckpt.list_checkpoints(output_dir):
         raise ConfigError(f"{output_dir} already holds checkpoints; pass --resume latest or choose another --output")
     if config.train_text_encoder and dataset.config.cache_text_embeddings:
         raise ConfigError("cached text embeddings need a frozen text encoder; drop one of the two settings")
     check_backend(accelerator, config.train_text_encoder)
-    rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(config.seed)  # the same LoRA initialisation on every rank
     weight_dtype = DTYPES[config.mixed_precision]
-    device = accelerator.device
     scheduler = create("ddpm", models.scheduler_config)
-    unet, vae, text_encoder = models.unet, models.vae, models.text_encoder
+    trained, text_encoder = freeze_and_adapt(models, config, accelerator.device, weight_dtype)
+    optimizer, lr_scheduler = make_optimizer(config, trained)
+    wrapped, optimizer, skeletons = hand_to_accelerate(accelerator, trained, optimizer)
+    # After prepare: the EMA must have the layout of the parameters it follows (see ema.py).
+    emas = {name: EMA(model, config.ema_decay) for name, model in trained.items()} if config.ema_decay else {}
+    return Run(
+        config=config, models=models, dataset=dataset, output_dir=output_dir, accelerator=accelerator,
+        weight_dtype=weight_dtype, scheduler=scheduler, text_encoder=text_encoder, trained=trained, wrapped=wrapped,
+        skeletons=skeletons, optimizer=optimizer, lr_scheduler=lr_scheduler, emas=emas, parameters=trainable_parameters(trained),
+    )
 
-    # 1. Frozen parts are frozen explicitly; LoRA freezes the base weights and trains adapters only.
+
+def freeze_and_adapt(
+    models: ModelSet, config: TrainConfig, device: torch.device, weight_dtype: torch.dtype
+) -> tuple[dict[str, nn.Module], nn.Module]:
+    """1. The models to train by name, on the device in training mode, and the text encoder (trained or not).
+
+    Frozen parts are frozen explicitly; LoRA freezes the base weights and trains adapters only.
+    """
+    unet, vae, text_encoder = models.unet, models.vae, models.text_encoder
     vae.requires_grad_(False).eval().to(device, weight_dtype)
     unet.requires_grad_(not config.lora)
     text_encoder.requires_grad_(config.train_text_encoder and not config.lora)
@@ -171,173 +240,99 @@ def train(
             text_encoder.gradient_checkpointing_enable()
     for model in trained.values():
         model.to(device).train()  # fp32 master weights; autocast runs the maths in fp16/bf16
+    return trained, text_encoder
 
-    # 2. Optimizer (AdamW, Loshchilov & Hutter 2019), warm-up + schedule.
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": config.learning_rate}]
+
+def make_optimizer(config: TrainConfig, trained: dict[str, nn.Module]) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """2. AdamW (Loshchilov & Hutter 2019) over the trainable parameters, and its warm-up + schedule."""
+    groups = [{"params": [p for p in trained["unet"].parameters() if p.requires_grad], "lr": config.learning_rate}]
     if config.train_text_encoder:
         lr = config.text_encoder_learning_rate or config.learning_rate
-        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": lr})
+        groups.append({"params": [p for p in trained["text_encoder"].parameters() if p.requires_grad], "lr": lr})
     optimizer = torch.optim.AdamW(
         groups, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay, eps=config.adam_epsilon
     )
     # Not passed to accelerate.prepare: its wrapper would step the schedule once per process.
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config))
 
-    # 3. accelerate wraps the trained models (DDP or FSDP2 per the launch config) and the optimizer.
-    # FSDP2 shards the modules in place; a weightless copy taken before is what whole weights are
-    # put back into for samples and the result.
+
+def lr_factor(config: TrainConfig) -> Callable[[int], float]:
+    """Multiplier of the learning rate after ``step`` optimizer steps: linear warm-up, then the schedule."""
+
+    def factor(step: int) -> float:
+        if step < config.lr_warmup_steps:
+            return (step + 1) / (config.lr_warmup_steps + 1)
+        if config.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - config.lr_warmup_steps) / max(1, config.max_steps - config.lr_warmup_steps))
+        if config.lr_schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def hand_to_accelerate(
+    accelerator: Accelerator, trained: dict[str, nn.Module], optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, nn.Module], torch.optim.Optimizer, dict[str, nn.Module]]:
+    """3. accelerate wraps the trained models (DDP or FSDP2 per the launch config) and the optimizer.
+
+    Returns the wrapped models by name, the wrapped optimizer, and under FSDP2 the skeletons: FSDP2
+    shards the modules in place, and a weightless copy taken before is what whole weights are put
+    back into for samples and the result.
+    """
     sharded = accelerator.distributed_type == DistributedType.FSDP
     skeletons = {name: meta_skeleton(model) for name, model in trained.items()} if sharded else {}
     prepared = accelerator.prepare(*trained.values(), optimizer)
-    wrapped = dict(zip(trained, prepared[:-1]))
-    optimizer = prepared[-1]
     if sharded:
         check_units(trained["unet"])
-    # After prepare: the EMA must have the layout of the parameters it follows (see ema.py).
-    emas = {name: EMA(model, config.ema_decay) for name, model in trained.items()} if config.ema_decay else {}
-    parameters = trainable_parameters(trained)
-    names = {p: name for name, p in parameters.items()}
-
-    # 4. Resume: weights, optimizer, schedule, EMA, RNG and data position.
-    step, epoch, position = 0, 0, 0
-    saved, saved_step = None, -1  # the newest checkpoint of this run and its step
-    if resume is not None:
-        path = ckpt.resolve_resume(output_dir, resume)
-        state = ckpt.load_checkpoint(path)
-        ckpt.check_compatible(state.settings, config.to_dict(), state.world_size, world)
-        if set(state.trainable) != set(parameters):
-            raise ConfigError(f"cannot resume: the tensors saved in {path} differ from the ones this run trains")
-        load_parameters(parameters, state.trainable)
-        if state.format_version == 1:  # written before sharding support: torch's positional layout
-            if sharded:
-                raise ConfigError(f"cannot resume {path} (checkpoint format 1) under FSDP; resume it without FSDP")
-            optimizer.load_state_dict(state.optimizer)
-        else:
-            load_optimizer_state(optimizer, state.optimizer, names)
-        lr_scheduler.load_state_dict(state.lr_scheduler)
-        for name, ema in emas.items():
-            if state.ema is None:
-                raise ConfigError(f"cannot resume: {path} holds no EMA weights but EMA is on")
-            ema.load_state_dict(split_prefixed(state.ema, name))
-        ckpt.restore_rng(state.rng[rank])
-        step, epoch, position = state.step, state.epoch, state.batch
-        saved, saved_step = path, state.step
-
-    # 5. The loop.
-    batches = BucketBatches(dataset.examples, config.batch_size, config.seed, rank, world)
-    latent_cache = cache_latents(dataset, vae, device, weight_dtype) if dataset.config.cache_latents else None
-    source = dataset.without_pixels() if latent_cache is not None else dataset
-    text_cache: dict[str, torch.Tensor] = {}
-    log = MetricsLog(output_dir, config.log_format, first_step=step) if accelerator.is_main_process else None
-    bar = tqdm(total=config.max_steps, initial=step, unit="step", disable=not (show_progress and accelerator.is_main_process))
-    images_per_step = config.batch_size * config.gradient_accumulation_steps * world
-    trainable = list(parameters.values())
-    micro, losses, last_loss = 0, [], None
-    started, started_step = time.perf_counter(), step
-    stopping = False  # Ctrl-C on any rank, seen at a step boundary
-    with InterruptFlag() as interrupt:
-        while step < config.max_steps and not stopping:
-            loader = torch.utils.data.DataLoader(
-                source, batch_sampler=batches.epoch(epoch, position), collate_fn=collate,
-                num_workers=config.num_workers, worker_init_fn=ignore_interrupts if config.num_workers else None,
-            )
-            for batch in loader:
-                position += 1
-                generator = step_generator(config.seed, rank, step, micro)
-                with accelerator.accumulate(*wrapped.values()):
-                    latents = batch_latents(batch, vae, latent_cache, generator, device, weight_dtype)
-                    context = batch_context(batch["caption"], models.tokenizer, text_encoder, wrapped, text_cache, dataset, device)
-                    with accelerator.autocast():
-                        loss = diffusion_loss(
-                            wrapped["unet"], scheduler, latents, context, generator,
-                            noise_offset=config.noise_offset, min_snr_gamma=config.min_snr_gamma,
-                        )
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and config.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.detach())
-                micro += 1
-                if not accelerator.sync_gradients:
-                    continue
-                lr_scheduler.step()
-                for name, ema in emas.items():
-                    ema.update(trained[name])
-                step, micro = step + 1, 0
-                last_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
-                losses = []
-                rate = (step - started_step) * images_per_step / (time.perf_counter() - started)
-                bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.2f}")
-                if log is not None and step % config.log_every == 0:
-                    lr = lr_scheduler.get_last_lr()[0]
-                    elapsed = time.perf_counter() - started
-                    log.write({"step": step, "epoch": epoch, "loss": last_loss, "lr": lr, "images_per_second": rate, "elapsed_seconds": elapsed})
-                if config.sample_every and step % config.sample_every == 0:
-                    render_samples(sample_fn, accelerator, models, trained, skeletons, text_encoder, config, dataset, step, output_dir)
-                # The last step too: a finished run's final state is what a longer run continues from.
-                if config.checkpointing_steps and (step % config.checkpointing_steps == 0 or step == config.max_steps):
-                    saved = write_checkpoint(accelerator, output_dir, config, parameters, names, emas, optimizer, lr_scheduler, step, epoch, position)
-                    saved_step = step
-                stopping = interrupt.agreed(accelerator)
-                if step >= config.max_steps or stopping:
-                    break
-            else:
-                epoch, position = epoch + 1, 0
-    bar.close()
-    if log is not None:
-        log.close()
-    accelerator.wait_for_everyone()
-    if stopping:
-        if saved_step != step:  # saved_step is -1 without a checkpoint, and step >= 1 here
-            saved = write_checkpoint(accelerator, output_dir, config, parameters, names, emas, optimizer, lr_scheduler, step, epoch, position)
-        raise TrainingInterrupted(step, saved)
-
-    final = {name: accelerator.unwrap_model(model) for name, model in wrapped.items()}
-    for name, ema in emas.items():
-        ema.copy_to(final[name])
-    if sharded:
-        whole = whole_models(accelerator, final, skeletons)  # collective; {} on the other ranks
-        final = whole if accelerator.is_main_process else final
-    for model in final.values():
-        model.eval()
-    return TrainResult(
-        unet=final["unet"],
-        text_encoder=final.get("text_encoder", text_encoder),
-        step=step,
-        last_loss=last_loss,
-        is_main_process=accelerator.is_main_process,
-        checkpoint=saved if saved_step == step else None,
-    )
+    return dict(zip(trained, prepared[:-1])), prepared[-1], skeletons
 
 
-def batch_latents(batch: dict, vae: nn.Module, cache: dict | None, generator: torch.Generator, device, dtype) -> torch.Tensor:
-    """Scaled latents z = scaling_factor * (mean + std * eps) of the batch's images (Rombach et al. 2022, sec. 4.3.2)."""
-    if cache is not None:
-        mean = torch.stack([cache[(i, f)][0] for i, f in zip(batch["index"], batch["flipped"])]).to(device)
-        std = torch.stack([cache[(i, f)][1] for i, f in zip(batch["index"], batch["flipped"])]).to(device)
+def resume_from(run: Run, resume: str) -> Progress:
+    """4. Weights, optimizer, schedule, EMA and RNG from a checkpoint; returns its step and data position."""
+    path = ckpt.resolve_resume(run.output_dir, resume)
+    state = ckpt.load_checkpoint(path)
+    ckpt.check_compatible(state.settings, run.config.to_dict(), state.world_size, run.accelerator.num_processes)
+    if set(state.trainable) != set(run.parameters):
+        raise ConfigError(f"cannot resume: the tensors saved in {path} differ from the ones this run trains")
+    load_parameters(run.parameters, state.trainable)
+    if state.format_version == 1:  # written before sharding support: torch's positional layout
+        if run.sharded:
+            raise ConfigError(f"cannot resume {path} (checkpoint format 1) under FSDP; resume it without FSDP")
+        run.optimizer.load_state_dict(state.optimizer)
     else:
-        with torch.no_grad():
-            posterior = vae.encode(batch["pixels"].to(device, dtype))
-        mean, std = posterior.mean, posterior.std
-    eps = randn(tuple(mean.shape), generator, device, mean.dtype)
-    return ((mean + std * eps) * vae.config.scaling_factor).float()
+        load_optimizer_state(run.optimizer, state.optimizer, run.names)
+    run.lr_scheduler.load_state_dict(state.lr_scheduler)
+    for name, ema in run.emas.items():
+        if state.ema is None:
+            raise ConfigError(f"cannot resume: {path} holds no EMA weights but EMA is on")
+        ema.load_state_dict(split_prefixed(state.ema, name))
+    ckpt.restore_rng(state.rng[run.accelerator.process_index])
+    return Progress(step=state.step, epoch=state.epoch, batch=state.batch, checkpoint=path, checkpoint_step=state.step)
 
 
-def batch_context(captions, tokenizer, text_encoder, wrapped, cache, dataset, device) -> torch.Tensor:
-    """Text embeddings: through the (wrapped) encoder when it trains, else under no_grad, cached if asked."""
-    if "text_encoder" in wrapped:
-        return encode_captions(captions, tokenizer, wrapped["text_encoder"], device).float()
-    if not dataset.config.cache_text_embeddings:
-        with torch.no_grad():
-            return encode_captions(captions, tokenizer, text_encoder, device).float()
-    missing = sorted({c for c in captions if c not in cache})
-    if missing:
-        with torch.no_grad():
-            for caption, embedding in zip(missing, encode_captions(missing, tokenizer, text_encoder, device)):
-                cache[caption] = embedding
-    return torch.stack([cache[c] for c in captions]).float()
+def split_prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {key[len(prefix) + 1:]: value for key, value in tensors.items() if key.startswith(prefix + ".")}
+
+
+@dataclass(frozen=True)
+class Feed:
+    """Where micro-batches come from: this rank's share of each epoch, and the encodings kept for reuse."""
+
+    batches: BucketBatches
+    source: ImageCaptionDataset  # without pixels when the latents are cached
+    latents: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] | None  # (index, flipped) → VAE (mean, std)
+    texts: dict[str, torch.Tensor] | None  # caption → embedding, filled on first use
+
+
+def data_feed(run: Run) -> Feed:
+    """5. The batches of this rank, the latents encoded up front and the text cache, as the data config asks."""
+    dataset, config, accelerator = run.dataset, run.config, run.accelerator
+    batches = BucketBatches(dataset.examples, config.batch_size, config.seed, accelerator.process_index, accelerator.num_processes)
+    latents = cache_latents(dataset, run.models.vae, accelerator.device, run.weight_dtype) if dataset.config.cache_latents else None
+    source = dataset.without_pixels() if latents is not None else dataset
+    return Feed(batches, source, latents, {} if dataset.config.cache_text_embeddings else None)
 
 
 @torch.no_grad()
@@ -352,8 +347,145 @@ def cache_latents(dataset: ImageCaptionDataset, vae: nn.Module, device, dtype) -
     return cache
 
 
-def split_prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {key[len(prefix) + 1:]: value for key, value in tensors.items() if key.startswith(prefix + ".")}
+def epochs(run: Run, feed: Feed, progress: Progress) -> Iterator[dict]:
+    """Micro-batches from the data position in ``progress`` on, advancing it, until the last step is done."""
+    config = run.config
+    while progress.step < config.max_steps:
+        loader = torch.utils.data.DataLoader(
+            feed.source, batch_sampler=feed.batches.epoch(progress.epoch, progress.batch), collate_fn=collate,
+            num_workers=config.num_workers, worker_init_fn=ignore_interrupts if config.num_workers else None,
+        )
+        for batch in loader:
+            progress.batch += 1
+            yield batch
+        progress.epoch, progress.batch = progress.epoch + 1, 0
+
+
+def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
+    """The generator of one micro-batch's noise and timesteps; depends only on where it is in the run."""
+    state = np.random.SeedSequence([seed, rank, step, micro]).generate_state(2, dtype=np.uint32)
+    return torch.Generator("cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def micro_step(run: Run, feed: Feed, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    """Latents and text embeddings → noise, predict, loss (``objective.py``) → backward. The prepared
+    optimizer steps (after clipping) only once accelerate has accumulated a whole step's gradients."""
+    accelerator, config = run.accelerator, run.config
+    with accelerator.accumulate(*run.wrapped.values()):
+        latents = batch_latents(run, feed, batch, generator)
+        context = batch_context(run, feed, batch["caption"])
+        with accelerator.autocast():
+            loss = diffusion_loss(
+                run.wrapped["unet"], run.scheduler, latents, context, generator,
+                noise_offset=config.noise_offset, min_snr_gamma=config.min_snr_gamma,
+            )
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and config.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(list(run.parameters.values()), config.max_grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def batch_latents(run: Run, feed: Feed, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    """Scaled latents z = scaling_factor * (mean + std * eps) of the batch's images (Rombach et al. 2022, sec. 4.3.2)."""
+    device, vae = run.accelerator.device, run.models.vae
+    if feed.latents is not None:
+        keys = list(zip(batch["index"], batch["flipped"]))
+        mean = torch.stack([feed.latents[key][0] for key in keys]).to(device)
+        std = torch.stack([feed.latents[key][1] for key in keys]).to(device)
+    else:
+        with torch.no_grad():
+            posterior = vae.encode(batch["pixels"].to(device, run.weight_dtype))
+        mean, std = posterior.mean, posterior.std
+    eps = randn(tuple(mean.shape), generator, device, mean.dtype)
+    return ((mean + std * eps) * vae.config.scaling_factor).float()
+
+
+def batch_context(run: Run, feed: Feed, captions: list[str]) -> torch.Tensor:
+    """Text embeddings: through the (wrapped) encoder when it trains, else under no_grad, cached if asked."""
+    tokenizer, device = run.models.tokenizer, run.accelerator.device
+    if "text_encoder" in run.wrapped:
+        return encode_captions(captions, tokenizer, run.wrapped["text_encoder"], device).float()
+    if feed.texts is None:
+        with torch.no_grad():
+            return encode_captions(captions, tokenizer, run.text_encoder, device).float()
+    missing = sorted({c for c in captions if c not in feed.texts})
+    if missing:
+        with torch.no_grad():
+            for caption, embedding in zip(missing, encode_captions(missing, tokenizer, run.text_encoder, device)):
+                feed.texts[caption] = embedding
+    return torch.stack([feed.texts[c] for c in captions]).float()
+
+
+def encode_captions(captions: list[str], tokenizer, text_encoder: nn.Module, device: torch.device) -> torch.Tensor:
+    """CLIP last hidden states (B, 77, D) of padded, truncated captions (the conditioning SD is trained on)."""
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids.to(device))[0]
+
+
+def end_step(run: Run, progress: Progress, losses: list[torch.Tensor]) -> None:
+    """After an optimizer step: the schedule, the EMA, the count, and the step's loss (a collective:
+    the mean over its micro-batches and all processes)."""
+    run.lr_scheduler.step()
+    for name, ema in run.emas.items():
+        ema.update(run.trained[name])
+    progress.step += 1
+    progress.last_loss = run.accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+
+
+class Report:
+    """What a run shows as it goes: a progress bar with the loss and images per second, and (main
+    process only) the metrics log."""
+
+    def __init__(self, run: Run, first_step: int, show_progress: bool):
+        config, main = run.config, run.accelerator.is_main_process
+        self.run = run
+        self.log = MetricsLog(run.output_dir, config.log_format, first_step=first_step) if main else None
+        self.bar = tqdm(total=config.max_steps, initial=first_step, unit="step", disable=not (show_progress and main))
+        self.images_per_step = config.batch_size * config.gradient_accumulation_steps * run.accelerator.num_processes
+        self.first_step, self.started = first_step, time.perf_counter()
+
+    def step(self, progress: Progress) -> None:
+        elapsed = time.perf_counter() - self.started
+        rate = (progress.step - self.first_step) * self.images_per_step / elapsed
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{progress.last_loss:.4f}", img_s=f"{rate:.2f}")
+        if self.log is not None and progress.step % self.run.config.log_every == 0:
+            lr = self.run.lr_scheduler.get_last_lr()[0]
+            self.log.write({"step": progress.step, "epoch": progress.epoch, "loss": progress.last_loss, "lr": lr,
+                            "images_per_second": rate, "elapsed_seconds": elapsed})
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.log is not None:
+            self.log.close()
+
+
+def render_samples(run: Run, sample_fn: Callable[[SampleRequest], Any], step: int) -> None:
+    """Sample images on the main process; under sharding every rank first helps gather the weights."""
+    trained, text_encoder = run.trained, run.text_encoder
+    if run.sharded:
+        trained = whole_models(run.accelerator, trained, run.skeletons)
+        text_encoder = trained.get("text_encoder", text_encoder)
+    if not run.accelerator.is_main_process:
+        return
+    unet = trained["unet"]
+    was_training = {name: model.training for name, model in trained.items()}
+    unet.eval()
+    text_encoder.eval()
+    try:
+        size = (run.dataset.config.resolution, run.dataset.config.resolution)
+        config, models = run.config, run.models
+        sample_fn(SampleRequest(
+            unet=unet, vae=models.vae, text_encoder=text_encoder, tokenizer=models.tokenizer,
+            scheduler_config=models.scheduler_config, prompts=config.sample_prompts, step=step, seed=config.seed,
+            num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance_scale, size=size,
+            folder=run.output_dir / "samples",
+        ))
+    finally:
+        for name, model in trained.items():
+            model.train(was_training[name])
 
 
 def whole_models(accelerator: Accelerator, trained: dict[str, nn.Module], skeletons: dict[str, nn.Module]) -> dict[str, nn.Module]:
@@ -364,41 +496,47 @@ def whole_models(accelerator: Accelerator, trained: dict[str, nn.Module], skelet
     return {name: materialize(skeletons[name], state).to(accelerator.device) for name, state in whole.items()} if main else {}
 
 
-def write_checkpoint(accelerator, output_dir, config, parameters, names, emas, optimizer, lr_scheduler, step, epoch, position) -> Path:
-    """Collective: every rank gathers (sharded tensors need all ranks), the main process writes. Returns its folder."""
+def checkpoint_due(config: TrainConfig, step: int) -> bool:
+    """Every ``checkpointing_steps`` and at the last step too: a finished run's final state is what a
+    longer run continues from."""
+    return bool(config.checkpointing_steps) and (step % config.checkpointing_steps == 0 or step == config.max_steps)
+
+
+def write_checkpoint(run: Run, progress: Progress) -> None:
+    """Collective: every rank gathers (sharded tensors need all ranks), the main process writes.
+    The checkpoint becomes ``progress.checkpoint``."""
+    accelerator = run.accelerator
     rng = gather_object([ckpt.capture_rng()])  # every rank's RNG, collected on all ranks
-    trainable = gather_tensors(parameters, keep=accelerator.is_main_process)
-    ema = {f"{name}.{key}": value for name, e in emas.items() for key, value in e.state_dict().items()} or None
-    optimizer_state = gather_optimizer_state(optimizer, names)
+    trainable = gather_tensors(run.parameters, keep=accelerator.is_main_process)
+    ema = {f"{name}.{key}": value for name, e in run.emas.items() for key, value in e.state_dict().items()} or None
+    optimizer_state = gather_optimizer_state(run.optimizer, run.names)
     if accelerator.is_main_process:
         state = ckpt.TrainingState(
-            step=step, epoch=epoch, batch=position, settings=config.to_dict(), world_size=accelerator.num_processes,
-            trainable=trainable, ema=ema, optimizer=optimizer_state, lr_scheduler=lr_scheduler.state_dict(), rng=rng,
+            step=progress.step, epoch=progress.epoch, batch=progress.batch, settings=run.config.to_dict(),
+            world_size=accelerator.num_processes, trainable=trainable, ema=ema, optimizer=optimizer_state,
+            lr_scheduler=run.lr_scheduler.state_dict(), rng=rng,
         )
-        ckpt.save_checkpoint(output_dir, state, keep=config.checkpoints_total_limit)
+        ckpt.save_checkpoint(run.output_dir, state, keep=run.config.checkpoints_total_limit)
     accelerator.wait_for_everyone()
-    return ckpt.checkpoint_dir(output_dir, step)
+    progress.checkpoint, progress.checkpoint_step = ckpt.checkpoint_dir(run.output_dir, progress.step), progress.step
 
 
-def render_samples(sample_fn, accelerator, models, trained, skeletons, text_encoder, config, dataset, step, output_dir) -> None:
-    """Sample images on the main process; under sharding every rank first helps gather the weights."""
-    if skeletons:
-        trained = whole_models(accelerator, trained, skeletons)
-        text_encoder = trained.get("text_encoder", text_encoder)
-    if not accelerator.is_main_process:
-        return
-    unet = trained["unet"]
-    was_training = {name: model.training for name, model in trained.items()}
-    unet.eval()
-    text_encoder.eval()
-    try:
-        size = (dataset.config.resolution, dataset.config.resolution)
-        sample_fn(SampleRequest(
-            unet=unet, vae=models.vae, text_encoder=text_encoder, tokenizer=models.tokenizer,
-            scheduler_config=models.scheduler_config, prompts=config.sample_prompts, step=step, seed=config.seed,
-            num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance_scale, size=size,
-            folder=output_dir / "samples",
-        ))
-    finally:
-        for name, model in trained.items():
-            model.train(was_training[name])
+def final_result(run: Run, progress: Progress) -> TrainResult:
+    """The trained models, unwrapped, with the EMA weights if EMA is on; collective under sharding."""
+    accelerator = run.accelerator
+    final = {name: accelerator.unwrap_model(model) for name, model in run.wrapped.items()}
+    for name, ema in run.emas.items():
+        ema.copy_to(final[name])
+    if run.sharded:
+        whole = whole_models(accelerator, final, run.skeletons)  # collective; {} on the other ranks
+        final = whole if accelerator.is_main_process else final
+    for model in final.values():
+        model.eval()
+    return TrainResult(
+        unet=final["unet"],
+        text_encoder=final.get("text_encoder", run.text_encoder),
+        step=progress.step,
+        last_loss=progress.last_loss,
+        is_main_process=accelerator.is_main_process,
+        checkpoint=progress.checkpoint if progress.checkpoint_step == progress.step else None,
+    )
