@@ -23,7 +23,10 @@ MAX_TOKEN_MERGING = 0.75  # = ldm.models.tome.MAX_RATIO (a test keeps them equal
 
 
 def finite(value, name: str) -> float:
-    """``value`` as a float; ``InputError`` unless it is a finite number."""
+    """``value`` as a float; ``InputError`` unless it is a finite number (text is not a number here:
+    the command line parses its flags, and a Python caller passing "7.5" has made a mistake)."""
+    if isinstance(value, (str, bytes, bool)):
+        raise InputError(f"{name} must be a number, got {value!r}")
     try:
         number = float(value)
     except (TypeError, ValueError):

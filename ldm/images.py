@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -183,9 +182,11 @@ def open_image(path: str | Path) -> Image.Image:
     RGB) is refused before it is decoded: a small PNG can claim gigapixels (a decompression bomb).
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
+        image = Image.open(path)  # reads the header only; PIL raises DecompressionBombError at 2x the limit
+        if image.width * image.height > Image.MAX_IMAGE_PIXELS:
+            # Checked here rather than by turning PIL's warning into an error: warning filters are
+            # process-wide, and pipelines may read images from several threads.
+            raise Image.DecompressionBombError(f"{image.width}x{image.height}")
         image.load()
     except FileNotFoundError:
         raise InputError(f"image {path} does not exist") from None

@@ -31,11 +31,13 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ldm.errors import CheckpointError, InputError
+from ldm import checks
 from ldm.io import atomic_write
+from ldm.loading.writers import write_safetensors
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -110,7 +112,8 @@ def save_lora(path: str | os.PathLike, unet: nn.Module, text_encoder: nn.Module 
     if not state:
         raise InputError("the model holds no trained LoRA adapter to save; train with --lora-rank first")
     metadata = {"format": "pt", "ldm_lora_format": "kohya"}
-    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    # Written in a fixed order (safetensors' own writer orders the metadata differently per process).
+    return atomic_write(path, lambda tmp: write_safetensors(Path(tmp), state, metadata))
 
 
 def read_lora(path: str | os.PathLike) -> dict[tuple[str, str], LoraWeights]:
@@ -247,8 +250,7 @@ def apply_lora(
 
 def check_scale(scale: float, path: str | os.PathLike) -> None:
     """A LoRA strength must be a finite number: NaN or infinity would turn every image into NaN."""
-    if not math.isfinite(scale):
-        raise InputError(f"LoRA scale {scale} for {path} is not a finite number; give one such as 0.8")
+    checks.finite(scale, f"the LoRA scale for {path}")
 
 
 def _targets(

@@ -87,6 +87,11 @@ class GenerationDefaults:
     guidance_scale: float = 7.5
     num_inference_steps: int = DEFAULT_STEPS
 
+    def __post_init__(self) -> None:
+        # A model's file is checked when it is read, not blamed on every later call.
+        checks.check_guidance_scale(self.guidance_scale)
+        checks.check_steps(self.num_inference_steps)
+
     def fill(self, num_inference_steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
         """The given steps and guidance, each left as None replaced by its default."""
         steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
@@ -524,7 +529,8 @@ class Pipeline:
             return type(scheduler)(scheduler.config, **asdict(scheduler.options))
         from ldm.schedulers import from_diffusers_scheduler
 
-        return from_diffusers_scheduler(type(scheduler).from_config(scheduler.config))
+        template = scheduler if isinstance(scheduler, DiffusersScheduler) else from_diffusers_scheduler(scheduler)
+        return from_diffusers_scheduler(type(template.diffusers).from_config(template.diffusers.config))
 
     def _noised_init_latents(
         self,

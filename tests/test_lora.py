@@ -178,7 +178,7 @@ def test_a_colon_in_an_existing_file_name_is_no_scale(tmp_path):
     "argument, message",
     [
         ("{lora}:abc", "scale 'abc' is not a number"),
-        ("{lora}:inf", "LoRA scale inf for .* is not a finite number"),
+        ("{lora}:inf", "the LoRA scale for .* must be a finite number, got inf"),
         ("{tmp}", "is a folder, not a LoRA file"),
         ("{tmp}/missing.safetensors:0.5", "LoRA file .*missing.safetensors does not exist"),
     ],
@@ -510,11 +510,13 @@ def test_a_scale_that_is_not_finite_is_refused(scale, micro_unet_and_clip, lora_
     path, _ = lora_file
     unet, text_encoder = micro_unet_and_clip
     for fuse in (False, True):
-        with pytest.raises(InputError, match=f"LoRA scale {scale} for .* is not a finite number"):
+        with pytest.raises(InputError, match=f"the LoRA scale for .* must be a finite number, got {scale}"):
             apply_lora(unet, text_encoder, path, scale=scale, fuse=fuse)
     models = micro_models()
     pipe = Pipeline(models.unet, models.vae, models.text_encoder, models.tokenizer, models.scheduler_config)
-    with pytest.raises(InputError, match="not a finite number"):
+    with pytest.raises(InputError, match="must be a finite number"):
         pipe.load_lora(path, scale=scale)
-    with pytest.raises(InputError, match="not a finite number"):
+    with pytest.raises(InputError, match="must be a finite number"):
         parse_lora_argument(f"style.safetensors:{scale}")
+    with pytest.raises(InputError, match="must be a number, got '0.8'"):
+        apply_lora(unet, text_encoder, path, scale="0.8")

@@ -195,9 +195,9 @@ def check_arguments(args: argparse.Namespace) -> Job:
         if model.is_dir():
             raise InputError(f"--config describes a model file; {model} is a folder with its own configuration, drop --config")
         check_config_folder(args.config)
+    loras = [lora_argument(text) for text in args.lora]
     if init_image is None and (args.width is None or args.height is None):
         check_native_size(args, model)
-    loras = [lora_argument(text) for text in args.lora]
     return Job(prompts, seed, model, loras, init_image, 0.8 if args.strength is None else args.strength)
 
 

@@ -27,7 +27,7 @@ from typing import Any, Literal, TypeVar
 from huggingface_hub.errors import StrictDataclassError
 from transformers import CLIPTextConfig
 
-from ldm.errors import CheckpointError, ConfigError
+from ldm.errors import CheckpointError, ConfigError, InputError
 from ldm.models import UNetConfig, VAEConfig
 from ldm.models._config import check_range
 from ldm.models.text_encoder import clip_config
@@ -134,7 +134,7 @@ def generation_config(values: Any, where: str) -> dict[str, Any]:
         if not isinstance(values, dict):
             raise TypeError("not a JSON object")
         GenerationDefaults(**values)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, InputError) as error:
         allowed = ", ".join(GenerationDefaults.__dataclass_fields__)
         raise ConfigError(f"{where}: {error}; it holds a JSON object with some of: {allowed}") from None
     return dict(values)
@@ -237,7 +237,7 @@ def native_side_estimate(model: Path, config: Path | None = None) -> int | None:
     configuration says it in its header. Any other file's size comes from detection, which needs
     its tensors (and reading a ``.ckpt``'s metadata means reading the whole file).
     """
-    if config is not None or model.is_dir():
+    if config is not None or (model / "unet" / "config.json").is_file():
         configs = folder_configs(config if config is not None else model)
         return configs.unet.sample_size * configs.vae.downsample_factor
     if model.suffix == ".safetensors":
