@@ -156,7 +156,7 @@ def test_token_merging_rejects_bad_settings(unet):
 
 @pytest.mark.parametrize("shape", [(2, 16, 32, 32), (1, 16, 33, 40)])
 def test_subpixel_upsample_equals_nearest_upsample_then_conv(shape):
-    from ldm.models.unet import Upsample
+    from ldm.models.layers import Upsample
 
     torch.manual_seed(0)
     up = Upsample(16).eval()
@@ -263,7 +263,7 @@ def test_cpu_long_attention_as_convolutions_equals_the_formula(
     [(700, 8, 1, True, True), (700, 64, 2, False, True), (700, 33, 1, True, False), (320, 8, 1, True, False)],
 )
 def test_small_map_convolution_in_output_channel_slices_equals_the_convolution(channels, side, stride, bias, sliced):
-    from ldm.models.unet import SLICED_CONV_CHANNELS, SLICED_CONV_MAX_PIXELS, Conv2d
+    from ldm.models.layers import SLICED_CONV_CHANNELS, SLICED_CONV_MAX_PIXELS, Conv2d
 
     torch.manual_seed(0)
     conv = Conv2d(16, channels, 3, stride=stride, padding=1, bias=bias)

@@ -82,7 +82,7 @@ sys.path.insert(0, {tests!r})
 from test_training_support import micro_models
 from ldm.errors import ConfigError
 from ldm.models.attention import SpatialTransformer
-from ldm.models.unet import ResnetBlock
+from ldm.models.layers import ResnetBlock
 from ldm.training import checkpoint as ckpt
 from ldm.training.distributed import (
     check_units, gather_optimizer_state, gather_tensors, load_optimizer_state, load_parameters, materialize, meta_skeleton,

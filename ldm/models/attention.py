@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.errors import ConfigError
+from ldm.models.layers import repeat_rows
 from ldm.models.tome import bipartite_soft_matching
 
 AttentionBackend = Literal["sdpa", "xformers", "sliced"]
@@ -188,17 +189,6 @@ def _sliced(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcas
 
 
 _KERNELS = {"sdpa": _sdpa, "xformers": _xformers, "sliced": _sliced}
-
-
-def repeat_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """``t`` with its batch repeated to ``rows`` rows, as ``torch.cat([t] * (rows // len(t)))``.
-
-    A U-Net given fewer samples than text embeddings shares each sample between several
-    embeddings (classifier-free guidance feeds one latent to the unconditional and the
-    conditional pass). Everything before the first cross-attention is the same for both, so it
-    is computed once per sample and repeated here, where it meets the text.
-    """
-    return t if t.shape[0] == rows else t.repeat(rows // t.shape[0], *(1,) * (t.dim() - 1))
 
 
 def require_backend(backend: str, slice_size: int | None) -> int:

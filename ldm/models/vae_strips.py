@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.models.unet import ResnetBlock, subpixel_kernels
+from ldm.models.layers import ResnetBlock, subpixel_kernels
 
 STRIP_PIXELS = 2**14  # pixels per strip (8 MiB at 128 channels, 32 rows at 512 wide): full-speed convs
 MIN_STRIP_ROWS = 2
