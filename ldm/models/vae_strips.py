@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.models.layers import ResnetBlock, subpixel_kernels
+from ldm.kernels.conv import subpixel_kernels
+from ldm.models.layers import ResnetBlock
 
 STRIP_PIXELS = 2**14  # pixels per strip (8 MiB at 128 channels, 32 rows at 512 wide): full-speed convs
 MIN_STRIP_ROWS = 2
@@ -246,7 +247,7 @@ def upsample(conv: nn.Conv2d, x: Bands, groups: int) -> Bands:
     """
     _, _, height, width = x.shape
     co = conv.out_channels
-    kernels, bias = subpixel_kernels(conv)
+    kernels, bias = subpixel_kernels(conv.weight, conv.bias)
     out = x.new(co, 2 * height, 2 * width, groups=groups)
     rows_out = strip_rows(out)
     for top, bottom in strips(height, max(1, rows_out // 2)):  # output bands of the output's strip rows
