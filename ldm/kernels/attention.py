@@ -41,19 +41,18 @@ def attention_as_convolutions(
     the probabilities, as a (1, keys, rows, 1) map, are convolved with V^T as a (d, keys, 1, 1)
     weight, which gives P V. Each row's softmax is independent, so the chunks are exact.
 
-    Why: torch's fused CPU attention multiplies its small blocks with the BLAS GEMM, which on this
-    project's benchmark CPU runs AVX2 code at half of oneDNN's AVX-512 rate, and a head width of
-    40 makes those products short. Measured there at 4096 tokens (SD 1.5 at 512x512, 8 heads of 40):
-    a layer took 0.18-0.19 s in a U-Net step instead of 0.27 s (0.24 s alone, when the C allocator
-    maps the scores' pages afresh for every chunk). oneDNN picks a slower kernel below about 768 query rows
+    Why: torch's fused CPU attention multiplies its small blocks with the BLAS GEMM, which on AMD
+    CPUs with AVX-512 runs AVX2 code at half of oneDNN's AVX-512 rate, and a head width of 40 (SD 1.5)
+    makes those products short; at 4096 tokens (SD 1.5 at 512x512) a layer measured clearly faster
+    this way (figures: benchmarks/). oneDNN picks a slower kernel below about 768 query rows
     and the scores of a chunk are kept within the cache (``CONV_ATTENTION_SCORES``), so longer
     sequences (more than 5461 keys) and short ones keep the fused kernel (``conv_attention_rows``).
     """
     batch, queries, width = q.shape
     keys, d = k.shape[1], width // heads
     out = q.new_empty(q.shape)
-    # V^T gets zero rows up to a multiple of 16 output channels (one AVX-512 register of fp32):
-    # oneDNN computed 48 output channels in 0.91 ms and 40 in 1.18 ms (1024 rows, 4096 keys).
+    # V^T gets zero rows up to a multiple of 16 output channels (one AVX-512 register of fp32): oneDNN
+    # computes whole registers faster than a ragged last one (48 output channels faster than 40).
     v_weight = q.new_zeros(-(-d // 16) * 16, keys, 1, 1)
     for i in range(batch):
         for h in range(heads):

@@ -8,17 +8,16 @@ import torch
 import torch.nn.functional as F
 
 # oneDNN reorders a convolution's weights into its blocked layout on every call (eager PyTorch keeps no
-# reordered copy), a transient copy as large as the weights: 59-118 MB for the U-Net's 1280-channel 3x3
-# convs. On the 8x8 and 16x16 maps, where each call computes little, that dominated: on the benchmark CPU the
-# same convolutions computed in slices of 320 output channels ran about 2x faster on 8x8 maps and 1.2x on
-# 16x16 ones, and the transient copy shrank to a slice's. On 32x32 maps slicing is as fast (3 % faster for
-# 1280 channels) and still bounds the copy; from 64x64 on it is slower.
+# reordered copy), a transient copy as large as the weights (the U-Net's 1280-channel 3x3 convs are the
+# largest). On small maps, where each call computes little, that copy dominates the call; computed in slices
+# of output channels, each call reorders and holds only a slice's weights. Up to 32x32 output maps slicing
+# measured faster or as fast, and it bounds the copy; on larger maps it is slower (figures: benchmarks/).
 SLICED_CONV_MAX_PIXELS = 32 * 32
 SLICED_CONV_CHANNELS = 320
 
-# Measured on the 2-core benchmark CPU: the sub-pixel form is about 2x faster from 32x32 inputs on and
-# slower at 8x8. At 16x16 it is 1.3x faster, but there the four 1280-channel kernel sets are 105 MB made
-# per call, which raised a U-Net step's peak memory by 170 MiB for 37 ms; so 16x16 stays plain.
+# The sub-pixel form does 4/9 of the plain multiplications but makes its four kernel sets (16/9 of the
+# conv's weights) on every call. From 32x32 inputs on it measured faster; on small maps it is slower, and at
+# 16x16 the little time it saved cost a U-Net step's peak memory those kernel sets; so 16x16 stays plain.
 SUBPIXEL_MIN_PIXELS = 32 * 32
 
 

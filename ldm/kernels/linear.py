@@ -2,11 +2,10 @@
 
 In fp32 on the CPU without autograd, the rows are viewed as the pixels of a channels-last
 (1, in, rows, 1) map (no copy) and multiplied by the weight as a 1x1 convolution: computed by
-oneDNN instead of the BLAS GEMM behind ``F.linear``. On this project's benchmark CPU (AMD EPYC
-with AVX-512) MKL's GEMM ran at 185-215 GFLOP/s (its AVX2 code) and oneDNN's 1x1 convolution at
-355-500 for the U-Net's and VAE's projections; on the earlier AVX2-only benchmark CPU the two
-libraries ran at about the same rate (175-200). Elsewhere (autograd, GPUs, half precision) it is
-``F.linear``.
+oneDNN instead of the BLAS GEMM behind ``F.linear``. On AMD CPUs with AVX-512, MKL's GEMM runs
+its AVX2 code while oneDNN uses AVX-512 (registers of twice the width), so the convolution is
+faster there; on AVX2-only CPUs the two libraries run at about the same rate.
+Elsewhere (autograd, GPUs, half precision) it is ``F.linear``.
 """
 
 from __future__ import annotations

@@ -352,8 +352,8 @@ class UNet(nn.Module):
         encoder_hidden_states: (k * B, 77, cross_attention_dim). With k > 1 each sample is shared by
         k embeddings and the result has k * B rows, equal to passing ``torch.cat([sample] * k)``:
         classifier-free guidance passes its latents once, and the layers before the first
-        cross-attention (conv_in, a ResNet and a 4096-token self-attention at 512x512; about 3 % of
-        a step) run once instead of k times.
+        cross-attention (conv_in, a ResNet and a 4096-token self-attention at 512x512) run once
+        instead of k times.
         """
         context = encoder_hidden_states
         if context.shape[0] % sample.shape[0]:

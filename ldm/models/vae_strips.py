@@ -16,9 +16,8 @@ convolution's output: at 512x512 pixels each is a 128-256 MiB tensor. Here:
 - the 2x nearest upsampler and its 3x3 conv run as four 2x2 sub-pixel convolutions of the
   source strip (``subpixel_kernels``): the upsampled map is never built.
 
-Maps stay NCHW: channels-last strips made the convolutions about 10 % faster but the
-elementwise work (normalization, moments, sub-pixel interleave) about twice as slow, a net
-loss measured at 512x512. The largest 512x512 step thus holds two 128-channel full-resolution maps (a
+Maps stay NCHW: channels-last strips made the convolutions faster but the elementwise work
+(normalization, moments, sub-pixel interleave) slower, a net loss measured at 512x512. The largest 512x512 step thus holds two 128-channel full-resolution maps (a
 block's input, kept for its residual, and its first convolution's output) plus a strip or
 two, where the plain path holds up to four. The result equals the plain path's to float
 rounding (tests/test_models_vae_strips.py).
@@ -57,7 +56,7 @@ class Moments:
 
     def add(self, rows: torch.Tensor) -> None:
         """Merge in rows (B, C, r, W). Two plain reductions: torch's one-pass ``var_mean`` (Welford's
-        update per element) ran 20x slower on this CPU, 17 % of a 512x512 decode."""
+        update per element) is many times slower on the CPU, a large part of a 512x512 decode."""
         c = rows.shape[1]
         per_group = rows.unflatten(1, (self.groups, c // self.groups))  # a view, also of a band's rows
         mean = per_group.mean(dim=(2, 3, 4), keepdim=True)
