@@ -55,7 +55,7 @@ def test_guidance_fraction_half_drops_the_unconditional_pass_in_the_second_half(
     finally:
         handle.remove()
     assert sizes == [2, 2, 2, 1, 1, 1]
-    assert 1e-3 < max_difference(images, exact) < 0.01  # measured 0.0042
+    assert 2e-4 < max_difference(images, exact) < 0.0025  # measured 0.0009 (DPM-Solver++ on its linspace grid)
     # With no guided step every pass is the conditional one: the image of guidance_scale 1.
     unguided = pipe("a red circle", guidance_fraction=0.0, **RUN).images
     torch.testing.assert_close(unguided, pipe("a red circle", guidance_scale=1.0, **RUN).images, rtol=0, atol=1e-5)
@@ -73,7 +73,7 @@ def test_deepcache_runs_the_deep_part_every_third_step(pipe, exact):
 
 def test_token_merging_applies_for_the_call_only(pipe, exact):
     images = pipe("a red circle", token_merging=0.5, **RUN).images
-    assert 3e-3 < max_difference(images, exact) < 0.04  # measured 0.016
+    assert 3e-3 < max_difference(images, exact) < 0.04  # measured 0.018
     assert torch.equal(pipe("a red circle", **RUN).images, exact)
 
 
