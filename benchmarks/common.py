@@ -228,7 +228,7 @@ def count_flops(fn: Callable[[], Any]) -> int:
 def matmul_rate(n: int = 4096, repeats: int = 5) -> float:
     """GFLOP/s of an n x n x n fp32 matrix product on ``THREADS`` threads (median of ``repeats`` after a
     warm-up), the faster of torch's two CPU routes to it: ``torch.mm`` (the BLAS GEMM, MKL) and the same
-    product as a 1x1 convolution (oneDNN), as ``ldm.models.attention.Linear`` computes it. On AMD CPUs
+    product as a 1x1 convolution (oneDNN), as ``ldm.kernels.linear`` computes it. On AMD CPUs
     MKL runs its AVX2 code while oneDNN uses AVX-512, so either may be the machine's real rate."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     out = torch.empty(n, n)

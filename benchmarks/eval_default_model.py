@@ -6,7 +6,7 @@
 For a fixed grid of prompts (captions of the training distribution, with and
 without size and position) it generates one image per prompt for every
 scheduler x step count x guidance scale, reads each image with the
-deterministic scorer of ``ldm.shapes_score`` (background colour, shape colour,
+deterministic scorer of ``support.shapes_score`` (background colour, shape colour,
 shape class, size and position when the prompt names them) and reports the
 accuracy per attribute. It adds DDPM at 1000 steps as the reference sampler,
 the held-out colour-shape pairs (never seen in training) at 20 DPM-Solver++
@@ -34,10 +34,11 @@ from ldm.io import atomic_write
 from ldm.loading import DEFAULT_MODEL_DIR
 from ldm.pipeline import Pipeline
 from ldm.schedulers import SCHEDULERS, create
-from ldm.shapes import COLORS, HELD_OUT_PAIRS, parse_caption, random_sample
-from ldm.shapes_score import accuracy, analyze
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # support/ is in the checkout, not installed
+from support.shapes import COLORS, HELD_OUT_PAIRS, parse_caption, random_sample  # noqa: E402
+from support.shapes_score import accuracy, analyze  # noqa: E402
 from whole_image import SPEEDUPS  # noqa: E402  (the settings the speed benchmark uses)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -101,7 +102,7 @@ def contact_sheet(rows: list[tuple[str, list[np.ndarray]]], columns: list[str], 
 def markdown(report: dict) -> str:
     head = "| setting | " + " | ".join(ATTRIBUTES) + " | seconds |\n|---|" + "---:|" * (len(ATTRIBUTES) + 1) + "\n"
     lines = [f"# Default model adherence ({report['model']})\n", f"{report['prompts']} prompts, seed {report['seed']}, "
-             f"one image per prompt; accuracy in % per attribute read by ldm.shapes_score.\n"]
+             f"one image per prompt; accuracy in % per attribute read by support.shapes_score.\n"]
 
     def row(name: str, result: dict) -> str:
         cells = " | ".join(f"{100 * result['accuracy'][a]:.1f}" if a in result["accuracy"] else "-" for a in ATTRIBUTES)

@@ -1,7 +1,7 @@
 """How many steps each scheduler needs: sampling error against an exactly known distribution.
 
 Data whose every coordinate is drawn from a known 1-D law (a Gaussian, and a mixture of two
-Gaussians) has an exact noise predictor (``ldm.schedulers.analytic``), i.e. a perfectly trained
+Gaussians) has an exact noise predictor (``support.analytic``), i.e. a perfectly trained
 network. Each scheduler samples with it from the exact marginal at its first timestep (a
 stratified start, so deterministic samplers carry no Monte-Carlo noise), and we report the
 1-Wasserstein distance between its samples and the data law at 5, 10, 20, 50 and 1000 steps.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,9 @@ import torch
 
 from ldm.io import atomic_write, next_free_path
 from ldm.schedulers import SchedulerConfig, create
-from ldm.schedulers.analytic import GaussianMixture1D, distribution_error, run_sampler
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # support/ is in the checkout, not installed
+from support.analytic import GaussianMixture1D, distribution_error, run_sampler  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DATASETS = {

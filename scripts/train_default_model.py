@@ -4,7 +4,7 @@
     python scripts/train_default_model.py --config configs/ldm-shapes.json --work-dir runs/ldm-shapes --out DIR
 
 Stages, each checkpointed in --work-dir so a killed run resumes where it stopped:
-1. data     captioned images from ``ldm.shapes`` (train split: the held-out colour-shape pairs never occur)
+1. data     captioned images from ``support.shapes`` (train split: the held-out colour-shape pairs never occur)
 2. vae      a KL autoencoder with SD's structure (factor 8, 4 latent channels), trained with an L1
             reconstruction loss plus a small KL term (Kingma & Welling 2014; Rombach et al. 2022, sec. 3.1)
 3. latents  every image encoded once; the latent scaling factor is 1 / std of the latents
@@ -40,14 +40,15 @@ from ldm.loading import Components, save_diffusers
 from ldm.models import AutoencoderKL, UNet, UNetConfig, VAEConfig
 from ldm.models.text_encoder import TOKENIZER_DIR, load_tokenizer
 from ldm.schedulers import SchedulerConfig
-from ldm.shapes import generate, parse_caption, random_sample
-from ldm.shapes_score import accuracy, analyze, expected
 from ldm.training.checkpoint import list_checkpoints
 from ldm.training.config import DataConfig, TrainConfig
 from ldm.training.data import ImageCaptionDataset, scan_folder
 from ldm.training.loop import train
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # support/ (the shapes dataset and scorer) is in the checkout, not installed
+from support.shapes import generate, parse_caption, random_sample  # noqa: E402
+from support.shapes_score import accuracy, analyze, expected  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ class Recipe:
 
     name: str = "ldm-shapes"
     resolution: int = 64  # image side in pixels; latents are resolution / 8
-    samples: int = 10000  # training images (train split of ldm.shapes)
+    samples: int = 10000  # training images (train split of support.shapes)
     seed: int = 0  # data stream, initialisation, batches and noise
     checkpoint_every: int = 200  # optimizer steps between resumable checkpoints
     eval_prompts: int = 64  # captions scored at the end of training (training.json); the benchmark does the full grid

@@ -11,8 +11,8 @@ import torch
 
 from ldm.loading import DEFAULT_MODEL_DIR
 from ldm.pipeline import Pipeline
-from ldm.shapes import parse_caption
-from ldm.shapes_score import accuracy, analyze
+from support.shapes import parse_caption
+from support.shapes_score import accuracy, analyze
 
 MODEL = Path(__file__).resolve().parent.parent / "weights" / "ldm-shapes"
 PROMPT = "a red circle on a blue background"

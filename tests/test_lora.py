@@ -289,9 +289,9 @@ def test_every_layer_fused_unfused_and_diffusers_agree_at_512px(tmp_path, monkey
     """A kohya file on every Linear and Conv2d of the U-Net and CLIP, at 64x64 latents (a 512x512 image),
     where every fast path runs: sub-pixel upsampling from 32x32, attention as convolutions, oneDNN linears,
     GEGLU's split product; convs are sliced from 16 channels so the sliced path runs on the 32x32 maps."""
-    from ldm.models import unet as unet_module
+    from ldm.kernels import conv as conv_kernels
 
-    monkeypatch.setattr(unet_module, "SLICED_CONV_CHANNELS", 16)
+    monkeypatch.setattr(conv_kernels, "SLICED_CONV_CHANNELS", 16)
     reference, unet, text_encoder = reference_pipeline()
     pairs = every_layer_pairs(unet, text_encoder)
     path = write_lora(tmp_path / "all.safetensors", pairs, "kohya", alpha=3.0)  # alpha/rank = 1.5
@@ -402,10 +402,10 @@ def test_a_lora_on_one_layer_changes_the_output_fused_or_not(kind, micro_by_fami
     """Each kind alone changes its network's output, unfused as fused. The U-Net's fast paths run at the
     32x32 latents used here: sub-pixel upsampling from 16x16 (its threshold lowered) and convs sliced in
     16 channels (see the 512px test for the real thresholds)."""
-    from ldm.models import unet as unet_module
+    from ldm.kernels import conv as conv_kernels
 
-    monkeypatch.setattr(unet_module, "SUBPIXEL_MIN_PIXELS", 16 * 16)
-    monkeypatch.setattr(unet_module, "SLICED_CONV_CHANNELS", 16)
+    monkeypatch.setattr(conv_kernels, "SUBPIXEL_MIN_PIXELS", 16 * 16)
+    monkeypatch.setattr(conv_kernels, "SLICED_CONV_CHANNELS", 16)
     family, part, name = LAYER_KINDS[kind]
     by_family, tokenizer = micro_by_family
     base = by_family[family]

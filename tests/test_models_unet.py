@@ -10,7 +10,7 @@ from tiny_models import diffusers_unet
 
 from ldm.errors import ConfigError, InputError
 from ldm.models import UNet, UNetConfig
-from ldm.models.unet import ResnetBlock
+from ldm.models.layers import ResnetBlock
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -8,7 +8,7 @@ import torch
 
 from ldm.models import AutoencoderKL, VAEConfig
 from ldm.models import vae_strips
-from ldm.models.unet import ResnetBlock
+from ldm.models.layers import ResnetBlock
 from ldm.models.vae_strips import Bands, Moments
 
 

@@ -8,14 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_models import save_diffusers_folder
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_models import save_diffusers_folder  # noqa: E402
-
-from ldm.loading.sources import TensorFile  # noqa: E402
-from ldm.paging import PAGE, release_to_page_cache, resident_bytes  # noqa: E402
-from ldm.pipeline import Pipeline  # noqa: E402
+from ldm.loading.sources import TensorFile
+from ldm.paging import PAGE, release_to_page_cache, resident_bytes
+from ldm.pipeline import Pipeline
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/pagemap is Linux's")
 

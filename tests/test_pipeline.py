@@ -7,21 +7,17 @@ from __future__ import annotations
 
 import copy
 import functools
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import diffusers_pipeline, ldm_pipeline
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from tiny_models import diffusers_pipeline, ldm_pipeline  # noqa: E402
-
-from ldm.errors import ConfigError, InputError  # noqa: E402
-from ldm.pipeline import NonFiniteOutputError, Pipeline, ReleasedWeightsError, rescale_guidance  # noqa: E402
-from ldm.schedulers import create  # noqa: E402
+from ldm.errors import ConfigError, InputError
+from ldm.pipeline import NonFiniteOutputError, Pipeline, ReleasedWeightsError, rescale_guidance
+from ldm.schedulers import create
 
 SIZE = dict(height=64, width=64, num_inference_steps=3)
 

@@ -7,19 +7,14 @@ same prompt, negative prompt, seed, steps, guidance and sampler (max abs differe
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import diffusers_pipeline
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from tiny_models import diffusers_pipeline  # noqa: E402
-
-from ldm.pipeline import Pipeline  # noqa: E402
+from ldm.pipeline import Pipeline
 
 TOLERANCE = 1e-4
 COMMON = dict(prompt="a photo of a red cat", negative_prompt="blurry, dark", guidance_scale=7.5, output_type="np")

@@ -5,21 +5,17 @@ Image parity of every sampler with diffusers is in test_pipeline_parity.py.
 
 from __future__ import annotations
 
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import diffusers_pipeline, ldm_pipeline, save_diffusers_folder
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from tiny_models import diffusers_pipeline, ldm_pipeline, save_diffusers_folder  # noqa: E402
-
-from ldm.cli import main  # noqa: E402
-from ldm.errors import ConfigError  # noqa: E402
-from ldm.images import read_parameters  # noqa: E402
-from ldm.schedulers import create  # noqa: E402
+from ldm.cli import main
+from ldm.errors import ConfigError
+from ldm.images import read_parameters
+from ldm.schedulers import create
 
 SIZE = dict(height=64, width=64, num_inference_steps=4, output_type="pt")
 

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import clip_text_model, clip_tokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from tiny_models import clip_text_model, clip_tokenizer  # noqa: E402
-
-from ldm.errors import InputError  # noqa: E402
-from ldm.prompts import BREAK, MAX_NESTING, check_prompt, encode_prompts, parse_prompt, tokenize_prompt  # noqa: E402
+from ldm.errors import InputError
+from ldm.prompts import BREAK, MAX_NESTING, check_prompt, encode_prompts, parse_prompt, tokenize_prompt
 
 R = 1.1
 S = 1 / 1.1

@@ -1,5 +1,5 @@
 """One suite over every registered scheduler: the contract, options, reproducibility, and sampling
-known distributions with their exact noise predictor (ldm.schedulers.analytic)."""
+known distributions with their exact noise predictor (support.analytic)."""
 
 import dataclasses
 
@@ -8,7 +8,7 @@ import torch
 
 from ldm.errors import ConfigError
 from ldm.schedulers import SCHEDULERS, SchedulerConfig, create, noise
-from ldm.schedulers.analytic import GaussianMixture1D, abar_at, distribution_error, run_sampler
+from support.analytic import GaussianMixture1D, abar_at, distribution_error, run_sampler
 
 NAMES = list(SCHEDULERS)
 STOCHASTIC = {"ddpm", "dpm-solver++-sde", "euler-ancestral"}

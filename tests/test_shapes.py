@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ldm.errors import InputError
-from ldm.shapes import (
+from support.shapes import (
     COLORS,
     HELD_OUT_PAIRS,
     POSITIONS,
@@ -21,7 +21,7 @@ from ldm.shapes import (
     random_sample,
     render,
 )
-from ldm.shapes_score import accuracy, analyze, expected
+from support.shapes_score import accuracy, analyze, expected
 
 CAPTION = re.compile(
     r"^an? (?:(small|large) )?(\w+) (\w+)(?: in the (top left|top right|bottom left|bottom right|center))?"

@@ -156,7 +156,7 @@ def test_token_merging_rejects_bad_settings(unet):
 
 @pytest.mark.parametrize("shape", [(2, 16, 32, 32), (1, 16, 33, 40)])
 def test_subpixel_upsample_equals_nearest_upsample_then_conv(shape):
-    from ldm.models.unet import Upsample
+    from ldm.models.layers import Upsample
 
     torch.manual_seed(0)
     up = Upsample(16).eval()
@@ -225,11 +225,12 @@ def test_geglu_without_autograd_computes_its_halves_apart_with_the_formula_s_res
 def test_cpu_long_attention_as_convolutions_equals_the_formula(
     monkeypatch, heads, width, queries, keys, chunks, transposed
 ):
-    import ldm.models.attention as attention
+    import ldm.kernels.attention as conv_attention
+    from ldm.models.attention import _sdpa
 
     # Small sizes stand in for 4096 tokens: at most 30 query rows' scores per chunk, at least 16 rows.
-    monkeypatch.setattr(attention, "CONV_ATTENTION_SCORES", 30 * keys)
-    monkeypatch.setattr(attention, "CONV_ATTENTION_MIN_ROWS", 16)
+    monkeypatch.setattr(conv_attention, "CONV_ATTENTION_SCORES", 30 * keys)
+    monkeypatch.setattr(conv_attention, "CONV_ATTENTION_MIN_ROWS", 16)
     torch.manual_seed(0)
     if transposed:
         q, k, v = (torch.randn(2, width, n).transpose(1, 2) for n in (queries, keys, keys))
@@ -240,7 +241,7 @@ def test_cpu_long_attention_as_convolutions_equals_the_formula(
     probs = torch.softmax(q_ @ k_.transpose(-1, -2) / d**0.5, dim=-1)  # Vaswani et al. 2017, eq. 1
     expected = (probs @ v_).transpose(1, 2).reshape(2, queries, width)
     with torch.inference_mode(), _RecordCalls() as calls:
-        got = attention._sdpa(q, k, v, heads, False, 0)
+        got = _sdpa(q, k, v, heads, False, 0)
     assert "scaled_dot_product_attention" not in calls.names
     assert calls.names.count("conv2d") == 2 * 2 * heads * chunks  # Q K^T and P V per sample, head and chunk
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
@@ -248,9 +249,9 @@ def test_cpu_long_attention_as_convolutions_equals_the_formula(
     cases = [(q, k, v, True), (q.bfloat16(), k.bfloat16(), v.bfloat16(), False), (q, k[:, :15], v[:, :15], False)]
     cases.append((q, torch.cat([k, k[:, :1]], 1), torch.cat([v, v[:, :1]], 1), False))  # 30 * keys / (keys + 1) < 30
     for q_, k_, v_, grad in cases:
-        monkeypatch.setattr(attention, "CONV_ATTENTION_MIN_ROWS", 30 if q_ is q and k_.shape[1] > keys else 16)
+        monkeypatch.setattr(conv_attention, "CONV_ATTENTION_MIN_ROWS", 30 if q_ is q and k_.shape[1] > keys else 16)
         with torch.set_grad_enabled(grad), _RecordCalls() as calls:
-            attention._sdpa(q_, k_, v_, heads, False, 0)
+            _sdpa(q_, k_, v_, heads, False, 0)
         assert "scaled_dot_product_attention" in calls.names and "conv2d" not in calls.names
     # The chunks' softmax runs in place; torch's CPU kernel gives the same bits as out of place.
     scores = torch.randn(64, 300) * 10
@@ -263,7 +264,8 @@ def test_cpu_long_attention_as_convolutions_equals_the_formula(
     [(700, 8, 1, True, True), (700, 64, 2, False, True), (700, 33, 1, True, False), (320, 8, 1, True, False)],
 )
 def test_small_map_convolution_in_output_channel_slices_equals_the_convolution(channels, side, stride, bias, sliced):
-    from ldm.models.unet import SLICED_CONV_CHANNELS, SLICED_CONV_MAX_PIXELS, Conv2d
+    from ldm.kernels.conv import SLICED_CONV_CHANNELS, SLICED_CONV_MAX_PIXELS
+    from ldm.models.layers import Conv2d
 
     torch.manual_seed(0)
     conv = Conv2d(16, channels, 3, stride=stride, padding=1, bias=bias)

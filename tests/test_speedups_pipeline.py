@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import diffusers_pipeline, ldm_pipeline
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from tiny_models import diffusers_pipeline, ldm_pipeline  # noqa: E402
-
-from ldm.errors import InputError  # noqa: E402
-from ldm.pipeline import Pipeline  # noqa: E402
+from ldm.errors import InputError
+from ldm.pipeline import Pipeline
 
 RUN = dict(height=64, width=64, num_inference_steps=6, seed=3, output_type="pt")
 

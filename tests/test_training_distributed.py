@@ -29,6 +29,8 @@ from ldm.training.distributed import gather_optimizer_state, load_optimizer_stat
 
 TESTS = Path(__file__).resolve().parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# The scripts that the tests launch as processes import this folder's helpers, as pytest lets the test modules do.
+CHILD_ENV = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, (str(TESTS), os.environ.get("PYTHONPATH"))))}
 
 
 def free_port() -> int:
@@ -78,11 +80,10 @@ from pathlib import Path
 import torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
-sys.path.insert(0, {tests!r})
 from test_training_support import micro_models
 from ldm.errors import ConfigError
 from ldm.models.attention import SpatialTransformer
-from ldm.models.unet import ResnetBlock
+from ldm.models.layers import ResnetBlock
 from ldm.training import checkpoint as ckpt
 from ldm.training.distributed import (
     check_units, gather_optimizer_state, gather_tensors, load_optimizer_state, load_parameters, materialize, meta_skeleton,
@@ -195,10 +196,10 @@ dist.destroy_process_group()
 @pytest.mark.slow
 def test_fully_sharded_state_gathers_resumes_and_matches_one_process(tmp_path):
     script = tmp_path / "sharded.py"
-    script.write_text(SHARDED_SCRIPT.format(tests=str(TESTS)))
+    script.write_text(SHARDED_SCRIPT.format())
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                str(script), str(tmp_path)]
-    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, env=CHILD_ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for result in ranks:

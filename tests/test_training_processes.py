@@ -23,6 +23,8 @@ TESTS = Path(__file__).resolve().parent
 COLOURS = {"zqx": (230, 20, 20), "a photo of a dog": (20, 20, 230), "grass": (20, 200, 20)}
 # One thread per process: the runs share a small machine with other work.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# The scripts that the tests launch as processes import this folder's helpers, as pytest lets the test modules do.
+CHILD_ENV = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, (str(TESTS), os.environ.get("PYTHONPATH"))))}
 
 
 def finetune_command(model: Path, data: Path, output: Path, *extra: str) -> list[str]:
@@ -104,7 +106,6 @@ DISTRIBUTED_SCRIPT = """
 import json, sys
 from pathlib import Path
 import torch
-sys.path.insert(0, {tests!r})
 from safetensors.torch import save_file
 from test_training_support import micro_models
 from ldm.training import DataConfig, ImageCaptionDataset, TrainConfig, make_accelerator, scan_folder, train
@@ -136,14 +137,14 @@ def free_port() -> int:
 def test_two_processes_under_accelerate_launch_split_data_and_agree(tmp_path):
     data = colour_folder(tmp_path / "data", COLOURS, per_caption=4)  # 12 images: 6 batches of 2
     script = tmp_path / "run.py"
-    script.write_text(DISTRIBUTED_SCRIPT.format(tests=str(TESTS)))
+    script.write_text(DISTRIBUTED_SCRIPT.format())
     output = tmp_path / "out"
     # accelerate 1.x's --cpu starts several processes only through MPI; its torchrun launcher
     # (--multi_gpu) with ACCELERATE_USE_CPU gives two CPU ranks on the gloo backend.
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()), str(script), str(data), str(output)]
-    done = subprocess.run(command, env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, env={**CHILD_ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((output / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]

@@ -10,15 +10,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import save_diffusers_folder
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from tiny_models import save_diffusers_folder  # noqa: E402
-
-import ldm.loading  # noqa: E402
-from ldm.cli import main  # noqa: E402
-from ldm.images import read_parameters  # noqa: E402
-from ldm.pipeline import Pipeline  # noqa: E402
+import ldm.loading
+from ldm.cli import main
+from ldm.images import read_parameters
+from ldm.pipeline import Pipeline
 
 FAST = ["--steps", "2", "--width", "64", "--height", "64", "--quiet"]
 ROOT = Path(__file__).resolve().parents[1]

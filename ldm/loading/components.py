@@ -84,8 +84,8 @@ class _NoValueWritesOnMeta(TorchFunctionMode):
 
 def build_networks(unet: UNetConfig, vae: VAEConfig, text: CLIPTextConfig) -> tuple[UNet, AutoencoderKL, CLIPTextModel]:
     """The three networks, on the meta device (weights come later)."""
-    # transformers' CLIP modelling code adds about 90 MiB and 1.6 s to a process that imports
-    # it, so it is imported only where a text encoder is built: VAE-only work never pays it.
+    # transformers' CLIP modelling code adds memory and a noticeable start-up time to a process that
+    # imports it, so it is imported only where a text encoder is built: VAE-only work never pays it.
     from transformers import CLIPTextModel
 
     with torch.device("meta"), _NoValueWritesOnMeta():

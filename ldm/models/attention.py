@@ -9,7 +9,7 @@ computed per head. Three kernels compute the same function (``AttentionBackend``
 - ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention``, which picks a fused
   flash / memory-efficient kernel where the device has one. The default. On the CPU in fp32
   without autograd, long self-attention runs instead as two 1x1 convolutions per head and
-  chunk of queries (``_attention_as_convolutions``), where that measured faster.
+  chunk of queries (``ldm.kernels.attention``), where that measured faster.
 - ``"xformers"``: ``xformers.ops.memory_efficient_attention`` (only when xformers is installed;
   useful on older CUDA builds of torch whose SDPA lacks a memory-efficient kernel).
 - ``"sliced"``: plain matmul + softmax over chunks of ``slice_size`` query rows, so the
@@ -31,116 +31,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.errors import ConfigError
+from ldm.kernels.attention import attention_as_convolutions, conv_attention_rows
+from ldm.kernels.linear import linear
+from ldm.models.layers import repeat_rows
 from ldm.models.tome import bipartite_soft_matching
 
 AttentionBackend = Literal["sdpa", "xformers", "sliced"]
 
 DEFAULT_SLICE_SIZE = 1024  # query rows per chunk for "sliced" when none is given
 FF_CHUNK_ROWS = 2048  # tokens per feed-forward chunk without autograd (see FeedForward.forward)
-# Attention as convolutions (see _attention_as_convolutions): scores held per chunk of queries,
-# and the fewest query rows per chunk and keys for which it is used.
-CONV_ATTENTION_SCORES = 1 << 22  # 16 MiB of fp32 scores: stays in the CPU's last-level cache
-CONV_ATTENTION_MIN_ROWS = 768
-
-
-def _as_pixels(rows: torch.Tensor) -> torch.Tensor:
-    """(..., C) rows as the pixels of a (1, C, rows, 1) map: a view, channels-last for contiguous rows."""
-    return rows.reshape(1, -1, 1, rows.shape[-1]).permute(0, 3, 1, 2)
-
-
-def _from_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """A channels-last (1, C, rows, 1) map back as (rows, C) rows, without copying."""
-    return pixels.permute(0, 2, 3, 1).reshape(-1, pixels.shape[1])
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters, same checkpoint keys) that runs as a 1x1 convolution on the CPU.
-
-    In fp32 on the CPU without autograd, the rows are viewed as the pixels of a channels-last
-    (1, in, rows, 1) map (no copy) and multiplied by the weight as a 1x1 convolution: the same
-    products and sums, computed by oneDNN instead of the BLAS GEMM behind ``F.linear``. On this
-    project's benchmark CPU (AMD EPYC with AVX-512) MKL's GEMM ran at 185-215 GFLOP/s (its AVX2
-    code) and oneDNN's 1x1 convolution at 355-500 for the U-Net's and VAE's projections; on the
-    earlier AVX2-only benchmark CPU the two libraries ran at about the same rate (175-200).
-    Elsewhere (autograd, GPUs, half precision) it is ``F.linear``.
-    """
+    """``nn.Linear`` (same parameters, same checkpoint keys) that runs as a 1x1 convolution on the CPU
+    in fp32 without autograd (``ldm.kernels.linear``); elsewhere it is ``F.linear``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(x, self.weight, self.bias)
-
-
-def _cpu_fp32_inference(x: torch.Tensor) -> bool:
-    """Whether ``x`` is fp32 on the CPU with autograd off: where the oneDNN paths below run."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear``, computed as a oneDNN 1x1 convolution on the CPU in fp32 without autograd (see ``Linear``)."""
-    if not _cpu_fp32_inference(x):
-        return F.linear(x, weight, bias)
-    out = F.conv2d(_as_pixels(x), weight[:, :, None, None], bias)  # (1, out, rows, 1), channels-last
-    return _from_pixels(out).view(*x.shape[:-1], weight.shape[0])
-
-
-def _conv_attention_rows(q: torch.Tensor, k: torch.Tensor) -> int:
-    """Query rows per chunk for ``_attention_as_convolutions``, or 0 where the fused SDPA kernel runs."""
-    if not _cpu_fp32_inference(q):
-        return 0
-    queries, keys = q.shape[1], k.shape[1]
-    most = CONV_ATTENTION_SCORES // keys  # query rows whose scores fit in a chunk
-    if keys < CONV_ATTENTION_MIN_ROWS or most < CONV_ATTENTION_MIN_ROWS:
-        return 0
-    chunks = -(-queries // most)
-    rows = -(-queries // chunks)  # chunks of equal size: no short last chunk on oneDNN's slower kernel
-    return rows if rows >= CONV_ATTENTION_MIN_ROWS else 0
-
-
-def _attention_as_convolutions(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, rows: int
-) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017, eq. 1) as two oneDNN 1x1 convolutions per head.
-
-    For each head and chunk of ``rows`` queries: the queries, as the pixels of a (1, d, rows, 1) map,
-    are convolved with K / sqrt(d) as a (keys, d, 1, 1) weight, which gives the scaled scores as a
-    channels-last map, that is a (rows, keys) matrix; the softmax runs in place over each row;
-    the probabilities, as a (1, keys, rows, 1) map, are convolved with V^T as a (d, keys, 1, 1)
-    weight, which gives P V. Each row's softmax is independent, so the chunks are exact.
-
-    Why: torch's fused CPU attention multiplies its small blocks with the BLAS GEMM, which on this
-    project's benchmark CPU runs AVX2 code at half of oneDNN's AVX-512 rate, and a head width of
-    40 makes those products short. Measured there at 4096 tokens (SD 1.5 at 512x512, 8 heads of 40):
-    a layer took 0.18-0.19 s in a U-Net step instead of 0.27 s (0.24 s alone, when the C allocator
-    maps the scores' pages afresh for every chunk). oneDNN picks a slower kernel below about 768 query rows
-    and the scores of a chunk are kept within the cache (``CONV_ATTENTION_SCORES``), so longer
-    sequences (more than 5461 keys) and short ones keep the fused kernel (``_conv_attention_rows``).
-    """
-    batch, queries, width = q.shape
-    keys, d = k.shape[1], width // heads
-    out = q.new_empty(q.shape)
-    # V^T gets zero rows up to a multiple of 16 output channels (one AVX-512 register of fp32):
-    # oneDNN computed 48 output channels in 0.91 ms and 40 in 1.18 ms (1024 rows, 4096 keys).
-    v_weight = q.new_zeros(-(-d // 16) * 16, keys, 1, 1)
-    for i in range(batch):
-        for h in range(heads):
-            cols = slice(h * d, (h + 1) * d)
-            k_weight = (k[i, :, cols] * d**-0.5).view(keys, d, 1, 1)  # the scale 1/sqrt(d) applied to K
-            v_weight[:d, :, 0, 0] = v[i, :, cols].t()
-            for start in range(0, queries, rows):
-                # Contiguous query rows make a channels-last map, so oneDNN writes the scores row by row
-                # (the VAE's queries are a transposed view, which gave column-major scores).
-                chunk = q[i, start : start + rows, cols].contiguous()
-                scores = _from_pixels(F.conv2d(_as_pixels(chunk), k_weight))
-                # In place: the (rows, keys) scores are the largest buffer here. torch.softmax's CPU kernel
-                # reads each row's maximum, then writes exp(x - max) and scales it, element by element.
-                torch._softmax(scores, -1, False, out=scores)
-                out[i, start : start + rows, cols] = _from_pixels(F.conv2d(_as_pixels(scores), v_weight))[:, :d]
-    return out
+        return linear(x, self.weight, self.bias)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool, slice_size: int) -> torch.Tensor:
-    rows = _conv_attention_rows(q, k)
+    rows = conv_attention_rows(q, k)
     if rows:
-        return _attention_as_convolutions(q, k, v, heads, rows)
+        return attention_as_convolutions(q, k, v, heads, rows)
     # q: (B, N, H*d), k/v: (B, M, H*d) -> views (B, H, N, d) without copying
     b, n, c = q.shape
     d = c // heads
@@ -188,17 +101,6 @@ def _sliced(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcas
 
 
 _KERNELS = {"sdpa": _sdpa, "xformers": _xformers, "sliced": _sliced}
-
-
-def repeat_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """``t`` with its batch repeated to ``rows`` rows, as ``torch.cat([t] * (rows // len(t)))``.
-
-    A U-Net given fewer samples than text embeddings shares each sample between several
-    embeddings (classifier-free guidance feeds one latent to the unconditional and the
-    conditional pass). Everything before the first cross-attention is the same for both, so it
-    is computed once per sample and repeated here, where it meets the text.
-    """
-    return t if t.shape[0] == rows else t.repeat(rows // t.shape[0], *(1,) * (t.dim() - 1))
 
 
 def require_backend(backend: str, slice_size: int | None) -> int:
@@ -262,14 +164,13 @@ class GEGLU(nn.Module):
             value, gate = self.proj(x).chunk(2, dim=-1)
             return value * F.gelu(gate)
         # Without autograd the gate's and the value's halves of the projection are two products, and
-        # the GELU and the gating run in place. Each buffer is half the projection's output (21 instead
-        # of 42 MB for a feed-forward chunk at 32x32 latents), small enough for the C allocator to reuse
-        # its memory rather than map fresh pages every call: a 512x512 U-Net step's page faults fell from
-        # about 220k to 50k, and the step by 0.1 s. The same bits as the formula above.
+        # the GELU and the gating run in place. Each buffer is half the projection's output, small enough
+        # for the C allocator to reuse its memory rather than map fresh pages every call (far fewer page
+        # faults in a 512x512 U-Net step, and a faster step). The same bits as the formula above.
         value_weight, gate_weight = self.proj.weight.chunk(2)
         value_bias, gate_bias = (None, None) if self.proj.bias is None else self.proj.bias.chunk(2)
-        gate = torch.ops.aten.gelu_(_linear(x, gate_weight, gate_bias))
-        return gate.mul_(_linear(x, value_weight, value_bias))
+        gate = torch.ops.aten.gelu_(linear(x, gate_weight, gate_bias))
+        return gate.mul_(linear(x, value_weight, value_bias))
 
 
 class FeedForward(nn.Module):
@@ -285,8 +186,8 @@ class FeedForward(nn.Module):
         if torch.is_grad_enabled() or rows.shape[0] <= FF_CHUNK_ROWS:
             return self.net[2](self.net[0](x))
         # Without autograd the 8x-wide GEGLU hidden layer exists for one chunk of tokens at a time:
-        # at 64x64 latents and batch 2 it is 84 MiB for all tokens, the largest transient of a
-        # U-Net step. Each token's result is the same; a step's peak memory drops by about 75 MiB.
+        # for all tokens at 64x64 latents it is the largest transient of a U-Net step, so chunking
+        # lowers the step's peak memory. Each token's result is the same.
         out = torch.cat([self.net[2](self.net[0](chunk)) for chunk in rows.split(FF_CHUNK_ROWS)])
         return out.view(*x.shape[:-1], out.shape[-1])
 

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.errors import ConfigError
-from ldm.models.unet import UNet, join_skip, timestep_embedding
+from ldm.models.layers import join_skip
+from ldm.models.unet import UNet, timestep_embedding
 
 
 class DeepCacheUNet(nn.Module):

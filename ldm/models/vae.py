@@ -24,7 +24,7 @@ from torch import nn
 from ldm.errors import ConfigError, InputError
 from ldm.models._config import as_int, as_int_tuple, check_defaults, check_range
 from ldm.models.attention import AttentionBackend, VAEAttention, set_attention
-from ldm.models.unet import ResnetBlock
+from ldm.models.layers import ResnetBlock
 from ldm.models.vae_strips import decode_up
 from ldm.random import randn
 

@@ -16,9 +16,8 @@ convolution's output: at 512x512 pixels each is a 128-256 MiB tensor. Here:
 - the 2x nearest upsampler and its 3x3 conv run as four 2x2 sub-pixel convolutions of the
   source strip (``subpixel_kernels``): the upsampled map is never built.
 
-Maps stay NCHW: channels-last strips made the convolutions about 10 % faster but the
-elementwise work (normalization, moments, sub-pixel interleave) about twice as slow, a net
-loss measured at 512x512. The largest 512x512 step thus holds two 128-channel full-resolution maps (a
+Maps stay NCHW: channels-last strips made the convolutions faster but the elementwise work
+(normalization, moments, sub-pixel interleave) slower, a net loss measured at 512x512. The largest 512x512 step thus holds two 128-channel full-resolution maps (a
 block's input, kept for its residual, and its first convolution's output) plus a strip or
 two, where the plain path holds up to four. The result equals the plain path's to float
 rounding (tests/test_models_vae_strips.py).
@@ -32,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.models.unet import ResnetBlock, subpixel_kernels
+from ldm.kernels.conv import subpixel_kernels
+from ldm.models.layers import ResnetBlock
 
 STRIP_PIXELS = 2**14  # pixels per strip (8 MiB at 128 channels, 32 rows at 512 wide): full-speed convs
 MIN_STRIP_ROWS = 2
@@ -56,7 +56,7 @@ class Moments:
 
     def add(self, rows: torch.Tensor) -> None:
         """Merge in rows (B, C, r, W). Two plain reductions: torch's one-pass ``var_mean`` (Welford's
-        update per element) ran 20x slower on this CPU, 17 % of a 512x512 decode."""
+        update per element) is many times slower on the CPU, a large part of a 512x512 decode."""
         c = rows.shape[1]
         per_group = rows.unflatten(1, (self.groups, c // self.groups))  # a view, also of a band's rows
         mean = per_group.mean(dim=(2, 3, 4), keepdim=True)
@@ -246,7 +246,7 @@ def upsample(conv: nn.Conv2d, x: Bands, groups: int) -> Bands:
     """
     _, _, height, width = x.shape
     co = conv.out_channels
-    kernels, bias = subpixel_kernels(conv)
+    kernels, bias = subpixel_kernels(conv.weight, conv.bias)
     out = x.new(co, 2 * height, 2 * width, groups=groups)
     rows_out = strip_rows(out)
     for top, bottom in strips(height, max(1, rows_out // 2)):  # output bands of the output's strip rows

@@ -99,7 +99,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0  # gradient clipping; None disables it
     min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's choice
     noise_offset: float = 0.0  # per-channel constant added to the noise (Guttenberg 2023); ~0.05-0.1
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30 % slower
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, one more forward pass of compute
     ema_decay: float | None = None  # keep an exponential moving average of the trained weights
     mixed_precision: MixedPrecision = "no"  # fp16 / bf16 autocast through accelerate (CUDA)
     seed: int = 0  # the same seed, data and settings give the same weights, also across --resume

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ldm.shapes import COLORS, POSITIONS, SHAPES, SIZES, Scene, shape_coverage
+from support.shapes import COLORS, POSITIONS, SHAPES, SIZES, Scene, shape_coverage
 
 _PALETTE_NAMES = list(COLORS)
 _PALETTE = np.asarray([COLORS[c] for c in _PALETTE_NAMES], dtype=np.float64)

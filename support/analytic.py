@@ -13,7 +13,7 @@ and the minimum-mean-squared-error predictions a perfectly trained network would
 
 with r_k(x_t) the posterior responsibilities of the components. One component gives the
 Gaussian case eps* = sigma (x_t - alpha mu) / (alpha^2 s^2 + sigma^2). v and x_0 networks follow
-from the shared conversions in ``noise.py``. Because the probability-flow ODE of 1-D data is a
+from the shared conversions in ``ldm.schedulers.noise``. Because the probability-flow ODE of 1-D data is a
 monotone map, the exact sampler output for a stratified start is the data quantiles, which lets
 ``distribution_error`` measure a deterministic sampler without Monte-Carlo noise.
 """

@@ -24,7 +24,7 @@ import numpy as np
 from ldm.errors import InputError
 
 # Palette in RGB. The closest pair (orange, yellow) is still 81 apart, so a
-# pixel's nearest entry is unambiguous for the scorer in ldm.shapes_score.
+# pixel's nearest entry is unambiguous for the scorer in support.shapes_score.
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),

@@ -1,0 +1,37 @@
+"""``F.linear`` as a oneDNN 1x1 convolution on the CPU: the same products and sums, another library.
+
+In fp32 on the CPU without autograd, the rows are viewed as the pixels of a channels-last
+(1, in, rows, 1) map (no copy) and multiplied by the weight as a 1x1 convolution: computed by
+oneDNN instead of the BLAS GEMM behind ``F.linear``. On AMD CPUs with AVX-512, MKL's GEMM runs
+its AVX2 code while oneDNN uses AVX-512 (registers of twice the width), so the convolution is
+faster there; on AVX2-only CPUs the two libraries run at about the same rate.
+Elsewhere (autograd, GPUs, half precision) it is ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def cpu_fp32_inference(x: torch.Tensor) -> bool:
+    """Whether ``x`` is fp32 on the CPU with autograd off: where the oneDNN paths run."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+
+
+def as_pixels(rows: torch.Tensor) -> torch.Tensor:
+    """(..., C) rows as the pixels of a (1, C, rows, 1) map: a view, channels-last for contiguous rows."""
+    return rows.reshape(1, -1, 1, rows.shape[-1]).permute(0, 3, 1, 2)
+
+
+def from_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """A channels-last (1, C, rows, 1) map back as (rows, C) rows, without copying."""
+    return pixels.permute(0, 2, 3, 1).reshape(-1, pixels.shape[1])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear``, computed as a oneDNN 1x1 convolution on the CPU in fp32 without autograd."""
+    if not cpu_fp32_inference(x):
+        return F.linear(x, weight, bias)
+    out = F.conv2d(as_pixels(x), weight[:, :, None, None], bias)  # (1, out, rows, 1), channels-last
+    return from_pixels(out).view(*x.shape[:-1], weight.shape[0])
