@@ -285,6 +285,9 @@ def test_a_finished_lora_run_continues_in_its_folder_keeping_the_shorter_result(
     again, original = lora_tensors(copy / "lora.safetensors"), lora_tensors(kept)
     assert again.keys() == original.keys() and all(torch.equal(again[k], original[k]) for k in again)
     assert sorted(kept.parent.iterdir()) == files  # the other folder's checkpoint is only read
+    # An older checkpoint of the run itself would have to overwrite the newer one at its step.
+    assert finetune("--max-steps", "6", "--resume", str(kept.parent), *lora, model=micro_folder, data=data_folder, output=out) == 2
+    assert "--resume checkpoint-000002 is older than checkpoint-000004" in error_line(capsys)
 
     other = tmp_path / "other"
     assert finetune("--max-steps", "1", *lora, model=micro_folder, data=data_folder, output=other) == 0

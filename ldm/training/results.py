@@ -38,12 +38,14 @@ def check_output(output_dir: Path, target: Path, resume: str | None, config: Tra
     if not target.exists():
         if path is None and ckpt.list_checkpoints(output_dir):
             raise ConfigError(f"{output_dir} already holds checkpoints; pass --resume latest or choose another --output")
+        refuse_older(path, output_dir)
         return None
     if path is None:
         raise ConfigError(f"{target} already exists (the run is finished); continue it with --resume latest and a larger "
                           "--max-steps, or choose another --output")
     if path.parent.resolve() != (output_dir / "checkpoints").resolve():
         raise ConfigError(f"{target} already exists and --resume {resume} is not a checkpoint of its run; choose another --output")
+    refuse_older(path, output_dir)
     keeper = keeping_checkpoint(output_dir, target)
     if keeper is None:
         raise ConfigError(f"{target} is kept in no checkpoint of {output_dir} (an older ldm wrote it); move it elsewhere, then continue")
@@ -52,6 +54,16 @@ def check_output(output_dir: Path, target: Path, resume: str | None, config: Tra
     if path == keeper and checkpoint_step(path) == config.max_steps:
         raise ConfigError(f"the run in {output_dir} finished at step {config.max_steps}; pass a larger --max-steps to continue it")
     return keeper
+
+
+def refuse_older(path: Path | None, output_dir: Path) -> None:
+    """A resumed run would reach the step of a newer checkpoint in its folder and have to overwrite it."""
+    newer = [c for c in ckpt.list_checkpoints(output_dir) if path is not None and checkpoint_step(c) > checkpoint_step(path)]
+    if newer:
+        raise ConfigError(
+            f"--resume {path.name} is older than {newer[-1].name} in {output_dir}; resume the newest (--resume latest), "
+            f"or resume {path.name} into another --output"
+        )
 
 
 def checkpoint_step(path: Path) -> int:
