@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -180,23 +182,36 @@ def open_image(path: str | Path) -> Image.Image:
 
     An image of more than PIL's ``Image.MAX_IMAGE_PIXELS`` (about 89 million pixels, 268 MB as
     RGB) is refused before it is decoded: a small PNG can claim gigapixels (a decompression bomb).
+    It is checked from the header rather than by turning PIL's warning into an error, since
+    warning filters are process-wide and pipelines may read images from several threads.
     """
+    too_large = f"image {path} has more than {Image.MAX_IMAGE_PIXELS} pixels, too many to decode safely; scale it down first"
     try:
-        image = Image.open(path)  # reads the header only; PIL raises DecompressionBombError at 2x the limit
-        if image.width * image.height > Image.MAX_IMAGE_PIXELS:
-            # Checked here rather than by turning PIL's warning into an error: warning filters are
-            # process-wide, and pipelines may read images from several threads.
-            raise Image.DecompressionBombError(f"{image.width}x{image.height}")
-        image.load()
+        image = Image.open(path)  # reads the header only; PIL itself refuses twice the limit
     except FileNotFoundError:
         raise InputError(f"image {path} does not exist") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputError(
-            f"image {path} has more than {Image.MAX_IMAGE_PIXELS} pixels, too many to decode safely; scale it down first"
-        ) from None
+    except Image.DecompressionBombError:
+        raise InputError(too_large) from None
     except Exception as error:  # PIL raises many unrelated types (OSError, ValueError, SyntaxError, ...) for broken files
         raise InputError(f"cannot read image {path}: {error}") from None
+    with _closed_on_error(image):
+        if image.width * image.height > Image.MAX_IMAGE_PIXELS:
+            raise InputError(too_large)
+        try:
+            image.load()
+        except Exception as error:  # a truncated or corrupt body, found while decoding
+            raise InputError(f"cannot read image {path}: {error}") from None
     return image
+
+
+@contextmanager
+def _closed_on_error(image: Image.Image) -> Iterator[None]:
+    """Close ``image``'s file if the block raises (a refused image's file is never left open)."""
+    try:
+        yield
+    except BaseException:
+        image.close()
+        raise
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

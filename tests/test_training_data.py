@@ -18,8 +18,8 @@ from ldm.training.data import (
     bucket_sizes,
     choose_bucket,
     scan_folder,
-    to_rgb,
 )
+from ldm.images import to_rgb
 
 
 def write(folder, name, image, caption="a caption"):

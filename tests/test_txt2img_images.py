@@ -179,10 +179,10 @@ def test_read_image_applies_the_exif_orientation(tmp_path):
 
 
 def test_training_reads_images_with_the_same_function():
-    from ldm.images import to_rgb
+    from ldm.images import open_image, read_image
     from ldm.training import data
 
-    assert data.to_rgb is to_rgb
+    assert (data.open_image, data.read_image) == (open_image, read_image)
 
 
 def test_check_output_folder_refuses_files_on_the_way(tmp_path):

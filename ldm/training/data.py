@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ldm.errors import ConfigError, InputError
-from ldm.images import to_rgb  # the one image reader, shared with init images
+from ldm.images import open_image, read_image  # the one image reader, shared with init images
 from ldm.training.config import DataConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -176,10 +176,11 @@ def scan_images(paths: list[Path], metadata: dict[Path, str], config: DataConfig
 def decoded_size(path: Path) -> tuple[int, int] | None:
     """(width, height) after the EXIF rotation, or None if the file does not decode completely."""
     try:
-        with Image.open(path) as image:
-            image.load()  # decodes fully: a truncated file fails here, not in the middle of training
+        # Decodes fully, so a truncated file fails here, not in the middle of training; oversized
+        # images (decompression bombs) are refused by their header, as init images are.
+        with open_image(path) as image:
             return ImageOps.exif_transpose(image).size
-    except Exception:  # PIL raises many unrelated types for broken files
+    except InputError:
         return None
 
 
@@ -251,8 +252,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         """Resize to cover the bucket, crop at ``position`` along the overhanging side, flip; (3, H, W) in [-1, 1]."""
         example = self.examples[index]
         width, height = example.bucket
-        with Image.open(example.path) as source:
-            image = to_rgb(source)
+        image = read_image(example.path)
         scale = max(width / image.width, height / image.height)
         resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
         image = image.resize(resized, Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
