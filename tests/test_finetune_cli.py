@@ -55,6 +55,9 @@ def error_line(capsys) -> str:
         (["--max-steps", "0"], "--max-steps must be at least 1, got 0"),
         (["--lora-rank", "0"], "--lora-rank must be at least 1, got 0"),
         (["--resume", "latest"], "holds no checkpoint"),
+        # Sample settings: found when the first sample rendered, they ended a run after a lost step.
+        (["--sample-steps", "5000"], "--sample-steps must be from 1 to 1000, got 5000"),
+        (["--sample-prompt", "a {red} (cat:1" + "0" * 400 + ")"], "--sample-prompt: the weight of 'cat' comes to inf"),
     ],
 )
 def test_bad_settings_fail_before_the_model_is_loaded(extra, message, data_folder, tmp_path, capsys):

@@ -14,7 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from ldm.errors import ConfigError
+from ldm import checks
+from ldm.errors import ConfigError, InputError
+from ldm.prompts import check_prompt
 
 SmallImages = Literal["upscale", "skip"]
 Crop = Literal["center", "random"]
@@ -61,6 +63,10 @@ def _interval(low: float, high: float, open_low: bool, open_high: bool) -> str:
     if math.isinf(high):
         return f"{'above' if open_low else 'at least'} {low:g}"
     return f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+
+
+# Stands for the sample prompts' name in check_prompt's message until it becomes a placeholder.
+_PROMPT_MARK = "\x00"
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,19 @@ class TrainConfig:
             raise SettingError("{lora_alpha} needs {lora_rank}")
         if self.sample_every is not None and not self.sample_prompts:
             raise SettingError("sampling every N steps ({sample_every}) needs at least one {sample_prompts}")
+        self.check_samples()
+
+    def check_samples(self) -> None:
+        """The sample images' settings, checked now: found when the first sample renders, a wrong one
+        would end the run after a step's work that no checkpoint kept."""
+        if self.sample_steps is not None and self.sample_steps > checks.MAX_STEPS:
+            raise SettingError(f"{{sample_steps}} must be from 1 to {checks.MAX_STEPS}, got {self.sample_steps}")
+        for prompt in self.sample_prompts:
+            try:
+                check_prompt(prompt, _PROMPT_MARK)
+            except InputError as error:  # the message quotes the prompt: its braces are text, not placeholders
+                text = str(error).replace("{", "{{").replace("}", "}}")
+                raise SettingError(text.replace(_PROMPT_MARK, "{sample_prompts}")) from None
 
     def check_floats(self) -> None:
         """Every float is finite and in its range (a nan learning rate would train silently into nan weights)."""
