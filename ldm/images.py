@@ -177,6 +177,17 @@ def read_parameters(path: str | Path) -> GenerationParameters:
     return parse_parameters(text)
 
 
+def init_image_size(
+    image: Image.Image, width: int | None, height: int | None, factor: int, name: str = "init image"
+) -> tuple[int | None, int | None]:
+    """The size an init image sets: ``width`` / ``height`` where given, else the image's rounded down to
+    a multiple of ``factor`` (the VAE's downsampling); an image smaller than ``factor`` is refused."""
+    if min(image.size) < factor:
+        raise InputError(f"{name} of {image.width}x{image.height} is too small; it needs at least {factor}x{factor} pixels")
+    return (image.width - image.width % factor if width is None else width,
+            image.height - image.height % factor if height is None else height)
+
+
 def open_image(path: str | Path) -> Image.Image:
     """Open and decode an image file, or raise ``InputError`` saying why it cannot be read.
 

@@ -46,6 +46,7 @@ from ldm.images import (
     GenerationParameters,
     check_output_folder,
     image_to_tensor,
+    init_image_size,
     read_image,
     save_png,
     to_numpy,
@@ -477,13 +478,10 @@ class Pipeline:
                 raise InputError(f"init_image tensor must have shape (1, 3, H, W) in [-1, 1], got {tuple(init_image.shape)}")
             height, width = init_image.shape[-2:]
         elif init_image is not None:
-            if min(init_image.size) < factor:
-                raise InputError(
-                    f"init image of {init_image.width}x{init_image.height} is too small; it needs at least {factor}x{factor} pixels"
-                )
-            width = init_image.width - init_image.width % factor if width is None else width
-            height = init_image.height - init_image.height % factor if height is None else height
-        native = self.unet.config.sample_size * factor
+            width, height = init_image_size(init_image, width, height, factor)
+        from ldm.loading.configs import native_side  # as from_pretrained: the loaders load on use
+
+        native = native_side(self.unet.config, self.vae.config)
         width = native if width is None else width
         height = native if height is None else height
         return checks.check_side(width, "width", factor), checks.check_side(height, "height", factor)

@@ -159,7 +159,7 @@ ERROR_CASES = {
     "max pixels zero": (["a cat", "--max-pixels", "0"], "--max-pixels must be a positive number"),
     "init image sets too big a size": (["a cat", "--init-image", "{good}", "--max-pixels", "4000"], "64x64 x 1 images"),
     "decompression bomb": (["a cat", "--init-image", "{bomb}"], "too many to decode safely"),
-    "init image too small": (["a cat", "--init-image", "{tiny}"], "smaller than 8x8"),
+    "init image too small": (["a cat", "--init-image", "{tiny}"], "tiny.png of 4x4 is too small; it needs at least 8x8 pixels"),
     "init image is a folder": (["a cat", "--init-image", "{tmp}"], "cannot read image"),
     # Output paths, checked before the generation instead of after it (issue 22 §3).
     "out is a file": (["a cat", "--out", "{good}"], "is a file, not a folder"),

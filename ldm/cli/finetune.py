@@ -176,7 +176,9 @@ def scan_data(folder: Path, config: DataConfig) -> list:
 
 def native_resolution(components) -> int:
     """The image size the model was trained at: the U-Net's latent size times the VAE's downsampling."""
-    return components.unet.config.sample_size * components.vae.config.downsample_factor
+    from ldm.loading.configs import native_side
+
+    return native_side(components.unet.config, components.vae.config)
 
 
 def interrupted_message(stop, output: Path) -> str:

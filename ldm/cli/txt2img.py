@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from ldm import checks
 from ldm.errors import CheckpointError, InputError
-from ldm.images import A1111_SAMPLER_NAMES, check_output_folder, read_image
+from ldm.images import A1111_SAMPLER_NAMES, check_output_folder, init_image_size, read_image
 from ldm.prompts import check_prompt
 from ldm.random import resolve_seed
 
@@ -240,10 +240,9 @@ def check_settings(args: argparse.Namespace) -> tuple[list[str], int, Image.Imag
 def check_init_image(args: argparse.Namespace) -> Image.Image | None:
     """The ``--init-image`` read upright as RGB, and the batch it sets checked against ``--max-pixels``."""
     init_image = read_image(args.init_image) if args.init_image is not None else None
-    if init_image is not None and min(init_image.size) < 8:
-        raise InputError(f"init image {args.init_image} is smaller than 8x8 pixels")
-    width = args.width or (init_image.width // 8 * 8 if init_image is not None else None)
-    height = args.height or (init_image.height // 8 * 8 if init_image is not None else None)
+    width, height = args.width, args.height
+    if init_image is not None:  # SD's factor 8: the model, and so its VAE's, is not loaded yet
+        width, height = init_image_size(init_image, width, height, 8, f"init image {args.init_image}")
     if width is not None and height is not None:  # else the model's size: check_native_size
         checks.check_pixels(width, height, min(args.batch_size, args.num_images), args.max_pixels, "--max-pixels")
     return init_image

@@ -230,6 +230,11 @@ def check_text_to_image(unet: UNetConfig, vae: VAEConfig, source: Path) -> None:
 
 
 
+def native_side(unet: UNetConfig, vae: VAEConfig) -> int:
+    """The side of the images a model was trained at: its latent size times the VAE's downsampling."""
+    return unet.sample_size * vae.downsample_factor
+
+
 def native_side_estimate(model: Path, config: Path | None = None) -> int | None:
     """The side of the model's native image size, read without loading any weight; None if unknown.
 
@@ -239,7 +244,7 @@ def native_side_estimate(model: Path, config: Path | None = None) -> int | None:
     """
     if config is not None or (model / "unet" / "config.json").is_file():
         configs = folder_configs(config if config is not None else model)
-        return configs.unet.sample_size * configs.vae.downsample_factor
+        return native_side(configs.unet, configs.vae)
     if model.suffix == ".safetensors":
         from ldm.loading.sources import TensorFile
 
@@ -247,5 +252,5 @@ def native_side_estimate(model: Path, config: Path | None = None) -> int | None:
         if METADATA_KEYS["unet"] in metadata and METADATA_KEYS["vae"] in metadata:
             unet = built(UNetConfig.from_diffusers, _metadata_value(metadata, "unet", model), _where("unet", model))
             vae = built(VAEConfig.from_diffusers, _metadata_value(metadata, "vae", model), _where("vae", model))
-            return unet.sample_size * vae.downsample_factor
+            return native_side(unet, vae)
     return None

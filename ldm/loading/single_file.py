@@ -39,6 +39,7 @@ from ldm.io import atomic_write
 from ldm.loading import keymap
 from ldm.loading.components import Components, build_networks, finish, load_entries, resolve_tokenizer, shapes_of
 from ldm.loading.configs import (
+    METADATA_KEYS,
     ModelConfigs,
     check_text_to_image,
     folder_configs,
@@ -56,7 +57,6 @@ from ldm.schedulers import SchedulerConfig
 SUFFIXES = (".safetensors", ".ckpt")
 IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.")
 V_PRED_KEY = "v_pred"
-CONFIG_PREFIX = "ldm."  # metadata keys of ldm.loading.configs.METADATA_KEYS
 _MODELSPEC = {"epsilon": "epsilon", "v_prediction": "v", "sample": "sample"}
 
 
@@ -235,7 +235,7 @@ def save_single_file(components: Components, path: str | Path, dtype: torch.dtyp
         if path.suffix == ".safetensors":
             write_safetensors(tmp, state, metadata)
         else:
-            write_ckpt(tmp, state, {key: value for key, value in metadata.items() if key.startswith(CONFIG_PREFIX)})
+            write_ckpt(tmp, state, {key: value for key, value in metadata.items() if key in METADATA_KEYS.values()})
 
     try:
         return atomic_write(path, write)
