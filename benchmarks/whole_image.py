@@ -80,8 +80,8 @@ def make_pipeline(impl: str, folder: str, large: bool):
 
     pipe = Pipeline.from_pretrained(folder)
     if large:
-        pipe.vae_decode = "tiled"
-        pipe.set_attention("sliced")
+        pipe.configure(decode_mode="tiled")
+        pipe.configure(attention="sliced")
 
     def generate(steps: int, latents: torch.Tensor, size: int, options: dict, output: str = "np") -> np.ndarray:
         return pipe(common.PROMPT, negative_prompt=common.NEGATIVE, num_inference_steps=steps,

@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ldm.errors import InputError
+from ldm.errors import InputError, SettingError, placeholder_text
 
 if TYPE_CHECKING:  # torch is imported where it is used: the command line checks prompts before importing it
     import torch
@@ -128,7 +128,7 @@ def parse_prompt(text: str) -> list[tuple[str, float]]:
 
 
 def check_prompt(text: str, name: str = "prompt") -> None:
-    """Raise ``InputError`` naming ``name`` if ``text`` is not UTF-8 text or its weights are refused.
+    """Raise ``SettingError`` naming ``{name}`` if ``text`` is not UTF-8 text or its weights are refused.
 
     Undecodable bytes of a command line reach Python as lone surrogates (``sys.argv`` is decoded
     with ``surrogateescape``), which the tokenizer cannot take.
@@ -136,13 +136,13 @@ def check_prompt(text: str, name: str = "prompt") -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
-        raise InputError(
-            f"{name} is not valid UTF-8 text (an undecodable byte at character {error.start + 1}); write it in UTF-8"
+        raise SettingError(
+            f"{{{name}}} is not valid UTF-8 text (an undecodable byte at character {error.start + 1}); write it in UTF-8"
         ) from None
     try:
         parse_prompt(text)
     except InputError as error:
-        raise InputError(f"{name}: {error}") from None
+        raise SettingError(f"{{{name}}}: {placeholder_text(str(error))}") from None
 
 
 @dataclass

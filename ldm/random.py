@@ -3,7 +3,7 @@
 A seed is an integer from 0 to ``MAX_SEED``; ``-1`` (``RANDOM_SEED``, the convention of A1111,
 ComfyUI and stable-diffusion.cpp) or None asks for a random one, which ``resolve_seed`` draws and
 the caller reports, so every image can be made again. The command line and ``Pipeline`` both go
-through ``resolve_seed``: one range, one rule.
+through ``resolve_seed``: one range (``ldm.checks.check_seed``), one rule.
 
 All random draws in ldm go through ``randn``: noise is drawn on the generator's
 device (the CPU for seeds) and then moved, so a seed gives the same image on a
@@ -16,14 +16,11 @@ from __future__ import annotations
 import secrets
 from typing import TYPE_CHECKING
 
-from ldm.checks import integer
-from ldm.errors import InputError
+from ldm.checks import MAX_SEED, RANDOM_SEED, check_seed
 
 if TYPE_CHECKING:
     import torch
 
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
-RANDOM_SEED = -1  # the seed that asks for a random one
 RANDOM_SEEDS = 2**32  # drawn seeds are 32-bit, as A1111 and stable-diffusion.cpp draw them
 
 
@@ -32,12 +29,8 @@ def resolve_seed(seed: int | None, count: int, name: str = "seed") -> int:
 
     Imports no torch, so the command line checks ``--seed`` before loading anything.
     """
-    if seed is None or (not isinstance(seed, bool) and seed == RANDOM_SEED):
+    if seed is None or check_seed(seed, count, name) == RANDOM_SEED:
         return secrets.randbelow(RANDOM_SEEDS)
-    seed = integer(seed, name)
-    last = MAX_SEED - count + 1
-    if not 0 <= seed <= last:
-        raise InputError(f"{name} must be -1 (random) or from 0 to {last} for {count} images, got {seed}")
     return seed
 
 

@@ -61,11 +61,11 @@ def test_weights_the_process_wrote_or_owns_are_never_unmapped(tmp_path):
 def test_pipeline_pages_each_network_out_after_its_stage_and_keeps_the_image(tmp_path):
     folder = save_diffusers_folder(tmp_path / "model")
     kept = Pipeline.from_pretrained(folder)
-    kept.weights_after_use = "keep"
+    kept.configure(weights_after_use="keep")
     expected = kept("a cat", seed=1, output_type="pt", height=64, width=64, num_inference_steps=2).images
 
     pipe = Pipeline.from_pretrained(folder)
-    assert pipe.weights_after_use == "page-out"  # the default
+    assert pipe.setup.weights_after_use == "page-out"  # the default
     text_weight = pipe.text_encoder.get_input_embeddings().weight
     seen: list[int] = []  # the text encoder's resident embedding bytes at each U-Net call
     pipe.unet.register_forward_pre_hook(lambda *_: seen.append(resident_bytes(text_weight)))

@@ -16,7 +16,8 @@ from PIL import Image
 from tiny_models import diffusers_pipeline, ldm_pipeline
 
 from ldm.errors import ConfigError, InputError
-from ldm.pipeline import NonFiniteOutputError, Pipeline, ReleasedWeightsError, rescale_guidance
+from ldm.guidance import rescale_guidance
+from ldm.pipeline import NonFiniteOutputError, Pipeline, ReleasedWeightsError
 from ldm.schedulers import create
 
 SIZE = dict(height=64, width=64, num_inference_steps=3)
@@ -189,7 +190,7 @@ def test_default_size_comes_from_the_unet(pipe):
 def test_sliced_vae_decode_matches_the_full_decode(pipe):
     latent = pipe("a cat", seed=1, num_images_per_prompt=2, output_type="latent", **SIZE).images
     full = pipe.decode_latents(latent)
-    pipe.vae_decode = "sliced"
+    pipe.configure(decode_mode="sliced")
     torch.testing.assert_close(pipe.decode_latents(latent), full, rtol=0, atol=1e-5)
 
 
@@ -200,7 +201,7 @@ def test_tiled_vae_decode_decodes_the_scaled_latents_tile_by_tile(pipe, monkeypa
     # 64-pixel tile holds these latents whole; test_models_vae.py bounds multi-tile against plain decoding.)
     monkeypatch.setattr(pipe.vae, "decode_tiled", functools.partial(pipe.vae.decode_tiled, tile=4, overlap=2))
     tiles = count_decoder_tiles(pipe)
-    pipe.vae_decode = "tiled"
+    pipe.configure(decode_mode="tiled")
     got = pipe.decode_latents(latent)
     assert tiles == [(2, 4, 4)] * 9
     with torch.no_grad():
@@ -218,7 +219,7 @@ def count_decoder_tiles(pipe: Pipeline) -> list[tuple[int, int, int]]:
 
 def test_sliced_attention_gives_the_same_image(pipe):
     reference_image = pipe("a cat", seed=1, output_type="pt", **SIZE).images
-    pipe.set_attention("sliced", slice_size=1)
+    pipe.configure(attention="sliced", attention_slice_size=1)
     torch.testing.assert_close(pipe("a cat", seed=1, output_type="pt", **SIZE).images, reference_image, rtol=0, atol=1e-5)
 
 
@@ -281,8 +282,8 @@ def test_img2img_batch_determinism(pipe):
         ({"negative_prompt": ["a", "b"]}, InputError, "negative prompts"),
         ({"seed": 1, "generator": torch.Generator("cpu")}, InputError, "either seed or generator"),
         ({"seed": -2}, InputError, "seed"),
-        ({"scheduler": "plms"}, ConfigError, "unknown scheduler"),
-        ({"scheduler": "euler", "eta": 0.5}, ConfigError, "eta"),
+        ({"scheduler": "plms"}, InputError, "unknown scheduler 'plms'"),
+        ({"scheduler": "euler", "eta": 0.5}, InputError, "eta does not apply to scheduler euler; it applies to ddim"),
         ({"latents": torch.zeros(1, 4, 4, 4)}, InputError, "latents have shape"),
         ({"init_image": Image.new("RGB", (64, 64)), "strength": 0.0}, InputError, "strength"),
         ({"init_image": Image.new("RGB", (64, 64)), "strength": 1.5}, InputError, "strength"),
@@ -304,8 +305,8 @@ def test_img2img_batch_determinism(pipe):
         ({"num_inference_steps": 1001}, InputError, "num_inference_steps must be from 1 to 1000"),
         ({"num_inference_steps": 2.5}, InputError, "num_inference_steps must be an integer"),
         ({"seed": 2**64 - 1, "num_images_per_prompt": 2}, InputError, "seed must be -1 \\(random\\) or from 0 to"),
-        ({"height": 100_000, "width": 100_000}, InputError, "pixels per batch is over pipe.max_pixels"),
-        ({"num_images_per_prompt": 100_000}, InputError, "pixels per batch is over pipe.max_pixels"),
+        ({"height": 100_000, "width": 100_000}, InputError, "pixels per batch is over max_pixels"),
+        ({"num_images_per_prompt": 100_000}, InputError, "pixels per batch is over max_pixels"),
         ({"init_image": Image.new("RGB", (4096, 4096)), "height": None, "width": None}, InputError, "4096x4096 x 1 images"),
         ({"prompt": "a \udcff cat"}, InputError, "prompt is not valid UTF-8"),
         ({"negative_prompt": "(x:1" + "0" * 400 + ")"}, InputError, "negative_prompt: the weight of 'x' comes to inf"),
@@ -323,11 +324,11 @@ def test_bad_arguments_raise_one_line_errors_before_any_work(pipe, kwargs, error
 
 
 def test_max_pixels_bounds_each_call_and_can_be_raised(pipe):
-    pipe.max_pixels = 64 * 64
+    pipe.configure(max_pixels=64 * 64)
     assert len(pipe("a cat", seed=1, output_type="latent", **{**SIZE, "num_inference_steps": 1}).images) == 1
-    with pytest.raises(InputError, match="64x64 x 2 images = 8192 pixels per batch is over pipe.max_pixels = 4096"):
+    with pytest.raises(InputError, match="64x64 x 2 images = 8192 pixels per batch is over max_pixels = 4096"):
         pipe(["a cat", "a dog"], seed=1, **SIZE)
-    pipe.max_pixels = 2 * 64 * 64
+    pipe.configure(max_pixels=2 * 64 * 64)
     assert len(pipe(["a cat", "a dog"], seed=1, output_type="latent", **{**SIZE, "num_inference_steps": 1}).images) == 2
 
 
@@ -375,7 +376,7 @@ def test_result_save_records_img2img_and_refuses_what_it_cannot_describe(pipe, t
 
 
 def test_eta_with_a_scheduler_object_is_refused(pipe):
-    with pytest.raises(ConfigError, match="eta"):
+    with pytest.raises(InputError, match="eta, timestep_spacing and use_karras_sigmas configure a scheduler named"):
         pipe("a cat", scheduler=create("ddim", pipe.scheduler_config), eta=0.5, **SIZE)
 
 
@@ -412,20 +413,25 @@ class OverflowingVAE(torch.nn.Module):
         return torch.full((z.shape[0], 3, z.shape[2] * 8, z.shape[3] * 8), value, dtype=z.dtype)
 
 
-def test_fp16_vae_overflow_is_decoded_again_in_fp32(pipe):
+def as_if_float16(monkeypatch) -> None:
+    """Pipelines report float16, as after .to("cuda", torch.float16) (fp16 is refused on the CPU)."""
+    monkeypatch.setattr(Pipeline, "dtype", property(lambda self: torch.float16))
+
+
+def test_fp16_vae_overflow_is_decoded_again_in_fp32(pipe, monkeypatch):
     vae = OverflowingVAE(pipe.vae.config)
     fp16 = Pipeline(pipe.unet, vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler_config)
-    fp16.dtype = torch.float16  # as after .to("cuda", torch.float16); fp16 is refused on the CPU
+    as_if_float16(monkeypatch)
     images = fp16.decode_latents(torch.zeros(1, 4, 8, 8))
     assert torch.equal(images, torch.full((1, 3, 64, 64), 0.5))
     assert vae.calls == [(torch.float16, torch.float16), (torch.float32, torch.float32)]
     assert vae.weight.dtype == torch.float16
 
 
-def test_overflow_that_upcasting_does_not_fix_is_reported(pipe):
+def test_overflow_that_upcasting_does_not_fix_is_reported(pipe, monkeypatch):
     vae = OverflowingVAE(pipe.vae.config, always=True)
     fp16 = Pipeline(pipe.unet, vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler_config)
-    fp16.dtype = torch.float16
+    as_if_float16(monkeypatch)
     with pytest.raises(NonFiniteOutputError, match="VAE decoded NaN/inf from finite latents"):
         fp16.decode_latents(torch.zeros(1, 4, 8, 8))
     assert len(vae.calls) == 2
@@ -490,7 +496,7 @@ def test_one_shot_call_releases_each_network_after_its_stage_and_keeps_the_image
     expected = ldm_pipeline(reference)("a cat", seed=1, output_type="pt", **SIZE, **extra).images
     pipe = ldm_pipeline(reference)
     pipe.text_encoder = copy.deepcopy(pipe.text_encoder)  # the fixture's own is shared with other tests
-    pipe.release_weights_after_use()
+    pipe.configure(weights_after_use="release")
     resident: list[tuple[bool, bool, bool]] = []  # (text encoder, U-Net, VAE) still hold weights, per U-Net call
 
     def loaded(module) -> bool:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ldm.errors import ConfigError
-from ldm.training.config import DataConfig, SettingError, TrainConfig
+from ldm.errors import InputError, SettingError
+from ldm.training.config import DataConfig, TrainConfig
 
 # (field, a finite value out of its range, what else the field needs to be accepted at all)
 FLOAT_SETTINGS = [
@@ -37,7 +37,7 @@ def test_every_float_setting_is_finite_and_in_range(field, out_of_range, extra, 
     value = out_of_range if bad == "out of range" else float(bad)
     with pytest.raises(SettingError, match=rf"^{field} must be a finite number .*, got {value}$") as caught:
         build(field, value, extra)
-    assert isinstance(caught.value, ConfigError)
+    assert isinstance(caught.value, InputError)  # a one-line user error: exit code 2
     assert caught.value.fields == [field]
 
 

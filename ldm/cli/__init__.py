@@ -1,7 +1,8 @@
 """The ``ldm`` command: one sub-command per module in this package.
 
 Every user error (``LdmError``, or a bad argument) is printed as one line and
-exits with code 2, without a traceback.
+exits with code 2, without a traceback. A ``SettingError`` names settings by the command's flags:
+each command sets ``flag`` (field -> flag) beside ``run``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import warnings
 
 from ldm import __version__
 from ldm.cli import convert, finetune, txt2img
-from ldm.errors import LdmError
+from ldm.errors import LdmError, SettingError
 
 COMMANDS = (txt2img, convert, finetune)
 
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
             # in one thread, so changing the process's warning filters for its length is safe here.
             warnings.filterwarnings("ignore", message="Image size .* exceeds limit", module="PIL")
             return args.run(args) or 0
+    except SettingError as error:  # worded with the command's flags
+        print(f"ldm {args.command}: error: {error.worded(args.flag)}", file=sys.stderr)
+        return 2
     except LdmError as error:
         print(f"ldm {args.command}: error: {error}", file=sys.stderr)
         return 2

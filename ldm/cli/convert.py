@@ -50,7 +50,7 @@ def register(sub) -> None:
         help="a diffusers folder whose configuration describes a single-file SRC that carries none (default: "
         "what SRC carries, else SD's conventions)",
     )
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, flag=str)  # its errors name no settings
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,8 +20,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from ldm.errors import ConfigError
-from ldm.training.config import DataConfig, SettingError, TrainConfig
+from ldm.errors import ConfigError, SettingError
+from ldm.training.config import DataConfig, TrainConfig
 
 # Settings whose flag is not "--" + the field name with dashes.
 FLAGS = {"log_format": "--log", "sample_prompts": "--sample-prompt", "buckets": "--no-buckets"}
@@ -87,7 +87,7 @@ def register(sub) -> None:
     out.add_argument("--sample-steps", type=int, help="default: the model's (generation_config.json), else 25")
     out.add_argument("--sample-guidance-scale", type=float, help="default: the model's (generation_config.json), else 7.5")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, flag=flag)
 
 
 def flag(field: str) -> str:
@@ -104,7 +104,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataConfig, TrainConfig
 
 
 def build_configs(args: argparse.Namespace) -> tuple[DataConfig, TrainConfig]:
-    from ldm.pipeline import GenerationDefaults
+    from ldm.settings import GenerationDefaults
 
     # Samples are rendered as txt2img would render the model: its own recommended steps and guidance.
     recommended = GenerationDefaults.of_model(Path(args.model))

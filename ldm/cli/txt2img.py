@@ -13,15 +13,16 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ldm import checks
 from ldm.errors import CheckpointError, InputError
-from ldm.images import A1111_SAMPLER_NAMES, check_output_folder, init_image_size, read_image
+from ldm.images import check_output_folder, init_image_size, read_image
 from ldm.prompts import check_prompt
 from ldm.random import resolve_seed
+from ldm.settings import DEFAULT_SCHEDULER, SAMPLER_NAMES, GenerationSettings
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -42,7 +43,7 @@ def register(sub) -> None:
     parser.add_argument(
         "--config", type=Path, metavar="DIR", help="a diffusers folder whose configuration describes a --model file that carries none"
     )
-    parser.add_argument("--scheduler", default="dpm-solver++", metavar="NAME", help=", ".join(A1111_SAMPLER_NAMES))
+    parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, metavar="NAME", help=", ".join(SAMPLER_NAMES))
     parser.add_argument("--eta", type=float, help="noise of DDIM steps (0: deterministic; only schedulers that take it)")
     parser.add_argument(
         "--timestep-spacing",
@@ -81,19 +82,32 @@ def register(sub) -> None:
     speed.add_argument("--channels-last", action="store_true", help="channels-last memory format for the U-Net")
     parser.add_argument("--out", type=Path, default=Path("outputs"), metavar="DIR", help="output folder (default: outputs/)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, flag=flag)
 
 
-@dataclass
+# The flag of each GenerationSettings field whose flag is not "--" + its name with dashes.
+FLAGS = {
+    "prompt": "PROMPT",
+    "num_inference_steps": "--steps",
+    "num_images_per_prompt": "--num-images",
+    "use_karras_sigmas": "--karras",
+    "deepcache_interval": "--deepcache",
+    "token_merging": "--tome",
+}
+
+
+def flag(field: str) -> str:
+    """The command-line flag of a setting, as error messages name it."""
+    return FLAGS.get(field, field if field.startswith("-") else "--" + field.replace("_", "-"))
+
+
+@dataclass(frozen=True)
 class Job:
     """Everything checked and resolved from the command line before any model is loaded."""
 
-    prompts: list[str]
-    seed: int  # of each prompt's first image: --seed, or drawn at random
+    settings: GenerationSettings  # of all the prompts' images; each batch is a copy with its prompt and seeds
     model: Path
     loras: list[tuple[Path, float]]
-    init_image: Image.Image | None
-    strength: float
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,73 +124,53 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--cpu-offload only helps on a CUDA device; drop it or pass --device cuda")
 
     pipe = Pipeline.from_pretrained(job.model, device="cpu" if args.cpu_offload else device, dtype=dtype, config=args.config)
-    pipe.max_pixels = args.max_pixels
     for path, scale in job.loras:
         pipe.load_lora(path, scale=scale)
-    if args.cpu_offload:
-        pipe.enable_model_cpu_offload(device)
-    pipe.vae_decode = args.vae_decode
-    if args.attention != "sdpa":
-        pipe.set_attention(args.attention)
-    if args.channels_last:
-        pipe.enable_channels_last()
-    if len(job.prompts) * math.ceil(args.num_images / args.batch_size) == 1:
-        # One call makes every image: free each network once its stage is done (peak memory is
-        # about the U-Net's weights instead of all of them); the image is the same.
-        pipe.release_weights_after_use()
+    # One call makes every image: free each network once its stage is done (peak memory is about
+    # the U-Net's weights instead of all of them); the image is the same.
+    one_shot = len(job.settings.prompt) * math.ceil(args.num_images / args.batch_size) == 1
+    pipe.configure(
+        device=device, cpu_offload=args.cpu_offload, attention=args.attention, decode_mode=args.vae_decode,
+        channels_last=args.channels_last, max_pixels=args.max_pixels, weights_after_use="release" if one_shot else "page-out",
+    )
+    generate_all(pipe, job.settings, args)
+    return 0
 
+
+def generate_all(pipe, settings: GenerationSettings, args: argparse.Namespace) -> None:
+    """Every prompt's images in calls of ``--batch-size``, each image saved as soon as its call ends."""
     from tqdm import tqdm
 
-    steps, guidance_scale = pipe.defaults.fill(args.steps, args.guidance_scale)
-    extra = {"Lora": ", ".join(f"{path.stem}: {scale:g}" for path, scale in job.loras)} if job.loras else {}
-    total = len(job.prompts) * args.num_images
+    steps = settings.num_inference_steps or pipe.defaults.num_inference_steps
+    total = len(settings.prompt) * args.num_images
     images_bar = tqdm(total=total, desc="images", unit="img", disable=args.quiet or total <= args.batch_size, file=sys.stderr)
-    for prompt in job.prompts:
+    for prompt, negative in zip(settings.prompt, settings.negative_prompt):
         for first in range(0, args.num_images, args.batch_size):
             count = min(args.batch_size, args.num_images - first)
+            batch = replace(settings, prompt=(prompt,), negative_prompt=(negative,), num_images_per_prompt=count, seed=settings.seed + first)
             steps_bar = tqdm(total=steps, desc="steps", leave=False, disable=args.quiet, file=sys.stderr)
-            result = pipe(
-                prompt,
-                negative_prompt=args.negative_prompt,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                guidance_rescale=args.guidance_rescale,
-                clip_skip=args.clip_skip,
-                height=args.height,
-                width=args.width,
-                num_images_per_prompt=count,
-                scheduler=args.scheduler,
-                eta=args.eta,
-                timestep_spacing=args.timestep_spacing,
-                use_karras_sigmas=args.karras,
-                seed=job.seed + first,
-                init_image=job.init_image,
-                strength=job.strength,
-                callback=lambda i, t, x, bar=steps_bar: bar.update(1),
-                guidance_fraction=args.guidance_fraction,
-                deepcache_interval=args.deepcache,
-                token_merging=args.tome,
-            )
+            result = pipe.generate(batch, callback=lambda i, t, x, bar=steps_bar: bar.update(1))
             steps_bar.close()
-            for path in result.save(args.out, extra):
+            for path in result.save(args.out):
                 tqdm.write(str(path), file=sys.stdout)
                 images_bar.update(1)
     images_bar.close()
-    return 0
 
 
 def check_arguments(args: argparse.Namespace) -> Job:
     """Check every argument that can be checked without the model; raise ``InputError`` / ``CheckpointError``.
 
-    The settings come first and import no torch; the scheduler, device and model after.
+    The settings come first and import no torch; the scheduler, device and model after. A setting's
+    error names its flag.
     """
-    prompts, seed, init_image = check_settings(args)
+    for name, value in (("--num-images", args.num_images), ("--batch-size", args.batch_size)):
+        checks.check_count(value, name)
+    checks.check_max_pixels(args.max_pixels, "--max-pixels")
+    settings = build_settings(args)
     from ldm.loading import DEFAULT_MODEL_DIR
-    from ldm.schedulers import SCHEDULERS
+    from ldm.schedulers import check_options
 
-    if args.scheduler not in SCHEDULERS:
-        raise InputError(f"unknown scheduler {args.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    check_scheduler_options(args)
+    check_options(settings.scheduler, settings.scheduler_options())
     if args.device is not None:
         check_device(args.device)
     if args.dtype == "fp16" and args.device is not None and args.device.startswith("cpu"):
@@ -196,45 +190,26 @@ def check_arguments(args: argparse.Namespace) -> Job:
             raise InputError(f"--config describes a model file; {model} is a folder with its own configuration, drop --config")
         check_config_folder(args.config)
     loras = [lora_argument(text) for text in args.lora]
-    if init_image is None and (args.width is None or args.height is None):
+    if settings.init_image is None and (args.width is None or args.height is None):
         check_native_size(args, model)
-    return Job(prompts, seed, model, loras, init_image, 0.8 if args.strength is None else args.strength)
+    return Job(settings, model, loras)
 
 
-def check_settings(args: argparse.Namespace) -> tuple[list[str], int, Image.Image | None]:
-    """The prompts, the first seed and the init image, every setting checked with ``ldm.checks``; imports no torch."""
+def build_settings(args: argparse.Namespace) -> GenerationSettings:
+    """The command line's ``GenerationSettings``, checked; the first seed drawn if ``--seed`` is -1. Imports no torch."""
     if (args.prompt is None) == (args.from_file is None):
         raise InputError("give either a PROMPT or --from-file FILE (one prompt per line)")
-    if args.prompt is not None:
-        check_prompt(args.prompt, "PROMPT")
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.from_file)
-    check_prompt(args.negative_prompt, "--negative-prompt")
-    for name, value in (("--width", args.width), ("--height", args.height)):
-        if value is not None:
-            checks.check_side(value, name)
-    if args.steps is not None:
-        checks.check_steps(args.steps, "--steps")
-    checks.check_count(args.num_images, "--num-images")
-    checks.check_count(args.batch_size, "--batch-size")
-    checks.check_max_pixels(args.max_pixels, "--max-pixels")
-    seed = resolve_seed(args.seed, args.num_images, "--seed")
-    if args.guidance_scale is not None:
-        checks.check_guidance_scale(args.guidance_scale, "--guidance-scale")
-    checks.check_guidance_rescale(args.guidance_rescale, "--guidance-rescale")
-    if args.eta is not None:
-        checks.check_eta(args.eta, "--eta")
-    if args.strength is not None and args.init_image is None:
-        raise InputError("--strength only applies with --init-image")
-    if args.strength is not None:
-        checks.check_strength(args.strength, "--strength")
-    if args.clip_skip is not None:
-        checks.check_clip_skip(args.clip_skip, "--clip-skip")
-    checks.check_guidance_fraction(args.guidance_fraction, "--guidance-fraction")
-    checks.check_deepcache_interval(args.deepcache, "--deepcache")
-    checks.check_token_merging(args.tome, "--tome")
     check_output_folder(args.out, "--out")
-    init_image = check_init_image(args)
-    return prompts, seed, init_image
+    settings = GenerationSettings(
+        prompt=tuple(prompts), negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, guidance_fraction=args.guidance_fraction,
+        width=args.width, height=args.height, num_images_per_prompt=args.num_images, scheduler=args.scheduler,
+        eta=args.eta, timestep_spacing=args.timestep_spacing, use_karras_sigmas=args.karras, seed=args.seed,
+        init_image=check_init_image(args), strength=args.strength, clip_skip=args.clip_skip,
+        deepcache_interval=args.deepcache, token_merging=args.tome,
+    )
+    return replace(settings, seed=resolve_seed(settings.seed, args.num_images))
 
 
 def check_init_image(args: argparse.Namespace) -> Image.Image | None:
@@ -256,17 +231,6 @@ def check_native_size(args: argparse.Namespace, model: Path) -> None:
     if side is not None:  # else known once the model is loaded: the pipeline checks pipe.max_pixels then
         width, height = args.width or side, args.height or side
         checks.check_pixels(width, height, min(args.batch_size, args.num_images), args.max_pixels, "--max-pixels")
-
-
-def check_scheduler_options(args: argparse.Namespace) -> None:
-    """``--eta`` and ``--karras`` only where the scheduler takes them."""
-    from ldm.schedulers import SCHEDULERS
-
-    takes = {field.name for field in fields(SCHEDULERS[args.scheduler].Options)}
-    for flag, option, given in (("--eta", "eta", args.eta is not None), ("--karras", "use_karras_sigmas", args.karras)):
-        if given and option not in takes:
-            users = [name for name, cls in SCHEDULERS.items() if option in {f.name for f in fields(cls.Options)}]
-            raise InputError(f"{flag} does not apply to --scheduler {args.scheduler}; it applies to {', '.join(users)}")
 
 
 def read_prompts(path: Path) -> list[str]:

@@ -32,6 +32,7 @@ from ldm.models import UNetConfig, VAEConfig
 from ldm.models._config import check_range
 from ldm.models.text_encoder import clip_config
 from ldm.schedulers import SchedulerConfig
+from ldm.settings import GenerationDefaults
 
 Family = Literal["sd1", "sd2"]
 T = TypeVar("T")
@@ -128,8 +129,6 @@ def text_fields(config: CLIPTextConfig) -> dict[str, Any]:
 
 def generation_config(values: Any, where: str) -> dict[str, Any]:
     """``values`` if ``GenerationDefaults`` accepts them (a ConfigError naming ``where`` if not)."""
-    from ldm.pipeline import GenerationDefaults  # the pipeline module is not needed to load networks
-
     try:
         if not isinstance(values, dict):
             raise TypeError("not a JSON object")

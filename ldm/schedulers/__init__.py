@@ -12,9 +12,10 @@ See ``base.py`` for the contract and docs/samplers.md for the list and which to 
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
-from ldm.errors import ConfigError
+from ldm.errors import ConfigError, SettingError
 from ldm.schedulers.base import Scheduler, SchedulerConfig
 from ldm.schedulers.diffusers_adapter import DiffusersScheduler, from_diffusers_scheduler
 from ldm.schedulers.ddim import DDIMScheduler, DDPMScheduler
@@ -41,11 +42,21 @@ def create(name: str, config: SchedulerConfig | None = None, **options: Any) -> 
     return SCHEDULERS[name](config, **options)
 
 
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """A ``SettingError`` naming ``{option}`` and ``{scheduler}`` for an option the scheduler ``name`` does not take."""
+    takes = {field.name for field in fields(SCHEDULERS[name].Options)}
+    for option in options:
+        if option not in takes:
+            users = [other for other, cls in SCHEDULERS.items() if option in {f.name for f in fields(cls.Options)}]
+            raise SettingError(f"{{{option}}} does not apply to {{scheduler}} {name}; it applies to {', '.join(users)}")
+
+
 __all__ = [
     "SCHEDULERS",
     "DiffusersScheduler",
     "Scheduler",
     "SchedulerConfig",
+    "check_options",
     "create",
     "from_diffusers_scheduler",
 ]

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import string
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 from ldm import checks
-from ldm.errors import ConfigError, InputError
+from ldm.errors import SettingError
 from ldm.prompts import check_prompt
 
 SmallImages = Literal["upscale", "skip"]
@@ -23,19 +21,6 @@ Crop = Literal["center", "random"]
 LrSchedule = Literal["constant", "linear", "cosine"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 LogFormat = Literal["csv", "tensorboard"]
-
-
-class SettingError(ConfigError):
-    """A setting with a value it cannot take. The message names fields as ``{field}`` placeholders, so
-    the Python API can show the field (``lora_rank``) and the CLI the flag (``--lora-rank``)."""
-
-    def __init__(self, template: str):
-        self.template = template
-        self.fields = [name for _, name, _, _ in string.Formatter().parse(template) if name]
-        super().__init__(self.worded(lambda field: field))
-
-    def worded(self, label: Callable[[str], str]) -> str:
-        return self.template.format_map({field: label(field) for field in self.fields})
 
 
 def check_int(name: str, value: int | None, low: int) -> None:
@@ -63,10 +48,6 @@ def _interval(low: float, high: float, open_low: bool, open_high: bool) -> str:
     if math.isinf(high):
         return f"{'above' if open_low else 'at least'} {low:g}"
     return f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
-
-
-# Stands for the sample prompts' name in check_prompt's message until it becomes a placeholder.
-_PROMPT_MARK = "\x00"
 
 
 @dataclass(frozen=True)
@@ -147,11 +128,7 @@ class TrainConfig:
         if self.sample_steps is not None and self.sample_steps > checks.MAX_STEPS:
             raise SettingError(f"{{sample_steps}} must be from 1 to {checks.MAX_STEPS}, got {self.sample_steps}")
         for prompt in self.sample_prompts:
-            try:
-                check_prompt(prompt, _PROMPT_MARK)
-            except InputError as error:  # the message quotes the prompt: its braces are text, not placeholders
-                text = str(error).replace("{", "{{").replace("}", "}}")
-                raise SettingError(text.replace(_PROMPT_MARK, "{sample_prompts}")) from None
+            check_prompt(prompt, "sample_prompts")
 
     def check_floats(self) -> None:
         """Every float is finite and in its range (a nan learning rate would train silently into nan weights)."""

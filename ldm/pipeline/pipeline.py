@@ -1,0 +1,247 @@
+"""Text-to-image (and image-to-image) with a latent diffusion model.
+
+    from ldm import Pipeline
+    pipe = Pipeline.from_pretrained("path/to/model")          # diffusers folder or .safetensors / .ckpt
+    result = pipe("a watercolor fox", negative_prompt="blurry", seed=42, num_images_per_prompt=2)
+    result.save("outputs")   # [outputs/00000-42.png, outputs/00001-43.png], settings in each PNG
+    result.seeds             # [42, 43]
+
+Two ways to configure it: the pipeline's set-up (``pipe.configure(device=..., cpu_offload=True,
+decode_mode="tiled", ...)``, see ``PipelineSetup``), the same for every call, and each call's
+``GenerationSettings``, which ``__call__`` builds from diffusers-style keywords (and ``ldm txt2img``
+and the HTTP API build from theirs). ``generate`` runs the stages of ``ldm.pipeline.stages`` and
+does numerically what diffusers' ``StableDiffusionPipeline`` and
+``StableDiffusionImg2ImgPipeline`` do, so the same weights, prompt, seed, scheduler and steps give
+the same image. Every setting is checked before any work, and a batch of more than
+``max_pixels`` pixels is refused before it is allocated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ldm.errors import CheckpointError, InputError
+from ldm.images import GenerationParameters, check_output_folder, save_png
+from ldm.pipeline import stages
+from ldm.pipeline.setup import PipelineSetup
+from ldm.pipeline.stages import Generators, OutputType, StepCallback
+from ldm.residency import Residency, check_loaded
+from ldm.schedulers import Scheduler, SchedulerConfig
+from ldm.settings import DEFAULT_SCHEDULER, GenerationDefaults, GenerationSettings, ResolvedSettings, TimestepSpacing
+
+
+@dataclass
+class GenerationOutput:
+    """``images`` in the requested output type, and ``settings``: what made them (seeds, steps, size...)."""
+
+    images: list[Image.Image] | np.ndarray | torch.Tensor
+    settings: ResolvedSettings
+
+    @property
+    def seeds(self) -> list[int] | None:
+        """Image i's seed (None when the call was given generators instead of a seed)."""
+        return list(self.settings.seeds) if self.settings.seeds is not None else None
+
+    @property
+    def parameters(self) -> list[GenerationParameters] | None:
+        """What made image i, as ``save`` writes it (A1111's infotext); None without seeds."""
+        return self.settings.parameters() if self.settings.seeds is not None else None
+
+    def save(self, folder: str | Path, extra: dict[str, str] | None = None) -> list[Path]:
+        """Write each image as ``folder/NNNNN-<seed>.png`` with its settings in the A1111 ``parameters`` chunk.
+
+        The files ``ldm txt2img`` writes; nothing is overwritten. ``extra`` adds A1111 keys
+        (e.g. ``{"Hires upscale": "2"}``). Returns the paths, in image order.
+        """
+        if not isinstance(self.images, list):
+            raise InputError("save() writes PIL images; make them with output_type='pil' (the default)")
+        if self.settings.seeds is None:
+            raise InputError("these images were made with generator=, so their seeds are unknown; pass seed= to save them")
+        check_output_folder(folder)
+        return [
+            save_png(image, folder, replace(params, extra={**params.extra, **(extra or {})}))
+            for image, params in zip(self.images, self.settings.parameters())
+        ]
+
+
+class Pipeline:
+    """U-Net, VAE, CLIP text encoder and tokenizer, plus the scheduler config they were trained with."""
+
+    def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer, scheduler_config: SchedulerConfig):
+        self.unet = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.scheduler_config = scheduler_config  # each call builds its own sampler from it
+        self.name = "model"  # shown as "Model" in image metadata; from_pretrained sets the folder / file stem
+        self.source: Path | None = None  # the model's file or folder (from_pretrained)
+        self.defaults = GenerationDefaults()  # from_pretrained reads the model's own, if it has any
+        self.adapters: list[tuple[str, float]] = []  # (name, scale) of each LoRA loaded, in order
+        param = next(unet.parameters())
+        self.setup = PipelineSetup(device=param.device, dtype=param.dtype)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = None,
+        config: str | Path | None = None,
+    ) -> Pipeline:
+        """Load a diffusers folder or a single ``.safetensors`` / ``.ckpt`` (default: the project's model).
+
+        ``config``: a diffusers folder whose configuration describes a single file that carries none
+        (see ``ldm.loading.load_components``).
+        """
+        from ldm.loading import DEFAULT_MODEL_DIR, load_components
+
+        if path is None:
+            if not Path(DEFAULT_MODEL_DIR).exists():
+                raise CheckpointError(f"the default model is not installed at {DEFAULT_MODEL_DIR}; pass a model folder or file")
+            path = DEFAULT_MODEL_DIR
+        setup = PipelineSetup(device=device or "cpu", dtype=dtype or torch.float32)
+        parts = load_components(path, device=setup.device, dtype=setup.dtype, prediction_type=prediction_type, config=config)
+        pipe = cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config)
+        pipe.source = Path(path)
+        pipe.name = parts.name or (pipe.source.stem if pipe.source.is_file() else pipe.source.name)
+        pipe.defaults = GenerationDefaults(**parts.generation_config)  # checked by the loader
+        return pipe
+
+    # --- set-up ------------------------------------------------------------------------------------
+
+    def configure(self, **changes: Any) -> Pipeline:
+        """Change the set-up (``PipelineSetup``'s fields) and apply it to the networks; returns the pipeline."""
+        PipelineSetup.check_names(changes)
+        old, new = self.setup, replace(self.setup, **changes)
+        networks = (self.unet, self.vae, self.text_encoder)
+        if (new.device, new.dtype, new.cpu_offload) != (old.device, old.dtype, old.cpu_offload):
+            for module in networks:
+                module.to(device="cpu" if new.cpu_offload else new.device, dtype=new.dtype)
+        if (new.attention, new.attention_slice_size) != (old.attention, old.attention_slice_size):
+            self.unet.set_attention(new.attention, new.attention_slice_size)
+            self.vae.set_attention(new.attention, new.attention_slice_size)
+        if new.channels_last != old.channels_last:
+            self.unet.to(memory_format=new.memory_format)
+        self.setup = new
+        return self
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Pipeline:
+        """Move all networks to ``device`` and cast them to ``dtype`` (diffusers' name for it)."""
+        return self.configure(device=device if device is not None else self.device, dtype=dtype or self.dtype)
+
+    def enable_model_cpu_offload(self, device: torch.device | str) -> None:
+        """Keep the networks on the CPU and move each to ``device`` only while it runs (diffusers' name for it)."""
+        self.configure(device=device, cpu_offload=True)
+
+    def load_lora(self, path: str | Path, scale: float = 1.0, fuse: bool = False) -> None:
+        """Apply a LoRA file to the U-Net and text encoder (see ``ldm.lora``); named in image metadata."""
+        from ldm.lora import apply_lora
+
+        apply_lora(self.unet, self.text_encoder, path, scale=scale, fuse=fuse)
+        self.adapters.append((Path(path).stem, scale))
+
+    @property
+    def device(self) -> torch.device:
+        return self.setup.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.setup.dtype
+
+    @property
+    def residency(self) -> Residency:
+        return self.setup.residency
+
+    @cached_property
+    def model_hash(self) -> str | None:
+        """A1111's short hash of a single-file model (the first 10 hex digits of its sha256); None for a folder."""
+        from ldm.loading.hashes import short_hash
+
+        return short_hash(self.source) if self.source is not None and self.source.is_file() else None
+
+    # --- generation --------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        scheduler: str | Scheduler | Any | None = None,
+        eta: float | None = None,
+        timestep_spacing: TimestepSpacing | None = None,
+        use_karras_sigmas: bool = False,
+        generator: Generators | None = None,
+        seed: int | None = None,
+        latents: torch.Tensor | None = None,
+        init_image: Image.Image | str | Path | torch.Tensor | None = None,
+        strength: float | None = None,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
+        output_type: OutputType = "pil",
+        callback: StepCallback | None = None,
+        guidance_fraction: float = 1.0,
+        deepcache_interval: int = 1,
+        token_merging: float = 0.0,
+    ) -> GenerationOutput:
+        """Generate images, with diffusers' keywords; see ``GenerationSettings`` and docs/generating.md.
+
+        ``scheduler`` is a name from ``ldm.schedulers.SCHEDULERS`` (built with this model's
+        scheduler config and the call's ``eta``, ``timestep_spacing`` and ``use_karras_sigmas``),
+        or one of our or diffusers' scheduler objects as a template (the call builds its own from
+        it). ``generator`` (one per image, or one for all) replaces ``seed``; ``latents`` replaces
+        the initial noise. ``callback(i, t, latents)`` is called after each step.
+        """
+        named = scheduler is None or isinstance(scheduler, str)
+        settings = GenerationSettings(
+            prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, guidance_fraction=guidance_fraction,
+            width=width, height=height, num_images_per_prompt=num_images_per_prompt,
+            scheduler=(scheduler or DEFAULT_SCHEDULER) if named else DEFAULT_SCHEDULER,
+            eta=eta, timestep_spacing=timestep_spacing, use_karras_sigmas=use_karras_sigmas, seed=seed,
+            init_image=init_image, strength=strength, clip_skip=clip_skip,
+            deepcache_interval=deepcache_interval, token_merging=token_merging,
+        )
+        return self.generate(
+            settings, scheduler=None if named else scheduler, generator=generator, latents=latents,
+            callback=callback, output_type=output_type,
+        )
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        settings: GenerationSettings,
+        *,
+        scheduler: Scheduler | Any | None = None,
+        generator: Generators | None = None,
+        latents: torch.Tensor | None = None,
+        callback: StepCallback | None = None,
+        output_type: OutputType = "pil",
+    ) -> GenerationOutput:
+        """Run the stages of one call (``ldm.pipeline.stages``); ``scheduler`` is a sampler object used as template."""
+        stages.check_output_type(output_type)
+        check_loaded(self.text_encoder, self.unet, self.vae)
+        call = stages.resolve(self, settings, scheduler, generator, latents)
+        text = stages.encode_prompts(self, call)
+        timesteps = stages.prepare_timesteps(self, call)
+        x = stages.initial_latents(self, call, timesteps)
+        x = stages.denoise(self, call, x, timesteps, text, callback)
+        return stages.decode_output(self, call, x, output_type)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [0, 1], decoded as set up (``decode_mode``); raises on NaN / inf."""
+        check_loaded(self.vae)
+        return stages.decode(self, latents)

@@ -1,0 +1,71 @@
+"""How a loaded pipeline runs: device, dtype, attention kernel, offload, residency, decoding, limits.
+
+Set once per pipeline (``Pipeline.configure``) and the same for every call; what changes per call is
+a ``GenerationSettings``. These two are the only ways to configure ldm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal, get_args
+
+import torch
+
+from ldm import checks
+from ldm.errors import ConfigError
+from ldm.models import AttentionBackend
+from ldm.residency import WEIGHTS_AFTER_USE, Residency, WeightsAfterUse
+
+DecodeMode = Literal["full", "sliced", "tiled"]
+
+
+@dataclass(frozen=True)
+class PipelineSetup:
+    """A pipeline's set-up; ``Pipeline.configure(**changes)`` applies a change to the networks."""
+
+    device: torch.device = torch.device("cpu")  # where the networks run
+    dtype: torch.dtype = torch.float32  # of the networks' weights; the sampler's arithmetic stays fp32
+    attention: AttentionBackend = "sdpa"  # "sliced" bounds memory by attention_slice_size heads at a time
+    attention_slice_size: int | None = None
+    cpu_offload: bool = False  # keep the networks on the CPU, each on ``device`` only while it runs
+    # After each network's last stage in a call: "page-out" hands its memory-mapped weights back to the
+    # page cache, "keep" leaves them resident, "release" frees them (one-shot calls; ldm.residency).
+    weights_after_use: WeightsAfterUse = "page-out"
+    decode_mode: DecodeMode = "full"  # the VAE's: "sliced": one image at a time; "tiled": overlapping tiles
+    channels_last: bool = False  # the U-Net's weights and activations in NHWC (docs/performance.md)
+    max_pixels: int = checks.MAX_PIXELS  # largest batch a call may make: width x height x images
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "device", torch.device(self.device))
+        check_dtype(self.dtype, self.device)
+        for name, choices in (
+            ("attention", get_args(AttentionBackend)),
+            ("weights_after_use", WEIGHTS_AFTER_USE),
+            ("decode_mode", get_args(DecodeMode)),
+        ):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        checks.check_max_pixels(self.max_pixels)
+
+    @property
+    def residency(self) -> Residency:
+        return Residency(self.device, torch.device("cpu") if self.cpu_offload else None, self.weights_after_use)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    @classmethod
+    def check_names(cls, names) -> None:
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(names) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown pipeline setting(s) {', '.join(unknown)}; the settings are {', '.join(known)}")
+
+
+def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    """fp16 is for CUDA: CPU kernels in fp16 are hundreds of times slower and some are missing."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ConfigError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ConfigError("float16 needs a CUDA device; on the CPU use float32 or bfloat16")

@@ -1,0 +1,299 @@
+"""The stages of one generation call, in the order ``Pipeline.generate`` runs them.
+
+    resolve            settings -> a Call: the model's defaults filled in, seeds drawn, sampler built
+    encode_prompts     text encoder: prompts (and negatives, when guided) -> text states per image
+    prepare_timesteps  the sampler's timesteps; img2img keeps the last ``strength`` of them
+    initial_latents    noise from each image's generator, or the noised init image, or given latents
+    denoise            x <- sampler.step(denoiser(x, t), t, x), denoiser = guidance o speed-ups o U-Net
+    decode_output      VAE decode (full / sliced / tiled) -> images in the requested output type
+
+A new kind of conditioning (an inpainting mask, a control image, SDXL's extra inputs) is a new
+stage or a new denoiser wrapper, not an ``if`` in ``Pipeline.generate``. Every network runs inside
+``pipe.residency.running(...)`` and is handed back with ``done_with`` after its last use (``ldm.residency``).
+
+The seed rule: image i of a call with ``seed=s`` starts from
+``torch.Generator("cpu").manual_seed(s + i)``, which draws its initial noise of shape
+(1, C, H/f, W/f) and every later random number of that image (img2img's posterior sample and noise,
+stochastic sampler steps), so image i of a batch equals a single image made with seed s + i, and a
+single image equals diffusers' image for the same seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from ldm import __version__, checks
+from ldm.errors import ConfigError, InputError, LdmError, SettingError
+from ldm.guidance import ClassifierFreeGuidance, Conditional, Denoiser, Network, guided_steps
+from ldm.images import image_to_tensor, to_numpy, to_pil
+from ldm.models.deepcache import DeepCacheUNet
+from ldm.models.tome import token_merging as merged_tokens
+from ldm.prompts import encode_prompts as encode_texts
+from ldm.random import randn, resolve_seed, seed_generators
+from ldm.schedulers import DiffusersScheduler, Scheduler, SchedulerConfig, check_options, create
+from ldm.settings import SAMPLER_NAMES, GenerationSettings, ResolvedSettings
+
+if TYPE_CHECKING:
+    from ldm.pipeline.pipeline import GenerationOutput, Pipeline
+
+OutputType = Literal["pil", "np", "pt", "latent"]
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+Generators = torch.Generator | list[torch.Generator]
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+class NonFiniteOutputError(LdmError):
+    """The generated image contains NaN or infinity."""
+
+
+@dataclass(frozen=True)
+class Call:
+    """One generation call: its resolved settings and the objects it runs with."""
+
+    resolved: ResolvedSettings
+    scheduler: Scheduler | DiffusersScheduler  # built for this call alone
+    generators: Generators
+    shape: tuple[int, int, int, int]  # of the latents: (images, channels, H / f, W / f)
+    init: torch.Tensor | None  # img2img: the init image, (1, 3, H, W) in [-1, 1]
+    latents: torch.Tensor | None  # the caller's starting latents
+
+    @property
+    def settings(self) -> GenerationSettings:
+        return self.resolved.settings
+
+
+# --- resolve ---------------------------------------------------------------------------------------
+
+
+def resolve(pipe: Pipeline, settings: GenerationSettings, template: Any, generator: Generators | None, latents: torch.Tensor | None) -> Call:
+    """The call's settings filled in from the model and checked against it, before any network runs."""
+    if settings.init_image is not None and latents is not None:
+        raise InputError("give init_image or latents, not both")
+    vae = pipe.vae.config
+    s = settings.filled(pipe.defaults, pipe.unet.config.sample_size * vae.downsample_factor, vae.downsample_factor)
+    checks.check_steps(s.num_inference_steps, limit=pipe.scheduler_config.num_train_timesteps)
+    checks.check_pixels(s.width, s.height, s.batch, pipe.setup.max_pixels)
+    shape = (s.batch, vae.latent_channels, s.height // vae.downsample_factor, s.width // vae.downsample_factor)
+    if latents is not None and tuple(latents.shape) != shape:
+        raise InputError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+    seeds, generators = seeds_and_generators(generator, s.seed, s.batch)
+    scheduler = build_scheduler(pipe.scheduler_config, s, template)
+    resolved = ResolvedSettings(
+        replace(s, seed=seeds[0] if seeds else None), seeds, sampler_name(scheduler),
+        pipe.name, pipe.model_hash, tuple(pipe.adapters), __version__,
+    )
+    return Call(resolved, scheduler, generators, shape, init_tensor(s), latents)
+
+
+def init_tensor(s: GenerationSettings) -> torch.Tensor | None:
+    """The init image as (1, 3, H, W) in [-1, 1], resized to the call's size (None for txt2img)."""
+    if s.init_image is None or isinstance(s.init_image, torch.Tensor):
+        if s.init_image is not None and (s.init_image.ndim != 4 or s.init_image.shape[:2] != (1, 3)):
+            raise InputError(f"init_image tensor must have shape (1, 3, H, W) in [-1, 1], got {tuple(s.init_image.shape)}")
+        return s.init_image
+    return image_to_tensor(s.init_image, s.width, s.height)
+
+
+def seeds_and_generators(generator: Generators | None, seed: int | None, batch: int) -> tuple[tuple[int, ...] | None, Generators]:
+    """Each image's seed and generator (the seed rule), or the caller's generators (seeds unknown)."""
+    if generator is not None:
+        if seed is not None:
+            raise InputError("give either seed or generator, not both")
+        if isinstance(generator, list) and len(generator) != batch:
+            raise InputError(f"got {len(generator)} generators for {batch} images; give one per image")
+        return None, generator
+    first = resolve_seed(seed, batch)
+    return tuple(first + i for i in range(batch)), seed_generators(first, batch)
+
+
+def build_scheduler(config: SchedulerConfig, s: GenerationSettings, template: Any) -> Scheduler | DiffusersScheduler:
+    """A new sampler for this call, so that calls (threads, a callback that calls again) share no state.
+
+    Built by name from the model's scheduler config and the call's options, or from a template: one
+    of ours or one of diffusers' scheduler objects, whose own config and options are used.
+    """
+    options = s.scheduler_options()
+    if template is None:
+        check_options(s.scheduler, options)
+        if s.timestep_spacing is not None:
+            config = config.with_values(timestep_spacing=s.timestep_spacing)
+        return create(s.scheduler, config, **options)
+    if options or s.timestep_spacing is not None:
+        raise SettingError(
+            "{eta}, {timestep_spacing} and {use_karras_sigmas} configure a scheduler named by its string; "
+            "pass them when building the scheduler object"
+        )
+    if isinstance(template, Scheduler):
+        return type(template)(template.config, **asdict(template.options))
+    from ldm.schedulers import from_diffusers_scheduler
+
+    template = template if isinstance(template, DiffusersScheduler) else from_diffusers_scheduler(template)
+    return from_diffusers_scheduler(type(template.diffusers).from_config(template.diffusers.config))
+
+
+def sampler_name(scheduler: Scheduler | DiffusersScheduler) -> str:
+    """The sampler as image metadata names it: A1111's name for ours, the class name for diffusers'."""
+    if isinstance(scheduler, DiffusersScheduler):
+        return type(scheduler.diffusers).__name__
+    from ldm.schedulers import SCHEDULERS
+
+    names = [name for name, cls in SCHEDULERS.items() if type(scheduler) is cls]
+    return SAMPLER_NAMES.get(names[0], names[0]) if names else type(scheduler).__name__
+
+
+# --- encode, timesteps, latents --------------------------------------------------------------------
+
+
+def encode_prompts(pipe: Pipeline, call: Call) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(cond, uncond) text states, one row per image; uncond is None without guidance.
+
+    One text-encoder pass encodes the prompts and negatives together, so a long prompt and its
+    negative get the same number of 77-token chunks; diffusers' batch order.
+    """
+    s = call.settings
+    texts = list(s.prompt) + (list(s.negative_prompt) if s.guided else [])
+    with pipe.residency.running(pipe.text_encoder) as text_encoder:
+        states = encode_texts(text_encoder, pipe.tokenizer, texts, clip_skip=s.clip_skip)
+    pipe.residency.done_with(pipe.text_encoder)
+    states = states.to(pipe.device, pipe.dtype)
+    cond = states[: len(s.prompt)].repeat_interleave(s.num_images_per_prompt, dim=0)
+    uncond = states[len(s.prompt) :].repeat_interleave(s.num_images_per_prompt, dim=0) if s.guided else None
+    return cond, uncond
+
+
+def prepare_timesteps(pipe: Pipeline, call: Call) -> torch.Tensor:
+    """The timesteps the loop visits; img2img skips the first (1 - strength) of them, as diffusers does."""
+    s = call.settings
+    call.scheduler.set_timesteps(s.num_inference_steps, device=pipe.device)
+    timesteps = call.scheduler.timesteps
+    if call.init is None:
+        return timesteps
+    if len(timesteps) != s.num_inference_steps:
+        raise ConfigError(f"img2img needs a scheduler with one timestep per step; {type(call.scheduler).__name__} has {len(timesteps)}")
+    return timesteps[s.num_inference_steps - s.img2img_steps :]
+
+
+def initial_latents(pipe: Pipeline, call: Call, timesteps: torch.Tensor) -> torch.Tensor:
+    """The loop's start, in fp32 whatever the networks' dtype (the sampler's arithmetic stays exact)."""
+    sigma = call.scheduler.init_noise_sigma
+    if call.latents is not None:
+        return call.latents.to(pipe.device, torch.float32) * sigma
+    if call.init is None:
+        return randn(call.shape, call.generators, pipe.device, torch.float32) * sigma
+    return noised_init_latents(pipe, call, timesteps[:1])
+
+
+def noised_init_latents(pipe: Pipeline, call: Call, first_t: torch.Tensor) -> torch.Tensor:
+    """img2img start: z_0 ~ q(z | image), then q(z_t | z_0) at the first kept timestep.
+
+    Each generator draws the posterior sample's noise and then the forward process noise, in
+    diffusers' order, so seeds give diffusers' images.
+    """
+    with pipe.residency.running(pipe.vae) as vae:
+        posterior = vae.encode(call.init.to(pipe.device, pipe.dtype))
+    mean, std = posterior.mean.float(), posterior.std.float()
+    z0 = (mean + std * randn(call.shape, call.generators, pipe.device, torch.float32)) * pipe.vae.config.scaling_factor
+    noise = randn(call.shape, call.generators, pipe.device, torch.float32)
+    return call.scheduler.add_noise(z0, noise, first_t.repeat(call.shape[0]))
+
+
+# --- denoise ---------------------------------------------------------------------------------------
+
+
+def denoise(
+    pipe: Pipeline, call: Call, x: torch.Tensor, timesteps: torch.Tensor, text: tuple[torch.Tensor, torch.Tensor | None],
+    callback: StepCallback | None,
+) -> torch.Tensor:
+    """The sampling loop: one denoiser call and one sampler step per timestep."""
+    with pipe.residency.running(pipe.unet) as unet, _sped_up(unet, call.settings) as network:
+        denoiser = guided(in_network_format(network, pipe.dtype, pipe.setup.memory_format), call.settings, text, len(timesteps))
+        for i, t in enumerate(timesteps):
+            output = denoiser(call.scheduler.scale_model_input(x, t), t)
+            x = call.scheduler.step(output, t, x, generator=call.generators)
+            if callback is not None:
+                callback(i, t, x)
+    pipe.residency.done_with(pipe.unet)
+    return x
+
+
+def guided(network: Network, s: GenerationSettings, text: tuple[torch.Tensor, torch.Tensor | None], steps: int) -> Denoiser:
+    """The call's denoiser: classifier-free guidance over ``network``, or its conditional pass alone."""
+    cond, uncond = text
+    if uncond is None:
+        return Conditional(network, cond)
+    window = guided_steps(s.guidance_fraction, steps)
+    return ClassifierFreeGuidance(network, cond, uncond, s.guidance_scale, s.guidance_rescale, window)
+
+
+def in_network_format(network: Network, dtype: torch.dtype, memory_format: torch.memory_format) -> Network:
+    """``network`` taking the sampler's fp32 latents and giving fp32 outputs, whatever its own dtype."""
+
+    def run(x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return network(x.to(dtype, memory_format=memory_format), t, text).float()
+
+    return run
+
+
+@contextmanager
+def _sped_up(unet: torch.nn.Module, s: GenerationSettings) -> Iterator[Network]:
+    with merged_tokens(unet, s.token_merging):
+        yield DeepCacheUNet(unet, s.deepcache_interval) if s.deepcache_interval > 1 else unet
+
+
+# --- decode ----------------------------------------------------------------------------------------
+
+
+def decode_output(pipe: Pipeline, call: Call, x: torch.Tensor, output_type: OutputType) -> GenerationOutput:
+    """The call's result: the latents themselves, or the decoded images as tensors, arrays or PIL images."""
+    from ldm.pipeline.pipeline import GenerationOutput
+
+    if output_type == "latent":
+        pipe.residency.done_with(pipe.vae)
+        return GenerationOutput(x, call.resolved)
+    images = decode(pipe, x)
+    pipe.residency.done_with(pipe.vae)
+    convert = {"pt": lambda images: images, "np": to_numpy, "pil": to_pil}[output_type]
+    return GenerationOutput(convert(images), call.resolved)
+
+
+def decode(pipe: Pipeline, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> images in [0, 1]; retries in fp32 if fp16 overflowed; raises on NaN / inf."""
+    z = latents / pipe.vae.config.scaling_factor
+    with pipe.residency.running(pipe.vae) as vae:
+        images = _decoder(vae, pipe.setup.decode_mode)(z.to(pipe.dtype))
+        if not torch.isfinite(images).all() and pipe.dtype == torch.float16 and torch.isfinite(latents).all():
+            # The SD VAE's decoder activations exceed fp16's range (65504) on some images.
+            vae.float()
+            try:
+                images = _decoder(vae, pipe.setup.decode_mode)(z.float())
+            finally:
+                vae.to(pipe.dtype)
+    if not torch.isfinite(images).all():
+        raise NonFiniteOutputError(non_finite_cause(latents, pipe.dtype))
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def _decoder(vae: torch.nn.Module, mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The VAE's decoder run whole, one image at a time, or in overlapping tiles."""
+    if mode == "tiled":
+        return vae.decode_tiled
+    return vae.decode_sliced if mode == "sliced" else vae.decode
+
+
+def non_finite_cause(latents: torch.Tensor, dtype: torch.dtype) -> str:
+    """The one-line report for an image with NaN or infinity, naming the likely cause."""
+    if not torch.isfinite(latents).all():
+        if dtype == torch.float16:
+            return "the latents became NaN/inf during denoising: the U-Net overflowed float16; use --dtype bf16 or fp32"
+        return "the latents became NaN/inf during denoising: the model weights or the guidance scale are likely broken"
+    return "the VAE decoded NaN/inf from finite latents: the VAE weights are likely broken; try another VAE or --dtype fp32"
+
+
+def check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise SettingError(f"{{output_type}} must be one of {', '.join(OUTPUT_TYPES)}; got {checks.shown(output_type)}")

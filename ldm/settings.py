@@ -1,0 +1,288 @@
+"""A generation's settings: every choice of a call, its default and its check, in one place.
+
+    GenerationSettings   what ``ldm txt2img``, ``Pipeline.__call__`` and (coming) the HTTP API build
+                         from their arguments: model-free, frozen, checked when it is made
+    ResolvedSettings     what made a call's images: the settings with the fields that depend on the
+                         model filled in (steps, guidance, size), the seeds drawn, and the sampler,
+                         model and adapters named; returned with the images, written into each PNG
+
+A bad value is a ``SettingError`` whose message names the field as a ``{field}`` placeholder, so the
+command line reports ``--guidance-scale`` where Python reports ``guidance_scale``. Nothing here
+imports torch: the command line checks its arguments in milliseconds, before loading anything.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image
+
+from ldm import checks
+from ldm.errors import ConfigError, SettingError
+from ldm.images import GenerationParameters, init_image_size, read_image, to_rgb
+from ldm.prompts import check_prompt
+
+# Our scheduler names, and each as AUTOMATIC1111 writes it in "Sampler:", so other tools recognise
+# it. dpm-solver (the noise-prediction multistep solver) has no A1111 counterpart and keeps a plain
+# name. A test keeps the keys equal to ``ldm.schedulers.SCHEDULERS`` (which imports torch).
+SAMPLER_NAMES = {
+    "ddim": "DDIM",
+    "ddpm": "DDPM",
+    "dpm-solver": "DPM-Solver 2M",
+    "dpm-solver++": "DPM++ 2M",
+    "dpm-solver++-sde": "DPM++ 2M SDE",
+    "euler": "Euler",
+    "euler-ancestral": "Euler a",
+    "unipc": "UniPC",
+}
+TimestepSpacing = Literal["leading", "linspace", "trailing"]  # = ldm.schedulers.noise's (a test keeps them equal)
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+
+DEFAULT_SCHEDULER = "dpm-solver++"  # DPM-Solver++(2M) converges in 20-25 steps (Lu et al. 2022b, sec. 6)
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE_SCALE = 7.5
+DEFAULT_STRENGTH = 0.8  # img2img: diffusers' and A1111's default denoising strength
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """The steps and guidance a call uses when it does not give them.
+
+    A model folder may recommend its own in ``generation_config.json`` (as transformers' models do
+    for text generation): a model trained on simple data can need less guidance than SD's 7.5.
+    ``ldm.loading`` reads and checks it for folders and single files alike (``Components.generation_config``).
+    """
+
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+    num_inference_steps: int = DEFAULT_STEPS
+
+    def __post_init__(self) -> None:
+        # A model's file is checked when it is read, not blamed on every later call.
+        checks.check_guidance_scale(self.guidance_scale)
+        checks.check_steps(self.num_inference_steps)
+
+    def fill(self, num_inference_steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
+        """The given steps and guidance, each left as None replaced by its default."""
+        steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
+        return steps, self.guidance_scale if guidance_scale is None else guidance_scale
+
+    @classmethod
+    def of_model(cls, path: Path) -> GenerationDefaults:
+        file = path / "generation_config.json"
+        if not file.is_file():
+            return cls()
+        try:
+            values = json.loads(file.read_text())
+            return cls(**values)
+        except (ValueError, TypeError) as error:
+            allowed = ", ".join(f.name for f in fields(cls))
+            raise ConfigError(f"{file}: {error}; it holds a JSON object with some of: {allowed}") from None
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Every choice of one generation call; None where the model decides (its recommendation, its size).
+
+    ``prompt`` and ``negative_prompt`` are kept as tuples, one negative per prompt. ``init_image``
+    (an image, a path, or a (1, 3, H, W) tensor in [-1, 1]) with ``strength`` makes it img2img.
+    """
+
+    prompt: tuple[str, ...]
+    negative_prompt: tuple[str, ...] = ()  # () or "": no negative prompt
+    num_inference_steps: int | None = None  # None: the model's recommendation, else DEFAULT_STEPS
+    guidance_scale: float | None = None  # classifier-free guidance; <= 1 turns it off; None: the model's, else 7.5
+    guidance_rescale: float = 0.0  # Lin et al. 2024, sec. 3.4: 0..1, for v-prediction models
+    guidance_fraction: float = 1.0  # guidance in the first ceil(fraction * steps) steps only
+    width: int | None = None  # None: the init image's, else the model's native size
+    height: int | None = None
+    num_images_per_prompt: int = 1
+    scheduler: str = DEFAULT_SCHEDULER  # a name of SAMPLER_NAMES
+    eta: float | None = None  # DDIM's noise; None: the scheduler's default
+    timestep_spacing: TimestepSpacing | None = None  # None: the model's scheduler config
+    use_karras_sigmas: bool = False
+    seed: int | None = None  # image i gets seed + i; None or -1: a random seed
+    init_image: Any = None  # PIL image, path or tensor: img2img
+    strength: float | None = None  # img2img: how much to change the image, (0, 1]; None: DEFAULT_STRENGTH
+    clip_skip: int | None = None  # use the text encoder's k-th layer from the end (diffusers' meaning)
+    deepcache_interval: int = 1  # DeepCache: the full U-Net every N-th step only (1 = off)
+    token_merging: float = 0.0  # ToMe ratio in full-resolution self-attention (0 = off)
+
+    def __post_init__(self) -> None:
+        prompts = (self.prompt,) if isinstance(self.prompt, str) else tuple(self.prompt)
+        object.__setattr__(self, "prompt", prompts)
+        object.__setattr__(self, "negative_prompt", self._negatives(len(prompts)))
+        if isinstance(self.init_image, (str, Path)):
+            object.__setattr__(self, "init_image", read_image(self.init_image))
+        elif isinstance(self.init_image, Image.Image):
+            object.__setattr__(self, "init_image", to_rgb(self.init_image))
+        self._check_prompts()
+        self._check_numbers()
+        self._check_choices()
+
+    def _negatives(self, count: int) -> tuple[str, ...]:
+        negatives = self.negative_prompt
+        if negatives is None or isinstance(negatives, str):
+            return (negatives or "",) * count
+        negatives = tuple(negatives)
+        if not negatives:
+            return ("",) * count
+        if len(negatives) != count:
+            raise SettingError(f"got {len(negatives)} negative prompts for {count} prompts; give one {{negative_prompt}} per prompt")
+        return negatives
+
+    def _check_prompts(self) -> None:
+        if not self.prompt:
+            raise SettingError("the {prompt} list is empty; give at least one prompt")
+        for text in self.prompt:
+            check_prompt(text, "prompt")
+        for text in self.negative_prompt:
+            check_prompt(text, "negative_prompt")
+
+    def _check_numbers(self) -> None:
+        if self.num_inference_steps is not None:
+            checks.check_steps(self.num_inference_steps)
+        if self.guidance_scale is not None:
+            checks.check_guidance_scale(self.guidance_scale)
+        checks.check_guidance_rescale(self.guidance_rescale)
+        checks.check_guidance_fraction(self.guidance_fraction)
+        for name in ("width", "height"):
+            if getattr(self, name) is not None:
+                checks.check_side(getattr(self, name), name)
+        checks.check_count(self.num_images_per_prompt, "num_images_per_prompt")
+        if self.eta is not None:
+            checks.check_eta(self.eta)
+        if self.seed is not None:
+            checks.check_seed(self.seed, self.num_images_per_prompt)
+        if self.strength is not None:
+            checks.check_strength(self.strength)
+        if self.clip_skip is not None:
+            checks.check_clip_skip(self.clip_skip)
+        checks.check_deepcache_interval(self.deepcache_interval)
+        checks.check_token_merging(self.token_merging)
+
+    def _check_choices(self) -> None:
+        if self.scheduler not in SAMPLER_NAMES:
+            shown = checks.shown(self.scheduler)
+            raise SettingError(f"unknown {{scheduler}} {shown}; choose one of {', '.join(SAMPLER_NAMES)}")
+        if self.timestep_spacing is not None and self.timestep_spacing not in TIMESTEP_SPACINGS:
+            shown = checks.shown(self.timestep_spacing)
+            raise SettingError(f"{{timestep_spacing}} must be one of {', '.join(TIMESTEP_SPACINGS)}, got {shown}")
+        if not isinstance(self.use_karras_sigmas, bool):
+            raise SettingError(f"{{use_karras_sigmas}} must be True or False, got {checks.shown(self.use_karras_sigmas)}")
+        if self.strength is not None and self.init_image is None:
+            raise SettingError("{strength} only applies with {init_image}")
+
+    # --- what the model decides --------------------------------------------------------------------
+
+    @property
+    def batch(self) -> int:
+        """Images the call makes: num_images_per_prompt of each prompt."""
+        return len(self.prompt) * self.num_images_per_prompt
+
+    @property
+    def guided(self) -> bool:
+        """Whether classifier-free guidance runs (a resolved guidance scale above 1)."""
+        return self.guidance_scale is not None and self.guidance_scale > 1.0
+
+    @property
+    def img2img_steps(self) -> int:
+        """The steps img2img runs of a resolved ``num_inference_steps``: the last ``strength`` of them."""
+        return min(int(self.num_inference_steps * self.strength), self.num_inference_steps)
+
+    def scheduler_options(self) -> dict[str, Any]:
+        """The scheduler's options this call sets (only those given: the rest are the scheduler's defaults)."""
+        return ({} if self.eta is None else {"eta": self.eta}) | ({"use_karras_sigmas": True} if self.use_karras_sigmas else {})
+
+    def filled(self, defaults: GenerationDefaults, native_side: int, factor: int) -> GenerationSettings:
+        """These settings with steps and guidance from ``defaults`` and the size known.
+
+        The size is as given, else the init image's rounded down to ``factor`` (the VAE's
+        downsampling), else ``native_side`` (the model's). Checked for the model's factor.
+        """
+        width, height = self.width, self.height
+        if isinstance(self.init_image, Image.Image):
+            width, height = init_image_size(self.init_image, width, height, factor)
+        elif self.init_image is not None:  # a tensor, checked by the pipeline
+            height, width = self.init_image.shape[-2:]
+        width, height = width or native_side, height or native_side
+        steps, guidance_scale = defaults.fill(self.num_inference_steps, self.guidance_scale)
+        filled = replace(
+            self,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            width=checks.check_side(width, "width", factor),
+            height=checks.check_side(height, "height", factor),
+            strength=(self.strength or DEFAULT_STRENGTH) if self.init_image is not None else None,
+        )
+        if filled.init_image is not None and filled.img2img_steps == 0:
+            raise SettingError(
+                f"{{strength}} {filled.strength:g} x {filled.num_inference_steps} {{num_inference_steps}} leaves no step "
+                "to run; raise either"
+            )
+        return filled
+
+
+@dataclass(frozen=True)
+class ResolvedSettings:
+    """What made a call's images: ``settings`` filled in (``GenerationSettings.filled``) and named."""
+
+    settings: GenerationSettings
+    seeds: tuple[int, ...] | None  # image i's seed; None when the caller passed generators
+    sampler: str  # as image metadata names it: A1111's name, or the scheduler object's class
+    model: str  # the model folder's or file's name
+    model_hash: str | None = None  # A1111's short hash of a single-file model (None for a folder)
+    adapters: tuple[tuple[str, float], ...] = ()  # (LoRA name, scale), in load order
+    version: str = ""  # ldm's version
+
+    def prompts(self) -> list[tuple[str, str]]:
+        """(prompt, negative prompt) of each image, in image order."""
+        s = self.settings
+        return [(p, n) for p, n in zip(s.prompt, s.negative_prompt) for _ in range(s.num_images_per_prompt)]
+
+    def parameters(self) -> list[GenerationParameters]:
+        """Each image's A1111 ``parameters`` (the PNG infotext): what made it, as A1111 names it."""
+        if self.seeds is None:
+            raise SettingError("these images were made with generators, so their seeds are unknown; pass {seed} instead")
+        s = self.settings
+        return [
+            GenerationParameters(
+                prompt=prompt, negative_prompt=negative, steps=s.num_inference_steps, sampler=self.sampler,
+                cfg_scale=s.guidance_scale, seed=seed, width=s.width, height=s.height, model=self.model,
+                extra=self.infotext_extra(),
+            )
+            for (prompt, negative), seed in zip(self.prompts(), self.seeds)
+        ]
+
+    def infotext_extra(self) -> dict[str, str]:
+        """The optional A1111 infotext keys of these settings, each only where it is not the default."""
+        s = self.settings
+        extra = {}
+        if s.strength is not None:
+            extra["Denoising strength"] = f"{s.strength:g}"
+        if s.clip_skip:
+            extra["Clip skip"] = str(s.clip_skip + 1)  # A1111 counts the last layer as 1, diffusers as 0
+        if s.eta is not None:
+            extra["Eta"] = f"{s.eta:g}"
+        if s.use_karras_sigmas:
+            extra["Schedule type"] = "Karras"  # A1111's key and value
+        if s.timestep_spacing is not None:
+            extra["Timestep spacing"] = s.timestep_spacing
+        if s.guidance_rescale:
+            extra["Guidance rescale"] = f"{s.guidance_rescale:g}"
+        if s.deepcache_interval > 1:
+            extra["DeepCache interval"] = str(s.deepcache_interval)
+        if s.guidance_fraction < 1:
+            extra["Guidance fraction"] = f"{s.guidance_fraction:g}"
+        if s.token_merging:
+            extra["Token merging ratio"] = f"{s.token_merging:g}"
+        if self.model_hash:
+            extra["Model hash"] = self.model_hash
+        if self.adapters:
+            extra["Lora"] = ", ".join(f"{name}: {scale:g}" for name, scale in self.adapters)
+        if self.version:
+            extra["Version"] = f"ldm {self.version}"
+        return extra
+
