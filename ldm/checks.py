@@ -19,7 +19,7 @@ from ldm.errors import InputError
 MAX_PIXELS = 4 * 1024 * 1024
 # More steps than the training schedule's timesteps (1000 for every SD model) only repeat timesteps.
 MAX_STEPS = 1000
-MAX_TOKEN_MERGING = 0.75  # = ldm.models.tome.MAX_RATIO (a test keeps them equal; that module imports torch)
+MAX_TOKEN_MERGING = 0.75  # = ldm.speedups.tome.MAX_RATIO (a test keeps them equal; that module imports torch)
 
 
 def finite(value, name: str) -> float:

@@ -1,7 +1,7 @@
 """ldm's layers, read from the source: no module imports a higher layer, and no module-level import cycle.
 
     ldm (the package face) > ldm.cli > ldm.pipeline > ldm.loading, ldm.lora, ldm.training
-    > ldm.models, ldm.schedulers, ldm.prompts, ldm.images > ldm.kernels
+    > ldm.speedups > ldm.models, ldm.schedulers, ldm.prompts, ldm.images > ldm.kernels
     > ldm.io, ldm.errors, ldm.random, ldm.checks, ldm.paging
 
 A module may import its own layer and the layers below, and the package ``ldm`` itself (its
@@ -22,6 +22,7 @@ LAYERS = [
     ("ldm.io", "ldm.errors", "ldm.random", "ldm.checks", "ldm.paging"),
     ("ldm.kernels",),
     ("ldm.models", "ldm.schedulers", "ldm.prompts", "ldm.images"),
+    ("ldm.speedups",),
     ("ldm.loading", "ldm.lora", "ldm.training"),
     ("ldm.pipeline",),
     ("ldm.cli", "ldm.__main__"),
@@ -34,6 +35,10 @@ KNOWN_UPWARD = {
     ("ldm.loading.configs", "ldm.pipeline"),
     # Training renders its sample images with the Pipeline (TrainConfig.sample_every).
     ("ldm.training.reporting", "ldm.pipeline"),
+    # Transition shims: the pipeline's old imports of DeepCache and token merging, now in ldm.speedups.
+    # They go (with these two lines) once the pipeline calls ldm.speedups.speed_up.
+    ("ldm.models.deepcache", "ldm.speedups"),
+    ("ldm.models.tome", "ldm.speedups.tome"),
 }
 
 
