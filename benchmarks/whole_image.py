@@ -12,7 +12,7 @@ higher of the two rounds).
 
 The one-shot row runs the real ``ldm txt2img`` command (seed 0 draws the same initial
 latents) in a fresh process, which frees each network after its stage
-(``Pipeline.release_weights_after_use``); its peak is that whole process's resident
+(``weights_after_use="release"``); its peak is that whole process's resident
 high-water mark, imports and loading included, against diffusers' standard pipeline
 above. Its PNG must equal the reusable pipeline's image in 8 bits exactly.
 

@@ -21,7 +21,7 @@ MAX_PIXELS = 4 * 1024 * 1024
 MAX_STEPS = 1000
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 RANDOM_SEED = -1  # the seed that asks for a random one
-MAX_TOKEN_MERGING = 0.75  # = ldm.models.tome.MAX_RATIO (a test keeps them equal; that module imports torch)
+MAX_TOKEN_MERGING = 0.75  # = ldm.speedups.tome.MAX_RATIO (a test keeps them equal; that module imports torch)
 
 
 def shown(value) -> str:

@@ -40,19 +40,6 @@ PARAMETERS_KEY = "parameters"
 NEGATIVE_PREFIX = "Negative prompt:"
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
-# Our scheduler names as AUTOMATIC1111 writes them in "Sampler:", so other tools recognise them.
-# dpm-solver (the noise-prediction multistep solver) has no A1111 counterpart and keeps a plain name.
-A1111_SAMPLER_NAMES = {
-    "ddim": "DDIM",
-    "ddpm": "DDPM",
-    "dpm-solver": "DPM-Solver 2M",
-    "dpm-solver++": "DPM++ 2M",
-    "dpm-solver++-sde": "DPM++ 2M SDE",
-    "euler": "Euler",
-    "euler-ancestral": "Euler a",
-    "unipc": "UniPC",
-}
-
 # One "key: value" item of the settings line; the value is a JSON string or runs to the next comma.
 _SETTING = re.compile(r'\s*([A-Za-z][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 

@@ -1,7 +1,8 @@
 """ldm's layers, read from the source: no module imports a higher layer, and no module-level import cycle.
 
     ldm (the package face) > ldm.cli > ldm.pipeline > ldm.loading, ldm.lora, ldm.training
-    > ldm.models, ldm.schedulers, ldm.prompts, ldm.images > ldm.kernels
+    > ldm.speedups, ldm.guidance > ldm.models, ldm.schedulers, ldm.prompts, ldm.images, ldm.settings,
+    ldm.residency > ldm.kernels
     > ldm.io, ldm.errors, ldm.random, ldm.checks, ldm.paging
 
 A module may import its own layer and the layers below, and the package ``ldm`` itself (its
@@ -21,7 +22,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ldm"
 LAYERS = [
     ("ldm.io", "ldm.errors", "ldm.random", "ldm.checks", "ldm.paging"),
     ("ldm.kernels",),
-    ("ldm.models", "ldm.schedulers", "ldm.prompts", "ldm.images"),
+    ("ldm.models", "ldm.schedulers", "ldm.prompts", "ldm.images", "ldm.settings", "ldm.residency"),
+    ("ldm.speedups", "ldm.guidance"),
     ("ldm.loading", "ldm.lora", "ldm.training"),
     ("ldm.pipeline",),
     ("ldm.cli", "ldm.__main__"),
@@ -30,8 +32,6 @@ LAYERS = [
 
 # Upward imports that today's code makes on purpose, each inside the function that needs it.
 KNOWN_UPWARD = {
-    # A model's generation_config.json is checked against the fields of the pipeline's GenerationDefaults.
-    ("ldm.loading.configs", "ldm.pipeline"),
     # Training renders its sample images with the Pipeline (TrainConfig.sample_every).
     ("ldm.training.reporting", "ldm.pipeline"),
 }

@@ -9,6 +9,7 @@ not only self-consistent.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import socket
 
@@ -352,7 +353,7 @@ def _mappings_of(path) -> int:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
 def test_each_network_of_a_single_safetensors_file_has_its_own_mapping(single_files):
-    # So one network's weights can be freed while another runs (Pipeline.release_weights_after_use).
+    # So one network's weights can be freed while another runs (weights_after_use="release").
     path = single_files["sd1", ".safetensors"].resolve()
     gc.collect()
     before = _mappings_of(path)
@@ -391,3 +392,26 @@ def test_vae_only_work_does_not_import_the_text_encoder_code(folders):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_model_hash_is_a1111s_short_sha256_and_is_cached_until_the_file_changes(tmp_path):
+    import hashlib
+
+    from ldm.loading.hashes import sha256, short_hash
+
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"weights" * 1000)
+    cache = tmp_path / "cache"
+    expected = hashlib.sha256(model.read_bytes()).hexdigest()
+    assert short_hash(model, cache) == expected[:10]
+    entries = json.loads((cache / "hashes.json").read_text())
+    assert entries[str(model.resolve())]["sha256"] == expected
+    # A cached hash is read, not recomputed: a planted entry for the same size and time is believed...
+    entries[str(model.resolve())]["sha256"] = "f" * 64
+    (cache / "hashes.json").write_text(json.dumps(entries))
+    assert sha256(model, cache) == "f" * 64
+    # ...until the file changes.
+    model.write_bytes(b"other weights" * 1000)
+    assert sha256(model, cache) == hashlib.sha256(model.read_bytes()).hexdigest()
+    (cache / "hashes.json").write_text("{damaged")
+    assert sha256(model, cache) == hashlib.sha256(model.read_bytes()).hexdigest()

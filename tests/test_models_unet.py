@@ -89,6 +89,34 @@ def test_text_embeddings_not_a_multiple_of_the_samples_are_an_input_error():
         ours(sample, t, torch.cat([context, context[:1]]))
 
 
+def test_hooks_that_do_what_the_unet_does_give_its_output_and_see_every_block():
+    from ldm.models.attention import BasicTransformerBlock
+    from ldm.models.unet import UNetHooks
+
+    _, ours = _pair("sd1")
+    sample, t, context = _inputs(ours.config)
+    blocks = [m for m in ours.modules() if isinstance(m, BasicTransformerBlock)]
+    seen: list[tuple[int, tuple[int, int]]] = []
+    loops: list[int] = []
+
+    def self_attention(hidden, size, attend):
+        seen.append((hidden.shape[1], size))
+        return attend(hidden)
+
+    def run_blocks(x, temb, context, skips, hooks):
+        loops.append(len(skips))
+        return ours.run_blocks(x, temb, context, skips, hooks)
+
+    hooks = UNetHooks(self_attention={block: self_attention for block in blocks}, blocks=run_blocks)
+    with torch.no_grad():
+        assert torch.equal(ours(sample, t, context, hooks=hooks), ours(sample, t, context))
+    assert loops == [1]  # called once, with conv_in's output as the first skip
+    # 8x8 latents, transformers at levels 0 and 1 and in the middle: down 8x8 and 4x4 (two each), the
+    # middle at 2x2, up 4x4 and 8x8 (three each).
+    assert [size for _, size in seen] == [(8, 8)] * 2 + [(4, 4)] * 2 + [(2, 2)] + [(4, 4)] * 3 + [(8, 8)] * 3
+    assert all(n == h * w for n, (h, w) in seen)
+
+
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_attention_backends_give_the_same_output(family):
     _, ours = _pair(family)

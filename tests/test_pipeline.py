@@ -446,6 +446,7 @@ def test_float16_on_the_cpu_is_refused(pipe):
 
 def test_bfloat16_runs_and_stays_close_to_float32(pipe):
     full = pipe("a cat", seed=1, output_type="pt", **{**SIZE, "num_inference_steps": 2}).images
+    pipe.text_encoder = copy.deepcopy(pipe.text_encoder)  # the fixture's own is shared with other tests
     pipe.to(dtype=torch.bfloat16)
     assert pipe.unet.conv_in.weight.dtype == torch.bfloat16 and pipe.vae.decoder.conv_out.weight.dtype == torch.bfloat16
     half = pipe("a cat", seed=1, output_type="pt", **{**SIZE, "num_inference_steps": 2}).images

@@ -15,6 +15,8 @@ from PIL import Image
 from tiny_models import diffusers_pipeline
 
 from ldm.pipeline import Pipeline
+from ldm.pipeline.stages import build_scheduler
+from ldm.settings import GenerationSettings
 
 TOLERANCE = 1e-4
 COMMON = dict(prompt="a photo of a red cat", negative_prompt="blurry, dark", guidance_scale=7.5, output_type="np")
@@ -112,13 +114,13 @@ def test_samplers_start_where_diffusers_starts_them(models):
     for name, class_name in (("dpm-solver++", "DPMSolverMultistepScheduler"), ("euler", "EulerDiscreteScheduler"), ("ddim", "DDIMScheduler")):
         theirs = getattr(diffusers, class_name).from_config(reference.loaded_scheduler.config)
         theirs.set_timesteps(10)
-        ours = pipe._scheduler(name, None, None, False)
+        ours = build_scheduler(pipe.scheduler_config, GenerationSettings("", scheduler=name), None)
         ours.set_timesteps(10)
         assert torch.allclose(ours.timesteps.double(), theirs.timesteps.double()), name
         assert ours.init_noise_sigma == pytest.approx(float(theirs.init_noise_sigma), rel=1e-6)
     first = {}
     for name in ("dpm-solver++", "ddim"):
-        sampler = pipe._scheduler(name, None, None, False)
+        sampler = build_scheduler(pipe.scheduler_config, GenerationSettings("", scheduler=name), None)
         sampler.set_timesteps(10)
         first[name] = int(sampler.timesteps[0])
     assert first == {"dpm-solver++": 999, "ddim": 901}

@@ -13,7 +13,9 @@ import torch
 from tiny_models import diffusers_pipeline, ldm_pipeline, save_diffusers_folder
 
 from ldm.cli import main
-from ldm.errors import ConfigError
+from ldm.errors import InputError
+from ldm.pipeline.stages import build_scheduler
+from ldm.settings import GenerationSettings
 from ldm.images import read_parameters
 from ldm.schedulers import create
 
@@ -59,7 +61,8 @@ def test_spacing_and_karras_of_a_call_reach_its_sampler(pipe):
     seen = {}
 
     def sampler_of(**options):
-        sampler = pipe._scheduler("euler", None, options.get("spacing"), options.get("karras", False))
+        settings = GenerationSettings("", scheduler="euler", timestep_spacing=options.get("spacing"), use_karras_sigmas=options.get("karras", False))
+        sampler = build_scheduler(pipe.scheduler_config, settings, None)
         sampler.set_timesteps(10)
         return sampler
 
@@ -75,9 +78,9 @@ def test_spacing_and_karras_of_a_call_reach_its_sampler(pipe):
 
 
 def test_schedule_choices_need_a_named_scheduler(pipe):
-    with pytest.raises(ConfigError, match="use_karras_sigmas"):
+    with pytest.raises(InputError, match="use_karras_sigmas does not apply to scheduler ddim"):
         pipe("a cat", scheduler="ddim", use_karras_sigmas=True, **SIZE)
-    with pytest.raises(ConfigError, match="scheduler named by its string"):
+    with pytest.raises(InputError, match="scheduler named by its string"):
         pipe("a cat", scheduler=create("ddim"), timestep_spacing="trailing", **SIZE)
 
 

@@ -1,22 +1,24 @@
-"""Speed-up mechanisms of the U-Net: DeepCache and token merging, exact when switched off."""
+"""Speed-up mechanisms of the U-Net: DeepCache and token merging, exact when switched off, attached per call."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
 
-from ldm.errors import ConfigError
+from ldm.errors import ConfigError, InputError
 from ldm.models import UNet, UNetConfig
-from ldm.models.deepcache import DeepCacheUNet
-from ldm.models.tome import bipartite_soft_matching, set_token_merging
+from ldm.models.unet import UNetHooks
+from ldm.speedups import HookedUNet, speed_up
+from ldm.speedups.deepcache import DeepCache
+from ldm.speedups.tome import bipartite_soft_matching, token_merging_hooks
 
 
 @pytest.fixture(scope="module")
 def unet() -> UNet:
     torch.manual_seed(0)
-    model = UNet(UNetConfig.tiny()).eval()
-    # Random init leaves the output convolution near zero in some inits; scale so differences are visible.
-    return model
+    return UNet(UNetConfig.tiny()).eval()
 
 
 def _inputs(seed: int, batch: int = 2, side: int = 8):
@@ -24,19 +26,30 @@ def _inputs(seed: int, batch: int = 2, side: int = 8):
     return torch.randn(batch, 4, side, side, generator=g), torch.randn(batch, 77, 64, generator=g)
 
 
-def _count_calls(module: torch.nn.Module) -> list[int]:
+def _count_calls(module: torch.nn.Module) -> tuple[list[int], object]:
     calls = [0]
-    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    return calls
+    handle = module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls, handle
+
+
+def _deepcache(unet: UNet, interval: int, branch: int = 2) -> tuple[HookedUNet, DeepCache]:
+    cache = DeepCache(unet, interval, branch)
+    return HookedUNet(unet, UNetHooks(blocks=cache)), cache
+
+
+@torch.no_grad()
+def test_speed_up_with_everything_off_is_the_unet_itself(unet):
+    assert speed_up(unet) is unet
+    assert speed_up(unet, deepcache_interval=1, token_merging=0.0) is unet
 
 
 @torch.no_grad()
 def test_deepcache_interval_1_equals_the_plain_unet(unet):
-    cached = DeepCacheUNet(unet, interval=1)
+    cached, cache = _deepcache(unet, interval=1)
     for step, t in enumerate((900, 500, 100)):
         x, c = _inputs(step)
         assert torch.equal(cached(x, t, c), unet(x, t, c))
-    assert cached.full_calls == 3
+    assert cache.calls == cache.full_calls == 3
 
 
 @pytest.mark.parametrize("branch", [1, 2, 3])
@@ -44,27 +57,30 @@ def test_deepcache_interval_1_equals_the_plain_unet(unet):
 def test_a_cached_step_on_the_same_input_reproduces_the_full_step(unet, branch):
     # The cached feature is exactly what a full pass recomputes for the same input, so the shallow path must
     # route every fresh skip to the right up layer to give back the full output.
-    cached = DeepCacheUNet(unet, interval=2, branch=branch)
+    cached, cache = _deepcache(unet, interval=2, branch=branch)
     x, c = _inputs(0)
     full = cached(x, 700, c)
     again = cached(x, 700, c)
-    assert cached.full_calls == 1
+    assert cache.full_calls == 1
     torch.testing.assert_close(again, full, rtol=0, atol=0)
 
 
 @torch.no_grad()
 def test_deepcache_interval_3_skips_the_deep_part_and_stays_close(unet):
-    cached = DeepCacheUNet(unet, interval=3)
-    deep = _count_calls(unet.mid_block)
+    cached = speed_up(unet, deepcache_interval=3)
+    deep, handle = _count_calls(unet.mid_block)
     errors = []
-    for step, t in enumerate(torch.linspace(950, 50, 6).round()):
-        # Neighbouring steps see slightly different latents, as in a denoising loop.
-        x, c = _inputs(0)
-        x = x + 0.05 * step * _inputs(step + 10)[0]
-        exact, fast = unet(x, t, c), cached(x, t, c)
-        errors.append((fast - exact).abs().max().item() / exact.abs().max().item())
+    try:
+        for step, t in enumerate(torch.linspace(950, 50, 6).round()):
+            # Neighbouring steps see slightly different latents, as in a denoising loop.
+            x, c = _inputs(0)
+            x = x + 0.05 * step * _inputs(step + 10)[0]
+            exact, fast = unet(x, t, c), cached(x, t, c)
+            errors.append((fast - exact).abs().max().item() / exact.abs().max().item())
+    finally:
+        handle.remove()
     assert deep[0] == 6 + 2  # six plain passes and two full DeepCache passes
-    assert cached.full_calls == 2
+    assert cached.hooks.blocks.full_calls == 2
     assert errors[0] == errors[3] == 0.0
     cached_errors = [e for i, e in enumerate(errors) if i % 3]
     assert all(0 < e < 0.5 for e in cached_errors)
@@ -72,30 +88,65 @@ def test_deepcache_interval_3_skips_the_deep_part_and_stays_close(unet):
 
 @torch.no_grad()
 def test_deepcache_recomputes_when_the_batch_changes(unet):
-    cached = DeepCacheUNet(unet, interval=4)
+    cached, cache = _deepcache(unet, interval=4)
     x, c = _inputs(0)
     cached(x, 500, c)
     out = cached(x[1:], 480, c[1:])  # guidance dropped: the cached batch-2 feature does not fit
-    assert cached.full_calls == 2
+    assert cache.full_calls == 2
     assert torch.equal(out, unet(x[1:], 480, c[1:]))
 
 
 @torch.no_grad()
 def test_deepcache_with_a_shared_sample_equals_deepcache_with_the_repeated_sample(unet):
     # Guided denoising passes each latent once for both passes; cached steps must repeat the fresh skips.
-    shared, repeated = DeepCacheUNet(unet, interval=2), DeepCacheUNet(unet, interval=2)
+    (shared, shared_cache), (repeated, repeated_cache) = _deepcache(unet, 2), _deepcache(unet, 2)
     for step, t in enumerate((900, 850, 800)):
         x, _ = _inputs(step, batch=1)
         c = _inputs(step + 10)[1]
         torch.testing.assert_close(shared(x, t, c), repeated(torch.cat([x, x]), t, c), rtol=1e-5, atol=1e-5)
-    assert shared.full_calls == repeated.full_calls == 2
+    assert shared_cache.full_calls == repeated_cache.full_calls == 2
+
+
+@torch.no_grad()
+def test_deepcache_checks_the_batch_as_the_unet_does(unet):
+    x, c = _inputs(0)
+    errors = []
+    for network in (unet, speed_up(unet, deepcache_interval=2)):
+        with pytest.raises(InputError, match="2 samples") as error:
+            network(x, 500, c[:1].expand(3, -1, -1))
+        errors.append(str(error.value))
+    assert errors[0] == errors[1]
+
+
+@pytest.mark.parametrize(
+    "timestep",
+    [500, 500.0, torch.tensor(500), torch.tensor(500.0), torch.tensor([500.0]), torch.tensor([500, 500])],
+    ids=["int", "float", "0-d int", "0-d float", "1-d one", "1-d per sample"],
+)
+@torch.no_grad()
+def test_deepcache_embeds_every_form_of_timestep_as_the_unet_does(unet, timestep):
+    x, c = _inputs(0)
+    cached = speed_up(unet, deepcache_interval=2)
+    assert torch.equal(cached(x, timestep, c), unet(x, timestep, c))  # a full step
+    reference = speed_up(unet, deepcache_interval=2)
+    reference(x, 500, c)
+    assert torch.equal(cached(x, timestep, c), reference(x, 500, c))  # a cached step
+
+
+@torch.no_grad()
+def test_deepcache_per_sample_timesteps_differ_per_row_as_in_the_unet(unet):
+    x, c = _inputs(0)
+    t = torch.tensor([100, 900])
+    got = speed_up(unet, deepcache_interval=2)(x, t, c)
+    assert torch.equal(got, unet(x, t, c))
+    torch.testing.assert_close(got[1:], unet(x[1:], 900, c[1:]), rtol=1e-5, atol=1e-5)  # row 1 at t = 900
 
 
 def test_deepcache_rejects_bad_settings(unet):
     with pytest.raises(ConfigError, match="interval"):
-        DeepCacheUNet(unet, interval=0)
+        speed_up(unet, deepcache_interval=0)
     with pytest.raises(ConfigError, match="branch"):
-        DeepCacheUNet(unet, interval=2, branch=4)
+        DeepCache(unet, interval=2, branch=4)
 
 
 def test_merge_then_unmerge_is_lossless_on_constant_windows():
@@ -128,27 +179,106 @@ def test_merge_averages_the_most_similar_pairs_only():
 def test_token_merging_ratio_0_is_exact_and_ratio_half_attends_to_fewer_tokens(unet):
     x, c = _inputs(0)
     exact = unet(x, 500, c)
-    set_token_merging(unet, 0.0)
-    assert torch.equal(unet(x, 500, c), exact)
+    assert token_merging_hooks(unet, 0.0) == {}
     first = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
     seen: list[int] = []
     handle = first.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
     try:
-        set_token_merging(unet, 0.5)
-        merged = unet(x, 500, c)
+        merged = speed_up(unet, token_merging=0.5)(x, 500, c)
     finally:
         handle.remove()
-        set_token_merging(unet, 0.0)
     assert seen == [64 - 32]
     assert not torch.equal(merged, exact)
-    assert (merged - exact).abs().max() < 0.1 * exact.abs().max()  # measured 0.036 (another input: 1.1)
+    assert (merged - exact).abs().max() < 0.1 * exact.abs().max()  # 0.036 of the output's range here (another input: 1.1)
+
+
+def test_token_merging_hooks_the_full_resolution_levels_only(unet):
+    hooks = token_merging_hooks(unet, 0.5)
+    full_resolution = (unet.down_blocks[0], unet.up_blocks[-1])
+    expected = {t for level in full_resolution for a in level.attentions for t in a.transformer_blocks}
+    assert set(hooks) == expected and len(expected) == 2 + 3
 
 
 def test_token_merging_rejects_bad_settings(unet):
     with pytest.raises(ConfigError, match="ratio"):
-        set_token_merging(unet, 0.9)
+        speed_up(unet, token_merging=0.9)
     with pytest.raises(ConfigError, match="levels"):
-        set_token_merging(unet, 0.5, levels=4)
+        token_merging_hooks(unet, 0.5, levels=4)
+
+
+@torch.no_grad()
+def test_token_merging_with_deepcache_merges_on_full_and_cached_steps(unet):
+    x, c = _inputs(0)
+    both, merged = speed_up(unet, deepcache_interval=2, token_merging=0.5), speed_up(unet, token_merging=0.5)
+    assert torch.equal(both(x, 500, c), merged(x, 500, c))  # a full step: token merging alone
+    first = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    seen: list[int] = []
+    handle = first.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    try:
+        cached = both(x, 500, c)  # a cached step: merging in the shallow layers it runs
+    finally:
+        handle.remove()
+    assert seen == [64 - 32]
+    assert both.hooks.blocks.full_calls == 1
+    torch.testing.assert_close(cached, merged(x, 500, c), rtol=0, atol=0)
+
+
+# --- a speed-up leaves the shared U-Net alone ----------------------------------------------------------------
+
+
+def _module_state(unet: torch.nn.Module) -> dict:
+    """Every attribute of every module: parameters and submodules by identity, hook tables by content."""
+    state = {}
+    for name, module in unet.named_modules():
+        for key, value in vars(module).items():
+            if key in ("_parameters", "_buffers", "_modules"):
+                value = {k: id(v) for k, v in value.items()}
+            elif isinstance(value, dict):
+                value = dict(value)
+            state[name, key] = value
+    return state
+
+
+@torch.no_grad()
+def test_speed_up_sets_nothing_on_the_unet(unet):
+    before = _module_state(unet)
+    weights = {k: v.clone() for k, v in unet.state_dict().items()}
+    x, c = _inputs(0)
+    plain = unet(x, 500, c)
+    network = speed_up(unet, deepcache_interval=2, token_merging=0.5)
+    assert _module_state(unet) == before
+    network(x, 500, c)
+    assert torch.equal(unet(x, 500, c), plain)  # while a token-merging network exists and has run
+    network(x, 480, c)
+    assert _module_state(unet) == before
+    assert all(torch.equal(v, weights[k]) for k, v in unet.state_dict().items())
+
+
+@torch.no_grad()
+def test_concurrent_calls_with_and_without_token_merging_get_their_own_results(unet):
+    networks = {"plain": unet, "merged": speed_up(unet, token_merging=0.5)}
+    inputs = [_inputs(seed) for seed in range(4)]
+
+    def run(name: str, results: dict, start: threading.Barrier | None = None) -> None:
+        if start is not None:
+            start.wait()
+        results[name] = [networks[name](x, 500, c) for x, c in inputs]
+
+    alone: dict = {}
+    for name in networks:  # each in a thread of its own too, so both runs use threads alike
+        thread = threading.Thread(target=run, args=(name, alone))
+        thread.start()
+        thread.join()
+    together: dict = {}
+    start = threading.Barrier(len(networks))
+    threads = [threading.Thread(target=run, args=(name, together, start)) for name in networks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for name in networks:
+        assert all(torch.equal(a, b) for a, b in zip(together[name], alone[name])), name
+    assert not torch.equal(alone["plain"][0], alone["merged"][0])
 
 
 # --- exact-mode kernels: sub-pixel upsampling and the strip-wise VAE decoder ---------------------------------

@@ -95,7 +95,7 @@ def test_missing_captions_are_an_error_unless_allowed(tmp_path):
 
 @pytest.mark.parametrize("resolution", [500, 0, -8])
 def test_resolution_must_be_a_positive_multiple_of_8(resolution):
-    with pytest.raises(ConfigError, match="multiple of 8"):
+    with pytest.raises(InputError, match="multiple of 8"):
         DataConfig(resolution=resolution)
 
 
@@ -217,7 +217,7 @@ def test_caption_dropout_rate_and_determinism(tmp_path):
     assert 0.22 < dropped < 0.38
     assert set(captions) == {"", "a red square"}
     assert captions == [dataset[(epoch, 0)]["caption"] for epoch in range(400)]
-    with pytest.raises(ConfigError, match="caption_dropout"):
+    with pytest.raises(InputError, match="caption_dropout"):
         DataConfig(caption_dropout=1.5)
 
 

@@ -298,7 +298,7 @@ def test_the_native_size_is_read_where_the_configuration_says_it(tmp_path):
 
 def test_token_merging_bound_is_the_models():
     from ldm.checks import MAX_TOKEN_MERGING
-    from ldm.models.tome import MAX_RATIO
+    from ldm.speedups.tome import MAX_RATIO
 
     assert MAX_TOKEN_MERGING == MAX_RATIO
 

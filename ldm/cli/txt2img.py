@@ -1,9 +1,9 @@
 """`ldm txt2img PROMPT`: generate images into numbered PNGs that carry their parameters.
 
 Every argument is checked before the model is loaded, so a typo costs no
-loading time; each mistake is a one-line message and exit code 2. The checks of
-the settings themselves (``check_settings``) import no torch, so they answer in
-milliseconds; they are ``ldm.checks``' functions, which ``Pipeline`` calls too.
+loading time; each mistake is a one-line message and exit code 2. The arguments
+become a ``GenerationSettings`` (``build_settings``), which checks itself without
+importing torch, so a mistake is answered in milliseconds; its errors name flags.
 Image j of a prompt gets seed ``--seed + j`` whatever ``--batch-size`` is, so
 any single image can be made again with ``--seed <its seed> --num-images 1``.
 """
@@ -228,7 +228,7 @@ def check_native_size(args: argparse.Namespace, model: Path) -> None:
     from ldm.loading.configs import native_side_estimate
 
     side = native_side_estimate(model, args.config)
-    if side is not None:  # else known once the model is loaded: the pipeline checks pipe.max_pixels then
+    if side is not None:  # else known once the model is loaded: the pipeline checks max_pixels then
         width, height = args.width or side, args.height or side
         checks.check_pixels(width, height, min(args.batch_size, args.num_images), args.max_pixels, "--max-pixels")
 

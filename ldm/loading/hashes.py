@@ -1,22 +1,62 @@
 """Model file hashes as AUTOMATIC1111 writes them, so images name the file the sharing sites know.
 
 A1111's "Model hash" (its "AutoV2" short hash) is the first 10 hex digits of the file's SHA-256.
+Hashing a 2-4 GB checkpoint takes seconds, so each file's hash is kept in a cache keyed by the
+file's path, size and modification time (``hashes.json`` in ``cache_folder()``), as A1111 keeps
+its ``cache.json``: a file is hashed again only when it changes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from pathlib import Path
+
+from ldm.io import atomic_write
 
 SHORT_HASH_DIGITS = 10
 
 
-def sha256(path: Path) -> str:
-    """The SHA-256 of the file at ``path``, in hex."""
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
+def cache_folder() -> Path:
+    """``$LDM_CACHE_DIR``, else ``$XDG_CACHE_HOME/ldm``, else ``~/.cache/ldm``."""
+    if os.environ.get("LDM_CACHE_DIR"):
+        return Path(os.environ["LDM_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ldm"
 
 
-def short_hash(path: Path) -> str:
+def sha256(path: Path, cache: Path | None = None) -> str:
+    """The SHA-256 of the file at ``path`` in hex, from ``cache`` (default ``cache_folder()``) when it is there."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    file = (cache or cache_folder()) / "hashes.json"
+    known = _read(file)
+    entry = known.get(str(path))
+    if isinstance(entry, dict) and {k: entry.get(k) for k in key} == key and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    with open(path, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    _write(file, {**known, str(path): {**key, "sha256": digest}})
+    return digest
+
+
+def short_hash(path: Path, cache: Path | None = None) -> str:
     """A1111's short hash of the file at ``path``."""
-    return sha256(path)[:SHORT_HASH_DIGITS]
+    return sha256(path, cache)[:SHORT_HASH_DIGITS]
+
+
+def _read(file: Path) -> dict:
+    """The cache's entries; an unreadable or damaged cache counts as empty (it only saves time)."""
+    try:
+        values = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return values if isinstance(values, dict) else {}
+
+
+def _write(file: Path, entries: dict) -> None:
+    try:
+        atomic_write(file, lambda tmp: tmp.write_text(json.dumps(entries, indent=1, sort_keys=True)), overwrite=True)
+    except OSError:
+        pass  # a read-only cache folder costs a re-hash next time, nothing else

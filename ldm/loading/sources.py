@@ -119,7 +119,7 @@ class TensorFile:
 
         A tensor read from safetensors views its handle's map, which stays resident until every such
         tensor is freed: giving each network of a single file its own map lets one network's weights
-        be freed while the others are in use (``Pipeline.release_weights_after_use``).
+        be freed while the others are in use (``PipelineSetup.weights_after_use="release"``).
         """
         if self._safe is None:
             return self

@@ -24,7 +24,9 @@ so released weights load with no renaming.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -34,12 +36,29 @@ from ldm.errors import ConfigError
 from ldm.kernels.attention import attention_as_convolutions, conv_attention_rows
 from ldm.kernels.linear import linear
 from ldm.models.layers import repeat_rows
-from ldm.models.tome import bipartite_soft_matching
 
 AttentionBackend = Literal["sdpa", "xformers", "sliced"]
 
 DEFAULT_SLICE_SIZE = 1024  # query rows per chunk for "sliced" when none is given
 FF_CHUNK_ROWS = 2048  # tokens per feed-forward chunk without autograd (see FeedForward.forward)
+
+SelfAttention = Callable[[torch.Tensor], torch.Tensor]  # a block's own self-attention: (B, N, C) -> (B, N, C)
+
+
+class SelfAttentionHook(Protocol):
+    """Computes a transformer block's self-attention for one call, in place of ``attend(hidden)``.
+
+    ``hidden``: the normed tokens (B, H*W, C) of an H x W map, ``size`` = (H, W); ``attend`` is the block's
+    own self-attention, which the hook may call on other tokens (fewer, say).
+    """
+
+    def __call__(self, hidden: torch.Tensor, size: tuple[int, int], attend: SelfAttention) -> torch.Tensor: ...
+
+
+# One call's self-attention hooks, keyed by the BasicTransformerBlock they apply to: passed down with the
+# call and never stored on a module, so concurrent calls on one shared network do not see each other's.
+SelfAttentionHooks = Mapping[nn.Module, SelfAttentionHook]
+NO_HOOKS: SelfAttentionHooks = MappingProxyType({})
 
 
 class Linear(nn.Linear):
@@ -203,16 +222,21 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = Attention(dim, heads, context_dim=context_dim, upcast=upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
-        self.token_merge_ratio = 0.0  # ToMe in self-attention, set by ldm.models.tome.set_token_merging
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        # x: (B, H*W, dim) tokens of an H x W map, ``size`` = (H, W) (needed only for token merging)
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        size: tuple[int, int] | None = None,
+        hooks: SelfAttentionHooks = NO_HOOKS,
+    ) -> torch.Tensor:
+        # x: (B, H*W, dim) tokens of an H x W map, ``size`` = (H, W) (needed only by a self-attention hook)
         h = self.norm1(x)
-        if self.token_merge_ratio > 0 and size is not None:
-            merge, unmerge = bipartite_soft_matching(h, size, self.token_merge_ratio)
-            x = unmerge(self.attn1(merge(h))) + x
-        else:
+        hook = hooks.get(self)
+        if hook is None or size is None:
             x = self.attn1(h) + x
+        else:
+            x = hook(h, size, self.attn1) + x
         x = repeat_rows(x, context.shape[0])
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
@@ -240,7 +264,7 @@ class SpatialTransformer(nn.Module):
             self.proj_out = nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, context_dim, upcast)])
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, hooks: SelfAttentionHooks = NO_HOOKS) -> torch.Tensor:
         # x: (B, C, H, W), context: (B, M, context_dim)
         b, c, h, w = x.shape
         tokens = self.norm(x)
@@ -249,7 +273,7 @@ class SpatialTransformer(nn.Module):
         else:
             tokens = self.proj_in(tokens).permute(0, 2, 3, 1).reshape(b, h * w, c)
         for block in self.transformer_blocks:
-            tokens = block(tokens, context, (h, w))
+            tokens = block(tokens, context, (h, w), hooks)
         b = tokens.shape[0]  # the text's batch: shared samples were repeated at the cross-attention
         if self.use_linear_projection:
             out = self.proj_out(tokens).view(b, h, w, c).permute(0, 3, 1, 2)

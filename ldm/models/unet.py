@@ -6,6 +6,10 @@ Image Synthesis with Latent Diffusion Models", sec. 3.3 and appendix E).
             -> up levels popping skips (concat, ResNet blocks [+ transformer], then 2x upsample)
             -> GroupNorm, SiLU, conv_out
 
+Behaviour attached from outside (``ldm.speedups``) travels with a call as ``UNetHooks``: a
+self-attention hook per transformer block and a replacement for the block loop; nothing is stored on
+the modules, so one U-Net serves concurrent calls with different hooks.
+
 Every module attribute is named after diffusers' ``UNet2DConditionModel`` checkpoint keys, so a
 diffusers ``unet/`` folder loads with ``strict=True`` and no renaming.
 """
@@ -14,8 +18,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm.errors import ConfigError, InputError
 from ldm.models._config import as_int, as_int_tuple, check_defaults, check_range
-from ldm.models.attention import AttentionBackend, SpatialTransformer, set_attention
+from ldm.models.attention import NO_HOOKS, AttentionBackend, SelfAttentionHooks, SpatialTransformer, set_attention
 from ldm.models.layers import Downsample, ResnetBlock, Upsample, join_skip
 
 
@@ -263,15 +267,29 @@ class DownBlock(_Block):
         is_last = level == len(cfg.block_out_channels) - 1
         self.downsamplers = None if is_last else nn.ModuleList([Downsample(out)])
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
-        for i, resnet in enumerate(self.resnets):
-            x = self._run(resnet, x, temb)
-            if self.attentions is not None:
-                x = self._run(self.attentions[i], x, context)
+    def forward(
+        self,
+        x: torch.Tensor,
+        temb: torch.Tensor,
+        context: torch.Tensor,
+        skips: list[torch.Tensor],
+        hooks: SelfAttentionHooks = NO_HOOKS,
+    ) -> torch.Tensor:
+        for i in range(len(self.resnets)):
+            x = self.layer(i, x, temb, context, hooks)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
             skips.append(x)
+        return x
+
+    def layer(
+        self, i: int, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, hooks: SelfAttentionHooks = NO_HOOKS
+    ) -> torch.Tensor:
+        """Layer ``i``: its ResNet, then its transformer if the level has them (the output is skip ``i + 1``)."""
+        x = self._run(self.resnets[i], x, temb)
+        if self.attentions is not None:
+            x = self._run(self.attentions[i], x, context, hooks)
         return x
 
 
@@ -283,9 +301,11 @@ class MidBlock(_Block):
         self.resnets = nn.ModuleList([ResnetBlock(ch, ch, temb_channels, g, eps), ResnetBlock(ch, ch, temb_channels, g, eps)])
         self.attentions = nn.ModuleList([_transformer(cfg, ch, cfg.num_attention_heads[-1])])
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, hooks: SelfAttentionHooks = NO_HOOKS
+    ) -> torch.Tensor:
         x = self._run(self.resnets[0], x, temb)
-        x = self._run(self.attentions[0], x, context)
+        x = self._run(self.attentions[0], x, context, hooks)
         return self._run(self.resnets[1], x, temb)
 
 
@@ -309,20 +329,74 @@ class UpBlock(_Block):
             self.attentions = None
         self.upsamplers = None if level == 0 else nn.ModuleList([Upsample(out)])
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
-        for i, resnet in enumerate(self.resnets):
-            x = self._run(resnet, join_skip(x, skips), temb)
-            if self.attentions is not None:
-                x = self._run(self.attentions[i], x, context)
+    def forward(
+        self,
+        x: torch.Tensor,
+        temb: torch.Tensor,
+        context: torch.Tensor,
+        skips: list[torch.Tensor],
+        hooks: SelfAttentionHooks = NO_HOOKS,
+    ) -> torch.Tensor:
+        for i in range(len(self.resnets)):
+            x = self.layer(i, x, temb, context, skips, hooks)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, skips[-1].shape[-2:])
         return x
+
+    def layer(
+        self,
+        i: int,
+        x: torch.Tensor,
+        temb: torch.Tensor,
+        context: torch.Tensor,
+        skips: list[torch.Tensor],
+        hooks: SelfAttentionHooks = NO_HOOKS,
+    ) -> torch.Tensor:
+        """Layer ``i``: its ResNet on ``x`` joined with the last skip (popped), then its transformer if any."""
+        x = self._run(self.resnets[i], join_skip(x, skips), temb)
+        if self.attentions is not None:
+            x = self._run(self.attentions[i], x, context, hooks)
+        return x
+
+
+def _check_text_batch(sample: torch.Tensor, context: torch.Tensor) -> None:
+    if context.shape[0] % sample.shape[0]:
+        raise InputError(
+            f"the U-Net got {context.shape[0]} text embeddings for {sample.shape[0]} samples; pass a multiple of the sample count"
+        )
 
 
 def _transformer(cfg: UNetConfig, channels: int, heads: int) -> SpatialTransformer:
     return SpatialTransformer(
         channels, heads, cfg.cross_attention_dim, cfg.norm_num_groups, cfg.use_linear_projection, cfg.upcast_attention
     )
+
+
+class BlockLoop(Protocol):
+    """The U-Net's block loop, or what replaces it for one call (``UNetHooks.blocks``).
+
+    ``x``: ``conv_in``'s output, ``temb``: the time embedding, ``skips``: ``[x]``, to which the down path
+    pushes and from which the up path pops; returns the feature map before the output head.
+    """
+
+    def __call__(
+        self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor], hooks: UNetHooks
+    ) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class UNetHooks:
+    """What one U-Net call runs differently, attached from outside the network (``ldm.speedups``).
+
+    The hook points that diffusers' ``hooks/`` and ComfyUI's model patches attach to, passed with the
+    call (as diffusers' ``cross_attention_kwargs`` or ComfyUI's ``transformer_options``) and never stored
+    on a module.
+    """
+
+    # Per BasicTransformerBlock: computes its self-attention (token merging).
+    self_attention: SelfAttentionHooks = field(default_factory=dict)
+    # Runs in place of UNet.run_blocks, between conv_in and the output head (DeepCache).
+    blocks: BlockLoop | None = None
 
 
 class UNet(nn.Module):
@@ -344,7 +418,11 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(widths[0], config.out_channels, 3, padding=1)
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor | float | int, encoder_hidden_states: torch.Tensor
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        hooks: UNetHooks | None = None,
     ) -> torch.Tensor:
         """Predict the noise (or v) of ``sample`` at ``timestep`` given the text ``encoder_hidden_states``.
 
@@ -353,24 +431,36 @@ class UNet(nn.Module):
         k embeddings and the result has k * B rows, equal to passing ``torch.cat([sample] * k)``:
         classifier-free guidance passes its latents once, and the layers before the first
         cross-attention (conv_in, a ResNet and a 4096-token self-attention at 512x512) run once
-        instead of k times.
+        instead of k times. ``hooks`` change what this call runs (see ``UNetHooks``).
         """
+        hooks = UNetHooks() if hooks is None else hooks
         context = encoder_hidden_states
-        if context.shape[0] % sample.shape[0]:
-            raise InputError(
-                f"the U-Net got {context.shape[0]} text embeddings for {sample.shape[0]} samples; pass a multiple of the sample count"
-            )
-        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
-        temb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(sample.dtype))
-
+        _check_text_batch(sample, context)
+        temb = self.embed_time(timestep, sample)
         x = self.conv_in(sample)
-        skips = [x]
+        run_blocks = self.run_blocks if hooks.blocks is None else hooks.blocks
+        x = run_blocks(x, temb, context, [x], hooks)
+        return self.head(x)  # the middle's cross-attention made it k * B rows
+
+    def embed_time(self, timestep: torch.Tensor | float | int, sample: torch.Tensor) -> torch.Tensor:
+        """The time embedding (B, 4 * C) of ``timestep`` (one value, or one per sample) for the B rows of ``sample``."""
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
+        return self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(sample.dtype))
+
+    def run_blocks(
+        self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor], hooks: UNetHooks
+    ) -> torch.Tensor:
+        """The block loop (a ``BlockLoop``): down levels push skips, the middle, up levels pop them."""
         for block in self.down_blocks:
-            x = block(x, temb, context, skips)
-        x = self.mid_block(x, temb, context)
+            x = block(x, temb, context, skips, hooks.self_attention)
+        x = self.mid_block(x, temb, context, hooks.self_attention)
         for block in self.up_blocks:
-            x = block(x, temb, context, skips)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))  # the middle's cross-attention made it k * B rows
+            x = block(x, temb, context, skips, hooks.self_attention)
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The output head: GroupNorm, SiLU, ``conv_out``."""
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
 
     def set_attention(self, backend: AttentionBackend, slice_size: int | None = None) -> None:
         """Compute attention with ``backend`` (see ``ldm.models.attention``)."""

@@ -238,7 +238,7 @@ class Pipeline:
         timesteps = stages.prepare_timesteps(self, call)
         x = stages.initial_latents(self, call, timesteps)
         x = stages.denoise(self, call, x, timesteps, text, callback)
-        return stages.decode_output(self, call, x, output_type)
+        return GenerationOutput(stages.decode_output(self, x, output_type), call.resolved)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,7 @@ single image equals diffusers' image for the same seed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -31,15 +30,14 @@ from ldm import __version__, checks
 from ldm.errors import ConfigError, InputError, LdmError, SettingError
 from ldm.guidance import ClassifierFreeGuidance, Conditional, Denoiser, Network, guided_steps
 from ldm.images import image_to_tensor, to_numpy, to_pil
-from ldm.models.deepcache import DeepCacheUNet
-from ldm.models.tome import token_merging as merged_tokens
 from ldm.prompts import encode_prompts as encode_texts
 from ldm.random import randn, resolve_seed, seed_generators
 from ldm.schedulers import DiffusersScheduler, Scheduler, SchedulerConfig, check_options, create
 from ldm.settings import SAMPLER_NAMES, GenerationSettings, ResolvedSettings
+from ldm.speedups import speed_up
 
 if TYPE_CHECKING:
-    from ldm.pipeline.pipeline import GenerationOutput, Pipeline
+    from ldm.pipeline.pipeline import Pipeline
 
 OutputType = Literal["pil", "np", "pt", "latent"]
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -210,8 +208,10 @@ def denoise(
     callback: StepCallback | None,
 ) -> torch.Tensor:
     """The sampling loop: one denoiser call and one sampler step per timestep."""
-    with pipe.residency.running(pipe.unet) as unet, _sped_up(unet, call.settings) as network:
-        denoiser = guided(in_network_format(network, pipe.dtype, pipe.setup.memory_format), call.settings, text, len(timesteps))
+    s = call.settings
+    with pipe.residency.running(pipe.unet) as unet:
+        network = speed_up(unet, s.deepcache_interval, s.token_merging)
+        denoiser = guided(in_network_format(network, pipe.dtype, pipe.setup.memory_format), s, text, len(timesteps))
         for i, t in enumerate(timesteps):
             output = denoiser(call.scheduler.scale_model_input(x, t), t)
             x = call.scheduler.step(output, t, x, generator=call.generators)
@@ -239,26 +239,17 @@ def in_network_format(network: Network, dtype: torch.dtype, memory_format: torch
     return run
 
 
-@contextmanager
-def _sped_up(unet: torch.nn.Module, s: GenerationSettings) -> Iterator[Network]:
-    with merged_tokens(unet, s.token_merging):
-        yield DeepCacheUNet(unet, s.deepcache_interval) if s.deepcache_interval > 1 else unet
-
-
 # --- decode ----------------------------------------------------------------------------------------
 
 
-def decode_output(pipe: Pipeline, call: Call, x: torch.Tensor, output_type: OutputType) -> GenerationOutput:
-    """The call's result: the latents themselves, or the decoded images as tensors, arrays or PIL images."""
-    from ldm.pipeline.pipeline import GenerationOutput
-
+def decode_output(pipe: Pipeline, x: torch.Tensor, output_type: OutputType) -> Any:
+    """The call's images: the latents themselves, or decoded as tensors, arrays or PIL images."""
     if output_type == "latent":
         pipe.residency.done_with(pipe.vae)
-        return GenerationOutput(x, call.resolved)
+        return x
     images = decode(pipe, x)
     pipe.residency.done_with(pipe.vae)
-    convert = {"pt": lambda images: images, "np": to_numpy, "pil": to_pil}[output_type]
-    return GenerationOutput(convert(images), call.resolved)
+    return {"pt": lambda images: images, "np": to_numpy, "pil": to_pil}[output_type](images)
 
 
 def decode(pipe: Pipeline, latents: torch.Tensor) -> torch.Tensor:

@@ -14,19 +14,23 @@ value products; the gain grows with the image size. Merging is applied only to t
 blocks of the first ``levels`` resolution levels (the paper's ``max_downsample``: the full-resolution
 level by default), where the tokens are most numerous and most redundant. ``ratio = 0`` is exact.
 
+Merging is attached per call, as a self-attention hook of the transformer blocks it applies to
+(``token_merging_hooks``, passed in ``UNetHooks.self_attention``): the shared U-Net is never changed.
+
 Destinations are at a fixed position of every window, so the result is deterministic (the paper
 draws the position at random per step to avoid grid artifacts; we prefer reproducible images).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ldm.errors import ConfigError
+from ldm.models.attention import BasicTransformerBlock, SelfAttention, SelfAttentionHooks
+from ldm.models.unet import UNet
 
 Merge = Callable[[torch.Tensor], torch.Tensor]
 
@@ -88,34 +92,31 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def set_token_merging(unet: nn.Module, ratio: float, levels: int = 1) -> None:
-    """Merge ``ratio`` of the tokens in the self-attention of the first ``levels`` resolution levels of ``unet``.
+@dataclass(frozen=True)
+class MergeTokens:
+    """Self-attention hook (``ldm.models.attention.SelfAttentionHook``): attention on the tokens left after
+    merging ``ratio`` of them, every merged token then taking its destination's output (sec. 3.2)."""
 
-    ``ratio = 0`` switches merging off everywhere. Applies to the transformer blocks of down level i and of
-    the up level that mirrors it, for i < ``levels``.
+    ratio: float
+
+    def __call__(self, hidden: torch.Tensor, size: tuple[int, int], attend: SelfAttention) -> torch.Tensor:
+        merge, unmerge = bipartite_soft_matching(hidden, size, self.ratio)
+        return unmerge(attend(merge(hidden)))
+
+
+def token_merging_hooks(unet: UNet, ratio: float, levels: int = 1) -> SelfAttentionHooks:
+    """Self-attention hooks that merge ``ratio`` of the tokens in the first ``levels`` resolution levels of ``unet``.
+
+    They apply to the transformer blocks of down level i and of the up level that mirrors it, for
+    i < ``levels``; ``ratio = 0`` gives no hooks. Pass them with a call as ``UNetHooks.self_attention``.
     """
-    from ldm.models.attention import BasicTransformerBlock
-
     if not 0.0 <= ratio <= MAX_RATIO:
         raise ConfigError(f"token merging ratio must be between 0 and {MAX_RATIO}, got {ratio}")
     depth = len(unet.down_blocks)
     if not 1 <= levels <= depth:
         raise ConfigError(f"token merging levels must be between 1 and {depth} for this U-Net, got {levels}")
-    chosen = {*unet.down_blocks[:levels], *unet.up_blocks[depth - levels :]}
-    for block in (*unet.down_blocks, unet.mid_block, *unet.up_blocks):
-        for module in block.modules():
-            if isinstance(module, BasicTransformerBlock):
-                module.token_merge_ratio = ratio if block in chosen else 0.0
-
-
-@contextmanager
-def token_merging(unet: nn.Module, ratio: float, levels: int = 1) -> Iterator[None]:
-    """Token merging at ``ratio`` for the duration of the block, off again afterwards (a no-op at 0)."""
     if ratio == 0:
-        yield
-        return
-    set_token_merging(unet, ratio, levels)
-    try:
-        yield
-    finally:
-        set_token_merging(unet, 0.0)
+        return {}
+    hook = MergeTokens(ratio)
+    chosen = (*unet.down_blocks[:levels], *unet.up_blocks[depth - levels :])
+    return {module: hook for level in chosen for module in level.modules() if isinstance(module, BasicTransformerBlock)}
