@@ -80,7 +80,8 @@ def test_x0_processing_follows_the_config():
     x0 = torch.tensor([[-3.0, -0.5, 0.25, 2.0]])
     plain = NoiseProcess.from_config(SchedulerConfig())
     clipped = NoiseProcess.from_config(SchedulerConfig(clip_sample=True, clip_sample_range=1.5))
-    thresholded = NoiseProcess.from_config(SchedulerConfig(thresholding=True, dynamic_thresholding_ratio=1.0, sample_max_value=2.0))
+    threshold = SchedulerConfig(thresholding=True, dynamic_thresholding_ratio=1.0, sample_max_value=2.0)
+    thresholded = NoiseProcess.from_config(threshold)
     assert not plain.processes_x0 and torch.equal(plain.process_x0(x0), x0)
     assert clipped.processes_x0 and clipped.process_x0(x0).tolist() == [[-1.5, -0.5, 0.25, 1.5]]
     # s = max |x0| = 3, clamped to sample_max_value = 2: clip to [-2, 2] and divide by 2.

@@ -55,14 +55,15 @@ class DiffusersScheduler:
         timesteps: Sequence[float] | torch.Tensor | None = None,
         sigmas: Sequence[float] | torch.Tensor | None = None,
     ) -> None:
-        points = {name: [float(v) for v in values] for name, values in (("timesteps", timesteps), ("sigmas", sigmas)) if values is not None}
+        given = (("timesteps", timesteps), ("sigmas", sigmas))
+        points = {name: [float(v) for v in values] for name, values in given if values is not None}
         if not points:
             self.diffusers.set_timesteps(num_inference_steps, device=device)
             return
         refused = sorted(points.keys() - self._takes_points)
         if refused:
             raise ConfigError(f"{type(self.diffusers).__name__}.set_timesteps takes no {' or '.join(refused)}")
-        count = len(points.get("timesteps", [])) or len(points.get("sigmas", [])) - 1
+        count = len(points["timesteps"]) if "timesteps" in points else len(points["sigmas"]) - 1  # sigmas end with the end point
         if num_inference_steps is not None and num_inference_steps != count:
             raise ConfigError(f"num_inference_steps={num_inference_steps} but {count} steps given; leave it out")
         try:  # diffusers refuses a step count beside them, and checks the points with ValueErrors

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
 import numpy as np
@@ -130,15 +130,15 @@ class Schedule:
         """This schedule with the caller's own timesteps or sigmas (either, or neither: itself)."""
         if timesteps is None and sigmas is None:
             return self
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Schedule(**{**values, "timesteps": timesteps, "sigmas": sigmas})
+        return replace(self, timesteps=timesteps, sigmas=sigmas)
 
     @property
     def has_own_points(self) -> bool:
         return self.timesteps is not None or self.sigmas is not None
 
     def step_count(self, num_inference_steps: int | None, num_train_timesteps: int) -> int:
-        """n: the step count asked for, or the number of the caller's own points (which it must equal if both are given)."""
+        """n: the step count asked for, or the number of the caller's own points (which a step
+        count given beside them must equal)."""
         own = len(self.timesteps) if self.timesteps is not None else None
         own = len(self.sigmas) - 1 if self.sigmas is not None else own
         if own is not None:
@@ -181,7 +181,10 @@ class Schedule:
 
 def _values(values: Sequence[float] | torch.Tensor | np.ndarray, name: str) -> tuple[float, ...]:
     """A caller's timesteps or sigmas as a tuple of floats (from a list, array or 1-D tensor)."""
-    array = np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
+    try:
+        array = np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a flat sequence of numbers, got {values!r}") from None
     if array.ndim != 1:
         raise ConfigError(f"{name} must be a flat sequence of numbers, got shape {array.shape}")
     return tuple(float(v) for v in array)
