@@ -221,3 +221,108 @@ def test_adapter_refuses_what_is_not_a_ddpm_type_diffusers_scheduler():
         from_diffusers_scheduler(create("ddim"))
     with pytest.raises(ConfigError, match="alphas_cumprod"):
         from_diffusers_scheduler(diffusers.FlowMatchEulerDiscreteScheduler())
+
+
+# --- exponential sigmas and the caller's own timesteps / sigmas ----------------------------------------
+
+# Our sampler, the diffusers class and options it equals, for the classes with use_exponential_sigmas.
+EXPONENTIAL = {
+    "dpm-solver++": (diffusers.DPMSolverMultistepScheduler, {}),
+    "dpm-solver++-sde": (diffusers.DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
+    "unipc": (diffusers.UniPCMultistepScheduler, {}),
+    "euler": (diffusers.EulerDiscreteScheduler, {}),
+}
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("name", list(EXPONENTIAL))
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("steps", [8, 25])
+def test_exponential_sigmas_equal_diffusers(prediction_type, name, spacing, steps):
+    cfg = SchedulerConfig(prediction_type=prediction_type, timestep_spacing=spacing)
+    make, options = EXPONENTIAL[name]
+    ours = create(name, cfg, use_exponential_sigmas=True)
+    ref = make.from_config(cfg.to_diffusers(), use_exponential_sigmas=True, **options)
+    ours.set_timesteps(steps)
+    ref.set_timesteps(steps)
+    assert torch.equal(ours.timesteps, ref.timesteps.to(ours.timesteps.dtype))
+    assert torch.allclose(ours.sigmas, ref.sigmas, rtol=1e-6)
+    assert_trajectories_agree(ours, ref, seed=2 if name.endswith("sde") else None)
+
+
+def test_exponential_sigmas_differ_from_karras_and_spaced_ones():
+    grids = {}
+    for options in ({}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True}):
+        scheduler = create("euler", **options)
+        scheduler.set_timesteps(10)
+        grids[tuple(options)] = scheduler.sigmas
+    spaced, karras, exponential = grids.values()
+    assert not torch.allclose(exponential, karras, rtol=1e-3) and not torch.allclose(exponential, spaced, rtol=1e-3)
+
+
+OWN_TIMESTEPS = [999, 850, 700, 520, 400, 260, 130, 41, 7]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_own_timesteps_equal_diffusers_ddpm_with_the_same_generator(prediction_type):
+    cfg = SchedulerConfig(prediction_type=prediction_type)
+    ours, ref = create("ddpm", cfg), diffusers.DDPMScheduler.from_config(cfg.to_diffusers())
+    ours.set_timesteps(timesteps=OWN_TIMESTEPS)
+    ref.set_timesteps(timesteps=OWN_TIMESTEPS)
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    assert_trajectories_agree(ours, ref, seed=6)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("name", ["dpm-solver", "dpm-solver++"])
+def test_own_timesteps_equal_diffusers_dpm_solver(prediction_type, order, name):
+    cfg = SchedulerConfig(prediction_type=prediction_type)
+    data_prediction = name == "dpm-solver++"
+    ours = create(name, cfg, solver_order=order)
+    ref = diffusers.DPMSolverMultistepScheduler.from_config(
+        cfg.to_diffusers(),
+        algorithm_type="dpmsolver++" if data_prediction else "dpmsolver",
+        solver_order=order,
+        final_sigmas_type="zero" if data_prediction else "sigma_min",
+    )
+    ours.set_timesteps(timesteps=OWN_TIMESTEPS)
+    ref.set_timesteps(timesteps=OWN_TIMESTEPS)
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    assert torch.allclose(ours.sigmas, ref.sigmas, rtol=1e-6)
+    assert_trajectories_agree(ours, ref)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("spacing", ["leading", "linspace"])
+def test_own_timesteps_and_sigmas_equal_diffusers_euler(prediction_type, spacing):
+    cfg = SchedulerConfig(prediction_type=prediction_type, timestep_spacing=spacing)
+    own_sigmas = [14.0, 6.5, 2.9, 1.2, 0.45, 0.15, 0.05, 0.0]
+    for points in ({"timesteps": [999.0, 800.5, 640.0, 300.25, 120.0, 9.0]}, {"sigmas": own_sigmas}):
+        ours, ref = create("euler", cfg), diffusers.EulerDiscreteScheduler.from_config(cfg.to_diffusers())
+        ours.set_timesteps(**points)
+        ref.set_timesteps(**points)
+        assert torch.allclose(ours.timesteps, ref.timesteps, rtol=1e-6)
+        assert torch.allclose(ours.sigmas, ref.sigmas, rtol=1e-6)
+        assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
+        assert_trajectories_agree(ours, ref)
+
+
+def test_adapter_passes_own_points_to_diffusers_classes_that_take_them():
+    cfg = SchedulerConfig().to_diffusers()
+    wrapped = from_diffusers_scheduler(diffusers.EulerDiscreteScheduler.from_config(cfg))
+    ours = create("euler")
+    sigmas = [14.0, 3.0, 0.7, 0.1, 0.0]
+    wrapped.set_timesteps(sigmas=sigmas)
+    ours.set_timesteps(4, sigmas=sigmas)  # a step count beside the points must agree with them
+    assert torch.allclose(wrapped.timesteps, ours.timesteps, rtol=1e-6)
+    x = start_latents() * ours.init_noise_sigma
+    got = run(wrapped, x, lambda out, t, x, g: wrapped.step(out, t, x, generator=g))
+    want = run(ours, x, lambda out, t, x, g: ours.step(out, t, x, generator=g))
+    assert float((got - want).norm() / want.norm()) < 1e-6
+    with pytest.raises(ConfigError, match="DDIMScheduler.set_timesteps takes no timesteps"):
+        from_diffusers_scheduler(diffusers.DDIMScheduler.from_config(cfg)).set_timesteps(timesteps=[900, 10])
+    with pytest.raises(ConfigError, match="DDPMScheduler: .*descending"):
+        from_diffusers_scheduler(diffusers.DDPMScheduler.from_config(cfg)).set_timesteps(timesteps=[10, 900])
+    with pytest.raises(ConfigError, match="num_inference_steps=3 but 4 steps"):
+        wrapped.set_timesteps(3, sigmas=sigmas)

@@ -1,12 +1,21 @@
-"""Schedulers: the denoising loop's step rule, picked by name.
+"""Schedulers: the denoising loop's sampler, picked by name, made of three parts.
 
     from ldm.schedulers import SchedulerConfig, create
     scheduler = create("dpm-solver++", SchedulerConfig(prediction_type="v_prediction"), solver_order=2)
-    scheduler.set_timesteps(20)
+    scheduler.set_timesteps(20)  # or set_timesteps(timesteps=[...]) / set_timesteps(sigmas=[...])
     x = noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x, generator=generator)
 
+The parts, as k-diffusion and ComfyUI separate them:
+
+    config.py     SchedulerConfig: how the model was trained (its scheduler_config.json)
+    process.py    NoiseProcess: the trained noise process (betas, alphas_cumprod, prediction type)
+    schedules.py  Schedule: the run's timesteps or sigmas (spacing, Karras, exponential, own points)
+    ddim.py, dpm_solver.py, euler.py, unipc.py: the step rules, only their update math
+
+A scheduler is the three combined: ``create(name, config, **options)``, or by hand
+``SCHEDULERS[name].from_parts(process, schedule, **options)``; each pipeline call builds its own.
 See ``base.py`` for the contract and docs/samplers.md for the list and which to choose.
 """
 
@@ -16,7 +25,10 @@ from dataclasses import fields
 from typing import Any
 
 from ldm.errors import ConfigError, SettingError
-from ldm.schedulers.base import Scheduler, SchedulerConfig
+from ldm.schedulers.base import Scheduler
+from ldm.schedulers.config import SchedulerConfig
+from ldm.schedulers.process import NoiseProcess
+from ldm.schedulers.schedules import Schedule
 from ldm.schedulers.diffusers_adapter import DiffusersScheduler, from_diffusers_scheduler
 from ldm.schedulers.ddim import DDIMScheduler, DDPMScheduler
 from ldm.schedulers.euler import EulerAncestralScheduler, EulerScheduler
@@ -54,6 +66,8 @@ def check_options(name: str, options: dict[str, Any]) -> None:
 __all__ = [
     "SCHEDULERS",
     "DiffusersScheduler",
+    "NoiseProcess",
+    "Schedule",
     "Scheduler",
     "SchedulerConfig",
     "check_options",

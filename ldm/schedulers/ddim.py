@@ -8,9 +8,10 @@ Notation (Song et al. 2021 write alpha_t for what we call abar_t = alphas_cumpro
                abar_0 = alphas_cumprod[0] (the SD convention, diffusers' ``set_alpha_to_one=False``)
                and DDPM uses 1 (Ho et al. 2020, Alg. 2 returns the mean of the last step)
 
-Each step moves to the next timestep of ``timesteps``. For "leading" and "trailing" spacing with
-n dividing T this is diffusers' ``t - T // n``; for other grids diffusers' DDIM steps to
-``t - T // n`` although the next model call is at the next grid point, and we step to that point.
+Each step moves to the next timestep of ``timesteps`` (``schedules.timestep_grid``, or the
+caller's own). For "leading" and "trailing" spacing with n dividing T this is diffusers'
+``t - T // n``; for other grids diffusers' DDIM steps to ``t - T // n`` although the next model
+call is at the next grid point, and we step to that point.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import torch
 
 from ldm.errors import ConfigError
 from ldm.random import randn
-from ldm.schedulers import noise
-from ldm.schedulers.base import LEADING_DEFAULTS, NoOptions, Scheduler
+from ldm.schedulers.base import NoOptions, Scheduler
+from ldm.schedulers.config import LEADING_DEFAULTS
+from ldm.schedulers.schedules import Schedule, timestep_grid
 
 
 @dataclass(frozen=True)
@@ -41,14 +43,10 @@ class DDIMScheduler(Scheduler):
     Options = DDIMOptions
     DIFFUSERS_DEFAULTS = LEADING_DEFAULTS
 
-    def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
-        self._check_steps(num_inference_steps)
-        c = self.config
-        grid = noise.spaced_timesteps(c.timestep_spacing, num_inference_steps, c.num_train_timesteps, c.steps_offset)
-        timesteps = self._checked_grid(torch.from_numpy(grid.round()).to(torch.int64))
-        self.timesteps = timesteps.to(device)
+    def _start_run(self, schedule: Schedule, n: int) -> None:
+        self.timesteps = timestep_grid(self.process, schedule, n)
         # abar along the run: one value per timestep plus the final value the last step lands on.
-        self._abars = torch.cat([self.alphas_cumprod[timesteps], self._final_abar()])
+        self._abars = torch.cat([self.alphas_cumprod[self.timesteps], self._final_abar()])
 
     def _final_abar(self) -> torch.Tensor:
         return self.alphas_cumprod[:1]
@@ -68,8 +66,8 @@ class DDIMScheduler(Scheduler):
         abar_t, abar_prev = self._abars[i], self._abars[i + 1]
         # 2. x_0 hat and eps hat from the network output (eq. 9 solved for x_0).
         alpha_t, sigma_t = abar_t**0.5, (1 - abar_t) ** 0.5
-        x0, eps = noise.to_x0_and_eps(model_output, sample, alpha_t, sigma_t, self.config.prediction_type)
-        x0 = self._process_x0(x0)
+        x0, eps = self.process.to_x0_and_eps(model_output, sample, alpha_t, sigma_t)
+        x0 = self.process.process_x0(x0)
         # 3. sigma_t(eta) = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev), eq. 16.
         eta = self._eta()
         variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)

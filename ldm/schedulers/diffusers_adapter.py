@@ -8,13 +8,14 @@ and ``init_noise_sigma`` may be a tensor. The pipeline therefore never inspects 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from ldm.errors import ConfigError
 from ldm.schedulers import noise
-from ldm.schedulers.base import SchedulerConfig
+from ldm.schedulers.config import SchedulerConfig
 
 
 class DiffusersScheduler:
@@ -31,9 +32,12 @@ class DiffusersScheduler:
             )
         self.diffusers = scheduler
         self.config = SchedulerConfig.from_diffusers(dict(scheduler.config))
-        # The one signature check in ldm: diffusers' step() signatures differ per class, and a
-        # stochastic sampler must receive the caller's generator while others must not get one.
+        # The signature checks of ldm: diffusers' step() signatures differ per class, and a
+        # stochastic sampler must receive the caller's generator while others must not get one;
+        # only some classes' set_timesteps take a caller's own timesteps or sigmas.
         self._step_takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+        takes = inspect.signature(scheduler.set_timesteps).parameters
+        self._takes_points = frozenset(name for name in ("timesteps", "sigmas") if name in takes)
 
     @property
     def timesteps(self) -> torch.Tensor:
@@ -43,8 +47,29 @@ class DiffusersScheduler:
     def init_noise_sigma(self) -> float:
         return float(self.diffusers.init_noise_sigma)
 
-    def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
-        self.diffusers.set_timesteps(num_inference_steps, device=device)
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: torch.device | str | None = None,
+        *,
+        timesteps: Sequence[float] | torch.Tensor | None = None,
+        sigmas: Sequence[float] | torch.Tensor | None = None,
+    ) -> None:
+        given = (("timesteps", timesteps), ("sigmas", sigmas))
+        points = {name: [float(v) for v in values] for name, values in given if values is not None}
+        if not points:
+            self.diffusers.set_timesteps(num_inference_steps, device=device)
+            return
+        refused = sorted(points.keys() - self._takes_points)
+        if refused:
+            raise ConfigError(f"{type(self.diffusers).__name__}.set_timesteps takes no {' or '.join(refused)}")
+        count = len(points["timesteps"]) if "timesteps" in points else len(points["sigmas"]) - 1  # sigmas end with the end point
+        if num_inference_steps is not None and num_inference_steps != count:
+            raise ConfigError(f"num_inference_steps={num_inference_steps} but {count} steps given; leave it out")
+        try:  # diffusers refuses a step count beside them, and checks the points with ValueErrors
+            self.diffusers.set_timesteps(device=device, **points)
+        except ValueError as error:
+            raise ConfigError(f"{type(self.diffusers).__name__}: {error}") from None
 
     def scale_model_input(self, sample: torch.Tensor, t: torch.Tensor | int | float) -> torch.Tensor:
         return self.diffusers.scale_model_input(sample, t)

@@ -23,23 +23,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 
 from ldm.errors import ConfigError
 from ldm.random import randn
-from ldm.schedulers import noise
-from ldm.schedulers.base import Scheduler
+from ldm.schedulers.base import Scheduler, SigmaOptions
+from ldm.schedulers.noise import half_log_snr, vp_from_ve
+from ldm.schedulers.schedules import Schedule, solver_grid
 
 
 @dataclass(frozen=True)
-class DPMSolverOptions:
+class DPMSolverOptions(SigmaOptions):
     solver_order: int = 2  # 2 for guided sampling, 3 for unconditional (Lu et al. 2022b, sec. 5)
     solver_type: Literal["midpoint", "heun"] = "midpoint"  # second-order variant; both are order 2
     lower_order_final: bool = True  # lower orders on the last steps when fewer than 15 steps
-    use_karras_sigmas: bool = False  # Karras et al. 2022 eq. 5 sigmas instead of the spaced timesteps
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.solver_order not in (1, 2, 3):
             raise ConfigError(f"solver_order must be 1, 2 or 3, got {self.solver_order!r}")
         if self.solver_type not in ("midpoint", "heun"):
@@ -54,11 +54,9 @@ class DPMSolverScheduler(Scheduler):
     stochastic = False
     final_sigma_zero = False
 
-    def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
-        self._check_steps(num_inference_steps)
-        karras = self.options.use_karras_sigmas
-        timesteps, self.sigmas = solver_grid(self, num_inference_steps, karras, self.final_sigma_zero)
-        self.timesteps = timesteps.to(device)
+    def _start_run(self, schedule: Schedule, n: int) -> None:
+        grid = solver_grid(self.process, schedule, n, "zero" if self.final_sigma_zero else "sigma_min")
+        self.timesteps, self.sigmas = grid.timesteps, grid.sigmas
         self._outputs: list[torch.Tensor] = []  # converted network terms of previous steps, newest last
 
     def step(
@@ -71,8 +69,8 @@ class DPMSolverScheduler(Scheduler):
         i = self._begin_step(t)
         o, n = self.options, len(self.timesteps)
         # 1. Half log-SNR lambda = log(alpha / sigma) at the current and next points.
-        alpha_s, sigma_s = _vp(self.sigmas[i])
-        alpha_t, sigma_t = _vp(self.sigmas[i + 1])
+        alpha_s, sigma_s = vp_from_ve(self.sigmas[i])
+        alpha_t, sigma_t = vp_from_ve(self.sigmas[i + 1])
         lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
         # 2. The network term this solver integrates, from the model output.
         self._outputs = [*self._outputs, self._network_term(model_output, sample, i)][-o.solver_order :]
@@ -89,7 +87,7 @@ class DPMSolverScheduler(Scheduler):
             order = min(order, 2)
         # 4. Scaled divided differences D0, D1, D2 of the outputs in lambda (Lu et al. 2022b, sec. 4).
         sample = sample.to(torch.float32)
-        lambdas = [_half_log_snr(self.sigmas[i - k]) for k in range(order)]
+        lambdas = [half_log_snr(self.sigmas[i - k]) for k in range(order)]
         h = lambda_t - lambdas[0]
         m = self._outputs[::-1]  # m[0] newest
         d0, d1, d2 = m[0], None, None
@@ -110,11 +108,11 @@ class DPMSolverScheduler(Scheduler):
         return prev.to(model_output.dtype)
 
     def _network_term(self, model_output: torch.Tensor, sample: torch.Tensor, i: int) -> torch.Tensor:
-        alpha, sigma = _vp(self.sigmas[i])
-        x0, eps = noise.to_x0_and_eps(model_output, sample, alpha, sigma, self.config.prediction_type)
-        if not (self.config.thresholding or self.config.clip_sample):
+        alpha, sigma = vp_from_ve(self.sigmas[i])
+        x0, eps = self.process.to_x0_and_eps(model_output, sample, alpha, sigma)
+        if not self.process.processes_x0:
             return x0 if self.predicts_data else eps
-        x0 = self._process_x0(x0)
+        x0 = self.process.process_x0(x0)
         return x0 if self.predicts_data else (sample - alpha * x0) / sigma
 
     def _update(self, x, h, s, t, d0, d1, d2, z):
@@ -168,37 +166,3 @@ class DPMSolverPlusPlusSDEScheduler(DPMSolverPlusPlusScheduler):
         if d2 is not None:
             prev = prev + alpha_t * ((em2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5) * d2
         return prev + sigma_t * em2.sqrt() * z
-
-
-def solver_grid(
-    scheduler: Scheduler, num_inference_steps: int, use_karras_sigmas: bool, final_sigma_zero: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(timesteps, VE sigmas with the end point appended) of the exponential-integrator solvers
-    (DPM-Solver, UniPC), laid out as diffusers lays them out for those solvers."""
-    c = scheduler.config
-    all_sigmas = noise.ve_sigmas(noise.finite_terminal(scheduler.alphas_cumprod)).numpy()
-    if use_karras_sigmas:
-        sigmas = noise.karras_sigmas(float(all_sigmas[0]), float(all_sigmas[-1]), num_inference_steps)
-        grid = noise.sigma_to_timestep(sigmas, np.log(all_sigmas))
-        if c.beta_schedule != "squaredcos_cap_v2":
-            grid = grid.round()
-    else:
-        grid = noise.spaced_timesteps(
-            c.timestep_spacing, num_inference_steps, c.num_train_timesteps, c.steps_offset, reserve_final=True
-        ).round()
-        sigmas = np.interp(grid, np.arange(len(all_sigmas)), all_sigmas)
-    final = 0.0 if final_sigma_zero else float(all_sigmas[0])
-    sigmas = torch.from_numpy(np.concatenate([sigmas, [final]]).astype(np.float32))
-    timesteps = scheduler._checked_grid(torch.from_numpy(grid.astype(np.int64)), strict=not use_karras_sigmas)
-    return timesteps, sigmas
-
-
-def _vp(ve_sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """VP (alpha_t, sigma_t) from the VE sigma: alpha = 1 / sqrt(1 + sigma^2), sigma_t = sigma alpha."""
-    alpha = 1 / (ve_sigma**2 + 1) ** 0.5
-    return alpha, ve_sigma * alpha
-
-
-def _half_log_snr(ve_sigma: torch.Tensor) -> torch.Tensor:
-    alpha, sigma = _vp(ve_sigma)
-    return torch.log(alpha) - torch.log(sigma)

@@ -15,19 +15,18 @@ state's std at sigma_max) for "leading".
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 import torch
 
 from ldm.random import randn
 from ldm.schedulers import noise
-from ldm.schedulers.base import Scheduler, SchedulerConfig
+from ldm.schedulers.base import Scheduler, SigmaOptions
+from ldm.schedulers.schedules import Schedule, euler_grid
 
 
 @dataclass(frozen=True)
-class EulerOptions:
-    use_karras_sigmas: bool = False  # Karras et al. 2022 eq. 5 sigmas over the spaced grid's range
+class EulerOptions(SigmaOptions):
+    """Karras or exponential sigmas span the range of the spaced grid's sigmas (diffusers' Euler)."""
 
 
 class EulerScheduler(Scheduler):
@@ -35,30 +34,16 @@ class EulerScheduler(Scheduler):
 
     Options = EulerOptions
 
-    def __init__(self, config: SchedulerConfig | None = None, **options: Any) -> None:
-        super().__init__(config, **options)
-        # sigma of every training timestep 0..T-1, ascending.
-        self._all_sigmas = noise.ve_sigmas(noise.finite_terminal(self.alphas_cumprod)).numpy()
-
-    def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
-        self._check_steps(num_inference_steps)
-        c = self.config
-        grid = noise.spaced_timesteps(c.timestep_spacing, num_inference_steps, c.num_train_timesteps, c.steps_offset)
-        # Fractional timesteps (linspace) get their sigma by linear interpolation, as in diffusers.
-        sigmas = np.interp(grid, np.arange(len(self._all_sigmas)), self._all_sigmas)
-        if self.options.use_karras_sigmas:
-            sigmas = noise.karras_sigmas(float(sigmas[-1]), float(sigmas[0]), num_inference_steps)
-            grid = noise.sigma_to_timestep(sigmas, np.log(self._all_sigmas))
-        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
-        timesteps = torch.from_numpy(grid.astype(np.float32))
-        self.timesteps = self._checked_grid(timesteps, strict=not self.options.use_karras_sigmas).to(device)
+    def _start_run(self, schedule: Schedule, n: int) -> None:
+        grid = euler_grid(self.process, schedule, n)
+        self.timesteps, self.sigmas = grid.timesteps, grid.sigmas
 
     @property
     def init_noise_sigma(self) -> float:
         if self.num_inference_steps == 0:
             return 1.0
         sigma_max = float(self.sigmas.max())
-        if self.config.timestep_spacing in ("linspace", "trailing"):
+        if self.schedule.spacing in ("linspace", "trailing"):
             return sigma_max
         return (sigma_max**2 + 1) ** 0.5
 
@@ -93,14 +78,14 @@ class EulerScheduler(Scheduler):
         return x + d * (sigma_next - sigma)
 
     def _denoise(self, model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        alpha = 1 / (sigma**2 + 1) ** 0.5
-        x0, _ = noise.to_x0_and_eps(model_output, sample * alpha, alpha, sigma * alpha, self.config.prediction_type)
-        return self._process_x0(x0)
+        alpha, sigma_t = noise.vp_from_ve(sigma)
+        x0, _ = self.process.to_x0_and_eps(model_output, sample * alpha, alpha, sigma_t)
+        return self.process.process_x0(x0)
 
     def _sigma_at(self, t: torch.Tensor | int | float) -> torch.Tensor:
         """1-D sigmas of the timesteps ``t``: this run's sigma where t is on its grid, else interpolated."""
         values = torch.as_tensor(t, dtype=torch.float64).flatten().cpu()
-        sigmas = torch.from_numpy(np.interp(values.numpy(), np.arange(len(self._all_sigmas)), self._all_sigmas))
+        sigmas = torch.from_numpy(self.process.sigma_at(values.numpy()))
         if self.num_inference_steps:
             grid = self.timesteps.double().cpu()
             for k, value in enumerate(values):

@@ -1,4 +1,5 @@
-"""The noise-schedule math every scheduler shares, as pure functions.
+"""The noise-process math every scheduler shares, as pure functions (``NoiseProcess`` in
+``process.py`` applies them to one model's process; a run's grid is made in ``schedules.py``).
 
 Notation (variance-preserving diffusion, Ho et al. 2020; Kingma et al. 2021):
 
@@ -79,6 +80,9 @@ def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+# --- noise levels ---------------------------------------------------------------------------------
+
+
 def finite_terminal(abar: torch.Tensor) -> torch.Tensor:
     """``abar`` with a zero terminal value (zero-SNR rescaling) replaced by 2^-24, so samplers that
     divide by alpha_T or take log SNR stay finite; diffusers' sigma-based schedulers do the same."""
@@ -92,11 +96,16 @@ def ve_sigmas(abar: torch.Tensor) -> torch.Tensor:
     return ((1 - abar) / abar) ** 0.5
 
 
-def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
-    """Karras et al. 2022, eq. 5: sigmas evenly spaced in sigma^(1/rho), from sigma_max down to sigma_min."""
-    ramp = np.linspace(0, 1, num_steps)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (hi + ramp * (lo - hi)) ** rho
+def vp_from_ve(ve_sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """VP (alpha_t, sigma_t) of a VE sigma: alpha = 1 / sqrt(1 + sigma^2), sigma_t = sigma alpha."""
+    alpha = 1 / (ve_sigma**2 + 1) ** 0.5
+    return alpha, ve_sigma * alpha
+
+
+def half_log_snr(ve_sigma: torch.Tensor) -> torch.Tensor:
+    """lambda = log(alpha_t / sigma_t) (Lu et al. 2022, sec. 3.1) of a VE sigma."""
+    alpha, sigma = vp_from_ve(ve_sigma)
+    return torch.log(alpha) - torch.log(sigma)
 
 
 def sigma_to_timestep(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
@@ -112,44 +121,6 @@ def sigma_to_timestep(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     w = (log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high])
     w = np.clip(w, 0, 1)
     return ((1 - w) * low + w * high).reshape(sigma.shape)
-
-
-# --- timestep spacing ------------------------------------------------------------------------------
-
-
-def spaced_timesteps(
-    spacing: TimestepSpacing,
-    num_inference_steps: int,
-    num_train_timesteps: int,
-    steps_offset: int = 0,
-    *,
-    reserve_final: bool = False,
-) -> np.ndarray:
-    """Descending training timesteps to visit (float64; "linspace" may be fractional, and
-    schedulers that index ``alphas_cumprod`` round it, as diffusers does).
-
-    Lin et al. 2024, Table 2 names the three spacings. "leading" takes every T//n-th step from 0
-    and adds ``steps_offset`` (SD uses 1: 981, 961, ..., 1 for 50 steps); "trailing" counts down
-    from T - 1; "linspace" spreads n points evenly over [0, T - 1].
-
-    ``reserve_final``: solvers whose last step lands on clean data (sigma = 0; DPM-Solver, UniPC)
-    lay "leading" and "linspace" grids over n + 1 points and drop the lowest one, which is the
-    end point they step to; this is the grid diffusers uses for them.
-    """
-    n, big_t = num_inference_steps, num_train_timesteps
-    if spacing == "trailing":
-        ratio = big_t / n
-        return np.round(np.arange(big_t, 0, -ratio)) - 1.0
-    points = n + 1 if reserve_final else n
-    if spacing == "leading":
-        ratio = big_t // points
-        grid = np.arange(0, points, dtype=np.float64) * ratio + steps_offset
-    elif spacing == "linspace":
-        grid = np.linspace(0, big_t - 1, points)
-    else:
-        raise ValueError(f"unknown timestep spacing {spacing!r}")
-    grid = grid[::-1].copy()
-    return grid[:-1] if reserve_final else grid
 
 
 # --- prediction-type conversions -------------------------------------------------------------------

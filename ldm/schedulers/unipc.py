@@ -24,20 +24,20 @@ from typing import Literal
 import torch
 
 from ldm.errors import ConfigError
-from ldm.schedulers import noise
-from ldm.schedulers.base import Scheduler
-from ldm.schedulers.dpm_solver import _vp, solver_grid
+from ldm.schedulers.base import Scheduler, SigmaOptions
+from ldm.schedulers.noise import vp_from_ve
+from ldm.schedulers.schedules import Schedule, solver_grid
 
 
 @dataclass(frozen=True)
-class UniPCOptions:
+class UniPCOptions(SigmaOptions):
     solver_order: int = 2  # 2 for guided sampling, 3 for unconditional
     solver_type: Literal["bh1", "bh2"] = "bh2"  # B(h) = h or e^h - 1; bh2 is better at few steps
     lower_order_final: bool = True  # reduce the order on the last steps
-    use_karras_sigmas: bool = False  # Karras et al. 2022 eq. 5 sigmas
     disable_corrector: tuple[int, ...] = ()  # step indices whose arrival is not corrected
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.solver_order not in (1, 2, 3):
             raise ConfigError(f"solver_order must be 1, 2 or 3, got {self.solver_order!r}")
         if self.solver_type not in ("bh1", "bh2"):
@@ -49,10 +49,9 @@ class UniPCScheduler(Scheduler):
 
     Options = UniPCOptions
 
-    def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
-        self._check_steps(num_inference_steps)
-        timesteps, self.sigmas = solver_grid(self, num_inference_steps, self.options.use_karras_sigmas, True)
-        self.timesteps = timesteps.to(device)
+    def _start_run(self, schedule: Schedule, n: int) -> None:
+        grid = solver_grid(self.process, schedule, n, "zero")
+        self.timesteps, self.sigmas = grid.timesteps, grid.sigmas
         self._outputs: list[torch.Tensor] = []  # x_0 predictions of previous points, newest last
         self._last_sample: torch.Tensor | None = None  # x before the last predictor step
         self._last_order = 0
@@ -67,9 +66,9 @@ class UniPCScheduler(Scheduler):
         i = self._begin_step(t)
         o = self.options
         # 1. The data prediction at the current point s0 = sigmas[i].
-        alpha, sigma = _vp(self.sigmas[i])
-        x0, _ = noise.to_x0_and_eps(model_output, sample, alpha, sigma, self.config.prediction_type)
-        x0 = self._process_x0(x0)
+        alpha, sigma = vp_from_ve(self.sigmas[i])
+        x0, _ = self.process.to_x0_and_eps(model_output, sample, alpha, sigma)
+        x0 = self.process.process_x0(x0)
         # 2. UniC: correct the arrival at s0 using the new output (no extra network call).
         if self._last_sample is not None and (i - 1) not in o.disable_corrector:
             sample = self._corrector(i, x0, sample)
@@ -106,13 +105,13 @@ class UniPCScheduler(Scheduler):
     def _terms(self, s: int, t: int, order: int, x: torch.Tensor, m0: torch.Tensor):
         """Shared pieces of a step sigmas[s] -> sigmas[t] with outputs at sigmas[s], sigmas[s-1], ...:
         the first-order (DPM-Solver++ / DDIM) result, alpha_t, B(h), the ratios r_k and the vector b."""
-        alpha_s, sigma_s = _vp(self.sigmas[s])
-        alpha_t, sigma_t = _vp(self.sigmas[t])
+        alpha_s, sigma_s = vp_from_ve(self.sigmas[s])
+        alpha_t, sigma_t = vp_from_ve(self.sigmas[t])
         lambda_s = torch.log(alpha_s) - torch.log(sigma_s)
         h = torch.log(alpha_t) - torch.log(sigma_t) - lambda_s
         rks = []
         for k in range(1, order):
-            alpha_k, sigma_k = _vp(self.sigmas[s - k])
+            alpha_k, sigma_k = vp_from_ve(self.sigmas[s - k])
             rks.append((torch.log(alpha_k) - torch.log(sigma_k) - lambda_s) / h)
         hh = -h  # the data-prediction form integrates in -lambda
         h_phi_1 = torch.expm1(hh)

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from ldm.errors import ConfigError
 from ldm.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_adapters
 from ldm.random import randn
-from ldm.schedulers import SchedulerConfig, create
+from ldm.schedulers import SCHEDULERS, NoiseProcess, SchedulerConfig
 from ldm.training import checkpoint as ckpt
 from ldm.training.config import TrainConfig
 from ldm.training.data import BucketBatches, ImageCaptionDataset, collate
@@ -99,7 +99,7 @@ class Run:
     output_dir: Path
     accelerator: Accelerator
     weight_dtype: torch.dtype  # of the frozen models; trained ones keep fp32 master weights
-    scheduler: Any  # DDPM: the forward process the objective noises latents with
+    scheduler: NoiseProcess  # the model's noise process: add_noise and training_target of the objective
     text_encoder: nn.Module  # what captions are encoded with (LoRA-injected if asked), trained or frozen
     trained: dict[str, nn.Module]  # "unet" (and "text_encoder") unwrapped: what the EMA follows and samples use
     wrapped: dict[str, nn.Module]  # the same as accelerate prepared them (DDP, FSDP2); forward passes use these
@@ -200,7 +200,8 @@ def set_up(models: ModelSet, dataset: ImageCaptionDataset, config: TrainConfig, 
     check_backend(accelerator, config.train_text_encoder)
     set_seed(config.seed)  # the same LoRA initialisation on every rank
     weight_dtype = DTYPES[config.mixed_precision]
-    scheduler = create("ddpm", models.scheduler_config)
+    # Keys the model's config leaves out take DDPM's diffusers defaults, as diffusers' training scripts load a DDPMScheduler.
+    scheduler = NoiseProcess.from_config(models.scheduler_config.filled_for(SCHEDULERS["ddpm"].DIFFUSERS_DEFAULTS))
     trained, text_encoder = freeze_and_adapt(models, config, accelerator.device, weight_dtype)
     optimizer, lr_scheduler = make_optimizer(config, trained)
     wrapped, optimizer, skeletons = hand_to_accelerate(accelerator, trained, optimizer)

@@ -2,7 +2,7 @@
 
 Notation (Ho et al. 2020): x_t = alpha_t x_0 + sigma_t eps with alpha_t = sqrt(abar_t),
 sigma_t = sqrt(1 - abar_t); the signal-to-noise ratio is SNR(t) = alpha_t^2 / sigma_t^2.
-The scheduler supplies x_t (``add_noise``) and the regression target of the model's prediction
+The model's noise process (``ldm.schedulers.NoiseProcess``) supplies x_t (``add_noise``) and the regression target of the model's prediction
 type (``training_target``: eps, v = alpha_t eps - sigma_t x_0, or x_0).
 """
 
