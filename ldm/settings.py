@@ -40,6 +40,10 @@ SAMPLER_NAMES = {
 }
 TimestepSpacing = Literal["leading", "linspace", "trailing"]  # = ldm.schedulers.noise's (a test keeps them equal)
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+# The noise levels a sigma-stepping sampler visits: spaced as its timesteps, Karras et al. 2022's
+# eq. 5, or evenly in log sigma; A1111 writes them as "Schedule type" (spaced is its "Automatic").
+SigmaSchedule = Literal["spaced", "karras", "exponential"]
+SIGMA_SCHEDULES = {"spaced": "Automatic", "karras": "Karras", "exponential": "Exponential"}
 
 DEFAULT_SCHEDULER = "dpm-solver++"  # DPM-Solver++(2M) converges in 20-25 steps (Lu et al. 2022b, sec. 6)
 DEFAULT_STEPS = 25
@@ -102,7 +106,9 @@ class GenerationSettings:
     scheduler: str = DEFAULT_SCHEDULER  # a name of SAMPLER_NAMES
     eta: float | None = None  # DDIM's noise; None: the scheduler's default
     timestep_spacing: TimestepSpacing | None = None  # None: the model's scheduler config
-    use_karras_sigmas: bool = False
+    sigma_schedule: SigmaSchedule = "spaced"
+    timesteps: tuple[float, ...] | None = None  # the run's own timesteps, descending, instead of a schedule
+    sigmas: tuple[float, ...] | None = None  # the run's own sigmas (steps + 1, ending where the run ends)
     seed: int | None = None  # image i gets seed + i; None or -1: a random seed
     init_image: Any = None  # PIL image, path or tensor: img2img
     strength: float | None = None  # img2img: how much to change the image, (0, 1]; None: DEFAULT_STRENGTH
@@ -170,10 +176,41 @@ class GenerationSettings:
         if self.timestep_spacing is not None and self.timestep_spacing not in TIMESTEP_SPACINGS:
             shown = checks.shown(self.timestep_spacing)
             raise SettingError(f"{{timestep_spacing}} must be one of {', '.join(TIMESTEP_SPACINGS)}, got {shown}")
-        if not isinstance(self.use_karras_sigmas, bool):
-            raise SettingError(f"{{use_karras_sigmas}} must be True or False, got {checks.shown(self.use_karras_sigmas)}")
+        if self.sigma_schedule not in SIGMA_SCHEDULES:
+            shown = checks.shown(self.sigma_schedule)
+            raise SettingError(f"{{sigma_schedule}} must be one of {', '.join(SIGMA_SCHEDULES)}, got {shown}")
+        self._check_points()
         if self.strength is not None and self.init_image is None:
             raise SettingError("{strength} only applies with {init_image}")
+
+    def _check_points(self) -> None:
+        """The run's own timesteps or sigmas: finite, descending, and instead of a step count and schedule."""
+        if self.timesteps is not None and self.sigmas is not None:
+            raise SettingError("give {timesteps} or {sigmas}, not both")
+        for name in ("timesteps", "sigmas"):
+            points = getattr(self, name)
+            if points is None:
+                continue
+            points = tuple(checks.finite(value, name) for value in points)
+            object.__setattr__(self, name, points)
+            if len(points) < (2 if name == "sigmas" else 1) or any(a <= b for a, b in zip(points, points[1:])):
+                raise SettingError(f"{{{name}}} must be a descending list of numbers, got {checks.shown(list(points))}")
+            if self.num_inference_steps is not None and self.num_inference_steps != self.own_step_count(points, name):
+                raise SettingError(f"{{num_inference_steps}} must match the {{{name}}} given; leave it out")
+            if self.sigma_schedule != "spaced" or self.timestep_spacing is not None:
+                raise SettingError(f"{{{name}}} replace the schedule; drop {{sigma_schedule}} and {{timestep_spacing}}")
+
+    @staticmethod
+    def own_step_count(points: tuple[float, ...], name: str) -> int:
+        """Steps a run on its own points takes: one per timestep; sigmas include where the run ends."""
+        return len(points) - 1 if name == "sigmas" else len(points)
+
+    @staticmethod
+    def sigma_schedule_of(use_karras_sigmas: bool, use_exponential_sigmas: bool) -> SigmaSchedule:
+        """The ``sigma_schedule`` that diffusers' two option names ask for."""
+        if use_karras_sigmas and use_exponential_sigmas:
+            raise SettingError("{use_karras_sigmas} and {use_exponential_sigmas} exclude each other; choose one")
+        return "karras" if use_karras_sigmas else "exponential" if use_exponential_sigmas else "spaced"
 
     # --- what the model decides --------------------------------------------------------------------
 
@@ -194,7 +231,16 @@ class GenerationSettings:
 
     def scheduler_options(self) -> dict[str, Any]:
         """The scheduler's options this call sets (only those given: the rest are the scheduler's defaults)."""
-        return ({} if self.eta is None else {"eta": self.eta}) | ({"use_karras_sigmas": True} if self.use_karras_sigmas else {})
+        options = {} if self.eta is None else {"eta": self.eta}
+        if self.sigma_schedule != "spaced":
+            options[f"use_{self.sigma_schedule}_sigmas"] = True  # diffusers' option names
+        return options
+
+    def points_step_count(self) -> int | None:
+        """The steps the run's own timesteps or sigmas make (None without them)."""
+        if self.timesteps is not None:
+            return self.own_step_count(self.timesteps, "timesteps")
+        return self.own_step_count(self.sigmas, "sigmas") if self.sigmas is not None else None
 
     def filled(self, defaults: GenerationDefaults, native_side: int, factor: int) -> GenerationSettings:
         """These settings with steps and guidance from ``defaults`` and the size known.
@@ -208,7 +254,7 @@ class GenerationSettings:
         elif self.init_image is not None:  # a tensor, checked by the pipeline
             height, width = self.init_image.shape[-2:]
         width, height = width or native_side, height or native_side
-        steps, guidance_scale = defaults.fill(self.num_inference_steps, self.guidance_scale)
+        steps, guidance_scale = defaults.fill(self.num_inference_steps or self.points_step_count(), self.guidance_scale)
         filled = replace(
             self,
             num_inference_steps=steps,
@@ -266,10 +312,13 @@ class ResolvedSettings:
             extra["Clip skip"] = str(s.clip_skip + 1)  # A1111 counts the last layer as 1, diffusers as 0
         if s.eta is not None:
             extra["Eta"] = f"{s.eta:g}"
-        if s.use_karras_sigmas:
-            extra["Schedule type"] = "Karras"  # A1111's key and value
+        if s.sigma_schedule != "spaced":
+            extra["Schedule type"] = SIGMA_SCHEDULES[s.sigma_schedule]  # A1111's key and values
         if s.timestep_spacing is not None:
             extra["Timestep spacing"] = s.timestep_spacing
+        for name, points in (("Timesteps", s.timesteps), ("Sigmas", s.sigmas)):
+            if points is not None:
+                extra[name] = " ".join(f"{value:g}" for value in points)
         if s.guidance_rescale:
             extra["Guidance rescale"] = f"{s.guidance_rescale:g}"
         if s.deepcache_interval > 1:

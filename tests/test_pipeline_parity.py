@@ -49,6 +49,8 @@ SAMPLERS = {
     "dpm-solver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}, {}),
     "dpm-solver++": ("DPMSolverMultistepScheduler", {}, {}),
     "dpm-solver++-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, {}),
+    "dpm-solver++-exponential": ("DPMSolverMultistepScheduler", {"use_exponential_sigmas": True}, {}),
+    "euler-exponential": ("EulerDiscreteScheduler", {"use_exponential_sigmas": True}, {}),
     "dpm-solver++-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}),
     "euler": ("EulerDiscreteScheduler", {}, {}),
     "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}, {}),
@@ -58,9 +60,11 @@ SAMPLERS = {
 
 def ours_for(sampler: str) -> dict:
     """ldm's call arguments for a SAMPLERS entry."""
-    name, options = sampler.removesuffix("-eta").removesuffix("-karras"), dict(SAMPLERS[sampler][2])
-    if sampler.endswith("-karras"):
-        options["use_karras_sigmas"] = True
+    name, options = sampler, dict(SAMPLERS[sampler][2])
+    for suffix in ("-eta", "-karras", "-exponential"):
+        name = name.removesuffix(suffix)
+    if sampler.endswith(("-karras", "-exponential")):
+        options[f"use_{sampler.rsplit('-', 1)[1]}_sigmas"] = True
     return {"scheduler": name, **options}
 
 
@@ -92,6 +96,22 @@ def models(request, tmp_path_factory):
     assert type(reference.scheduler).__name__ == RELEASED_SCHEDULER_CONFIGS[request.param]["_class_name"]
     reference.loaded_scheduler = reference.scheduler
     return reference, Pipeline.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    ("sampler", "points"),
+    [("dpm-solver++", {"timesteps": [999, 850, 600, 400, 200, 50]}), ("euler", {"sigmas": [14.6, 6.0, 2.5, 1.0, 0.3, 0.0]})],
+)
+def test_a_runs_own_timesteps_or_sigmas_match_diffusers(models, sampler, points):
+    reference, pipe = models
+    swap_scheduler(reference, sampler)
+    theirs = reference(**COMMON, **points, height=64, width=64, generator=torch.Generator("cpu").manual_seed(7)).images
+    ours = pipe(**COMMON, **points, scheduler=sampler, height=64, width=64, seed=7)
+    assert np.abs(ours.images - theirs).max() < TOLERANCE
+    steps = 6 if "timesteps" in points else 5  # sigmas include the end of the run
+    assert ours.settings.settings.num_inference_steps == steps
+    default = pipe(**COMMON, scheduler=sampler, num_inference_steps=steps, height=64, width=64, seed=7)
+    assert np.abs(ours.images - default.images).max() > 1e-3  # the points were used
 
 
 @pytest.mark.parametrize("sampler", list(SAMPLERS))

@@ -61,7 +61,7 @@ def test_spacing_and_karras_of_a_call_reach_its_sampler(pipe):
     seen = {}
 
     def sampler_of(**options):
-        settings = GenerationSettings("", scheduler="euler", timestep_spacing=options.get("spacing"), use_karras_sigmas=options.get("karras", False))
+        settings = GenerationSettings("", scheduler="euler", timestep_spacing=options.get("spacing"), sigma_schedule="karras" if options.get("karras") else "spaced")
         sampler = build_scheduler(pipe.scheduler_config, settings, None)
         sampler.set_timesteps(10)
         return sampler

@@ -45,7 +45,13 @@ def test_settings_are_frozen_and_hold_one_negative_per_prompt():
         ({"width": 100}, "{width} must be a positive multiple of 8"),
         ({"negative_prompt": ["x", "y"]}, "give one {negative_prompt} per prompt"),
         ({"prompt": "(x:1" + "0" * 400 + ")"}, "{prompt}: the weight of 'x' comes to inf"),
-        ({"use_karras_sigmas": "yes"}, "{use_karras_sigmas} must be True or False"),
+        ({"sigma_schedule": "polyexponential"}, "{sigma_schedule} must be one of spaced, karras, exponential"),
+        ({"timesteps": [1, 5]}, "{timesteps} must be a descending list of numbers, got [1.0, 5.0]"),
+        ({"sigmas": [3.0]}, "{sigmas} must be a descending list"),
+        ({"timesteps": [9, float("nan")]}, "{timesteps} must be a finite number"),
+        ({"timesteps": [9, 5], "sigmas": [2, 1]}, "give {timesteps} or {sigmas}, not both"),
+        ({"timesteps": [9, 5], "num_inference_steps": 3}, "{num_inference_steps} must match the {timesteps} given"),
+        ({"sigmas": [3.0, 1.0], "sigma_schedule": "karras"}, "{sigmas} replace the schedule"),
     ],
 )
 def test_a_bad_setting_is_refused_with_its_field_as_a_placeholder(changes, message):
@@ -83,6 +89,15 @@ def test_names_kept_torch_free_equal_the_schedulers_own():
 
     assert set(SAMPLER_NAMES) == set(SCHEDULERS)
     assert set(TIMESTEP_SPACINGS) == set(get_args(TimestepSpacing))
+
+
+def test_own_points_set_the_step_count():
+    defaults = GenerationDefaults()
+    assert GenerationSettings(prompt="a", timesteps=[999, 500, 1]).filled(defaults, 64, 8).num_inference_steps == 3
+    assert GenerationSettings(prompt="a", sigmas=[14.6, 3.0, 0.0]).filled(defaults, 64, 8).num_inference_steps == 2
+    with pytest.raises(SettingError, match="exclude each other"):
+        GenerationSettings.sigma_schedule_of(True, True)
+    assert GenerationSettings.sigma_schedule_of(False, True) == "exponential"
 
 
 def test_filled_takes_the_models_defaults_and_size_and_keeps_what_was_given():

@@ -51,7 +51,11 @@ def register(sub) -> None:
         help="which timesteps the steps visit (default: the model's, else the scheduler's diffusers default; "
         "trailing allows up to 1000 steps)",
     )
-    parser.add_argument("--karras", action="store_true", help="Karras et al. 2022 noise levels (dpm-solver*, euler*, unipc)")
+    parser.add_argument(
+        "--sigma-schedule", choices=("spaced", "karras", "exponential"),
+        help="noise levels of dpm-solver*, euler*, unipc: spaced as the timesteps (default), Karras et al. 2022, or log-even",
+    )
+    parser.add_argument("--karras", action="store_true", help="short for --sigma-schedule karras")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's recommendation, else 25)")
     parser.add_argument(
         "--guidance-scale", type=float, help="classifier-free guidance; <= 1 disables it (default: the model's recommendation, else 7.5)"
@@ -91,6 +95,7 @@ FLAGS = {
     "num_inference_steps": "--steps",
     "num_images_per_prompt": "--num-images",
     "use_karras_sigmas": "--karras",
+    "use_exponential_sigmas": "--sigma-schedule exponential",
     "deepcache_interval": "--deepcache",
     "token_merging": "--tome",
 }
@@ -205,11 +210,18 @@ def build_settings(args: argparse.Namespace) -> GenerationSettings:
         prompt=tuple(prompts), negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, guidance_fraction=args.guidance_fraction,
         width=args.width, height=args.height, num_images_per_prompt=args.num_images, scheduler=args.scheduler,
-        eta=args.eta, timestep_spacing=args.timestep_spacing, use_karras_sigmas=args.karras, seed=args.seed,
+        eta=args.eta, timestep_spacing=args.timestep_spacing, seed=args.seed, sigma_schedule=sigma_schedule(args),
         init_image=check_init_image(args), strength=args.strength, clip_skip=args.clip_skip,
         deepcache_interval=args.deepcache, token_merging=args.tome,
     )
     return replace(settings, seed=resolve_seed(settings.seed, args.num_images))
+
+
+def sigma_schedule(args: argparse.Namespace) -> str:
+    """``--sigma-schedule``, or karras for its shorthand ``--karras``."""
+    if args.karras and args.sigma_schedule not in (None, "karras"):
+        raise InputError(f"--karras and --sigma-schedule {args.sigma_schedule} exclude each other; choose one")
+    return "karras" if args.karras else args.sigma_schedule or "spaced"
 
 
 def check_init_image(args: argparse.Namespace) -> Image.Image | None:

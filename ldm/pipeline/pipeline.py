@@ -183,6 +183,9 @@ class Pipeline:
         eta: float | None = None,
         timestep_spacing: TimestepSpacing | None = None,
         use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        timesteps: list[float] | None = None,
+        sigmas: list[float] | None = None,
         generator: Generators | None = None,
         seed: int | None = None,
         latents: torch.Tensor | None = None,
@@ -199,9 +202,10 @@ class Pipeline:
         """Generate images, with diffusers' keywords; see ``GenerationSettings`` and docs/generating.md.
 
         ``scheduler`` is a name from ``ldm.schedulers.SCHEDULERS`` (built with this model's
-        scheduler config and the call's ``eta``, ``timestep_spacing`` and ``use_karras_sigmas``),
-        or one of our or diffusers' scheduler objects as a template (the call builds its own from
-        it). ``generator`` (one per image, or one for all) replaces ``seed``; ``latents`` replaces
+        scheduler config and the call's ``eta``, ``timestep_spacing`` and ``use_karras_sigmas`` /
+        ``use_exponential_sigmas``), or one of our or diffusers' scheduler objects as a template (the
+        call builds its own from it). ``timesteps`` or ``sigmas`` replace the schedule with the
+        run's own points, as in diffusers. ``generator`` (one per image, or one for all) replaces ``seed``; ``latents`` replaces
         the initial noise. ``callback(i, t, latents)`` is called after each step.
         """
         named = scheduler is None or isinstance(scheduler, str)
@@ -210,7 +214,8 @@ class Pipeline:
             guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, guidance_fraction=guidance_fraction,
             width=width, height=height, num_images_per_prompt=num_images_per_prompt,
             scheduler=(scheduler or DEFAULT_SCHEDULER) if named else DEFAULT_SCHEDULER,
-            eta=eta, timestep_spacing=timestep_spacing, use_karras_sigmas=use_karras_sigmas, seed=seed,
+            eta=eta, timestep_spacing=timestep_spacing, seed=seed, timesteps=timesteps, sigmas=sigmas,
+            sigma_schedule=GenerationSettings.sigma_schedule_of(use_karras_sigmas, use_exponential_sigmas),
             init_image=init_image, strength=strength, clip_skip=clip_skip,
             deepcache_interval=deepcache_interval, token_merging=token_merging,
         )

@@ -123,7 +123,7 @@ def build_scheduler(config: SchedulerConfig, s: GenerationSettings, template: An
         return create(s.scheduler, config, **options)
     if options or s.timestep_spacing is not None:
         raise SettingError(
-            "{eta}, {timestep_spacing} and {use_karras_sigmas} configure a scheduler named by its string; "
+            "{eta}, {timestep_spacing} and {sigma_schedule} configure a scheduler named by its string; "
             "pass them when building the scheduler object"
         )
     if isinstance(template, Scheduler):
@@ -165,9 +165,10 @@ def encode_prompts(pipe: Pipeline, call: Call) -> tuple[torch.Tensor, torch.Tens
 
 
 def prepare_timesteps(pipe: Pipeline, call: Call) -> torch.Tensor:
-    """The timesteps the loop visits; img2img skips the first (1 - strength) of them, as diffusers does."""
+    """The timesteps the loop visits (the schedule's, or the call's own); img2img skips the first
+    (1 - strength) of them, as diffusers does."""
     s = call.settings
-    call.scheduler.set_timesteps(s.num_inference_steps, device=pipe.device)
+    call.scheduler.set_timesteps(s.num_inference_steps, device=pipe.device, timesteps=s.timesteps, sigmas=s.sigmas)
     timesteps = call.scheduler.timesteps
     if call.init is None:
         return timesteps
