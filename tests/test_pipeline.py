@@ -376,7 +376,7 @@ def test_result_save_records_img2img_and_refuses_what_it_cannot_describe(pipe, t
 
 
 def test_eta_with_a_scheduler_object_is_refused(pipe):
-    with pytest.raises(InputError, match="eta, timestep_spacing and use_karras_sigmas configure a scheduler named"):
+    with pytest.raises(InputError, match="eta, timestep_spacing and sigma_schedule configure a scheduler named"):
         pipe("a cat", scheduler=create("ddim", pipe.scheduler_config), eta=0.5, **SIZE)
 
 

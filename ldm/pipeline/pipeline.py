@@ -80,7 +80,7 @@ class Pipeline:
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
-        self.scheduler_config = scheduler_config  # each call builds its own sampler from it
+        self.scheduler_config = scheduler_config  # each call builds its own scheduler from it
         self.name = "model"  # shown as "Model" in image metadata; from_pretrained sets the folder / file stem
         self.source: Path | None = None  # the model's file or folder (from_pretrained)
         self.defaults = GenerationDefaults()  # from_pretrained reads the model's own, if it has any
@@ -235,7 +235,7 @@ class Pipeline:
         callback: StepCallback | None = None,
         output_type: OutputType = "pil",
     ) -> GenerationOutput:
-        """Run the stages of one call (``ldm.pipeline.stages``); ``scheduler`` is a sampler object used as template."""
+        """Run the stages of one call (``ldm.pipeline.stages``); ``scheduler`` is a scheduler object used as template."""
         stages.check_output_type(output_type)
         check_loaded(self.text_encoder, self.unet, self.vae)
         call = stages.resolve(self, settings, scheduler, generator, latents)

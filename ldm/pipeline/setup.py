@@ -24,7 +24,7 @@ class PipelineSetup:
     """A pipeline's set-up; ``Pipeline.configure(**changes)`` applies a change to the networks."""
 
     device: torch.device = torch.device("cpu")  # where the networks run
-    dtype: torch.dtype = torch.float32  # of the networks' weights; the sampler's arithmetic stays fp32
+    dtype: torch.dtype = torch.float32  # of the networks' weights; the scheduler's arithmetic stays fp32
     attention: AttentionBackend = "sdpa"  # "sliced" bounds memory by attention_slice_size heads at a time
     attention_slice_size: int | None = None
     cpu_offload: bool = False  # keep the networks on the CPU, each on ``device`` only while it runs

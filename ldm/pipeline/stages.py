@@ -1,10 +1,10 @@
 """The stages of one generation call, in the order ``Pipeline.generate`` runs them.
 
-    resolve            settings -> a Call: the model's defaults filled in, seeds drawn, sampler built
+    resolve            settings -> a Call: the model's defaults filled in, seeds drawn, scheduler built
     encode_prompts     text encoder: prompts (and negatives, when guided) -> text states per image
-    prepare_timesteps  the sampler's timesteps; img2img keeps the last ``strength`` of them
+    prepare_timesteps  the scheduler's timesteps; img2img keeps the last ``strength`` of them
     initial_latents    noise from each image's generator, or the noised init image, or given latents
-    denoise            x <- sampler.step(denoiser(x, t), t, x), denoiser = guidance o speed-ups o U-Net
+    denoise            x <- scheduler.step(denoiser(x, t), t, x), denoiser = guidance o speed-ups o U-Net
     decode_output      VAE decode (full / sliced / tiled) -> images in the requested output type
 
 A new kind of conditioning (an inpainting mask, a control image, SDXL's extra inputs) is a new
@@ -14,7 +14,7 @@ stage or a new denoiser wrapper, not an ``if`` in ``Pipeline.generate``. Every n
 The seed rule: image i of a call with ``seed=s`` starts from
 ``torch.Generator("cpu").manual_seed(s + i)``, which draws its initial noise of shape
 (1, C, H/f, W/f) and every later random number of that image (img2img's posterior sample and noise,
-stochastic sampler steps), so image i of a batch equals a single image made with seed s + i, and a
+stochastic scheduler steps), so image i of a batch equals a single image made with seed s + i, and a
 single image equals diffusers' image for the same seed.
 """
 
@@ -110,7 +110,7 @@ def seeds_and_generators(generator: Generators | None, seed: int | None, batch: 
 
 
 def build_scheduler(config: SchedulerConfig, s: GenerationSettings, template: Any) -> Scheduler | DiffusersScheduler:
-    """A new sampler for this call, so that calls (threads, a callback that calls again) share no state.
+    """A new scheduler for this call, so that calls (threads, a callback that calls again) share no state.
 
     Built by name from the model's scheduler config and the call's options, or from a template: one
     of ours or one of diffusers' scheduler objects, whose own config and options are used.
@@ -135,7 +135,7 @@ def build_scheduler(config: SchedulerConfig, s: GenerationSettings, template: An
 
 
 def sampler_name(scheduler: Scheduler | DiffusersScheduler) -> str:
-    """The sampler as image metadata names it: A1111's name for ours, the class name for diffusers'."""
+    """The scheduler as image metadata names it (A1111's "Sampler"): A1111's name for ours, the class name for diffusers'."""
     if isinstance(scheduler, DiffusersScheduler):
         return type(scheduler.diffusers).__name__
     from ldm.schedulers import SCHEDULERS
@@ -178,7 +178,7 @@ def prepare_timesteps(pipe: Pipeline, call: Call) -> torch.Tensor:
 
 
 def initial_latents(pipe: Pipeline, call: Call, timesteps: torch.Tensor) -> torch.Tensor:
-    """The loop's start, in fp32 whatever the networks' dtype (the sampler's arithmetic stays exact)."""
+    """The loop's start, in fp32 whatever the networks' dtype (the scheduler's arithmetic stays exact)."""
     sigma = call.scheduler.init_noise_sigma
     if call.latents is not None:
         return call.latents.to(pipe.device, torch.float32) * sigma
@@ -208,7 +208,7 @@ def denoise(
     pipe: Pipeline, call: Call, x: torch.Tensor, timesteps: torch.Tensor, text: tuple[torch.Tensor, torch.Tensor | None],
     callback: StepCallback | None,
 ) -> torch.Tensor:
-    """The sampling loop: one denoiser call and one sampler step per timestep."""
+    """The sampling loop: one denoiser call and one scheduler step per timestep."""
     s = call.settings
     with pipe.residency.running(pipe.unet) as unet:
         network = speed_up(unet, s.deepcache_interval, s.token_merging)
@@ -232,7 +232,7 @@ def guided(network: Network, s: GenerationSettings, text: tuple[torch.Tensor, to
 
 
 def in_network_format(network: Network, dtype: torch.dtype, memory_format: torch.memory_format) -> Network:
-    """``network`` taking the sampler's fp32 latents and giving fp32 outputs, whatever its own dtype."""
+    """``network`` taking the scheduler's fp32 latents and giving fp32 outputs, whatever its own dtype."""
 
     def run(x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return network(x.to(dtype, memory_format=memory_format), t, text).float()
