@@ -172,9 +172,29 @@ def test_output_types_agree(pipe):
     torch.testing.assert_close(pipe.decode_latents(latent), pt, rtol=0, atol=0)
 
 
+def test_callback_gets_the_x0_each_step_moved_toward(pipe):
+    """DDIM (eta 0) moves x_t to sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps with eps from x_t and x0
+    (Song et al. 2021, eq. 12): the callback's x0 is the one the step used."""
+    seen = []
+    pipe("a cat", seed=1, scheduler="ddim", callback=lambda i, t, x, x0: seen.append((int(t), x, x0)), **SIZE)
+    abar = create("ddim", pipe.scheduler_config).process.alphas_cumprod.double()
+    x_t = randn_like_first_latents(pipe)
+    for (t, x_prev, x0), (t_prev, _, _) in zip(seen, seen[1:] + [(None, None, None)]):
+        ab, ab_prev = abar[t], abar[t_prev] if t_prev is not None else abar[0]
+        eps = (x_t.double() - ab.sqrt() * x0.double()) / (1 - ab).sqrt()
+        torch.testing.assert_close(x_prev.double(), ab_prev.sqrt() * x0.double() + (1 - ab_prev).sqrt() * eps, rtol=0, atol=1e-5)
+        x_t = x_prev
+    assert len(seen) == 3
+
+
+def randn_like_first_latents(pipe) -> torch.Tensor:
+    """The starting latents of seed 1 at SIZE (the seed rule: one CPU generator per image)."""
+    return torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(1))
+
+
 def test_callback_sees_every_step(pipe):
     seen = []
-    pipe("a cat", seed=1, callback=lambda i, t, x: seen.append((i, int(t), tuple(x.shape))), **SIZE)
+    pipe("a cat", seed=1, callback=lambda i, t, x, x0: seen.append((i, int(t), tuple(x.shape))), **SIZE)
     assert [i for i, _, _ in seen] == [0, 1, 2]
     steps = [t for _, t, _ in seen]
     assert steps == sorted(steps, reverse=True) and len(set(steps)) == 3

@@ -36,7 +36,7 @@ def test_a_call_made_from_inside_another_calls_callback_changes_neither(pipe, sc
     inner_alone = pipe("a blue square", seed=4, scheduler=scheduler, **SIZE).images
     inner = []
 
-    def call_again(i, t, x):
+    def call_again(i, t, x, x0):
         if i == 1:
             inner.append(pipe("a blue square", seed=4, scheduler=scheduler, **SIZE).images)
 

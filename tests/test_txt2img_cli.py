@@ -347,7 +347,7 @@ def test_the_models_recommended_steps_and_guidance_are_the_defaults(model, tmp_p
     pipe = Pipeline.from_pretrained(recommending)
     assert (pipe.defaults.guidance_scale, pipe.defaults.num_inference_steps) == (3.0, 3)
     seen = []
-    default = pipe("a cat", seed=1, height=64, width=64, callback=lambda i, t, x: seen.append(i), output_type="np").images
+    default = pipe("a cat", seed=1, height=64, width=64, callback=lambda i, t, x, x0: seen.append(i), output_type="np").images
     explicit = pipe("a cat", seed=1, height=64, width=64, num_inference_steps=3, guidance_scale=3.0, output_type="np").images
     assert seen == [0, 1, 2] and np.array_equal(default, explicit)
     assert Pipeline.from_pretrained(model).defaults.guidance_scale == 7.5  # no file: SD's defaults
@@ -365,3 +365,35 @@ def test_the_models_recommended_steps_and_guidance_are_the_defaults(model, tmp_p
     (recommending / "generation_config.json").write_text('{"guidance": 3.0}')
     code, _, err = run(capsys, "a cat", "--model", recommending, "--out", out, "--quiet")
     assert code == 2 and "generation_config.json" in err and "guidance_scale" in err and len(err.strip().splitlines()) == 1
+
+
+def test_preview_file_is_rewritten_each_step_and_never_replaces_another_file(model, tmp_path, capsys, monkeypatch):
+    from ldm import previews
+
+    written = []
+    original = previews.write_preview
+    monkeypatch.setattr(previews, "write_preview", lambda image, path: (written.append(image.size), original(image, path)))
+    preview = tmp_path / "preview.png"
+    assert run(capsys, "a cat", "--model", model, "--seed", 1, "--out", tmp_path / "out", "--preview", preview, *FAST)[0] == 0
+    assert written == [(8, 8), (8, 8)]  # one per step, 1/8 of the 64x64 image
+    with Image.open(preview) as image:
+        assert image.info["ldm-preview"] == "1"
+    assert run(capsys, "a cat", "--model", model, "--out", tmp_path / "out", "--preview", preview, *FAST)[0] == 0  # a preview again
+    other = tmp_path / "photo.png"
+    Image.new("RGB", (4, 4)).save(other)
+    code, _, err = run(capsys, "a cat", "--model", model, "--out", tmp_path / "out", "--preview", other, *FAST)
+    assert code == 2 and "exists and is not an ldm preview" in err
+    assert Image.open(other).size == (4, 4)
+
+
+def test_latent_preview_maps_sd_latents_to_colour():
+    import torch
+
+    from ldm.previews import SD_LATENT_RGB_FACTORS, latent_preview
+
+    latents = torch.zeros(2, 4, 3, 5)
+    latents[1, 3] = 1.0  # channel 3 alone: its factors, shifted from [-1, 1] to [0, 1]
+    gray, coloured = latent_preview(latents)
+    assert gray.size == (5, 3) and set(gray.getdata()) == {(128, 128, 128)}
+    expected = tuple(round((f + 1) / 2 * 255) for f in SD_LATENT_RGB_FACTORS[3])
+    assert all(abs(a - b) <= 1 for a, b in zip(coloured.getpixel((0, 0)), expected))

@@ -85,6 +85,7 @@ def register(sub) -> None:
     speed.add_argument("--tome", type=float, default=0.0, metavar="R", help="merge R (0..0.75) of the tokens in full-resolution self-attention (0 = off)")
     speed.add_argument("--channels-last", action="store_true", help="channels-last memory format for the U-Net")
     parser.add_argument("--out", type=Path, default=Path("outputs"), metavar="DIR", help="output folder (default: outputs/)")
+    parser.add_argument("--preview", type=Path, metavar="FILE", help="rewrite FILE (PNG) with a preview of the image after every step")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run, flag=flag)
 
@@ -154,12 +155,24 @@ def generate_all(pipe, settings: GenerationSettings, args: argparse.Namespace) -
             count = min(args.batch_size, args.num_images - first)
             batch = replace(settings, prompt=(prompt,), negative_prompt=(negative,), num_images_per_prompt=count, seed=settings.seed + first)
             steps_bar = tqdm(total=steps, desc="steps", leave=False, disable=args.quiet, file=sys.stderr)
-            result = pipe.generate(batch, callback=lambda i, t, x, bar=steps_bar: bar.update(1))
+            result = pipe.generate(batch, callback=step_callback(steps_bar, args.preview))
             steps_bar.close()
             for path in result.save(args.out):
                 tqdm.write(str(path), file=sys.stdout)
                 images_bar.update(1)
     images_bar.close()
+
+
+def step_callback(bar, preview: Path | None):
+    """After each step: advance the progress bar and, with ``--preview``, rewrite the preview file."""
+    from ldm.previews import latent_preview, write_preview
+
+    def after_step(i, t, latents, denoised) -> None:
+        bar.update(1)
+        if preview is not None:
+            write_preview(latent_preview(denoised[:1])[0], preview)
+
+    return after_step
 
 
 def check_arguments(args: argparse.Namespace) -> Job:
@@ -206,6 +219,10 @@ def build_settings(args: argparse.Namespace) -> GenerationSettings:
         raise InputError("give either a PROMPT or --from-file FILE (one prompt per line)")
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.from_file)
     check_output_folder(args.out, "--out")
+    if args.preview is not None:
+        from ldm.previews import check_preview_path
+
+        check_preview_path(args.preview)
     settings = GenerationSettings(
         prompt=tuple(prompts), negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, guidance_fraction=args.guidance_fraction,

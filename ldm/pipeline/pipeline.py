@@ -206,7 +206,8 @@ class Pipeline:
         ``use_exponential_sigmas``), or one of our or diffusers' scheduler objects as a template (the
         call builds its own from it). ``timesteps`` or ``sigmas`` replace the schedule with the
         run's own points, as in diffusers. ``generator`` (one per image, or one for all) replaces ``seed``; ``latents`` replaces
-        the initial noise. ``callback(i, t, latents)`` is called after each step.
+        the initial noise. ``callback(i, t, latents, denoised)`` is called after each step (``denoised``:
+        the x_0 the step's network output implied, scaled latents; ``ldm.previews`` draws it).
         """
         named = scheduler is None or isinstance(scheduler, str)
         settings = GenerationSettings(

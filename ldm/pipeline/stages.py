@@ -32,7 +32,8 @@ from ldm.guidance import ClassifierFreeGuidance, Conditional, Denoiser, Network,
 from ldm.images import image_to_tensor, to_numpy, to_pil
 from ldm.prompts import encode_prompts as encode_texts
 from ldm.random import randn, resolve_seed, seed_generators
-from ldm.schedulers import DiffusersScheduler, Scheduler, SchedulerConfig, check_options, create
+from ldm.schedulers import DiffusersScheduler, NoiseProcess, Scheduler, SchedulerConfig, check_options, create
+from ldm.schedulers.config import LINSPACE_DEFAULTS
 from ldm.settings import SAMPLER_NAMES, GenerationSettings, ResolvedSettings
 from ldm.speedups import speed_up
 
@@ -42,7 +43,9 @@ if TYPE_CHECKING:
 OutputType = Literal["pil", "np", "pt", "latent"]
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 Generators = torch.Generator | list[torch.Generator]
-StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+# callback(i, t, latents, denoised) after step i: the new latents and the x_0 the step's network
+# output implied (scaled latents; ldm.previews makes a picture of it).
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 class NonFiniteOutputError(LdmError):
@@ -210,14 +213,16 @@ def denoise(
 ) -> torch.Tensor:
     """The sampling loop: one denoiser call and one scheduler step per timestep."""
     s = call.settings
+    process = NoiseProcess.from_config(pipe.scheduler_config.filled_for(LINSPACE_DEFAULTS))  # for callbacks' x_0
     with pipe.residency.running(pipe.unet) as unet:
         network = speed_up(unet, s.deepcache_interval, s.token_merging)
         denoiser = guided(in_network_format(network, pipe.dtype, pipe.setup.memory_format), s, text, len(timesteps))
         for i, t in enumerate(timesteps):
-            output = denoiser(call.scheduler.scale_model_input(x, t), t)
+            model_input = call.scheduler.scale_model_input(x, t)
+            output = denoiser(model_input, t)
             x = call.scheduler.step(output, t, x, generator=call.generators)
             if callback is not None:
-                callback(i, t, x)
+                callback(i, t, x, process.denoised(output, model_input, t))
     pipe.residency.done_with(pipe.unet)
     return x
 

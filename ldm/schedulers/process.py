@@ -91,6 +91,13 @@ class NoiseProcess:
         """(x_0, eps) that the network's output implies at x_t = alpha_t x_0 + sigma_t eps."""
         return noise.to_x0_and_eps(model_output, sample, alpha_t, sigma_t, self.prediction_type)
 
+    def denoised(self, model_output: torch.Tensor, sample: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """The x_0 the network's output implies for the VP ``sample`` at the (possibly fractional)
+        timestep ``t``: the denoised image a step is heading for (live previews)."""
+        sigma = float(self.sigma_at(np.array([float(t)]))[0])  # VE sigma = sigma_t / alpha_t
+        alpha = 1.0 / (1.0 + sigma**2) ** 0.5
+        return self.to_x0_and_eps(model_output, sample, alpha, sigma * alpha)[0]
+
     def process_x0(self, x0: torch.Tensor) -> torch.Tensor:
         """The predicted x_0 after dynamic thresholding (Saharia et al. 2022) or static clipping, if set."""
         c = self.config
