@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ldm.loading import DEFAULT_MODEL_DIR
 from ldm.pipeline import Pipeline
@@ -69,3 +70,20 @@ def test_diffusers_loads_the_shipped_model_and_draws_the_same_image():
     mine = ours(PROMPT, num_inference_steps=10, guidance_scale=5.0, scheduler="ddim", seed=3, output_type="np").images[0]
     assert mine.shape == reference.shape == (64, 64, 3)
     assert np.abs(mine - reference).max() < 2e-3
+
+
+def test_the_default_models_images_stay_what_they_were():
+    """A golden image (tests/golden/, made before the pipeline became stages): refactors change no pixel.
+
+    Up to a few levels of 255, since another CPU's kernels round fp32 differently; a changed sampler,
+    seed rule or guidance moves pixels by tens of levels.
+    """
+    from ldm import Pipeline
+
+    golden = np.asarray(Image.open(Path(__file__).parent / "golden" / "ldm-shapes-default.png"), dtype=np.int16)
+    images = Pipeline.from_pretrained()(
+        ["a red circle on a blue background", "a green square"], negative_prompt="blurry", seed=11,
+        num_inference_steps=12, output_type="np",
+    ).images
+    made = (np.concatenate(list(images), axis=1) * 255).round().astype(np.int16)
+    assert np.abs(made - golden).max() <= 3 and np.abs(made - golden).mean() < 0.5
