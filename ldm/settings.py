@@ -13,15 +13,14 @@ imports torch: the command line checks its arguments in milliseconds, before loa
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from PIL import Image
 
 from ldm import checks
-from ldm.errors import ConfigError, SettingError
+from ldm.errors import SettingError
 from ldm.images import GenerationParameters, init_image_size, read_image, to_rgb
 from ldm.prompts import check_prompt
 
@@ -72,18 +71,6 @@ class GenerationDefaults:
         """The given steps and guidance, each left as None replaced by its default."""
         steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
         return steps, self.guidance_scale if guidance_scale is None else guidance_scale
-
-    @classmethod
-    def of_model(cls, path: Path) -> GenerationDefaults:
-        file = path / "generation_config.json"
-        if not file.is_file():
-            return cls()
-        try:
-            values = json.loads(file.read_text())
-            return cls(**values)
-        except (ValueError, TypeError) as error:
-            allowed = ", ".join(f.name for f in fields(cls))
-            raise ConfigError(f"{file}: {error}; it holds a JSON object with some of: {allowed}") from None
 
 
 @dataclass(frozen=True)

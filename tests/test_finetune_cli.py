@@ -18,6 +18,7 @@ from PIL import Image
 from test_training_support import colour_folder, one_torch_thread, save_micro_model  # noqa: F401 - one_torch_thread is an autouse fixture
 
 from ldm.cli import main
+from ldm.training.config import TrainConfig
 
 COLOURS = {"zqx": (230, 20, 20), "a photo of a dog": (20, 20, 230)}
 
@@ -82,7 +83,6 @@ FLOAT_FLAGS = [
     ("--noise-offset", "-0.05", []),
     ("--ema-decay", "1", []),
     ("--lora-alpha", "0", ["--lora-rank", "2"]),
-    ("--sample-guidance-scale", "-1", []),
 ]
 
 
@@ -96,6 +96,14 @@ def test_every_float_option_is_finite_and_in_range(option, out_of_range, extra, 
     line = error_line(capsys)
     assert f"ldm finetune: error: {option} must be a finite number" in line, line
     assert "_" not in line.split("error: ")[1].split(" must")[0]
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_sample_guidance_scale_takes_what_guidance_scale_takes(bad, data_folder, tmp_path, capsys):
+    """Any finite scale, as ldm txt2img's --guidance-scale (<= 1 turns guidance off); nothing else."""
+    code = finetune(f"--sample-guidance-scale={bad}", model=tmp_path / "no-model", data=data_folder, output=tmp_path / "out")
+    assert code == 2 and "--sample-guidance-scale must be a finite number" in error_line(capsys)
+    TrainConfig(sample_guidance_scale=-1.0)  # accepted
 
 
 def test_bad_data_fails_before_the_model_is_loaded(tmp_path, capsys):

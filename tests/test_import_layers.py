@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ldm"
 LAYERS = [
     ("ldm.io", "ldm.errors", "ldm.random", "ldm.checks", "ldm.paging"),
     ("ldm.kernels",),
-    ("ldm.models", "ldm.schedulers", "ldm.prompts", "ldm.images", "ldm.settings", "ldm.residency"),
+    ("ldm.models", "ldm.schedulers", "ldm.prompts", "ldm.images", "ldm.previews", "ldm.settings", "ldm.residency"),
     ("ldm.speedups", "ldm.guidance"),
     ("ldm.loading", "ldm.lora", "ldm.training"),
     ("ldm.pipeline",),

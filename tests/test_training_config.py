@@ -21,7 +21,6 @@ FLOAT_SETTINGS = [
     ("noise_offset", -0.05, {}),
     ("ema_decay", 1.0, {}),
     ("lora_alpha", 0.0, {"lora_rank": 2}),
-    ("sample_guidance_scale", -1.0, {}),
 ]
 BAD_FLOATS = [float("nan"), float("inf"), float("-inf")]
 

@@ -11,6 +11,7 @@ interface; fine-tuning trains the U-Net only, so what is tested is unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,7 @@ class MicroModels:
     text_encoder: Any
     tokenizer: Any
     scheduler_config: SchedulerConfig
+    generation_config: dict = dataclasses.field(default_factory=dict)
 
 
 def micro_models(seed: int = 0, pooling_vae: bool = False) -> MicroModels:

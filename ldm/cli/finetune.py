@@ -104,11 +104,6 @@ def configs_from_args(args: argparse.Namespace) -> tuple[DataConfig, TrainConfig
 
 
 def build_configs(args: argparse.Namespace) -> tuple[DataConfig, TrainConfig]:
-    from ldm.settings import GenerationDefaults
-
-    # Samples are rendered as txt2img would render the model: its own recommended steps and guidance.
-    recommended = GenerationDefaults.of_model(Path(args.model))
-    sample_steps, sample_guidance = recommended.fill(args.sample_steps, args.sample_guidance_scale)
     data = DataConfig(
         resolution=args.resolution,
         crop=args.crop,
@@ -149,8 +144,8 @@ def build_configs(args: argparse.Namespace) -> tuple[DataConfig, TrainConfig]:
         checkpoints_total_limit=args.checkpoints_total_limit or None,
         sample_every=args.sample_every,
         sample_prompts=tuple(args.sample_prompt),
-        sample_steps=sample_steps,
-        sample_guidance_scale=sample_guidance,
+        sample_steps=args.sample_steps,  # None: the model's recommendation (ldm.training renders as txt2img)
+        sample_guidance_scale=args.sample_guidance_scale,
         log_every=args.log_every,
         log_format=args.log,
         num_workers=args.num_workers,

@@ -100,8 +100,8 @@ class TrainConfig:
     checkpoints_total_limit: int | None = 3  # keep only the newest K (None: all); see checkpoint.save_checkpoint
     sample_every: int | None = None  # generate sample images every N steps
     sample_prompts: tuple[str, ...] = ()
-    sample_steps: int | None = None  # sampler steps of those images (None: the pipeline's default)
-    sample_guidance_scale: float | None = None  # None: the pipeline's default; ldm finetune passes the model's own
+    sample_steps: int | None = None  # steps of those images (None: the model's recommendation, as txt2img)
+    sample_guidance_scale: float | None = None  # None: the model's recommendation, as txt2img
     log_every: int = 1  # write a log row every N steps
     log_format: LogFormat = "csv"
     num_workers: int = 0  # data-loading worker processes
@@ -137,8 +137,10 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             check_float(name, getattr(self, name), 0.0, 1.0, open_high=True)
         check_float("ema_decay", self.ema_decay, 0.0, 1.0, open_low=True, open_high=True)
-        for name in ("weight_decay", "noise_offset", "sample_guidance_scale"):
+        for name in ("weight_decay", "noise_offset"):
             check_float(name, getattr(self, name), 0.0)
+        if self.sample_guidance_scale is not None:  # as txt2img's: any finite scale, <= 1 turns guidance off
+            checks.check_guidance_scale(self.sample_guidance_scale, "sample_guidance_scale")
 
     @property
     def lora(self) -> bool:

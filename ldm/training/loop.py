@@ -44,6 +44,7 @@ from ldm.errors import ConfigError
 from ldm.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_adapters
 from ldm.random import randn
 from ldm.schedulers import SCHEDULERS, NoiseProcess, SchedulerConfig
+from ldm.settings import GenerationDefaults
 from ldm.training import checkpoint as ckpt
 from ldm.training.config import TrainConfig
 from ldm.training.data import BucketBatches, ImageCaptionDataset, collate
@@ -74,6 +75,7 @@ class ModelSet(Protocol):
     text_encoder: nn.Module
     tokenizer: Any
     scheduler_config: SchedulerConfig
+    generation_config: dict[str, Any]  # the model's recommended steps and guidance ({}: SD's)
 
 
 @dataclass
@@ -482,6 +484,7 @@ def render_samples(run: Run, sample_fn: Callable[[SampleRequest], Any], step: in
             unet=unet, vae=models.vae, text_encoder=text_encoder, tokenizer=models.tokenizer,
             scheduler_config=models.scheduler_config, prompts=config.sample_prompts, step=step, seed=config.seed,
             num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance_scale, size=size,
+            defaults=GenerationDefaults(**models.generation_config),
             folder=run.output_dir / "samples",
         ))
     finally:

@@ -14,6 +14,7 @@ from typing import Any
 
 from ldm.errors import ConfigError
 from ldm.io import atomic_write
+from ldm.settings import GenerationDefaults
 
 LOG_FIELDS = ("step", "epoch", "loss", "lr", "images_per_second", "elapsed_seconds")
 
@@ -79,10 +80,11 @@ class SampleRequest:
     prompts: tuple[str, ...]
     step: int
     seed: int
-    num_inference_steps: int | None  # None: the pipeline's default
-    guidance_scale: float | None  # None: the pipeline's default
+    num_inference_steps: int | None  # None: the model's recommendation (defaults)
+    guidance_scale: float | None  # None: the model's recommendation (defaults)
     size: tuple[int, int]  # (width, height)
     folder: Path
+    defaults: GenerationDefaults = GenerationDefaults()  # the model's generation_config.json, as txt2img uses it
 
 
 def save_samples(request: SampleRequest) -> list[Path]:
@@ -90,6 +92,7 @@ def save_samples(request: SampleRequest) -> list[Path]:
     from ldm.pipeline import Pipeline
 
     pipeline = Pipeline(request.unet, request.vae, request.text_encoder, request.tokenizer, request.scheduler_config)
+    pipeline.defaults = request.defaults
     written = []
     for number, prompt in enumerate(request.prompts):
         result = pipeline(
