@@ -209,10 +209,21 @@ def test_resume_refuses_changed_settings_and_bad_paths(tmp_path, colour_data):
     _, folder = run(tmp_path, "r", colour_data, 2, gradient_accumulation_steps=1)
     with pytest.raises(ConfigError, match="cannot resume: batch_size was 2, now 1"):
         run(tmp_path, "r", colour_data, 4, resume="latest", gradient_accumulation_steps=1, batch_size=1)
+    with pytest.raises(ConfigError, match="cannot resume: learning_rate was"):
+        run(tmp_path, "r", colour_data, 4, resume="latest", gradient_accumulation_steps=1, learning_rate=0.5)
     with pytest.raises(CheckpointError, match="not a checkpoint folder"):
         run(tmp_path, "r", colour_data, 4, resume=str(tmp_path), gradient_accumulation_steps=1)
     with pytest.raises(CheckpointError, match="holds no checkpoint"):
         run(tmp_path, "empty", colour_data, 4, resume="latest")
+
+
+def test_a_decaying_learning_rate_schedule_resumes_only_to_the_same_length(tmp_path, colour_data):
+    """Cosine's rate at a step depends on max_steps: continued to more steps it is not a run of that many."""
+    _, folder = run(tmp_path, "c", colour_data, 2, lr_schedule="cosine", lr_warmup_steps=0)
+    with pytest.raises(ConfigError, match="cosine learning-rate schedule was laid out for 2 steps"):
+        run(tmp_path, "c", colour_data, 4, resume=str(folder / "checkpoints" / "checkpoint-000002"), lr_schedule="cosine", lr_warmup_steps=0)
+    _, constant = run(tmp_path, "k", colour_data, 2)
+    run(tmp_path, "k", colour_data, 3, resume="latest")  # the constant schedule continues
 
 
 def test_cached_latents_and_text_embeddings_train_the_same_weights(tmp_path):

@@ -164,7 +164,19 @@ MUST_MATCH = (
     "ema_decay",
     "min_snr_gamma",
     "noise_offset",
+    "learning_rate",
+    "text_encoder_learning_rate",
+    "lr_schedule",
+    "lr_warmup_steps",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "weight_decay",
+    "max_grad_norm",
 )
+# Schedules whose learning rate at a step depends on max_steps: a run resumed with another
+# max_steps would not be a run of that many steps.
+DECAYING_SCHEDULES = ("linear", "cosine")
 
 
 def check_compatible(saved: dict, current: dict, saved_world: int, current_world: int) -> None:
@@ -173,5 +185,11 @@ def check_compatible(saved: dict, current: dict, saved_world: int, current_world
     if changed:
         name = changed[0]
         raise ConfigError(f"cannot resume: {name} was {saved.get(name)!r}, now {current.get(name)!r}; use the original value")
+    if current.get("lr_schedule") in DECAYING_SCHEDULES and saved.get("max_steps") != current.get("max_steps"):
+        raise ConfigError(
+            f"cannot resume: the {current['lr_schedule']} learning-rate schedule was laid out for {saved.get('max_steps')} "
+            f"steps and would change at every step for {current.get('max_steps')}; keep max_steps {saved.get('max_steps')} "
+            "or train with the constant schedule"
+        )
     if saved_world != current_world:
         raise ConfigError(f"cannot resume: the checkpoint was written by {saved_world} processes, this run has {current_world}")
