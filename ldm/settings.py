@@ -13,8 +13,9 @@ imports torch: the command line checks its arguments in milliseconds, before loa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 from PIL import Image
@@ -256,6 +257,10 @@ class GenerationSettings:
                 "to run; raise either"
             )
         return filled
+
+
+# Each field's default, written once above: the CLI's flags and Pipeline.__call__'s keywords use these.
+DEFAULTS = MappingProxyType({f.name: f.default for f in fields(GenerationSettings) if f.default is not MISSING})
 
 
 @dataclass(frozen=True)

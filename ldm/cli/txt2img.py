@@ -22,7 +22,7 @@ from ldm.errors import CheckpointError, InputError
 from ldm.images import check_output_folder, init_image_size, read_image
 from ldm.prompts import check_prompt
 from ldm.random import resolve_seed
-from ldm.settings import DEFAULT_SCHEDULER, SAMPLER_NAMES, GenerationSettings
+from ldm.settings import DEFAULT_SCHEDULER, DEFAULTS, SAMPLER_NAMES, GenerationSettings
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -60,12 +60,12 @@ def register(sub) -> None:
     parser.add_argument(
         "--guidance-scale", type=float, help="classifier-free guidance; <= 1 disables it (default: the model's recommendation, else 7.5)"
     )
-    parser.add_argument("--guidance-rescale", type=float, default=0.0, help="0..1, for v-prediction models (Lin et al. 2024)")
+    parser.add_argument("--guidance-rescale", type=float, default=DEFAULTS["guidance_rescale"], help="0..1, for v-prediction models (Lin et al. 2024)")
     parser.add_argument("--clip-skip", type=int, metavar="K", help="use the text encoder's k-th layer from the end, diffusers' meaning")
     parser.add_argument("--seed", type=int, default=-1, help="seed of the first image; image j gets seed + j (default -1: random)")
     parser.add_argument("--width", type=int, help="multiple of 8 (default: the model's native size or the init image's)")
     parser.add_argument("--height", type=int, help="multiple of 8 (default: the model's native size or the init image's)")
-    parser.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt")
+    parser.add_argument("--num-images", type=int, default=DEFAULTS["num_images_per_prompt"], metavar="N", help="images per prompt")
     parser.add_argument("--batch-size", type=int, default=1, metavar="N", help="images generated together (memory, not results)")
     parser.add_argument(
         "--max-pixels", type=int, default=checks.MAX_PIXELS, metavar="N",
@@ -76,13 +76,13 @@ def register(sub) -> None:
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="apply a LoRA file (repeatable)")
     parser.add_argument("--dtype", choices=DTYPES, help="default: fp16 on CUDA, fp32 on the CPU")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--vae-decode", choices=("full", "sliced", "tiled"), default="full", help="sliced/tiled bound memory")
-    parser.add_argument("--attention", choices=("sdpa", "sliced", "xformers"), default="sdpa", help="attention backend")
+    parser.add_argument("--vae-decode", choices=("full", "sliced", "tiled"), help="sliced/tiled bound memory (default: full)")
+    parser.add_argument("--attention", choices=("sdpa", "sliced", "xformers"), help="attention backend (default: sdpa)")
     parser.add_argument("--cpu-offload", action="store_true", help="CUDA: keep each network on the CPU until it runs")
     speed = parser.add_argument_group("speed-ups (trade fidelity for speed; see docs/performance.md)")
-    speed.add_argument("--deepcache", type=int, default=1, metavar="N", help="full U-Net every N-th step only (DeepCache; 3 is ~2x; 1 = off)")
-    speed.add_argument("--guidance-fraction", type=float, default=1.0, metavar="F", help="guidance in the first F of the steps only (1 = off)")
-    speed.add_argument("--tome", type=float, default=0.0, metavar="R", help="merge R (0..0.75) of the tokens in full-resolution self-attention (0 = off)")
+    speed.add_argument("--deepcache", type=int, default=DEFAULTS["deepcache_interval"], metavar="N", help="full U-Net every N-th step only (DeepCache; 3 is ~2x; 1 = off)")
+    speed.add_argument("--guidance-fraction", type=float, default=DEFAULTS["guidance_fraction"], metavar="F", help="guidance in the first F of the steps only (1 = off)")
+    speed.add_argument("--tome", type=float, default=DEFAULTS["token_merging"], metavar="R", help="merge R (0..0.75) of the tokens in full-resolution self-attention (0 = off)")
     speed.add_argument("--channels-last", action="store_true", help="channels-last memory format for the U-Net")
     parser.add_argument("--out", type=Path, default=Path("outputs"), metavar="DIR", help="output folder (default: outputs/)")
     parser.add_argument("--preview", type=Path, metavar="FILE", help="rewrite FILE (PNG) with a preview of the image after every step")
@@ -135,9 +135,10 @@ def run(args: argparse.Namespace) -> int:
     # One call makes every image: free each network once its stage is done (peak memory is about
     # the U-Net's weights instead of all of them); the image is the same.
     one_shot = len(job.settings.prompt) * math.ceil(args.num_images / args.batch_size) == 1
+    given = {"attention": args.attention, "decode_mode": args.vae_decode}  # else the pipeline's own defaults
     pipe.configure(
-        device=device, cpu_offload=args.cpu_offload, attention=args.attention, decode_mode=args.vae_decode,
-        channels_last=args.channels_last, max_pixels=args.max_pixels, weights_after_use="release" if one_shot else "page-out",
+        device=device, cpu_offload=args.cpu_offload, channels_last=args.channels_last, max_pixels=args.max_pixels,
+        weights_after_use="release" if one_shot else "page-out", **{k: v for k, v in given.items() if v is not None},
     )
     generate_all(pipe, job.settings, args)
     return 0

@@ -35,7 +35,7 @@ from ldm.pipeline.setup import PipelineSetup
 from ldm.pipeline.stages import Generators, OutputType, StepCallback
 from ldm.residency import Residency, check_loaded
 from ldm.schedulers import Scheduler, SchedulerConfig
-from ldm.settings import DEFAULT_SCHEDULER, GenerationDefaults, GenerationSettings, ResolvedSettings, TimestepSpacing
+from ldm.settings import DEFAULT_SCHEDULER, DEFAULTS, GenerationDefaults, GenerationSettings, ResolvedSettings, TimestepSpacing
 
 
 @dataclass
@@ -178,7 +178,7 @@ class Pipeline:
         guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_images_per_prompt: int = 1,
+        num_images_per_prompt: int = DEFAULTS["num_images_per_prompt"],
         scheduler: str | Scheduler | Any | None = None,
         eta: float | None = None,
         timestep_spacing: TimestepSpacing | None = None,
@@ -191,13 +191,13 @@ class Pipeline:
         latents: torch.Tensor | None = None,
         init_image: Image.Image | str | Path | torch.Tensor | None = None,
         strength: float | None = None,
-        guidance_rescale: float = 0.0,
+        guidance_rescale: float = DEFAULTS["guidance_rescale"],
         clip_skip: int | None = None,
         output_type: OutputType = "pil",
         callback: StepCallback | None = None,
-        guidance_fraction: float = 1.0,
-        deepcache_interval: int = 1,
-        token_merging: float = 0.0,
+        guidance_fraction: float = DEFAULTS["guidance_fraction"],
+        deepcache_interval: int = DEFAULTS["deepcache_interval"],
+        token_merging: float = DEFAULTS["token_merging"],
     ) -> GenerationOutput:
         """Generate images, with diffusers' keywords; see ``GenerationSettings`` and docs/generating.md.
 
