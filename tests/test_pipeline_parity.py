@@ -179,8 +179,9 @@ def test_the_sd_turbo_recipe_matches_diffusers(models, steps, guidance_scale):
     reference, pipe = models
     loaded = reference.loaded_scheduler.config
     reference.scheduler = EulerAncestralDiscreteScheduler.from_config(loaded, timestep_spacing="trailing")
-    kwargs = dict(prompt="a photo of a red cat", guidance_scale=guidance_scale, num_inference_steps=steps, height=64, width=64)
-    theirs = reference(**kwargs, output_type="np", generator=torch.Generator("cpu").manual_seed(3)).images
+    kwargs = dict(prompt="a photo of a red cat", guidance_scale=guidance_scale, num_inference_steps=steps, output_type="np")
+    kwargs.update(height=64, width=64)
+    theirs = reference(**kwargs, generator=torch.Generator("cpu").manual_seed(3)).images
     ours = pipe(**kwargs, scheduler="euler-ancestral", timestep_spacing="trailing", seed=3)
     assert np.abs(ours.images - theirs).max() < TOLERANCE
     assert not ours.settings.settings.guided
