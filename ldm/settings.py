@@ -37,6 +37,7 @@ SAMPLER_NAMES = {
     "euler": "Euler",
     "euler-ancestral": "Euler a",
     "unipc": "UniPC",
+    "lcm": "LCM",
 }
 TimestepSpacing = Literal["leading", "linspace", "trailing"]  # = ldm.schedulers.noise's (a test keeps them equal)
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")

@@ -15,7 +15,8 @@ with r_k(x_t) the posterior responsibilities of the components. One component gi
 Gaussian case eps* = sigma (x_t - alpha mu) / (alpha^2 s^2 + sigma^2). v and x_0 networks follow
 from the shared conversions in ``ldm.schedulers.noise``. Because the probability-flow ODE of 1-D data is a
 monotone map, the exact sampler output for a stratified start is the data quantiles, which lets
-``distribution_error`` measure a deterministic sampler without Monte-Carlo noise.
+``distribution_error`` measure a deterministic sampler without Monte-Carlo noise. The same
+monotone map is what a perfect consistency model outputs (``consistency``): x_t's ODE origin.
 """
 
 from __future__ import annotations
@@ -67,20 +68,47 @@ class GaussianMixture1D:
         eps = (x - alpha * x0) / sigma
         return noise.prediction_from(x0, eps, alpha, sigma, prediction_type).to(x_t.dtype)
 
+    def consistency(self, x_t: torch.Tensor, abar: torch.Tensor | float, prediction_type: PredictionType) -> torch.Tensor:
+        """What a perfect consistency model (Song et al. 2023) of ``prediction_type`` outputs at x_t:
+        the origin of x_t's probability-flow ODE trajectory as its x_0. The 1-D flow is monotone,
+        so the origin is the data quantile at x_t's level under p_t, F_0^-1(F_t(x_t))."""
+        x = x_t.double()
+        abar = float(abar)
+        alpha, sigma = math.sqrt(abar), math.sqrt(1 - abar)
+        if len(self.weights) == 1:  # the linear map between N(alpha mu, alpha^2 s^2 + sigma^2) and N(mu, s^2)
+            mu, s = self.means[0], self.stds[0]
+            x0 = mu + s * (x - alpha * mu) / math.sqrt(alpha**2 * s**2 + sigma**2)
+        else:
+            grid, cdf = self._cdf(abar)
+            levels = np.interp(x.flatten().numpy(), grid.numpy(), cdf.numpy())
+            x0 = torch.from_numpy(self._quantiles(1.0, levels)).reshape(x.shape)
+        eps = (x - alpha * x0) / sigma
+        return noise.prediction_from(x0, eps, alpha, sigma, prediction_type).to(x_t.dtype)
+
     def marginal_quantiles(self, abar: float, count: int) -> torch.Tensor:
         """The (i + 0.5) / count quantiles, i < count, of p_t (abar = 1 gives the data's quantiles)."""
+        levels = (torch.arange(count, dtype=torch.float64) + 0.5) / count
+        if len(self.weights) == 1:
+            alpha, sigma2 = math.sqrt(abar), 1 - abar
+            std = math.sqrt(alpha**2 * self.stds[0] ** 2 + sigma2)
+            return alpha * self.means[0] + std * torch.special.ndtri(levels)
+        return torch.from_numpy(self._quantiles(abar, levels.numpy()))
+
+    def _quantiles(self, abar: float, levels: np.ndarray) -> np.ndarray:
+        """The mixture p_t's quantiles at ``levels``, by inverting its CDF on a fine grid."""
+        grid, cdf = self._cdf(abar)
+        return np.interp(levels, cdf.numpy(), grid.numpy())
+
+    def _cdf(self, abar: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(grid, CDF of p_t on it), over +-12 component stds (interpolation error ~ 1e-7 of the spread)."""
         alpha, sigma2 = math.sqrt(abar), 1 - abar
         means = [alpha * mu for mu in self.means]
         stds = [math.sqrt(alpha**2 * s**2 + sigma2) for s in self.stds]
-        levels = (torch.arange(count, dtype=torch.float64) + 0.5) / count
-        if len(self.weights) == 1:
-            return means[0] + stds[0] * torch.special.ndtri(levels)
         lo = min(m - 12 * s for m, s in zip(means, stds))
         hi = max(m + 12 * s for m, s in zip(means, stds))
-        # Invert the mixture CDF by interpolation on a fine grid (error ~ 1e-7 of the spread).
         grid = torch.linspace(lo, hi, 50_001, dtype=torch.float64)
         cdf = sum(w * torch.special.ndtr((grid - m) / s) for w, m, s in zip(self.weights, means, stds))
-        return torch.from_numpy(np.interp(levels.numpy(), cdf.numpy(), grid.numpy()))
+        return grid, cdf
 
     def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
         component = torch.multinomial(torch.tensor(self.weights), count, replacement=True, generator=generator)
@@ -98,9 +126,11 @@ def abar_at(alphas_cumprod: torch.Tensor, t: torch.Tensor | float) -> torch.Tens
 
 
 def run_sampler(scheduler, data: GaussianMixture1D, num_steps: int, count: int, *, start_index: int = 0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample ``count`` scalars with the exact predictor, starting from the exact marginal at
-    ``timesteps[start_index]`` (stratified), and return the sampler's output (float64)."""
+                generator: torch.Generator | None = None, network: str = "denoiser") -> torch.Tensor:
+    """Sample ``count`` scalars with the exact ``network`` ("denoiser": ``data.predict``;
+    "consistency": ``data.consistency``, for consistency samplers such as LCM), starting from the
+    exact marginal at ``timesteps[start_index]`` (stratified); return the sampler's output (float64)."""
+    predict = {"denoiser": data.predict, "consistency": data.consistency}[network]
     scheduler.set_timesteps(num_steps)
     prediction_type = scheduler.config.prediction_type
     t0 = scheduler.timesteps[start_index]
@@ -108,7 +138,7 @@ def run_sampler(scheduler, data: GaussianMixture1D, num_steps: int, count: int, 
     x = (x_vp * state_scale(scheduler, t0)).float().reshape(count, 1)
     for t in scheduler.timesteps[start_index:]:
         model_input = scheduler.scale_model_input(x, t)
-        output = data.predict(model_input, abar_at(scheduler.alphas_cumprod, t), prediction_type)
+        output = predict(model_input, abar_at(scheduler.alphas_cumprod, t), prediction_type)
         x = scheduler.step(output, t, x, generator=generator)
     return x.double().flatten()
 

@@ -55,6 +55,7 @@ SAMPLERS = {
     "euler": ("EulerDiscreteScheduler", {}, {}),
     "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}, {}),
     "unipc": ("UniPCMultistepScheduler", {}, {}),
+    "lcm": ("LCMScheduler", {}, {}),
 }
 
 
@@ -156,6 +157,38 @@ def test_batch_matches_diffusers_with_one_generator_per_image(models):
     assert np.abs(ours - theirs).max() < TOLERANCE
 
 
+def test_lcm_batch_matches_diffusers_and_each_image_is_its_seeds_single_image(models):
+    """LCM draws fresh noise after every step but the last: per image, from that image's generator."""
+    reference, pipe = models
+    swap_scheduler(reference, "lcm")
+    generators = [torch.Generator("cpu").manual_seed(s) for s in (60, 61)]
+    kwargs = dict(num_inference_steps=4, height=64, width=64)
+    theirs = reference(**COMMON, **kwargs, num_images_per_prompt=2, generator=generators).images
+    ours = pipe(**COMMON, **kwargs, scheduler="lcm", num_images_per_prompt=2, seed=60).images
+    assert np.abs(ours - theirs).max() < TOLERANCE
+    second = pipe(**COMMON, **kwargs, scheduler="lcm", seed=61).images
+    assert np.abs(ours[1:] - second).max() < TOLERANCE
+    assert np.abs(ours[:1] - second).max() > 1e-3  # the seeds differ, and so do the images
+
+
+@pytest.mark.parametrize(("steps", "guidance_scale"), [(1, 0.0), (2, 1.0), (4, 0.0)])
+def test_the_sd_turbo_recipe_matches_diffusers(models, steps, guidance_scale):
+    """SD-Turbo's few-step sampling: Euler ancestral on trailing timesteps, guidance off (<= 1)."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    reference, pipe = models
+    loaded = reference.loaded_scheduler.config
+    reference.scheduler = EulerAncestralDiscreteScheduler.from_config(loaded, timestep_spacing="trailing")
+    kwargs = dict(prompt="a photo of a red cat", guidance_scale=guidance_scale, num_inference_steps=steps, output_type="np")
+    kwargs.update(height=64, width=64)
+    theirs = reference(**kwargs, generator=torch.Generator("cpu").manual_seed(3)).images
+    ours = pipe(**kwargs, scheduler="euler-ancestral", timestep_spacing="trailing", seed=3)
+    assert np.abs(ours.images - theirs).max() < TOLERANCE
+    assert not ours.settings.settings.guided
+    leading = pipe(**kwargs, scheduler="euler-ancestral", timestep_spacing="leading", seed=3)
+    assert np.abs(ours.images - leading.images).max() > 1e-3  # the spacing was used
+
+
 def test_a_diffusers_scheduler_object_can_drive_our_pipeline(models):
     from diffusers import HeunDiscreteScheduler
 
@@ -174,7 +207,7 @@ def init_image() -> Image.Image:
     return Image.fromarray(array.astype(np.uint8))
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpm-solver++", "euler"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpm-solver++", "euler", "lcm"])
 def test_img2img_matches_diffusers(models, sampler):
     from diffusers import StableDiffusionImg2ImgPipeline
 

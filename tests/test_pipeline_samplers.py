@@ -82,6 +82,8 @@ def test_schedule_choices_need_a_named_scheduler(pipe):
         pipe("a cat", scheduler="ddim", use_karras_sigmas=True, **SIZE)
     with pytest.raises(InputError, match="scheduler named by its string"):
         pipe("a cat", scheduler=create("ddim"), timestep_spacing="trailing", **SIZE)
+    with pytest.raises(InputError, match="timestep_spacing does not apply to scheduler lcm"):
+        pipe("a cat", scheduler="lcm", timestep_spacing="trailing", **SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +105,7 @@ def test_cli_takes_spacing_and_karras_and_writes_them_as_a1111_does(model, tmp_p
     [
         (["--scheduler", "ddim", "--karras"], "--karras does not apply to --scheduler ddim; it applies to dpm-solver,"),
         (["--scheduler", "euler", "--eta", "0.5"], "--eta does not apply to --scheduler euler; it applies to ddim\n"),
+        (["--scheduler", "lcm", "--karras"], "--karras does not apply to --scheduler lcm"),
     ],
 )
 def test_cli_refuses_schedule_options_the_scheduler_does_not_take(extra, message, tmp_path, capsys):

@@ -11,7 +11,13 @@ from ldm.schedulers import SCHEDULERS, SchedulerConfig, create, noise
 from support.analytic import GaussianMixture1D, abar_at, distribution_error, run_sampler
 
 NAMES = list(SCHEDULERS)
-STOCHASTIC = {"ddpm", "dpm-solver++-sde", "euler-ancestral"}
+STOCHASTIC = {"ddpm", "dpm-solver++-sde", "euler-ancestral", "lcm"}
+# The exact network each sampler is made for (support.analytic.run_sampler): a diffusion model's
+# denoiser, or for LCM a consistency model (with the exact denoiser its re-noised x_0 estimates
+# lose variance at every step, as they would with any model that was not distilled for it).
+NETWORK = {"lcm": "consistency"}
+# What the error for a step count the grid cannot hold points to.
+TOO_MANY_STEPS_HINT = {"lcm": "original_inference_steps"}
 GAUSSIAN = GaussianMixture1D.gaussian(0.5, 1.0)
 MIXTURE = GaussianMixture1D((0.3, 0.7), (-1.5, 1.0), (0.3, 0.5))
 # Stated tolerances at 50 trailing steps (data std ~1), a few times the measured errors
@@ -89,7 +95,7 @@ def test_misuse_is_a_config_error(name):
         scheduler.step(latents(), 7, latents())
     with pytest.raises(ConfigError, match="num_inference_steps"):
         scheduler.set_timesteps(0)
-    with pytest.raises(ConfigError, match="trailing"):
+    with pytest.raises(ConfigError, match=TOO_MANY_STEPS_HINT.get(name, "trailing")):
         scheduler.set_timesteps(1000)  # SD's leading spacing with steps_offset=1 runs past t = 999
 
 
@@ -176,7 +182,9 @@ def test_a_run_started_at_timesteps_k_is_the_tail_of_the_schedule(name):
         single_step.set_timesteps(12)
         assert torch.allclose(sample_loop(single_step, states[5], start=5), x, atol=1e-5)
     # Any scheduler started at timesteps[k] from the exact marginal there samples the data.
-    out = run_sampler(scheduler, GAUSSIAN, 50, 8192, start_index=20, generator=torch.Generator().manual_seed(0))
+    network = NETWORK.get(name, "denoiser")
+    generator = torch.Generator().manual_seed(0)
+    out = run_sampler(scheduler, GAUSSIAN, 50, 8192, start_index=20, generator=generator, network=network)
     assert abs(float(out.mean()) - GAUSSIAN.mean) < MEAN_TOL
     assert abs(float(out.std()) - GAUSSIAN.std) < STD_TOL
 
@@ -188,7 +196,8 @@ def test_a_run_started_at_timesteps_k_is_the_tail_of_the_schedule(name):
 @pytest.mark.parametrize("data", [GAUSSIAN, MIXTURE], ids=["gaussian", "mixture"])
 def test_samples_reproduce_the_data_distribution(name, data):
     scheduler = create(name, SchedulerConfig(timestep_spacing="trailing"))
-    out = run_sampler(scheduler, data, 50, 8192, generator=torch.Generator().manual_seed(0))
+    network = NETWORK.get(name, "denoiser")
+    out = run_sampler(scheduler, data, 50, 8192, generator=torch.Generator().manual_seed(0), network=network)
     assert abs(float(out.mean()) - data.mean) < MEAN_TOL
     assert abs(float(out.std()) - data.std) < STD_TOL
     assert distribution_error(out, data) < W1_TOL
@@ -199,7 +208,8 @@ def test_every_prediction_type_gives_the_same_samples(name):
     outs = []
     for prediction_type in ("epsilon", "v_prediction", "sample"):
         scheduler = create(name, SchedulerConfig(prediction_type=prediction_type))
-        outs.append(run_sampler(scheduler, MIXTURE, 10, 512, generator=torch.Generator().manual_seed(0)))
+        network = NETWORK.get(name, "denoiser")
+        outs.append(run_sampler(scheduler, MIXTURE, 10, 512, generator=torch.Generator().manual_seed(0), network=network))
     assert torch.allclose(outs[0], outs[1], atol=1e-4) and torch.allclose(outs[0], outs[2], atol=1e-4)
 
 
@@ -209,7 +219,8 @@ def test_zero_terminal_snr_v_prediction_samples_the_data(name):
     scheduler = create(name, cfg)
     scheduler.set_timesteps(25)
     assert float(scheduler.alphas_cumprod[-1]) == 0.0
-    out = run_sampler(scheduler, GAUSSIAN, 25, 8192, generator=torch.Generator().manual_seed(0))
+    network = NETWORK.get(name, "denoiser")
+    out = run_sampler(scheduler, GAUSSIAN, 25, 8192, generator=torch.Generator().manual_seed(0), network=network)
     assert bool(out.isfinite().all())
     assert abs(float(out.mean()) - GAUSSIAN.mean) < MEAN_TOL
     assert abs(float(out.std()) - GAUSSIAN.std) < 2 * STD_TOL

@@ -139,12 +139,15 @@ def test_a_key_the_file_leaves_out_takes_the_chosen_samplers_diffusers_default(o
 def test_the_default_tables_are_the_diffusers_class_defaults():
     import inspect
 
-    from ldm.schedulers.config import LEADING_DEFAULTS, LINSPACE_DEFAULTS
+    from ldm.schedulers.config import LCM_DEFAULTS, LEADING_DEFAULTS, LINSPACE_DEFAULTS
 
+    lcm_parameters = inspect.signature(diffusers.LCMScheduler.__init__).parameters
+    assert LCM_DEFAULTS.keys() <= lcm_parameters.keys()  # LCMScheduler has every key: none is left to chance
     for table, classes in (
         (LEADING_DEFAULTS, (diffusers.DDIMScheduler, diffusers.DDPMScheduler)),
         (LINSPACE_DEFAULTS, (diffusers.DPMSolverMultistepScheduler, diffusers.UniPCMultistepScheduler,
                              diffusers.EulerDiscreteScheduler, diffusers.EulerAncestralDiscreteScheduler)),
+        (LCM_DEFAULTS, (diffusers.LCMScheduler,)),
     ):
         for cls in classes:
             parameters = inspect.signature(cls.__init__).parameters

@@ -9,10 +9,12 @@ import torch
 
 from ldm.errors import ConfigError
 from ldm.schedulers import SCHEDULERS, NoiseProcess, Schedule, SchedulerConfig, create, schedules
+from ldm.schedulers.base import SigmaOptions
 from ldm.schedulers.schedules import euler_grid, solver_grid, timestep_grid
 
 NAMES = list(SCHEDULERS)
-SIGMA_RULES = [name for name in NAMES if name not in ("ddim", "ddpm")]
+SIGMA_RULES = [name for name in NAMES if issubclass(SCHEDULERS[name].Options, SigmaOptions)]
+TIMESTEP_RULES = [name for name in NAMES if name not in SIGMA_RULES]  # ddim, ddpm, lcm
 SD = NoiseProcess.from_config(SchedulerConfig())  # SD 1.5: scaled_linear, leading, steps_offset 1
 
 
@@ -224,7 +226,7 @@ def test_own_sigmas_equal_to_the_schedules_give_the_same_run(name, kind):
         create(name, use_exponential_sigmas=True).set_timesteps(sigmas=sigmas)
 
 
-@pytest.mark.parametrize("name", ["ddim", "ddpm"])
+@pytest.mark.parametrize("name", TIMESTEP_RULES)
 def test_timestep_rules_refuse_sigmas(name):
     with pytest.raises(ConfigError, match="pass timesteps"):
         create(name).set_timesteps(sigmas=[10.0, 1.0, 0.0])
@@ -241,7 +243,7 @@ def test_exponential_sigmas_are_an_option_of_every_sigma_rule(name):
         create(name, use_karras_sigmas=True, use_exponential_sigmas=True)
 
 
-@pytest.mark.parametrize("name", ["ddim", "ddpm"])
+@pytest.mark.parametrize("name", TIMESTEP_RULES)
 def test_timestep_rules_take_no_sigma_schedule(name):
     with pytest.raises(ConfigError, match="does not take option"):
         create(name, use_exponential_sigmas=True)

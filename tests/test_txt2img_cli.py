@@ -135,6 +135,9 @@ ERROR_CASES = {
     "missing lora": (["a cat", "--lora", "{tmp}/none.safetensors:0.5"], "LoRA file"),
     "guidance rescale out of range": (["a cat", "--guidance-rescale", "2"], "--guidance-rescale"),
     "eta for a scheduler without it": (["a cat", "--scheduler", "euler", "--eta", "0.5"], "eta"),
+    "spacing for lcm": (
+        ["a cat", "--scheduler", "lcm", "--timestep-spacing", "trailing"], "--timestep-spacing does not apply to --scheduler lcm"
+    ),
     "bad number": (["a cat", "--steps", "many"], "invalid int value"),
     "unknown dtype": (["a cat", "--dtype", "fp8"], "invalid choice"),
     # Non-finite and out-of-range numbers (issue 23 §4), refused before anything loads.
@@ -308,6 +311,16 @@ def test_missing_default_model_says_to_pass_model(tmp_path, capsys, monkeypatch)
     code, _, err = run(capsys, "a cat", "--out", tmp_path / "out", *FAST)
     assert code == 2
     assert "pass --model" in err and err.count("\n") == 1
+
+
+def test_lcm_sampling_from_the_command_line(model, tmp_path, capsys):
+    code, stdout, _ = run(
+        capsys, "a red cat", "--model", model, "--scheduler", "lcm", "--guidance-scale", "1", "--seed", 4,
+        "--out", tmp_path, "--steps", "4", "--width", "64", "--height", "64", "--quiet",
+    )
+    assert code == 0
+    params = read_parameters(Path(stdout.split()[0]))
+    assert (params.sampler, params.steps, params.cfg_scale, params.seed) == ("LCM", 4, 1.0, 4)
 
 
 def test_every_registered_scheduler_has_a_metadata_name():

@@ -187,9 +187,10 @@ def check_arguments(args: argparse.Namespace) -> Job:
     checks.check_max_pixels(args.max_pixels, "--max-pixels")
     settings = build_settings(args)
     from ldm.loading import DEFAULT_MODEL_DIR
-    from ldm.schedulers import check_options
+    from ldm.schedulers import check_options, check_spacing
 
     check_options(settings.scheduler, settings.scheduler_options())
+    check_spacing(settings.scheduler, settings.timestep_spacing)
     if args.device is not None:
         check_device(args.device)
     if args.dtype == "fp16" and args.device is not None and args.device.startswith("cpu"):

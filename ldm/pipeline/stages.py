@@ -32,7 +32,7 @@ from ldm.guidance import ClassifierFreeGuidance, Conditional, Denoiser, Network,
 from ldm.images import image_to_tensor, to_numpy, to_pil
 from ldm.prompts import encode_prompts as encode_texts
 from ldm.random import randn, resolve_seed, seed_generators
-from ldm.schedulers import DiffusersScheduler, NoiseProcess, Scheduler, SchedulerConfig, check_options, create
+from ldm.schedulers import DiffusersScheduler, NoiseProcess, Scheduler, SchedulerConfig, check_options, check_spacing, create
 from ldm.schedulers.config import LINSPACE_DEFAULTS
 from ldm.settings import SAMPLER_NAMES, GenerationSettings, ResolvedSettings
 from ldm.speedups import speed_up
@@ -121,6 +121,7 @@ def build_scheduler(config: SchedulerConfig, s: GenerationSettings, template: An
     options = s.scheduler_options()
     if template is None:
         check_options(s.scheduler, options)
+        check_spacing(s.scheduler, s.timestep_spacing)
         if s.timestep_spacing is not None:
             config = config.with_values(timestep_spacing=s.timestep_spacing)
         return create(s.scheduler, config, **options)

@@ -12,7 +12,7 @@ The parts, as k-diffusion and ComfyUI separate them:
     config.py     SchedulerConfig: how the model was trained (its scheduler_config.json)
     process.py    NoiseProcess: the trained noise process (betas, alphas_cumprod, prediction type)
     schedules.py  Schedule: the run's timesteps or sigmas (spacing, Karras, exponential, own points)
-    ddim.py, dpm_solver.py, euler.py, unipc.py: the step rules, only their update math
+    ddim.py, dpm_solver.py, euler.py, unipc.py, lcm.py: the step rules, only their update math
 
 A scheduler is the three combined: ``create(name, config, **options)``, or by hand
 ``SCHEDULERS[name].from_parts(process, schedule, **options)``; each pipeline call builds its own.
@@ -32,6 +32,7 @@ from ldm.schedulers.schedules import Schedule
 from ldm.schedulers.diffusers_adapter import DiffusersScheduler, from_diffusers_scheduler
 from ldm.schedulers.ddim import DDIMScheduler, DDPMScheduler
 from ldm.schedulers.euler import EulerAncestralScheduler, EulerScheduler
+from ldm.schedulers.lcm import LCMScheduler
 from ldm.schedulers.unipc import UniPCScheduler
 from ldm.schedulers.dpm_solver import DPMSolverPlusPlusScheduler, DPMSolverPlusPlusSDEScheduler, DPMSolverScheduler
 
@@ -44,6 +45,7 @@ SCHEDULERS: dict[str, type[Scheduler]] = {
     "euler": EulerScheduler,
     "euler-ancestral": EulerAncestralScheduler,
     "unipc": UniPCScheduler,
+    "lcm": LCMScheduler,
 }
 
 
@@ -63,6 +65,15 @@ def check_options(name: str, options: dict[str, Any]) -> None:
             raise SettingError(f"{{{option}}} does not apply to {{scheduler}} {name}; it applies to {', '.join(users)}")
 
 
+def check_spacing(name: str, spacing: str | None) -> None:
+    """A ``SettingError`` for a call's ``{timestep_spacing}`` where the scheduler ``name`` lays out no spacing."""
+    if spacing is not None and not SCHEDULERS[name].SPACED:
+        raise SettingError(
+            f"{{timestep_spacing}} does not apply to {{scheduler}} {name}: its timesteps are the ones its model "
+            "was distilled on; leave it out"
+        )
+
+
 __all__ = [
     "SCHEDULERS",
     "DiffusersScheduler",
@@ -71,6 +82,7 @@ __all__ = [
     "Scheduler",
     "SchedulerConfig",
     "check_options",
+    "check_spacing",
     "create",
     "from_diffusers_scheduler",
 ]

@@ -80,6 +80,9 @@ class Scheduler(abc.ABC):
     Options: ClassVar[type] = NoOptions
     # The defaults of this sampler's diffusers class, for keys the model's config left out.
     DIFFUSERS_DEFAULTS: ClassVar[Mapping[str, Any]] = LINSPACE_DEFAULTS
+    # Whether the config's timestep_spacing and steps_offset lay out this rule's grid; LCM's grid,
+    # the timesteps its model was distilled on, has no spacing.
+    SPACED: ClassVar[bool] = True
 
     def __init__(self, config: SchedulerConfig | None = None, **options: Any) -> None:
         config = config if config is not None else SchedulerConfig()

@@ -66,6 +66,18 @@ LEADING_DEFAULTS: Mapping[str, Any] = MappingProxyType(
 LINSPACE_DEFAULTS: Mapping[str, Any] = MappingProxyType(
     {**_DIFFUSERS_COMMON_DEFAULTS, "timestep_spacing": "linspace", "clip_sample": False}
 )
+# LCMScheduler: SD's betas (it was written for SD-distilled models) and "leading" spacing, which its
+# skipped grid ignores (``schedules.lcm_grid``); it never clips by default.
+LCM_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        **_DIFFUSERS_COMMON_DEFAULTS,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "timestep_spacing": "leading",
+        "clip_sample": False,
+    }
+)
 # The keys that SD's released scheduler configs set (SD 1.5's PNDM, SD 2.x's DDIM); a single-file
 # checkpoint carries no scheduler config, so ldm assumes these and leaves the rest to each sampler,
 # as diffusers' ``from_single_file`` does with the released config.

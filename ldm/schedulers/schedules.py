@@ -10,12 +10,13 @@ A ``Schedule`` is the recipe, chosen per run and independent of the step rule:
                       timesteps=...)`` and ``sigmas=``): n descending timesteps, or n + 1
                       descending VE sigmas whose last is where the run ends
 
-Three functions lay a recipe out for a rule family, as diffusers' classes for that family lay it
+One function lays a recipe out per rule family, as diffusers' classes for that family lay it
 out, so timesteps agree with diffusers exactly: ``timestep_grid`` (DDIM, DDPM: integer
 timesteps), ``solver_grid`` (DPM-Solver, UniPC: spacing over n + 1 points with the lowest
-dropped, Karras / exponential sigmas over the whole training range, integer timesteps) and
+dropped, Karras / exponential sigmas over the whole training range, integer timesteps),
 ``euler_grid`` (Euler: fractional timesteps, Karras / exponential sigmas over the spaced grid's
-range, ending at sigma = 0).
+range, ending at sigma = 0) and ``lcm_grid`` (LCM: n of the N timesteps it was distilled on, Luo
+et al. 2023; no spacing).
 """
 
 from __future__ import annotations
@@ -89,6 +90,27 @@ def exponential_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> np
     ``get_sigmas_exponential``, diffusers' ``use_exponential_sigmas``); Karras et al. 2022's
     eq. 5 in the limit rho -> infinity."""
     return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_steps))
+
+
+def skipped_timesteps(num_inference_steps: int, num_train_timesteps: int, original_steps: int) -> np.ndarray:
+    """LCM's timesteps, descending (int64), as diffusers' LCMScheduler picks them.
+
+    Luo et al. 2023, sec. 4.3 ("skipping-step"): the model was distilled on every k-th timestep,
+    k = T // N for N = ``original_steps`` (k - 1, 2k - 1, ..., Nk - 1); a run of n steps takes n
+    of those N points at evenly spaced indices from the noisiest (floor(i N / n), i = 0..n-1).
+    """
+    n, big_n, big_t = num_inference_steps, original_steps, num_train_timesteps
+    if not 1 <= big_n <= big_t:
+        raise ConfigError(f"original_inference_steps must be from 1 to {big_t} (the training timesteps), got {big_n}")
+    if n > big_n:
+        raise ConfigError(
+            f"LCM takes at most original_inference_steps={big_n} steps, got {n}; use fewer steps "
+            "or a larger original_inference_steps"
+        )
+    k = big_t // big_n
+    distilled = np.arange(big_n, 0, -1, dtype=np.int64) * k - 1
+    picks = np.floor(np.linspace(0, big_n, n, endpoint=False)).astype(np.int64)
+    return distilled[picks]
 
 
 # One function per sigma schedule that is not read off the spaced timesteps.
@@ -213,6 +235,18 @@ def timestep_grid(process: NoiseProcess, schedule: Schedule, n: int) -> torch.Te
     big_t = process.num_train_timesteps
     grid = spaced_timesteps(schedule.spacing, n, big_t, schedule.steps_offset)
     return checked_grid(torch.from_numpy(grid.round()).to(torch.int64), schedule, n, big_t)
+
+
+def lcm_grid(process: NoiseProcess, schedule: Schedule, n: int, original_steps: int) -> torch.Tensor:
+    """Integer timesteps of LCM: the skipped grid (``skipped_timesteps``), or the caller's own, as
+    diffusers' LCMScheduler takes them. Its grid has no spacing: ``schedule.spacing`` is unused."""
+    if schedule.sigmas is not None:
+        raise ConfigError("LCM steps between training timesteps, not sigmas; pass timesteps=[...] instead")
+    if schedule.sigma_schedule != "spaced":
+        raise ConfigError(f"LCM steps between training timesteps; it takes no {schedule.sigma_schedule} sigmas")
+    if schedule.timesteps is not None:
+        return torch.from_numpy(own_timesteps(process, schedule, whole=True)).to(torch.int64)
+    return torch.from_numpy(skipped_timesteps(n, process.num_train_timesteps, original_steps))
 
 
 def solver_grid(process: NoiseProcess, schedule: Schedule, n: int, end: FinalSigma) -> Grid:
