@@ -4,7 +4,7 @@
                          from their arguments: model-free, frozen, checked when it is made
     ResolvedSettings     what made a call's images: the settings with the fields that depend on the
                          model filled in (steps, guidance, size), the seeds drawn, and the sampler,
-                         model and adapters named; returned with the images, written into each PNG
+                         model, VAE and adapters named; returned with the images, written into each PNG
 
 A bad value is a ``SettingError`` whose message names the field as a ``{field}`` placeholder, so the
 command line reports ``--guidance-scale`` where Python reports ``guidance_scale``. Nothing here
@@ -275,6 +275,7 @@ class ResolvedSettings:
     model_hash: str | None = None  # A1111's short hash of a single-file model (None for a folder)
     adapters: tuple[tuple[str, float], ...] = ()  # (LoRA name, scale), in load order
     version: str = ""  # ldm's version
+    vae: str | None = None  # the VAE file or folder that replaced the model's own (None: the model's)
 
     def prompts(self) -> list[tuple[str, str]]:
         """(prompt, negative prompt) of each image, in image order."""
@@ -322,6 +323,8 @@ class ResolvedSettings:
             extra["Token merging ratio"] = f"{s.token_merging:g}"
         if self.model_hash:
             extra["Model hash"] = self.model_hash
+        if self.vae:
+            extra["VAE"] = self.vae
         if self.adapters:
             extra["Lora"] = ", ".join(f"{name}: {scale:g}" for name, scale in self.adapters)
         if self.version:

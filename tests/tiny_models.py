@@ -64,6 +64,30 @@ def diffusers_vae(seed: int = 0):
     ).eval()
 
 
+def diffusers_taesd(seed: int = 0, latent_channels: int = 4):
+    """A random-weight diffusers ``AutoencoderTiny`` (TAESD's structure at width 16, one block per level)."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    return AutoencoderTiny(
+        encoder_block_out_channels=(16, 16, 16, 16),
+        decoder_block_out_channels=(16, 16, 16, 16),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+        latent_channels=latent_channels,
+    ).eval()
+
+
+def taesd_original_state_dicts(taesd) -> dict[str, dict]:
+    """A diffusers ``AutoencoderTiny``'s weights as TAESD's standalone files name them: the encoder and
+    decoder sequences without prefix, the decoder's indices one higher (its first layer is the clamp)."""
+    files: dict[str, dict] = {"encoder": {}, "decoder": {}}
+    for key, value in taesd.state_dict().items():
+        part, _, index, rest = key.split(".", 3)
+        files[part][f"{int(index) + (part == 'decoder')}.{rest}"] = value.clone()
+    return files
+
+
 def clip_text_model(family: Family = "sd1", seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel
 

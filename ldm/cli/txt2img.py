@@ -43,6 +43,10 @@ def register(sub) -> None:
     parser.add_argument(
         "--config", type=Path, metavar="DIR", help="a diffusers folder whose configuration describes a --model file that carries none"
     )
+    parser.add_argument(
+        "--vae", type=Path, metavar="PATH",
+        help="use this VAE instead of the model's: a KL-VAE .safetensors/.ckpt or diffusers folder, or TAESD (folder or taesd_*coder files)",
+    )
     parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, metavar="NAME", help=", ".join(SAMPLER_NAMES))
     parser.add_argument("--eta", type=float, help="noise of DDIM steps (0: deterministic; only schedulers that take it)")
     parser.add_argument(
@@ -114,6 +118,7 @@ class Job:
     settings: GenerationSettings  # of all the prompts' images; each batch is a copy with its prompt and seeds
     model: Path
     loras: list[tuple[Path, float]]
+    vae: Path | None = None  # replaces the model's VAE
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,7 +134,9 @@ def run(args: argparse.Namespace) -> int:
     if args.cpu_offload and device.type != "cuda":
         raise InputError("--cpu-offload only helps on a CUDA device; drop it or pass --device cuda")
 
-    pipe = Pipeline.from_pretrained(job.model, device="cpu" if args.cpu_offload else device, dtype=dtype, config=args.config)
+    pipe = Pipeline.from_pretrained(
+        job.model, device="cpu" if args.cpu_offload else device, dtype=dtype, config=args.config, vae=job.vae
+    )
     for path, scale in job.loras:
         pipe.load_lora(path, scale=scale)
     # One call makes every image: free each network once its stage is done (peak memory is about
@@ -210,9 +217,13 @@ def check_arguments(args: argparse.Namespace) -> Job:
             raise InputError(f"--config describes a model file; {model} is a folder with its own configuration, drop --config")
         check_config_folder(args.config)
     loras = [lora_argument(text) for text in args.lora]
+    if args.vae is not None:
+        from ldm.loading import find_vae
+
+        find_vae(args.vae)  # exists and holds a VAE; its latent width is checked against the model's on loading
     if settings.init_image is None and (args.width is None or args.height is None):
         check_native_size(args, model)
-    return Job(settings, model, loras)
+    return Job(settings, model, loras, args.vae)
 
 
 def build_settings(args: argparse.Namespace) -> GenerationSettings:

@@ -15,6 +15,9 @@ refused before any network is built.
 
 Nothing here touches the network: paths are local, tokenizers come from the model
 folder, the shipped ``ldm/assets/clip_tokenizer`` or a ``tokenizer=`` path.
+
+VAE files and folders that replace a model's VAE (a KL-VAE or TAESD) are read by ``load_vae``
+(``ldm.loading.vae_files``).
 """
 
 from __future__ import annotations
@@ -27,14 +30,17 @@ from transformers import CLIPTokenizer
 from ldm.errors import CheckpointError, ConfigError
 from ldm.loading.components import Components, parse_dtype
 from ldm.loading.detect import PredictionType
-from ldm.loading.diffusers_folder import is_diffusers_folder, load_diffusers, load_vae, save_diffusers
+from ldm.loading.diffusers_folder import is_diffusers_folder, load_diffusers, load_model_vae, save_diffusers
 from ldm.loading.single_file import load_single_file, save_single_file
+from ldm.loading.vae_files import find_vae, load_vae
 
 __all__ = [
     "DEFAULT_MODEL_DIR",
     "Components",
     "check_config_folder",
+    "find_vae",
     "load_components",
+    "load_vae",
     "load_vae_only",
     "save_diffusers",
     "save_single_file",
@@ -61,7 +67,7 @@ def load_vae_only(path: str | Path, *, device: str | torch.device = "cpu", dtype
     path = Path(path)
     if not is_diffusers_folder(path):
         raise CheckpointError(f"{path} is not a diffusers model folder; load_vae_only reads a folder's vae/ (use load_components for files)")
-    return load_vae(path, device=torch.device(device), dtype=parse_dtype(dtype))
+    return load_model_vae(path, device=torch.device(device), dtype=parse_dtype(dtype))
 
 
 def load_components(
@@ -92,11 +98,20 @@ def load_components(
         raise CheckpointError(f"{path} does not exist; pass a .safetensors/.ckpt file or a diffusers model folder")
     if path.is_dir():
         if not is_diffusers_folder(path):
-            raise CheckpointError(f"{path} is a folder without model_index.json or unet/config.json; not a diffusers model")
+            raise CheckpointError(_not_a_model_folder(path))
         if config is not None:
             raise ConfigError(f"{path} is a diffusers folder, which carries its own configuration; drop config=")
         return load_diffusers(path, **options)
     return load_single_file(path, config=config, **options)
+
+
+def _not_a_model_folder(path: Path) -> str:
+    """Why ``path``, a folder that is no diffusers model, cannot be loaded as one."""
+    try:
+        find_vae(path)
+    except CheckpointError:
+        return f"{path} is a folder without model_index.json or unet/config.json; not a diffusers model"
+    return f"{path} is a VAE, not a whole model; pass a model, and this folder as its VAE (--vae / vae=)"
 
 
 def check_config_folder(folder: Path) -> Path:

@@ -155,6 +155,46 @@ def vae_config(shapes: Mapping[str, tuple[int, ...]], sample_size: int) -> dict[
     }
 
 
+def taesd_config(encoder: Mapping[str, tuple[int, ...]], decoder: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """A diffusers ``AutoencoderTiny`` config.json read from the shapes of TAESD's standalone files.
+
+    Each file is one sequence of convolutions (``N.weight``) and residual blocks (``N.conv.0.weight``);
+    the blocks between consecutive convolutions are one level's. The encoder's first convolution
+    reads the image and its last makes the latents; the decoder's first reads the latents and its
+    last makes the image.
+    """
+    enc_convs, enc_blocks = _taesd_sequence(encoder, "encoder")
+    dec_convs, dec_blocks = _taesd_sequence(decoder, "decoder")
+    levels = len(enc_blocks)
+    return {
+        "_class_name": "AutoencoderTiny",
+        "in_channels": encoder[enc_convs[0]][1],
+        "out_channels": decoder[dec_convs[-1]][0],
+        "latent_channels": encoder[enc_convs[-1]][0],
+        "encoder_block_out_channels": [encoder[enc_convs[0]][0]] * levels,
+        "decoder_block_out_channels": [decoder[dec_convs[0]][0]] * len(dec_blocks),
+        "num_encoder_blocks": enc_blocks,
+        "num_decoder_blocks": dec_blocks,
+    }
+
+
+def _taesd_sequence(shapes: Mapping[str, tuple[int, ...]], part: str) -> tuple[list[str], list[int]]:
+    """The convolution weights of one TAESD file, in order, and the number of blocks between each two."""
+    convs: list[str] = []
+    blocks: list[int] = []
+    for index in sorted(_indices(shapes, r"(\d+)\.")):
+        if f"{index}.weight" in shapes:
+            convs.append(f"{index}.weight")
+            blocks.append(0)
+        elif f"{index}.conv.0.weight" in shapes and convs:
+            blocks[-1] += 1
+        else:
+            raise CheckpointError(f"unknown TAESD {part} layout at layer {index}; expected convolutions and residual blocks")
+    if len(convs) < 2 or blocks[-1]:
+        raise CheckpointError(f"unknown TAESD {part} layout: it must end in a convolution after its blocks")
+    return convs, blocks[:-1]
+
+
 def stored_text_blocks(shapes: Mapping[str, Any], family: Family) -> int:
     """How many transformer blocks the file's text encoder stores."""
     if family == "sd1":

@@ -33,12 +33,12 @@ from ldm.errors import CheckpointError, ConfigError
 from ldm.io import atomic_write_dir
 from ldm.loading import keymap
 from ldm.loading.components import Components, build_networks, finish, load_entries, resolve_tokenizer, shapes_of
-from ldm.loading.configs import check_text_to_image, folder_configs, read_json
+from ldm.loading.configs import built, check_text_to_image, folder_configs, read_json
 from ldm.loading.detect import PredictionType
 from ldm.loading.keymap import Entry
 from ldm.loading.sources import open_component
 from ldm.loading.writers import write_safetensors
-from ldm.models import AutoencoderKL, VAEConfig
+from ldm.models import TAESD, AutoencoderKL, TAESDConfig, VAEConfig
 from ldm.schedulers import SchedulerConfig
 
 
@@ -101,16 +101,37 @@ def load_diffusers(
     )
 
 
-def load_vae(folder: Path, *, device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
-    """Only the VAE of a diffusers folder (for decode-only work: nothing else is read)."""
-    config = VAEConfig.from_diffusers(read_json(folder / "vae" / "config.json"))
+# The VAE classes a diffusers VAE folder may name in its config.json, with ours.
+VAE_CLASSES = {"AutoencoderKL": (VAEConfig, AutoencoderKL), "AutoencoderTiny": (TAESDConfig, TAESD)}
+
+
+def vae_folder_config(folder: Path) -> VAEConfig | TAESDConfig:
+    """The configuration of a diffusers VAE folder (``config.json``): a KL-VAE or TAESD, by ``_class_name``."""
+    path = folder / "config.json"
+    values = read_json(path)
+    name = values.get("_class_name", "AutoencoderKL") if isinstance(values, dict) else None
+    if name not in VAE_CLASSES:
+        raise CheckpointError(f"{path} describes a {name}, not a VAE; ldm reads AutoencoderKL and AutoencoderTiny (TAESD) folders")
+    return built(VAE_CLASSES[name][0].from_diffusers, values, str(path))
+
+
+def load_vae_folder(
+    folder: Path, config: VAEConfig | TAESDConfig, *, device: torch.device, dtype: torch.dtype
+) -> AutoencoderKL | TAESD:
+    """The VAE of a diffusers VAE folder (``config`` read by ``vae_folder_config``), strictly loaded."""
+    network = {VAEConfig: AutoencoderKL, TAESDConfig: TAESD}[type(config)]
     with torch.device("meta"):
-        vae = AutoencoderKL(config)
-    _load_part(vae, folder / "vae", "diffusers", device=device, dtype=dtype)
+        vae = network(config)
+    _load_part(vae, folder, "diffusers", device=device, dtype=dtype)
     for key, tensor in [*vae.named_parameters(), *vae.named_buffers()]:
         if tensor.is_meta:
             raise RuntimeError(f"VAE tensor {key} was not loaded")
     return vae.eval()
+
+
+def load_model_vae(folder: Path, *, device: torch.device, dtype: torch.dtype) -> AutoencoderKL | TAESD:
+    """Only the VAE of a diffusers model folder (for decode-only work: nothing else is read)."""
+    return load_vae_folder(folder / "vae", vae_folder_config(folder / "vae"), device=device, dtype=dtype)
 
 
 # A name the model records for itself in model_index.json (diffusers ignores "_" keys); without

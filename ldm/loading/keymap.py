@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,6 +37,9 @@ SD1_TEXT_LEGACY_PREFIX = "cond_stage_model.transformer."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
 
 Transform = Literal["copy", "conv1x1", "qkv"]
+
+# The original TAESD decoder's sequence begins with a clamp (no weights): its indices are diffusers' + 1.
+TAESD_DECODER_OFFSET = 1
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,20 @@ def vae_entries(shapes: Mapping[str, tuple[int, ...]]) -> list[Entry]:
     return _build(shapes, VAE_PREFIX, lambda k: vae_original_key(k, levels))
 
 
+def taesd_entries(shapes: Mapping[str, tuple[int, ...]], part: Literal["encoder", "decoder"]) -> list[Entry]:
+    """Key map of TAESD's encoder or decoder (its own keys, ``layers.N...``) to the original standalone
+    ``taesd_encoder`` / ``taesd_decoder`` file, whose sequence is the module itself (``N...``). The
+    original decoder starts with its clamp, a layer without weights that diffusers folds into
+    ``forward``, so its indices are one higher."""
+    offset = TAESD_DECODER_OFFSET if part == "decoder" else 0
+
+    def rename(key: str) -> str:
+        index, _, rest = key.removeprefix("layers.").partition(".")
+        return f"{int(index) + offset}.{rest}"
+
+    return _build(shapes, "", rename)
+
+
 def text_entries(shapes: Mapping[str, tuple[int, ...]], family: Literal["sd1", "sd2"]) -> list[Entry]:
     """Key map of a transformers CLIPTextModel (SD 1.x: HF CLIP naming; SD 2.x: OpenCLIP).
 
@@ -281,6 +298,40 @@ def unused_text_tensors(family: str, state: Mapping[str, torch.Tensor], layers: 
     unused[SD2_TEXT_PREFIX + "text_projection"] = torch.eye(width, dtype=like.dtype, device=like.device)
     unused[SD2_TEXT_PREFIX + "logit_scale"] = torch.tensor(math.log(100.0), dtype=like.dtype, device=like.device)
     return unused
+
+
+# ---------------------------------------------------------------------------
+# Which VAE layout a file's keys are in
+# ---------------------------------------------------------------------------
+
+VaeLayout = Literal["kl", "kl-diffusers", "taesd-encoder", "taesd-decoder"]
+
+# A key every KL-VAE has, in the original layout (possibly behind VAE_PREFIX) and in diffusers'.
+_KL_KEY = "encoder.down.0.block.0.conv1.weight"
+_KL_DIFFUSERS_KEY = "encoder.down_blocks.0.resnets.0.conv1.weight"
+
+
+def vae_layout(keys: Collection[str]) -> VaeLayout | None:
+    """The VAE layout of a file with these keys (a whole model's VAE counts as ``"kl"``); None if none.
+
+    TAESD's standalone files are bare sequences of convolutions (``N.weight``) and residual blocks
+    (``N.conv.0.weight``): the encoder's starts with a convolution, the decoder's with its clamp.
+    """
+    if _KL_KEY in keys or VAE_PREFIX + _KL_KEY in keys:
+        return "kl"
+    if _KL_DIFFUSERS_KEY in keys:
+        return "kl-diffusers"
+    if any(re.fullmatch(r"\d+\.conv\.0\.weight", key) for key in keys):
+        if "0.weight" in keys:
+            return "taesd-encoder"
+        if "1.weight" in keys:
+            return "taesd-decoder"
+    return None
+
+
+def is_whole_model(keys: Collection[str]) -> bool:
+    """True if the keys hold an original single file's U-Net (a whole model, not a part of one)."""
+    return any(key.startswith(UNET_PREFIX) for key in keys)
 
 
 # ---------------------------------------------------------------------------

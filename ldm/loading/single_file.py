@@ -76,6 +76,8 @@ def load_single_file(
     def read(name: str) -> torch.Tensor:
         return source.read(names[name])
 
+    if not keymap.is_whole_model(shapes) and keymap.vae_layout(shapes) is not None:
+        raise CheckpointError(f"{path} holds only a VAE, not a whole model; pass a model, and this file as its VAE (--vae / vae=)")
     family = detect_family(shapes)
     configs, text_blocks = file_configs(source, shapes, read, family, config, prediction_type)
     check_text_to_image(configs.unet, configs.vae, path)

@@ -1,7 +1,8 @@
-"""The three networks of latent diffusion: U-Net, KL autoencoder, CLIP text encoder helpers."""
+"""The networks of latent diffusion: U-Net, KL autoencoder, tiny autoencoder (TAESD), CLIP text encoder helpers."""
 
 from ldm.models.attention import AttentionBackend
+from ldm.models.taesd import TAESD, PointPosterior, TAESDConfig
 from ldm.models.unet import UNet, UNetConfig
 from ldm.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 
-__all__ = ["AttentionBackend", "AutoencoderKL", "DiagonalGaussian", "UNet", "UNetConfig", "VAEConfig"]
+__all__ = ["AttentionBackend", "AutoencoderKL", "DiagonalGaussian", "PointPosterior", "TAESD", "TAESDConfig", "UNet", "UNetConfig", "VAEConfig"]

@@ -154,6 +154,15 @@ class DiagonalGaussian:
         eps = randn(tuple(self.mean.shape), generator, self.mean.device, self.mean.dtype)
         return self.mean + self.std * eps
 
+    def sample_with(self, noise: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """z = mean + std * eps with eps = ``noise()``, in eps's dtype and batch (mean broadcasts).
+
+        The pipeline's img2img draws eps from each image's generator. The interface every encoder's
+        result offers: TAESD's ``PointPosterior`` returns its latents without calling ``noise``.
+        """
+        eps = noise()
+        return self.mean.to(eps.dtype) + self.std.to(eps.dtype) * eps
+
     def mode(self) -> torch.Tensor:
         return self.mean
 

@@ -85,6 +85,7 @@ class Pipeline:
         self.source: Path | None = None  # the model's file or folder (from_pretrained)
         self.defaults = GenerationDefaults()  # from_pretrained reads the model's own, if it has any
         self.adapters: list[tuple[str, float]] = []  # (name, scale) of each LoRA loaded, in order
+        self.vae_name: str | None = None  # the VAE file or folder that replaced the model's (load_vae)
         param = next(unet.parameters())
         self.setup = PipelineSetup(device=param.device, dtype=param.dtype)
 
@@ -96,11 +97,13 @@ class Pipeline:
         dtype: torch.dtype | None = None,
         prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = None,
         config: str | Path | None = None,
+        vae: str | Path | None = None,
     ) -> Pipeline:
         """Load a diffusers folder or a single ``.safetensors`` / ``.ckpt`` (default: the project's model).
 
         ``config``: a diffusers folder whose configuration describes a single file that carries none
-        (see ``ldm.loading.load_components``).
+        (see ``ldm.loading.load_components``). ``vae``: a VAE file or folder (a KL-VAE or TAESD) used
+        instead of the model's own (see ``load_vae``).
         """
         from ldm.loading import DEFAULT_MODEL_DIR, load_components
 
@@ -114,6 +117,8 @@ class Pipeline:
         pipe.source = Path(path)
         pipe.name = parts.name or (pipe.source.stem if pipe.source.is_file() else pipe.source.name)
         pipe.defaults = GenerationDefaults(**parts.generation_config)  # checked by the loader
+        if vae is not None:
+            pipe.load_vae(vae)
         return pipe
 
     # --- set-up ------------------------------------------------------------------------------------
@@ -148,6 +153,23 @@ class Pipeline:
 
         apply_lora(self.unet, self.text_encoder, path, scale=scale, fuse=fuse)
         self.adapters.append((Path(path).stem, scale))
+
+    def load_vae(self, path: str | Path) -> None:
+        """Replace the VAE with a VAE file or folder: a KL-VAE (original single file or diffusers folder) or
+        TAESD (diffusers ``AutoencoderTiny`` folder or its ``taesd_encoder`` / ``taesd_decoder`` files), see
+        ``ldm.loading.vae_files``. Loaded in the pipeline's dtype where its networks wait, with its
+        attention set up; named in image metadata. One whose latent width differs from the U-Net's is refused.
+        """
+        from ldm.loading import load_vae
+
+        setup = self.setup
+        vae = load_vae(
+            path, device="cpu" if setup.cpu_offload else setup.device, dtype=setup.dtype,
+            latent_channels=self.unet.config.in_channels,
+        )  # fmt: skip
+        vae.set_attention(setup.attention, setup.attention_slice_size)
+        self.vae = vae
+        self.vae_name = Path(path).name
 
     @property
     def device(self) -> torch.device:

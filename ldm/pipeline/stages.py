@@ -5,7 +5,7 @@
     prepare_timesteps  the scheduler's timesteps; img2img keeps the last ``strength`` of them
     initial_latents    noise from each image's generator, or the noised init image, or given latents
     denoise            x <- scheduler.step(denoiser(x, t), t, x), denoiser = guidance o speed-ups o U-Net
-    decode_output      VAE decode (full / sliced / tiled) -> images in the requested output type
+    decode_output      VAE decode (full / sliced / tiled; a KL-VAE or TAESD) -> images in the requested output type
 
 A new kind of conditioning (an inpainting mask, a control image, SDXL's extra inputs) is a new
 stage or a new denoiser wrapper, not an ``if`` in ``Pipeline.generate``. Every network runs inside
@@ -86,7 +86,7 @@ def resolve(pipe: Pipeline, settings: GenerationSettings, template: Any, generat
     scheduler = build_scheduler(pipe.scheduler_config, s, template)
     resolved = ResolvedSettings(
         replace(s, seed=seeds[0] if seeds else None), seeds, sampler_name(scheduler),
-        pipe.name, pipe.model_hash, tuple(pipe.adapters), __version__,
+        pipe.name, pipe.model_hash, tuple(pipe.adapters), __version__, vae=pipe.vae_name,
     )
     return Call(resolved, scheduler, generators, shape, init_tensor(s), latents)
 
@@ -194,13 +194,17 @@ def initial_latents(pipe: Pipeline, call: Call, timesteps: torch.Tensor) -> torc
 def noised_init_latents(pipe: Pipeline, call: Call, first_t: torch.Tensor) -> torch.Tensor:
     """img2img start: z_0 ~ q(z | image), then q(z_t | z_0) at the first kept timestep.
 
-    Each generator draws the posterior sample's noise and then the forward process noise, in
-    diffusers' order, so seeds give diffusers' images.
+    Each generator draws the posterior sample's noise (a KL-VAE's; TAESD's encoder is deterministic
+    and draws none) and then the forward process noise, in diffusers' order, so seeds give
+    diffusers' images.
     """
+
+    def posterior_noise() -> torch.Tensor:
+        return randn(call.shape, call.generators, pipe.device, torch.float32)
+
     with pipe.residency.running(pipe.vae) as vae:
         posterior = vae.encode(call.init.to(pipe.device, pipe.dtype))
-    mean, std = posterior.mean.float(), posterior.std.float()
-    z0 = (mean + std * randn(call.shape, call.generators, pipe.device, torch.float32)) * pipe.vae.config.scaling_factor
+    z0 = posterior.sample_with(posterior_noise).float().expand(call.shape) * pipe.vae.config.scaling_factor
     noise = randn(call.shape, call.generators, pipe.device, torch.float32)
     return call.scheduler.add_noise(z0, noise, first_t.repeat(call.shape[0]))
 
