@@ -16,9 +16,9 @@ from fastapi import FastAPI, HTTPException
 from fastapi.concurrency import run_in_threadpool
 
 from ldm import checks
-from ldm.errors import SettingError
+from ldm.errors import LdmError, SettingError
 from ldm.server import schema
-from ldm.server.jobs import Job
+from ldm.server.jobs import Job, JobCrashed
 from ldm.server.names import SCHEDULE_TYPES, samplers
 from ldm.server.service import Server
 from ldm.server.translate import info_json, job_request, open_base64_image, png_base64, png_bytes, png_info
@@ -78,7 +78,7 @@ class A1111Api:
         while not job.done.is_set():
             await asyncio.sleep(WAIT_POLL_SECONDS)
         if job.state == "failed":
-            raise job.error
+            raise job.error if isinstance(job.error, LdmError) else JobCrashed(job)
         return await run_in_threadpool(self._answer, job, body, img2img)
 
     def _answer(self, job: Job, body: schema.GenerationFields, img2img: bool) -> schema.ImageResponse:

@@ -11,7 +11,6 @@ shape), an unknown sampler A1111's 400 "Sampler not found", a full queue a 429 w
 
 from __future__ import annotations
 
-import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -23,14 +22,11 @@ from ldm.errors import LdmError, SettingError
 from ldm.server.a1111 import A1111Api
 from ldm.server.config import ServerConfig
 from ldm.server.guard import Guard
-from ldm.server.jobs import QueueFull
+from ldm.server.jobs import JobCrashed, QueueFull
 from ldm.server.names import SamplerNotFound
 from ldm.server.native import NativeApi
 from ldm.server.service import Server
 from ldm.server.translate import label
-
-log = logging.getLogger("ldm.server")
-
 
 def create_app(config: ServerConfig) -> FastAPI:
     """The app for ``config``: the model loaded, the A1111 and native routes, auth and limits."""
@@ -59,6 +55,7 @@ def add_error_answers(app: FastAPI) -> None:
     app.add_exception_handler(SamplerNotFound, sampler_not_found)
     app.add_exception_handler(QueueFull, queue_full)
     app.add_exception_handler(LdmError, user_error)
+    app.add_exception_handler(JobCrashed, job_crashed)
     app.add_exception_handler(Exception, internal_error)
 
 
@@ -89,8 +86,13 @@ async def user_error(request: Request, error: LdmError) -> JSONResponse:
     return JSONResponse(status_code=422, content={"detail": str(error)})
 
 
+async def job_crashed(request: Request, error: JobCrashed) -> JSONResponse:
+    """A 500 for a job's bug, already logged by the worker; the connection stays usable."""
+    return JSONResponse(status_code=500, content={"error": type(error.job.error).__name__, "detail": f"{error}; see the server's log"})
+
+
 async def internal_error(request: Request, error: Exception) -> JSONResponse:
-    log.error("%s %s failed", request.method, request.url.path, exc_info=error)
+    # Starlette logs it and closes the connection after this answer: a bug in a handler, not in a job.
     return JSONResponse(status_code=500, content={"error": type(error).__name__, "detail": "internal error; see the server's log"})
 
 

@@ -100,6 +100,14 @@ class Job:
         self.version += 1
 
 
+class JobCrashed(Exception):
+    """A job failed of a bug (not a user's mistake); its traceback is in the server's log, not in the answer."""
+
+    def __init__(self, job: Job):
+        super().__init__(f"job {job.id} failed: {type(job.error).__name__}")
+        self.job = job
+
+
 class QueueFull(Exception):
     """The queue holds ``--queue-size`` jobs; ``retry_after`` is an estimate in whole seconds."""
 
