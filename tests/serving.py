@@ -35,7 +35,7 @@ class LiveServer:
             time.sleep(0.02)
 
     def client(self, **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60, **kwargs)
+        return httpx.Client(base_url=self.url, **{"timeout": 60, **kwargs})
 
     def stop(self) -> None:
         self.uvicorn.should_exit = True

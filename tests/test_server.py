@@ -338,6 +338,19 @@ def test_a_crash_in_a_job_is_a_500_without_traceback_and_the_next_job_runs(http,
     assert http.post("/sdapi/v1/txt2img", json=SMALL).status_code == 200
 
 
+def test_a_client_that_disconnects_mid_job_does_not_stop_the_server(http, live):
+    import httpx
+
+    with live[0].client(timeout=httpx.Timeout(60, read=0.5)) as impatient:
+        with pytest.raises(httpx.ReadTimeout):
+            impatient.post("/sdapi/v1/txt2img", json=LONG)
+    state = wait_for(lambda: (s := http.get("/sdapi/v1/progress").json()["state"])["sampling_step"] >= 1 and s)
+    http.post("/sdapi/v1/interrupt")
+    job_id = state["job"].removeprefix("task(").removesuffix(")")
+    assert wait_for(lambda: http.get(f"/ldm/v1/jobs/{job_id}").json()["state"] == "done")
+    assert http.post("/sdapi/v1/txt2img", json={**SMALL, "seed": 4}).status_code == 200
+
+
 # --- the native job API ----------------------------------------------------------------------------
 
 
