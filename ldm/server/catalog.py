@@ -45,9 +45,16 @@ class ModelEntry:
         short = self.short_hash
         return f"{self.name} [{short}]" if short else self.name
 
+    def named(self, text: str) -> bool:
+        """Whether ``text`` is this model's name or stem (no hashing)."""
+        return text in (self.name, self.stem)
+
     def matches(self, text: str) -> bool:
-        """Whether a client's ``sd_model_checkpoint`` names this model (title, name, stem or hash)."""
-        return text in (self.title, self.name, self.stem) or (self.short_hash is not None and text == self.short_hash)
+        """Whether a client's ``sd_model_checkpoint`` names this model: name, stem, title or short hash."""
+        if self.named(text):
+            return True
+        short = self.short_hash
+        return short is not None and text in (short, f"{self.name} [{short}]")
 
 
 def list_models(folder: Path | None) -> list[ModelEntry]:
@@ -90,8 +97,11 @@ class Catalog:
         self.models = listed if same else [self.startup_model, *listed]
 
     def find_model(self, text: str) -> ModelEntry | None:
-        """The listed model ``text`` names, or None (a path, ``..`` included, names none)."""
-        return next((entry for entry in self.models if entry.matches(text)), None)
+        """The listed model ``text`` names, or None (a path, ``..`` included, names none).
+
+        Names are tried first: a hash is only computed (and then cached) for a title or hash."""
+        named = next((entry for entry in self.models if entry.named(text)), None)
+        return named or next((entry for entry in self.models if entry.matches(text)), None)
 
     def loras(self) -> list[Path]:
         return list_files(self.loras_dir, LORA_SUFFIXES)
