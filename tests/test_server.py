@@ -185,6 +185,7 @@ def test_interrupt_returns_the_images_so_far_early(http):
     assert len(body["images"]) == 1 and decode_png(body["images"][0]).size == (64, 64)
     job = http.get(f"/ldm/v1/jobs/{job_id}").json()
     assert job["state"] == "done" and 2 <= job["step"] < 500
+    assert job["images"] == [] and len(job["infotexts"]) == 1  # handed back, not kept in memory
 
 
 def test_skip_ends_the_current_batch_and_goes_on_with_the_next(http):

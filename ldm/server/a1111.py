@@ -88,7 +88,9 @@ class A1111Api:
         if img2img and not getattr(body, "include_init_images", False):  # as A1111: the images are not sent back
             parameters.update(init_images=None, mask=None)
         model = self.server.engine.model
-        return schema.ImageResponse(images=images, parameters=parameters, info=info_json(job, body, model.stem, model.short_hash))
+        answer = schema.ImageResponse(images=images, parameters=parameters, info=info_json(job, body, model.stem, model.short_hash))
+        job.changed(images=[], preview=None)  # handed back: the job's history entry keeps its infotexts only
+        return answer
 
     def progress(self, skip_current_image: bool = False) -> schema.ProgressResponse:
         """The running job's progress, A1111's ``state`` and a preview of its first image."""

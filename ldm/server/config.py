@@ -49,7 +49,7 @@ class ServerConfig:
     outputs: Path | None = None  # save_images writes here; None: the server writes no files
     device: str | None = None  # None: CUDA when there is one, else the CPU
     dtype: str | None = None  # fp32, fp16, bf16; None: fp16 on CUDA, fp32 elsewhere
-    history: int = 100  # finished jobs kept for GET /ldm/v1/jobs/{id} (their images in memory)
+    history: int = 32  # finished jobs kept for GET /ldm/v1/jobs/{id} (a job API job's images stay in memory)
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:

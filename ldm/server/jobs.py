@@ -119,7 +119,7 @@ class QueueFull(Exception):
 class JobQueue:
     """Bounded FIFO of jobs and the one worker thread that runs them on ``engine``."""
 
-    def __init__(self, engine: Engine, size: int, history: int = 100):
+    def __init__(self, engine: Engine, size: int, history: int = 32):
         self.engine = engine
         self.size = size
         self.history = history
