@@ -146,7 +146,6 @@ def test_img2img_without_a_readable_image_is_a_422_naming_init_images(http, init
         ({"enable_hr": True}, "enable_hr"),
         ({"subseed_strength": 0.5}, "subseed_strength"),
         ({"override_settings": {"CLIP_stop_at_last_layers": 0}}, "override_settings.CLIP_stop_at_last_layers"),
-        ({"override_settings": {"sd_model_checkpoint": "shapes-copy.safetensors"}}, "override_settings.sd_model_checkpoint"),
         ({"scheduler": "Cosine"}, "scheduler"),
     ],
 )
@@ -223,6 +222,22 @@ def test_switching_the_model_waits_for_the_running_job_which_keeps_its_model(htt
 def test_a_model_name_outside_the_listing_is_404(http, name):
     assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": name}).status_code == 404
     assert http.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "ldm-shapes"
+
+
+def test_a_request_runs_on_the_model_its_override_settings_name(http):
+    copy = {**SMALL, "seed": 1, "override_settings": {"sd_model_checkpoint": "shapes-copy.safetensors"}}
+    text = json.loads(http.post("/sdapi/v1/txt2img", json=copy).json()["info"])["infotexts"][0]
+    assert parse_parameters(text).model == "shapes-copy"
+    assert http.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "ldm-shapes"  # restored afterwards
+    for name in ("../../x", "/etc/passwd", "../models/shapes-copy.safetensors"):
+        answer = http.post("/sdapi/v1/txt2img", json={**SMALL, "override_settings": {"sd_model_checkpoint": name}})
+        assert answer.status_code == 404 and "not found" in answer.json()["detail"]
+    try:
+        kept = {**copy, "override_settings": {"sd_model_checkpoint": "shapes-copy"}, "override_settings_restore_afterwards": False}
+        assert http.post("/sdapi/v1/txt2img", json=kept).status_code == 200
+        assert http.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("shapes-copy.safetensors [")
+    finally:
+        assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "ldm-shapes"}).status_code == 200
 
 
 def test_clip_skip_option_applies_to_later_requests(http):

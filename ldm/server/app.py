@@ -26,7 +26,7 @@ from ldm.server.jobs import JobCrashed, QueueFull
 from ldm.server.names import SamplerNotFound
 from ldm.server.native import NativeApi
 from ldm.server.service import Server
-from ldm.server.translate import label
+from ldm.server.translate import ModelNotFound, label
 
 def create_app(config: ServerConfig) -> FastAPI:
     """The app for ``config``: the model loaded, the A1111 and native routes, auth and limits."""
@@ -56,6 +56,7 @@ def add_error_answers(app: FastAPI) -> None:
     app.add_exception_handler(QueueFull, queue_full)
     app.add_exception_handler(LdmError, user_error)
     app.add_exception_handler(JobCrashed, job_crashed)
+    app.add_exception_handler(ModelNotFound, model_not_found)
     app.add_exception_handler(Exception, internal_error)
 
 
@@ -84,6 +85,10 @@ async def queue_full(request: Request, error: QueueFull) -> JSONResponse:
 
 async def user_error(request: Request, error: LdmError) -> JSONResponse:
     return JSONResponse(status_code=422, content={"detail": str(error)})
+
+
+async def model_not_found(request: Request, error: ModelNotFound) -> JSONResponse:
+    return JSONResponse(status_code=404, content={"detail": str(error)})
 
 
 async def job_crashed(request: Request, error: JobCrashed) -> JSONResponse:

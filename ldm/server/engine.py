@@ -20,7 +20,7 @@ from ldm.pipeline import Pipeline
 from ldm.pipeline.stages import resolve
 from ldm.previews import latent_preview
 from ldm.server.catalog import ModelEntry
-from ldm.server.jobs import Job
+from ldm.server.jobs import Job, JobRequest
 from ldm.settings import GenerationSettings
 
 
@@ -58,10 +58,24 @@ class Engine:
                 pipeline = self._load(model)  # a model that fails to load leaves the old one serving
                 self.pipeline, self.model = pipeline, model
 
+    def _pipeline_for(self, request: JobRequest) -> Pipeline:
+        """The pipeline a job runs on (lock held): the loaded one, or the model its request names.
+
+        As in A1111, a request's own model is loaded for it and, unless ``restore_model`` is false,
+        the loaded model serves the next job; otherwise the request's model stays loaded.
+        """
+        model = request.model
+        if model is None or model.path.resolve() == self.model.path.resolve():
+            return self.pipeline
+        pipe = self._load(model)
+        if not request.restore_model:
+            self.pipeline, self.model = pipe, model
+        return pipe
+
     def run(self, job: Job) -> None:
         """Every batch of ``job``, in order; stops early when the job is flagged."""
         with self.lock:
-            pipe = self.pipeline
+            pipe = self._pipeline_for(job.request)
             request = job.request
             for k in range(request.n_iter):
                 if job.interrupted or job.cancelled:

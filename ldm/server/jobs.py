@@ -27,6 +27,7 @@ from ldm.settings import GenerationSettings
 if TYPE_CHECKING:
     from PIL import Image
 
+    from ldm.server.catalog import ModelEntry
     from ldm.server.engine import Engine
 
 log = logging.getLogger("ldm.server")
@@ -42,6 +43,8 @@ class JobRequest:
     settings: GenerationSettings
     n_iter: int = 1
     save: bool = False  # write each image under the server's --outputs
+    model: ModelEntry | None = None  # A1111's override_settings.sd_model_checkpoint; None: the loaded model
+    restore_model: bool = True  # with ``model``: serve the loaded model again afterwards (A1111's default)
 
     @property
     def seeds(self) -> list[int]:

@@ -40,4 +40,4 @@ class Server:
 
     def defaults(self) -> ServerDefaults:
         """What the options set for the next request."""
-        return ServerDefaults(clip_skip=self.engine.clip_skip, model_matches=self.engine.model.matches)
+        return ServerDefaults(clip_skip=self.engine.clip_skip, find_model=self.catalog.find_model)

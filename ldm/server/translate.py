@@ -22,6 +22,7 @@ from ldm import __version__, checks
 from ldm.errors import InputError, SettingError
 from ldm.images import GenerationParameters, format_parameters, open_image, to_rgb
 from ldm.random import resolve_seed
+from ldm.server.catalog import ModelEntry
 from ldm.server.config import Limits
 from ldm.server.jobs import Job, JobRequest
 from ldm.server.names import resolve_sampler, schedule_label
@@ -61,12 +62,16 @@ def worded(error: Exception) -> str:
     return error.worded(label) if isinstance(error, SettingError) else str(error)
 
 
+class ModelNotFound(LookupError):
+    """A model name that is not in the server's listing (a 404)."""
+
+
 @dataclass(frozen=True)
 class ServerDefaults:
-    """What the server's options set for requests that do not say (A1111's /options)."""
+    """What the server's options set for requests that do not say (A1111's /options), and its models."""
 
     clip_skip: int | None = None  # diffusers' meaning: A1111's CLIP_stop_at_last_layers - 1
-    model_matches: Callable[[str], bool] | None = None  # whether a name is the loaded model's (override_settings)
+    find_model: Callable[[str], ModelEntry | None] = lambda name: None  # a listed model by name (Catalog.find_model)
 
 
 def job_request(body: GenerationFields, limits: Limits, defaults: ServerDefaults, img2img: bool, can_save: bool) -> JobRequest:
@@ -89,7 +94,10 @@ def job_request(body: GenerationFields, limits: Limits, defaults: ServerDefaults
     check_options(settings.scheduler, settings.scheduler_options())
     n_iter = checks.check_count(body.n_iter, "n_iter")
     seed = resolve_seed(body.seed, settings.batch * n_iter)
-    return JobRequest(replace(settings, seed=seed), n_iter, body.save_images)
+    overrides = body.override_settings or {}
+    model = model_of(overrides, defaults)
+    restore = body.override_settings_restore_afterwards
+    return JobRequest(replace(settings, seed=seed), n_iter, body.save_images, model, restore)
 
 
 def refuse_unsupported(body: GenerationFields, can_save: bool) -> None:
@@ -134,12 +142,6 @@ def eta_for(scheduler: str, eta: float | None) -> float | None:
 
 def clip_skip_of(overrides: dict[str, Any], defaults: ServerDefaults) -> int | None:
     """diffusers' clip skip from A1111's ``CLIP_stop_at_last_layers`` (1 = the last layer), else the server's."""
-    checkpoint = overrides.get("sd_model_checkpoint")
-    if checkpoint is not None and defaults.model_matches is not None and not defaults.model_matches(str(checkpoint)):
-        raise SettingError(
-            "{override_settings.sd_model_checkpoint} names another model than the one loaded; "
-            "switch with POST /sdapi/v1/options first"
-        )
     layers = overrides.get("CLIP_stop_at_last_layers")
     if layers is None:
         return defaults.clip_skip
@@ -147,6 +149,17 @@ def clip_skip_of(overrides: dict[str, Any], defaults: ServerDefaults) -> int | N
     if layers < 1:
         raise SettingError(f"{{override_settings.CLIP_stop_at_last_layers}} must be 1 or more, got {layers}")
     return layers - 1 or None
+
+
+def model_of(overrides: dict[str, Any], defaults: ServerDefaults) -> ModelEntry | None:
+    """The listed model ``override_settings.sd_model_checkpoint`` names (None: the loaded one); ``ModelNotFound`` else."""
+    name = overrides.get("sd_model_checkpoint")
+    if name is None:
+        return None
+    model = defaults.find_model(str(name))
+    if model is None:
+        raise ModelNotFound(f"model {str(name)!r} not found; GET /sdapi/v1/sd-models lists the models")
+    return model
 
 
 def init_image_of(images: list[str] | None) -> Image.Image | None:
