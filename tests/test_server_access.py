@@ -51,7 +51,11 @@ def test_the_cli_refuses_a_public_host_without_auth(capsys):
     assert "--api-auth" in error and "--insecure-no-auth" in error and "Traceback" not in error
 
 
-@pytest.mark.parametrize("argv", [["--api-auth", "nopassword"], ["--queue-size", "0"], ["--models-dir", "/no/such/folder"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["--api-auth", "nopassword"], ["--queue-size", "0"], ["--models-dir", "/no/such/folder"], ["--outputs", "/dev/null"],
+     ["--max-steps", "0"], ["--port", "70000"], ["--model", "/no/such/model.safetensors"]],
+)
 def test_the_cli_refuses_bad_flags_in_one_line(capsys, argv):
     assert main(["serve", *argv]) == 2
     error = capsys.readouterr().err

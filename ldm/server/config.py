@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ldm import checks
 from ldm.errors import InputError
+from ldm.images import check_output_folder
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -65,8 +66,8 @@ class ServerConfig:
             raise InputError(f"--dtype must be fp32, fp16 or bf16, got {self.dtype!r}")
         if self.model is not None and not Path(self.model).exists():
             raise InputError(f"--model {self.model} does not exist; pass a diffusers folder or a .safetensors/.ckpt file")
-        if self.outputs is not None and Path(self.outputs).exists() and not Path(self.outputs).is_dir():
-            raise InputError(f"--outputs {self.outputs} is a file; give a folder")
+        if self.outputs is not None:
+            check_output_folder(self.outputs, "--outputs")  # a folder, or one that can be made, writable
         if not self.api_auth and not self.insecure_no_auth and not is_loopback(self.host):
             raise InputError(
                 f"--host {self.host} lets other machines reach the server; protect it with --api-auth USER:PASS "
