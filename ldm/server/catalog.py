@@ -75,7 +75,8 @@ def list_files(folder: Path | None, suffixes: tuple[str, ...]) -> list[Path]:
     """The files with one of ``suffixes`` in ``folder`` and its subfolders, sorted (A1111 lists nested ones too)."""
     if folder is None:
         return []
-    return sorted(path for path in Path(folder).rglob("*") if path.is_file() and path.suffix in suffixes and not path.name.startswith("."))
+    found = (path for path in Path(folder).rglob("*") if path.is_file() and path.suffix in suffixes)
+    return sorted(path for path in found if not path.name.startswith("."))
 
 
 @dataclass

@@ -84,7 +84,8 @@ def resolve_sampler(sampler_name: str, schedule_type: str | None) -> tuple[str, 
     if base in samplers_by_name and suffix in schedules:
         if schedule != "spaced" and schedule != schedules[suffix]:
             raise SettingError(
-                f"{{sigma_schedule}} {checks.shown(schedule_type)} disagrees with the sampler name {checks.shown(sampler_name)}; give one"
+                f"{{sigma_schedule}} {checks.shown(schedule_type)} disagrees with the sampler name "
+                f"{checks.shown(sampler_name)}; give one"
             )
         return samplers_by_name[base], schedules[suffix]
     raise SamplerNotFound(sampler_name)

@@ -118,8 +118,9 @@ def check_limits(body: GenerationFields, limits: Limits, init_image: Image.Image
     if count > limits.max_images:
         raise SettingError(f"{{batch_size}} x {{n_iter}} = {count} images is over this server's limit of {limits.max_images}")
     for name in ("prompt", "negative_prompt"):
-        if len(getattr(body, name)) > limits.max_prompt_chars:
-            raise SettingError(f"{{{name}}} has {len(getattr(body, name))} characters, over this server's limit of {limits.max_prompt_chars}")
+        length = len(getattr(body, name))
+        if length > limits.max_prompt_chars:
+            raise SettingError(f"{{{name}}} has {length} characters, over this server's limit of {limits.max_prompt_chars}")
     width, height = body.width, body.height
     if init_image is not None:
         width, height = width or init_image.width // 8 * 8, height or init_image.height // 8 * 8
