@@ -30,6 +30,7 @@ from ldm.server.translate import job_request, png_bytes, worded
 PREFIX = "/ldm/v1/jobs"
 EVENT_POLL_SECONDS = 0.1  # how often an event stream looks for a change
 KEEPALIVE_SECONDS = 15.0  # a comment line so proxies keep an idle stream open
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # nginx: pass each event on at once
 
 
 class NativeApi:
@@ -66,7 +67,7 @@ class NativeApi:
 
     async def events(self, job_id: str) -> StreamingResponse:
         job = self.find(job_id)
-        return StreamingResponse(self._stream(job), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(self._stream(job), media_type="text/event-stream", headers=STREAM_HEADERS)
 
     def image(self, job_id: str, index: int) -> Response:
         job = self.find(job_id)
