@@ -162,6 +162,9 @@ def test_each_limit_and_bad_value_is_a_422_naming_its_field(http, change, field)
 def test_a_body_over_the_limit_is_refused_before_it_is_read(http):
     answer = http.post("/sdapi/v1/img2img", json={"init_images": ["A" * 300_000]})
     assert answer.status_code == 413 and "limit" in answer.json()["detail"]
+    chunks = iter([b'{"init_images": ["', b"A" * 200_000, b"A" * 200_000, b'"]}'])  # no Content-Length: chunked
+    streamed = http.post("/sdapi/v1/img2img", content=chunks, headers={"content-type": "application/json"})
+    assert streamed.status_code == 413
 
 
 # --- progress, interrupt, skip -----------------------------------------------------------------------
@@ -275,6 +278,12 @@ def test_samplers_and_schedulers_use_a1111_names(http):
         ("/sdapi/v1/upscalers", []),
         ("/sdapi/v1/script-info", []),
         ("/sdapi/v1/prompt-styles", []),
+        ("/sdapi/v1/realesrgan-models", []),
+        ("/sdapi/v1/sd-modules", []),
+        ("/sdapi/v1/extensions", []),
+        ("/sdapi/v1/face-restorers", []),
+        ("/sdapi/v1/hypernetworks", []),
+        ("/sdapi/v1/latent-upscale-modes", []),
         ("/sdapi/v1/scripts", {"txt2img": [], "img2img": []}),
     ],
 )
