@@ -1,6 +1,6 @@
 """ldm's layers, read from the source: no module imports a higher layer, and no module-level import cycle.
 
-    ldm (the package face) > ldm.cli > ldm.pipeline > ldm.loading, ldm.lora, ldm.training
+    ldm (the package face) > ldm.cli > ldm.server > ldm.pipeline > ldm.loading, ldm.lora, ldm.training
     > ldm.speedups, ldm.guidance > ldm.models, ldm.schedulers, ldm.prompts, ldm.images, ldm.settings,
     ldm.residency > ldm.kernels
     > ldm.io, ldm.errors, ldm.random, ldm.checks, ldm.paging
@@ -26,6 +26,7 @@ LAYERS = [
     ("ldm.speedups", "ldm.guidance"),
     ("ldm.loading", "ldm.lora", "ldm.training"),
     ("ldm.pipeline",),
+    ("ldm.server",),
     ("ldm.cli", "ldm.__main__"),
     ("ldm",),
 ]

@@ -1,0 +1,113 @@
+"""The loaded model and how a job runs on it: batches, step callbacks, stopping, saving.
+
+The engine holds one ``Pipeline``, loaded once and kept (``weights_after_use="keep"``). A job runs
+its batches with ``Pipeline.generate`` holding ``lock``; switching the model takes the same lock,
+so a running job finishes on the model it started with. Stopping: the step callback raises
+``StopSampling`` when the job is flagged; as A1111 does on an interrupt, the batch's images are then
+decoded from the last step's denoised latents (its x_0 estimate) and kept, unless the job was cancelled.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ldm.images import save_png, to_pil
+from ldm.pipeline import Pipeline
+from ldm.pipeline.stages import resolve
+from ldm.previews import SD_LATENT_RGB_FACTORS, latent_preview
+from ldm.server.catalog import ModelEntry
+from ldm.server.jobs import Job, JobRequest
+from ldm.settings import GenerationSettings
+
+
+class StopSampling(Exception):
+    """Raised by the step callback of a job that was interrupted, skipped or cancelled."""
+
+
+def default_device(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """``device`` or CUDA when there is one, else the CPU; ``dtype`` or fp16 on CUDA, fp32 elsewhere."""
+    chosen = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = dtype or ("fp16" if chosen.type == "cuda" else "fp32")
+    return chosen, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def preview(denoised: torch.Tensor):
+    """The first image's latent preview; None for latents the linear preview cannot map (not 4 channels)."""
+    return latent_preview(denoised[:1])[0] if denoised.shape[1] == len(SD_LATENT_RGB_FACTORS) else None
+
+
+class Engine:
+    """One loaded model and the lock that makes generations and model switches take turns."""
+
+    def __init__(self, model: ModelEntry, max_pixels: int, outputs: Path | None, device: str | None = None, dtype: str | None = None):
+        self.max_pixels = max_pixels
+        self.outputs = outputs
+        self.device, self.dtype = default_device(device, dtype)
+        self.lock = threading.Lock()
+        self.model = model
+        self.pipeline = self._load(model)
+        self.clip_skip: int | None = None  # A1111's CLIP_stop_at_last_layers - 1, for requests that give none
+
+    def _load(self, model: ModelEntry) -> Pipeline:
+        pipe = Pipeline.from_pretrained(model.path, device=self.device, dtype=self.dtype)
+        return pipe.configure(max_pixels=self.max_pixels, weights_after_use="keep")
+
+    def switch(self, model: ModelEntry) -> None:
+        """Load ``model`` and serve it from now on; waits for the running job, which keeps its model."""
+        with self.lock:
+            if model.path.resolve() != self.model.path.resolve():
+                pipeline = self._load(model)  # a model that fails to load leaves the old one serving
+                self.pipeline, self.model = pipeline, model
+
+    def _pipeline_for(self, request: JobRequest) -> Pipeline:
+        """The pipeline a job runs on (lock held): the loaded one, or the model its request names.
+
+        As in A1111, a request's own model is loaded for it and, unless ``restore_model`` is false,
+        the loaded model serves the next job; otherwise the request's model stays loaded.
+        """
+        model = request.model
+        if model is None or model.path.resolve() == self.model.path.resolve():
+            return self.pipeline
+        pipe = self._load(model)
+        if not request.restore_model:
+            self.pipeline, self.model = pipe, model
+        return pipe
+
+    def run(self, job: Job) -> None:
+        """Every batch of ``job``, in order; stops early when the job is flagged."""
+        with self.lock:
+            pipe = self._pipeline_for(job.request)
+            request = job.request
+            for k in range(request.n_iter):
+                if job.interrupted or job.cancelled:
+                    break
+                settings = replace(request.settings, seed=request.settings.seed + k * request.settings.batch)
+                job.changed(batch=k, step=0, skipped=False)
+                images, parameters = self._batch(pipe, settings, job)
+                saved = [save_png(image, self.outputs, p) for image, p in zip(images, parameters)] if request.save else []
+                job.changed(images=job.images + images, parameters=job.parameters + parameters, saved=job.saved + saved)
+
+    def _batch(self, pipe: Pipeline, settings: GenerationSettings, job: Job):
+        """One batch's images and their parameters (those made so far if the job is stopped)."""
+        resolved = resolve(pipe, settings, None, None, None).resolved  # checked against the model; its step count
+        filled = resolved.settings
+        job.changed(steps=filled.img2img_steps if filled.init_image is not None else filled.num_inference_steps)
+        last = {}
+
+        def after_step(i, t, latents, denoised) -> None:
+            last["denoised"] = denoised
+            job.changed(step=i + 1, preview=preview(denoised))
+            if job.stop_requested:
+                raise StopSampling
+
+        try:
+            result = pipe.generate(settings, callback=after_step)
+            return result.images, result.settings.parameters()
+        except StopSampling:
+            if job.cancelled:
+                return [], []
+            return to_pil(pipe.decode_latents(last["denoised"])), resolved.parameters()
