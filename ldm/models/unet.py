@@ -148,6 +148,8 @@ class UNetConfig:
         fields = asdict(self)
         levels = fields.pop("cross_attention_levels")
         heads = fields.pop("num_attention_heads")
+        if fields["time_cond_proj_dim"] is None:
+            del fields["time_cond_proj_dim"]  # diffusers' default: configs of plain models stay as they were
         return {
             "_class_name": "UNet2DConditionModel",
             **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()},
