@@ -11,6 +11,10 @@ optionally rescaled toward the conditional output's per-sample std (Lin et al. 2
 only in the first ``guided_steps`` steps (guidance truncation: later steps change fine detail, which
 the conditional pass alone renders nearly as well at half the cost). Scale, rescale and the window
 are held together, as diffusers' ``ClassifierFreeGuidance`` guider holds them.
+
+A guidance-distilled U-Net (LCM, Luo et al. 2023) was trained to give the guided output in one pass:
+the scale enters as an embedding added to its time embedding (``EmbeddedGuidance``), and no
+unconditional pass runs.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-Network = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t, text states) -> output
+Network = Callable[..., torch.Tensor]  # (x, t, text states, timestep_cond=None) -> output
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t) -> output
 
 
@@ -65,6 +69,40 @@ class ClassifierFreeGuidance:
         out_uncond, out_cond = self.network(x, t, self.both).chunk(2)
         output = out_uncond + self.scale * (out_cond - out_uncond)
         return rescale_guidance(output, out_cond, self.rescale) if self.rescale > 0 else output
+
+
+class EmbeddedGuidance:
+    """One pass per step of a guidance-distilled network, the scale given as its ``timestep_cond``.
+
+    LCM (Luo et al. 2023, sec. 4.2, "guided distillation") trains the network on the guided target
+    for a scale w drawn per sample, fed as an embedding of w; diffusers' LCM pipeline writes the scale
+    in Imagen's convention (``scale``, 1 = unguided) and embeds w = scale - 1, as this does.
+    """
+
+    def __init__(self, network: Network, cond: torch.Tensor, scale: float, embedding_dim: int):
+        self.network = network
+        self.cond = cond
+        w = torch.full((1,), scale - 1.0, device=cond.device)
+        self.w_embedding = guidance_scale_embedding(w, embedding_dim).to(cond.dtype)  # (1, dim): every row's
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.network(x, t, self.cond, timestep_cond=self.w_embedding)
+
+
+def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """The (N, dim) Fourier embedding of N guidance weights that LCM's U-Nets take (Luo et al. 2023).
+
+    VDM's embedding (Kingma et al. 2021, appendix A.1, of 1000 w): sines then cosines at frequencies
+    10000^(-i / (half - 1)), i < half = dim // 2, with one zero column appended when dim is odd.
+    """
+    half = dim // 2
+    # The step in fp32 arithmetic, as diffusers computes it: a step rounded from float64 moves the
+    # angles (up to ~1e4 rad) by 1e-4, which the U-Net's output shows.
+    step = torch.log(torch.tensor(10000.0, device=w.device)) / (half - 1)
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -step)
+    angles = (w.float() * 1000.0)[:, None] * frequencies[None, :]
+    embedding = torch.cat([angles.sin(), angles.cos()], dim=1)
+    return torch.nn.functional.pad(embedding, (0, dim % 2))
 
 
 def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:

@@ -14,8 +14,12 @@ dots replaced by underscores::
     lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha             ()
     lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight                  ...
 
-``apply_lora`` also reads diffusers' peft format (``unet.<module>.lora_A.weight`` /
-``text_encoder.<module>.lora_B.weight``, alpha = rank).
+``apply_lora`` also reads every layout diffusers has written (alpha = rank in each), after a
+``unet.`` or ``text_encoder.`` prefix: peft's ``<module>.lora_A.weight`` / ``.lora_B.weight``;
+``<module>.lora.down.weight`` / ``.lora.up.weight`` (diffusers 0.2x U-Nets, the published LCM-LoRA
+files); ``<module>.lora_linear_layer.down.weight`` (diffusers 0.2x text encoders); and the attention
+processors of diffusers 0.1x, ``<attention>.processor.to_q_lora.down.weight``, which adapt
+``<attention>.to_q`` (U-Net) or ``<attention>.q_proj`` (CLIP).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,10 +46,29 @@ from ldm.loading.writers import write_safetensors
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
-# The key endings of a module's tensors: kohya's after the first dot, diffusers-peft's at the end.
+PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # what save_lora writes
+# kohya: the key's prefix names the network, the module path follows with "_" for ".", and its
+# tensor's kind comes after the first dot. SDXL's first text encoder is "lora_te1_".
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
 KOHYA_KINDS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+# diffusers: "unet." or "text_encoder.", the module path, then one of these endings (one table per layout).
+DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder"}
 PEFT_KINDS = {".lora_A.weight": "down", ".lora_B.weight": "up"}
+OLD_DIFFUSERS_KINDS = {".lora.down.weight": "down", ".lora.up.weight": "up"}
+LINEAR_LAYER_KINDS = {".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up"}
+DIFFUSERS_LAYOUTS = (PEFT_KINDS, OLD_DIFFUSERS_KINDS, LINEAR_LAYER_KINDS)
+# diffusers 0.1x attention processors: "<attention>[.processor].to_q_lora.down.weight" adapts a
+# projection of <attention>, named per network.
+PROCESSOR_KINDS = {".down.weight": "down", ".up.weight": "up"}
+PROCESSOR_PROJECTIONS = {
+    "unet": {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"},
+    "text_encoder": {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj", "to_out_lora": "out_proj"},
+}
+# Adapter kinds that ldm recognises but does not apply, by a piece of their key.
+OTHER_KINDS = {
+    "hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA",
+    "lora_mid.": "LoCon (Tucker)", ".diff": "LyCORIS full-weight difference",
+}  # fmt: skip
 TRAINING_ADAPTER = "ldm"
 
 
@@ -148,31 +172,59 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _parse_key(path: Path, key: str) -> tuple[str, str, str]:
-    """``(part, flat module name, "down" | "up" | "alpha")`` of a kohya or peft key."""
-    part, module, kind = _split_key(key)
-    if part is None:
+    """``(part, flat module name, "down" | "up" | "alpha")`` of a key in any layout ldm reads."""
+    layout = _layout(key)
+    if layout is None:
         raise CheckpointError(
-            f"{path}: key {key!r} is neither kohya (lora_unet_/lora_te_) nor diffusers (unet./text_encoder.) LoRA format"
+            f"{path}: key {key!r} is neither kohya (lora_unet_/lora_te_) nor diffusers (unet./text_encoder.) LoRA format; "
+            f"give a LoRA file"
         )
-    if kind is None:
-        raise CheckpointError(
-            f"{path}: key {key!r} is not a LoRA down or up weight or alpha (LoHa, LoKr and DoRA files are not supported)"
-        )
-    return part, module, kind
+    part, rest, read = layout
+    parsed = read(part, rest)
+    if parsed is None:
+        raise CheckpointError(f"{path}: key {key!r} {_kind_of(key)}, not a LoRA down or up weight or alpha; ldm applies LoRA files only")
+    flat, kind = parsed
+    return part, flat, kind
 
 
-def _split_key(key: str) -> tuple[str | None, str, str | None]:
-    for part, prefix in PREFIXES.items():
+def _layout(key: str) -> tuple[str, str, Callable[[str, str], tuple[str, str] | None]] | None:
+    """The key's network, the rest of the key after its prefix, and the reader of that rest (None: no LoRA prefix)."""
+    for prefix, part in KOHYA_PREFIXES.items():
         if key.startswith(prefix):
-            module, _, kind = key[len(prefix):].partition(".")
-            return part, module, KOHYA_KINDS.get(kind)
-    for part in PREFIXES:
-        if key.startswith(part + "."):
-            for suffix, kind in PEFT_KINDS.items():
-                if key.endswith(suffix):
-                    return part, _flat_name(part, key[len(part) + 1:-len(suffix)]), kind
-            return part, "", None
-    return None, "", None
+            return part, key[len(prefix):], _kohya_module
+    for prefix, part in DIFFUSERS_PREFIXES.items():
+        if key.startswith(prefix):
+            return part, key[len(prefix):], _diffusers_module
+    return None
+
+
+def _kohya_module(part: str, rest: str) -> tuple[str, str] | None:
+    """``(flat module name, kind)`` of ``<flat_name>.<kind>``, or None for a kind not in KOHYA_KINDS."""
+    module, _, ending = rest.partition(".")
+    kind = KOHYA_KINDS.get(ending)
+    return None if kind is None else (module, kind)
+
+
+def _diffusers_module(part: str, rest: str) -> tuple[str, str] | None:
+    """``(flat module name, kind)`` of ``<module path><ending>`` in one of diffusers' layouts, or None."""
+    for layout in DIFFUSERS_LAYOUTS:
+        for ending, kind in layout.items():
+            if rest.endswith(ending):
+                return _flat_name(part, rest[: -len(ending)]), kind
+    for ending, kind in PROCESSOR_KINDS.items():
+        attention, _, name = rest.removesuffix(ending).rpartition(".")
+        if rest.endswith(ending) and name in PROCESSOR_PROJECTIONS[part]:
+            module = f"{attention.removesuffix('.processor')}.{PROCESSOR_PROJECTIONS[part][name]}"
+            return _flat_name(part, module), kind
+    return None
+
+
+def _kind_of(key: str) -> str:
+    """How an error names a key that is not a LoRA weight: its adapter kind when known."""
+    for piece, kind in OTHER_KINDS.items():
+        if piece in key:
+            return f"is a {kind} weight"
+    return "is of a kind ldm does not know"
 
 
 def _lora_weights(path: Path, found: dict[str, tuple[str, torch.Tensor]]) -> LoraWeights:

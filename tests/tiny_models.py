@@ -24,7 +24,8 @@ TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "ldm" / "assets" / "cli
 Family = Literal["sd1", "sd2"]
 
 
-def diffusers_unet(family: Family = "sd1", seed: int = 0):
+def diffusers_unet(family: Family = "sd1", seed: int = 0, time_cond_proj_dim: int | None = None):
+    """The tiny U-Net; with ``time_cond_proj_dim``, a guidance-distilled (LCM) one with diffusers' ``cond_proj``."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -43,6 +44,7 @@ def diffusers_unet(family: Family = "sd1", seed: int = 0):
         use_linear_projection=sd2,
         upcast_attention=sd2,
         norm_num_groups=32,
+        time_cond_proj_dim=time_cond_proj_dim,
     ).eval()
 
 
@@ -134,6 +136,24 @@ def diffusers_pipeline(family: Family = "sd1", seed: int = 0):
         text_encoder=clip_text_model(family, seed),
         tokenizer=clip_tokenizer(family),
         unet=diffusers_unet(family, seed),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def lcm_pipeline(time_cond_proj_dim: int = 32, seed: int = 0):
+    """A random-weight diffusers ``LatentConsistencyModelPipeline``: an SD 1.x-shaped model whose U-Net
+    takes the guidance scale as an embedding, with an ``LCMScheduler`` on SD's noise schedule."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+    scheduler = LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=True)
+    return LatentConsistencyModelPipeline(
+        vae=diffusers_vae(seed),
+        text_encoder=clip_text_model("sd1", seed),
+        tokenizer=clip_tokenizer("sd1"),
+        unet=diffusers_unet("sd1", seed, time_cond_proj_dim),
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,

@@ -68,6 +68,9 @@ _UNET_RESNET = {
 _UNET_FIXED = {
     "time_embedding.linear_1": "time_embed.0",
     "time_embedding.linear_2": "time_embed.2",
+    # A guidance-distilled (LCM) U-Net's condition projection. The CompVis code has none, so ldm names it
+    # beside the time embedding; such a file needs its config in its metadata (ldm.loading.configs).
+    "time_embedding.cond_proj": "time_embed.cond_proj",
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",

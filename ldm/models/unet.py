@@ -46,10 +46,14 @@ class UNetConfig:
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     sample_size: int = 64  # native latent size (image size / 8)
+    # Width of an extra condition added to the time embedding's input (diffusers' ``cond_proj``): the
+    # guidance-scale embedding of guidance-distilled models such as LCM (Luo et al. 2023); None: no such input.
+    time_cond_proj_dim: int | None = None
 
     def __post_init__(self) -> None:
         for key, (low, high) in _BOUNDS.items():
-            check_range("UNet", key, getattr(self, key), low, high)
+            if getattr(self, key) is not None:
+                check_range("UNet", key, getattr(self, key), low, high)
         levels = len(self.block_out_channels)
         if not 1 <= levels <= _MAX_LEVELS:
             raise ConfigError(f"UNet config key 'block_out_channels' has {levels} levels; ldm accepts 1 to {_MAX_LEVELS}")
@@ -136,6 +140,7 @@ class UNetConfig:
             norm_num_groups=as_int(config, "norm_num_groups", "UNet", 32),
             norm_eps=float(config.get("norm_eps", 1e-5)),
             sample_size=int(sample_size),
+            time_cond_proj_dim=_optional_int(config, "time_cond_proj_dim"),
         )
 
     def to_diffusers(self) -> dict[str, Any]:
@@ -143,6 +148,8 @@ class UNetConfig:
         fields = asdict(self)
         levels = fields.pop("cross_attention_levels")
         heads = fields.pop("num_attention_heads")
+        if fields["time_cond_proj_dim"] is None:
+            del fields["time_cond_proj_dim"]  # diffusers' default: configs of plain models stay as they were
         return {
             "_class_name": "UNet2DConditionModel",
             **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()},
@@ -170,6 +177,7 @@ _BOUNDS = {
     "cross_attention_dim": (1, 8192),
     "norm_num_groups": (1, 8192),
     "sample_size": (1, 1024),
+    "time_cond_proj_dim": (1, 8192),
 }
 _MAX_LEVELS = 8
 _DOWN_TYPES = {True: "CrossAttnDownBlock2D", False: "DownBlock2D"}
@@ -177,7 +185,7 @@ _UP_TYPES = {True: "CrossAttnUpBlock2D", False: "UpBlock2D"}
 _MODELED_KEYS = {
     "in_channels", "out_channels", "block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
     "attention_head_dim", "num_attention_heads", "cross_attention_dim", "use_linear_projection",
-    "upcast_attention", "norm_num_groups", "norm_eps", "sample_size",
+    "upcast_attention", "norm_num_groups", "norm_eps", "sample_size", "time_cond_proj_dim",
 }  # fmt: skip
 # Every other UNet2DConditionModel argument, with the only value we implement (diffusers' default).
 _DIFFUSERS_DEFAULTS: dict[str, Any] = {
@@ -206,7 +214,6 @@ _DIFFUSERS_DEFAULTS: dict[str, Any] = {
     "time_embedding_dim": None,
     "time_embedding_act_fn": None,
     "timestep_post_act": None,
-    "time_cond_proj_dim": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
     "projection_class_embeddings_input_dim": None,
@@ -216,6 +223,10 @@ _DIFFUSERS_DEFAULTS: dict[str, Any] = {
     "cross_attention_norm": None,
     "addition_embed_type_num_heads": 64,
 }
+
+
+def _optional_int(config: Mapping[str, Any], key: str) -> int | None:
+    return None if config.get(key) is None else as_int(config, key, "UNet", 0)
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
@@ -228,12 +239,20 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class TimestepEmbedding(nn.Module):
-    def __init__(self, channels: int, embed_dim: int):
+    """The time embedding MLP; with ``cond_dim``, a condition (LCM's guidance-scale embedding) is projected
+    to the sinusoidal embedding's width and added to it before the MLP, as diffusers' ``cond_proj`` does."""
+
+    def __init__(self, channels: int, embed_dim: int, cond_dim: int | None = None):
         super().__init__()
         self.linear_1 = nn.Linear(channels, embed_dim)
         self.linear_2 = nn.Linear(embed_dim, embed_dim)
+        self.cond_proj = None if cond_dim is None else nn.Linear(cond_dim, channels, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None:
+            if self.cond_proj is None:
+                raise InputError("this U-Net takes no timestep_cond (its config has no time_cond_proj_dim); leave it out")
+            x = x + self.cond_proj(condition)
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
@@ -366,6 +385,15 @@ def _check_text_batch(sample: torch.Tensor, context: torch.Tensor) -> None:
         )
 
 
+def _checked_condition(condition: torch.Tensor, sample: torch.Tensor, width: int | None) -> torch.Tensor:
+    """``condition`` in the sample's dtype, once its shape is (1 or B, width)."""
+    rows = sorted({1, sample.shape[0]})
+    if width is not None and (condition.ndim != 2 or condition.shape[1] != width or condition.shape[0] not in rows):
+        shown = " or ".join(map(str, rows))
+        raise InputError(f"timestep_cond has shape {tuple(condition.shape)}; this U-Net takes ({shown}, {width})")
+    return condition.to(sample.dtype)
+
+
 def _transformer(cfg: UNetConfig, channels: int, heads: int) -> SpatialTransformer:
     return SpatialTransformer(
         channels, heads, cfg.cross_attention_dim, cfg.norm_num_groups, cfg.use_linear_projection, cfg.upcast_attention
@@ -407,7 +435,7 @@ class UNet(nn.Module):
         self.config = config
         widths = config.block_out_channels
         temb = widths[0] * 4
-        self.time_embedding = TimestepEmbedding(widths[0], temb)
+        self.time_embedding = TimestepEmbedding(widths[0], temb, config.time_cond_proj_dim)
         self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
             DownBlock(config, level, widths[max(level - 1, 0)], temb) for level in range(len(widths))
@@ -423,6 +451,7 @@ class UNet(nn.Module):
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
         hooks: UNetHooks | None = None,
+        timestep_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the noise (or v) of ``sample`` at ``timestep`` given the text ``encoder_hidden_states``.
 
@@ -431,21 +460,27 @@ class UNet(nn.Module):
         k embeddings and the result has k * B rows, equal to passing ``torch.cat([sample] * k)``:
         classifier-free guidance passes its latents once, and the layers before the first
         cross-attention (conv_in, a ResNet and a 4096-token self-attention at 512x512) run once
-        instead of k times. ``hooks`` change what this call runs (see ``UNetHooks``).
+        instead of k times. ``hooks`` change what this call runs (see ``UNetHooks``). ``timestep_cond``
+        (1 or B rows of ``time_cond_proj_dim``) is the extra time condition of a guidance-distilled U-Net.
         """
         hooks = UNetHooks() if hooks is None else hooks
         context = encoder_hidden_states
         _check_text_batch(sample, context)
-        temb = self.embed_time(timestep, sample)
+        temb = self.embed_time(timestep, sample, timestep_cond)
         x = self.conv_in(sample)
         run_blocks = self.run_blocks if hooks.blocks is None else hooks.blocks
         x = run_blocks(x, temb, context, [x], hooks)
         return self.head(x)  # the middle's cross-attention made it k * B rows
 
-    def embed_time(self, timestep: torch.Tensor | float | int, sample: torch.Tensor) -> torch.Tensor:
-        """The time embedding (B, 4 * C) of ``timestep`` (one value, or one per sample) for the B rows of ``sample``."""
+    def embed_time(
+        self, timestep: torch.Tensor | float | int, sample: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The time embedding (B, 4 * C) of ``timestep`` (one value, or one per sample) for the B rows of ``sample``,
+        with the extra time ``condition`` (1 or B rows) of a guidance-distilled U-Net."""
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
-        return self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(sample.dtype))
+        if condition is not None:
+            condition = _checked_condition(condition, sample, self.config.time_cond_proj_dim)
+        return self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(sample.dtype), condition)
 
     def run_blocks(
         self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor], hooks: UNetHooks

@@ -28,7 +28,7 @@ import torch
 
 from ldm import __version__, checks
 from ldm.errors import ConfigError, InputError, LdmError, SettingError
-from ldm.guidance import ClassifierFreeGuidance, Conditional, Denoiser, Network, guided_steps
+from ldm.guidance import ClassifierFreeGuidance, Conditional, Denoiser, EmbeddedGuidance, Network, guided_steps
 from ldm.images import image_to_tensor, to_numpy, to_pil
 from ldm.prompts import encode_prompts as encode_texts
 from ldm.random import randn, resolve_seed, seed_generators
@@ -77,6 +77,7 @@ def resolve(pipe: Pipeline, settings: GenerationSettings, template: Any, generat
         raise InputError("give init_image or latents, not both")
     vae = pipe.vae.config
     s = settings.filled(pipe.defaults, pipe.unet.config.sample_size * vae.downsample_factor, vae.downsample_factor)
+    check_embedded_guidance(pipe, s)
     checks.check_steps(s.num_inference_steps, limit=pipe.scheduler_config.num_train_timesteps)
     checks.check_pixels(s.width, s.height, s.batch, pipe.setup.max_pixels)
     shape = (s.batch, vae.latent_channels, s.height // vae.downsample_factor, s.width // vae.downsample_factor)
@@ -158,14 +159,29 @@ def encode_prompts(pipe: Pipeline, call: Call) -> tuple[torch.Tensor, torch.Tens
     negative get the same number of 77-token chunks; diffusers' batch order.
     """
     s = call.settings
-    texts = list(s.prompt) + (list(s.negative_prompt) if s.guided else [])
+    guided = s.guided and not embeds_guidance(pipe)
+    texts = list(s.prompt) + (list(s.negative_prompt) if guided else [])
     with pipe.residency.running(pipe.text_encoder) as text_encoder:
         states = encode_texts(text_encoder, pipe.tokenizer, texts, clip_skip=s.clip_skip)
     pipe.residency.done_with(pipe.text_encoder)
     states = states.to(pipe.device, pipe.dtype)
     cond = states[: len(s.prompt)].repeat_interleave(s.num_images_per_prompt, dim=0)
-    uncond = states[len(s.prompt) :].repeat_interleave(s.num_images_per_prompt, dim=0) if s.guided else None
+    uncond = states[len(s.prompt) :].repeat_interleave(s.num_images_per_prompt, dim=0) if guided else None
     return cond, uncond
+
+
+def embeds_guidance(pipe: Pipeline) -> bool:
+    """Whether the U-Net takes the guidance scale as an embedding (LCM): one pass, no negative prompt."""
+    return pipe.unet.config.time_cond_proj_dim is not None
+
+
+def check_embedded_guidance(pipe: Pipeline, s: GenerationSettings) -> None:
+    """Refuse what a one-pass, guidance-embedding U-Net would ignore: it has no unconditional pass."""
+    if embeds_guidance(pipe) and (any(s.negative_prompt) or s.guidance_rescale > 0 or s.guidance_fraction < 1):
+        raise SettingError(
+            "this model takes the guidance scale as an embedding (LCM) and runs no unconditional pass; "
+            "drop {negative_prompt}, {guidance_rescale} and {guidance_fraction}"
+        )
 
 
 def prepare_timesteps(pipe: Pipeline, call: Call) -> torch.Tensor:
@@ -221,7 +237,8 @@ def denoise(
     process = NoiseProcess.from_config(pipe.scheduler_config.filled_for(LINSPACE_DEFAULTS))  # for callbacks' x_0
     with pipe.residency.running(pipe.unet) as unet:
         network = speed_up(unet, s.deepcache_interval, s.token_merging)
-        denoiser = guided(in_network_format(network, pipe.dtype, pipe.setup.memory_format), s, text, len(timesteps))
+        network = in_network_format(network, pipe.dtype, pipe.setup.memory_format)
+        denoiser = guided(network, s, text, len(timesteps), unet.config.time_cond_proj_dim)
         for i, t in enumerate(timesteps):
             model_input = call.scheduler.scale_model_input(x, t)
             output = denoiser(model_input, t)
@@ -232,9 +249,15 @@ def denoise(
     return x
 
 
-def guided(network: Network, s: GenerationSettings, text: tuple[torch.Tensor, torch.Tensor | None], steps: int) -> Denoiser:
-    """The call's denoiser: classifier-free guidance over ``network``, or its conditional pass alone."""
+def guided(
+    network: Network, s: GenerationSettings, text: tuple[torch.Tensor, torch.Tensor | None], steps: int,
+    guidance_embedding_dim: int | None = None,
+) -> Denoiser:
+    """The call's denoiser: the guidance scale embedded in one pass (a U-Net with a ``guidance_embedding_dim``),
+    classifier-free guidance over ``network``, or its conditional pass alone."""
     cond, uncond = text
+    if guidance_embedding_dim is not None:
+        return EmbeddedGuidance(network, cond, s.guidance_scale, guidance_embedding_dim)
     if uncond is None:
         return Conditional(network, cond)
     window = guided_steps(s.guidance_fraction, steps)
@@ -244,8 +267,8 @@ def guided(network: Network, s: GenerationSettings, text: tuple[torch.Tensor, to
 def in_network_format(network: Network, dtype: torch.dtype, memory_format: torch.memory_format) -> Network:
     """``network`` taking the scheduler's fp32 latents and giving fp32 outputs, whatever its own dtype."""
 
-    def run(x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return network(x.to(dtype, memory_format=memory_format), t, text).float()
+    def run(x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
+        return network(x.to(dtype, memory_format=memory_format), t, text, **conditions).float()
 
     return run
 

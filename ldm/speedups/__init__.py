@@ -16,20 +16,24 @@ from ldm.models.unet import UNet, UNetHooks
 from ldm.speedups.deepcache import DeepCache
 from ldm.speedups.tome import token_merging_hooks
 
-Network = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Network = Callable[..., torch.Tensor]  # (sample, timestep, encoder_hidden_states, timestep_cond=None) -> output
 
 
 class HookedUNet:
-    """``unet`` called with the same ``hooks`` on every call: ``f(sample, timestep, encoder_hidden_states)``."""
+    """``unet`` called with the same ``hooks`` on every call: ``f(sample, timestep, encoder_hidden_states, timestep_cond=None)``."""
 
     def __init__(self, unet: UNet, hooks: UNetHooks):
         self.unet = unet
         self.hooks = hooks
 
     def __call__(
-        self, sample: torch.Tensor, timestep: torch.Tensor | float | int, encoder_hidden_states: torch.Tensor
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        timestep_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states, hooks=self.hooks)
+        return self.unet(sample, timestep, encoder_hidden_states, hooks=self.hooks, timestep_cond=timestep_cond)
 
 
 def speed_up(unet: UNet, deepcache_interval: int = 1, token_merging: float = 0.0) -> Network:
