@@ -5,7 +5,9 @@ pixel to a colour with a fixed linear map, one 4x3 matrix multiply: SD 1.x / 2.x
 close to a linear function of the image's colour at 1/8 of its size. The factors are the ones
 ComfyUI and A1111 use for SD 1.x ("latent_rgb_factors", fitted by least squares on VAE latents of
 real images); they are a fact about SD's VAE, not something ldm trained. The preview is 1/8 of
-the image's size; it shows composition and colour, not detail.
+the image's size; it shows composition and colour, not detail. When the model's VAE is TAESD (a
+tiny decoder, ``--vae taesd/``), ``preview`` decodes with it instead: full size, with detail, for
+about the cost of one small convolution stack.
 
 ``ldm txt2img --preview FILE`` rewrites one PNG atomically after every step (the first image of the
 batch); the file carries a ``ldm-preview`` text chunk, and any other existing file is never overwritten.
@@ -43,6 +45,22 @@ def latent_preview(denoised: torch.Tensor) -> list[Image.Image]:
     factors = torch.tensor(SD_LATENT_RGB_FACTORS, dtype=torch.float32, device=denoised.device)
     rgb = torch.einsum("bchw,cr->brhw", denoised.float(), factors)
     return to_pil(((rgb + 1) / 2).clamp(0, 1))
+
+
+def preview(vae, denoised: torch.Tensor) -> Image.Image | None:
+    """The first image's preview: decoded by TAESD when that is the model's VAE (a cheap decoder,
+    full size), else the linear map at 1/8 size; None for latents the linear map cannot show."""
+    import torch
+
+    from ldm.models.taesd import TAESD
+
+    if isinstance(vae, TAESD):
+        with torch.no_grad():
+            image = vae.decode(denoised[:1].to(next(vae.parameters()).dtype) / vae.config.scaling_factor)
+        return to_pil((image.float() / 2 + 0.5).clamp(0, 1))[0]
+    if denoised.shape[1] != len(SD_LATENT_RGB_FACTORS):
+        return None
+    return latent_preview(denoised[:1])[0]
 
 
 PREVIEW_KEY = "ldm-preview"  # the PNG text chunk that marks a file as a preview ldm may rewrite

@@ -89,3 +89,18 @@ def test_posteriors_share_the_img2img_interface_and_only_the_kl_one_draws_noise(
     sample = DiagonalGaussian(moments).sample_with(noise)
     assert calls == [1] and sample.shape == (3, 4, 2, 2) and sample.dtype == torch.float64
     assert torch.allclose(sample, latents.double() + torch.e)  # mean + exp(logvar / 2) * 1
+
+
+def test_a_taesd_model_previews_through_taesd_at_full_size(pair):
+    from ldm.images import to_pil
+    from ldm.models import AutoencoderKL, VAEConfig
+    from ldm.previews import preview
+
+    _, ours = pair
+    denoised = torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = to_pil((ours.decode(denoised[:1]) / 2 + 0.5).clamp(0, 1))[0]
+    got = preview(ours, denoised)
+    assert got.size == (40, 48) and got.tobytes() == expected.tobytes()  # the first image, 8x the latents
+    assert preview(AutoencoderKL(VAEConfig.tiny()), denoised).size == (5, 6)  # a KL-VAE: the linear map
+    assert preview(AutoencoderKL(VAEConfig.tiny()), torch.zeros(1, 16, 6, 5)) is None  # not SD's 4 channels

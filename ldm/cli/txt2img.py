@@ -163,7 +163,7 @@ def generate_all(pipe, settings: GenerationSettings, args: argparse.Namespace) -
             count = min(args.batch_size, args.num_images - first)
             batch = replace(settings, prompt=(prompt,), negative_prompt=(negative,), num_images_per_prompt=count, seed=settings.seed + first)
             steps_bar = tqdm(total=steps, desc="steps", leave=False, disable=args.quiet, file=sys.stderr)
-            result = pipe.generate(batch, callback=step_callback(steps_bar, args.preview))
+            result = pipe.generate(batch, callback=step_callback(steps_bar, args.preview, pipe.vae))
             steps_bar.close()
             for path in result.save(args.out):
                 tqdm.write(str(path), file=sys.stdout)
@@ -171,14 +171,15 @@ def generate_all(pipe, settings: GenerationSettings, args: argparse.Namespace) -
     images_bar.close()
 
 
-def step_callback(bar, preview: Path | None):
+def step_callback(bar, preview_path: Path | None, vae):
     """After each step: advance the progress bar and, with ``--preview``, rewrite the preview file."""
-    from ldm.previews import latent_preview, write_preview
+    from ldm.previews import preview, write_preview
 
     def after_step(i, t, latents, denoised) -> None:
         bar.update(1)
-        if preview is not None:
-            write_preview(latent_preview(denoised[:1])[0], preview)
+        image = preview(vae, denoised) if preview_path is not None else None
+        if image is not None:
+            write_preview(image, preview_path)
 
     return after_step
 

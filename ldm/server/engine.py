@@ -18,7 +18,7 @@ import torch
 from ldm.images import save_png, to_pil
 from ldm.pipeline import Pipeline
 from ldm.pipeline.stages import resolve
-from ldm.previews import SD_LATENT_RGB_FACTORS, latent_preview
+from ldm.previews import preview
 from ldm.server.catalog import ModelEntry
 from ldm.server.jobs import Job, JobRequest
 from ldm.settings import GenerationSettings
@@ -33,11 +33,6 @@ def default_device(device: str | None, dtype: str | None) -> tuple[torch.device,
     chosen = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = dtype or ("fp16" if chosen.type == "cuda" else "fp32")
     return chosen, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
-def preview(denoised: torch.Tensor):
-    """The first image's latent preview; None for latents the linear preview cannot map (not 4 channels)."""
-    return latent_preview(denoised[:1])[0] if denoised.shape[1] == len(SD_LATENT_RGB_FACTORS) else None
 
 
 class Engine:
@@ -100,7 +95,7 @@ class Engine:
 
         def after_step(i, t, latents, denoised) -> None:
             last["denoised"] = denoised
-            job.changed(step=i + 1, preview=preview(denoised))
+            job.changed(step=i + 1, preview=preview(pipe.vae, denoised))
             if job.stop_requested:
                 raise StopSampling
 
