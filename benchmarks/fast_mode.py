@@ -329,7 +329,8 @@ def report(spec: common.ModelSpec, payload: dict[str, Any], path: Path) -> None:
         if "median_s" in run_:
             print(f"  {name:22s} {run_['median_s']:7.2f} s   peak RSS {run_['peak_mib']:6.0f} MiB")
         else:
-            print(f"  {name:22s} failed: {run_['error'].splitlines()[-1]}")
+            reasons = [line for line in run_["error"].splitlines() if "Error" in line or line.startswith("'")]
+            print(f"  {name:22s} failed: {' '.join(reasons[-3:])}")
     flops = payload["fast_image_flops"]
     print(f"  fast image {flops['total'] / 1e12:.3f} TFLOP; bf16 GEMM {payload['bf16_gemm_gflops']:.0f} GFLOP/s "
           f"(fp32 {payload['fp32_gemm_gflops']:.0f}); floor {payload['flop_floor_s']:.2f} s")  # fmt: skip
