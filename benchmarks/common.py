@@ -181,7 +181,9 @@ def worker_main(run: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
     print(json.dumps(result), flush=True)
 
 
-def run_worker(script: str, args: dict[str, Any], timeout: float = 7200, python: str = sys.executable) -> dict[str, Any]:
+def run_worker(
+    script: str, args: dict[str, Any], timeout: float = 7200, python: str = sys.executable
+) -> dict[str, Any]:
     """Run ``benchmarks/<script>`` as a worker process and return its JSON answer; ``python``: another
     environment's interpreter, for a runtime that cannot be installed beside ldm's dependencies."""
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS),

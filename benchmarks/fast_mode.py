@@ -33,7 +33,6 @@ flags are in the JSON (``cpu``), since the bf16 speed depends on them.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -288,7 +287,8 @@ def main(argv: list[str]) -> dict[str, Any]:
     openvino_python = argv[argv.index("--openvino-python") + 1] if "--openvino-python" in argv else None
     if openvino_python:
         write_fused_folder(paths)
-        config = {**base, "impl": "openvino", "recipe": "fast", "dtype": "bf16", "save": str(tmp / "openvino-fast-bf16.npy")}
+        config = {**base, "impl": "openvino", "recipe": "fast", "dtype": "bf16",
+                  "save": str(tmp / "openvino-fast-bf16.npy")}  # fmt: skip
         try:
             runs["openvino-fast-bf16"] = common.run_worker("fast_mode.py", config, python=openvino_python)
         except RuntimeError as error:
