@@ -181,12 +181,15 @@ def worker_main(run: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
     print(json.dumps(result), flush=True)
 
 
-def run_worker(script: str, args: dict[str, Any], timeout: float = 7200) -> dict[str, Any]:
-    """Run ``benchmarks/<script>`` as a worker process and return its JSON answer."""
+def run_worker(
+    script: str, args: dict[str, Any], timeout: float = 7200, python: str = sys.executable
+) -> dict[str, Any]:
+    """Run ``benchmarks/<script>`` as a worker process and return its JSON answer; ``python``: another
+    environment's interpreter, for a runtime that cannot be installed beside ldm's dependencies."""
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS),
            "PYTHONPATH": f"{REPO_DIR}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
     proc = subprocess.run(
-        [sys.executable, str(BENCH_DIR / script), "--worker", json.dumps(args)],
+        [python, str(BENCH_DIR / script), "--worker", json.dumps(args)],
         capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_DIR,
     )  # fmt: skip
     if proc.returncode != 0:
@@ -241,6 +244,21 @@ def matmul_rate(n: int = 4096, repeats: int = 5) -> float:
 
 # --- results ---------------------------------------------------------------------------------------
 
+CPU_FLAGS = re.compile(r"^(avx512\w*|amx\w*|avx_vnni|avx2|fma)$")  # what decides the fp32 and bf16 kernels
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU's model name and its vector / matrix flags (AVX-512, AVX-512 BF16, AMX), from /proc/cpuinfo."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"model": None, "flags": []}
+    model = re.search(r"^model name\s*:\s*(.*)$", text, re.M)
+    flags = re.search(r"^flags\s*:\s*(.*)$", text, re.M)
+    return {"model": model.group(1).strip() if model else None, "cores": os.cpu_count(),
+            "flags": sorted(f for f in (flags.group(1).split() if flags else []) if CPU_FLAGS.match(f))}  # fmt: skip
+
+
 
 def save_results(name: str, spec: ModelSpec, payload: dict[str, Any]) -> Path:
     """Write ``results/<name>-<spec>.json`` (latest) and a timestamped copy."""
@@ -251,6 +269,7 @@ def save_results(name: str, spec: ModelSpec, payload: dict[str, Any]) -> Path:
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "torch": torch.__version__,
         "threads": THREADS,
+        "cpu": cpu_info(),
         **payload,
     }
     text = json.dumps(record, indent=2)
