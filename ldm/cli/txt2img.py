@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         job.model, device="cpu" if args.cpu_offload else device, dtype=dtype, config=args.config, vae=job.vae
     )
     for path, scale in job.loras:
-        pipe.load_lora(path, scale=scale)
+        pipe.load_lora(path, scale=scale, fuse=True)  # merged into the weights, as A1111 does: no cost per step
     # One call makes every image: free each network once its stage is done (peak memory is about
     # the U-Net's weights instead of all of them); the image is the same.
     one_shot = len(job.settings.prompt) * math.ceil(args.num_images / args.batch_size) == 1
