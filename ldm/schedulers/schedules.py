@@ -224,14 +224,23 @@ class Grid:
     sigmas: torch.Tensor  # (n + 1,) float32, descending
 
 
+def _whole_points(process: NoiseProcess, schedule: Schedule, who: str) -> torch.Tensor | None:
+    """The caller's own timesteps for a sampler that steps between training timesteps (None if not
+    given); sigmas and sigma schedules are refused for it."""
+    if schedule.sigmas is not None:
+        raise ConfigError(f"{who} steps between training timesteps, not sigmas; pass timesteps=[...] instead")
+    if schedule.sigma_schedule != "spaced":
+        raise ConfigError(f"{who} steps between training timesteps; it takes no {schedule.sigma_schedule} sigmas")
+    if schedule.timesteps is None:
+        return None
+    return torch.from_numpy(own_timesteps(process, schedule, whole=True)).to(torch.int64)
+
+
 def timestep_grid(process: NoiseProcess, schedule: Schedule, n: int) -> torch.Tensor:
     """Integer timesteps of DDIM and DDPM, as diffusers' DDIMScheduler / DDPMScheduler lay them out."""
-    if schedule.sigmas is not None:
-        raise ConfigError("this sampler steps between training timesteps, not sigmas; pass timesteps=[...] instead")
-    if schedule.sigma_schedule != "spaced":
-        raise ConfigError(f"this sampler steps between training timesteps; it takes no {schedule.sigma_schedule} sigmas")
-    if schedule.timesteps is not None:
-        return torch.from_numpy(own_timesteps(process, schedule, whole=True)).to(torch.int64)
+    own = _whole_points(process, schedule, "this sampler")
+    if own is not None:
+        return own
     big_t = process.num_train_timesteps
     grid = spaced_timesteps(schedule.spacing, n, big_t, schedule.steps_offset)
     return checked_grid(torch.from_numpy(grid.round()).to(torch.int64), schedule, n, big_t)
@@ -240,12 +249,9 @@ def timestep_grid(process: NoiseProcess, schedule: Schedule, n: int) -> torch.Te
 def lcm_grid(process: NoiseProcess, schedule: Schedule, n: int, original_steps: int) -> torch.Tensor:
     """Integer timesteps of LCM: the skipped grid (``skipped_timesteps``), or the caller's own, as
     diffusers' LCMScheduler takes them. Its grid has no spacing: ``schedule.spacing`` is unused."""
-    if schedule.sigmas is not None:
-        raise ConfigError("LCM steps between training timesteps, not sigmas; pass timesteps=[...] instead")
-    if schedule.sigma_schedule != "spaced":
-        raise ConfigError(f"LCM steps between training timesteps; it takes no {schedule.sigma_schedule} sigmas")
-    if schedule.timesteps is not None:
-        return torch.from_numpy(own_timesteps(process, schedule, whole=True)).to(torch.int64)
+    own = _whole_points(process, schedule, "LCM")
+    if own is not None:
+        return own
     return torch.from_numpy(skipped_timesteps(n, process.num_train_timesteps, original_steps))
 
 
