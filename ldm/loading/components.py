@@ -41,7 +41,7 @@ class Components:
     scheduler_config: SchedulerConfig
     family: Family
     source: Path
-    # The model's generation_config.json (ldm.pipeline.GenerationDefaults), kept so a copy
+    # The model's generation_config.json (ldm.settings.GenerationDefaults), kept so a copy
     # recommends what the original does; empty when the model recommends nothing.
     generation_config: dict[str, Any] = field(default_factory=dict)
     name: str | None = None  # the name the model records for itself; None: named after its folder or file
