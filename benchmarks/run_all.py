@@ -113,7 +113,11 @@ def table(summary: dict[str, Any]) -> str:
     ]  # fmt: skip
     spec = summary["spec"]
     measured = summary.get("measured", {})
-    when = "; ".join(f"{part} {at}" for part, at in measured.items()) if len(set(measured.values())) > 1 else ""
+    machines = summary.get("cpu", {})
+    when = "; ".join(
+        f"{part} {at}" + (f" on {machines[part]['model']}" if part in machines else " (CPU not recorded)")
+        for part, at in measured.items()
+    ) if len(set(measured.values())) > 1 else ""
     lines = [
         *([f"Parts measured at: {when}.", ""] if when else []),
         f"Run {summary['time']} ({spec['name']}: {spec['image_size']}x{spec['image_size']}, whole image "
@@ -264,10 +268,13 @@ def main(argv: list[str]) -> None:
         measured = summary.setdefault("measured", {part: summary["time"] for part in PARTS if part in summary})
         if "whole_image" in measured and "speedups" in summary.get("whole_image", {}):
             measured.setdefault("speedups", measured["whole_image"])
+        machines = summary.setdefault("cpu", {})  # part -> the CPU it was measured on (parts may be from other runs)
         for part in parts:
             measured[part] = time.strftime("%Y-%m-%d %H:%M")
+            machines[part] = common.cpu_info()
         if "whole_image" in parts and "--no-speedups" not in argv:
             measured["speedups"] = measured["whole_image"]  # measured again with the whole images
+            machines["speedups"] = machines["whole_image"]
         summary["time"] = time.strftime("%Y-%m-%d %H:%M")
         if "load" in parts and "--no-load" not in argv:
             summary["load"] = run_load(quick)
