@@ -7,6 +7,7 @@ requests make 64x64 images in a few steps. Long jobs (hundreds of steps) are onl
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -379,7 +380,20 @@ def test_a_client_that_disconnects_mid_job_does_not_stop_the_server(http, live):
 # --- the native job API ----------------------------------------------------------------------------
 
 
-def test_a_job_streams_its_progress_and_ends_with_image_urls(http):
+def test_a_job_streams_its_progress_and_ends_with_image_urls(http, live, monkeypatch):
+    # The job waits after its first step until the stream has shown it running: a few 64 px steps
+    # would otherwise end between two polls of the stream, and the running state would never show.
+    engine, shown_running = live[0].server_state.engine, threading.Event()
+    generate = engine.pipeline.generate
+
+    def generate_pausing(settings, callback=None, **kwargs):
+        def after_step(*args):
+            callback(*args)
+            shown_running.wait(timeout=30)
+
+        return generate(settings, callback=after_step, **kwargs)
+
+    monkeypatch.setattr(engine.pipeline, "generate", generate_pausing)
     submitted = http.post("/ldm/v1/jobs", json={"prompt": "a green triangle", "seed": 9, "steps": 4, "n_iter": 2})
     assert submitted.status_code == 202
     job = submitted.json()
@@ -392,6 +406,8 @@ def test_a_job_streams_its_progress_and_ends_with_image_urls(http):
                 events.append([line[7:]])
             elif line.startswith("data: "):
                 events[-1].append(json.loads(line[6:]))
+                if events[-1][1]["state"] == "running" and events[-1][1]["step"] >= 1:
+                    shown_running.set()
     names = [name for name, _ in events]
     assert names[-1] == "done" and set(names[:-1]) == {"progress"}
     assert any(data["state"] == "running" and data["step"] >= 1 for _, data in events)

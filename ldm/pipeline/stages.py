@@ -73,10 +73,12 @@ class Call:
 
 def resolve(pipe: Pipeline, settings: GenerationSettings, template: Any, generator: Generators | None, latents: torch.Tensor | None) -> Call:
     """The call's settings filled in from the model and checked against it, before any network runs."""
+    from ldm.loading.configs import native_side  # importing the loaders (and transformers) waits for their use
+
     if settings.init_image is not None and latents is not None:
         raise InputError("give init_image or latents, not both")
     vae = pipe.vae.config
-    s = settings.filled(pipe.defaults, pipe.unet.config.sample_size * vae.downsample_factor, vae.downsample_factor)
+    s = settings.filled(pipe.defaults, native_side(pipe.unet.config, vae), vae.downsample_factor)
     check_embedded_guidance(pipe, s)
     checks.check_steps(s.num_inference_steps, limit=pipe.scheduler_config.num_train_timesteps)
     checks.check_pixels(s.width, s.height, s.batch, pipe.setup.max_pixels)
@@ -234,7 +236,8 @@ def denoise(
 ) -> torch.Tensor:
     """The sampling loop: one denoiser call and one scheduler step per timestep."""
     s = call.settings
-    process = NoiseProcess.from_config(pipe.scheduler_config.filled_for(LINSPACE_DEFAULTS))  # for callbacks' x_0
+    # The callback's x_0 comes from the model's noise process (built only when someone listens).
+    process = NoiseProcess.from_config(pipe.scheduler_config.filled_for(LINSPACE_DEFAULTS)) if callback else None
     with pipe.residency.running(pipe.unet) as unet:
         network = speed_up(unet, s.deepcache_interval, s.token_merging)
         network = in_network_format(network, pipe.dtype, pipe.setup.memory_format)

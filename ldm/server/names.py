@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ldm import checks
 from ldm.errors import SettingError
-from ldm.settings import SAMPLER_NAMES
+from ldm.settings import SAMPLER_NAMES, SIGMA_SCHEDULES
 
 # A1111's aliases of the samplers ldm has (modules/sd_samplers_kdiffusion.py and friends).
 SAMPLER_ALIASES = {
@@ -26,11 +26,11 @@ SAMPLER_ALIASES = {
     "LCM": ("k_lcm",),
 }
 # A1111's schedule types of ldm's sigma schedules, as /schedulers lists them: (name, label, default rho).
-# The keys are ldm.settings.SIGMA_SCHEDULES' (a test keeps them equal).
+# The labels are the infotext's "Schedule type" values (ldm.settings.SIGMA_SCHEDULES).
 SCHEDULE_TYPES = {
-    "spaced": ("automatic", "Automatic", -1.0),
-    "karras": ("karras", "Karras", 7.0),
-    "exponential": ("exponential", "Exponential", 1.0),
+    "spaced": ("automatic", SIGMA_SCHEDULES["spaced"], -1.0),
+    "karras": ("karras", SIGMA_SCHEDULES["karras"], 7.0),
+    "exponential": ("exponential", SIGMA_SCHEDULES["exponential"], 1.0),
 }
 
 
@@ -89,11 +89,6 @@ def resolve_sampler(sampler_name: str, schedule_type: str | None) -> tuple[str, 
             )
         return samplers_by_name[base], schedules[suffix]
     raise SamplerNotFound(sampler_name)
-
-
-def sampler_title(scheduler: str) -> str:
-    """A1111's name of one of ldm's schedulers."""
-    return SAMPLER_NAMES[scheduler]
 
 
 def schedule_label(sigma_schedule: str) -> str:
