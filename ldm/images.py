@@ -121,14 +121,20 @@ def _unquote(value: str) -> str:
     return value
 
 
+def parameters_chunk(params: GenerationParameters) -> PngImagePlugin.PngInfo:
+    """The PNG text chunks of an image made with ``params``: A1111's ``parameters``."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PARAMETERS_KEY, format_parameters(params))
+    return info
+
+
 def save_png(image: Image.Image, folder: str | Path, params: GenerationParameters) -> Path:
     """Write ``image`` as ``folder/NNNNN-<seed>.png`` with its parameters; never overwrites.
 
     The number is one above the highest already in ``folder``; if another
     process takes the same name first, the next number is tried.
     """
-    info = PngImagePlugin.PngInfo()
-    info.add_text(PARAMETERS_KEY, format_parameters(params))
+    info = parameters_chunk(params)
     for _ in range(100):
         path = next_free_path(folder, str(params.seed), ".png")
         try:

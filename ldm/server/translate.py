@@ -20,7 +20,7 @@ from PIL import Image
 
 from ldm import __version__, checks
 from ldm.errors import InputError, SettingError
-from ldm.images import GenerationParameters, format_parameters, open_image, to_rgb
+from ldm.images import GenerationParameters, format_parameters, open_image, parameters_chunk, to_rgb
 from ldm.random import resolve_seed
 from ldm.server.catalog import ModelEntry
 from ldm.server.config import Limits
@@ -204,13 +204,8 @@ def png_base64(image: Image.Image, params: GenerationParameters) -> str:
 
 
 def png_bytes(image: Image.Image, params: GenerationParameters | None) -> bytes:
-    from PIL import PngImagePlugin
-
-    info = PngImagePlugin.PngInfo()
-    if params is not None:
-        info.add_text("parameters", format_parameters(params))
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
+    image.save(buffer, format="PNG", pnginfo=parameters_chunk(params) if params is not None else None)
     return buffer.getvalue()
 
 
