@@ -26,7 +26,6 @@ from ldm.errors import LdmError
 from ldm.paging import release_to_page_cache
 
 WeightsAfterUse = Literal["page-out", "keep", "release"]
-WEIGHTS_AFTER_USE = ("page-out", "keep", "release")
 
 
 class ReleasedWeightsError(LdmError):

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from PIL import Image
 
@@ -40,7 +40,7 @@ SAMPLER_NAMES = {
     "lcm": "LCM",
 }
 TimestepSpacing = Literal["leading", "linspace", "trailing"]  # = ldm.schedulers.noise's (a test keeps them equal)
-TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+TIMESTEP_SPACINGS = get_args(TimestepSpacing)
 # The noise levels a sigma-stepping sampler visits: spaced as its timesteps, Karras et al. 2022's
 # eq. 5, or evenly in log sigma; A1111 writes them as "Schedule type" (spaced is its "Automatic").
 SigmaSchedule = Literal["spaced", "karras", "exponential"]

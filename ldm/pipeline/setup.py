@@ -14,7 +14,7 @@ import torch
 from ldm import checks
 from ldm.errors import ConfigError
 from ldm.models import AttentionBackend
-from ldm.residency import WEIGHTS_AFTER_USE, Residency, WeightsAfterUse
+from ldm.residency import Residency, WeightsAfterUse
 
 DecodeMode = Literal["full", "sliced", "tiled"]
 
@@ -40,7 +40,7 @@ class PipelineSetup:
         check_dtype(self.dtype, self.device)
         for name, choices in (
             ("attention", get_args(AttentionBackend)),
-            ("weights_after_use", WEIGHTS_AFTER_USE),
+            ("weights_after_use", get_args(WeightsAfterUse)),
             ("decode_mode", get_args(DecodeMode)),
         ):
             if getattr(self, name) not in choices:
