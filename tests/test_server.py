@@ -419,6 +419,21 @@ def test_a_job_streams_its_progress_and_ends_with_image_urls(http, live, monkeyp
     assert http.get(f"{job['url']}/images/2").status_code == 404
 
 
+def test_a_done_jobs_parameters_make_the_same_image_again(http):
+    def finished(fields: dict) -> dict:
+        url = http.post("/ldm/v1/jobs", json=fields).json()["url"]
+        return wait_for(lambda: (s := http.get(url).json())["state"] == "done" and s)
+
+    first = finished({"prompt": "a red circle", "negative_prompt": "blue", "seed": 5, "batch_size": 2,
+                      "sampler_name": "Euler a", "scheduler": "Karras", **SMALL})
+    params = first["parameters"][1]
+    assert params == {"prompt": "a red circle", "negative_prompt": "blue", "seed": 6, "steps": 3, "cfg_scale": 3.0,
+                      "width": 64, "height": 64, "sampler_name": "Euler a", "scheduler": "Karras"}
+    again = finished(params)  # the fields as they are, as the web page's "Use these settings" sends them
+    assert again["infotexts"] == [first["infotexts"][1]]
+    assert http.get(again["images"][0]).content == http.get(first["images"][1]).content
+
+
 def decode_png_bytes(data: bytes) -> str:
     import io
 

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, HTTPException, Response
 from fastapi.responses import StreamingResponse
 
-from ldm.images import format_parameters
+from ldm.images import GenerationParameters, format_parameters
 from ldm.server import schema
 from ldm.server.jobs import FINISHED, Job
 from ldm.server.service import Server
@@ -96,7 +96,8 @@ class NativeApi:
             eta_relative=job.eta, batch=job.batch, n_iter=job.request.n_iter, step=job.step, steps=job.steps,
             preview=f"{url}/preview" if job.preview is not None and job.state == "running" else None,
             images=[f"{url}/images/{i}" for i in range(len(job.images))], seeds=[p.seed for p in job.parameters],
-            infotexts=[format_parameters(p) for p in job.parameters], error=worded(job.error) if job.error else None,
+            infotexts=[format_parameters(p) for p in job.parameters],
+            parameters=[image_parameters(p) for p in job.parameters], error=worded(job.error) if job.error else None,
             created=job.created, started=job.started, finished=job.finished,
         )
 
@@ -115,3 +116,12 @@ class NativeApi:
                 yield ": keep-alive\n\n"
             await asyncio.sleep(EVENT_POLL_SECONDS)
             quiet += EVENT_POLL_SECONDS
+
+
+def image_parameters(params: GenerationParameters) -> schema.ImageParameters:
+    """An image's parameters as the request fields that make it again (``POST`` them back as they are)."""
+    return schema.ImageParameters(
+        prompt=params.prompt, negative_prompt=params.negative_prompt, seed=params.seed, steps=params.steps,
+        cfg_scale=params.cfg_scale, width=params.width, height=params.height, sampler_name=params.sampler,
+        scheduler=params.extra.get("Schedule type"),
+    )

@@ -184,6 +184,20 @@ class JobSubmitted(BaseModel):
     url: str
 
 
+class ImageParameters(BaseModel):
+    """What made one image, as the request fields that make it again (the infotext, read for a client)."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    cfg_scale: float
+    width: int
+    height: int
+    sampler_name: str
+    scheduler: str | None = None  # the schedule type; None for a sampler that has none
+
+
 class JobStatus(BaseModel):
     """A job as ``GET /ldm/v1/jobs/{id}`` and its server-sent events show it."""
 
@@ -200,6 +214,7 @@ class JobStatus(BaseModel):
     images: list[str] = Field(default_factory=list)  # URLs of the images made
     seeds: list[int] = Field(default_factory=list)
     infotexts: list[str] = Field(default_factory=list)
+    parameters: list[ImageParameters] = Field(default_factory=list)  # each image's, as request fields
     error: str | None = None
     created: float
     started: float | None = None
