@@ -1,6 +1,7 @@
 """The FastAPI app of ``ldm serve``: made by ``create_app(config)``, with no global state.
 
-    create_app(ServerConfig(...)) -> FastAPI   loads the model; the job worker runs while the app does
+    create_app(ServerConfig(...)) -> FastAPI   loads the model; the job worker runs while the app does;
+                                               the web page at / (static/) talks to the job API
     serve(config)                              create_app + uvicorn on config.host:config.port
 
 Errors are answered without a traceback: a bad setting is a 422 naming the JSON field
@@ -12,10 +13,12 @@ shape), an unknown sampler A1111's 400 "Sampler not found", a full queue a 429 w
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 from ldm import __version__
 from ldm.errors import LdmError, SettingError
@@ -46,7 +49,21 @@ def create_app(config: ServerConfig) -> FastAPI:
     add_error_answers(app)
     A1111Api(server).register(app)
     NativeApi(server).register(app)
+    add_page(app)
     return app
+
+
+STATIC = Path(__file__).parent / "static"  # the web page: HTML, one JS and one CSS file, no build step
+
+
+def add_page(app: FastAPI) -> None:
+    """The web page at ``/``: a client of the job API, like any other (behind the same auth)."""
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_api_route("/", page, methods=["GET"], response_class=FileResponse, include_in_schema=False)
+
+
+async def page() -> FileResponse:
+    return FileResponse(STATIC / "index.html")
 
 
 def add_error_answers(app: FastAPI) -> None:
