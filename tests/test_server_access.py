@@ -17,7 +17,8 @@ def guarded():
     server.stop()
 
 
-@pytest.mark.parametrize("path", ["/sdapi/v1/samplers", "/sdapi/v1/progress", "/ldm/v1/jobs", "/docs", "/openapi.json", "/nowhere"])
+@pytest.mark.parametrize("path", ["/sdapi/v1/samplers", "/sdapi/v1/progress", "/ldm/v1/jobs", "/docs", "/openapi.json", "/nowhere",
+                                  "/", "/static/page.js", "/static/page.css"])
 def test_every_route_needs_auth(guarded, path):
     with guarded.client() as http:
         answer = http.get(path)
@@ -37,6 +38,11 @@ def test_right_credentials_pass(guarded):
     with guarded.client(auth=("bob", "pw")) as http:
         answer = http.post("/sdapi/v1/txt2img", json={"prompt": "a star", "width": 64, "height": 64, "steps": 2})
     assert answer.status_code == 200 and len(answer.json()["images"]) == 1
+
+
+def test_the_web_page_passes_with_credentials(guarded):
+    with guarded.client(auth=("bob", "pw")) as http:
+        assert http.get("/").status_code == 200 and http.get("/static/page.js").status_code == 200
 
 
 def test_a_post_without_auth_is_refused_before_it_runs(guarded):
