@@ -1,5 +1,5 @@
-"""A non-editable install carries the default model: the wheel, installed into a fresh virtual
-environment and run from another folder, makes its first image."""
+"""A non-editable install carries the default model and the server's web page: the wheel, installed
+into a fresh virtual environment and run from another folder, makes its first image."""
 
 from __future__ import annotations
 
@@ -36,7 +36,9 @@ def test_installed_wheel_makes_an_image_with_its_default_model(tmp_path):
         copy(REPO / name, source / name, **({"ignore": ignore} if copy is shutil.copytree else {}))
     _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "dist", source)
     (wheel,) = (tmp_path / "dist").glob("ldm-*.whl")
-    assert "ldm/weights/ldm-shapes/unet/diffusion_pytorch_model.safetensors" in zipfile.ZipFile(wheel).namelist()
+    files = zipfile.ZipFile(wheel).namelist()
+    assert "ldm/weights/ldm-shapes/unet/diffusion_pytorch_model.safetensors" in files
+    assert {f"ldm/server/static/{name}" for name in ("index.html", "page.js", "page.css")} <= set(files)  # ldm serve's page
 
     # A fresh environment that sees this one's torch, transformers... but not its ldm: a .pth line adds
     # a folder to sys.path without running that folder's own .pth files (an editable ldm's finder).
@@ -56,3 +58,5 @@ def test_installed_wheel_makes_an_image_with_its_default_model(tmp_path):
     assert image.read_bytes().startswith(b"\x89PNG")
     where = _run(python, "-c", "import ldm.loading as l; print(l.DEFAULT_MODEL_DIR)", cwd=elsewhere, env=env).stdout
     assert Path(where.strip()).is_relative_to(site)
+    page = _run(python, "-c", "from ldm.server.app import STATIC; print(STATIC / 'index.html')", cwd=elsewhere, env=env).stdout
+    assert Path(page.strip()).is_relative_to(site) and Path(page.strip()).is_file()
