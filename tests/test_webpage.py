@@ -1,8 +1,8 @@
 """The web page at ``/``, in a real headless Chromium (Debian's ``chromium``, driven by Playwright).
 
 One server (the default model, 64x64 images in 2 steps) serves the module. The browser types a
-prompt, presses Generate and waits for the image; it also cancels jobs, and sees the server's 422
-and 429 in the page. A screenshot of the page with its result is saved under ``tests/artifacts/``.
+prompt, presses Generate and waits for the image; it also cancels jobs, sees the server's 422 and
+429 in the page, and uses the page of a server with ``--api-auth`` (credentials given once). A screenshot of the page with its result is saved under ``tests/artifacts/``.
 Never skipped: without chromium or playwright the tests fail, saying what to install (``.ci/run``
 installs both).
 """
@@ -19,6 +19,7 @@ from serving import LiveServer
 from ldm.server.config import Limits, ServerConfig
 
 try:
+    from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import expect, sync_playwright
 except ImportError:  # a failure below, not a skip: CI must run these tests
     sync_playwright = None
@@ -59,6 +60,13 @@ def page(browser, live):
     expect(page.locator("body.ready")).to_have_count(1)  # the choices came from the server
     yield page
     page.close()
+
+
+@pytest.fixture(scope="module")
+def guarded():
+    server = LiveServer(ServerConfig(api_auth=(("ann", "s3cret"),), device="cpu"))
+    yield server
+    server.stop()
 
 
 def fill(page, **fields) -> None:
@@ -141,3 +149,22 @@ def test_queued_and_running_jobs_are_cancelled_from_the_queue(page):
     expect(page.locator("#queue-empty")).to_be_visible()
     expect(page.locator("#progress-area")).to_be_hidden()
     assert page.locator("#gallery .result").count() == 0  # a cancelled job keeps nothing
+
+
+def test_with_api_auth_the_page_needs_credentials_and_works_with_them(browser, guarded):
+    stranger = browser.new_context()  # no credentials: the browser's auth prompt is cancelled
+    with pytest.raises(PlaywrightError, match="ERR_INVALID_AUTH_CREDENTIALS"):
+        stranger.new_page().goto(guarded.url + "/")
+    stranger.close()
+
+    context = browser.new_context(http_credentials={"username": "ann", "password": "s3cret"})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(guarded.url + "/")
+    expect(page.locator("body.ready")).to_have_count(1)
+    fill(page, prompt="a blue square", width=64, height=64, steps=2, seed=3)
+    page.click("#generate")  # fetch, the event stream and the image all carry the credentials
+    expect(page.locator("#gallery .result .seed")).to_have_text("Seed: 3")
+    page.wait_for_function("() => document.querySelector('#gallery .result img').naturalWidth > 0")
+    expect(page.locator("#error")).to_be_hidden()
+    context.close()
