@@ -147,6 +147,7 @@ function showProgress(status) {
       + (status.eta_relative ? `, about ${Math.ceil(status.eta_relative)} s left` : "");
   $("progress-text").textContent = text;
   if (status.preview) $("preview").src = `${status.preview}?batch=${status.batch}&step=${status.step}`;
+  else if (status.state === "queued") $("preview").removeAttribute("src"); // not the last job's picture
 }
 
 function finished(status) {
