@@ -3,7 +3,7 @@
     ldm (the package face) > ldm.cli > ldm.training, ldm.server > ldm.pipeline > ldm.loading, ldm.lora
     > ldm.speedups, ldm.guidance > ldm.models, ldm.schedulers, ldm.prompts, ldm.images, ldm.previews,
     ldm.settings, ldm.residency > ldm.kernels
-    > ldm.io, ldm.errors, ldm.random, ldm.checks, ldm.paging
+    > ldm.io, ldm.cache, ldm.errors, ldm.random, ldm.checks, ldm.paging
 
 A module may import its own layer and the layers below, and the package ``ldm`` itself (its
 ``__version__``: Python runs ``ldm/__init__.py`` before any submodule anyway; it imports the pipeline
@@ -20,7 +20,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "ldm"
 
 LAYERS = [
-    ("ldm.io", "ldm.errors", "ldm.random", "ldm.checks", "ldm.paging"),
+    ("ldm.io", "ldm.cache", "ldm.errors", "ldm.random", "ldm.checks", "ldm.paging"),
     ("ldm.kernels",),
     ("ldm.models", "ldm.schedulers", "ldm.prompts", "ldm.images", "ldm.previews", "ldm.settings", "ldm.residency"),
     ("ldm.speedups", "ldm.guidance"),

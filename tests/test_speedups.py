@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from ldm.errors import ConfigError, InputError
+from ldm.kernels.choice import KernelChoice
 from ldm.models import UNet, UNetConfig
+from ldm.models.attention import set_kernels
 from ldm.models.unet import UNetHooks
 from ldm.speedups import HookedUNet, speed_up
 from ldm.speedups.deepcache import DeepCache
 from ldm.speedups.tome import bipartite_soft_matching, token_merging_hooks
+
+EVERY_PATH = KernelChoice(linear_as_conv=True, attention_as_conv=True, sliced_conv=True, subpixel_upsample=True)
 
 
 @pytest.fixture(scope="module")
@@ -290,6 +296,7 @@ def test_subpixel_upsample_equals_nearest_upsample_then_conv(shape):
 
     torch.manual_seed(0)
     up = Upsample(16).eval()
+    up.kernels = EVERY_PATH
     x = torch.randn(shape)
     expected = up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
     with torch.no_grad():
@@ -319,13 +326,17 @@ def test_cpu_linear_as_a_1x1_convolution_equals_the_linear_layer(shape, bias, co
     x = torch.randn(shape) if contiguous else torch.randn(shape).transpose(0, 1)
     expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
     with torch.inference_mode(), _RecordCalls() as calls:
+        plain = layer(x)  # a layer outside a pipeline takes no fast path
+        layer.kernels = EVERY_PATH
         got = layer(x)
-    assert "conv2d" in calls.names and "linear" not in calls.names
-    assert got.shape == expected.shape and got.is_contiguous()
+    assert calls.names[0] == "linear" and calls.names.count("conv2d") == 1 and calls.names.count("linear") == 1
+    assert got.shape == expected.shape and got.is_contiguous() and torch.equal(plain, expected)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    with _RecordCalls() as calls:  # with autograd (training), and in half precision, the plain linear layer runs
+    with torch.inference_mode():  # bf16 takes it too
+        bf16 = copy.deepcopy(layer).to(torch.bfloat16)(x.bfloat16())
+    torch.testing.assert_close(bf16.float(), expected, rtol=0.02, atol=0.05)
+    with _RecordCalls() as calls:  # with autograd (training) the plain linear layer runs
         assert torch.equal(layer(x), expected)
-        layer.to(torch.bfloat16)(x.bfloat16())
     assert "conv2d" not in calls.names
 
 
@@ -334,6 +345,7 @@ def test_geglu_without_autograd_computes_its_halves_apart_with_the_formula_s_res
 
     torch.manual_seed(0)
     geglu = GEGLU(24, 40)
+    set_kernels(geglu, EVERY_PATH)
     x = torch.randn(2, 7, 24, requires_grad=True)
     value, gate = torch.nn.functional.linear(x, geglu.proj.weight, geglu.proj.bias).chunk(2, dim=-1)
     expected = value * torch.nn.functional.gelu(gate)  # Shazeer 2020, eq. 5
@@ -356,7 +368,9 @@ def test_cpu_long_attention_as_convolutions_equals_the_formula(
     monkeypatch, heads, width, queries, keys, chunks, transposed
 ):
     import ldm.kernels.attention as conv_attention
-    from ldm.models.attention import _sdpa
+    from ldm.models.attention import _attend
+
+    layer = SimpleNamespace(backend="sdpa", kernels=EVERY_PATH, slice_size=0)
 
     # Small sizes stand in for 4096 tokens: at most 30 query rows' scores per chunk, at least 16 rows.
     monkeypatch.setattr(conv_attention, "CONV_ATTENTION_SCORES", 30 * keys)
@@ -371,17 +385,19 @@ def test_cpu_long_attention_as_convolutions_equals_the_formula(
     probs = torch.softmax(q_ @ k_.transpose(-1, -2) / d**0.5, dim=-1)  # Vaswani et al. 2017, eq. 1
     expected = (probs @ v_).transpose(1, 2).reshape(2, queries, width)
     with torch.inference_mode(), _RecordCalls() as calls:
-        got = _sdpa(q, k, v, heads, False, 0)
+        got = _attend(layer, q, k, v, heads, False)
     assert "scaled_dot_product_attention" not in calls.names
     assert calls.names.count("conv2d") == 2 * 2 * heads * chunks  # Q K^T and P V per sample, head and chunk
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
-    # The fused kernel runs with autograd, in half precision, for few keys, and for more keys than a chunk holds.
-    cases = [(q, k, v, True), (q.bfloat16(), k.bfloat16(), v.bfloat16(), False), (q, k[:, :15], v[:, :15], False)]
-    cases.append((q, torch.cat([k, k[:, :1]], 1), torch.cat([v, v[:, :1]], 1), False))  # 30 * keys / (keys + 1) < 30
-    for q_, k_, v_, grad in cases:
+    # The fused kernel runs with autograd, for fp32 scores of bf16 inputs (upcast), for few keys, for more keys
+    # than a chunk holds, and where the layer's choice does not take the path.
+    cases = [(q, k, v, True, True, EVERY_PATH), (q.bfloat16(), k.bfloat16(), v.bfloat16(), False, True, EVERY_PATH)]
+    cases += [(q, k[:, :15], v[:, :15], False, False, EVERY_PATH), (q, k, v, False, False, KernelChoice())]
+    cases.append((q, torch.cat([k, k[:, :1]], 1), torch.cat([v, v[:, :1]], 1), False, False, EVERY_PATH))  # 30 * keys / (keys + 1) < 30
+    for q_, k_, v_, grad, upcast, kernels in cases:
         monkeypatch.setattr(conv_attention, "CONV_ATTENTION_MIN_ROWS", 30 if q_ is q and k_.shape[1] > keys else 16)
         with torch.set_grad_enabled(grad), _RecordCalls() as calls:
-            _sdpa(q_, k_, v_, heads, False, 0)
+            _attend(SimpleNamespace(backend="sdpa", kernels=kernels, slice_size=0), q_, k_, v_, heads, upcast)
         assert "scaled_dot_product_attention" in calls.names and "conv2d" not in calls.names
     # The chunks' softmax runs in place; torch's CPU kernel gives the same bits as out of place.
     scores = torch.randn(64, 300) * 10
@@ -399,6 +415,7 @@ def test_small_map_convolution_in_output_channel_slices_equals_the_convolution(c
 
     torch.manual_seed(0)
     conv = Conv2d(16, channels, 3, stride=stride, padding=1, bias=bias)
+    conv.kernels = EVERY_PATH
     x = torch.randn(2, 16, side, side)
     expected = torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride, 1)
     with torch.inference_mode(), _RecordCalls() as calls:

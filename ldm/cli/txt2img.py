@@ -87,7 +87,10 @@ def register(sub) -> None:
     speed.add_argument("--deepcache", type=int, default=DEFAULTS["deepcache_interval"], metavar="N", help="full U-Net every N-th step only (DeepCache; 3 is ~2x; 1 = off)")
     speed.add_argument("--guidance-fraction", type=float, default=DEFAULTS["guidance_fraction"], metavar="F", help="guidance in the first F of the steps only (1 = off)")
     speed.add_argument("--tome", type=float, default=DEFAULTS["token_merging"], metavar="R", help="merge R (0..0.75) of the tokens in full-resolution self-attention (0 = off)")
-    speed.add_argument("--channels-last", action="store_true", help="channels-last memory format for the U-Net")
+    speed.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, default=None,
+        help="channels-last memory format for the U-Net and VAE (default: on in bf16 on the CPU, else off)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("outputs"), metavar="DIR", help="output folder (default: outputs/)")
     parser.add_argument("--preview", type=Path, metavar="FILE", help="rewrite FILE (PNG) with a preview of the image after every step")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1,7 +1,8 @@
 """Long self-attention on the CPU as two oneDNN 1x1 convolutions per head and chunk of queries.
 
-softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017, eq. 1), in fp32 without autograd, where the
-sequence is long enough (``conv_attention_rows``); elsewhere the caller runs torch's fused kernel.
+softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017, eq. 1), in fp32 or bf16 without autograd, where the
+sequence is long enough (``conv_attention_rows``) and ``ldm.kernels.choice`` measured it faster; elsewhere
+the caller runs torch's fused kernel.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ldm.kernels.linear import as_pixels, cpu_fp32_inference, from_pixels
+from ldm.kernels.linear import as_pixels, cpu_inference, from_pixels
 
 # Attention as convolutions (see attention_as_convolutions): scores held per chunk of queries,
 # and the fewest query rows per chunk and keys for which it is used.
@@ -19,7 +20,7 @@ CONV_ATTENTION_MIN_ROWS = 768
 
 def conv_attention_rows(q: torch.Tensor, k: torch.Tensor) -> int:
     """Query rows per chunk for ``attention_as_convolutions``, or 0 where the fused SDPA kernel runs."""
-    if not cpu_fp32_inference(q):
+    if not cpu_inference(q):
         return 0
     queries, keys = q.shape[1], k.shape[1]
     most = CONV_ATTENTION_SCORES // keys  # query rows whose scores fit in a chunk
@@ -44,7 +45,8 @@ def attention_as_convolutions(
     Why: torch's fused CPU attention multiplies its small blocks with the BLAS GEMM, which on AMD
     CPUs with AVX-512 runs AVX2 code at half of oneDNN's AVX-512 rate, and a head width of 40 (SD 1.5)
     makes those products short; at 4096 tokens (SD 1.5 at 512x512) a layer measured clearly faster
-    this way (figures: benchmarks/). oneDNN picks a slower kernel below about 768 query rows
+    this way on one AMD EPYC, and half as fast on another, whose fused kernel is faster: so it runs only
+    where ``ldm.kernels.choice`` measured it faster. oneDNN picks a slower kernel below about 768 query rows
     and the scores of a chunk are kept within the cache (``CONV_ATTENTION_SCORES``), so longer
     sequences (more than 5461 keys) and short ones keep the fused kernel (``conv_attention_rows``).
     """

@@ -61,7 +61,8 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
     co = weight.shape[0]
     kernels, bias = subpixel_kernels(weight, bias)
     res = F.conv2d(x, kernels, bias, padding=1)  # (B, 4*co, height + 1, width + 1)
-    out = x.new_empty(b, co, 2 * height, 2 * width)
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    out = torch.empty(b, co, 2 * height, 2 * width, dtype=x.dtype, device=x.device, memory_format=layout)
     for phase in range(4):
         a, c = divmod(phase, 2)
         out[:, :, a::2, c::2] = res[:, phase * co : (phase + 1) * co, a : a + height, c : c + width]

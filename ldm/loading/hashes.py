@@ -9,20 +9,11 @@ its ``cache.json``: a file is hashed again only when it changes.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from pathlib import Path
 
-from ldm.io import atomic_write
+from ldm.cache import cache_folder, read_entries, write_entries
 
 SHORT_HASH_DIGITS = 10
-
-
-def cache_folder() -> Path:
-    """``$LDM_CACHE_DIR``, else ``$XDG_CACHE_HOME/ldm``, else ``~/.cache/ldm``."""
-    if os.environ.get("LDM_CACHE_DIR"):
-        return Path(os.environ["LDM_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ldm"
 
 
 def sha256(path: Path, cache: Path | None = None) -> str:
@@ -31,32 +22,16 @@ def sha256(path: Path, cache: Path | None = None) -> str:
     stat = path.stat()
     key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     file = (cache or cache_folder()) / "hashes.json"
-    known = _read(file)
+    known = read_entries(file)
     entry = known.get(str(path))
     if isinstance(entry, dict) and {k: entry.get(k) for k in key} == key and isinstance(entry.get("sha256"), str):
         return entry["sha256"]
     with open(path, "rb") as handle:
         digest = hashlib.file_digest(handle, "sha256").hexdigest()
-    _write(file, {**known, str(path): {**key, "sha256": digest}})
+    write_entries(file, {**known, str(path): {**key, "sha256": digest}})
     return digest
 
 
 def short_hash(path: Path, cache: Path | None = None) -> str:
     """A1111's short hash of the file at ``path``."""
     return sha256(path, cache)[:SHORT_HASH_DIGITS]
-
-
-def _read(file: Path) -> dict:
-    """The cache's entries; an unreadable or damaged cache counts as empty (it only saves time)."""
-    try:
-        values = json.loads(file.read_text())
-    except (OSError, ValueError):
-        return {}
-    return values if isinstance(values, dict) else {}
-
-
-def _write(file: Path, entries: dict) -> None:
-    try:
-        atomic_write(file, lambda tmp: tmp.write_text(json.dumps(entries, indent=1, sort_keys=True)), overwrite=True)
-    except OSError:
-        pass  # a read-only cache folder costs a re-hash next time, nothing else

@@ -7,9 +7,10 @@ Scaled dot-product attention (Vaswani et al. 2017, "Attention Is All You Need", 
 computed per head. Three kernels compute the same function (``AttentionBackend``):
 
 - ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention``, which picks a fused
-  flash / memory-efficient kernel where the device has one. The default. On the CPU in fp32
-  without autograd, long self-attention runs instead as two 1x1 convolutions per head and
-  chunk of queries (``ldm.kernels.attention``), where that measured faster.
+  flash / memory-efficient kernel where the device has one. The default. On the CPU without
+  autograd, long self-attention runs instead as two 1x1 convolutions per head and chunk of
+  queries (``ldm.kernels.attention``) where the network's ``KernelChoice`` takes that path
+  (measured per CPU, ``ldm.kernels.choice``; ``set_kernels``).
 - ``"xformers"``: ``xformers.ops.memory_efficient_attention`` (only when xformers is installed;
   useful on older CUDA builds of torch whose SDPA lacks a memory-efficient kernel).
 - ``"sliced"``: plain matmul + softmax over chunks of ``slice_size`` query rows, so the
@@ -34,8 +35,9 @@ from torch import nn
 
 from ldm.errors import ConfigError
 from ldm.kernels.attention import attention_as_convolutions, conv_attention_rows
+from ldm.kernels.choice import PLAIN, KernelChoice
 from ldm.kernels.linear import linear
-from ldm.models.layers import repeat_rows
+from ldm.models.layers import Conv2d, Upsample, repeat_rows
 
 AttentionBackend = Literal["sdpa", "xformers", "sliced"]
 
@@ -63,16 +65,15 @@ NO_HOOKS: SelfAttentionHooks = MappingProxyType({})
 
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same checkpoint keys) that runs as a 1x1 convolution on the CPU
-    in fp32 without autograd (``ldm.kernels.linear``); elsewhere it is ``F.linear``."""
+    without autograd where ``kernels`` takes it (``ldm.kernels.linear``); elsewhere it is ``F.linear``."""
+
+    kernels: KernelChoice = PLAIN  # set per network by set_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.kernels.linear_as_conv)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool, slice_size: int) -> torch.Tensor:
-    rows = conv_attention_rows(q, k)
-    if rows:
-        return attention_as_convolutions(q, k, v, heads, rows)
     # q: (B, N, H*d), k/v: (B, M, H*d) -> views (B, H, N, d) without copying
     b, n, c = q.shape
     d = c // heads
@@ -122,6 +123,16 @@ def _sliced(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcas
 _KERNELS = {"sdpa": _sdpa, "xformers": _xformers, "sliced": _sliced}
 
 
+def _attend(layer: Attention | VAEAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool):
+    """``layer``'s attention kernel on q, k, v (B, N, heads*d); long self-attention as convolutions where
+    the layer's ``kernels`` take that path (in place of ``"sdpa"``, and not where fp32 scores are asked of bf16)."""
+    as_conv = layer.backend == "sdpa" and layer.kernels.attention_as_conv and not (upcast and q.dtype != torch.float32)
+    rows = conv_attention_rows(q, k) if as_conv else 0
+    if rows:
+        return attention_as_convolutions(q, k, v, heads, rows)
+    return _KERNELS[layer.backend](q, k, v, heads, upcast, layer.slice_size)
+
+
 def require_backend(backend: str, slice_size: int | None) -> int:
     """Check that ``backend`` can run here; return the slice size to use."""
     if backend not in _KERNELS:
@@ -140,6 +151,8 @@ def require_backend(backend: str, slice_size: int | None) -> int:
 
 class Attention(nn.Module):
     """Multi-head attention: self-attention when ``context`` is None, cross-attention otherwise."""
+
+    kernels: KernelChoice = PLAIN  # set per network by set_kernels
 
     def __init__(
         self,
@@ -163,8 +176,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         # x: (B, N, query_dim), context: (B, M, context_dim) -> (B, N, query_dim)
         context = x if context is None else context
-        kernel = _KERNELS[self.backend]
-        out = kernel(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.upcast, self.slice_size)
+        out = _attend(self, self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.upcast)
         return self.to_out[0](out)
 
 
@@ -188,8 +200,9 @@ class GEGLU(nn.Module):
         # faults in a 512x512 U-Net step, and a faster step). The same bits as the formula above.
         value_weight, gate_weight = self.proj.weight.chunk(2)
         value_bias, gate_bias = (None, None) if self.proj.bias is None else self.proj.bias.chunk(2)
-        gate = torch.ops.aten.gelu_(linear(x, gate_weight, gate_bias))
-        return gate.mul_(linear(x, value_weight, value_bias))
+        as_conv = self.proj.kernels.linear_as_conv
+        gate = torch.ops.aten.gelu_(linear(x, gate_weight, gate_bias, as_conv))
+        return gate.mul_(linear(x, value_weight, value_bias, as_conv))
 
 
 class FeedForward(nn.Module):
@@ -287,6 +300,8 @@ class SpatialTransformer(nn.Module):
 class VAEAttention(nn.Module):
     """Single-head self-attention over all pixels, in the VAE's middle block (residual)."""
 
+    kernels: KernelChoice = PLAIN  # set per network by set_kernels
+
     def __init__(self, channels: int, groups: int):
         super().__init__()
         self.group_norm = nn.GroupNorm(groups, channels, eps=1e-6)
@@ -301,9 +316,8 @@ class VAEAttention(nn.Module):
         # x: (B, C, H, W) -> tokens (B, HW, C); one head of width C
         b, c, h, w = x.shape
         tokens = self.group_norm(x).view(b, c, h * w).transpose(1, 2)
-        kernel = _KERNELS[self.backend]
         # The original LDM attention block computes its softmax in fp32, hence upcast=True.
-        out = kernel(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), 1, True, self.slice_size)
+        out = _attend(self, self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), 1, True)
         out = self.to_out[0](out)  # (B, HW, C)
         return x + out.transpose(1, 2).view(b, c, h, w)  # strided view; the add writes NCHW
 
@@ -315,3 +329,13 @@ def set_attention(model: nn.Module, backend: AttentionBackend, slice_size: int |
         if isinstance(module, (Attention, VAEAttention)):
             module.backend = backend
             module.slice_size = slice_size
+
+
+KERNEL_USERS = (Linear, Attention, VAEAttention, Conv2d, Upsample)  # the layers with a ``kernels`` choice
+
+
+def set_kernels(model: nn.Module, kernels: KernelChoice) -> None:
+    """Let every layer of ``model`` take the fast paths of ``kernels`` (see ``ldm.kernels.choice``)."""
+    for module in model.modules():
+        if isinstance(module, KERNEL_USERS):
+            module.kernels = kernels

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.kernels.choice import PLAIN, KernelChoice
 from ldm.kernels.conv import conv2d_in_slices, upsample_conv, use_sliced_conv, use_subpixel_upsample
 
 
@@ -32,11 +33,14 @@ def join_skip(x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
 
 
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` (same parameters, same checkpoint keys); on the CPU without autograd, a small output map
-    of many channels is computed in output-channel slices (``ldm.kernels.conv``), with the same result."""
+    """``nn.Conv2d`` (same parameters, same checkpoint keys); on the CPU without autograd, where ``kernels``
+    takes it, a small output map of many channels is computed in output-channel slices (``ldm.kernels.conv``),
+    with the same result."""
+
+    kernels: KernelChoice = PLAIN  # set per network by set_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not use_sliced_conv(x, self.weight, self.stride, self.padding):
+        if not (self.kernels.sliced_conv and use_sliced_conv(x, self.weight, self.stride, self.padding)):
             return super().forward(x)
         return conv2d_in_slices(x, self.weight, self.bias, self.stride, self.padding)
 
@@ -81,7 +85,10 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour 2x (or to an explicit size, for odd skip sizes) then a 3x3 conv."""
+    """Nearest-neighbour 2x (or to an explicit size, for odd skip sizes) then a 3x3 conv; as sub-pixel
+    convolutions where ``kernels`` takes it (``ldm.kernels.conv``)."""
+
+    kernels: KernelChoice = PLAIN  # set per network by set_kernels
 
     def __init__(self, channels: int):
         super().__init__()
@@ -92,7 +99,7 @@ class Upsample(nn.Module):
         # The sub-pixel form reads the conv's weight, so it runs only for a plain Conv2d. An unfused LoRA
         # wraps the conv in a peft layer (not an nn.Conv2d) whose update exists only in its forward.
         plain = isinstance(self.conv, nn.Conv2d)
-        if plain and doubled and use_subpixel_upsample(x):
+        if plain and doubled and self.kernels.subpixel_upsample and use_subpixel_upsample(x):
             return upsample_conv(x, self.conv.weight, self.conv.bias)
         if size is None:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")

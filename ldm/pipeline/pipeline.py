@@ -18,6 +18,7 @@ the same image. Every setting is checked before any work, and a batch of more th
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -30,6 +31,7 @@ from torch import nn
 
 from ldm.errors import CheckpointError, InputError
 from ldm.images import GenerationParameters, check_output_folder, save_png
+from ldm.kernels.choice import PLAIN, bf16_warning
 from ldm.pipeline import stages
 from ldm.pipeline.setup import PipelineSetup
 from ldm.pipeline.stages import Generators, OutputType, StepCallback
@@ -87,7 +89,11 @@ class Pipeline:
         self.adapters: list[tuple[str, float]] = []  # (name, scale) of each LoRA loaded, in order
         self.vae_name: str | None = None  # the VAE file or folder that replaced the model's (load_vae)
         param = next(unet.parameters())
-        self.setup = PipelineSetup(device=param.device, dtype=param.dtype)
+        # The set-up the networks are in, then the default one applied: the memory format and fast paths
+        # for their dtype on this CPU.
+        self.setup = PipelineSetup(device=param.device, dtype=param.dtype, channels_last=False, kernels=PLAIN)
+        self.configure(channels_last=None, kernels=None)
+        _warn_if_slow(self.setup)
 
     @classmethod
     def from_pretrained(
@@ -134,8 +140,14 @@ class Pipeline:
         if (new.attention, new.attention_slice_size) != (old.attention, old.attention_slice_size):
             self.unet.set_attention(new.attention, new.attention_slice_size)
             self.vae.set_attention(new.attention, new.attention_slice_size)
-        if new.channels_last != old.channels_last:
+        if new.memory_format != old.memory_format:
             self.unet.to(memory_format=new.memory_format)
+            self.vae.to(memory_format=new.memory_format)
+        kernels = new.kernel_choice
+        self.unet.set_kernels(kernels)
+        self.vae.set_kernels(kernels)
+        if new.dtype != old.dtype:
+            _warn_if_slow(new)
         self.setup = new
         return self
 
@@ -168,7 +180,8 @@ class Pipeline:
             latent_channels=self.unet.config.in_channels,
         )  # fmt: skip
         vae.set_attention(setup.attention, setup.attention_slice_size)
-        self.vae = vae
+        vae.set_kernels(setup.kernel_choice)
+        self.vae = vae.to(memory_format=setup.memory_format)
         self.vae_name = Path(path).name
 
     @property
@@ -273,3 +286,10 @@ class Pipeline:
         """Scaled latents -> images in [0, 1], decoded as set up (``decode_mode``); raises on NaN / inf."""
         check_loaded(self.vae)
         return stages.decode(self, latents)
+
+
+def _warn_if_slow(setup: PipelineSetup) -> None:
+    """bf16 on a CPU without native bf16 is slower than fp32: say so, with the slowdown measured here."""
+    message = bf16_warning(setup.device, setup.dtype)
+    if message is not None:
+        warnings.warn(message, stacklevel=3)

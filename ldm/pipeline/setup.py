@@ -13,6 +13,7 @@ import torch
 
 from ldm import checks
 from ldm.errors import ConfigError
+from ldm.kernels.choice import KernelChoice, channels_last_for, kernel_choice
 from ldm.models import AttentionBackend
 from ldm.residency import Residency, WeightsAfterUse
 
@@ -32,7 +33,10 @@ class PipelineSetup:
     # page cache, "keep" leaves them resident, "release" frees them (one-shot calls; ldm.residency).
     weights_after_use: WeightsAfterUse = "page-out"
     decode_mode: DecodeMode = "full"  # the VAE's: "sliced": one image at a time; "tiled": overlapping tiles
-    channels_last: bool = False  # the U-Net's weights and activations in NHWC (docs/performance.md)
+    # The U-Net's and VAE's weights and activations in NHWC; None: in bf16 on the CPU, where oneDNN's bf16
+    # convolutions want it (channels_last_for), else not (docs/performance.md).
+    channels_last: bool | None = None
+    kernels: KernelChoice | None = None  # the CPU fast paths; None: measured for this CPU (ldm.kernels.choice)
     max_pixels: int = checks.MAX_PIXELS  # largest batch a call may make: width x height x images
 
     def __post_init__(self) -> None:
@@ -53,7 +57,14 @@ class PipelineSetup:
 
     @property
     def memory_format(self) -> torch.memory_format:
+        if self.channels_last is None:
+            return channels_last_for(self.dtype) if self.device.type == "cpu" else torch.contiguous_format
         return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    @property
+    def kernel_choice(self) -> KernelChoice:
+        """``kernels``, or the fast paths measured for this CPU and dtype (cached; nothing off the CPU)."""
+        return self.kernels if self.kernels is not None else kernel_choice(self.device, self.dtype)
 
     @classmethod
     def check_names(cls, names) -> None:

@@ -221,7 +221,7 @@ def noised_init_latents(pipe: Pipeline, call: Call, first_t: torch.Tensor) -> to
         return randn(call.shape, call.generators, pipe.device, torch.float32)
 
     with pipe.residency.running(pipe.vae) as vae:
-        posterior = vae.encode(call.init.to(pipe.device, pipe.dtype))
+        posterior = vae.encode(call.init.to(pipe.device, pipe.dtype, memory_format=pipe.setup.memory_format))
     z0 = posterior.sample_with(posterior_noise).float().expand(call.shape) * pipe.vae.config.scaling_factor
     noise = randn(call.shape, call.generators, pipe.device, torch.float32)
     return call.scheduler.add_noise(z0, noise, first_t.repeat(call.shape[0]))
@@ -293,7 +293,7 @@ def decode(pipe: Pipeline, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents -> images in [0, 1]; retries in fp32 if fp16 overflowed; raises on NaN / inf."""
     z = latents / pipe.vae.config.scaling_factor
     with pipe.residency.running(pipe.vae) as vae:
-        images = _decoder(vae, pipe.setup.decode_mode)(z.to(pipe.dtype))
+        images = _decoder(vae, pipe.setup.decode_mode)(z.to(pipe.dtype, memory_format=pipe.setup.memory_format))
         if not torch.isfinite(images).all() and pipe.dtype == torch.float16 and torch.isfinite(latents).all():
             # The SD VAE's decoder activations exceed fp16's range (65504) on some images.
             vae.float()

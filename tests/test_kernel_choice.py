@@ -1,0 +1,165 @@
+"""The CPU fast paths chosen per CPU (ldm.kernels.choice), the CPU's flags (ldm.kernels.cpu), and bf16 run right.
+
+Each fast path gives the plain call's result (tests/test_speedups.py); here: the probe's two routes compute the
+same thing, the choice follows the measured times, it is measured once per CPU and dtype and then read from
+the cache, the pipeline applies it (and any choice gives the same image), bf16 runs channels-last with its
+normalizations and attention reduced in fp32, and a CPU without native bf16 is told so.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldm.kernels import choice as choice_module
+from ldm.kernels.choice import PLAIN, KernelChoice, choose, kernel_choice, routes
+from ldm.kernels.cpu import this_cpu
+
+@pytest.fixture(scope="module")
+def tiny_pipe_files(tmp_path_factory) -> Path:
+    from tiny_models import save_diffusers_folder
+
+    return save_diffusers_folder(tmp_path_factory.mktemp("model"))
+
+
+EVERY_PATH = KernelChoice(linear_as_conv=True, attention_as_conv=True, sliced_conv=True, subpixel_upsample=True)
+CPU = torch.device("cpu")
+
+
+def test_each_probed_path_s_two_routes_compute_the_same_result():
+    with torch.inference_mode():
+        for name, (plain, fast) in routes(torch.float32).items():
+            for expected, got in zip(*(_as_list(route()) for route in (plain, fast)), strict=True):
+                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def _as_list(result) -> list[torch.Tensor]:
+    return list(result) if isinstance(result, list) else [result]
+
+
+def test_a_fast_path_is_taken_only_where_it_measured_clearly_faster():
+    seconds = {"linear_as_conv": (1.0, 0.5), "attention_as_conv": (1.0, 2.0), "sliced_conv": (1.0, 0.97), "subpixel_upsample": (1.0, 0.95)}
+    assert choose(seconds) == KernelChoice(linear_as_conv=True, subpixel_upsample=True)
+
+
+def test_the_choice_is_measured_once_per_cpu_and_dtype_then_read_from_the_cache(monkeypatch, tmp_path):
+    measured = []
+
+    def fake_measure(dtype):
+        measured.append(dtype)
+        fast = 0.5 if dtype == torch.float32 else 2.0
+        return {name: (1.0, fast) for name in ("linear_as_conv", "attention_as_conv", "sliced_conv", "subpixel_upsample")}
+
+    monkeypatch.setattr(choice_module, "measure", fake_measure)
+    assert kernel_choice(CPU, torch.float32, tmp_path) == EVERY_PATH
+    assert kernel_choice(CPU, torch.float32, tmp_path) == EVERY_PATH
+    assert kernel_choice(CPU, torch.bfloat16, tmp_path) == PLAIN
+    assert measured == [torch.float32, torch.bfloat16]
+    text = (tmp_path / "kernels.json").read_text()
+    assert this_cpu().model in text and torch.__version__ in text and "seconds" in text
+    (tmp_path / "kernels.json").write_text("{not json")  # a damaged cache is measured again
+    assert kernel_choice(CPU, torch.float32, tmp_path) == EVERY_PATH and len(measured) == 3
+    assert kernel_choice(torch.device("meta"), torch.float32, tmp_path) == PLAIN and len(measured) == 3
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "model", "native"),
+    [
+        ("model name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu avx2 fma avx512f amx_bf16 amx_tile avx512_bf16\n", "Intel(R) Xeon(R) Platinum 8480+", True),
+        ("model name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 fma\n", "AMD EPYC 7B13", False),
+        ("processor\t: 0\nFeatures\t: fp asimd bf16 sve\nModel\t: Raspberry\n", "Raspberry", True),
+    ],
+)
+def test_the_cpu_s_model_flags_and_native_bf16_are_read_from_cpuinfo(tmp_path, cpuinfo, model, native):
+    (tmp_path / "cpuinfo").write_text(cpuinfo)
+    cpu = this_cpu(tmp_path / "cpuinfo")
+    assert cpu.model == model and cpu.native_bf16 == native
+    assert "fpu" not in cpu.flags and cpu.key.startswith(model)
+
+
+def test_a_bf16_pipeline_on_a_cpu_without_native_bf16_warns_once_with_the_measured_slowdown(monkeypatch, tiny_pipe_files):
+    from ldm import Pipeline
+    from ldm.kernels.cpu import CPU as CPUInfo
+
+    monkeypatch.setattr(choice_module, "this_cpu", lambda: CPUInfo("Old CPU 9000", ("avx2", "fma")))
+    monkeypatch.setattr(choice_module, "bf16_slowdown", lambda: 3.25)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = Pipeline.from_pretrained(tiny_pipe_files, dtype=torch.bfloat16)
+        pipe.configure(attention="sliced")  # no new dtype: nothing more said
+    messages = [str(w.message) for w in caught if "native bf16" in str(w.message)]
+    assert messages == [
+        "this CPU (Old CPU 9000) has no native bf16 (AVX512_BF16, AMX or Arm BF16): a bf16 matrix product took "
+        "3.2x the time of fp32 here; use fp32 (--dtype fp32) for speed"
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Pipeline.from_pretrained(tiny_pipe_files)  # fp32: nothing to say
+    assert not [w for w in caught if "native bf16" in str(w.message)]
+
+
+def test_the_pipeline_applies_the_measured_choice_and_every_choice_gives_the_same_image(tiny_pipe_files):
+    from ldm import Pipeline
+    from ldm.models.attention import Linear
+    from ldm.models.layers import Conv2d
+
+    pipe = Pipeline.from_pretrained(tiny_pipe_files)
+    measured = kernel_choice(CPU, torch.float32)
+    layers = [m for net in (pipe.unet, pipe.vae) for m in net.modules() if isinstance(m, (Linear, Conv2d))]
+    assert layers and all(layer.kernels == measured for layer in layers)
+    images = {}
+    for kernels in (PLAIN, EVERY_PATH):
+        pipe.configure(kernels=kernels)
+        assert all(layer.kernels == kernels for layer in layers)
+        images[kernels] = pipe("a red circle", num_inference_steps=2, seed=1, output_type="pt", height=64, width=64).images
+    torch.testing.assert_close(images[EVERY_PATH], images[PLAIN], rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_on_the_cpu_runs_channels_last_unless_told_otherwise(tiny_pipe_files):
+    from ldm import Pipeline
+
+    pipe = Pipeline.from_pretrained(tiny_pipe_files, dtype=torch.bfloat16)
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert pipe.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    pipe.configure(channels_last=False)
+    assert pipe.unet.conv_in.weight.is_contiguous()
+    assert not Pipeline.from_pretrained(tiny_pipe_files).setup.memory_format == torch.channels_last
+
+
+def test_bf16_images_stay_within_a_stated_bound_of_fp32(tiny_pipe_files):
+    """bf16 keeps 8 bits of mantissa: the same seed's image differs from fp32's by rounding that the denoising
+    loop carries; on the tiny model the mean difference stays under 2 % of the range (max under 15 %)."""
+    from ldm import Pipeline
+
+    kwargs = dict(num_inference_steps=4, seed=3, output_type="pt", height=64, width=64)
+    fp32 = Pipeline.from_pretrained(tiny_pipe_files)("a red circle", **kwargs).images
+    bf16 = Pipeline.from_pretrained(tiny_pipe_files, dtype=torch.bfloat16)("a red circle", **kwargs).images
+    diff = (bf16.float() - fp32).abs()
+    assert diff.mean() < 0.02 and diff.max() < 0.15, (diff.mean().item(), diff.max().item())
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_bf16_normalizations_and_attention_reduce_in_fp32_and_round_once(layout):
+    """GroupNorm, LayerNorm and SDPA take bf16 in and give bf16 out, but their means, variances and softmax are
+    torch's fp32 (opmath) arithmetic: on inputs with a large mean, where a bf16 sum would lose everything,
+    they equal the fp32 computation on the same inputs to within one bf16 rounding at the output's scale
+    (attention computed step by step in bf16 misses that bound by more than 10x here)."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(1, 64, 32, 32, generator=g) * 0.5 + 30).bfloat16().contiguous(memory_format=layout)
+    w, b = torch.randn(64, generator=g).bfloat16(), torch.randn(64, generator=g).bfloat16()
+    tokens = x.flatten(2).transpose(1, 2)
+    q, k, v = [(torch.randn(1, 4, 1024, 40, generator=g) * scale).bfloat16() for scale in (3, 3, 1)]
+    cases = [
+        (F.group_norm(x, 32, w, b, 1e-5), F.group_norm(x.float(), 32, w.float(), b.float(), 1e-5)),
+        (F.layer_norm(tokens, (64,), w, b), F.layer_norm(tokens.float(), (64,), w.float(), b.float())),
+        (F.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q.float(), k.float(), v.float())),
+    ]
+    stepwise = ((q @ k.transpose(-1, -2)) * 40**-0.5).softmax(-1) @ v
+    assert (stepwise.float() - cases[2][1]).abs().max() > 10 * cases[2][1].abs().max() * 2**-8
+    for got, expected in cases:
+        assert got.dtype == torch.bfloat16
+        assert (got.float() - expected).abs().max() <= expected.abs().max() * 2**-8
