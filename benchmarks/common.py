@@ -10,6 +10,7 @@ high-water mark of resident memory), reset right before the measured call by wri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -283,6 +284,21 @@ def save_results(name: str, spec: ModelSpec, payload: dict[str, Any]) -> Path:
 
 def ratio(ours: float, theirs: float) -> float:
     return ours / theirs if theirs else float("nan")
+
+
+@contextlib.contextmanager
+def busy_core(argv: list[str]) -> Iterator[bool]:
+    """With ``--busy-core`` in ``argv``: another process keeps one core busy (a Python loop that never sleeps)
+    while the block runs, as on a user's machine where something else is running. Yields whether it does."""
+    if "--busy-core" not in argv:
+        yield False
+        return
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield True
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def spec_from_argv(argv: list[str]) -> ModelSpec:

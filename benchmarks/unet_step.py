@@ -1,6 +1,6 @@
 """One classifier-free-guidance U-Net step (batch 2) of ldm against diffusers, and the FLOP rate it achieves.
 
-    python benchmarks/unet_step.py [--quick] [--compile]
+    python benchmarks/unet_step.py [--quick] [--compile] [--busy-core]
 
 Both engines load the same diffusers folder and run the same seeded guided step
 (one latent (1, 4, h, w) for the unconditional and the conditional pass, timestep 500,
@@ -12,11 +12,13 @@ The FLOPs of each engine's step are counted once with ``torch.utils.flop_counter
 each engine is its own FLOPs over its time, against a large fp32 GEMM timed in the
 same run. ldm
 variants (channels-last memory format, ``torch.compile``) are timed too, so
-whether they help on this machine is measured rather than assumed.
+whether they help on this machine is measured rather than assumed. ``--busy-core`` runs it all
+while another process keeps one of the cores busy (results in ``unet_step-busy-<spec>.json``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -46,9 +48,12 @@ def load_unet(impl: str, folder: str, variant: str = "exact"):
 
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
         return lambda x, t, c: unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
+    from ldm.kernels.choice import kernel_choice
     from ldm.loading import load_components
+    from ldm.models import set_kernels
 
     unet = load_components(folder).unet.eval()
+    set_kernels(unet, kernel_choice(torch.device("cpu"), torch.float32))  # the fast paths a pipeline takes here
     if variant == "channels_last":
         unet = unet.to(memory_format=torch.channels_last)
         return lambda x, t, c: unet(x.contiguous(memory_format=torch.channels_last), t, c)
@@ -87,6 +92,13 @@ def count_step_flops(spec: common.ModelSpec, impl: str) -> int:
 
 
 def main(argv: list[str]) -> dict[str, Any]:
+    with common.busy_core(argv) as busy:
+        return measure_all(argv, busy)
+
+
+def measure_all(argv: list[str], busy: bool) -> dict[str, Any]:
+    from ldm.kernels.choice import kernel_choice
+
     spec = common.spec_from_argv(argv)
     folder, _ = common.build_model(spec)
     rounds = 2  # ABBA: a slow spell of the shared CPU hits both engines (one full-size round was +-10 % noisy)
@@ -119,9 +131,11 @@ def main(argv: list[str]) -> dict[str, Any]:
         "variants": {k: ({**v, "ratio_to_exact": v["median_s"] / t_ldm} if "median_s" in v else v)
                      for k, v in variants.items()},
         "time_ratio": common.ratio(t_ldm, t_diff),
+        "busy_core": busy,  # another process kept one core busy throughout
+        "kernels": dataclasses.asdict(kernel_choice(torch.device("cpu"), torch.float32)),
         "max_abs_diff_vs_diffusers": max_diff,
     }  # fmt: skip
-    path = common.save_results("unet_step", spec, payload)
+    path = common.save_results("unet_step-busy" if busy else "unet_step", spec, payload)
     print(
         f"U-Net step ({spec.name}, batch 2): ldm {t_ldm:.2f} s, diffusers {t_diff:.2f} s, "
         f"ratio {payload['time_ratio']:.3f}; {flops['diffusers'] / 1e12:.3f} TFLOP (ldm {flops['ldm'] / 1e12:.3f}), "

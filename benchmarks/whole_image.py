@@ -1,6 +1,6 @@
 """A whole image (prompt to pixels) of ldm against diffusers, and ldm's switchable speed-ups.
 
-    python benchmarks/whole_image.py [--quick] [--speedups | --speedups-only] [--size 1024]
+    python benchmarks/whole_image.py [--quick | --sd15-256] [--speedups | --speedups-only] [--size 1024] [--busy-core]
 
 Both pipelines load the same diffusers folder and make one guided image
 (DPM-Solver++(2M), guidance 7.5, a negative prompt) from the same initial
@@ -22,7 +22,8 @@ PSNR of the image against the exact one, and (when the default model
 ``weights/ldm-shapes`` is installed) the prompt adherence of the pixel scorer.
 ``--speedups-only`` measures the speed-ups against the exact image and time of the
 last comparison run. ``--size`` makes one large image with VAE tiling and sliced attention and
-reports its time and peak memory.
+reports its time and peak memory. ``--busy-core`` runs it all while another process keeps one of the
+cores busy (results in ``whole_image-busy-<spec>.json``).
 """
 
 from __future__ import annotations
@@ -191,6 +192,11 @@ def speedups(spec: common.ModelSpec, folder: Path, tmp: Path, exact_seconds: flo
 
 
 def main(argv: list[str]) -> dict[str, Any]:
+    with common.busy_core(argv) as busy:
+        return measure_all(argv, busy)
+
+
+def measure_all(argv: list[str], busy: bool) -> dict[str, Any]:
     spec = common.spec_from_argv(argv)
     folder, _ = common.build_model(spec)
     payload: dict[str, Any] = {}
@@ -221,7 +227,8 @@ def main(argv: list[str]) -> dict[str, Any]:
         large = {"spec": spec.name, "folder": str(folder), "size": size, "steps": spec.steps, "large": True}
         payload["large"] = {"size": size, **{impl: common.run_worker("whole_image.py", {**large, "impl": impl})
                                              for impl in ("ldm", "diffusers")}}  # fmt: skip
-    path = common.save_results("whole_image", spec, payload)
+    payload["busy_core"] = busy  # another process kept one core busy throughout
+    path = common.save_results("whole_image-busy" if busy else "whole_image", spec, payload)
     ours, theirs = payload["ldm"], payload["diffusers"]
     print(
         f"Whole image ({spec.image_size}px, {spec.steps} steps): ldm {ours['time_s']:.1f} s / {ours['peak_mib']:.0f} MiB, "

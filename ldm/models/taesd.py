@@ -32,8 +32,7 @@ from torch import nn
 
 from ldm.errors import ConfigError
 from ldm.models._config import as_int, as_int_tuple, check_defaults, check_range
-from ldm.kernels.choice import KernelChoice
-from ldm.models.attention import AttentionBackend, set_attention, set_kernels
+from ldm.models.attention import AttentionBackend, set_attention
 from ldm.models.vae import _tiled
 
 _CLAMP = 3.0  # the decoder squashes latents into (-3, 3): 3 tanh(z / 3)
@@ -248,7 +247,3 @@ class TAESD(nn.Module):
     def set_attention(self, backend: AttentionBackend, slice_size: int | None = None) -> None:
         """Checks ``backend`` as every network does; TAESD has no attention layer to switch."""
         set_attention(self, backend, slice_size)
-
-    def set_kernels(self, kernels: KernelChoice) -> None:
-        """As every network does; TAESD's plain convolutions have no fast path to take."""
-        set_kernels(self, kernels)

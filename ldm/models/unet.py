@@ -28,8 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm.errors import ConfigError, InputError
 from ldm.models._config import as_int, as_int_tuple, check_defaults, check_range
-from ldm.kernels.choice import KernelChoice
-from ldm.models.attention import NO_HOOKS, AttentionBackend, SelfAttentionHooks, SpatialTransformer, set_attention, set_kernels
+from ldm.models.attention import NO_HOOKS, AttentionBackend, SelfAttentionHooks, SpatialTransformer, set_attention
 from ldm.models.layers import Downsample, ResnetBlock, Upsample, join_skip
 
 
@@ -501,10 +500,6 @@ class UNet(nn.Module):
     def set_attention(self, backend: AttentionBackend, slice_size: int | None = None) -> None:
         """Compute attention with ``backend`` (see ``ldm.models.attention``)."""
         set_attention(self, backend, slice_size)
-
-    def set_kernels(self, kernels: KernelChoice) -> None:
-        """Take the CPU fast paths of ``kernels`` (see ``ldm.kernels.choice``)."""
-        set_kernels(self, kernels)
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute block activations in the backward pass (training mode only) to save memory."""

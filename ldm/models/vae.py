@@ -23,8 +23,7 @@ from torch import nn
 
 from ldm.errors import ConfigError, InputError
 from ldm.models._config import as_int, as_int_tuple, check_defaults, check_range
-from ldm.kernels.choice import KernelChoice
-from ldm.models.attention import AttentionBackend, VAEAttention, set_attention, set_kernels
+from ldm.models.attention import AttentionBackend, VAEAttention, set_attention
 from ldm.models.layers import ResnetBlock
 from ldm.models.vae_strips import decode_up
 from ldm.random import randn
@@ -312,9 +311,6 @@ class AutoencoderKL(nn.Module):
         """Compute the middle blocks' attention with ``backend`` (see ``ldm.models.attention``)."""
         set_attention(self, backend, slice_size)
 
-    def set_kernels(self, kernels: KernelChoice) -> None:
-        """Take the CPU fast paths of ``kernels`` (see ``ldm.kernels.choice``)."""
-        set_kernels(self, kernels)
 
 
 def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:

@@ -32,6 +32,7 @@ from torch import nn
 from ldm.errors import CheckpointError, InputError
 from ldm.images import GenerationParameters, check_output_folder, save_png
 from ldm.kernels.choice import PLAIN, bf16_warning
+from ldm.models import set_kernels
 from ldm.pipeline import stages
 from ldm.pipeline.setup import PipelineSetup
 from ldm.pipeline.stages import Generators, OutputType, StepCallback
@@ -144,8 +145,8 @@ class Pipeline:
             self.unet.to(memory_format=new.memory_format)
             self.vae.to(memory_format=new.memory_format)
         kernels = new.kernel_choice
-        self.unet.set_kernels(kernels)
-        self.vae.set_kernels(kernels)
+        set_kernels(self.unet, kernels)
+        set_kernels(self.vae, kernels)
         if new.dtype != old.dtype:
             _warn_if_slow(new)
         self.setup = new
@@ -180,7 +181,7 @@ class Pipeline:
             latent_channels=self.unet.config.in_channels,
         )  # fmt: skip
         vae.set_attention(setup.attention, setup.attention_slice_size)
-        vae.set_kernels(setup.kernel_choice)
+        set_kernels(vae, setup.kernel_choice)
         self.vae = vae.to(memory_format=setup.memory_format)
         self.vae_name = Path(path).name
 
