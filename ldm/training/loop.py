@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ldm.errors import ConfigError
-from ldm.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_adapters
+from ldm.adapters.training import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_adapters
 from ldm.random import randn
 from ldm.schedulers import SCHEDULERS, NoiseProcess, SchedulerConfig
 from ldm.settings import GenerationDefaults
