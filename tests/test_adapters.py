@@ -327,3 +327,36 @@ def test_broken_adapters_are_one_line_errors_and_change_nothing(case, unet, tmp_
     text = str(raised.value)
     assert "\n" not in text and str(path) in text and repr(key) in text
     assert all(torch.equal(value, before[name]) for name, value in unet.state_dict().items())
+
+
+def test_peft_dora_file_gives_diffusers_unet_output(tmp_path):
+    """A peft-layout DoRA file on a Linear and a 3x3 conv: ldm's U-Net equals diffusers' after ``load_lora_weights``."""
+    from diffusers import StableDiffusionPipeline
+    from tiny_models import save_diffusers_folder
+
+    from ldm.loading import load_components
+
+    folder = save_diffusers_folder(tmp_path / "model")
+    ours = load_components(folder)
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name in ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "down_blocks.1.resnets.0.conv1"):
+        weight = ours.unet.get_submodule(name).weight.detach()
+        down = torch.randn(2, *weight.shape[1:], generator=generator) * 0.1
+        up = torch.randn(weight.shape[0], 2, *[1] * (weight.dim() - 2), generator=generator) * 0.1
+        norm = (weight + (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)).flatten(1).norm(dim=1)
+        tensors[f"unet.{name}.lora_A.weight"], tensors[f"unet.{name}.lora_B.weight"] = down, up
+        magnitude = norm * (1 + 0.5 * torch.rand(norm.shape, generator=generator))
+        # peft stores a conv's magnitude as (1, out, 1, 1), a Linear's as (out,)
+        tensors[f"unet.{name}.lora_magnitude_vector"] = magnitude.reshape(1, -1, 1, 1) if weight.dim() == 4 else magnitude
+    save_file(tensors, str(tmp_path / "dora.safetensors"))
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(tmp_path / "dora.safetensors"))
+    Adapters(ours.unet).load(tmp_path / "dora.safetensors")
+    sample, context = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 77, 64, generator=generator)
+    with torch.no_grad():
+        expected = pipe.unet(sample, 500, encoder_hidden_states=context).sample
+        base = load_components(folder).unet(sample, torch.tensor([500]), context)
+        got = ours.unet(sample, torch.tensor([500]), context)
+    assert not torch.allclose(expected, base, atol=1e-3)
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
