@@ -180,7 +180,8 @@ def test_tucker_locon_equals_its_three_convolutions(unet, tmp_path):
 def test_full_and_norm_diffs_add_to_weight_and_bias(unet, tmp_path):
     models = micro_models()
     generator = torch.Generator().manual_seed(0)
-    linear, norm, clip_norm = unet.get_submodule(BIASED_LINEAR), unet.get_submodule(NORM), models.text_encoder.get_submodule("encoder.layers.0.layer_norm1")
+    linear, norm = unet.get_submodule(BIASED_LINEAR), unet.get_submodule(NORM)
+    clip_norm = models.text_encoder.get_submodule("encoder.layers.0.layer_norm1")
     before = [t.detach().clone() for t in (linear.weight, linear.bias, norm.weight, norm.bias, clip_norm.weight, clip_norm.bias)]
     diffs = [torch.randn(t.shape, generator=generator) for t in before]
     te = "lora_te_text_model_encoder_layers_0_layer_norm1"
@@ -296,7 +297,9 @@ BROKEN = {
         {f"{kohya(LINEAR)}.lokr_w1": torch.ones(4, 8), f"{kohya(LINEAR)}.lokr_w2": torch.ones(8, 4)},
         f"{kohya(LINEAR)}.lokr_w1", r"LoKr weights of shape \(32, 32\), which do not fit the weight \(32, 64\)",
     ),
-    "norm diff on a Linear": ({f"{kohya(LINEAR)}.w_norm": torch.ones(32)}, f"{kohya(LINEAR)}.w_norm", "norm diff, which adapts a GroupNorm or LayerNorm, not a Linear"),
+    "norm diff on a Linear": (
+        {f"{kohya(LINEAR)}.w_norm": torch.ones(32)}, f"{kohya(LINEAR)}.w_norm", "norm diff, which adapts a GroupNorm or LayerNorm, not a Linear",
+    ),
     "diff_b without a bias": (
         {f"{kohya(LINEAR)}.diff": torch.ones(32, 64), f"{kohya(LINEAR)}.diff_b": torch.ones(32)},
         f"{kohya(LINEAR)}.diff", r"bias difference of shape \(32,\), but the bias is None",
@@ -312,7 +315,10 @@ BROKEN = {
         {f"{kohya(CONV)}.diff": torch.ones(32, 32, 3, 3), f"{kohya(ORIGINAL_NAMES[CONV])}.diff": torch.ones(32, 32, 3, 3)},
         f"{kohya(CONV)}.diff", "adapts the same module as",
     ),
-    "GLoRA": ({f"{kohya(LINEAR)}.a1.weight": torch.ones(2, 64)}, f"{kohya(LINEAR)}.a1.weight", r"is a GLoRA weight \('a1.weight'\), a kind of adapter ldm does not apply"),
+    "GLoRA": (
+        {f"{kohya(LINEAR)}.a1.weight": torch.ones(2, 64)}, f"{kohya(LINEAR)}.a1.weight",
+        r"is a GLoRA weight \('a1.weight'\), a kind of adapter ldm does not apply",
+    ),
 }  # fmt: skip
 
 

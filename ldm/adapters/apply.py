@@ -127,7 +127,10 @@ class Adapters:
             loaded = ", ".join(repr(n) for n in self._loaded) or "none"
             raise InputError(f"no adapter named {name!r} is loaded (loaded: {loaded}); list them with lora_adapters()")
         if self._loaded[name].info.fused:
-            raise InputError(f"adapter {name!r} was fused into the weights, so ldm cannot {action} it; reload the model, or load adapters with fuse=False")
+            raise InputError(
+                f"adapter {name!r} was fused into the weights, so ldm cannot {action} it; "
+                f"reload the model, or load adapters with fuse=False"
+            )
         return self._loaded[name]
 
     def _free_name(self, stem: str) -> str:
@@ -210,7 +213,9 @@ def _check_fit(path: str | os.PathLike, found: ModuleUpdate, module: nn.Module) 
     if isinstance(found.update, Difference) and found.update.bias is not None:
         bias_shape = None if module.bias is None else tuple(module.bias.shape)
         if tuple(found.update.bias.shape) != bias_shape:
-            raise CheckpointError(f"{path}: key {found.key!r} has a bias difference of shape {tuple(found.update.bias.shape)}, but the bias is {bias_shape}")
+            raise CheckpointError(
+                f"{path}: key {found.key!r} has a bias difference of shape {tuple(found.update.bias.shape)}, but the bias is {bias_shape}"
+            )
     if found.magnitude is None:
         return None
     key, magnitude = found.magnitude
