@@ -8,7 +8,7 @@ and OpenVINO, and against its own FLOP floor.
 The model has random weights (``common.build_model``); beside it, built once in the same cache: a random
 LoRA file shaped like lcm-lora-sdv1-5 (rank 64 on every Linear and Conv2d of the U-Net: attention and
 feed-forward projections, ResNet convs and shortcuts, time embedding, proj_in/out, down- and upsamplers)
-in diffusers' peft layout, which both ``ldm.lora`` and diffusers' ``load_lora_weights`` read; and a random
+in diffusers' peft layout, which both ``ldm.adapters`` and diffusers' ``load_lora_weights`` read; and a random
 full-size TAESD (``diffusers.AutoencoderTiny()`` defaults, a folder).
 
 Each configuration runs in its own process (``common.run_worker``): load, one warm-up image, then

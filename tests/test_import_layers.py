@@ -1,6 +1,6 @@
 """ldm's layers, read from the source: no module imports a higher layer, and no module-level import cycle.
 
-    ldm (the package face) > ldm.cli > ldm.training, ldm.server > ldm.pipeline > ldm.loading, ldm.lora
+    ldm (the package face) > ldm.cli > ldm.training, ldm.server > ldm.pipeline > ldm.loading, ldm.adapters
     > ldm.speedups, ldm.guidance > ldm.models, ldm.schedulers, ldm.prompts, ldm.images, ldm.previews,
     ldm.settings, ldm.residency > ldm.kernels
     > ldm.io, ldm.cache, ldm.errors, ldm.random, ldm.checks, ldm.paging
@@ -24,7 +24,7 @@ LAYERS = [
     ("ldm.kernels",),
     ("ldm.models", "ldm.schedulers", "ldm.prompts", "ldm.images", "ldm.previews", "ldm.settings", "ldm.residency"),
     ("ldm.speedups", "ldm.guidance"),
-    ("ldm.loading", "ldm.lora"),
+    ("ldm.loading", "ldm.adapters"),
     ("ldm.pipeline",),
     ("ldm.training", "ldm.server"),  # applications of the pipeline: training renders its samples with it
     ("ldm.cli", "ldm.__main__"),

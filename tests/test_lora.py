@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from test_training_support import MICRO_UNET, micro_models, one_torch_thread  # noqa: F401 - one_torch_thread is an autouse fixture
 
 from ldm.errors import CheckpointError, InputError
-from ldm.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_adapters, apply_lora, parse_lora_argument, read_lora, save_lora
+from ldm.adapters import Adapters, parse_lora_argument, read_adapter
+from ldm.adapters.training import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_adapters, save_lora
 
 
 def trained_lora(unet, text_encoder=None, rank=2, alpha=4.0, seed=0):
@@ -55,7 +56,7 @@ def test_file_uses_kohya_names_with_alpha(lora_file):
     assert float(tensors[f"{key}.alpha"]) == 4.0
     assert "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_up.weight" in tensors
     assert "lora_te_text_model_encoder_layers_1_self_attn_out_proj.lora_down.weight" in tensors
-    weights = read_lora(path)
+    weights = read_adapter(path)
     assert len(weights) == len(tensors) // 3
     assert {part for part, _ in weights} == {"unet", "text_encoder"}
     with pytest.raises(FileExistsError):
@@ -68,11 +69,12 @@ def test_apply_reproduces_the_trained_model_and_fuse_matches(lora_file):
     plain = unet_output(base.unet)
     assert not torch.allclose(plain, reference, atol=1e-4)
     adapted = copy.deepcopy(base)
-    assert apply_lora(adapted.unet, adapted.text_encoder, path) == "lora0"
+    assert Adapters(adapted.unet, adapted.text_encoder).load(path) == "style"
     assert torch.allclose(unet_output(adapted.unet), reference, atol=1e-5)
-    assert not any(p.requires_grad for name, p in adapted.unet.named_parameters() if "lora_" in name)
+    assert set(adapted.unet.state_dict()) == set(base.unet.state_dict())  # weights are patched: no layers added
+    assert [p.requires_grad for p in adapted.unet.parameters()] == [p.requires_grad for p in base.unet.parameters()]
     fused = copy.deepcopy(base)
-    assert apply_lora(fused.unet, fused.text_encoder, path, fuse=True) is None
+    assert Adapters(fused.unet, fused.text_encoder).load(path, fuse=True) == "style"
     assert torch.allclose(unet_output(fused.unet), reference, atol=1e-5)
     assert set(fused.unet.state_dict()) == set(base.unet.state_dict())  # fusing adds no modules
     ids = base.tokenizer(["a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
@@ -85,16 +87,16 @@ def test_scale_is_linear_in_the_weight_update(lora_file):
     path, _ = lora_file
     base = micro_models()
     half, full = copy.deepcopy(base), copy.deepcopy(base)
-    apply_lora(half.unet, half.text_encoder, path, scale=0.5, fuse=True)
-    apply_lora(full.unet, full.text_encoder, path, scale=1.0, fuse=True)
+    Adapters(half.unet, half.text_encoder).load(path, scale=0.5, fuse=True)
+    Adapters(full.unet, full.text_encoder).load(path, scale=1.0, fuse=True)
     name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
     original = base.unet.state_dict()[name]
     assert torch.allclose(half.unet.state_dict()[name] - original, 0.5 * (full.unet.state_dict()[name] - original), atol=1e-6)
     zero = copy.deepcopy(base)
-    apply_lora(zero.unet, zero.text_encoder, path, scale=0.0)
+    Adapters(zero.unet, zero.text_encoder).load(path, scale=0.0)
     assert torch.allclose(unet_output(zero.unet), unet_output(base.unet), atol=1e-6)
     scaled = copy.deepcopy(base)
-    apply_lora(scaled.unet, scaled.text_encoder, path, scale=0.5)
+    Adapters(scaled.unet, scaled.text_encoder).load(path, scale=0.5)
     assert torch.allclose(unet_output(scaled.unet), unet_output(half.unet), atol=1e-5)
 
 
@@ -105,10 +107,10 @@ def test_two_files_stack(lora_file, tmp_path):
     other = save_lora(tmp_path / "other.safetensors", other_source.unet)
     base = micro_models()
     stacked, fused = copy.deepcopy(base), copy.deepcopy(base)
-    assert apply_lora(stacked.unet, stacked.text_encoder, path) == "lora0"
-    assert apply_lora(stacked.unet, stacked.text_encoder, other) == "lora1"
-    apply_lora(fused.unet, fused.text_encoder, path, fuse=True)
-    apply_lora(fused.unet, fused.text_encoder, other, fuse=True)
+    stack, fusing = Adapters(stacked.unet, stacked.text_encoder), Adapters(fused.unet, fused.text_encoder)
+    assert [stack.load(path), stack.load(other), stack.load(other)] == ["style", "other", "other_2"]
+    for file in (path, other, other):
+        fusing.load(file, fuse=True)
     assert torch.allclose(unet_output(stacked.unet), unet_output(fused.unet), atol=1e-5)
 
 
@@ -122,7 +124,7 @@ def test_diffusers_reads_our_file_and_agrees(tmp_path):
     trained = load_components(folder)
     trained_lora(trained.unet, rank=2, alpha=2.0)
     path = save_lora(tmp_path / "lora.safetensors", trained.unet)
-    apply_lora(ours.unet, ours.text_encoder, path)
+    Adapters(ours.unet, ours.text_encoder).load(path)
 
     from diffusers import StableDiffusionPipeline
 
@@ -142,17 +144,17 @@ def test_diffusers_reads_our_file_and_agrees(tmp_path):
 def test_bad_files_are_clear_errors(tmp_path):
     models = micro_models()
     with pytest.raises(InputError, match="does not exist"):
-        apply_lora(models.unet, models.text_encoder, tmp_path / "missing.safetensors")
+        Adapters(models.unet, models.text_encoder).load(tmp_path / "missing.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="cannot read LoRA file"):
-        apply_lora(models.unet, models.text_encoder, tmp_path / "junk.safetensors")
+        Adapters(models.unet, models.text_encoder).load(tmp_path / "junk.safetensors")
     save_file({"model.diffusion_model.weight": torch.zeros(2)}, str(tmp_path / "checkpoint.safetensors"))
     with pytest.raises(CheckpointError, match="neither kohya"):
-        apply_lora(models.unet, models.text_encoder, tmp_path / "checkpoint.safetensors")
+        Adapters(models.unet, models.text_encoder).load(tmp_path / "checkpoint.safetensors")
     save_file({"lora_unet_no_such_block_to_q.lora_down.weight": torch.zeros(2, 32),
                "lora_unet_no_such_block_to_q.lora_up.weight": torch.zeros(32, 2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(CheckpointError, match="does not exist in the unet"):
-        apply_lora(models.unet, models.text_encoder, tmp_path / "other.safetensors")
+        Adapters(models.unet, models.text_encoder).load(tmp_path / "other.safetensors")
     with pytest.raises(InputError, match="no trained LoRA adapter"):
         save_lora(tmp_path / "none.safetensors", models.unet)
 
@@ -295,12 +297,12 @@ def test_every_layer_fused_unfused_and_diffusers_agree_at_512px(tmp_path, monkey
     reference, unet, text_encoder = reference_pipeline()
     pairs = every_layer_pairs(unet, text_encoder)
     path = write_lora(tmp_path / "all.safetensors", pairs, "kohya", alpha=3.0)  # alpha/rank = 1.5
-    assert len(read_lora(path)) == len(pairs) == len(adaptable_modules(unet)) + 12
+    assert len(read_adapter(path)) == len(pairs) == len(adaptable_modules(unet)) + 12
     reference.load_lora_weights(str(path))
     unfused = (unet, text_encoder)
     fused = copy.deepcopy(unfused)
-    apply_lora(*unfused, path)
-    apply_lora(*fused, path, fuse=True)
+    Adapters(*unfused).load(path)
+    Adapters(*fused).load(path, fuse=True)
 
     ids = reference.tokenizer(["a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     latents = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -328,10 +330,10 @@ def test_kohya_and_peft_layouts_of_the_same_weights_agree(micro_by_family, tmp_p
     fused = {}
     for layout, path in (("kohya", kohya), ("peft", peft)):
         models = copy.deepcopy(base)
-        apply_lora(models["unet"], models["text_encoder"], path, fuse=True)
+        Adapters(models["unet"], models["text_encoder"]).load(path, fuse=True)
         fused[layout] = {part: model.state_dict() for part, model in models.items()}
         unfused = copy.deepcopy(base)
-        apply_lora(unfused["unet"], unfused["text_encoder"], path)
+        Adapters(unfused["unet"], unfused["text_encoder"]).load(path)
         for part in models:
             expected = part_output(models, part, tokenizer)
             assert torch.allclose(part_output(unfused, part, tokenizer), expected, atol=1e-5), (layout, part)
@@ -414,8 +416,8 @@ def test_a_lora_on_one_layer_changes_the_output_fused_or_not(kind, micro_by_fami
     for layout in ("kohya", "peft"):
         path = write_lora(tmp_path / f"{layout}.safetensors", {(part, name): pair}, layout)
         unfused, fused = copy.deepcopy(base), copy.deepcopy(base)
-        apply_lora(unfused["unet"], unfused["text_encoder"], path)
-        apply_lora(fused["unet"], fused["text_encoder"], path, fuse=True)
+        Adapters(unfused["unet"], unfused["text_encoder"]).load(path)
+        Adapters(fused["unet"], fused["text_encoder"]).load(path, fuse=True)
         after = part_output(unfused, part, tokenizer)
         assert (after - before).abs().max() > 1e-3, layout
         assert torch.allclose(after, part_output(fused, part, tokenizer), atol=1e-5), layout
@@ -453,7 +455,7 @@ BROKEN_FILES = {
     "infinite weight": (with_value(UP, float("-inf")), CheckpointError, "NaN or infinite", UP),
     "integer weight": ({**q_pair(), UP: torch.ones(32, 2, dtype=torch.int64)}, CheckpointError, "torch.int64 values", UP),
     "1-D weight": ({**q_pair(), DOWN: torch.ones(64)}, CheckpointError, "2-D or 4-D", DOWN),
-    "no up weight": ({DOWN: torch.ones(2, 32)}, CheckpointError, "no LoRA up weight", DOWN),
+    "no up weight": ({DOWN: torch.ones(2, 32)}, CheckpointError, "has no 'lora_up.weight' beside it, which LoRA needs", DOWN),
     "module does not exist": (
         {f"{MISSING}.lora_down.weight": torch.ones(2, 32), f"{MISSING}.lora_up.weight": torch.ones(32, 2)},
         CheckpointError, "does not exist in the unet", f"{MISSING}.lora_down.weight",
@@ -462,11 +464,13 @@ BROKEN_FILES = {
     "out features do not fit": (q_pair(up=(48, 2)), CheckpointError, "do not fit the weight", DOWN),
     "3x3 LoRA on a Linear": (q_pair(down=(2, 32, 3, 3), up=(32, 2, 1, 1)), CheckpointError, "do not fit the weight", DOWN),
     "one module twice": ({**q_pair(), PEFT_Q: torch.ones(2, 32)}, CheckpointError, "adapts the same module as", PEFT_Q),
-    "LoHa key": ({**q_pair(), f"{Q}.hada_w1_a": torch.ones(2, 32)}, CheckpointError, "not a LoRA down or up weight", f"{Q}.hada_w1_a"),
-    "peft key of another kind": (
-        {"unet.conv_in.lora_magnitude_vector": torch.ones(32)},
-        CheckpointError, "not a LoRA down or up weight", "unet.conv_in.lora_magnitude_vector",
+    "LoHa beside LoRA": ({**q_pair(), f"{Q}.hada_w1_a": torch.ones(2, 32)}, CheckpointError, "is a LoHa tensor beside LoRA tensors", f"{Q}.hada_w1_a"),
+    "DoRA magnitude alone": (
+        {"unet.conv_out.lora_magnitude_vector": torch.ones(4)},
+        CheckpointError, r"has no adapter weights beside it \(only alpha or DoRA\)", "unet.conv_out.lora_magnitude_vector",
     ),
+    "kind ldm does not know": ({**q_pair(), f"{Q}.oft_blocks": torch.ones(2, 32)}, CheckpointError, "is a OFT weight", f"{Q}.oft_blocks"),
+    "tensor name ldm does not know": ({f"{Q}.lora_side.weight": torch.ones(2, 32)}, CheckpointError, "holds tensor 'lora_side.weight', a kind of adapter weight ldm does not know", f"{Q}.lora_side.weight"),
     "not a LoRA": ({"model.diffusion_model.out.2.weight": torch.ones(2)}, CheckpointError, "neither kohya", "model.diffusion_model.out.2.weight"),
 }  # fmt: skip
 
@@ -486,7 +490,7 @@ def test_broken_files_are_one_line_errors_and_change_nothing(case, micro_unet_an
     before = {name: value.clone() for name, value in unet.state_dict().items()}
     for fuse in (False, True):
         with pytest.raises(error, match=message) as raised:
-            apply_lora(unet, text_encoder, path, fuse=fuse)
+            Adapters(unet, text_encoder).load(path, fuse=fuse)
         text = str(raised.value)
         assert "\n" not in text and str(path) in text and repr(key) in text
     # GOOD's valid module was neither fused nor wrapped: the file was refused as a whole.
@@ -498,9 +502,9 @@ def test_empty_file_and_folder_are_named_as_such(micro_unet_and_clip, tmp_path):
     unet, text_encoder = micro_unet_and_clip
     save_file({}, str(tmp_path / "empty.safetensors"))
     with pytest.raises(CheckpointError, match=r"empty.safetensors holds no tensors; it is empty$"):
-        apply_lora(unet, text_encoder, tmp_path / "empty.safetensors")
+        Adapters(unet, text_encoder).load(tmp_path / "empty.safetensors")
     with pytest.raises(InputError, match="is a folder, not a LoRA file"):
-        apply_lora(unet, text_encoder, tmp_path)
+        Adapters(unet, text_encoder).load(tmp_path)
 
 
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), float("-inf")])
@@ -511,7 +515,7 @@ def test_a_scale_that_is_not_finite_is_refused(scale, micro_unet_and_clip, lora_
     unet, text_encoder = micro_unet_and_clip
     for fuse in (False, True):
         with pytest.raises(InputError, match=f"the LoRA scale for .* must be a finite number, got {scale}"):
-            apply_lora(unet, text_encoder, path, scale=scale, fuse=fuse)
+            Adapters(unet, text_encoder).load(path, scale=scale, fuse=fuse)
     models = micro_models()
     pipe = Pipeline(models.unet, models.vae, models.text_encoder, models.tokenizer, models.scheduler_config)
     with pytest.raises(InputError, match="must be a finite number"):
@@ -519,4 +523,4 @@ def test_a_scale_that_is_not_finite_is_refused(scale, micro_unet_and_clip, lora_
     with pytest.raises(InputError, match="must be a finite number"):
         parse_lora_argument(f"style.safetensors:{scale}")
     with pytest.raises(InputError, match="must be a number, got '0.8'"):
-        apply_lora(unet, text_encoder, path, scale="0.8")
+        Adapters(unet, text_encoder).load(path, scale="0.8")

@@ -15,7 +15,7 @@ from test_lora import adaptable_modules, every_layer_pairs, kohya_key
 from test_training_support import micro_models, one_torch_thread  # noqa: F401 - one_torch_thread is an autouse fixture
 
 from ldm.errors import CheckpointError
-from ldm.lora import apply_lora
+from ldm.adapters import Adapters
 
 # diffusers 0.1x attention processors: the projection's processor name, per network.
 PROCESSOR_NAMES = {
@@ -95,7 +95,7 @@ def test_every_layout_fuses_to_the_same_weights(tmp_path):
     fused = {}
     for number, layout in enumerate(LAYOUTS):
         copies = copy.deepcopy(models)
-        apply_lora(copies["unet"], copies["text_encoder"], write_layout(tmp_path / f"{number}.safetensors", pairs, layout), fuse=True)
+        Adapters(copies["unet"], copies["text_encoder"]).load(write_layout(tmp_path / f"{number}.safetensors", pairs, layout), fuse=True)
         fused[layout] = {part: model.state_dict() for part, model in copies.items()}
     for part, model in models.items():
         original = model.state_dict()
@@ -142,11 +142,12 @@ Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"  # an attention of t
 # name: (the key, with a valid module beside it, and what the error says)
 UNPLACEABLE = {
     "no such module": ("unet.no_such_block.lora.down.weight", "does not exist in the unet"),
-    "no such processor": (f"unet.{Q}.processor.to_x_lora.down.weight", "is of a kind ldm does not know"),
-    "alpha in a diffusers layout": (f"unet.{Q}.to_q.alpha", "is of a kind ldm does not know"),
+    "no such processor": (f"unet.{Q}.processor.to_x_lora.down.weight", "has ending 'down.weight', a kind of adapter weight ldm does not know"),
+    "alpha in a diffusers layout": (f"unet.{Q}.to_q.alpha", "is an alpha in a diffusers/peft layout, which diffusers does not read"),
     "processor key without a prefix": (f"{Q}.processor.to_q_lora.down.weight", "neither kohya"),
-    "LoHa": (f"unet.{Q}.to_q.hada_w1_a", "is a LoHa weight, not a LoRA down or up weight"),
-    "DoRA": ("lora_unet_conv_in.dora_scale", "is a DoRA weight"),
+    "LoHa beside LoRA": (f"unet.{Q}.to_q.hada_w1_a", "is a LoHa tensor beside LoRA tensors; a module takes one kind of adapter"),
+    "DoRA without an update": ("lora_unet_conv_in.dora_scale", "has no adapter weights beside it"),
+    "OFT": ("lora_unet_conv_in.oft_blocks", "is a OFT weight"),
     "SDXL's second text encoder": ("lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", "neither kohya"),
 }
 
@@ -164,7 +165,7 @@ def test_an_unplaceable_key_is_a_one_line_error_naming_it(case, tmp_path):
     before = {name: value.clone() for name, value in models.unet.state_dict().items()}
     for fuse in (False, True):
         with pytest.raises(CheckpointError, match=message) as raised:
-            apply_lora(models.unet, models.text_encoder, path, fuse=fuse)
+            Adapters(models.unet, models.text_encoder).load(path, fuse=fuse)
         text = str(raised.value)
         assert "\n" not in text and str(path) in text and repr(key) in text
     assert all(torch.equal(value, before[name]) for name, value in models.unet.state_dict().items())

@@ -23,7 +23,7 @@ import pytest
 import torch
 from test_training_support import MICRO_UNET, colour_folder, micro_models, one_torch_thread, save_micro_model  # noqa: F401 - autouse fixture
 
-from ldm.lora import UNET_TARGETS, add_adapters
+from ldm.adapters.training import UNET_TARGETS, add_adapters
 from ldm.models import UNet
 from ldm.training.distributed import gather_optimizer_state, load_optimizer_state, materialize, meta_skeleton, trainable_parameters
 

@@ -224,7 +224,7 @@ def result_writer(result, components, config: TrainConfig, name: str):
     """``save(path)``: the trained LoRA adapters or the whole model (diffusers folder, recording ``name``),
     written atomically."""
     from ldm.loading import save_diffusers
-    from ldm.lora import save_lora
+    from ldm.adapters.training import save_lora
 
     if config.lora:
         return lambda path: save_lora(path, result.unet, result.text_encoder if config.train_text_encoder else None)

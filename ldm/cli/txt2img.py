@@ -303,7 +303,7 @@ def read_prompts(path: Path) -> list[str]:
 
 
 def lora_argument(text: str) -> tuple[Path, float]:
-    from ldm.lora import parse_lora_argument
+    from ldm.adapters import parse_lora_argument
 
     path, scale = parse_lora_argument(text)
     if path.is_dir():

@@ -22,7 +22,7 @@ import warnings
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ from ldm.pipeline.stages import Generators, OutputType, StepCallback
 from ldm.residency import Residency, check_loaded
 from ldm.schedulers import Scheduler, SchedulerConfig
 from ldm.settings import DEFAULT_SCHEDULER, DEFAULTS, GenerationDefaults, GenerationSettings, ResolvedSettings, TimestepSpacing
+
+if TYPE_CHECKING:
+    from ldm.adapters import AdapterInfo, Adapters
 
 
 @dataclass
@@ -87,7 +90,8 @@ class Pipeline:
         self.name = "model"  # shown as "Model" in image metadata; from_pretrained sets the folder / file stem
         self.source: Path | None = None  # the model's file or folder (from_pretrained)
         self.defaults = GenerationDefaults()  # from_pretrained reads the model's own, if it has any
-        self.adapters: list[tuple[str, float]] = []  # (name, scale) of each LoRA loaded, in order
+        self.adapters: list[tuple[str, float]] = []  # (name, scale) of each adapter loaded, in order: image metadata
+        self._adapters: Adapters | None = None  # made by the first load_lora
         self.vae_name: str | None = None  # the VAE file or folder that replaced the model's (load_vae)
         param = next(unet.parameters())
         # The set-up the networks are in, then the default one applied: the memory format and fast paths
@@ -160,12 +164,44 @@ class Pipeline:
         """Keep the networks on the CPU and move each to ``device`` only while it runs (diffusers' name for it)."""
         self.configure(device=device, cpu_offload=True)
 
-    def load_lora(self, path: str | Path, scale: float = 1.0, fuse: bool = False) -> None:
-        """Apply a LoRA file to the U-Net and text encoder (see ``ldm.lora``); named in image metadata."""
-        from ldm.lora import apply_lora
+    # --- adapters (ldm.adapters) ------------------------------------------------------------------
 
-        apply_lora(self.unet, self.text_encoder, path, scale=scale, fuse=fuse)
-        self.adapters.append((Path(path).stem, scale))
+    def load_lora(self, path: str | Path, scale: float = 1.0, fuse: bool = False, name: str | None = None) -> str:
+        """Apply a LoRA, LoCon, LoHa, LoKr, diff or DoRA file to the U-Net and text encoder; returns its name
+        (``name``, else the file stem made unique), by which it is rescaled or dropped and named in image
+        metadata. ``fuse=True`` merges it into the weights for good (``ldm txt2img --lora`` does)."""
+        name = self._adapter_stack().load(path, scale=scale, fuse=fuse, name=name)
+        self._sync_adapters()
+        return name
+
+    def lora_adapters(self) -> list[AdapterInfo]:
+        """The loaded adapters in load order: name, path, scale, kinds, modules changed, fused."""
+        return self._adapter_stack().list()
+
+    def set_adapter_scale(self, name: str, scale: float) -> None:
+        """Change the strength of a loaded (not fused) adapter without reloading anything."""
+        self._adapter_stack().set_scale(name, scale)
+        self._sync_adapters()
+
+    def delete_adapters(self, names: str | list[str]) -> None:
+        """Drop loaded (not fused) adapters; the weights they changed return to what they were (diffusers' name)."""
+        for name in [names] if isinstance(names, str) else names:
+            self._adapter_stack().delete(name)
+        self._sync_adapters()
+
+    def unload_lora_weights(self) -> None:
+        """Drop every adapter that is not fused (diffusers' name); fused ones are part of the weights and stay."""
+        self.delete_adapters([info.name for info in self.lora_adapters() if not info.fused])
+
+    def _adapter_stack(self) -> Adapters:
+        from ldm.adapters import Adapters
+
+        if self._adapters is None:
+            self._adapters = Adapters(self.unet, self.text_encoder)
+        return self._adapters
+
+    def _sync_adapters(self) -> None:
+        self.adapters = [(info.name, info.scale) for info in self.lora_adapters()]
 
     def load_vae(self, path: str | Path) -> None:
         """Replace the VAE with a VAE file or folder: a KL-VAE (original single file or diffusers folder) or

@@ -14,7 +14,7 @@ unless ``config.train_text_encoder``; with ``config.lora_rank`` it trains peft L
 attention projections only. Checkpoints are written every 500 steps and at the last one by default;
 Ctrl-C saves one and raises ``TrainingInterrupted``. It returns ``TrainResult(unet, text_encoder,
 step, last_loss, is_main_process, checkpoint)``; saving is the caller's job (``ldm.loading.save_diffusers``,
-``ldm.lora.save_lora``; ``results.save_result`` keeps it in the run's last checkpoint as ``ldm finetune`` does).
+``ldm.adapters.training.save_lora``; ``results.save_result`` keeps it in the run's last checkpoint as ``ldm finetune`` does).
 Run it under ``accelerate launch`` for several GPUs or machines (DDP, or FSDP2 sharding); nothing
 else changes.
 

@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ldm.errors import ConfigError
-from ldm.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_adapters
+from ldm.adapters.training import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_adapters
 from ldm.random import randn
 from ldm.schedulers import SCHEDULERS, NoiseProcess, SchedulerConfig
 from ldm.settings import GenerationDefaults
@@ -158,7 +158,7 @@ def train(
     raises ``TrainingInterrupted`` (a ``KeyboardInterrupt``) naming it.
     ``resume`` is ``"latest"`` or a checkpoint folder. The models are modified in place (trained,
     LoRA-injected); the result holds the unwrapped, final ones. Saving them in a model format is the
-    caller's job (``ldm.loading.save_diffusers``, ``ldm.lora.save_lora``). accelerate keeps one state
+    caller's job (``ldm.loading.save_diffusers``, ``ldm.adapters.training.save_lora``). accelerate keeps one state
     per process: later calls in the same process must use the same ``mixed_precision``.
     """
     run = set_up(models, dataset, config, Path(output_dir), accelerator or make_accelerator(config), resume)

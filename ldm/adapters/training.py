@@ -1,0 +1,71 @@
+"""Training LoRA adapters with peft (Hu et al. 2021) and saving them as a kohya file.
+
+Training injects peft ``LoraLayer``s on the attention projections (U-Net ``to_q``, ``to_k``, ``to_v``,
+``to_out.0``; CLIP ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``). The file is written in kohya's
+``.safetensors`` layout, which diffusers' ``load_lora_weights``, AUTOMATIC1111, ComfyUI and
+``ldm.adapters`` read; our module names are diffusers', so a key is the module path with ``_`` for ``.``::
+
+    lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight  (rank, in)
+    lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight    (out, rank)
+    lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha             ()
+    lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight                  ...
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from ldm.adapters.keys import flat_name
+from ldm.errors import InputError
+from ldm.io import atomic_write
+from ldm.loading.writers import write_safetensors
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+TRAINING_ADAPTER = "ldm"
+
+
+def add_adapters(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: float) -> nn.Module:
+    """Inject trainable LoRA layers on ``targets`` of ``model`` (in place); every other weight is frozen.
+
+    ``up`` starts at zero, so the adapted model equals the base model before the first step.
+    """
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, init_lora_weights=True)
+    model = inject_adapter_in_model(config, model, adapter_name=TRAINING_ADAPTER)
+    model.requires_grad_(False)
+    for name, parameter in model.named_parameters():
+        if f".{TRAINING_ADAPTER}." in name and ("lora_A" in name or "lora_B" in name):
+            parameter.requires_grad_(True)
+    return model
+
+
+def adapter_state(models: dict[str, nn.Module | None], adapter: str = TRAINING_ADAPTER) -> dict[str, torch.Tensor]:
+    """The kohya-named tensors of ``adapter`` in ``{"unet": unet, "text_encoder": text_encoder}``."""
+    state: dict[str, torch.Tensor] = {}
+    for part, model in models.items():
+        if model is None:
+            continue
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer) and adapter in module.lora_A:
+                key = PREFIXES[part] + flat_name(part, name)
+                state[f"{key}.lora_down.weight"] = module.lora_A[adapter].weight.detach().float().cpu().contiguous()
+                state[f"{key}.lora_up.weight"] = module.lora_B[adapter].weight.detach().float().cpu().contiguous()
+                state[f"{key}.alpha"] = torch.tensor(float(module.lora_alpha[adapter]))
+    return state
+
+
+def save_lora(path: str | os.PathLike, unet: nn.Module, text_encoder: nn.Module | None = None) -> Path:
+    """Write the trained adapters of ``unet`` (and ``text_encoder``) as a kohya ``.safetensors`` file, atomically."""
+    state = adapter_state({"unet": unet, "text_encoder": text_encoder})
+    if not state:
+        raise InputError("the model holds no trained LoRA adapter to save; train with --lora-rank first")
+    metadata = {"format": "pt", "ldm_lora_format": "kohya"}
+    # Written in a fixed order (safetensors' own writer orders the metadata differently per process).
+    return atomic_write(path, lambda tmp: write_safetensors(Path(tmp), state, metadata))
