@@ -1,6 +1,6 @@
 """The server measured (issue 21): its overhead per image, a loopback load test and a soak.
 
-    python benchmarks/serve.py                          # all three parts on the default model (~10 min on 2 cores)
+    python benchmarks/serve.py                          # all three parts on the default model (4 to 15 min on 2 shared cores)
     python benchmarks/serve.py --quick                  # a smoke run: fewer repeats, clients and generations
     python benchmarks/serve.py --parts overhead,load    # some parts; the others keep their last results
     python benchmarks/serve.py --lora-dir DIR --lora NAME   # the soak's LoRA (default: a random one it writes)
@@ -70,7 +70,7 @@ LOAD_KINDS = ("txt2img", "progress", "img2img", "txt2img", "img2img", "progress"
 LOAD_SAMPLERS = ("DPM++ 2M", "Euler a", "Euler")
 # Small enough that 200 generations take minutes on 2 shared cores; the model's own size is 64x64.
 SOAK_SIZES = ((64, 64), (48, 48), (80, 80), (64, 80), (80, 64), (48, 80), (48, 64))
-SOAK_STEPS = (4, 5, 6)
+SOAK_STEPS = (3, 4, 5)
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 SHAPES = ("circle", "square", "triangle", "diamond")
 CACHE = common.CACHE_DIR / "serve"
@@ -87,7 +87,7 @@ class Plan:
     generations: int  # soak: generations in one server process
 
 
-FULL = Plan(overhead_rounds=15, clients=8, requests=10, load_steps=8, generations=200)
+FULL = Plan(overhead_rounds=15, clients=8, requests=10, load_steps=4, generations=200)
 QUICK = Plan(overhead_rounds=2, clients=4, requests=3, load_steps=4, generations=30)
 
 
