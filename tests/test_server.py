@@ -445,3 +445,27 @@ def decode_png_bytes(data: bytes) -> str:
 def test_unknown_job_is_404(http):
     assert http.get("/ldm/v1/jobs/feedbeef").status_code == 404
     assert http.get("/ldm/v1/jobs/feedbeef/events").status_code == 404
+
+
+def test_a_job_wakes_its_waiters_when_it_finishes_and_late_waiters_at_once():
+    """A1111's txt2img waits for its job without polling: the worker wakes it (ldm.server.a1111.finished)."""
+    import asyncio
+
+    from ldm.server.a1111 import finished
+    from ldm.server.jobs import Job
+
+    job = Job(request=None)
+    calls: list[str] = []
+    job.when_finished(lambda: calls.append("early"))
+    assert calls == []
+
+    async def wait_then_finish() -> float:
+        loop = asyncio.get_running_loop()
+        threading.Timer(0.05, job.mark_finished).start()  # the worker's thread finishes the job
+        start = loop.time()
+        await asyncio.wait_for(finished(job), timeout=5)
+        return loop.time() - start
+
+    assert 0.04 <= asyncio.run(wait_then_finish()) < 2 and job.done.is_set() and calls == ["early"]
+    job.when_finished(lambda: calls.append("late"))
+    assert calls == ["early", "late"]

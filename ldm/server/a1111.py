@@ -23,7 +23,6 @@ from ldm.server.names import SCHEDULE_TYPES, samplers
 from ldm.server.service import Server
 from ldm.server.translate import info_json, job_request, open_base64_image, png_base64, png_bytes, png_info
 
-WAIT_POLL_SECONDS = 0.02  # how often a waiting txt2img / img2img looks whether its job is done
 VAE_CHOICES = ("Automatic", "None")  # the model's own VAE; ldm loads no separate VAE files yet
 
 
@@ -78,8 +77,7 @@ class A1111Api:
         can_save = server.config.outputs is not None
         request = await run_in_threadpool(job_request, body, server.config.limits, server.defaults(), img2img, can_save)
         job = server.queue.submit(request)
-        while not job.done.is_set():
-            await asyncio.sleep(WAIT_POLL_SECONDS)
+        await finished(job)
         if job.state == "failed":
             raise job.error if isinstance(job.error, LdmError) else JobCrashed(job)
         return await run_in_threadpool(self._answer, job, body, img2img)
@@ -229,3 +227,18 @@ def cuda_memory() -> dict[str, Any]:
         "active": {"current": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated()},
         "reserved": {"current": torch.cuda.memory_reserved(), "peak": torch.cuda.max_memory_reserved()},
     }
+
+
+async def finished(job: Job) -> None:
+    """Until ``job`` has finished: woken by the worker's thread when it does, no polling."""
+    loop = asyncio.get_running_loop()
+    end = loop.create_future()
+
+    def wake() -> None:
+        try:
+            loop.call_soon_threadsafe(lambda: end.done() or end.set_result(None))
+        except RuntimeError:  # the server's loop has closed (shutting down): nobody waits any more
+            pass
+
+    job.when_finished(wake)
+    await end

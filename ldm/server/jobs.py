@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -75,6 +76,24 @@ class Job:
     cancelled: bool = False  # stop and keep nothing
     version: int = 0  # bumped on every change (server-sent events send each)
     done: threading.Event = field(default_factory=threading.Event)
+    _waiters: list[Callable[[], None]] = field(default_factory=list)  # called once, when the job finishes
+    _waiters_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def when_finished(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (from the worker's thread) when the job finishes; at once if it has."""
+        with self._waiters_lock:
+            if not self.done.is_set():
+                self._waiters.append(callback)
+                return
+        callback()
+
+    def mark_finished(self) -> None:
+        """Set ``done`` and call the waiters (the worker, once the job's state is final)."""
+        with self._waiters_lock:
+            self.done.set()
+            waiters, self._waiters = self._waiters, []
+        for callback in waiters:
+            callback()
 
     @property
     def stop_requested(self) -> bool:
@@ -237,4 +256,4 @@ class JobQueue:
         self._finished[job.id] = job
         while len(self._finished) > self.history:
             self._finished.popitem(last=False)
-        job.done.set()
+        job.mark_finished()
