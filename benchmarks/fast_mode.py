@@ -33,6 +33,8 @@ flags are in the JSON (``cpu``), since the bf16 speed depends on them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import sys
 import time
@@ -266,6 +268,8 @@ def write_fused_folder(paths: dict[str, Path]) -> None:
 
 
 def main(argv: list[str]) -> dict[str, Any]:
+    from ldm.kernels.choice import kernel_choice
+
     spec = common.spec_from_argv(argv)
     paths = build_assets(spec)
     base = {key: str(value) for key, value in paths.items()} | {"size": spec.image_size, "repeats": spec.repeats}
@@ -321,6 +325,12 @@ def main(argv: list[str]) -> dict[str, Any]:
             "psnr_db": psnr(images["ldm-fast-fp32"], images["diffusers-fast-fp32"]),
         },
         "agreement_bf16_psnr_db": psnr(images["ldm-fast-bf16"], images["diffusers-fast-bf16"]),
+        "bf16_against_fp32": {  # what bf16 costs in fidelity: ldm's fast image, same seed, bf16 against fp32
+            "max_abs_diff": float(np.abs(images["ldm-fast-bf16"] - images["ldm-fast-fp32"]).max()),
+            "psnr_db": psnr(images["ldm-fast-bf16"], images["ldm-fast-fp32"]),
+        },
+        "kernels": {dtype: dataclasses.asdict(kernel_choice(torch.device("cpu"), getattr(torch, dtype)))
+                    for dtype in ("float32", "bfloat16")},  # fmt: skip
     }
     openvino = runs.get("openvino-fast-bf16")
     if openvino and "median_s" in openvino:
@@ -352,6 +362,9 @@ def report(spec: common.ModelSpec, payload: dict[str, Any], path: Path) -> None:
     agree = payload["agreement_fp32"]
     print(f"  ldm vs diffusers, fast fp32: max |diff| {agree['max_abs_diff']:.2e}, PSNR {agree['psnr_db']:.1f} dB; "
           f"bf16 PSNR {payload['agreement_bf16_psnr_db']:.1f} dB -> {path}")  # fmt: skip
+    own = payload["bf16_against_fp32"]
+    print(f"  ldm fast bf16 against fp32, same seed: max |diff| {own['max_abs_diff']:.3f}, PSNR {own['psnr_db']:.1f} dB; "
+          f"kernels {payload['kernels']}")  # fmt: skip
 
 
 if __name__ == "__main__":
