@@ -21,9 +21,9 @@ from typing import Any, Literal, get_args
 from PIL import Image
 
 from ldm import checks
-from ldm.errors import SettingError
+from ldm.errors import SettingError, placeholder_text
 from ldm.images import GenerationParameters, init_image_size, read_image, to_rgb
-from ldm.prompts import check_prompt
+from ldm.prompts import NETWORK_TAG, LoraTag, check_prompt, split_lora_tags
 
 # Our scheduler names, and each as AUTOMATIC1111 writes it in "Sampler:", so other tools recognise
 # it. dpm-solver (the noise-prediction multistep solver) has no A1111 counterpart and keeps a plain
@@ -132,9 +132,28 @@ class GenerationSettings:
         if not self.prompt:
             raise SettingError("the {prompt} list is empty; give at least one prompt")
         for text in self.prompt:
-            check_prompt(text, "prompt")
+            check_prompt(split_lora_tags(text, "prompt")[0], "prompt")
         for text in self.negative_prompt:
             check_prompt(text, "negative_prompt")
+            if NETWORK_TAG.search(text):
+                # A1111 applies the tags of the prompt only, and encodes these as words.
+                raise SettingError(
+                    f"{{negative_prompt}} has {placeholder_text(NETWORK_TAG.search(text).group(0))}, but LoRA tags act "
+                    "only in {prompt}; move it there (a negative weight subtracts a LoRA)"
+                )
+
+    def lora_tags(self) -> tuple[LoraTag, ...]:
+        """The LoRA tags of the prompts (docs/prompts.md), which every prompt of a call must share:
+        one call runs one set of weights."""
+        tags = [split_lora_tags(text)[1] for text in self.prompt]
+        for text, other in zip(self.prompt[1:], tags[1:]):
+            if _chosen(other) != _chosen(tags[0]):
+                raise SettingError(
+                    f"the prompts of one call name different LoRAs ({placeholder_text(_tags_shown(tags[0]))} vs "
+                    f"{placeholder_text(_tags_shown(other))} in {placeholder_text(repr(text))}); one call runs one set of "
+                    "weights: give every {prompt} the same tags, or make them in separate calls"
+                )
+        return tags[0]
 
     def _check_numbers(self) -> None:
         if self.num_inference_steps is not None:
@@ -258,6 +277,14 @@ class GenerationSettings:
                 "to run; raise either"
             )
         return filled
+
+
+def _chosen(tags: tuple[LoraTag, ...]) -> set[tuple[str, float, float]]:
+    return {(tag.name, tag.text_encoder, tag.unet) for tag in tags}
+
+
+def _tags_shown(tags: tuple[LoraTag, ...]) -> str:
+    return " ".join(tag.text for tag in tags) or "none"
 
 
 # Each field's default, written once above: the CLI's flags and Pipeline.__call__'s keywords use these.
