@@ -300,9 +300,10 @@ class ResolvedSettings:
     sampler: str  # as image metadata names it: A1111's name, or the scheduler object's class
     model: str  # the model folder's or file's name
     model_hash: str | None = None  # A1111's short hash of a single-file model (None for a folder)
-    adapters: tuple[tuple[str, float], ...] = ()  # (LoRA name, scale), in load order
+    adapters: tuple[tuple[str, float], ...] = ()  # (LoRA name, scale) of those loaded by name, in load order
     version: str = ""  # ldm's version
     vae: str | None = None  # the VAE file or folder that replaced the model's own (None: the model's)
+    lora_hashes: tuple[tuple[str, str], ...] = ()  # (name, A1111 hash) of each LoRA the prompt's tags apply
 
     def prompts(self) -> list[tuple[str, str]]:
         """(prompt, negative prompt) of each image, in image order."""
@@ -354,6 +355,8 @@ class ResolvedSettings:
             extra["VAE"] = self.vae
         if self.adapters:
             extra["Lora"] = ", ".join(f"{name}: {scale:g}" for name, scale in self.adapters)
+        if self.lora_hashes:  # the tags themselves stay in the prompt, as A1111 keeps them
+            extra["Lora hashes"] = ", ".join(f"{name}: {digest}" for name, digest in self.lora_hashes)
         if self.version:
             extra["Version"] = f"ldm {self.version}"
         return extra
