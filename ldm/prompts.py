@@ -21,6 +21,11 @@ overall magnitude the U-Net sees. Our choice: the mean is taken per prompt and
 per chunk (A1111 takes it over the whole batch), so an image never depends on
 which other prompts share its batch.
 
+LoRA tags (AUTOMATIC1111's "extra networks" syntax, ``modules/extra_networks.py``) name adapter files
+to apply for the call: ``<lora:NAME>``, ``<lora:NAME:TE>``, ``<lora:NAME:TE:UNET>`` or the named forms
+``te=``/``unet=`` (``<lyco:...>`` is the same). ``split_lora_tags`` takes them out of the text that is
+encoded (each tag is replaced by nothing, as A1111 does) and returns them; the pipeline applies them.
+
 A weight that is not finite, or beyond ``MAX_WEIGHT`` (``(word:1e309)``, thousands of nested
 brackets), would turn the embedding into infinities and the image into NaN after every step has run;
 ``parse_prompt`` refuses it at once and names the words it weighs. Brackets nest at most
@@ -29,6 +34,7 @@ brackets), would turn the embedding into infinities and the image into NaN after
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -143,6 +149,83 @@ def check_prompt(text: str, name: str = "prompt") -> None:
         parse_prompt(text)
     except InputError as error:
         raise SettingError(f"{{{name}}}: {placeholder_text(str(error))}") from None
+
+
+# --- LoRA tags ----------------------------------------------------------------------------------
+
+# A1111's pattern for an extra network: <kind:arguments>, the arguments split at ":".
+NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
+LORA_KINDS = ("lora", "lyco")  # lyco: the LyCORIS extension's kind, which A1111 reads as lora
+
+
+@dataclass(frozen=True)
+class LoraTag:
+    """One ``<lora:NAME:TE:UNET>`` of a prompt: the file's name and the scale of each network."""
+
+    name: str  # a file stem in the LoRA folder
+    text_encoder: float  # TE: scales the adapter's text-encoder modules (default 1)
+    unet: float  # UNET: scales its U-Net modules (default: TE)
+    text: str  # the tag as written
+
+
+def split_lora_tags(text: str, name: str = "prompt") -> tuple[str, tuple[LoraTag, ...]]:
+    """``text`` with its LoRA tags removed (what is encoded), and the tags in order.
+
+    A tag of another kind (``<hypernet:x:1>``), a malformed multiplier or one LoRA named twice is a
+    ``SettingError`` naming ``{name}`` and the tag: ldm never encodes such a tag as words, nor drops it.
+    """
+    tags: list[LoraTag] = []
+
+    def take(match: re.Match) -> str:
+        tags.append(_lora_tag(match, name))
+        return ""
+
+    remaining = NETWORK_TAG.sub(take, text)
+    seen: set[str] = set()
+    for tag in tags:
+        if tag.name in seen:
+            raise SettingError(f"{{{name}}} names LoRA {placeholder_text(repr(tag.name))} twice; give each LoRA once")
+        seen.add(tag.name)
+    return remaining, tuple(tags)
+
+
+def _lora_tag(match: re.Match, field: str) -> LoraTag:
+    """A1111's reading of ``<lora:...>``: arguments with ``=`` are named, the others positional."""
+    written = placeholder_text(match.group(0))
+    if match.group(1) not in LORA_KINDS:
+        raise SettingError(
+            f"{{{field}}} has {written}, an extra network of kind {placeholder_text(repr(match.group(1)))} that ldm "
+            f"does not apply; only LoRA tags (<lora:NAME:WEIGHT>) are read, remove it"
+        )
+    positional, named = [], {}
+    for item in match.group(2).split(":"):
+        parts = item.split("=")
+        if len(parts) == 2:
+            named[parts[0].strip()] = parts[1]
+        else:
+            positional.append(item)
+    unknown = sorted(set(named) - {"te", "unet"})
+    if unknown or len(positional) > 3:
+        what = f"the argument {unknown[0]}=" if unknown else "a fourth argument (A1111's dyn)"
+        raise SettingError(f"{{{field}}}: {written} has {what}, which ldm does not take; write <lora:NAME:TE:UNET>")
+    name = positional[0].strip() if positional else ""
+    if not name:
+        raise SettingError(f"{{{field}}}: {written} names no LoRA; write <lora:NAME:WEIGHT>")
+    text_encoder = _multiplier(named.get("te", positional[1] if len(positional) > 1 else "1"), written, field)
+    unet = _multiplier(named.get("unet", positional[2] if len(positional) > 2 else None), written, field)
+    return LoraTag(name, text_encoder, text_encoder if unet is None else unet, match.group(0))
+
+
+def _multiplier(text: str | None, written: str, field: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise SettingError(f"{{{field}}}: {written} has the weight {placeholder_text(repr(text))}, which is not a number") from None
+    if not math.isfinite(value):
+        raise SettingError(f"{{{field}}}: {written} has the weight {placeholder_text(repr(text))}; give a finite number")
+    return value
 
 
 @dataclass

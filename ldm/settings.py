@@ -21,9 +21,9 @@ from typing import Any, Literal, get_args
 from PIL import Image
 
 from ldm import checks
-from ldm.errors import SettingError
+from ldm.errors import SettingError, placeholder_text
 from ldm.images import GenerationParameters, init_image_size, read_image, to_rgb
-from ldm.prompts import check_prompt
+from ldm.prompts import NETWORK_TAG, LoraTag, check_prompt, split_lora_tags
 
 # Our scheduler names, and each as AUTOMATIC1111 writes it in "Sampler:", so other tools recognise
 # it. dpm-solver (the noise-prediction multistep solver) has no A1111 counterpart and keeps a plain
@@ -132,9 +132,28 @@ class GenerationSettings:
         if not self.prompt:
             raise SettingError("the {prompt} list is empty; give at least one prompt")
         for text in self.prompt:
-            check_prompt(text, "prompt")
+            check_prompt(split_lora_tags(text, "prompt")[0], "prompt")
         for text in self.negative_prompt:
             check_prompt(text, "negative_prompt")
+            if NETWORK_TAG.search(text):
+                # A1111 applies the tags of the prompt only, and encodes these as words.
+                raise SettingError(
+                    f"{{negative_prompt}} has {placeholder_text(NETWORK_TAG.search(text).group(0))}, but LoRA tags act "
+                    "only in {prompt}; move it there (a negative weight subtracts a LoRA)"
+                )
+
+    def lora_tags(self) -> tuple[LoraTag, ...]:
+        """The LoRA tags of the prompts (docs/prompts.md), which every prompt of a call must share:
+        one call runs one set of weights."""
+        tags = [split_lora_tags(text)[1] for text in self.prompt]
+        for text, other in zip(self.prompt[1:], tags[1:]):
+            if _chosen(other) != _chosen(tags[0]):
+                raise SettingError(
+                    f"the prompts of one call name different LoRAs ({placeholder_text(_tags_shown(tags[0]))} vs "
+                    f"{placeholder_text(_tags_shown(other))} in {placeholder_text(repr(text))}); one call runs one set of "
+                    "weights: give every {prompt} the same tags, or make them in separate calls"
+                )
+        return tags[0]
 
     def _check_numbers(self) -> None:
         if self.num_inference_steps is not None:
@@ -260,6 +279,14 @@ class GenerationSettings:
         return filled
 
 
+def _chosen(tags: tuple[LoraTag, ...]) -> set[tuple[str, float, float]]:
+    return {(tag.name, tag.text_encoder, tag.unet) for tag in tags}
+
+
+def _tags_shown(tags: tuple[LoraTag, ...]) -> str:
+    return " ".join(tag.text for tag in tags) or "none"
+
+
 # Each field's default, written once above: the CLI's flags and Pipeline.__call__'s keywords use these.
 DEFAULTS = MappingProxyType({f.name: f.default for f in fields(GenerationSettings) if f.default is not MISSING})
 
@@ -273,9 +300,10 @@ class ResolvedSettings:
     sampler: str  # as image metadata names it: A1111's name, or the scheduler object's class
     model: str  # the model folder's or file's name
     model_hash: str | None = None  # A1111's short hash of a single-file model (None for a folder)
-    adapters: tuple[tuple[str, float], ...] = ()  # (LoRA name, scale), in load order
+    adapters: tuple[tuple[str, float], ...] = ()  # (LoRA name, scale) of those loaded by name, in load order
     version: str = ""  # ldm's version
     vae: str | None = None  # the VAE file or folder that replaced the model's own (None: the model's)
+    lora_hashes: tuple[tuple[str, str], ...] = ()  # (name, A1111 hash) of each LoRA the prompt's tags apply
 
     def prompts(self) -> list[tuple[str, str]]:
         """(prompt, negative prompt) of each image, in image order."""
@@ -327,6 +355,8 @@ class ResolvedSettings:
             extra["VAE"] = self.vae
         if self.adapters:
             extra["Lora"] = ", ".join(f"{name}: {scale:g}" for name, scale in self.adapters)
+        if self.lora_hashes:  # the tags themselves stay in the prompt, as A1111 keeps them
+            extra["Lora hashes"] = ", ".join(f"{name}: {digest}" for name, digest in self.lora_hashes)
         if self.version:
             extra["Version"] = f"ldm {self.version}"
         return extra

@@ -6,12 +6,14 @@ requests make 64x64 images in a few steps. Long jobs (hundreds of steps) are onl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
 
 import pytest
 from serving import Background, LiveServer, decode_png, png_data_url, wait_for
+from test_lora_tags import write_lora
 
 from ldm.images import parse_parameters
 from ldm.loading import DEFAULT_MODEL_DIR, load_components, save_single_file
@@ -31,8 +33,10 @@ def live(tmp_path_factory):
         for folder in (models, loras, embeddings):
             folder.mkdir()
         # A second model to switch to: the default one as one file, so its title carries A1111's hash.
-        save_single_file(load_components(DEFAULT_MODEL_DIR), models / "shapes-copy.safetensors")
+        components = load_components(DEFAULT_MODEL_DIR)
+        save_single_file(components, models / "shapes-copy.safetensors")
         (loras / "style.safetensors").write_bytes(b"listed, never loaded")
+        write_lora(components.unet, components.text_encoder, loras / "tagged.safetensors", seed=0)  # for <lora:tagged:w>
         (embeddings / "token.pt").write_bytes(b"listed, never loaded")
         limits = Limits(max_pixels=64 * 64 * 4, max_steps=1000, max_images=8, max_prompt_chars=200, max_body_bytes=256 * 1024)
         config = ServerConfig(
@@ -295,7 +299,8 @@ def test_lists_ldm_has_nothing_for_are_empty_in_the_right_shape(http, path, expe
 
 def test_loras_embeddings_and_memory(http):
     loras = http.get("/sdapi/v1/loras").json()
-    assert [(l["name"], l["alias"]) for l in loras] == [("style", "style")] and loras[0]["path"].endswith("style.safetensors")
+    assert [(l["name"], l["alias"]) for l in loras] == [("style", "style"), ("tagged", "tagged")]
+    assert loras[0]["path"].endswith("style.safetensors")
     assert http.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {"token": {
         "step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None, "vectors": None}}}
     memory = http.get("/sdapi/v1/memory").json()
@@ -432,6 +437,37 @@ def test_a_done_jobs_parameters_make_the_same_image_again(http):
     again = finished(params)  # the fields as they are, as the web page's "Use these settings" sends them
     assert again["infotexts"] == [first["infotexts"][1]]
     assert http.get(again["images"][0]).content == http.get(first["images"][1]).content
+
+
+def test_a_lora_tag_applies_to_its_own_request_and_its_infotext(http, live):
+    body = {"prompt": "a red circle", "negative_prompt": "blue", "seed": 7, **SMALL}
+    plain = http.post("/sdapi/v1/txt2img", json=body).json()
+    tagged = http.post("/sdapi/v1/txt2img", json={**body, "prompt": "a red circle <lora:tagged:0.5>"}).json()
+    after = http.post("/sdapi/v1/txt2img", json=body).json()
+    pixels = [decode_png(answer["images"][0]).tobytes() for answer in (plain, tagged, after)]
+    assert pixels[1] != pixels[0] and pixels[2] == pixels[0]
+    data = (live[1] / "loras" / "tagged.safetensors").read_bytes()
+    digest = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
+    infotext = json.loads(tagged["info"])["infotexts"][0]
+    assert infotext.startswith("a red circle <lora:tagged:0.5>\n") and f'Lora hashes: "tagged: {digest}"' in infotext
+    assert "Lora" not in json.loads(after["info"])["infotexts"][0]
+    init = http.post("/sdapi/v1/img2img", json={**body, "prompt": "<lora:tagged:1> a circle", "init_images": [png_data_url()]}).json()
+    assert f'Lora hashes: "tagged: {digest}"' in json.loads(init["info"])["infotexts"][0]
+
+
+@pytest.mark.parametrize(
+    ("path", "prompt", "message"),
+    [
+        ("/sdapi/v1/txt2img", "a <lora:missing:1>", "LoRA 'missing' not found in"),
+        ("/sdapi/v1/txt2img", "a <hypernet:x:1>", "kind 'hypernet' that ldm does not apply"),
+        ("/ldm/v1/jobs", "a <lora:tagged:big>", "has the weight 'big', which is not a number"),
+    ],
+)
+def test_a_bad_lora_tag_is_a_422_naming_prompt(http, path, prompt, message):
+    answer = http.post(path, json={**SMALL, "prompt": prompt})
+    assert answer.status_code == 422
+    detail = answer.json()["detail"][0]
+    assert detail["loc"] == ["body", "prompt"] and message in detail["msg"]
 
 
 def decode_png_bytes(data: bytes) -> str:

@@ -7,7 +7,8 @@ and the module's weight is then recomputed from that copy and every adapter on i
     W_0 = original,   W_i = W_{i-1} + s_i · ΔW_i                                  (LoRA, LoHa, LoKr, diff)
                       W_i = W_{i-1} + s_i · (m_i · V / ||V|| - W_{i-1}),  V = W_{i-1} + ΔW_i     (DoRA)
 
-(ΔW_i as ``ldm.adapters.formats`` defines it, s_i the adapter's scale; a diff's bias likewise.) Sums
+(ΔW_i as ``ldm.adapters.formats`` defines it, s_i the adapter's scale, which may differ between the
+U-Net and the text encoder, as A1111's ``<lora:NAME:TE:UNET>`` asks; a diff's bias likewise.) Sums
 do not depend on the order; a DoRA adapter decomposes the weight that the adapters before it made, as
 ComfyUI applies its patches one after another. A DoRA adapter at scale s interpolates between the
 weight before it and its decomposed weight, as ComfyUI and AUTOMATIC1111 do (so scale 0 is no change;
@@ -61,10 +62,15 @@ class AdapterInfo:
 
     name: str
     path: Path
-    scale: float
+    scale: float  # of its U-Net modules, and of its text-encoder ones unless text_encoder_scale is given
     kinds: tuple[str, ...]  # e.g. ("LoRA",), ("DoRA (LoKr)", "norm diff")
     modules: int  # how many modules it changes
     fused: bool  # merged into the weights: it cannot be dropped or rescaled
+    text_encoder_scale: float | None = None  # of its text-encoder modules; None: ``scale``
+
+    def scale_of(self, part: str) -> float:
+        """The scale of the adapter's modules in ``part`` ("unet" or "text_encoder")."""
+        return self.text_encoder_scale if part == "text_encoder" and self.text_encoder_scale is not None else self.scale
 
 
 @dataclass
@@ -82,20 +88,25 @@ class Adapters:
         # (part, module path) -> (module, original weight, original bias), of modules that removable adapters patch
         self._originals: dict[tuple[str, str], tuple[nn.Module, torch.Tensor, torch.Tensor | None]] = {}
 
-    def load(self, path: str | os.PathLike, scale: float = 1.0, fuse: bool = False, name: str | None = None) -> str:
-        """Apply the adapter file at ``path`` with strength ``scale``; returns its name (``name``, or the
-        file's stem made unique). The whole file is checked before either model changes."""
+    def load(
+        self, path: str | os.PathLike, scale: float = 1.0, fuse: bool = False, name: str | None = None,
+        text_encoder_scale: float | None = None,
+    ) -> str:
+        """Apply the adapter file at ``path`` with strength ``scale`` (``text_encoder_scale`` on the text
+        encoder, if given); returns its name (``name``, or the file's stem made unique). The whole file is
+        checked before either model changes."""
         scale = check_scale(scale, path)
+        text_encoder_scale = None if text_encoder_scale is None else check_scale(text_encoder_scale, path)
         if name is not None and name in self._loaded:
             raise InputError(f"an adapter named {name!r} is already loaded; pass another name or delete it first")
         name = name if name is not None else self._free_name(Path(path).stem)
         targets = self._place(path, read_adapter(path))
         kinds = tuple(sorted({_kind(target) for target in targets.values()}))
-        info = AdapterInfo(name, Path(path), scale, kinds, len(targets), fuse)
+        info = AdapterInfo(name, Path(path), scale, kinds, len(targets), fuse, text_encoder_scale)
         touched = set(targets)
         with torch.no_grad():
             if fuse:
-                self._fuse(targets, scale)
+                self._fuse(targets, info)
                 targets = {}  # nothing to recompute from: the update is part of the weights now
             else:
                 for key, target in targets.items():
@@ -108,12 +119,36 @@ class Adapters:
         """Every loaded adapter, in load order (fused ones included)."""
         return [loaded.info for loaded in self._loaded.values()]
 
-    def set_scale(self, name: str, scale: float) -> None:
-        """Change the strength of adapter ``name``; its modules are recomputed from their originals."""
+    def set_scale(self, name: str, scale: float, text_encoder_scale: float | None = None) -> None:
+        """Change the strength of adapter ``name`` (``text_encoder_scale``: on the text encoder, if other);
+        its modules are recomputed from their originals, unless the scales are what they were."""
         loaded = self._removable(name, "rescale")
-        loaded.info = replace(loaded.info, scale=check_scale(scale, loaded.info.path))
+        path = loaded.info.path
+        new = replace(
+            loaded.info, scale=check_scale(scale, path),
+            text_encoder_scale=None if text_encoder_scale is None else check_scale(text_encoder_scale, path),
+        )
+        if (new.scale_of("unet"), new.scale_of("text_encoder")) == (loaded.info.scale_of("unet"), loaded.info.scale_of("text_encoder")):
+            loaded.info = new
+            return
+        loaded.info = new
         with torch.no_grad():
             self._recompute(set(loaded.targets))
+
+    def move_to_end(self, names: list[str]) -> None:
+        """Apply the removable adapters ``names`` last, in this order; the modules of those that move are
+        recomputed (the order matters to DoRA, and to rounding)."""
+        order = list(self._loaded)
+        wanted = [n for n in order if n not in names] + list(names)
+        for name in names:
+            self._removable(name, "reorder")
+        if wanted == order:
+            return
+        moved = next(i for i, (a, b) in enumerate(zip(order, wanted)) if a != b)
+        for name in names:
+            self._loaded[name] = self._loaded.pop(name)
+        with torch.no_grad():
+            self._recompute({key for name in wanted[moved:] for key in self._loaded[name].targets})
 
     def delete(self, name: str) -> None:
         """Drop adapter ``name``; a module no adapter changes any more gets its original weights back, exactly."""
@@ -165,11 +200,11 @@ class Adapters:
             bias = module.bias.detach().to("cpu", copy=True) if module.bias is not None else None
             self._originals[key] = (module, module.weight.detach().to("cpu", copy=True), bias)
 
-    def _fuse(self, targets: dict[tuple[str, str], Target], scale: float) -> None:
+    def _fuse(self, targets: dict[tuple[str, str], Target], info: AdapterInfo) -> None:
         """Merge into the weights, or into the originals of modules that removable adapters patch."""
         for key, target in targets.items():
             _, weight, bias = self._originals.get(key, (None, target.module.weight, target.module.bias))
-            new_weight, new_bias = target.apply(weight.float(), None if bias is None else bias.float(), scale)
+            new_weight, new_bias = target.apply(weight.float(), None if bias is None else bias.float(), info.scale_of(key[0]))
             weight.copy_(new_weight.to(weight.device, weight.dtype))
             if bias is not None:
                 bias.copy_(new_bias.to(bias.device, bias.dtype))
@@ -177,7 +212,7 @@ class Adapters:
     def _recompute(self, keys: set[tuple[str, str]]) -> None:
         """Set each module's weight from its original and the removable adapters on it, in load order."""
         for key in keys:
-            patches = [(loaded.targets[key], loaded.info.scale) for loaded in self._loaded.values() if key in loaded.targets]
+            patches = [(loaded.targets[key], loaded.info.scale_of(key[0])) for loaded in self._loaded.values() if key in loaded.targets]
             module, original_weight, original_bias = self._originals[key]
             if not patches:
                 module.weight.copy_(original_weight)

@@ -78,6 +78,9 @@ def register(sub) -> None:
     parser.add_argument("--init-image", type=Path, metavar="FILE", help="start from this image (img2img)")
     parser.add_argument("--strength", type=float, help="img2img: how much to change the image, in (0, 1] (default 0.8)")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="apply a LoRA file (repeatable)")
+    parser.add_argument(
+        "--loras-dir", type=Path, metavar="DIR", help="where the prompt's <lora:NAME:WEIGHT> tags find NAME.safetensors (subfolders too)"
+    )
     parser.add_argument("--dtype", choices=DTYPES, help="default: fp16 on CUDA, fp32 on the CPU")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--vae-decode", choices=("full", "sliced", "tiled"), help="sliced/tiled bound memory (default: full)")
@@ -142,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
     )
     for path, scale in job.loras:
         pipe.load_lora(path, scale=scale, fuse=True)  # merged into the weights, as A1111 does: no cost per step
+    if args.loras_dir is not None:
+        pipe.configure(loras_dir=args.loras_dir)
     # One call makes every image: free each network once its stage is done (peak memory is about
     # the U-Net's weights instead of all of them); the image is the same.
     one_shot = len(job.settings.prompt) * math.ceil(args.num_images / args.batch_size) == 1
@@ -221,6 +226,7 @@ def check_arguments(args: argparse.Namespace) -> Job:
             raise InputError(f"--config describes a model file; {model} is a folder with its own configuration, drop --config")
         check_config_folder(args.config)
     loras = [lora_argument(text) for text in args.lora]
+    check_lora_tags(settings, args.loras_dir)
     if args.vae is not None:
         from ldm.loading import find_vae
 
@@ -300,6 +306,21 @@ def read_prompts(path: Path) -> list[str]:
     if not prompts:
         raise InputError(f"{path} has no prompts; write one prompt per line")
     return prompts
+
+
+def check_lora_tags(settings: GenerationSettings, folder: Path | None) -> None:
+    """Each prompt's LoRA tags name files in ``--loras-dir`` (each prompt runs in calls of its own)."""
+    from ldm.adapters.folder import find_lora
+    from ldm.prompts import split_lora_tags
+
+    if folder is not None and not folder.is_dir():
+        raise InputError(f"--loras-dir {folder} is not a folder")
+    for text in settings.prompt:
+        for tag in split_lora_tags(text)[1]:
+            try:
+                find_lora(folder, tag.name)
+            except InputError as error:
+                raise InputError(f"{tag.text} in the prompt: {error}") from None
 
 
 def lora_argument(text: str) -> tuple[Path, float]:

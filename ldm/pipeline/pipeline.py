@@ -42,6 +42,7 @@ from ldm.settings import DEFAULT_SCHEDULER, DEFAULTS, GenerationDefaults, Genera
 
 if TYPE_CHECKING:
     from ldm.adapters import AdapterInfo, Adapters
+    from ldm.adapters.folder import PromptLora
 
 
 @dataclass
@@ -90,8 +91,9 @@ class Pipeline:
         self.name = "model"  # shown as "Model" in image metadata; from_pretrained sets the folder / file stem
         self.source: Path | None = None  # the model's file or folder (from_pretrained)
         self.defaults = GenerationDefaults()  # from_pretrained reads the model's own, if it has any
-        self.adapters: list[tuple[str, float]] = []  # (name, scale) of each adapter loaded, in order: image metadata
+        self.adapters: list[tuple[str, float]] = []  # (name, scale) of each adapter loaded by name, in order: image metadata
         self._adapters: Adapters | None = None  # made by the first load_lora
+        self._tagged: dict[str, tuple[Path, int]] = {}  # adapters the prompts' tags loaded: name -> (file, its mtime)
         self.vae_name: str | None = None  # the VAE file or folder that replaced the model's (load_vae)
         param = next(unet.parameters())
         # The set-up the networks are in, then the default one applied: the memory format and fast paths
@@ -193,6 +195,36 @@ class Pipeline:
         """Drop every adapter that is not fused (diffusers' name); fused ones are part of the weights and stay."""
         self.delete_adapters([info.name for info in self.lora_adapters() if not info.fused])
 
+    def set_prompt_loras(self, loras: tuple[PromptLora, ...]) -> None:
+        """Make ``loras`` (a call's ``<lora:...>`` tags, found) the tag-loaded adapters, at their scales and
+        applied after the others in tag order: each is loaded on first use and rescaled after, the tag-loaded
+        ones not named are dropped; only the modules they touch are recomputed. Adapters loaded with
+        ``load_lora`` are never touched. ``generate`` calls it for every call (``stages.apply_loras``)."""
+        if not loras and not self._tagged:
+            return
+        with torch.inference_mode(False):  # the kept originals stay ordinary tensors, which later calls may write
+            self._apply_prompt_loras(loras)
+
+    def _apply_prompt_loras(self, loras: tuple[PromptLora, ...]) -> None:
+        stack = self._adapter_stack()
+        wanted = {lora.adapter_name: lora for lora in loras}
+        for name, lora in wanted.items():
+            if name not in self._tagged and name in [info.name for info in stack.list()]:
+                raise InputError(f"an adapter loaded with load_lora is named {name!r}, which <lora:{lora.tag.name}> needs; rename it")
+        for name, source in list(self._tagged.items()):
+            if name not in wanted or source != _file_version(wanted[name].path):
+                stack.delete(name)
+                del self._tagged[name]
+        for name, lora in wanted.items():
+            te, unet = lora.tag.text_encoder, lora.tag.unet
+            if name in self._tagged:
+                stack.set_scale(name, unet, text_encoder_scale=te)
+            else:
+                stack.load(lora.path, scale=unet, text_encoder_scale=te, name=name)
+                self._tagged[name] = _file_version(lora.path)
+        stack.move_to_end(list(wanted))
+        self._sync_adapters()
+
     def _adapter_stack(self) -> Adapters:
         from ldm.adapters import Adapters
 
@@ -201,7 +233,9 @@ class Pipeline:
         return self._adapters
 
     def _sync_adapters(self) -> None:
-        self.adapters = [(info.name, info.scale) for info in self.lora_adapters()]
+        loaded = self.lora_adapters()
+        self._tagged = {name: source for name, source in self._tagged.items() if name in {info.name for info in loaded}}
+        self.adapters = [(info.name, info.scale) for info in loaded if info.name not in self._tagged]
 
     def load_vae(self, path: str | Path) -> None:
         """Replace the VAE with a VAE file or folder: a KL-VAE (original single file or diffusers folder) or
@@ -312,6 +346,7 @@ class Pipeline:
         stages.check_output_type(output_type)
         check_loaded(self.text_encoder, self.unet, self.vae)
         call = stages.resolve(self, settings, scheduler, generator, latents)
+        stages.apply_loras(self, call)
         text = stages.encode_prompts(self, call)
         timesteps = stages.prepare_timesteps(self, call)
         x = stages.initial_latents(self, call, timesteps)
@@ -323,6 +358,11 @@ class Pipeline:
         """Scaled latents -> images in [0, 1], decoded as set up (``decode_mode``); raises on NaN / inf."""
         check_loaded(self.vae)
         return stages.decode(self, latents)
+
+
+def _file_version(path: Path) -> tuple[Path, int]:
+    """A file and its modification time: a tag-loaded LoRA whose file changed is read again (as A1111 does)."""
+    return path.resolve(), path.stat().st_mtime_ns
 
 
 def _warn_if_slow(setup: PipelineSetup) -> None:

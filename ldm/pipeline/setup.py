@@ -7,6 +7,7 @@ a ``GenerationSettings``. These two are the only ways to configure ldm.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Literal, get_args
 
 import torch
@@ -38,6 +39,7 @@ class PipelineSetup:
     channels_last: bool | None = None
     kernels: KernelChoice | None = None  # the CPU fast paths; None: measured for this CPU (ldm.kernels.choice)
     max_pixels: int = checks.MAX_PIXELS  # largest batch a call may make: width x height x images
+    loras_dir: Path | None = None  # where the prompt's <lora:NAME:WEIGHT> tags find their files (subfolders too)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", torch.device(self.device))
@@ -50,6 +52,10 @@ class PipelineSetup:
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         checks.check_max_pixels(self.max_pixels)
+        if self.loras_dir is not None:
+            object.__setattr__(self, "loras_dir", Path(self.loras_dir))
+            if not self.loras_dir.is_dir():
+                raise ConfigError(f"loras_dir {self.loras_dir} is not a folder")
 
     @property
     def residency(self) -> Residency:

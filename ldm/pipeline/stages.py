@@ -1,7 +1,9 @@
 """The stages of one generation call, in the order ``Pipeline.generate`` runs them.
 
-    resolve            settings -> a Call: the model's defaults filled in, seeds drawn, scheduler built
-    encode_prompts     text encoder: prompts (and negatives, when guided) -> text states per image
+    resolve            settings -> a Call: the model's defaults filled in, seeds drawn, scheduler built,
+                       the prompt's LoRA tags found in the LoRA folder
+    apply_loras        the tags' LoRAs made the active tag-loaded adapters, at their scales
+    encode_prompts     text encoder: prompts without tags (and negatives, when guided) -> text states per image
     prepare_timesteps  the scheduler's timesteps; img2img keeps the last ``strength`` of them
     initial_latents    noise from each image's generator, or the noised init image, or given latents
     denoise            x <- scheduler.step(denoiser(x, t), t, x), denoiser = guidance o speed-ups o U-Net
@@ -31,6 +33,7 @@ from ldm.errors import ConfigError, InputError, LdmError, SettingError
 from ldm.guidance import ClassifierFreeGuidance, Conditional, Denoiser, EmbeddedGuidance, Network, guided_steps
 from ldm.images import image_to_tensor, to_numpy, to_pil
 from ldm.prompts import encode_prompts as encode_texts
+from ldm.prompts import split_lora_tags
 from ldm.random import randn, resolve_seed, seed_generators
 from ldm.schedulers import DiffusersScheduler, NoiseProcess, Scheduler, SchedulerConfig, check_options, check_spacing, create
 from ldm.schedulers.config import LINSPACE_DEFAULTS
@@ -38,6 +41,7 @@ from ldm.settings import SAMPLER_NAMES, GenerationSettings, ResolvedSettings
 from ldm.speedups import speed_up
 
 if TYPE_CHECKING:
+    from ldm.adapters.folder import PromptLora
     from ldm.pipeline.pipeline import Pipeline
 
 OutputType = Literal["pil", "np", "pt", "latent"]
@@ -62,6 +66,7 @@ class Call:
     shape: tuple[int, int, int, int]  # of the latents: (images, channels, H / f, W / f)
     init: torch.Tensor | None  # img2img: the init image, (1, 3, H, W) in [-1, 1]
     latents: torch.Tensor | None  # the caller's starting latents
+    loras: tuple[PromptLora, ...] = ()  # the LoRAs the prompts' tags name, found and hashed
 
     @property
     def settings(self) -> GenerationSettings:
@@ -87,11 +92,23 @@ def resolve(pipe: Pipeline, settings: GenerationSettings, template: Any, generat
         raise InputError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
     seeds, generators = seeds_and_generators(generator, s.seed, s.batch)
     scheduler = build_scheduler(pipe.scheduler_config, s, template)
+    loras = find_loras(pipe, s)
     resolved = ResolvedSettings(
         replace(s, seed=seeds[0] if seeds else None), seeds, sampler_name(scheduler),
         pipe.name, pipe.model_hash, tuple(pipe.adapters), __version__, vae=pipe.vae_name,
+        lora_hashes=tuple((lora.infotext_name, lora.hash) for lora in loras),
     )
-    return Call(resolved, scheduler, generators, shape, init_tensor(s), latents)
+    return Call(resolved, scheduler, generators, shape, init_tensor(s), latents, loras)
+
+
+def find_loras(pipe: Pipeline, s: GenerationSettings) -> tuple[PromptLora, ...]:
+    """The file and hash of each LoRA tag of the prompts (shared by all of them), from the pipeline's LoRA folder."""
+    tags = s.lora_tags()
+    if not tags:
+        return ()
+    from ldm.adapters.folder import prompt_loras
+
+    return prompt_loras(pipe.setup.loras_dir, tags)
 
 
 def init_tensor(s: GenerationSettings) -> torch.Tensor | None:
@@ -151,18 +168,24 @@ def sampler_name(scheduler: Scheduler | DiffusersScheduler) -> str:
     return SAMPLER_NAMES.get(names[0], names[0]) if names else type(scheduler).__name__
 
 
-# --- encode, timesteps, latents --------------------------------------------------------------------
+# --- LoRA tags, encode, timesteps, latents ---------------------------------------------------------
+
+
+def apply_loras(pipe: Pipeline, call: Call) -> None:
+    """Make the call's tagged LoRAs the pipeline's tag-loaded adapters (none, for a call without tags);
+    adapters loaded by name (``load_lora``) are left as they are."""
+    pipe.set_prompt_loras(call.loras)
 
 
 def encode_prompts(pipe: Pipeline, call: Call) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(cond, uncond) text states, one row per image; uncond is None without guidance.
 
-    One text-encoder pass encodes the prompts and negatives together, so a long prompt and its
-    negative get the same number of 77-token chunks; diffusers' batch order.
+    One text-encoder pass encodes the prompts, without their LoRA tags, and the negatives together,
+    so a long prompt and its negative get the same number of 77-token chunks; diffusers' batch order.
     """
     s = call.settings
     guided = s.guided and not embeds_guidance(pipe)
-    texts = list(s.prompt) + (list(s.negative_prompt) if guided else [])
+    texts = [split_lora_tags(text)[0] for text in s.prompt] + (list(s.negative_prompt) if guided else [])
     with pipe.residency.running(pipe.text_encoder) as text_encoder:
         states = encode_texts(text_encoder, pipe.tokenizer, texts, clip_skip=s.clip_skip)
     pipe.residency.done_with(pipe.text_encoder)

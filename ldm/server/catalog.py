@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ldm.adapters.folder import lora_files
 from ldm.loading.hashes import sha256
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
-LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 
 
@@ -105,7 +105,8 @@ class Catalog:
         return named or next((entry for entry in self.models if entry.matches(text)), None)
 
     def loras(self) -> list[Path]:
-        return list_files(self.loras_dir, LORA_SUFFIXES)
+        """The files prompts name with ``<lora:NAME:WEIGHT>``: the same listing the pipeline searches."""
+        return lora_files(self.loras_dir) if self.loras_dir is not None else []
 
     def embeddings(self) -> list[Path]:
         return list_files(self.embeddings_dir, EMBEDDING_SUFFIXES)

@@ -2,7 +2,9 @@
 
 The engine holds one ``Pipeline``, loaded once and kept (``weights_after_use="keep"``). A job runs
 its batches with ``Pipeline.generate`` holding ``lock``; switching the model takes the same lock,
-so a running job finishes on the model it started with. Stopping: the step callback raises
+so a running job finishes on the model it started with. A job's ``<lora:...>`` tags make its LoRAs
+the pipeline's tag-loaded adapters for its batches (``Pipeline.set_prompt_loras``); the next job's
+tags, or their absence, replace them, so each image and infotext has its own job's LoRAs. Stopping: the step callback raises
 ``StopSampling`` when the job is flagged; as A1111 does on an interrupt, the batch's images are then
 decoded from the last step's denoised latents (its x_0 estimate) and kept, unless the job was cancelled.
 """
@@ -38,9 +40,13 @@ def default_device(device: str | None, dtype: str | None) -> tuple[torch.device,
 class Engine:
     """One loaded model and the lock that makes generations and model switches take turns."""
 
-    def __init__(self, model: ModelEntry, max_pixels: int, outputs: Path | None, device: str | None = None, dtype: str | None = None):
+    def __init__(
+        self, model: ModelEntry, max_pixels: int, outputs: Path | None, device: str | None = None, dtype: str | None = None,
+        loras_dir: Path | None = None,
+    ):
         self.max_pixels = max_pixels
         self.outputs = outputs
+        self.loras_dir = loras_dir  # where the prompts' <lora:...> tags find their files
         self.device, self.dtype = default_device(device, dtype)
         self.lock = threading.Lock()
         self.model = model
@@ -49,7 +55,7 @@ class Engine:
 
     def _load(self, model: ModelEntry) -> Pipeline:
         pipe = Pipeline.from_pretrained(model.path, device=self.device, dtype=self.dtype)
-        return pipe.configure(max_pixels=self.max_pixels, weights_after_use="keep")
+        return pipe.configure(max_pixels=self.max_pixels, weights_after_use="keep", loras_dir=self.loras_dir)
 
     def switch(self, model: ModelEntry) -> None:
         """Load ``model`` and serve it from now on; waits for the running job, which keeps its model."""

@@ -29,7 +29,9 @@ class Server:
 
         path = Path(config.model or DEFAULT_MODEL_DIR)
         catalog = Catalog(ModelEntry(path.name, path), config.models_dir, config.loras_dir, config.embeddings_dir)
-        engine = Engine(catalog.startup_model, config.limits.max_pixels, config.outputs, config.device, config.dtype)
+        engine = Engine(
+            catalog.startup_model, config.limits.max_pixels, config.outputs, config.device, config.dtype, config.loras_dir
+        )
         return cls(config, catalog, engine, JobQueue(engine, config.queue_size, config.history))
 
     def start(self) -> None:
@@ -40,4 +42,4 @@ class Server:
 
     def defaults(self) -> ServerDefaults:
         """What the options set for the next request."""
-        return ServerDefaults(clip_skip=self.engine.clip_skip, find_model=self.catalog.find_model)
+        return ServerDefaults(clip_skip=self.engine.clip_skip, find_model=self.catalog.find_model, loras_dir=self.config.loras_dir)

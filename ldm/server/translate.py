@@ -14,6 +14,7 @@ import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -72,6 +73,7 @@ class ServerDefaults:
 
     clip_skip: int | None = None  # diffusers' meaning: A1111's CLIP_stop_at_last_layers - 1
     find_model: Callable[[str], ModelEntry | None] = lambda name: None  # a listed model by name (Catalog.find_model)
+    loras_dir: Path | None = None  # where the prompt's <lora:NAME:WEIGHT> tags find their files (--loras-dir)
 
 
 def job_request(body: GenerationFields, limits: Limits, defaults: ServerDefaults, img2img: bool, can_save: bool) -> JobRequest:
@@ -89,9 +91,11 @@ def job_request(body: GenerationFields, limits: Limits, defaults: ServerDefaults
         init_image=init_image, strength=body.denoising_strength if init_image is not None else None,
         clip_skip=clip_skip_of(body.override_settings or {}, defaults),
     )
+    from ldm.adapters.folder import prompt_loras
     from ldm.schedulers import check_options
 
     check_options(settings.scheduler, settings.scheduler_options())
+    prompt_loras(defaults.loras_dir, settings.lora_tags())  # a tag the folder lacks is a 422 now, not a failed job
     n_iter = checks.check_count(body.n_iter, "n_iter")
     seed = resolve_seed(body.seed, settings.batch * n_iter)
     overrides = body.override_settings or {}
