@@ -163,3 +163,18 @@ def test_bf16_normalizations_and_attention_reduce_in_fp32_and_round_once(layout)
     for got, expected in cases:
         assert got.dtype == torch.bfloat16
         assert (got.float() - expected).abs().max() <= expected.abs().max() * 2**-8
+
+
+def test_the_cli_says_in_one_line_that_bf16_is_slow_on_a_cpu_without_it(monkeypatch, tmp_path, capsys):
+    from ldm.cli import main
+    from ldm.kernels.cpu import CPU as CPUInfo
+
+    monkeypatch.setattr(choice_module, "this_cpu", lambda: CPUInfo("Old CPU 9000", ("avx2",)))
+    monkeypatch.setattr(choice_module, "bf16_slowdown", lambda: 4.0)
+    args = ["txt2img", "a red circle", "--dtype", "bf16", "--steps", "1", "--out", str(tmp_path), "--quiet"]
+    assert main(args) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert (
+        "ldm txt2img: warning: this CPU (Old CPU 9000) has no native bf16 (AVX512_BF16, AMX or Arm BF16): a bf16 "
+        "matrix product took 4.0x the time of fp32 here; use fp32 (--dtype fp32) for speed"
+    ) in lines

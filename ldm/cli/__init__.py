@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             # ldm refuses such images itself, in one line (ldm.images.open_image); the command runs
             # in one thread, so changing the process's warning filters for its length is safe here.
             warnings.filterwarnings("ignore", message="Image size .* exceeds limit", module="PIL")
+            warnings.showwarning = lambda message, *_: print(f"ldm {args.command}: warning: {message}", file=sys.stderr)
             return args.run(args) or 0
     except SettingError as error:  # worded with the command's flags
         print(f"ldm {args.command}: error: {error.worded(args.flag)}", file=sys.stderr)
