@@ -10,9 +10,9 @@ with the latent once, shared by both text states until the first cross-attention
 The FLOPs of each engine's step are counted once with ``torch.utils.flop_counter``
 (2 per multiply-add, matmuls, convolutions and attention); the achieved rate of
 each engine is its own FLOPs over its time, against a large fp32 GEMM timed in the
-same run. ldm
-variants (channels-last memory format, ``torch.compile``) are timed too, so
-whether they help on this machine is measured rather than assumed. ``--busy-core`` runs it all
+same run. ldm variants (channels-last memory format, ``torch.compile``, every fast path or none of them
+instead of the measured choice) are timed too, so whether they help on this machine is measured rather
+than assumed. ``--busy-core`` runs it all
 while another process keeps one of the cores busy (results in ``unet_step-busy-<spec>.json``).
 """
 
@@ -42,18 +42,22 @@ def step_inputs(spec: common.ModelSpec, impl: str) -> tuple[torch.Tensor, torch.
 
 
 def load_unet(impl: str, folder: str, variant: str = "exact"):
-    """A callable (sample, t, context) -> prediction; ``variant`` is an ldm option: exact, channels_last, compile."""
+    """A callable (sample, t, context) -> prediction; ``variant`` is an ldm option: exact, channels_last, compile,
+    every_path, plain (the fast paths taken)."""
     if impl == "diffusers":
         from diffusers import UNet2DConditionModel
 
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
         return lambda x, t, c: unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
-    from ldm.kernels.choice import kernel_choice
+    from ldm.kernels.choice import PLAIN, KernelChoice, kernel_choice
     from ldm.loading import load_components
     from ldm.models import set_kernels
 
     unet = load_components(folder).unet.eval()
-    set_kernels(unet, kernel_choice(torch.device("cpu"), torch.float32))  # the fast paths a pipeline takes here
+    # The fast paths a pipeline takes here (measured on this CPU); "every_path" takes all of them, as ldm did
+    # before they were measured per CPU; "plain" takes none (torch's own calls).
+    kernels = {"every_path": KernelChoice(True, True, True, True), "plain": PLAIN}.get(variant)
+    set_kernels(unet, kernels or kernel_choice(torch.device("cpu"), torch.float32))
     if variant == "channels_last":
         unet = unet.to(memory_format=torch.channels_last)
         return lambda x, t, c: unet(x.contiguous(memory_format=torch.channels_last), t, c)
@@ -110,7 +114,7 @@ def measure_all(argv: list[str], busy: bool) -> dict[str, Any]:
         max_diff = (torch.load(Path(tmp) / "ldm.pt") - torch.load(Path(tmp) / "diffusers.pt")).abs().max().item()
     variants = {}
     # torch.compile of the full-size U-Net takes many minutes on 2 cores: measured with --compile only.
-    for variant in ("channels_last", "compile") if "--compile" in argv else ("channels_last",):
+    for variant in ("channels_last", "every_path", "plain") + (("compile",) if "--compile" in argv else ()):
         try:
             variants[variant] = common.run_worker("unet_step.py", {**base, "impl": "ldm", "variant": variant})
         except RuntimeError as error:  # e.g. no C++ compiler for torch.compile: recorded, not fatal
