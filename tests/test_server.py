@@ -6,11 +6,14 @@ requests make 64x64 images in a few steps. Long jobs (hundreds of steps) are onl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
 
 import pytest
+import torch
+from safetensors.torch import save_file
 from serving import Background, LiveServer, decode_png, png_data_url, wait_for
 
 from ldm.images import parse_parameters
@@ -33,7 +36,12 @@ def live(tmp_path_factory):
         # A second model to switch to: the default one as one file, so its title carries A1111's hash.
         save_single_file(load_components(DEFAULT_MODEL_DIR), models / "shapes-copy.safetensors")
         (loras / "style.safetensors").write_bytes(b"listed, never loaded")
-        (embeddings / "token.pt").write_bytes(b"listed, never loaded")
+        (embeddings / "token.pt").write_bytes(b"not an embedding: listed as skipped")
+        # The default model's text encoder is 64 wide: one embedding it reads, one of SD 1.x's width it skips.
+        torch.save({"string_to_param": {"*": torch.randn(2, 64, generator=torch.Generator().manual_seed(0))}, "step": 300},
+                   embeddings / "zorblat.pt")  # fmt: skip
+        (embeddings / "sub").mkdir()  # A1111 reads subfolders too
+        save_file({"emb_params": torch.zeros(1, 768)}, embeddings / "sub" / "wide.safetensors")
         limits = Limits(max_pixels=64 * 64 * 4, max_steps=1000, max_images=8, max_prompt_chars=200, max_body_bytes=256 * 1024)
         config = ServerConfig(
             models_dir=models, loras_dir=loras, embeddings_dir=embeddings, outputs=root / "outputs",
@@ -296,10 +304,25 @@ def test_lists_ldm_has_nothing_for_are_empty_in_the_right_shape(http, path, expe
 def test_loras_embeddings_and_memory(http):
     loras = http.get("/sdapi/v1/loras").json()
     assert [(l["name"], l["alias"]) for l in loras] == [("style", "style")] and loras[0]["path"].endswith("style.safetensors")
-    assert http.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {"token": {
-        "step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None, "vectors": None}}}
+    assert http.get("/sdapi/v1/embeddings").json() == {
+        "loaded": {"zorblat": {"step": 300, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 64, "vectors": 2}},
+        "skipped": {
+            "token": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None, "vectors": None},
+            "wide": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 768, "vectors": 1},
+        },
+    }
     memory = http.get("/sdapi/v1/memory").json()
     assert memory["ram"]["total"] > memory["ram"]["free"] > 0 and "cuda" in memory
+
+
+def test_a_prompt_that_names_an_embedding_uses_it_and_its_infotext_says_so(http, live):
+    request = {"prompt": "a zorblat circle", "seed": 4, **SMALL}
+    used = http.post("/sdapi/v1/txt2img", json=request).json()
+    plain = http.post("/sdapi/v1/txt2img", json={**request, "prompt": "a circle"}).json()
+    assert used["images"] != plain["images"]
+    digest = hashlib.sha256((live[1] / "embeddings" / "zorblat.pt").read_bytes()).hexdigest()[:12]
+    assert parse_parameters(json.loads(used["info"])["infotexts"][0]).extra["TI hashes"] == f"zorblat: {digest}"
+    assert "TI hashes" not in parse_parameters(json.loads(plain["info"])["infotexts"][0]).extra
 
 
 def test_png_info_reads_back_the_parameters(http):

@@ -28,8 +28,10 @@ class Server:
         from ldm.loading import DEFAULT_MODEL_DIR
 
         path = Path(config.model or DEFAULT_MODEL_DIR)
-        catalog = Catalog(ModelEntry(path.name, path), config.models_dir, config.loras_dir, config.embeddings_dir)
-        engine = Engine(catalog.startup_model, config.limits.max_pixels, config.outputs, config.device, config.dtype)
+        catalog = Catalog(ModelEntry(path.name, path), config.models_dir, config.loras_dir)
+        engine = Engine(
+            catalog.startup_model, config.limits.max_pixels, config.outputs, config.device, config.dtype, config.embeddings_dir
+        )
         return cls(config, catalog, engine, JobQueue(engine, config.queue_size, config.history))
 
     def start(self) -> None:
