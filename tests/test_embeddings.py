@@ -150,13 +150,21 @@ def test_files_that_do_not_fit_are_refused_with_a_reason(tmp_path):
     save_file({"a": vectors(1, 1), "b": vectors(1, 1)}, odd)
     with pytest.raises(CheckpointError, match=r"unknown layout \(keys: a, b\)"):
         read_embedding(odd)
+    lora = tmp_path / "lora.safetensors"  # a file of another kind: its keys are named, a few of them
+    save_file({f"lora_te_{i}.lora_down.weight": torch.zeros(1) for i in range(40)}, lora)
+    with pytest.raises(CheckpointError, match=r"unknown layout \(keys: lora_te_0.lora_down.weight, .*, \.\.\. \(40 keys\)\)"):
+        read_embedding(lora)
     with pytest.raises(InputError, match="does not exist"):
         pipe.load_embeddings(tmp_path / "missing")
     # In a folder, what does not fit is skipped (listed, with a warning), the rest is loaded.
     write(tmp_path, "a1111-pt", "zorblat", vectors(1, 10))
     with pytest.warns(UserWarning, match="embedding skipped"):
         assert pipe.load_embeddings(tmp_path) == ["zorblat"]
-    assert set(pipe.embeddings.skipped) == {"wide", "xl", "odd"} and pipe.embeddings.skipped["wide"].embedding.width == 768
+    assert set(pipe.embeddings.skipped) == {"wide", "xl", "odd", "lora"} and pipe.embeddings.skipped["wide"].embedding.width == 768
+    # Two names a prompt writes alike (CLIP lowercases) cannot both be used: the second is refused.
+    write(tmp_path / "sub", "a1111-pt", "ZorBlat", vectors(1, 15))
+    with pytest.warns(UserWarning, match="a prompt writes its name as it writes 'zorblat'"):
+        assert pipe.load_embeddings(tmp_path) == ["zorblat"]
 
 
 class Payload:

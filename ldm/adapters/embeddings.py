@@ -106,10 +106,10 @@ def read_embedding(path: str | Path, name: str | None = None) -> Embedding:
 def _read_data(path: Path) -> dict:
     if not path.is_file():
         raise InputError(f"embedding file {path} does not exist")
-    if path.suffix not in EMBEDDING_SUFFIXES:
+    if path.suffix.lower() not in EMBEDDING_SUFFIXES:
         raise CheckpointError(f"{path} is not an embedding file; give a {', '.join(EMBEDDING_SUFFIXES)} file")
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix.lower() == ".safetensors":
             return load_file(path, device="cpu")
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:  # also what weights_only raises for a pickle that builds other objects
@@ -143,7 +143,8 @@ def _vectors(data: dict, path: Path) -> torch.Tensor:
     else:
         tensors = {key: value for key, value in data.items() if isinstance(value, torch.Tensor)}
         if len(tensors) != 1:  # {"emb_params": ...} (A1111 / kohya safetensors) or {token: ...} (diffusers)
-            keys = ", ".join(map(str, data)) or "none"
+            names = [str(key) for key in data]
+            keys = ", ".join(names[:6]) + (f", ... ({len(names)} keys)" if len(names) > 6 else "") if names else "none"
             raise CheckpointError(
                 f"embedding {path} has an unknown layout (keys: {keys}); expected string_to_param, emb_params or one token's tensor"
             )
@@ -155,7 +156,7 @@ def _vectors(data: dict, path: Path) -> torch.Tensor:
 
 def embedding_files(folder: Path) -> list[Path]:
     """The embedding files in ``folder`` and its subfolders (as A1111 reads them), sorted; hidden and empty ones left out."""
-    found = (p for p in Path(folder).rglob("*") if p.is_file() and p.suffix in EMBEDDING_SUFFIXES and not p.name.startswith("."))
+    found = (p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in EMBEDDING_SUFFIXES and not p.name.startswith("."))
     return sorted(p for p in found if p.stat().st_size > 0)
 
 
@@ -168,6 +169,7 @@ class Embeddings:
         self.vocabulary = text_encoder.get_input_embeddings().num_embeddings  # the model's own rows
         self.loaded: dict[str, Embedding] = {}  # in load order; rows follow the same order
         self.skipped: dict[str, Skipped] = {}
+        self._matches: dict[str, tuple[int, ...]] = {}  # each loaded name's tokens, as a prompt writes it
         self._hashes: dict[str, str] = {}
 
     @property
@@ -184,47 +186,45 @@ class Embeddings:
         if path.is_dir():
             if name is not None:
                 raise InputError(f"name= names one embedding file; {path} is a folder")
-            found = []
+            names = []
             for file in embedding_files(path):
                 try:
-                    found.append(self._checked(read_embedding(file)))
+                    names.append(self._add(read_embedding(file)))
                 except (CheckpointError, InputError) as error:
                     self.skipped[file.stem] = Skipped(file, str(error), error.embedding if isinstance(error, WidthError) else None)
                     warnings.warn(f"embedding skipped: {error}", stacklevel=2)
         elif path.exists():
-            found = [self._checked(read_embedding(path, name))]
+            names = [self._add(read_embedding(path, name))]
         else:
             raise InputError(f"embedding file or folder {path} does not exist")
-        for embedding in found:
-            self.loaded[embedding.name] = embedding
-            self.skipped.pop(embedding.name, None)
-            self._hashes.pop(embedding.name, None)
         self._install()
-        return [embedding.name for embedding in found]
+        return names
 
-    def _checked(self, embedding: Embedding) -> Embedding:
-        """``embedding`` if this text encoder can read it and its name can be written in a prompt."""
+    def _add(self, embedding: Embedding) -> str:
+        """Register ``embedding`` (replacing one of the same name) if this text encoder can read it and a
+        prompt can write its name apart from the others'; returns the name."""
         if embedding.width != self.width:
             raise WidthError(
                 f"embedding {embedding.path} has vectors of width {embedding.width}; this model's text encoder takes {self.width}",
                 embedding,
             )
-        match = self._match(embedding.name)
+        match = tuple(self.tokenizer(embedding.name, add_special_tokens=False, verbose=False).input_ids)
         if not match:
             raise CheckpointError(f"embedding {embedding.path}: its name {embedding.name!r} is no word a prompt can write")
-        same = [other for other in self.loaded.values() if other.name != embedding.name and self._match(other.name) == match]
-        if same:
-            raise CheckpointError(f"embedding {embedding.path}: a prompt writes its name as it writes {same[0].name!r} ({same[0].path})")
-        return embedding
-
-    def _match(self, name: str) -> tuple[int, ...]:
-        return tuple(self.tokenizer(name, add_special_tokens=False, verbose=False).input_ids)
+        other = next((name for name, written in self._matches.items() if written == match and name != embedding.name), None)
+        if other is not None:
+            raise CheckpointError(f"embedding {embedding.path}: a prompt writes its name as it writes {other!r} ({self.loaded[other].path})")
+        self.loaded[embedding.name] = embedding
+        self._matches[embedding.name] = match
+        self.skipped.pop(embedding.name, None)
+        self._hashes.pop(embedding.name, None)
+        return embedding.name
 
     def words(self) -> tuple[PromptWord, ...]:
-        """Each loaded embedding as the prompt word that stands for its rows."""
+        """Each loaded embedding as the prompt word that stands for its rows (in ``_install``'s order)."""
         words, row = [], self.vocabulary
-        for embedding in self.loaded.values():
-            words.append(PromptWord(embedding.name, self._match(embedding.name), tuple(range(row, row + embedding.count))))
+        for name, embedding in self.loaded.items():
+            words.append(PromptWord(name, self._matches[name], tuple(range(row, row + embedding.count))))
             row += embedding.count
         return tuple(words)
 
