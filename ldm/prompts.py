@@ -8,6 +8,11 @@ Weighting follows the syntax AUTOMATIC1111's web UI made common:
 - an unclosed bracket applies to the end of the prompt, a stray closing one is literal text;
 - ``BREAK`` (upper case, a word of its own) ends the current 75-token chunk.
 
+A textual-inversion embedding's name, written as a word, stands for its vectors: the adapters give
+each one a ``PromptWord`` (its name's tokens and the token ids of its vectors), and the tokens of the
+name are replaced by those ids, as A1111 matches names on the token sequence. Each vector counts as
+one token of its chunk, and an embedding is never split across two chunks.
+
 CLIP reads 77 tokens: a start token, 75 prompt tokens and an end token. A longer
 prompt is split into chunks of 75 tokens, each chunk is encoded on its own as
 ``[start] tokens [end] [pad...]``, and the embeddings are concatenated along the
@@ -36,7 +41,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ldm.errors import InputError, SettingError, placeholder_text
@@ -228,23 +234,37 @@ def _multiplier(text: str | None, written: str, field: str) -> float | None:
     return value
 
 
+@dataclass(frozen=True)
+class PromptWord:
+    """A word that stands for other token ids: a textual-inversion embedding's name and its vectors' ids."""
+
+    name: str
+    match: tuple[int, ...]  # the name as the tokenizer writes it on its own
+    ids: tuple[int, ...]  # what replaces it: one id per vector, rows the adapters added to the text encoder
+
+
 @dataclass
 class TokenChunks:
     """A prompt as 77-token chunks: ``ids[k]`` and ``weights[k]`` each hold 77 entries."""
 
     ids: list[list[int]]
     weights: list[list[float]]
+    words: list[str] = field(default_factory=list)  # the PromptWords used, by name, in order of appearance
 
     @property
     def is_weighted(self) -> bool:
         return any(w != 1.0 for chunk in self.weights for w in chunk)
 
 
-def tokenize_prompt(tokenizer, text: str) -> TokenChunks:
-    """Parse ``text`` and cut its tokens into chunks of 75, each framed as CLIP expects."""
+def tokenize_prompt(tokenizer, text: str, words: Sequence[PromptWord] = ()) -> TokenChunks:
+    """Parse ``text`` and cut its tokens into chunks of 75, each framed as CLIP expects.
+
+    Where a word of ``words`` is written, its ids replace its tokens; they stay together in one chunk.
+    """
     chunks = TokenChunks([], [])
     tokens: list[int] = []
     weights: list[float] = []
+    find_word = _word_finder(tokenizer, words)
 
     def close_chunk() -> None:
         padding = CHUNK_TOKENS - len(tokens)
@@ -258,18 +278,59 @@ def tokenize_prompt(tokenizer, text: str) -> TokenChunks:
             if tokens:
                 close_chunk()
             continue
-        for token in tokenizer(fragment, add_special_tokens=False, verbose=False).input_ids:
-            if len(tokens) == CHUNK_TOKENS:
+        fragment_tokens = tokenizer(fragment, add_special_tokens=False, verbose=False).input_ids
+        position = 0
+        while position < len(fragment_tokens):
+            word = find_word(fragment_tokens, position)
+            piece = word.ids if word is not None else (fragment_tokens[position],)
+            if len(tokens) + len(piece) > CHUNK_TOKENS:
                 close_chunk()
-            tokens.append(token)
-            weights.append(weight)
+            tokens.extend(piece)
+            weights.extend([weight] * len(piece))
+            position += len(word.match) if word is not None else 1
+            if word is not None and word.name not in chunks.words:
+                chunks.words.append(word.name)
     if tokens or not chunks.ids:
         close_chunk()
     return chunks
 
 
-def encode_prompts(text_encoder, tokenizer, prompts: list[str], clip_skip: int | None = None) -> torch.Tensor:
-    """Embeddings ``(len(prompts), 77 * chunks, dim)`` for a batch of prompts.
+def _word_finder(tokenizer, words: Sequence[PromptWord]):
+    """``find(tokens, position)``: the word written at ``position``, else None.
+
+    As A1111 does, a name matches its own token sequence (so, as CLIP lowercases, in any case), the
+    longest name first. Unlike A1111 it must also start a word: "cat" does not match in "bobcat",
+    which CLIP may write as "bob" + "cat". A name's last token ends a word (CLIP's "</w>"), so the
+    match ends one too.
+    """
+    by_first: dict[int, list[PromptWord]] = {}
+    for word in sorted(words, key=lambda w: len(w.match), reverse=True):
+        by_first.setdefault(word.match[0], []).append(word)
+
+    def find(tokens: list[int], position: int) -> PromptWord | None:
+        for word in by_first.get(tokens[position], ()):
+            if tuple(tokens[position : position + len(word.match)]) == word.match and (
+                position == 0 or tokenizer.convert_ids_to_tokens(tokens[position - 1]).endswith("</w>")
+            ):
+                return word
+        return None
+
+    return find
+
+
+def words_used(tokenizer, prompts: list[str], words: Sequence[PromptWord]) -> list[str]:
+    """The names of ``words`` that ``prompts`` use, in order of first appearance."""
+    used: list[str] = []
+    if words:
+        for prompt in prompts:
+            used += [name for name in tokenize_prompt(tokenizer, prompt, words).words if name not in used]
+    return used
+
+
+def encode_prompts(
+    text_encoder, tokenizer, prompts: list[str], clip_skip: int | None = None, words: Sequence[PromptWord] = ()
+) -> torch.Tensor:
+    """Embeddings ``(len(prompts), 77 * chunks, dim)`` for a batch of prompts; ``words``: see ``tokenize_prompt``.
 
     Prompts with fewer chunks than the longest one are padded with encodings
     of the empty prompt, as A1111 does, so the batch has one sequence length.
@@ -280,7 +341,7 @@ def encode_prompts(text_encoder, tokenizer, prompts: list[str], clip_skip: int |
     from ldm.models.text_encoder import encode_tokens
 
     device = text_encoder.device
-    tokenized = [tokenize_prompt(tokenizer, prompt) for prompt in prompts]
+    tokenized = [tokenize_prompt(tokenizer, prompt, words) for prompt in prompts]
     empty = tokenize_prompt(tokenizer, "")
     num_chunks = max(len(chunks.ids) for chunks in tokenized)
     for chunks in tokenized:

@@ -4,7 +4,8 @@
                          from their arguments: model-free, frozen, checked when it is made
     ResolvedSettings     what made a call's images: the settings with the fields that depend on the
                          model filled in (steps, guidance, size), the seeds drawn, and the sampler,
-                         model, VAE and adapters named; returned with the images, written into each PNG
+                         model, VAE, adapters and embeddings used named; returned with the images,
+                         written into each PNG
 
 A bad value is a ``SettingError`` whose message names the field as a ``{field}`` placeholder, so the
 command line reports ``--guidance-scale`` where Python reports ``guidance_scale``. Nothing here
@@ -304,6 +305,7 @@ class ResolvedSettings:
     version: str = ""  # ldm's version
     vae: str | None = None  # the VAE file or folder that replaced the model's own (None: the model's)
     lora_hashes: tuple[tuple[str, str], ...] = ()  # (name, A1111 hash) of each LoRA the prompt's tags apply
+    embeddings: tuple[tuple[str, str], ...] = ()  # (name, A1111's short hash) of each embedding the prompts use
 
     def prompts(self) -> list[tuple[str, str]]:
         """(prompt, negative prompt) of each image, in image order."""
@@ -357,6 +359,8 @@ class ResolvedSettings:
             extra["Lora"] = ", ".join(f"{name}: {scale:g}" for name, scale in self.adapters)
         if self.lora_hashes:  # the tags themselves stay in the prompt, as A1111 keeps them
             extra["Lora hashes"] = ", ".join(f"{name}: {digest}" for name, digest in self.lora_hashes)
+        if self.embeddings:  # A1111 drops the separators from a name so the list reads back
+            extra["TI hashes"] = ", ".join(f"{name.replace(':', '').replace(',', '')}: {digest}" for name, digest in self.embeddings)
         if self.version:
             extra["Version"] = f"ldm {self.version}"
         return extra

@@ -12,6 +12,8 @@ import threading
 import time
 
 import pytest
+import torch
+from safetensors.torch import save_file
 from serving import Background, LiveServer, decode_png, png_data_url, wait_for
 from test_lora_tags import write_lora
 
@@ -37,7 +39,12 @@ def live(tmp_path_factory):
         save_single_file(components, models / "shapes-copy.safetensors")
         (loras / "style.safetensors").write_bytes(b"listed, never loaded")
         write_lora(components.unet, components.text_encoder, loras / "tagged.safetensors", seed=0)  # for <lora:tagged:w>
-        (embeddings / "token.pt").write_bytes(b"listed, never loaded")
+        (embeddings / "token.pt").write_bytes(b"not an embedding: listed as skipped")
+        # The default model's text encoder is 64 wide: one embedding it reads, one of SD 1.x's width it skips.
+        torch.save({"string_to_param": {"*": torch.randn(2, 64, generator=torch.Generator().manual_seed(0))}, "step": 300},
+                   embeddings / "zorblat.pt")  # fmt: skip
+        (embeddings / "sub").mkdir()  # A1111 reads subfolders too
+        save_file({"emb_params": torch.zeros(1, 768)}, embeddings / "sub" / "wide.safetensors")
         limits = Limits(max_pixels=64 * 64 * 4, max_steps=1000, max_images=8, max_prompt_chars=200, max_body_bytes=256 * 1024)
         config = ServerConfig(
             models_dir=models, loras_dir=loras, embeddings_dir=embeddings, outputs=root / "outputs",
@@ -301,10 +308,25 @@ def test_loras_embeddings_and_memory(http):
     loras = http.get("/sdapi/v1/loras").json()
     assert [(l["name"], l["alias"]) for l in loras] == [("style", "style"), ("tagged", "tagged")]
     assert loras[0]["path"].endswith("style.safetensors")
-    assert http.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {"token": {
-        "step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None, "vectors": None}}}
+    assert http.get("/sdapi/v1/embeddings").json() == {
+        "loaded": {"zorblat": {"step": 300, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 64, "vectors": 2}},
+        "skipped": {
+            "token": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None, "vectors": None},
+            "wide": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 768, "vectors": 1},
+        },
+    }
     memory = http.get("/sdapi/v1/memory").json()
     assert memory["ram"]["total"] > memory["ram"]["free"] > 0 and "cuda" in memory
+
+
+def test_a_prompt_that_names_an_embedding_uses_it_and_its_infotext_says_so(http, live):
+    request = {"prompt": "a zorblat circle", "seed": 4, **SMALL}
+    used = http.post("/sdapi/v1/txt2img", json=request).json()
+    plain = http.post("/sdapi/v1/txt2img", json={**request, "prompt": "a circle"}).json()
+    assert used["images"] != plain["images"]
+    digest = hashlib.sha256((live[1] / "embeddings" / "zorblat.pt").read_bytes()).hexdigest()[:12]
+    assert parse_parameters(json.loads(used["info"])["infotexts"][0]).extra["TI hashes"] == f"zorblat: {digest}"
+    assert "TI hashes" not in parse_parameters(json.loads(plain["info"])["infotexts"][0]).extra
 
 
 def test_png_info_reads_back_the_parameters(http):

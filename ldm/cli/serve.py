@@ -22,7 +22,9 @@ def register(sub) -> None:
     parser.add_argument("--model", type=Path, metavar="PATH", help="the model to load (default: the project's model)")
     parser.add_argument("--models-dir", type=Path, metavar="DIR", help="models that POST /sdapi/v1/options can switch to")
     parser.add_argument("--loras-dir", type=Path, metavar="DIR", help="LoRA files listed by /sdapi/v1/loras")
-    parser.add_argument("--embeddings-dir", type=Path, metavar="DIR", help="embedding files listed by /sdapi/v1/embeddings")
+    parser.add_argument(
+        "--embeddings-dir", type=Path, metavar="DIR", help="textual-inversion embeddings that prompts may use by their file's stem"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need --api-auth)")
     parser.add_argument("--port", type=int, default=7860, help="default 7860, as A1111")
     parser.add_argument("--api-auth", metavar="USER:PASS[,USER2:PASS2]", help="HTTP Basic auth on every route")

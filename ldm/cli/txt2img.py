@@ -81,6 +81,10 @@ def register(sub) -> None:
     parser.add_argument(
         "--loras-dir", type=Path, metavar="DIR", help="where the prompt's <lora:NAME:WEIGHT> tags find NAME.safetensors (subfolders too)"
     )
+    parser.add_argument(
+        "--embeddings", type=Path, metavar="DIR",
+        help="textual-inversion embeddings: a prompt word equal to a file's stem uses its vectors (a folder, or one file)",
+    )  # fmt: skip
     parser.add_argument("--dtype", choices=DTYPES, help="default: fp16 on CUDA, fp32 on the CPU")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--vae-decode", choices=("full", "sliced", "tiled"), help="sliced/tiled bound memory (default: full)")
@@ -125,6 +129,7 @@ class Job:
     model: Path
     loras: list[tuple[Path, float]]
     vae: Path | None = None  # replaces the model's VAE
+    embeddings: Path | None = None  # a folder (or file) of textual-inversion embeddings
 
 
 def run(args: argparse.Namespace) -> int:
@@ -147,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
         pipe.load_lora(path, scale=scale, fuse=True)  # merged into the weights, as A1111 does: no cost per step
     if args.loras_dir is not None:
         pipe.configure(loras_dir=args.loras_dir)
+    if job.embeddings is not None:
+        pipe.load_embeddings(job.embeddings)
     # One call makes every image: free each network once its stage is done (peak memory is about
     # the U-Net's weights instead of all of them); the image is the same.
     one_shot = len(job.settings.prompt) * math.ceil(args.num_images / args.batch_size) == 1
@@ -231,9 +238,11 @@ def check_arguments(args: argparse.Namespace) -> Job:
         from ldm.loading import find_vae
 
         find_vae(args.vae)  # exists and holds a VAE; its latent width is checked against the model's on loading
+    if args.embeddings is not None and not args.embeddings.exists():
+        raise InputError(f"--embeddings {args.embeddings} does not exist; give a folder of embedding files (or one file)")
     if settings.init_image is None and (args.width is None or args.height is None):
         check_native_size(args, model)
-    return Job(settings, model, loras, args.vae)
+    return Job(settings, model, loras, args.vae, args.embeddings)
 
 
 def build_settings(args: argparse.Namespace) -> GenerationSettings:

@@ -43,6 +43,8 @@ from ldm.settings import DEFAULT_SCHEDULER, DEFAULTS, GenerationDefaults, Genera
 if TYPE_CHECKING:
     from ldm.adapters import AdapterInfo, Adapters
     from ldm.adapters.folder import PromptLora
+    from ldm.adapters.embeddings import Embeddings
+    from ldm.prompts import PromptWord
 
 
 @dataclass
@@ -94,6 +96,7 @@ class Pipeline:
         self.adapters: list[tuple[str, float]] = []  # (name, scale) of each adapter loaded by name, in order: image metadata
         self._adapters: Adapters | None = None  # made by the first load_lora
         self._tagged: dict[str, tuple[Path, int]] = {}  # adapters the prompts' tags loaded: name -> (file, its mtime)
+        self._embeddings: Embeddings | None = None  # made by the first load_embeddings
         self.vae_name: str | None = None  # the VAE file or folder that replaced the model's (load_vae)
         param = next(unet.parameters())
         # The set-up the networks are in, then the default one applied: the memory format and fast paths
@@ -236,6 +239,29 @@ class Pipeline:
         loaded = self.lora_adapters()
         self._tagged = {name: source for name, source in self._tagged.items() if name in {info.name for info in loaded}}
         self.adapters = [(info.name, info.scale) for info in loaded if info.name not in self._tagged]
+
+    # --- textual-inversion embeddings (ldm.adapters.embeddings) ------------------------------------
+
+    def load_embeddings(self, path: str | Path, name: str | None = None) -> list[str]:
+        """Load a textual-inversion embedding file, or every one in a folder (and its subfolders); returns
+        the names loaded. A prompt that writes a name (the file's stem, or ``name`` for a file) uses its
+        vectors. In a folder, files that do not fit this model are skipped with a warning and listed in
+        ``embeddings.skipped``; a single such file raises."""
+        check_loaded(self.text_encoder)
+        return self.embeddings.load(path, name)
+
+    @property
+    def embeddings(self) -> Embeddings:
+        """The loaded embeddings (``loaded``: name -> ``Embedding``) and the files skipped (``skipped``)."""
+        from ldm.adapters.embeddings import Embeddings
+
+        if self._embeddings is None:
+            self._embeddings = Embeddings(self.text_encoder, self.tokenizer)
+        return self._embeddings
+
+    def prompt_words(self) -> tuple[PromptWord, ...]:
+        """The words a prompt may write for the loaded embeddings (none before ``load_embeddings``)."""
+        return self._embeddings.words() if self._embeddings is not None else ()
 
     def load_vae(self, path: str | Path) -> None:
         """Replace the VAE with a VAE file or folder: a KL-VAE (original single file or diffusers folder) or

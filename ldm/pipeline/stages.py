@@ -33,7 +33,7 @@ from ldm.errors import ConfigError, InputError, LdmError, SettingError
 from ldm.guidance import ClassifierFreeGuidance, Conditional, Denoiser, EmbeddedGuidance, Network, guided_steps
 from ldm.images import image_to_tensor, to_numpy, to_pil
 from ldm.prompts import encode_prompts as encode_texts
-from ldm.prompts import split_lora_tags
+from ldm.prompts import split_lora_tags, words_used
 from ldm.random import randn, resolve_seed, seed_generators
 from ldm.schedulers import DiffusersScheduler, NoiseProcess, Scheduler, SchedulerConfig, check_options, check_spacing, create
 from ldm.schedulers.config import LINSPACE_DEFAULTS
@@ -93,10 +93,14 @@ def resolve(pipe: Pipeline, settings: GenerationSettings, template: Any, generat
     seeds, generators = seeds_and_generators(generator, s.seed, s.batch)
     scheduler = build_scheduler(pipe.scheduler_config, s, template)
     loras = find_loras(pipe, s)
+    texts = encoded_texts(pipe, s)
+    pipe.embeddings.check_not_skipped(texts)
+    used = words_used(pipe.tokenizer, texts, pipe.prompt_words())
     resolved = ResolvedSettings(
         replace(s, seed=seeds[0] if seeds else None), seeds, sampler_name(scheduler),
         pipe.name, pipe.model_hash, tuple(pipe.adapters), __version__, vae=pipe.vae_name,
         lora_hashes=tuple((lora.infotext_name, lora.hash) for lora in loras),
+        embeddings=tuple((name, pipe.embeddings.short_hash(name)) for name in used),
     )
     return Call(resolved, scheduler, generators, shape, init_tensor(s), latents, loras)
 
@@ -185,14 +189,21 @@ def encode_prompts(pipe: Pipeline, call: Call) -> tuple[torch.Tensor, torch.Tens
     """
     s = call.settings
     guided = s.guided and not embeds_guidance(pipe)
-    texts = [split_lora_tags(text)[0] for text in s.prompt] + (list(s.negative_prompt) if guided else [])
+    texts = encoded_texts(pipe, s)
     with pipe.residency.running(pipe.text_encoder) as text_encoder:
-        states = encode_texts(text_encoder, pipe.tokenizer, texts, clip_skip=s.clip_skip)
+        states = encode_texts(text_encoder, pipe.tokenizer, texts, clip_skip=s.clip_skip, words=pipe.prompt_words())
     pipe.residency.done_with(pipe.text_encoder)
     states = states.to(pipe.device, pipe.dtype)
     cond = states[: len(s.prompt)].repeat_interleave(s.num_images_per_prompt, dim=0)
     uncond = states[len(s.prompt) :].repeat_interleave(s.num_images_per_prompt, dim=0) if guided else None
     return cond, uncond
+
+
+def encoded_texts(pipe: Pipeline, s: GenerationSettings) -> list[str]:
+    """The texts the text encoder reads for a call: its prompts without their LoRA tags, then its negatives
+    when it is guided."""
+    guided = s.guided and not embeds_guidance(pipe)
+    return [split_lora_tags(text)[0] for text in s.prompt] + (list(s.negative_prompt) if guided else [])
 
 
 def embeds_guidance(pipe: Pipeline) -> bool:

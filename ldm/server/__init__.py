@@ -8,7 +8,7 @@
     names.py      A1111's sampler and schedule-type names
     jobs.py       the bounded FIFO queue and its one worker thread
     engine.py     the loaded model; how a job runs, stops and saves
-    catalog.py    models, LoRAs, embeddings offered by name (no path from a client is ever opened)
+    catalog.py    models and LoRAs offered by name (no path from a client is ever opened)
     guard.py      HTTP Basic auth and the body-size limit, before any route
     service.py    Server: the parts of one server
 

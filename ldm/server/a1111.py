@@ -174,9 +174,12 @@ class A1111Api:
         return [schema.LoraItem(name=path.stem, alias=path.stem, path=str(path)) for path in self.server.catalog.loras()]
 
     def embeddings(self) -> schema.EmbeddingsResponse:
-        """Embedding files are listed as skipped: ldm does not load textual inversions yet."""
-        skipped = {path.stem: schema.EmbeddingItem() for path in self.server.catalog.embeddings()}
-        return schema.EmbeddingsResponse(loaded={}, skipped=skipped)
+        """The embeddings the loaded model reads, and the files of ``--embeddings-dir`` it does not (another
+        width, or unreadable: those without their fields), as A1111 lists them."""
+        embeddings = self.server.engine.pipeline.embeddings
+        loaded = {name: embedding_item(e) for name, e in embeddings.loaded.items()}
+        skipped = {name: embedding_item(s.embedding) for name, s in embeddings.skipped.items()}
+        return schema.EmbeddingsResponse(loaded=loaded, skipped=skipped)
 
     def empty_list(self) -> list[dict[str, Any]]:
         return []
@@ -192,6 +195,16 @@ class A1111Api:
             text = image.info.get("parameters")
         items, parameters = png_info(text)
         return schema.PNGInfoResponse(info=text or "", items=items, parameters=parameters)
+
+
+def embedding_item(embedding) -> schema.EmbeddingItem:
+    """A1111's fields of an embedding (``ldm.adapters.embeddings.Embedding``), or none for an unreadable file."""
+    if embedding is None:
+        return schema.EmbeddingItem()
+    return schema.EmbeddingItem(
+        step=embedding.step, sd_checkpoint=embedding.sd_checkpoint, sd_checkpoint_name=embedding.sd_checkpoint_name,
+        shape=embedding.width, vectors=embedding.count,
+    )  # fmt: skip
 
 
 def job_timestamp(created: float) -> str:

@@ -1,4 +1,6 @@
-"""The files a server offers by name: models, LoRAs, embeddings, each from its folder.
+"""The files a server offers by name: models and LoRAs, each from its folder.
+
+Embeddings are not named by clients: the engine loads ``--embeddings-dir`` into each model it loads.
 
 A client names a file (``sd_model_checkpoint``, a LoRA); the server looks the name up in a listing
 of the folder it was given and never joins a client's text to a path, so ``../../x`` or an absolute
@@ -15,7 +17,6 @@ from ldm.adapters.folder import lora_files
 from ldm.loading.hashes import sha256
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
-EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 
 
 @dataclass(frozen=True)
@@ -71,22 +72,13 @@ def list_models(folder: Path | None) -> list[ModelEntry]:
     return [entry for entry in entries if not entry.name.startswith(".")]
 
 
-def list_files(folder: Path | None, suffixes: tuple[str, ...]) -> list[Path]:
-    """The files with one of ``suffixes`` in ``folder`` and its subfolders, sorted (A1111 lists nested ones too)."""
-    if folder is None:
-        return []
-    found = (path for path in Path(folder).rglob("*") if path.is_file() and path.suffix in suffixes)
-    return sorted(path for path in found if not path.name.startswith("."))
-
-
 @dataclass
 class Catalog:
-    """The models, LoRAs and embeddings a server offers; ``refresh`` reads the folders again."""
+    """The models and LoRAs a server offers; ``refresh`` reads the folders again."""
 
     startup_model: ModelEntry  # the model loaded at start, listed even when outside models_dir
     models_dir: Path | None
     loras_dir: Path | None
-    embeddings_dir: Path | None
 
     def __post_init__(self) -> None:
         self.models: list[ModelEntry] = []
@@ -108,5 +100,3 @@ class Catalog:
         """The files prompts name with ``<lora:NAME:WEIGHT>``: the same listing the pipeline searches."""
         return lora_files(self.loras_dir) if self.loras_dir is not None else []
 
-    def embeddings(self) -> list[Path]:
-        return list_files(self.embeddings_dir, EMBEDDING_SUFFIXES)

@@ -12,6 +12,7 @@ decoded from the last step's denoised latents (its x_0 estimate) and kept, unles
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,10 +44,12 @@ class Engine:
     def __init__(
         self, model: ModelEntry, max_pixels: int, outputs: Path | None, device: str | None = None, dtype: str | None = None,
         loras_dir: Path | None = None,
-    ):
+        embeddings: Path | None = None,
+    ):  # fmt: skip
         self.max_pixels = max_pixels
         self.outputs = outputs
         self.loras_dir = loras_dir  # where the prompts' <lora:...> tags find their files
+        self.embeddings = embeddings  # every model loaded reads the embeddings of this folder that fit it
         self.device, self.dtype = default_device(device, dtype)
         self.lock = threading.Lock()
         self.model = model
@@ -55,6 +58,10 @@ class Engine:
 
     def _load(self, model: ModelEntry) -> Pipeline:
         pipe = Pipeline.from_pretrained(model.path, device=self.device, dtype=self.dtype)
+        if self.embeddings is not None:
+            with warnings.catch_warnings():  # the files that do not fit are listed by GET /sdapi/v1/embeddings
+                warnings.simplefilter("ignore")
+                pipe.load_embeddings(self.embeddings)
         return pipe.configure(max_pixels=self.max_pixels, weights_after_use="keep", loras_dir=self.loras_dir)
 
     def switch(self, model: ModelEntry) -> None:

@@ -28,9 +28,9 @@ class Server:
         from ldm.loading import DEFAULT_MODEL_DIR
 
         path = Path(config.model or DEFAULT_MODEL_DIR)
-        catalog = Catalog(ModelEntry(path.name, path), config.models_dir, config.loras_dir, config.embeddings_dir)
+        catalog = Catalog(ModelEntry(path.name, path), config.models_dir, config.loras_dir)
         engine = Engine(
-            catalog.startup_model, config.limits.max_pixels, config.outputs, config.device, config.dtype, config.loras_dir
+            catalog.startup_model, config.limits.max_pixels, config.outputs, config.device, config.dtype, config.loras_dir, config.embeddings_dir
         )
         return cls(config, catalog, engine, JobQueue(engine, config.queue_size, config.history))
 
