@@ -27,9 +27,9 @@ torch's intra-op threads follow them), waits for uvicorn's "running on" line and
   occasional batch of 2; the server's resident memory (``VmRSS`` of ``/proc/<pid>/status``) is read after each.
   Reported: RSS after generation 20, at the end, and the largest drift from it after 20 (target: within 5 %).
   Every other prompt carries ``<lora:NAME:0.8>`` for a LoRA in the server's ``--loras-dir``: by default a
-  small random LoRA for the default model that this script writes in the cache. The server does not apply
-  LoRA tags yet (they are text to the model), so the LoRA half is *not measured* until it does: the report
-  counts the tagged generations whose infotext names the LoRA, and says so when none does.
+  small random LoRA for the default model that this script writes in the cache, so the server switches it on
+  and off. The report counts the tagged generations whose infotext names the LoRA (all should), and says the
+  LoRA half is not measured when none does (a server that treated the tag as text).
 
 Results: ``results/serve-ldm-shapes.json`` (``--quick``: ``serve-ldm-shapes-quick.json``) with the CPU model and
 flags (``common.cpu_info``) and the 1-minute load average before and after each part.
@@ -426,13 +426,13 @@ def request_once(client: httpx.Client, c: int, i: int, kind: str, steps: int, in
 
 
 def write_random_lora(path: Path) -> Path:
-    """A rank-4 LoRA on the default model's U-Net attention projections with random weights (``ldm.lora.save_lora``)."""
+    """A rank-4 LoRA on the default model's U-Net attention projections with random weights (``ldm.adapters.save_lora``)."""
     if path.exists():
         return path
     import torch
 
     from ldm import Pipeline
-    from ldm.lora import UNET_TARGETS, add_adapters, save_lora
+    from ldm.adapters.training import UNET_TARGETS, add_adapters, save_lora
 
     pipe = Pipeline.from_pretrained()
     unet = add_adapters(pipe.unet, UNET_TARGETS, rank=4, alpha=4.0)
@@ -499,8 +499,8 @@ def soak(plan: Plan, lora_dir: Path | None, lora: str | None) -> dict[str, Any]:
         "target_drift": RSS_DRIFT_TARGET, "met": drift <= RSS_DRIFT_TARGET and not failures, "rss_mib": rss,
         "lora": {"name": lora, "dir": str(lora_dir) if lora_dir else None, "listed_by_server": lora in listed,
                  "tagged_generations": tagged, "applied_generations": applied, "measured": applied > 0,
-                 "note": None if applied else "the server does not apply <lora:...> tags yet: the tag reached the model "
-                 "as prompt text, so the LoRA on/off half of the soak is not measured"},
+                 "note": None if applied else "no tagged generation applied the LoRA (its infotext does not name it), "
+                 "so the LoRA on/off half of the soak is not measured"},
     }  # fmt: skip
 
 
@@ -540,7 +540,7 @@ def table(results: dict[str, Any]) -> str:
                     f"after {s['baseline_generation']}, {s['rss_end_mib']:.0f} MiB at the end, max drift {100 * s['rss_max_drift']:.2f} % "
                     f"(target <= {100 * s['target_drift']:.0f} %: {'met' if s['met'] else 'NOT met'}); LoRA: "
                     f"{s['lora']['applied_generations']}/{s['lora']['tagged_generations']} applied"
-                    + ("" if s["lora"]["measured"] else " (not measured: the server does not apply LoRA tags yet)"))  # fmt: skip
+                    + ("" if s["lora"]["measured"] else " (not measured: no tagged generation applied the LoRA)"))  # fmt: skip
     return "\n".join(rows)
 
 
