@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import diffusers_taesd, save_diffusers_folder, taesd_original_state_dicts
 
 from ldm.cli import main
-from ldm.errors import CheckpointError
+from ldm.errors import CheckpointError, InputError
 from ldm.images import read_parameters
 from ldm.loading import find_vae, load_components, load_vae, save_single_file
 from ldm.models import TAESD, AutoencoderKL
@@ -222,10 +222,10 @@ def test_refusals_are_one_line(files, tmp_path):
     assert "makes 16-channel latents but the model's U-Net takes 4" in _one_line(error)
     lone = tmp_path / "lone"
     lone.mkdir()
-    (lone / "taesd_decoder.pth").write_bytes((files["taesd-pth"] / "taesd_decoder.pth").read_bytes())
+    (lone / "taesd_encoder.pth").write_bytes((files["taesd-pth"] / "taesd_encoder.pth").read_bytes())
     with pytest.raises(CheckpointError) as error:
-        load_vae(lone / "taesd_decoder.pth")
-    assert "ldm needs its encoder too" in _one_line(error)
+        load_vae(lone / "taesd_encoder.pth")
+    assert "ldm needs its decoder too" in _one_line(error)
     with pytest.raises(CheckpointError) as error:
         load_vae(tmp_path / "missing.safetensors")
     assert "does not exist" in _one_line(error)
@@ -245,3 +245,25 @@ def test_cli_vae_flag(files, tmp_path, capsys):
         code = main(["txt2img", "a cat", "--model", str(files["model"]), "--vae", str(vae), "--out", str(out)])
         err = capsys.readouterr().err
         assert code == 2 and said in err and err.count("\n") == 1
+
+
+def test_a_taesd_decoder_alone_decodes_as_the_whole_taesd_and_refuses_img2img_in_one_line(files, tmp_path):
+    """A1111 ships taesd_decoder.pth alone (for previews): it loads, as a file or as the one file of a folder."""
+    from diffusers import AutoencoderTiny
+
+    reference = AutoencoderTiny.from_pretrained(files["taesd"])
+    alone = tmp_path / "approx"
+    alone.mkdir()
+    (alone / "taesd_decoder.pth").write_bytes((files["taesd-pth"] / "taesd_decoder.pth").read_bytes())
+    latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(6))
+    for path in (alone / "taesd_decoder.pth", alone):
+        vae = load_vae(path)
+        assert isinstance(vae, TAESD) and vae.encoder is None
+        with torch.no_grad():
+            assert (vae.decode(latents) - reference.decode(latents).sample).abs().max() < TOLERANCE
+    pipe = Pipeline.from_pretrained(files["model"], vae=alone)
+    assert pipe("a cat", num_inference_steps=1, seed=0, output_type="pt").images.shape[1] == 3  # txt2img decodes
+    with pytest.raises(InputError) as error:
+        pipe("a cat", init_image=init_image(), num_inference_steps=2, seed=0)
+    assert "loaded from its taesd_decoder file alone, so it cannot encode an image (img2img)" in _one_line(error)
+

@@ -178,6 +178,23 @@ def taesd_config(encoder: Mapping[str, tuple[int, ...]], decoder: Mapping[str, t
     }
 
 
+def taesd_decoder_config(decoder: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """``taesd_config`` of a decoder file alone: the encoder's fields mirror the decoder's (the encoder is not
+    built from them; a decoder-only TAESD cannot encode)."""
+    dec_convs, dec_blocks = _taesd_sequence(decoder, "decoder")
+    width = decoder[dec_convs[0]][0]
+    return {
+        "_class_name": "AutoencoderTiny",
+        "in_channels": decoder[dec_convs[-1]][0],
+        "out_channels": decoder[dec_convs[-1]][0],
+        "latent_channels": decoder[dec_convs[0]][1],
+        "encoder_block_out_channels": [width] * len(dec_blocks),
+        "decoder_block_out_channels": [width] * len(dec_blocks),
+        "num_encoder_blocks": [1] + [3] * (len(dec_blocks) - 1),
+        "num_decoder_blocks": dec_blocks,
+    }
+
+
 def _taesd_sequence(shapes: Mapping[str, tuple[int, ...]], part: str) -> tuple[list[str], list[int]]:
     """The convolution weights of one TAESD file, in order, and the number of blocks between each two."""
     convs: list[str] = []

@@ -6,6 +6,7 @@
 | a diffusers VAE folder                  | ``config.json`` (``_class_name``) + weights          | ``AutoencoderKL`` or ``TAESD`` |
 | one ``.safetensors`` / ``.ckpt`` / ``.pt`` | the original KL layout (``encoder.down.0.block.0...``, ``first_stage_model.`` prefix optional) | ``AutoencoderKL`` |
 | ``taesd_encoder.*`` + ``taesd_decoder.*``: either file, or the folder holding both | TAESD's original sequences (``0.weight``, ``1.conv.0.weight``...) | ``TAESD`` |
+| ``taesd_decoder.*`` alone, or a folder holding only it | the decoder's sequence | ``TAESD`` that decodes only (no img2img) |
 
 A file's configuration comes from its shapes and SD's conventions (``ldm.loading.detect``: 32
 GroupNorm groups and scaling factor 0.18215 for a KL-VAE, 1.0 for TAESD); every rename from
@@ -30,12 +31,12 @@ from ldm.errors import CheckpointError
 from ldm.loading import keymap
 from ldm.loading.components import load_entries, parse_dtype, shapes_of
 from ldm.loading.configs import built
-from ldm.loading.detect import taesd_config, vae_config
+from ldm.loading.detect import taesd_config, taesd_decoder_config, vae_config
 from ldm.loading.diffusers_folder import load_vae_folder, vae_folder_config
 from ldm.loading.sources import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, TensorFile
 from ldm.models import TAESD, AutoencoderKL, TAESDConfig, VAEConfig
 
-VaeKind = Literal["folder", "kl-file", "taesd-files"]
+VaeKind = Literal["folder", "kl-file", "taesd-files", "taesd-decoder"]
 Check = Callable[[VAEConfig | TAESDConfig], None]  # refuses a configuration before any weight is read
 VAE_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 # Keys of an original KL-VAE file that the network does not use (VAE training state).
@@ -109,22 +110,25 @@ def _source_of_file(path: Path, layout: keymap.VaeLayout | None) -> VaeSource:
     if layout == "kl":
         return VaeSource("kl-file", (path,))
     if layout in ("taesd-encoder", "taesd-decoder"):
-        return VaeSource("taesd-files", _taesd_pair(path, layout))
+        return _taesd_source(path, layout)
     if layout == "kl-diffusers":
         raise CheckpointError(f"{path} holds diffusers-named VAE weights; pass the folder that holds it and its config.json")
     raise CheckpointError(f"{path} holds no VAE weights (neither a KL-VAE nor TAESD); pass a VAE file or folder")
 
 
-def _taesd_pair(path: Path, layout: keymap.VaeLayout) -> tuple[Path, Path]:
-    """(encoder, decoder) files: ``path`` and the file beside it named with the other part."""
+def _taesd_source(path: Path, layout: keymap.VaeLayout) -> VaeSource:
+    """Both TAESD files: ``path`` and the file beside it named with the other part; a decoder alone (as A1111
+    ships ``taesd_decoder.pth`` for previews) decodes but cannot encode (img2img)."""
     own, other = ("encoder", "decoder") if layout == "taesd-encoder" else ("decoder", "encoder")
     if own not in path.stem:
         raise CheckpointError(f"{path} is a TAESD {own} whose name does not say so; name it like taesd_{own}{path.suffix}")
     stem = other.join(path.stem.rsplit(own, 1))
     partners = [path.with_name(stem + suffix) for suffix in VAE_SUFFIXES if path.with_name(stem + suffix).is_file()]
-    if not partners:
-        raise CheckpointError(f"{path} is a TAESD {own}; ldm needs its {other} too, as {stem}.pth or .safetensors beside it")
-    return (path, partners[0]) if own == "encoder" else (partners[0], path)
+    if partners:
+        return VaeSource("taesd-files", (path, partners[0]) if own == "encoder" else (partners[0], path))
+    if own == "decoder":
+        return VaeSource("taesd-decoder", (path,))
+    raise CheckpointError(f"{path} is a TAESD encoder; ldm needs its decoder too, as {stem}.pth or .safetensors beside it")
 
 
 def _find_in_folder(folder: Path) -> VaeSource:
@@ -133,6 +137,9 @@ def _find_in_folder(folder: Path) -> VaeSource:
     if (folder / "config.json").is_file():
         return VaeSource("folder", (folder,))
     pairs = _taesd_pairs_in(folder)
+    decoders = sorted(p for p in folder.iterdir() if p.suffix in VAE_SUFFIXES and p.is_file() and p.stem.endswith("decoder"))
+    if not pairs and len(decoders) == 1:
+        return VaeSource("taesd-decoder", (decoders[0],))
     if len(pairs) != 1:
         found = f"{len(pairs)} TAESD pairs ({', '.join(sorted(pairs))}); pass one of their files" if pairs else "no VAE"
         raise CheckpointError(
@@ -204,6 +211,21 @@ def _load_taesd_files(source: VaeSource, check: Check, device: torch.device, dty
     return _finished(vae)
 
 
+def _load_taesd_decoder(source: VaeSource, check: Check, device: torch.device, dtype: torch.dtype) -> TAESD:
+    """TAESD from its ``taesd_decoder`` file alone: it decodes (and previews); ``encode`` refuses."""
+    file = TensorFile(source.paths[0])
+    if keymap.vae_layout(set(file.shapes)) != "taesd-decoder":
+        raise CheckpointError(f"{file.path} is not a TAESD decoder file")
+    config = built(TAESDConfig.from_diffusers, taesd_decoder_config(file.shapes), f"TAESD {file.path}")
+    check(config)
+    with torch.device("meta"):
+        vae = TAESD(config)
+    vae.encoder = None
+    entries = keymap.taesd_entries(shapes_of(vae.decoder), "decoder")
+    load_entries(vae.decoder, entries, file.shapes, file.read, device=device, dtype=dtype, where=f"TAESD decoder {file.path}")
+    return _finished(vae)
+
+
 def _finished(vae: AutoencoderKL | TAESD) -> AutoencoderKL | TAESD:
     for key, tensor in [*vae.named_parameters(), *vae.named_buffers()]:
         if tensor.is_meta:
@@ -215,4 +237,5 @@ _LOADERS: dict[VaeKind, Callable[..., AutoencoderKL | TAESD]] = {
     "folder": _load_folder,
     "kl-file": _load_kl_file,
     "taesd-files": _load_taesd_files,
+    "taesd-decoder": _load_taesd_decoder,
 }

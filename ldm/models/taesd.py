@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.errors import ConfigError
+from ldm.errors import ConfigError, InputError
 from ldm.models._config import as_int, as_int_tuple, check_defaults, check_range
 from ldm.models.attention import AttentionBackend, set_attention
 from ldm.models.vae import _tiled
@@ -220,11 +220,16 @@ class TAESD(nn.Module):
     def __init__(self, config: TAESDConfig):
         super().__init__()
         self.config = config
-        self.encoder = TinyEncoder(config)
+        self.encoder: TinyEncoder | None = TinyEncoder(config)  # None: loaded from a decoder file alone
         self.decoder = TinyDecoder(config)
 
     def encode(self, x: torch.Tensor) -> PointPosterior:
         """Images (B, 3, H, W) in [-1, 1] -> the latents (B, C, H/8, W/8), scaled as the U-Net's."""
+        if self.encoder is None:
+            raise InputError(
+                "this TAESD was loaded from its taesd_decoder file alone, so it cannot encode an image (img2img); "
+                "put its taesd_encoder file beside it"
+            )
         return PointPosterior(self.encoder(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
