@@ -84,6 +84,10 @@ def check_strength(value, name: str = "strength") -> float:
     return number
 
 
+def check_subseed_strength(value, name: str = "subseed_strength") -> float:
+    return _between(value, name, 0.0, 1.0, " (0 = off, 1 = the variation seed's noise)")
+
+
 def check_guidance_fraction(value, name: str = "guidance_fraction") -> float:
     return _between(value, name, 0.0, 1.0, " (1 = guidance at every step)")
 

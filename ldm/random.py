@@ -59,3 +59,22 @@ def seed_generators(seed: int, count: int) -> list[torch.Generator]:
     import torch
 
     return [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
+
+
+def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation (Shoemake 1985) of one image's noise ``low`` (C, H, W) toward ``high`` by ``t``, as
+    A1111 computes its variation seeds: each (channel, column) is one vector along the rows, interpolated on the
+    great circle through both; where the two are nearly parallel on average (mean cosine > 0.9995) it mixes
+    them linearly with A1111's weights, ``t`` on ``low``. ``t`` = 0 gives ``low`` and 1 gives ``high``
+    elsewhere."""
+    import torch
+
+    low_unit = low / torch.linalg.vector_norm(low, dim=1, keepdim=True)
+    high_unit = high / torch.linalg.vector_norm(high, dim=1, keepdim=True)
+    cosine = (low_unit * high_unit).sum(1)  # (C, W)
+    if cosine.mean() > 0.9995:
+        return low * t + high * (1 - t)
+    omega = torch.acos(cosine)
+    sin_omega = torch.sin(omega)
+    return (torch.sin((1 - t) * omega) / sin_omega).unsqueeze(1) * low + (torch.sin(t * omega) / sin_omega).unsqueeze(1) * high
+

@@ -100,6 +100,8 @@ class GenerationSettings:
     timesteps: tuple[float, ...] | None = None  # the run's own timesteps, descending, instead of a schedule
     sigmas: tuple[float, ...] | None = None  # the run's own sigmas (steps + 1, ending where the run ends)
     seed: int | None = None  # image i gets seed + i; None or -1: a random seed
+    subseed: int | None = None  # A1111's variation seed: image i's noise leans toward subseed + i's; None or -1: random
+    subseed_strength: float = 0.0  # how far it leans: 0 (off) to 1 (the variation seed's noise); see ldm.random.slerp
     init_image: Any = None  # PIL image, path or tensor: img2img
     strength: float | None = None  # img2img: how much to change the image, (0, 1]; None: DEFAULT_STRENGTH
     clip_skip: int | None = None  # use the text encoder's k-th layer from the end (diffusers' meaning)
@@ -171,6 +173,9 @@ class GenerationSettings:
             checks.check_eta(self.eta)
         if self.seed is not None:
             checks.check_seed(self.seed, self.num_images_per_prompt)
+        if self.subseed is not None:
+            checks.check_seed(self.subseed, self.num_images_per_prompt, "subseed")
+        checks.check_subseed_strength(self.subseed_strength)
         if self.strength is not None:
             checks.check_strength(self.strength)
         if self.clip_skip is not None:
@@ -321,10 +326,17 @@ class ResolvedSettings:
             GenerationParameters(
                 prompt=prompt, negative_prompt=negative, steps=s.num_inference_steps, sampler=self.sampler,
                 cfg_scale=s.guidance_scale, seed=seed, width=s.width, height=s.height, model=self.model,
-                extra=self.infotext_extra(),
+                extra={**self.infotext_extra(), **self.variation(i)},
             )
-            for (prompt, negative), seed in zip(self.prompts(), self.seeds)
+            for i, ((prompt, negative), seed) in enumerate(zip(self.prompts(), self.seeds))
         ]
+
+    def variation(self, i: int) -> dict[str, str]:
+        """Image i's variation seed and strength as A1111 writes them (nothing when the strength is 0)."""
+        s = self.settings
+        if not s.subseed_strength or s.subseed is None:
+            return {}
+        return {"Variation seed": str(s.subseed + i), "Variation seed strength": f"{s.subseed_strength:g}"}
 
     def infotext_extra(self) -> dict[str, str]:
         """The optional A1111 infotext keys of these settings, each only where it is not the default."""

@@ -93,6 +93,17 @@ def test_txt2img_answers_images_parameters_and_info_that_match_the_request(http)
         assert (params.prompt, params.negative_prompt, params.width) == ("a blue square", "blurry", 64)
 
 
+def test_variation_seeds_lean_each_image_toward_its_subseed_and_are_reported_as_a1111_does(http):
+    request = {"prompt": "a blue square", "seed": 7, "subseed": 30, "subseed_strength": 0.3, "batch_size": 2, "n_iter": 2, **SMALL}
+    body = http.post("/sdapi/v1/txt2img", json=request).json()
+    info = json.loads(body["info"])
+    assert info["subseed"] == 30 and info["all_subseeds"] == [30, 31, 32, 33] and info["subseed_strength"] == 0.3
+    extras = [parse_parameters(text).extra for text in info["infotexts"]]
+    assert [(e["Variation seed"], e["Variation seed strength"]) for e in extras] == [(str(30 + i), "0.3") for i in range(4)]
+    plain = http.post("/sdapi/v1/txt2img", json={**request, "subseed_strength": 0}).json()["images"]
+    assert body["images"] != plain and http.post("/sdapi/v1/txt2img", json=request).json()["images"] == body["images"]
+
+
 def test_txt2img_is_reproducible_by_seed_and_random_with_minus_one(http):
     one = http.post("/sdapi/v1/txt2img", json={"prompt": "a circle", "seed": 11, **SMALL}).json()
     two = http.post("/sdapi/v1/txt2img", json={"prompt": "a circle", "seed": 11, **SMALL}).json()
@@ -156,7 +167,9 @@ def test_img2img_without_a_readable_image_is_a_422_naming_init_images(http, init
         ({"width": 128, "height": 136}, "width"),
         ({"seed": -2}, "seed"),
         ({"enable_hr": True}, "enable_hr"),
-        ({"subseed_strength": 0.5}, "subseed_strength"),
+        ({"subseed_strength": 1.5}, "subseed_strength"),
+        ({"subseed_strength": 0.5, "subseed": -2}, "subseed"),
+        ({"seed_resize_from_h": 512}, "seed_resize_from_h"),
         ({"override_settings": {"CLIP_stop_at_last_layers": 0}}, "override_settings.CLIP_stop_at_last_layers"),
         ({"scheduler": "Cosine"}, "scheduler"),
     ],

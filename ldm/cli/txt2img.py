@@ -67,6 +67,11 @@ def register(sub) -> None:
     parser.add_argument("--guidance-rescale", type=float, default=DEFAULTS["guidance_rescale"], help="0..1, for v-prediction models (Lin et al. 2024)")
     parser.add_argument("--clip-skip", type=int, metavar="K", help="use the text encoder's k-th layer from the end, diffusers' meaning")
     parser.add_argument("--seed", type=int, default=-1, help="seed of the first image; image j gets seed + j (default -1: random)")
+    parser.add_argument("--subseed", type=int, default=-1, help="variation seed (A1111's): image j leans toward subseed + j's noise (default -1: random)")
+    parser.add_argument(
+        "--subseed-strength", type=float, default=DEFAULTS["subseed_strength"], metavar="S",
+        help="how far toward the variation seed's noise, 0 (off, the default) to 1",
+    )  # fmt: skip
     parser.add_argument("--width", type=int, help="multiple of 8 (default: the model's native size or the init image's)")
     parser.add_argument("--height", type=int, help="multiple of 8 (default: the model's native size or the init image's)")
     parser.add_argument("--num-images", type=int, default=DEFAULTS["num_images_per_prompt"], metavar="N", help="images per prompt")
@@ -176,7 +181,11 @@ def generate_all(pipe, settings: GenerationSettings, args: argparse.Namespace) -
     for prompt, negative in zip(settings.prompt, settings.negative_prompt):
         for first in range(0, args.num_images, args.batch_size):
             count = min(args.batch_size, args.num_images - first)
-            batch = replace(settings, prompt=(prompt,), negative_prompt=(negative,), num_images_per_prompt=count, seed=settings.seed + first)
+            subseed = None if settings.subseed is None else settings.subseed + first
+            batch = replace(
+                settings, prompt=(prompt,), negative_prompt=(negative,), num_images_per_prompt=count, seed=settings.seed + first,
+                subseed=subseed,
+            )  # fmt: skip
             steps_bar = tqdm(total=steps, desc="steps", leave=False, disable=args.quiet, file=sys.stderr)
             result = pipe.generate(batch, callback=step_callback(steps_bar, args.preview, pipe.vae))
             steps_bar.close()
@@ -260,10 +269,12 @@ def build_settings(args: argparse.Namespace) -> GenerationSettings:
         guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, guidance_fraction=args.guidance_fraction,
         width=args.width, height=args.height, num_images_per_prompt=args.num_images, scheduler=args.scheduler,
         eta=args.eta, timestep_spacing=args.timestep_spacing, seed=args.seed, sigma_schedule=sigma_schedule(args),
+        subseed=args.subseed, subseed_strength=args.subseed_strength,
         init_image=check_init_image(args), strength=args.strength, clip_skip=args.clip_skip,
         deepcache_interval=args.deepcache, token_merging=args.tome,
     )
-    return replace(settings, seed=resolve_seed(settings.seed, args.num_images))
+    subseed = resolve_seed(settings.subseed, args.num_images, "subseed") if settings.subseed_strength else None
+    return replace(settings, seed=resolve_seed(settings.seed, args.num_images), subseed=subseed)
 
 
 def sigma_schedule(args: argparse.Namespace) -> str:

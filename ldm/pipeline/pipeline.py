@@ -320,6 +320,8 @@ class Pipeline:
         sigmas: list[float] | None = None,
         generator: Generators | None = None,
         seed: int | None = None,
+        subseed: int | None = None,
+        subseed_strength: float = DEFAULTS["subseed_strength"],
         latents: torch.Tensor | None = None,
         init_image: Image.Image | str | Path | torch.Tensor | None = None,
         strength: float | None = None,
@@ -337,7 +339,8 @@ class Pipeline:
         scheduler config and the call's ``eta``, ``timestep_spacing`` and ``use_karras_sigmas`` /
         ``use_exponential_sigmas``), or one of our or diffusers' scheduler objects as a template (the
         call builds its own from it). ``timesteps`` or ``sigmas`` replace the schedule with the
-        run's own points, as in diffusers. ``generator`` (one per image, or one for all) replaces ``seed``; ``latents`` replaces
+        run's own points, as in diffusers. ``subseed`` / ``subseed_strength``: A1111's variation seeds (image i's
+        starting noise leans toward seed ``subseed + i``'s). ``generator`` (one per image, or one for all) replaces ``seed``; ``latents`` replaces
         the initial noise. ``callback(i, t, latents, denoised)`` is called after each step (``denoised``:
         the x_0 the step's network output implied, scaled latents; ``ldm.previews`` draws it).
         """
@@ -348,6 +351,7 @@ class Pipeline:
             width=width, height=height, num_images_per_prompt=num_images_per_prompt,
             scheduler=(scheduler or DEFAULT_SCHEDULER) if named else DEFAULT_SCHEDULER,
             eta=eta, timestep_spacing=timestep_spacing, seed=seed, timesteps=timesteps, sigmas=sigmas,
+            subseed=subseed, subseed_strength=subseed_strength,
             sigma_schedule=GenerationSettings.sigma_schedule_of(use_karras_sigmas, use_exponential_sigmas),
             init_image=init_image, strength=strength, clip_skip=clip_skip,
             deepcache_interval=deepcache_interval, token_merging=token_merging,

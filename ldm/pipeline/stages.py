@@ -34,7 +34,7 @@ from ldm.guidance import ClassifierFreeGuidance, Conditional, Denoiser, Embedded
 from ldm.images import image_to_tensor, to_numpy, to_pil
 from ldm.prompts import encode_prompts as encode_texts
 from ldm.prompts import split_lora_tags, words_used
-from ldm.random import randn, resolve_seed, seed_generators
+from ldm.random import randn, resolve_seed, seed_generators, slerp
 from ldm.schedulers import DiffusersScheduler, NoiseProcess, Scheduler, SchedulerConfig, check_options, check_spacing, create
 from ldm.schedulers.config import LINSPACE_DEFAULTS
 from ldm.settings import SAMPLER_NAMES, GenerationSettings, ResolvedSettings
@@ -67,6 +67,7 @@ class Call:
     init: torch.Tensor | None  # img2img: the init image, (1, 3, H, W) in [-1, 1]
     latents: torch.Tensor | None  # the caller's starting latents
     loras: tuple[PromptLora, ...] = ()  # the LoRAs the prompts' tags name, found and hashed
+    variation: list[torch.Generator] | None = None  # the variation seeds' generators (subseed_strength > 0)
 
     @property
     def settings(self) -> GenerationSettings:
@@ -91,18 +92,19 @@ def resolve(pipe: Pipeline, settings: GenerationSettings, template: Any, generat
     if latents is not None and tuple(latents.shape) != shape:
         raise InputError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
     seeds, generators = seeds_and_generators(generator, s.seed, s.batch)
+    subseed, variation = variation_generators(s)
     scheduler = build_scheduler(pipe.scheduler_config, s, template)
     loras = find_loras(pipe, s)
     texts = encoded_texts(pipe, s)
     pipe.embeddings.check_not_skipped(texts)
     used = words_used(pipe.tokenizer, texts, pipe.prompt_words())
     resolved = ResolvedSettings(
-        replace(s, seed=seeds[0] if seeds else None), seeds, sampler_name(scheduler),
+        replace(s, seed=seeds[0] if seeds else None, subseed=subseed), seeds, sampler_name(scheduler),
         pipe.name, pipe.model_hash, tuple(pipe.adapters), __version__, vae=pipe.vae_name,
         lora_hashes=tuple((lora.infotext_name, lora.hash) for lora in loras),
         embeddings=tuple((name, pipe.embeddings.short_hash(name)) for name in used),
     )
-    return Call(resolved, scheduler, generators, shape, init_tensor(s), latents, loras)
+    return Call(resolved, scheduler, generators, shape, init_tensor(s), latents, loras, variation)
 
 
 def find_loras(pipe: Pipeline, s: GenerationSettings) -> tuple[PromptLora, ...]:
@@ -134,6 +136,14 @@ def seeds_and_generators(generator: Generators | None, seed: int | None, batch: 
         return None, generator
     first = resolve_seed(seed, batch)
     return tuple(first + i for i in range(batch)), seed_generators(first, batch)
+
+
+def variation_generators(s: GenerationSettings) -> tuple[int | None, list[torch.Generator] | None]:
+    """The first variation seed (A1111's subseed) and a generator per image, when the call leans toward it."""
+    if not s.subseed_strength:
+        return s.subseed, None
+    first = resolve_seed(s.subseed, s.batch, "subseed")
+    return first, seed_generators(first, s.batch)
 
 
 def build_scheduler(config: SchedulerConfig, s: GenerationSettings, template: Any) -> Scheduler | DiffusersScheduler:
@@ -239,8 +249,18 @@ def initial_latents(pipe: Pipeline, call: Call, timesteps: torch.Tensor) -> torc
     if call.latents is not None:
         return call.latents.to(pipe.device, torch.float32) * sigma
     if call.init is None:
-        return randn(call.shape, call.generators, pipe.device, torch.float32) * sigma
+        return starting_noise(call, pipe.device) * sigma
     return noised_init_latents(pipe, call, timesteps[:1])
+
+
+def starting_noise(call: Call, device: torch.device) -> torch.Tensor:
+    """The seeds' noise, each image's leaning toward its variation seed's by ``subseed_strength`` (A1111's
+    variation seeds: ``ldm.random.slerp``)."""
+    noise = randn(call.shape, call.generators, device, torch.float32)
+    if call.variation is None:
+        return noise
+    toward = randn(call.shape, call.variation, device, torch.float32)
+    return torch.stack([slerp(call.settings.subseed_strength, a, b) for a, b in zip(noise, toward)])
 
 
 def noised_init_latents(pipe: Pipeline, call: Call, first_t: torch.Tensor) -> torch.Tensor:
@@ -257,7 +277,7 @@ def noised_init_latents(pipe: Pipeline, call: Call, first_t: torch.Tensor) -> to
     with pipe.residency.running(pipe.vae) as vae:
         posterior = vae.encode(call.init.to(pipe.device, pipe.dtype, memory_format=pipe.setup.memory_format))
     z0 = posterior.sample_with(posterior_noise).float().expand(call.shape) * pipe.vae.config.scaling_factor
-    noise = randn(call.shape, call.generators, pipe.device, torch.float32)
+    noise = starting_noise(call, pipe.device)
     return call.scheduler.add_noise(z0, noise, first_t.repeat(call.shape[0]))
 
 

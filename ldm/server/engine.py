@@ -93,7 +93,9 @@ class Engine:
             for k in range(request.n_iter):
                 if job.interrupted or job.cancelled:
                     break
-                settings = replace(request.settings, seed=request.settings.seed + k * request.settings.batch)
+                offset = k * request.settings.batch  # batch k continues the seeds (and variation seeds) of batch k - 1
+                subseed = None if request.settings.subseed is None else request.settings.subseed + offset
+                settings = replace(request.settings, seed=request.settings.seed + offset, subseed=subseed)
                 job.changed(batch=k, step=0, skipped=False)
                 images, parameters = self._batch(pipe, settings, job)
                 saved = [save_png(image, self.outputs, p) for image, p in zip(images, parameters)] if request.save else []

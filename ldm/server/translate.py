@@ -90,6 +90,7 @@ def job_request(body: GenerationFields, limits: Limits, defaults: ServerDefaults
         scheduler=scheduler, sigma_schedule=sigma_schedule, eta=eta_for(scheduler, body.eta),
         init_image=init_image, strength=body.denoising_strength if init_image is not None else None,
         clip_skip=clip_skip_of(body.override_settings or {}, defaults),
+        subseed=body.subseed, subseed_strength=body.subseed_strength,
     )
     from ldm.adapters.folder import prompt_loras
     from ldm.schedulers import check_options
@@ -101,15 +102,16 @@ def job_request(body: GenerationFields, limits: Limits, defaults: ServerDefaults
     overrides = body.override_settings or {}
     model = model_of(overrides, defaults)
     restore = body.override_settings_restore_afterwards
-    return JobRequest(replace(settings, seed=seed), n_iter, body.save_images, model, restore)
+    subseed = resolve_seed(body.subseed, settings.batch * n_iter, "subseed") if body.subseed_strength else None
+    return JobRequest(replace(settings, seed=seed, subseed=subseed), n_iter, body.save_images, model, restore)
 
 
 def refuse_unsupported(body: GenerationFields, can_save: bool) -> None:
     for name, what in UNSUPPORTED:
         if getattr(body, name, None):
             raise SettingError(f"{{{name}}} asks for {what}, which ldm does not do yet; leave it out")
-    if body.subseed_strength:
-        raise SettingError("{subseed_strength} (variation seeds) is not supported by ldm yet; leave it 0")
+    if body.seed_resize_from_h > 0 or body.seed_resize_from_w > 0:
+        raise SettingError("{seed_resize_from_h} / {seed_resize_from_w} (noise made at another size) is not supported; leave them -1")
     if body.save_images and not can_save:
         raise SettingError("{save_images}: this server writes no files; start it with --outputs DIR, or leave it false")
 
@@ -220,7 +222,7 @@ def info_json(job: Job, body: GenerationFields, model_name: str, model_hash: str
     first = job.parameters[0] if job.parameters else None
     prompts = [p for p in s.prompt for _ in range(s.num_images_per_prompt)] * job.request.n_iter
     negatives = [n for n in s.negative_prompt for _ in range(s.num_images_per_prompt)] * job.request.n_iter
-    subseed = seeds[0] if body.subseed == -1 else body.subseed
+    subseed = s.subseed if s.subseed is not None else seeds[0] if body.subseed == -1 else body.subseed
     info = {
         "prompt": prompts[0], "all_prompts": prompts, "negative_prompt": negatives[0], "all_negative_prompts": negatives,
         "seed": seeds[0], "all_seeds": seeds, "subseed": subseed, "all_subseeds": [subseed + i for i in range(len(seeds))],
