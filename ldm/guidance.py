@@ -12,6 +12,14 @@ only in the first ``guided_steps`` steps (guidance truncation: later steps chang
 the conditional pass alone renders nearly as well at half the cost). Scale, rescale and the window
 are held together, as diffusers' ``ClassifierFreeGuidance`` guider holds them.
 
+The text states may change from step to step (A1111's prompt editing and alternation,
+``ldm.prompt_schedule``): a ``Conditioning`` holds each encoded text once and, for each step, the rows
+the network reads. A prompt of several sub-prompts (``a AND b :1.2``, composable diffusion, Liu et
+al. 2022) runs the unconditional pass and every sub-prompt in the same network call and adds up their
+guidance, as A1111's ``combine_denoised`` does:
+
+    out = out_uncond + sum_j w_j * scale * (out_cond_j - out_uncond)
+
 A guidance-distilled U-Net (LCM, Luo et al. 2023) was trained to give the guided output in one pass:
 the scale enters as an embedding added to its time embedding (``EmbeddedGuidance``), and no
 unconditional pass runs.
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -33,42 +42,89 @@ def guided_steps(fraction: float, steps: int) -> int:
     return math.ceil(fraction * steps)
 
 
-class Conditional:
-    """The conditional pass alone: guidance off (a scale of 1 or less)."""
+@dataclass(frozen=True)
+class Conditioning:
+    """The text states the network reads at each denoising step (counted from 0).
 
-    def __init__(self, network: Network, cond: torch.Tensor):
+    ``states`` (N, L, D) holds each encoded text once. At step i the conditional rows are
+    ``states[cond[i]]``: sub-prompt j of image b at row j * B + b (k sub-prompts, B images); the
+    unconditional ones are ``states[uncond[i]]``. ``weights[j][b]`` is sub-prompt j's weight in image b,
+    None for one sub-prompt of weight 1 per image (a plain prompt: guidance exactly as without).
+    A run longer than the rows keeps reading the last.
+    """
+
+    states: torch.Tensor
+    cond: torch.Tensor  # (steps, k * B) int64
+    uncond: torch.Tensor | None = None  # (steps, B) int64; None: no unconditional pass
+    weights: tuple[tuple[float, ...], ...] | None = None  # k tuples of B weights
+
+    @classmethod
+    def fixed(cls, cond: torch.Tensor, uncond: torch.Tensor | None = None) -> Conditioning:
+        """The same text states at every step: ``cond`` (B, L, D) and ``uncond`` (B, L, D) or None."""
+        states = cond if uncond is None else torch.cat([cond, uncond])
+        rows = torch.arange(len(states), device=cond.device)[None]
+        return cls(states, rows[:, : len(cond)], None if uncond is None else rows[:, len(cond) :])
+
+    @property
+    def parts(self) -> int:
+        """k: the sub-prompts of each image."""
+        return 1 if self.weights is None else len(self.weights)
+
+    def cond_at(self, step: int) -> torch.Tensor:
+        return self.states[self.cond[min(step, len(self.cond) - 1)]]
+
+    def both_at(self, step: int) -> torch.Tensor:
+        """The unconditional rows, then the conditional ones (diffusers' batch order)."""
+        step = min(step, len(self.cond) - 1)
+        return self.states[torch.cat([self.uncond[step], self.cond[step]])]
+
+
+class Conditional:
+    """The conditional pass alone: guidance off (a scale of 1 or less). Counts its calls (one per step)."""
+
+    def __init__(self, network: Network, text: Conditioning):
         self.network = network
-        self.cond = cond
+        self.text = text
+        self.calls = 0
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.network(x, t, self.cond)
+        self.calls += 1
+        return self.network(x, t, self.text.cond_at(self.calls - 1))
 
 
 class ClassifierFreeGuidance:
     """Guided output for the first ``guided_steps`` calls, the conditional pass alone after.
 
-    Counts its calls (one per denoising step), so it is made afresh for each generation.
+    Counts its calls (one per denoising step), so it is made afresh for each generation. With
+    sub-prompts (``text.weights``) every call is guided: the pipeline refuses a shorter window and
+    rescaling, which have no single conditional pass to fall back on.
     """
 
-    def __init__(
-        self, network: Network, cond: torch.Tensor, uncond: torch.Tensor, scale: float, rescale: float, guided_steps: int
-    ):
+    def __init__(self, network: Network, text: Conditioning, scale: float, rescale: float, guided_steps: int):
+        if text.uncond is None:
+            raise ValueError("classifier-free guidance needs the unconditional text states")
         self.network = network
-        self.cond = cond
-        self.both = torch.cat([uncond, cond])  # diffusers' batch order: unconditional rows first
+        self.text = text
         self.scale = scale
         self.rescale = rescale
         self.guided_steps = guided_steps
         self.calls = 0
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        guided = self.calls < self.guided_steps
+        step = self.calls
         self.calls += 1
-        if not guided:
-            return self.network(x, t, self.cond)
-        out_uncond, out_cond = self.network(x, t, self.both).chunk(2)
-        output = out_uncond + self.scale * (out_cond - out_uncond)
-        return rescale_guidance(output, out_cond, self.rescale) if self.rescale > 0 else output
+        if step >= self.guided_steps:
+            return self.network(x, t, self.text.cond_at(step))
+        out_uncond, *out_conds = self.network(x, t, self.text.both_at(step)).chunk(1 + self.text.parts)
+        if self.text.weights is None:
+            output = out_uncond + self.scale * (out_conds[0] - out_uncond)
+            return rescale_guidance(output, out_conds[0], self.rescale) if self.rescale > 0 else output
+        # Composable diffusion's conjunction (Liu et al. 2022), as A1111's combine_denoised sums it.
+        output = out_uncond.clone()
+        for out_cond, weights in zip(out_conds, self.text.weights):
+            for b, weight in enumerate(weights):
+                output[b] += (out_cond[b] - out_uncond[b]) * (weight * self.scale)
+        return output
 
 
 class EmbeddedGuidance:
@@ -79,14 +135,16 @@ class EmbeddedGuidance:
     in Imagen's convention (``scale``, 1 = unguided) and embeds w = scale - 1, as this does.
     """
 
-    def __init__(self, network: Network, cond: torch.Tensor, scale: float, embedding_dim: int):
+    def __init__(self, network: Network, text: Conditioning, scale: float, embedding_dim: int):
         self.network = network
-        self.cond = cond
-        w = torch.full((1,), scale - 1.0, device=cond.device)
-        self.w_embedding = guidance_scale_embedding(w, embedding_dim).to(cond.dtype)  # (1, dim): every row's
+        self.text = text
+        self.calls = 0
+        w = torch.full((1,), scale - 1.0, device=text.states.device)
+        self.w_embedding = guidance_scale_embedding(w, embedding_dim).to(text.states.dtype)  # (1, dim): every row's
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.network(x, t, self.cond, timestep_cond=self.w_embedding)
+        self.calls += 1
+        return self.network(x, t, self.text.cond_at(self.calls - 1), timestep_cond=self.w_embedding)
 
 
 def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:

@@ -22,8 +22,9 @@ from typing import Any, Literal, get_args
 from PIL import Image
 
 from ldm import checks
-from ldm.errors import SettingError, placeholder_text
+from ldm.errors import InputError, SettingError, placeholder_text
 from ldm.images import GenerationParameters, init_image_size, read_image, to_rgb
+from ldm.prompt_schedule import split_subprompts
 from ldm.prompts import NETWORK_TAG, LoraTag, check_prompt, split_lora_tags
 
 # Our scheduler names, and each as AUTOMATIC1111 writes it in "Sampler:", so other tools recognise
@@ -136,6 +137,10 @@ class GenerationSettings:
             raise SettingError("the {prompt} list is empty; give at least one prompt")
         for text in self.prompt:
             check_prompt(split_lora_tags(text, "prompt")[0], "prompt")
+            try:
+                split_subprompts(split_lora_tags(text)[0])
+            except InputError as error:
+                raise SettingError(f"{{prompt}}: {placeholder_text(str(error))}") from None
         for text in self.negative_prompt:
             check_prompt(text, "negative_prompt")
             if NETWORK_TAG.search(text):
@@ -157,6 +162,12 @@ class GenerationSettings:
                     "weights: give every {prompt} the same tags, or make them in separate calls"
                 )
         return tags[0]
+
+    def composed(self) -> bool:
+        """Whether a prompt has sub-prompts or a sub-prompt weight (``a AND b``, ``a :1.2``; ldm.prompt_schedule),
+        which guidance combines instead of reading one conditional pass."""
+        parts = [split_subprompts(split_lora_tags(text)[0]) for text in self.prompt]
+        return any(len(subprompts) > 1 or subprompts[0][1] != 1.0 for subprompts in parts)
 
     def _check_numbers(self) -> None:
         if self.num_inference_steps is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ldm.guidance import ClassifierFreeGuidance, Conditional, guided_steps, rescale_guidance
+from ldm.guidance import ClassifierFreeGuidance, Conditional, Conditioning, guided_steps, rescale_guidance
 
 
 def network(calls: list[int]):
@@ -22,7 +22,7 @@ def test_guidance_mixes_the_two_passes_of_one_call_for_the_first_steps_only():
     calls: list[int] = []
     cond, uncond = torch.full((2, 3, 4), 2.0), torch.full((2, 3, 4), -1.0)
     x, t = torch.randn(2, 4, 5, 5), torch.tensor(3.0)
-    denoiser = ClassifierFreeGuidance(network(calls), cond, uncond, scale=7.5, rescale=0.0, guided_steps=2)
+    denoiser = ClassifierFreeGuidance(network(calls), Conditioning.fixed(cond, uncond), scale=7.5, rescale=0.0, guided_steps=2)
     expected_guided = x * 3 + (-1.0 + 7.5 * (2.0 - -1.0))  # eq. 6 of Ho & Salimans 2022
     assert torch.allclose(denoiser(x, t), expected_guided) and torch.allclose(denoiser(x, t), expected_guided)
     assert torch.allclose(denoiser(x, t), x * 3 + 2.0)  # after the window: the conditional pass alone
@@ -37,8 +37,8 @@ def scaling(x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tenso
 def test_guidance_rescale_is_applied_to_the_guided_output():
     cond, uncond = torch.full((1, 3, 4), 2.0), torch.full((1, 3, 4), 1.0)
     x, t = torch.randn(1, 4, 5, 5), torch.tensor(0.5)
-    plain = ClassifierFreeGuidance(scaling, cond, uncond, 5.0, 0.0, 1)(x, t)
-    rescaled = ClassifierFreeGuidance(scaling, cond, uncond, 5.0, 0.7, 1)(x, t)
+    plain = ClassifierFreeGuidance(scaling, Conditioning.fixed(cond, uncond), 5.0, 0.0, 1)(x, t)
+    rescaled = ClassifierFreeGuidance(scaling, Conditioning.fixed(cond, uncond), 5.0, 0.7, 1)(x, t)
     out_cond = x * 2.0
     assert torch.allclose(plain, x * 6.0)
     assert torch.allclose(rescaled, rescale_guidance(plain, out_cond, 0.7))
@@ -49,7 +49,7 @@ def test_without_guidance_the_conditional_pass_runs_alone():
     calls: list[int] = []
     cond = torch.full((2, 3, 4), 2.0)
     x = torch.randn(2, 4, 5, 5)
-    assert torch.allclose(Conditional(network(calls), cond)(x, torch.tensor(1.0)), x + 2.0) and calls == [2]
+    assert torch.allclose(Conditional(network(calls), Conditioning.fixed(cond))(x, torch.tensor(1.0)), x + 2.0) and calls == [2]
 
 
 def test_the_guidance_window_rounds_up():

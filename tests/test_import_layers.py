@@ -1,7 +1,7 @@
 """ldm's layers, read from the source: no module imports a higher layer, and no module-level import cycle.
 
     ldm (the package face) > ldm.cli > ldm.training, ldm.server > ldm.pipeline > ldm.loading, ldm.adapters
-    > ldm.speedups, ldm.guidance > ldm.models, ldm.schedulers, ldm.prompts, ldm.images, ldm.previews,
+    > ldm.speedups, ldm.guidance > ldm.models, ldm.schedulers, ldm.prompts, ldm.prompt_schedule, ldm.images, ldm.previews,
     ldm.settings, ldm.residency > ldm.kernels
     > ldm.io, ldm.cache, ldm.errors, ldm.random, ldm.checks, ldm.paging
 
@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ldm"
 LAYERS = [
     ("ldm.io", "ldm.cache", "ldm.errors", "ldm.random", "ldm.checks", "ldm.paging"),
     ("ldm.kernels",),
-    ("ldm.models", "ldm.schedulers", "ldm.prompts", "ldm.images", "ldm.previews", "ldm.settings", "ldm.residency"),
+    ("ldm.models", "ldm.schedulers", "ldm.prompts", "ldm.prompt_schedule", "ldm.images", "ldm.previews", "ldm.settings", "ldm.residency"),
     ("ldm.speedups", "ldm.guidance"),
     ("ldm.loading", "ldm.adapters"),
     ("ldm.pipeline",),

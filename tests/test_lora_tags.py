@@ -130,7 +130,7 @@ def test_the_encoded_text_is_the_prompt_without_its_tags(loras):
     tagged = stages.encode_prompts(pipe, call)
     without = GenerationSettings(prompt="a red cat", negative_prompt="blurry", guidance_scale=3.0, seed=1)
     expected = stages.encode_prompts(plain, stages.resolve(plain, without, None, None, None))
-    assert torch.equal(tagged[0], expected[0]) and torch.equal(tagged[1], expected[1])
+    assert torch.equal(tagged.cond_at(0), expected.cond_at(0)) and torch.equal(tagged.both_at(0), expected.both_at(0))
 
 
 def _tensors(path):

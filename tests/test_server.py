@@ -350,6 +350,15 @@ def test_png_info_reads_back_the_parameters(http):
     assert http.post("/sdapi/v1/png-info", json={"image": "%%"}).json()["detail"][0]["loc"] == ["body", "image"]
 
 
+def test_prompt_editing_changes_the_image_and_stays_in_the_infotext(http):
+    edited = http.post("/sdapi/v1/txt2img", json={"prompt": "[a circle:a square:0.5]", "seed": 3, **SMALL}).json()
+    plain = http.post("/sdapi/v1/txt2img", json={"prompt": "a circle", "seed": 3, **SMALL}).json()
+    assert edited["images"][0] != plain["images"][0]
+    assert parse_parameters(json.loads(edited["info"])["infotexts"][0]).prompt == "[a circle:a square:0.5]"
+    refused = http.post("/sdapi/v1/txt2img", json={"prompt": "a AND b", **SMALL, "cfg_scale": 1.0})
+    assert refused.status_code == 422 and "sub-prompts" in refused.text
+
+
 def test_save_images_writes_only_under_outputs(http, live):
     outputs = live[1] / "outputs"
     before = set(outputs.glob("*.png")) if outputs.exists() else set()

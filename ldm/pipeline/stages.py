@@ -3,7 +3,8 @@
     resolve            settings -> a Call: the model's defaults filled in, seeds drawn, scheduler built,
                        the prompt's LoRA tags found in the LoRA folder
     apply_loras        the tags' LoRAs made the active tag-loaded adapters, at their scales
-    encode_prompts     text encoder: prompts without tags (and negatives, when guided) -> text states per image
+    encode_prompts     text encoder: prompts without tags (and negatives, when guided) -> text states per image and
+                       step (A1111's prompt editing, alternation and AND: ldm.prompt_schedule)
     prepare_timesteps  the scheduler's timesteps; img2img keeps the last ``strength`` of them
     initial_latents    noise from each image's generator, or the noised init image, or given latents
     denoise            x <- scheduler.step(denoiser(x, t), t, x), denoiser = guidance o speed-ups o U-Net
@@ -30,9 +31,10 @@ import torch
 
 from ldm import __version__, checks
 from ldm.errors import ConfigError, InputError, LdmError, SettingError
-from ldm.guidance import ClassifierFreeGuidance, Conditional, Denoiser, EmbeddedGuidance, Network, guided_steps
+from ldm.guidance import ClassifierFreeGuidance, Conditional, Conditioning, Denoiser, EmbeddedGuidance, Network, guided_steps
 from ldm.images import image_to_tensor, to_numpy, to_pil
 from ldm.prompts import encode_prompts as encode_texts
+from ldm.prompt_schedule import PromptPlan, plan_prompts
 from ldm.prompts import split_lora_tags, words_used
 from ldm.random import randn, resolve_seed, seed_generators, slerp
 from ldm.schedulers import DiffusersScheduler, NoiseProcess, Scheduler, SchedulerConfig, check_options, check_spacing, create
@@ -86,6 +88,7 @@ def resolve(pipe: Pipeline, settings: GenerationSettings, template: Any, generat
     vae = pipe.vae.config
     s = settings.filled(pipe.defaults, native_side(pipe.unet.config, vae), vae.downsample_factor)
     check_embedded_guidance(pipe, s)
+    check_composition(pipe, s)
     checks.check_steps(s.num_inference_steps, limit=pipe.scheduler_config.num_train_timesteps)
     checks.check_pixels(s.width, s.height, s.batch, pipe.setup.max_pixels)
     shape = (s.batch, vae.latent_channels, s.height // vae.downsample_factor, s.width // vae.downsample_factor)
@@ -191,29 +194,58 @@ def apply_loras(pipe: Pipeline, call: Call) -> None:
     pipe.set_prompt_loras(call.loras)
 
 
-def encode_prompts(pipe: Pipeline, call: Call) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(cond, uncond) text states, one row per image; uncond is None without guidance.
+def encode_prompts(pipe: Pipeline, call: Call) -> Conditioning:
+    """The text states of each image at each step; unconditional ones only with guidance.
 
-    One text-encoder pass encodes the prompts, without their LoRA tags, and the negatives together,
-    so a long prompt and its negative get the same number of 77-token chunks; diffusers' batch order.
+    One text-encoder pass encodes the texts of the prompts' schedules (without their LoRA tags) and
+    the negatives' together, so all get the same number of 77-token chunks; a prompt without editing,
+    alternation or ``AND`` is encoded as it is, in diffusers' batch order (``ldm.prompt_schedule.plan_prompts``).
     """
     s = call.settings
-    guided = s.guided and not embeds_guidance(pipe)
-    texts = encoded_texts(pipe, s)
+    plan = prompt_plan(pipe, s)
     with pipe.residency.running(pipe.text_encoder) as text_encoder:
-        states = encode_texts(text_encoder, pipe.tokenizer, texts, clip_skip=s.clip_skip, words=pipe.prompt_words())
+        states = encode_texts(text_encoder, pipe.tokenizer, list(plan.texts), clip_skip=s.clip_skip, words=pipe.prompt_words())
     pipe.residency.done_with(pipe.text_encoder)
     states = states.to(pipe.device, pipe.dtype)
-    cond = states[: len(s.prompt)].repeat_interleave(s.num_images_per_prompt, dim=0)
-    uncond = states[len(s.prompt) :].repeat_interleave(s.num_images_per_prompt, dim=0) if guided else None
-    return cond, uncond
+
+    def per_image(rows) -> torch.Tensor:  # (steps, images): prompt p's rows for each of its images
+        return torch.tensor(rows, device=pipe.device).T.repeat_interleave(s.num_images_per_prompt, dim=1)
+
+    cond = torch.cat([per_image(part) for part in plan.cond], dim=1)
+    uncond = per_image(plan.uncond) if plan.uncond is not None else None
+    n = s.num_images_per_prompt
+    weights = None if plan.weights is None else tuple(tuple(w for w in part for _ in range(n)) for part in plan.weights)
+    return Conditioning(states, cond, uncond, weights)
+
+
+def check_composition(pipe: Pipeline, s: GenerationSettings) -> None:
+    """Refuse sub-prompts (``AND``, a trailing ``:weight``) where guidance cannot combine them: they are summed
+    over the unconditional pass (A1111's ``combine_denoised``), so it must run at every step, unrescaled."""
+    if not s.composed():
+        return
+    if not s.guided or embeds_guidance(pipe):
+        raise SettingError(
+            "{prompt} has sub-prompts or a weight (AND, or a trailing :number), which classifier-free guidance "
+            "combines; raise {guidance_scale} above 1 (a model that embeds the scale has no such pass)"
+        )
+    if s.guidance_fraction < 1 or s.guidance_rescale > 0:
+        raise SettingError(
+            "{prompt} has sub-prompts or a weight (AND, or a trailing :number), which guidance combines at every "
+            "step; drop {guidance_fraction} and {guidance_rescale}"
+        )
+
+
+def prompt_plan(pipe: Pipeline, s: GenerationSettings) -> PromptPlan:
+    """The texts the text encoder reads for a call and which of them each step reads: the prompts' schedules
+    (editing, alternation, ``AND``; without their LoRA tags), then the negatives' when it is guided."""
+    guided = s.guided and not embeds_guidance(pipe)
+    prompts = [split_lora_tags(text)[0] for text in s.prompt]
+    return plan_prompts(prompts, list(s.negative_prompt) if guided else None, s.num_inference_steps)
 
 
 def encoded_texts(pipe: Pipeline, s: GenerationSettings) -> list[str]:
-    """The texts the text encoder reads for a call: its prompts without their LoRA tags, then its negatives
-    when it is guided."""
-    guided = s.guided and not embeds_guidance(pipe)
-    return [split_lora_tags(text)[0] for text in s.prompt] + (list(s.negative_prompt) if guided else [])
+    """Every text the text encoder reads for a call (``prompt_plan``)."""
+    return list(prompt_plan(pipe, s).texts)
 
 
 def embeds_guidance(pipe: Pipeline) -> bool:
@@ -285,8 +317,7 @@ def noised_init_latents(pipe: Pipeline, call: Call, first_t: torch.Tensor) -> to
 
 
 def denoise(
-    pipe: Pipeline, call: Call, x: torch.Tensor, timesteps: torch.Tensor, text: tuple[torch.Tensor, torch.Tensor | None],
-    callback: StepCallback | None,
+    pipe: Pipeline, call: Call, x: torch.Tensor, timesteps: torch.Tensor, text: Conditioning, callback: StepCallback | None
 ) -> torch.Tensor:
     """The sampling loop: one denoiser call and one scheduler step per timestep."""
     s = call.settings
@@ -307,18 +338,16 @@ def denoise(
 
 
 def guided(
-    network: Network, s: GenerationSettings, text: tuple[torch.Tensor, torch.Tensor | None], steps: int,
-    guidance_embedding_dim: int | None = None,
+    network: Network, s: GenerationSettings, text: Conditioning, steps: int, guidance_embedding_dim: int | None = None
 ) -> Denoiser:
     """The call's denoiser: the guidance scale embedded in one pass (a U-Net with a ``guidance_embedding_dim``),
     classifier-free guidance over ``network``, or its conditional pass alone."""
-    cond, uncond = text
     if guidance_embedding_dim is not None:
-        return EmbeddedGuidance(network, cond, s.guidance_scale, guidance_embedding_dim)
-    if uncond is None:
-        return Conditional(network, cond)
+        return EmbeddedGuidance(network, text, s.guidance_scale, guidance_embedding_dim)
+    if text.uncond is None:
+        return Conditional(network, text)
     window = guided_steps(s.guidance_fraction, steps)
-    return ClassifierFreeGuidance(network, cond, uncond, s.guidance_scale, s.guidance_rescale, window)
+    return ClassifierFreeGuidance(network, text, s.guidance_scale, s.guidance_rescale, window)
 
 
 def in_network_format(network: Network, dtype: torch.dtype, memory_format: torch.memory_format) -> Network:
