@@ -12,10 +12,10 @@ import sys
 import warnings
 
 from ldm import __version__
-from ldm.cli import convert, finetune, serve, txt2img
+from ldm.cli import convert, finetune, info, serve, txt2img
 from ldm.errors import LdmError, SettingError
 
-COMMANDS = (txt2img, convert, finetune, serve)
+COMMANDS = (txt2img, convert, info, finetune, serve)
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -26,19 +26,10 @@ from pathlib import Path
 
 import torch
 
+from ldm.loading.sources import SAFETENSORS_DTYPES
+
 # The safetensors names of the dtypes ldm writes.
-_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+_DTYPES = SAFETENSORS_DTYPES
 
 
 # Where the tensors' bytes start, and what each tensor's start should be a multiple of: oneDNN's
