@@ -212,6 +212,7 @@ class SafetensorsStream:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.global_step = None  # a TensorFile's, for ``file_configs``: safetensors files have none
         try:
             self._handle = open(self.path, "rb")
             size = int.from_bytes(self._handle.read(8), "little")
