@@ -58,7 +58,6 @@ class MergeRecipe:
     parts: tuple[str, ...] = ("unet",)
     loras: tuple[tuple[Path, float], ...] = ()
     dtype: torch.dtype | None = None  # of the output's floating-point tensors; None: A's
-    recipe: dict = field(default_factory=dict, compare=False)  # filled in: written as metadata
 
     def __post_init__(self):
         checks.finite(self.alpha, "alpha")
