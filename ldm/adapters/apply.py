@@ -176,24 +176,7 @@ class Adapters:
         return name
 
     def _place(self, path: str | os.PathLike, updates: dict[tuple[str, str], ModuleUpdate]) -> dict[tuple[str, str], Target]:
-        """``{(part, module path): Target}``; every entry names a module whose weight its update fits."""
-        lookups = {part: module_lookup(part, model) for part, model in self.models.items() if model is not None}
-        targets: dict[tuple[str, str], Target] = {}
-        keys: dict[tuple[str, str], str] = {}
-        for (part, flat), found in updates.items():
-            if part not in lookups:
-                raise InputError(f"{path} adapts the text encoder (key {found.key!r}) but no text encoder was given")
-            if flat not in lookups[part]:
-                raise CheckpointError(
-                    f"{path}: key {found.key!r} is for a module that does not exist in the {part} ({flat}); "
-                    f"the file is for another architecture"
-                )
-            module_path, module = lookups[part][flat]
-            if (part, module_path) in keys:
-                raise CheckpointError(f"{path}: key {found.key!r} adapts the same module as {keys[part, module_path]!r}; keep one of them")
-            keys[part, module_path] = found.key
-            targets[part, module_path] = Target(module, found.update, _check_fit(path, found, module))
-        return targets
+        return place(self.models, path, updates)
 
     def _keep_original(self, key: tuple[str, str], module: nn.Module) -> None:
         if key not in self._originals:
@@ -228,6 +211,30 @@ class Adapters:
             module.weight.copy_(weight)
             if bias is not None:
                 module.bias.copy_(bias)
+
+
+def place(
+    models: dict[str, nn.Module | None], path: str | os.PathLike, updates: dict[tuple[str, str], ModuleUpdate]
+) -> dict[tuple[str, str], Target]:
+    """``{(part, module path): Target}`` of ``models`` (``{"unet": ..., "text_encoder": ...}``, meta-device models
+    will do); every entry names a module whose weight its update fits."""
+    lookups = {part: module_lookup(part, model) for part, model in models.items() if model is not None}
+    targets: dict[tuple[str, str], Target] = {}
+    keys: dict[tuple[str, str], str] = {}
+    for (part, flat), found in updates.items():
+        if part not in lookups:
+            raise InputError(f"{path} adapts the text encoder (key {found.key!r}) but no text encoder was given")
+        if flat not in lookups[part]:
+            raise CheckpointError(
+                f"{path}: key {found.key!r} is for a module that does not exist in the {part} ({flat}); "
+                f"the file is for another architecture"
+            )
+        module_path, module = lookups[part][flat]
+        if (part, module_path) in keys:
+            raise CheckpointError(f"{path}: key {found.key!r} adapts the same module as {keys[part, module_path]!r}; keep one of them")
+        keys[part, module_path] = found.key
+        targets[part, module_path] = Target(module, found.update, _check_fit(path, found, module))
+    return targets
 
 
 def _kind(target: Target) -> str:

@@ -9,11 +9,14 @@ Training injects peft ``LoraLayer``s on the attention projections (U-Net ``to_q`
     lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight    (out, rank)
     lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha             ()
     lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight                  ...
+
+Its metadata is kohya's (``ss_*``, ``sshs_*``, ``modelspec.*``; see ``save_lora``).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -24,12 +27,16 @@ from torch import nn
 from ldm.adapters.keys import flat_name
 from ldm.errors import InputError
 from ldm.io import atomic_write
+from ldm.loading.hashes import kohya_hashes
 from ldm.loading.writers import write_safetensors
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 TRAINING_ADAPTER = "ldm"
+# kohya's name for a LoRA network of this key layout (``ss_network_module``): A1111 and the sharing sites
+# read it as "a LoRA", whichever layers it adapts.
+NETWORK_MODULE = "networks.lora"
 
 
 def add_adapters(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: float) -> nn.Module:
@@ -61,11 +68,30 @@ def adapter_state(models: dict[str, nn.Module | None], adapter: str = TRAINING_A
     return state
 
 
-def save_lora(path: str | os.PathLike, unet: nn.Module, text_encoder: nn.Module | None = None) -> Path:
-    """Write the trained adapters of ``unet`` (and ``text_encoder``) as a kohya ``.safetensors`` file, atomically."""
+def save_lora(
+    path: str | os.PathLike, unet: nn.Module, text_encoder: nn.Module | None = None, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write the trained adapters of ``unet`` (and ``text_encoder``) as a kohya ``.safetensors`` file, atomically.
+
+    The metadata is kohya's, as A1111, ComfyUI and the model-sharing sites read it: the network's module,
+    rank and alpha (``ss_network_*``), the caller's ``metadata`` (``ldm.training.lora_metadata``: the run's
+    settings and data), and the file's hashes (``sshs_model_hash``, ``sshs_legacy_hash``;
+    ``ldm.loading.hashes.kohya_hashes``).
+    """
     state = adapter_state({"unet": unet, "text_encoder": text_encoder})
     if not state:
         raise InputError("the model holds no trained LoRA adapter to save; train with --lora-rank first")
-    metadata = {"format": "pt", "ldm_lora_format": "kohya"}
+    ranks = sorted({tensor.shape[0] for key, tensor in state.items() if key.endswith(".lora_down.weight")})
+    alphas = sorted({float(tensor) for key, tensor in state.items() if key.endswith(".alpha")})
+    found = {
+        "format": "pt",
+        "ldm_lora_format": "kohya",
+        "ss_network_module": NETWORK_MODULE,
+        "ss_network_dim": str(ranks[0]) if len(ranks) == 1 else "Dynamic",  # kohya's word for mixed ranks
+        "ss_network_alpha": str(alphas[0]) if len(alphas) == 1 else "Dynamic",
+    }
+    metadata = {**found, **(metadata or {})}
+    model_hash, legacy_hash = kohya_hashes(state, metadata)
+    metadata.update(sshs_model_hash=model_hash, sshs_legacy_hash=legacy_hash)
     # Written in a fixed order (safetensors' own writer orders the metadata differently per process).
     return atomic_write(path, lambda tmp: write_safetensors(Path(tmp), state, metadata))

@@ -12,10 +12,10 @@ import sys
 import warnings
 
 from ldm import __version__
-from ldm.cli import convert, finetune, serve, txt2img
+from ldm.cli import convert, finetune, info, merge, serve, txt2img
 from ldm.errors import LdmError, SettingError
 
-COMMANDS = (txt2img, convert, finetune, serve)
+COMMANDS = (txt2img, convert, merge, info, finetune, serve)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -35,7 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse takes a command's positionals in one run, so `ldm merge A --lora F OUT` would leave OUT over:
+    # a command that sets ``more_paths`` takes such leftover paths, in order, after its others.
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        if getattr(args, "more_paths", None) is None or any(text.startswith("-") for text in rest):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.more_paths(args, rest)
     try:
         with warnings.catch_warnings():
             # ldm refuses such images itself, in one line (ldm.images.open_image); the command runs

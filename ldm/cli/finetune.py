@@ -212,7 +212,8 @@ def run(args: argparse.Namespace) -> int:
     if not result.is_main_process:
         return 0
     # Named after the run's folder: images made with OUT/model say "Model: <OUT's name>", not "model".
-    written = save_result(target, result.checkpoint, result_writer(result, components, config, args.output.resolve().name))
+    writer = result_writer(result, components, config, args.output.resolve().name, dataset, args)
+    written = save_result(target, result.checkpoint, writer)
     loss = "" if result.last_loss is None else f" (last loss {result.last_loss:.4f})"
     print(f"wrote {written} after {result.step} steps{loss}")
     if superseded is not None:
@@ -220,14 +221,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def result_writer(result, components, config: TrainConfig, name: str):
-    """``save(path)``: the trained LoRA adapters or the whole model (diffusers folder, recording ``name``),
-    written atomically."""
+def result_writer(result, components, config: TrainConfig, name: str, dataset, args: argparse.Namespace):
+    """``save(path)``: the trained LoRA adapters (with kohya's training metadata) or the whole model (diffusers
+    folder, recording ``name``), written atomically."""
     from ldm.loading import save_diffusers
     from ldm.adapters.training import save_lora
+    from ldm.training.lora_metadata import lora_metadata
 
     if config.lora:
-        return lambda path: save_lora(path, result.unet, result.text_encoder if config.train_text_encoder else None)
+        metadata = lora_metadata(
+            config, dataset.config, [example.caption for example in dataset.examples], args.data, components.family,
+            components.scheduler_config.prediction_type, Path(args.model), name, result.step,
+        )
+        text_encoder = result.text_encoder if config.train_text_encoder else None
+        return lambda path: save_lora(path, result.unet, text_encoder, metadata)
     # Mixed precision ran the frozen parts in half precision; the saved model is full precision.
     # Everything else (scheduler, generation_config.json...) is the base model's.
     trained = dataclasses.replace(

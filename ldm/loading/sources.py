@@ -31,6 +31,11 @@ from ldm.errors import CheckpointError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on a header
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
 
 
 class _LightningCallback:
@@ -114,6 +119,12 @@ class TensorFile:
             return self._safe.get_tensor(key)
         return self._tensors[key]
 
+    def dtype_name(self, key: str) -> str:
+        """The tensor's dtype as safetensors names it (``F16``, ``F32``, ``I64``...), without reading it."""
+        if self._safe is not None:
+            return self._safe.get_slice(key).get_dtype()
+        return SAFETENSORS_DTYPES.get(self._tensors[key].dtype, str(self._tensors[key].dtype).removeprefix("torch."))
+
     def own_mapping(self) -> TensorFile:
         """This file read through a memory map of its own (safetensors; pickles share one).
 
@@ -159,6 +170,9 @@ class TensorSource:
     def read(self, key: str) -> torch.Tensor:
         return self._owner[key].read(key)
 
+    def dtype_name(self, key: str) -> str:
+        return self._owner[key].dtype_name(key)
+
 
 # Preferred weight file names in a diffusers component folder, best first: full precision
 # before the fp16 variant, safetensors before pickles.
@@ -185,3 +199,46 @@ def open_component(folder: Path, library: str) -> TensorSource:
         if (folder / name).is_file():
             return TensorSource([TensorFile(folder / name)])
     raise CheckpointError(f"{folder} has no weights file (looked for {', '.join(candidates[:2])} and variants)")
+
+
+class SafetensorsStream:
+    """A ``.safetensors`` file read tensor by tensor with plain reads, never memory-mapped.
+
+    ``safe_open`` maps the file, and every page a tensor view has touched stays resident (and counted in
+    the process's memory) until the map is closed: streaming through two whole models that way holds both.
+    Here each tensor owns its bytes and is freed with them, so a pass over the file holds one tensor at a
+    time (``ldm merge``).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.global_step = None  # a TensorFile's, for ``file_configs``: safetensors files have none
+        try:
+            self._handle = open(self.path, "rb")
+            size = int.from_bytes(self._handle.read(8), "little")
+            if not 0 < size <= MAX_HEADER_BYTES:
+                raise ValueError(f"a header of {size} bytes")
+            header = json.loads(self._handle.read(size))
+            self.metadata = dict(header.pop("__metadata__", None) or {})
+            names = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+            self.shapes = {key: tuple(entry["shape"]) for key, entry in header.items()}
+            self.dtypes = {key: names[entry["dtype"]] for key, entry in header.items()}
+            self._offsets = {key: tuple(entry["data_offsets"]) for key, entry in header.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise CheckpointError(
+                f"{self.path} is not a readable safetensors file ({type(error).__name__}: {error}); it may be truncated"
+            ) from None
+        self._start = 8 + size
+
+    def read(self, key: str) -> torch.Tensor:
+        begin, end = self._offsets[key]
+        data = bytearray(end - begin)
+        self._handle.seek(self._start + begin)
+        if self._handle.readinto(data) != len(data):
+            raise CheckpointError(f"{self.path} ends inside tensor {key}; the file is truncated")
+        if not data:
+            return torch.empty(self.shapes[key], dtype=self.dtypes[key])
+        return torch.frombuffer(data, dtype=self.dtypes[key]).reshape(self.shapes[key])
+
+    def close(self) -> None:
+        self._handle.close()

@@ -21,24 +21,15 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
+from ldm.loading.sources import SAFETENSORS_DTYPES
+
 # The safetensors names of the dtypes ldm writes.
-_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+_DTYPES = SAFETENSORS_DTYPES
 
 
 # Where the tensors' bytes start, and what each tensor's start should be a multiple of: oneDNN's
@@ -47,7 +38,7 @@ _DTYPES = {
 _ALIGNMENT = 64
 
 
-def _order(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+def tensor_order(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """Tensors whose byte size keeps the next one aligned first, then by element size, largest first."""
 
     def rank(key: str) -> tuple[bool, int, str]:
@@ -61,7 +52,7 @@ def safetensors_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[st
     """The length-prefixed, space-padded JSON header of a safetensors file holding ``tensors``."""
     header: dict[str, object] = {"__metadata__": {key: metadata[key] for key in sorted(metadata)}} if metadata else {}
     offset = 0
-    for key in _order(tensors):
+    for key in tensor_order(tensors):
         tensor = tensors[key]
         size = tensor.numel() * tensor.element_size()
         header[key] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
@@ -73,14 +64,32 @@ def safetensors_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[st
 
 def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
     """Write CPU ``tensors`` and string ``metadata`` to ``path`` as a reproducible safetensors file."""
-    for key, tensor in tensors.items():
+    write_safetensors_streamed(path, tensors, tensors.__getitem__, metadata)
+
+
+def write_safetensors_streamed(
+    path: Path, specs: Mapping[str, torch.Tensor], produce: Callable[[str], torch.Tensor], metadata: Mapping[str, str]
+) -> None:
+    """Write a safetensors file whose tensors are made one at a time by ``produce(key)``.
+
+    ``specs`` give each tensor's shape and dtype (meta tensors will do), so the header is written
+    first and at most one produced tensor is held at a time (``ldm merge`` streams this way).
+    """
+    for key, tensor in specs.items():
         if tensor.dtype not in _DTYPES:
             raise ValueError(f"tensor {key} has dtype {tensor.dtype}, which ldm does not write")
     with open(path, "wb") as file:
-        file.write(safetensors_header(tensors, metadata))
-        for key in _order(tensors):
-            # The raw bytes in the machine's order: little-endian on every platform torch ships for.
-            file.write(tensors[key].contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        file.write(safetensors_header(specs, metadata))
+        for key in tensor_order(specs):
+            file.write(tensor_bytes(produce(key), specs[key], key))
+
+
+def tensor_bytes(tensor: torch.Tensor, spec: torch.Tensor, key: str) -> memoryview:
+    """The raw bytes of CPU ``tensor``, in the machine's order (little-endian on every platform torch ships
+    for), after checking that it is what the header promised."""
+    if tensor.dtype != spec.dtype or tensor.shape != spec.shape:
+        raise ValueError(f"tensor {key} is {tensor.dtype} {tuple(tensor.shape)}, not {spec.dtype} {tuple(spec.shape)} as declared")
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data
 
 
 def write_ckpt(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
