@@ -70,6 +70,12 @@ class Conditioning:
         """k: the sub-prompts of each image."""
         return 1 if self.weights is None else len(self.weights)
 
+    @property
+    def scheduled(self) -> bool:
+        """Whether the texts change between steps (prompt editing or alternation)."""
+        rows = self.cond if self.uncond is None else torch.cat([self.cond, self.uncond], dim=1)
+        return bool((rows != rows[:1]).any())
+
     def cond_at(self, step: int) -> torch.Tensor:
         return self.states[self.cond[min(step, len(self.cond) - 1)]]
 

@@ -4,6 +4,7 @@ only for it), the text that is encoded, ``Lora hashes`` in the infotext, ``ldm t
 from __future__ import annotations
 
 import hashlib
+import pickle
 import re
 
 import numpy as np
@@ -15,7 +16,7 @@ from test_training_support import micro_models, one_torch_thread  # noqa: F401 -
 from test_txt2img_cli import FAST, run
 from tiny_models import save_diffusers_folder
 
-from ldm.errors import SettingError
+from ldm.errors import CheckpointError, InputError, SettingError
 from ldm.images import read_parameters
 from ldm.pipeline import Pipeline, stages
 from ldm.prompts import split_lora_tags
@@ -231,6 +232,39 @@ def test_a_pt_lora_hashes_the_whole_file(loras):
     path = loras / "plain.pt"
     path.write_bytes(b"any bytes")
     assert lora_hash(path) == hashlib.sha256(b"any bytes").hexdigest()[:12]
+
+
+def test_a_pt_lora_in_the_folder_gives_the_image_of_its_safetensors_twin_and_a_pickle_is_refused(loras):
+    torch.save(_tensors(loras / "style.safetensors"), loras / "twin.pt")
+    pipe = micro_pipe(loras)
+    assert torch.equal(image(pipe, "a red cat <lora:twin:0.7>"), image(pipe, "a red cat <lora:style:0.7>"))
+    (loras / "evil.pt").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError, match="as a torch file of tensors"):
+        image(pipe, "a red cat <lora:evil:1>")
+
+
+def test_a_call_inside_a_tagged_call_must_name_the_same_loras_as_it(loras):
+    """The tags' LoRAs are in the shared weights while a call runs: a call from its callback (or another thread)
+    with other tags is refused instead of changing the weights under it; with the same tags it runs."""
+    pipe = micro_pipe(loras)
+    expected = image(pipe, "a red cat <lora:style:0.7>")
+    inner = []
+
+    def callback(i, t, latents, denoised):
+        if i == 0:
+            for other in ("a dog", "a dog <lora:style:0.5>", "a dog <lora:detail>"):
+                with pytest.raises(InputError, match="another call on this pipeline .* other <lora:...> tags"):
+                    image(pipe, other)
+            inner.append(image(pipe, "a dog <lora:style:0.7>"))
+
+    got = pipe("a red cat <lora:style:0.7>", negative_prompt="blurry", seed=3, callback=callback, **CALL).images
+    assert len(inner) == 1 and torch.equal(got, expected)
+    assert torch.equal(image(pipe, "a dog"), image(micro_pipe(), "a dog"))  # afterwards, other tags apply again
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
 
 
 # --- ldm txt2img --loras-dir -------------------------------------------------------------------------

@@ -151,3 +151,14 @@ def test_an_edited_prompt_from_the_command_line_differs_from_its_first_text(mode
     edited, plain = (tmp_path / "edited" / "00000-1.png"), (tmp_path / "plain" / "00000-1.png")
     assert read_parameters(edited).prompt == "[cat:dog:0.5]"
     assert edited.read_bytes() != plain.read_bytes()
+
+
+def test_editing_with_a_sampler_that_calls_the_network_twice_a_step_is_refused_and_a_plain_prompt_runs(pipe):
+    """A1111 counts its edits in network calls; ldm's schedule counts one call per step, so a template that
+    makes more calls (Heun: 2N - 1 for N steps) would switch at the wrong step: refused instead."""
+    from diffusers import HeunDiscreteScheduler
+
+    heun = HeunDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    with pytest.raises(SettingError, match="makes 5 calls for 3 steps"):
+        pipe("[a red cat:a blue dog:0.5]", scheduler=heun, num_inference_steps=3, seed=1, output_type="pt")
+    assert pipe("a red cat", scheduler=heun, num_inference_steps=3, seed=1, output_type="pt").images.isfinite().all()

@@ -98,6 +98,7 @@ def test_variation_seeds_lean_each_image_toward_its_subseed_and_are_reported_as_
     body = http.post("/sdapi/v1/txt2img", json=request).json()
     info = json.loads(body["info"])
     assert info["subseed"] == 30 and info["all_subseeds"] == [30, 31, 32, 33] and info["subseed_strength"] == 0.3
+    assert info["all_seeds"] == [7, 7, 7, 7]  # variations of one image: the seed stays, as in A1111
     extras = [parse_parameters(text).extra for text in info["infotexts"]]
     assert [(e["Variation seed"], e["Variation seed strength"]) for e in extras] == [(str(30 + i), "0.3") for i in range(4)]
     plain = http.post("/sdapi/v1/txt2img", json={**request, "subseed_strength": 0}).json()["images"]

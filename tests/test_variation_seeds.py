@@ -46,11 +46,13 @@ def test_strength_zero_is_the_plain_image_and_one_is_the_variation_seeds_image(p
 
 def test_a_partial_strength_starts_from_the_interpolated_noise_image_by_image(pipe):
     shape = (2, 4, 8, 8)
-    noise, toward = randn(shape, seed_generators(3, 2)), randn(shape, seed_generators(20, 2))
+    # Every image keeps the seed (A1111's rule with variation seeds on); only the variation seeds count up.
+    noise, toward = randn(shape, seed_generators(3, 1) + seed_generators(3, 1)), randn(shape, seed_generators(20, 2))
     start = torch.stack([slerp(0.4, a, b) for a, b in zip(noise, toward)])
     result = pipe("a red circle", seed=3, subseed=20, subseed_strength=0.4, num_images_per_prompt=2, output_type="pt", **SMALL)
     expected = pipe("a red circle", latents=start, num_images_per_prompt=2, output_type="pt", **SMALL).images
     assert torch.equal(result.images, expected)
+    assert result.seeds == [3, 3]
     extras = [params.extra for params in result.parameters]
     assert [(e["Variation seed"], e["Variation seed strength"]) for e in extras] == [("20", "0.4"), ("21", "0.4")]
     assert "Variation seed" not in pipe("a red circle", seed=3, output_type="pt", **SMALL).parameters[0].extra
@@ -61,6 +63,8 @@ def test_a_random_variation_seed_is_drawn_and_reported_and_bad_strengths_name_th
     drawn = int(result.parameters[0].extra["Variation seed"])
     again = pipe("a red circle", seed=3, subseed=drawn, subseed_strength=0.5, output_type="pt", **SMALL)
     assert torch.equal(again.images, result.images)
+    with pytest.raises(SettingError, match="drop one"):
+        pipe("a red circle", latents=torch.zeros(1, 4, 8, 8), subseed=2, subseed_strength=0.5, **SMALL)
     for bad in (1.5, -0.1, float("nan")):
         with pytest.raises(SettingError, match="subseed_strength"):
             pipe("a red circle", subseed_strength=bad, **SMALL)
@@ -75,6 +79,7 @@ def test_cli_variation_seed_flags(tmp_path, capsys):
     assert main(argv) == 0
     extras = [parse_parameters(_infotext(path)).extra for path in sorted(out.iterdir())]
     assert [(e["Variation seed"], e["Variation seed strength"]) for e in extras] == [("7", "0.25"), ("8", "0.25")]
+    assert [path.name for path in sorted(out.iterdir())] == ["00000-5.png", "00001-5.png"]  # one seed, two variations
     assert main(["txt2img", "a red circle", "--subseed-strength", "2", "--out", str(out)]) == 2
     assert "--subseed-strength" in capsys.readouterr().err
 

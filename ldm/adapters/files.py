@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,13 +75,32 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise InputError(f"LoRA path {path} is a folder, not a LoRA file; give the .safetensors file in it")
     if not path.is_file():
         raise InputError(f"LoRA file {path} does not exist; check the path")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"cannot read LoRA file {path} ({error}); it must be a .safetensors file") from None
+    tensors = _pickled_tensors(path) if path.suffix.lower() in PICKLED_SUFFIXES else _safetensors(path)
     if not tensors:
         raise CheckpointError(f"LoRA file {path} holds no tensors; it is empty")
     return tensors
+
+
+PICKLED_SUFFIXES = (".pt", ".ckpt", ".bin")  # torch.save files: read with weights_only (no code runs)
+
+
+def _safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"cannot read LoRA file {path} ({error}); it must be a .safetensors file") from None
+
+
+def _pickled_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A LoRA saved with ``torch.save``: a dict of tensors, loaded with ``weights_only=True``."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"cannot read LoRA file {path} as a torch file of tensors ({first})") from None
+    if not isinstance(loaded, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
+        raise CheckpointError(f"LoRA file {path} is not a dict of named tensors; save it as .safetensors")
+    return loaded
 
 
 def _check_tensor(path: Path, key: str, name: str, tensor: torch.Tensor) -> None:

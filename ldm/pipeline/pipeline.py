@@ -18,7 +18,10 @@ the same image. Every setting is checked before any work, and a batch of more th
 
 from __future__ import annotations
 
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -95,6 +98,9 @@ class Pipeline:
         self.defaults = GenerationDefaults()  # from_pretrained reads the model's own, if it has any
         self.adapters: list[tuple[str, float]] = []  # (name, scale) of each adapter loaded by name, in order: image metadata
         self._adapters: Adapters | None = None  # made by the first load_lora
+        self._tag_lock = threading.Lock()  # guards the two below: the calls now running and their tags' LoRAs
+        self._tag_calls = 0
+        self._tag_key: tuple = ()
         self._tagged: dict[str, tuple[Path, int]] = {}  # adapters the prompts' tags loaded: name -> (file, its mtime)
         self._embeddings: Embeddings | None = None  # made by the first load_embeddings
         self.vae_name: str | None = None  # the VAE file or folder that replaced the model's (load_vae)
@@ -102,6 +108,7 @@ class Pipeline:
         # The set-up the networks are in, then the default one applied: the memory format and fast paths
         # for their dtype on this CPU.
         self.setup = PipelineSetup(device=param.device, dtype=param.dtype, channels_last=False, kernels=PLAIN)
+        self.kernels = PLAIN  # the fast paths the networks take (setup.kernel_choice when it was last applied)
         self.configure(channels_last=None, kernels=None)
         _warn_if_slow(self.setup)
 
@@ -153,9 +160,10 @@ class Pipeline:
         if new.memory_format != old.memory_format:
             self.unet.to(memory_format=new.memory_format)
             self.vae.to(memory_format=new.memory_format)
-        kernels = new.kernel_choice
-        set_kernels(self.unet, kernels)
-        set_kernels(self.vae, kernels)
+        if (new.device, new.dtype, new.kernels) != (old.device, old.dtype, old.kernels):
+            self.kernels = new.kernel_choice  # measured once per CPU and dtype (cached), read once per change here
+            set_kernels(self.unet, self.kernels)
+            set_kernels(self.vae, self.kernels)
         if new.dtype != old.dtype:
             _warn_if_slow(new)
         self.setup = new
@@ -277,7 +285,7 @@ class Pipeline:
             latent_channels=self.unet.config.in_channels,
         )  # fmt: skip
         vae.set_attention(setup.attention, setup.attention_slice_size)
-        set_kernels(vae, setup.kernel_choice)
+        set_kernels(vae, self.kernels)
         self.vae = vae.to(memory_format=setup.memory_format)
         self.vae_name = Path(path).name
 
@@ -376,12 +384,33 @@ class Pipeline:
         stages.check_output_type(output_type)
         check_loaded(self.text_encoder, self.unet, self.vae)
         call = stages.resolve(self, settings, scheduler, generator, latents)
-        stages.apply_loras(self, call)
-        text = stages.encode_prompts(self, call)
-        timesteps = stages.prepare_timesteps(self, call)
-        x = stages.initial_latents(self, call, timesteps)
-        x = stages.denoise(self, call, x, timesteps, text, callback)
-        return GenerationOutput(stages.decode_output(self, x, output_type), call.resolved)
+        with self._prompt_loras_held(call):
+            text = stages.encode_prompts(self, call)
+            timesteps = stages.prepare_timesteps(self, call)
+            x = stages.initial_latents(self, call, timesteps)
+            x = stages.denoise(self, call, x, timesteps, text, callback)
+            return GenerationOutput(stages.decode_output(self, x, output_type), call.resolved)
+
+    @contextmanager
+    def _prompt_loras_held(self, call: stages.Call) -> Iterator[None]:
+        """The call's ``<lora:...>`` LoRAs in the weights while it runs (``stages.apply_loras``). A call that
+        overlaps it (from a callback, or another thread) must name the same ones: the weights are shared."""
+        wanted = tuple((lora.adapter_name, lora.tag.text_encoder, lora.tag.unet) for lora in call.loras)
+        with self._tag_lock:
+            if self._tag_calls and wanted != self._tag_key:
+                raise InputError(
+                    "another call on this pipeline (from a callback or another thread) is running with other <lora:...> "
+                    "tags, which are in the shared weights until it ends; wait for it, or use another Pipeline"
+                )
+            if not self._tag_calls:
+                stages.apply_loras(self, call)
+                self._tag_key = wanted
+            self._tag_calls += 1
+        try:
+            yield
+        finally:
+            with self._tag_lock:
+                self._tag_calls -= 1
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -94,7 +94,9 @@ def resolve(pipe: Pipeline, settings: GenerationSettings, template: Any, generat
     shape = (s.batch, vae.latent_channels, s.height // vae.downsample_factor, s.width // vae.downsample_factor)
     if latents is not None and tuple(latents.shape) != shape:
         raise InputError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
-    seeds, generators = seeds_and_generators(generator, s.seed, s.batch)
+    if latents is not None and s.subseed_strength:
+        raise SettingError("{subseed_strength} leans the seeds' noise toward the variation seeds'; with {latents} there is none: drop one")
+    seeds, generators = seeds_and_generators(generator, s.seed, s.batch, varied=s.subseed_strength > 0)
     subseed, variation = variation_generators(s)
     scheduler = build_scheduler(pipe.scheduler_config, s, template)
     loras = find_loras(pipe, s)
@@ -129,8 +131,12 @@ def init_tensor(s: GenerationSettings) -> torch.Tensor | None:
     return image_to_tensor(s.init_image, s.width, s.height)
 
 
-def seeds_and_generators(generator: Generators | None, seed: int | None, batch: int) -> tuple[tuple[int, ...] | None, Generators]:
-    """Each image's seed and generator (the seed rule), or the caller's generators (seeds unknown)."""
+def seeds_and_generators(
+    generator: Generators | None, seed: int | None, batch: int, varied: bool = False
+) -> tuple[tuple[int, ...] | None, Generators]:
+    """Each image's seed and generator (the seed rule: image i gets seed + i), or the caller's generators (seeds
+    unknown). ``varied`` (variation seeds on): every image keeps the first seed, as A1111 keeps it, and only
+    the variation seeds count up, so the images are variations of one."""
     if generator is not None:
         if seed is not None:
             raise InputError("give either seed or generator, not both")
@@ -138,7 +144,8 @@ def seeds_and_generators(generator: Generators | None, seed: int | None, batch: 
             raise InputError(f"got {len(generator)} generators for {batch} images; give one per image")
         return None, generator
     first = resolve_seed(seed, batch)
-    return tuple(first + i for i in range(batch)), seed_generators(first, batch)
+    seeds = tuple(first + (0 if varied else i) for i in range(batch))
+    return seeds, [seed_generators(one, 1)[0] for one in seeds]
 
 
 def variation_generators(s: GenerationSettings) -> tuple[int | None, list[torch.Generator] | None]:
@@ -321,6 +328,11 @@ def denoise(
 ) -> torch.Tensor:
     """The sampling loop: one denoiser call and one scheduler step per timestep."""
     s = call.settings
+    if text.scheduled and len(timesteps) > s.num_inference_steps:
+        raise SettingError(
+            "prompt editing and alternation count one network call per step, but this {scheduler} makes "
+            f"{len(timesteps)} calls for {s.num_inference_steps} steps; use a one-call sampler or a plain prompt"
+        )
     # The callback's x_0 comes from the model's noise process (built only when someone listens).
     process = NoiseProcess.from_config(pipe.scheduler_config.filled_for(LINSPACE_DEFAULTS)) if callback else None
     with pipe.residency.running(pipe.unet) as unet:

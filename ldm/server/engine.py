@@ -58,10 +58,13 @@ class Engine:
 
     def _load(self, model: ModelEntry) -> Pipeline:
         pipe = Pipeline.from_pretrained(model.path, device=self.device, dtype=self.dtype)
+        # Made here, once, not lazily by the first request's thread: GET /sdapi/v1/embeddings reads it without
+        # the lock, and nothing changes it after this load.
+        embeddings = pipe.embeddings
         if self.embeddings is not None:
             with warnings.catch_warnings():  # the files that do not fit are listed by GET /sdapi/v1/embeddings
                 warnings.simplefilter("ignore")
-                pipe.load_embeddings(self.embeddings)
+                embeddings.load(self.embeddings)
         return pipe.configure(max_pixels=self.max_pixels, weights_after_use="keep", loras_dir=self.loras_dir)
 
     def switch(self, model: ModelEntry) -> None:
@@ -95,7 +98,8 @@ class Engine:
                     break
                 offset = k * request.settings.batch  # batch k continues the seeds (and variation seeds) of batch k - 1
                 subseed = None if request.settings.subseed is None else request.settings.subseed + offset
-                settings = replace(request.settings, seed=request.settings.seed + offset, subseed=subseed)
+                seed = request.settings.seed + (0 if request.settings.subseed_strength else offset)  # variations keep one
+                settings = replace(request.settings, seed=seed, subseed=subseed)
                 job.changed(batch=k, step=0, skipped=False)
                 images, parameters = self._batch(pipe, settings, job)
                 saved = [save_png(image, self.outputs, p) for image, p in zip(images, parameters)] if request.save else []
