@@ -90,11 +90,32 @@ def test_options_are_checked():
         create("lcm", use_karras_sigmas=True)
 
 
+@pytest.mark.parametrize("original_steps", [8, 100])
+def test_a_model_distilled_on_another_grid_says_so_in_its_scheduler_config_and_lcm_reads_it(original_steps):
+    """An LCM model folder's scheduler_config.json names its grid (LCMScheduler's original_inference_steps): the
+    same config gives diffusers' timesteps without the call saying it; a call's own option still overrides it."""
+    config = {**SD_CONFIGS["sd1"], "_class_name": "LCMScheduler", "original_inference_steps": original_steps}
+    for n in range(1, 9):
+        ours, ref = pair(config)
+        ours.set_timesteps(n)
+        ref.set_timesteps(n)
+        assert ours.timesteps.tolist() == ref.timesteps.tolist()
+    read = SchedulerConfig.from_diffusers(config)
+    assert SchedulerConfig.from_diffusers(read.to_diffusers()) == read  # kept through ldm's own folders and files
+    overridden = create("lcm", read, original_inference_steps=50)
+    overridden.set_timesteps(4)
+    expected = create("lcm", SchedulerConfig.from_diffusers(SD_CONFIGS["sd1"]))
+    expected.set_timesteps(4)
+    assert overridden.timesteps.tolist() == expected.timesteps.tolist()
+    with pytest.raises(ConfigError, match="original_inference_steps must be a whole number of at least 1"):
+        SchedulerConfig.from_diffusers({**config, "original_inference_steps": 0})
+
+
 def test_a_calls_timestep_spacing_is_refused_rather_than_ignored():
     config = SchedulerConfig.from_diffusers(SD_CONFIGS["sd1"])
     with pytest.raises(SettingError, match="timestep_spacing does not apply to scheduler lcm"):
         build_scheduler(config, GenerationSettings("", scheduler="lcm", timestep_spacing="trailing"), None)
-    assert build_scheduler(config, GenerationSettings("", scheduler="lcm"), None).options.original_inference_steps == 50
+    assert build_scheduler(config, GenerationSettings("", scheduler="lcm"), None).original_steps == 50
 
 
 # --- the step ---------------------------------------------------------------------------------------------

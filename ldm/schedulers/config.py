@@ -27,7 +27,7 @@ DIFFUSERS_SAMPLER_KEYS = frozenset(
         "interpolation_type", "lambda_min_clipped", "lower_order_final", "predict_x0", "predictor_order",
         "set_alpha_to_one", "skip_prk_steps", "solver_order", "solver_p", "solver_type", "timestep_type",
         "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "variance_type",
-        "sigma_min", "sigma_max", "original_inference_steps", "timestep_scaling", "noise_sampler_seed",
+        "sigma_min", "sigma_max", "original_inference_steps", "timestep_scaling", "noise_sampler_seed",  # (LCM's grid: read apart)
     }
 )
 # Keys that would change the noise process in ways we do not model: accepted only at these values.
@@ -103,6 +103,10 @@ class SchedulerConfig:
     thresholding: bool = False  # dynamic thresholding of predicted x_0 (Saharia et al. 2022)
     dynamic_thresholding_ratio: float = 0.995
     sample_max_value: float = 1.0
+    # LCM models: the length of the grid the model was distilled on (LCMScheduler's key, Luo et al. 2023,
+    # sec. 4.3); None where the file gives none (LCM's default, 50). How the model was made, so it is read with
+    # the model; the lcm sampler's own option overrides it per call.
+    original_inference_steps: int | None = None
     # Keys the model's scheduler_config.json left out: each sampler fills them with its own
     # diffusers class's default (``filled_for``), and ``to_diffusers`` does not write them.
     defaulted: frozenset[str] = frozenset()
@@ -122,6 +126,9 @@ class SchedulerConfig:
             raise ConfigError(f"need 0 < beta_start <= beta_end < 1, got {self.beta_start} and {self.beta_end}")
         if self.steps_offset < 0:
             raise ConfigError(f"steps_offset must be >= 0, got {self.steps_offset}")
+        n = self.original_inference_steps
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ConfigError(f"original_inference_steps must be a whole number of at least 1, got {n!r}")
         if not 0 < self.dynamic_thresholding_ratio <= 1:
             raise ConfigError(f"dynamic_thresholding_ratio must be in (0, 1], got {self.dynamic_thresholding_ratio}")
         unknown = set(self.defaulted) - set(_process_keys())
@@ -155,6 +162,8 @@ class SchedulerConfig:
         ours = set(_process_keys())
         used_defaults = set(config.get("_use_default_values", ()))
         values = {}
+        if config.get("original_inference_steps") is not None and "original_inference_steps" not in used_defaults:
+            values["original_inference_steps"] = config["original_inference_steps"]
         for key, value in config.items():
             if key in ours:
                 if key not in used_defaults:
@@ -180,6 +189,8 @@ class SchedulerConfig:
         state the conventions ldm's DDIM follows.
         """
         values = {key: getattr(self, key) for key in _process_keys() if key not in self.defaulted}
+        if self.original_inference_steps is not None:
+            values["original_inference_steps"] = self.original_inference_steps
         return {
             **dict(sorted(values.items())),
             "set_alpha_to_one": False,
@@ -189,5 +200,6 @@ class SchedulerConfig:
 
 
 def _process_keys() -> tuple[str, ...]:
-    """The noise-process keys of ``SchedulerConfig`` (every field but ``defaulted``)."""
-    return tuple(f.name for f in dataclasses.fields(SchedulerConfig) if f.name != "defaulted")
+    """The noise-process keys of ``SchedulerConfig`` (every field but ``defaulted`` and LCM's distillation grid,
+    which no sampler fills with a default of its own)."""
+    return tuple(f.name for f in dataclasses.fields(SchedulerConfig) if f.name not in ("defaulted", "original_inference_steps"))

@@ -39,24 +39,32 @@ from ldm.schedulers.base import Scheduler
 from ldm.schedulers.config import LCM_DEFAULTS
 from ldm.schedulers.schedules import Schedule, lcm_grid
 
+DEFAULT_ORIGINAL_STEPS = 50  # diffusers' LCMScheduler default, and LCM's released models'
 SIGMA_DATA = 0.5  # the data std the boundary scalings assume (Song et al. 2023; Karras et al. 2022)
 
 
 @dataclass(frozen=True)
 class LCMOptions:
     # N, the length of the grid the model was distilled on (every T // N-th timestep; Luo et al.
-    # 2023, sec. 4.3); a run takes at most N steps. diffusers' default, and LCM's released models'.
-    original_inference_steps: int = 50
+    # 2023, sec. 4.3); a run takes at most N steps. None: the model's scheduler config's, else 50
+    # (diffusers' default, and LCM's released models').
+    original_inference_steps: int | None = None
     # How far t is scaled in c_skip / c_out; larger makes f closer to x_0 hat (diffusers' default).
     timestep_scaling: float = 10.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.original_inference_steps, bool) or not isinstance(self.original_inference_steps, int):
-            raise ConfigError(f"original_inference_steps must be a whole number, got {self.original_inference_steps!r}")
-        if self.original_inference_steps < 1:
-            raise ConfigError(f"original_inference_steps must be at least 1, got {self.original_inference_steps}")
+        if self.original_inference_steps is not None:
+            check_original_steps(self.original_inference_steps)
         if not 0 < self.timestep_scaling < math.inf:
             raise ConfigError(f"timestep_scaling must be a finite number > 0, got {self.timestep_scaling}")
+
+
+def check_original_steps(n: object) -> None:
+    """N must be a whole number of at least 1 (its upper bound, T, is checked with the process)."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise ConfigError(f"original_inference_steps must be a whole number, got {n!r}")
+    if n < 1:
+        raise ConfigError(f"original_inference_steps must be at least 1, got {n}")
 
 
 class LCMScheduler(Scheduler):
@@ -67,7 +75,12 @@ class LCMScheduler(Scheduler):
     SPACED = False
 
     def _start_run(self, schedule: Schedule, n: int) -> None:
-        self.timesteps = lcm_grid(self.process, schedule, n, self.options.original_inference_steps)
+        self.timesteps = lcm_grid(self.process, schedule, n, self.original_steps)
+
+    @property
+    def original_steps(self) -> int:
+        """N: the call's option, else the model's scheduler config's, else LCM's 50."""
+        return self.options.original_inference_steps or self.config.original_inference_steps or DEFAULT_ORIGINAL_STEPS
 
     def boundary_scalings(self, t: int) -> tuple[float, float]:
         """(c_skip, c_out) at timestep ``t``; see the module docstring."""
