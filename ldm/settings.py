@@ -163,6 +163,16 @@ class GenerationSettings:
                 )
         return tags[0]
 
+    def image_seed(self, i: int) -> int:
+        """The seed of image ``i`` of a run from ``seed`` (resolved): seed + i, or, with variation seeds on, the
+        seed itself for every image (A1111's rule: only the variation seeds count up)."""
+        return self.seed + (0 if self.subseed_strength else i)
+
+    def from_image(self, i: int) -> GenerationSettings:
+        """These settings for a batch that starts at image ``i`` of the run: its seed and variation seed."""
+        subseed = None if self.subseed is None else self.subseed + i
+        return replace(self, seed=self.image_seed(i), subseed=subseed)
+
     def composed(self) -> bool:
         """Whether a prompt has sub-prompts or a sub-prompt weight (``a AND b``, ``a :1.2``; ldm.prompt_schedule),
         which guidance combines instead of reading one conditional pass."""

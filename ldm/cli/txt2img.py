@@ -181,11 +181,7 @@ def generate_all(pipe, settings: GenerationSettings, args: argparse.Namespace) -
     for prompt, negative in zip(settings.prompt, settings.negative_prompt):
         for first in range(0, args.num_images, args.batch_size):
             count = min(args.batch_size, args.num_images - first)
-            subseed = None if settings.subseed is None else settings.subseed + first
-            seed = settings.seed + (0 if settings.subseed_strength else first)  # variations keep one seed (A1111)
-            batch = replace(
-                settings, prompt=(prompt,), negative_prompt=(negative,), num_images_per_prompt=count, seed=seed, subseed=subseed
-            )  # fmt: skip
+            batch = replace(settings.from_image(first), prompt=(prompt,), negative_prompt=(negative,), num_images_per_prompt=count)
             steps_bar = tqdm(total=steps, desc="steps", leave=False, disable=args.quiet, file=sys.stderr)
             result = pipe.generate(batch, callback=step_callback(steps_bar, args.preview, pipe.vae))
             steps_bar.close()

@@ -68,6 +68,7 @@ class Call:
     shape: tuple[int, int, int, int]  # of the latents: (images, channels, H / f, W / f)
     init: torch.Tensor | None  # img2img: the init image, (1, 3, H, W) in [-1, 1]
     latents: torch.Tensor | None  # the caller's starting latents
+    plan: PromptPlan  # the texts the text encoder reads and which of them each step reads (prompt_plan)
     loras: tuple[PromptLora, ...] = ()  # the LoRAs the prompts' tags name, found and hashed
     variation: list[torch.Generator] | None = None  # the variation seeds' generators (subseed_strength > 0)
 
@@ -100,7 +101,8 @@ def resolve(pipe: Pipeline, settings: GenerationSettings, template: Any, generat
     subseed, variation = variation_generators(s)
     scheduler = build_scheduler(pipe.scheduler_config, s, template)
     loras = find_loras(pipe, s)
-    texts = encoded_texts(pipe, s)
+    plan = prompt_plan(pipe, s)
+    texts = list(plan.texts)
     pipe.embeddings.check_not_skipped(texts)
     used = words_used(pipe.tokenizer, texts, pipe.prompt_words())
     resolved = ResolvedSettings(
@@ -109,7 +111,7 @@ def resolve(pipe: Pipeline, settings: GenerationSettings, template: Any, generat
         lora_hashes=tuple((lora.infotext_name, lora.hash) for lora in loras),
         embeddings=tuple((name, pipe.embeddings.short_hash(name)) for name in used),
     )
-    return Call(resolved, scheduler, generators, shape, init_tensor(s), latents, loras, variation)
+    return Call(resolved, scheduler, generators, shape, init_tensor(s), latents, plan, loras, variation)
 
 
 def find_loras(pipe: Pipeline, s: GenerationSettings) -> tuple[PromptLora, ...]:
@@ -208,8 +210,7 @@ def encode_prompts(pipe: Pipeline, call: Call) -> Conditioning:
     the negatives' together, so all get the same number of 77-token chunks; a prompt without editing,
     alternation or ``AND`` is encoded as it is, in diffusers' batch order (``ldm.prompt_schedule.plan_prompts``).
     """
-    s = call.settings
-    plan = prompt_plan(pipe, s)
+    s, plan = call.settings, call.plan
     with pipe.residency.running(pipe.text_encoder) as text_encoder:
         states = encode_texts(text_encoder, pipe.tokenizer, list(plan.texts), clip_skip=s.clip_skip, words=pipe.prompt_words())
     pipe.residency.done_with(pipe.text_encoder)
@@ -248,11 +249,6 @@ def prompt_plan(pipe: Pipeline, s: GenerationSettings) -> PromptPlan:
     guided = s.guided and not embeds_guidance(pipe)
     prompts = [split_lora_tags(text)[0] for text in s.prompt]
     return plan_prompts(prompts, list(s.negative_prompt) if guided else None, s.num_inference_steps)
-
-
-def encoded_texts(pipe: Pipeline, s: GenerationSettings) -> list[str]:
-    """Every text the text encoder reads for a call (``prompt_plan``)."""
-    return list(prompt_plan(pipe, s).texts)
 
 
 def embeds_guidance(pipe: Pipeline) -> bool:

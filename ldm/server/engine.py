@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import threading
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -96,10 +95,7 @@ class Engine:
             for k in range(request.n_iter):
                 if job.interrupted or job.cancelled:
                     break
-                offset = k * request.settings.batch  # batch k continues the seeds (and variation seeds) of batch k - 1
-                subseed = None if request.settings.subseed is None else request.settings.subseed + offset
-                seed = request.settings.seed + (0 if request.settings.subseed_strength else offset)  # variations keep one
-                settings = replace(request.settings, seed=seed, subseed=subseed)
+                settings = request.settings.from_image(k * request.settings.batch)  # batch k continues batch k - 1
                 job.changed(batch=k, step=0, skipped=False)
                 images, parameters = self._batch(pipe, settings, job)
                 saved = [save_png(image, self.outputs, p) for image, p in zip(images, parameters)] if request.save else []

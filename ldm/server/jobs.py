@@ -49,10 +49,9 @@ class JobRequest:
 
     @property
     def seeds(self) -> list[int]:
-        """Every image's seed, in order: batch k continues where batch k - 1 ended (A1111's rule); with variation
-        seeds on, every image keeps the first (A1111's rule too)."""
-        step = 0 if self.settings.subseed_strength else 1
-        return [self.settings.seed + i * step for i in range(self.settings.batch * self.n_iter)]
+        """Every image's seed, in order: batch k continues where batch k - 1 ended (A1111's rule;
+        ``GenerationSettings.image_seed``)."""
+        return [self.settings.image_seed(i) for i in range(self.settings.batch * self.n_iter)]
 
 
 @dataclass(eq=False)  # a job is itself: the queue finds it by identity, not by comparing images
