@@ -245,19 +245,13 @@ def matmul_rate(n: int = 4096, repeats: int = 5) -> float:
 
 # --- results ---------------------------------------------------------------------------------------
 
-CPU_FLAGS = re.compile(r"^(avx512\w*|amx\w*|avx_vnni|avx2|fma)$")  # what decides the fp32 and bf16 kernels
-
-
 def cpu_info() -> dict[str, Any]:
-    """The CPU's model name and its vector / matrix flags (AVX-512, AVX-512 BF16, AMX), from /proc/cpuinfo."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {"model": None, "flags": []}
-    model = re.search(r"^model name\s*:\s*(.*)$", text, re.M)
-    flags = re.search(r"^flags\s*:\s*(.*)$", text, re.M)
-    return {"model": model.group(1).strip() if model else None, "cores": os.cpu_count(),
-            "flags": sorted(f for f in (flags.group(1).split() if flags else []) if CPU_FLAGS.match(f))}  # fmt: skip
+    """The CPU's model name and its vector / matrix flags (AVX-512, AVX-512 BF16, AMX), as ldm reads them
+    to choose its kernels (``ldm.kernels.cpu.this_cpu``)."""
+    from ldm.kernels.cpu import this_cpu
+
+    cpu = this_cpu()
+    return {"model": cpu.model, "cores": os.cpu_count(), "flags": list(cpu.flags)}
 
 
 
