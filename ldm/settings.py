@@ -65,11 +65,14 @@ class GenerationDefaults:
 
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     num_inference_steps: int = DEFAULT_STEPS
+    scheduler: str = DEFAULT_SCHEDULER  # e.g. "lcm" for a model distilled for LCM's few steps
 
     def __post_init__(self) -> None:
         # A model's file is checked when it is read, not blamed on every later call.
         checks.check_guidance_scale(self.guidance_scale)
         checks.check_steps(self.num_inference_steps)
+        if self.scheduler not in SAMPLER_NAMES:
+            raise InputError(f"unknown scheduler {checks.shown(self.scheduler)}; choose one of {', '.join(SAMPLER_NAMES)}")
 
     def fill(self, num_inference_steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
         """The given steps and guidance, each left as None replaced by its default."""
@@ -94,7 +97,7 @@ class GenerationSettings:
     width: int | None = None  # None: the init image's, else the model's native size
     height: int | None = None
     num_images_per_prompt: int = 1
-    scheduler: str = DEFAULT_SCHEDULER  # a name of SAMPLER_NAMES
+    scheduler: str | None = None  # a name of SAMPLER_NAMES; None: the model's recommendation, else DEFAULT_SCHEDULER
     eta: float | None = None  # DDIM's noise; None: the scheduler's default
     timestep_spacing: TimestepSpacing | None = None  # None: the model's scheduler config
     sigma_schedule: SigmaSchedule = "spaced"
@@ -205,7 +208,7 @@ class GenerationSettings:
         checks.check_token_merging(self.token_merging)
 
     def _check_choices(self) -> None:
-        if self.scheduler not in SAMPLER_NAMES:
+        if self.scheduler is not None and self.scheduler not in SAMPLER_NAMES:
             shown = checks.shown(self.scheduler)
             raise SettingError(f"unknown {{scheduler}} {shown}; choose one of {', '.join(SAMPLER_NAMES)}")
         if self.timestep_spacing is not None and self.timestep_spacing not in TIMESTEP_SPACINGS:
@@ -278,7 +281,7 @@ class GenerationSettings:
         return self.own_step_count(self.sigmas, "sigmas") if self.sigmas is not None else None
 
     def filled(self, defaults: GenerationDefaults, native_side: int, factor: int) -> GenerationSettings:
-        """These settings with steps and guidance from ``defaults`` and the size known.
+        """These settings with the sampler, steps and guidance from ``defaults`` and the size known.
 
         The size is as given, else the init image's rounded down to ``factor`` (the VAE's
         downsampling), else ``native_side`` (the model's). Checked for the model's factor.
@@ -292,6 +295,7 @@ class GenerationSettings:
         steps, guidance_scale = defaults.fill(self.num_inference_steps or self.points_step_count(), self.guidance_scale)
         filled = replace(
             self,
+            scheduler=self.scheduler or defaults.scheduler,
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             width=checks.check_side(width, "width", factor),

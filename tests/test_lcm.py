@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_models import diffusers_unet, lcm_pipeline
+from tiny_models import diffusers_pipeline, diffusers_unet, lcm_pipeline
 
 from ldm.errors import ConfigError, InputError, SettingError
 from ldm.guidance import guidance_scale_embedding
@@ -120,6 +120,36 @@ def test_lcm_folder_samples_as_diffusers_with_one_pass_per_step(lcm_folder):
         got = pipe(PROMPT, num_inference_steps=4, guidance_scale=scale, seed=0, scheduler=scheduler, output_type="np").images
         assert np.abs(got - expected).max() < 1e-4, scale
     assert batches == [1] * 8  # one conditional pass per step, never a second (unconditional) one
+
+
+def test_an_lcm_folder_without_generation_config_samples_as_diffusers_defaults(lcm_folder):
+    """diffusers' LatentConsistencyModelPipeline runs the folder's LCMScheduler, 4 steps and guidance 8.5 when
+    a call gives none; ldm recommends the same for such a folder, and a call's own choice still wins."""
+    from ldm.pipeline import Pipeline
+
+    folder, reference = lcm_folder
+    assert not (folder / "generation_config.json").exists()
+    pipe = Pipeline.from_pretrained(folder)
+    expected = reference(PROMPT, generator=torch.Generator().manual_seed(0), output_type="np").images
+    result = pipe(PROMPT, seed=0, output_type="np")
+    assert np.abs(result.images - expected).max() < 1e-4
+    s = result.settings.settings
+    assert (s.scheduler, s.num_inference_steps, s.guidance_scale, result.settings.sampler) == ("lcm", 4, 8.5, "LCM")
+    own = pipe(PROMPT, seed=0, scheduler="euler", num_inference_steps=2, output_type="latent").settings
+    assert (own.settings.scheduler, own.settings.num_inference_steps, own.sampler) == ("euler", 2, "Euler")
+
+
+def test_a_plain_folder_saved_with_an_lcm_scheduler_recommends_lcm_unguided(tmp_path):
+    from diffusers import LCMScheduler
+
+    from ldm.loading import load_components
+
+    reference = diffusers_pipeline()
+    reference.scheduler = LCMScheduler.from_config(reference.scheduler.config)
+    reference.save_pretrained(tmp_path / "fused")
+    assert load_components(tmp_path / "fused").generation_config == {"scheduler": "lcm", "num_inference_steps": 4, "guidance_scale": 1.0}
+    (tmp_path / "fused" / "generation_config.json").write_text('{"num_inference_steps": 6}')
+    assert load_components(tmp_path / "fused").generation_config == {"num_inference_steps": 6}
 
 
 def test_speed_ups_run_on_an_lcm_unet(lcm_folder):

@@ -47,7 +47,10 @@ def register(sub) -> None:
         "--vae", type=Path, metavar="PATH",
         help="use this VAE instead of the model's: a KL-VAE .safetensors/.ckpt or diffusers folder, or TAESD (folder or taesd_*coder files)",
     )
-    parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, metavar="NAME", help=", ".join(SAMPLER_NAMES))
+    parser.add_argument(
+        "--scheduler", metavar="NAME",
+        help=f"{', '.join(SAMPLER_NAMES)} (default: the model's recommendation, else {DEFAULT_SCHEDULER})",
+    )
     parser.add_argument("--eta", type=float, help="noise of DDIM steps (0: deterministic; only schedulers that take it)")
     parser.add_argument(
         "--timestep-spacing",
@@ -217,8 +220,9 @@ def check_arguments(args: argparse.Namespace) -> Job:
     from ldm.loading import DEFAULT_MODEL_DIR
     from ldm.schedulers import check_options, check_spacing
 
-    check_options(settings.scheduler, settings.scheduler_options())
-    check_spacing(settings.scheduler, settings.timestep_spacing)
+    if settings.scheduler is not None:  # else the model's, checked when it is known
+        check_options(settings.scheduler, settings.scheduler_options())
+        check_spacing(settings.scheduler, settings.timestep_spacing)
     if args.device is not None:
         check_device(args.device)
     if args.dtype == "fp16" and args.device is not None and args.device.startswith("cpu"):

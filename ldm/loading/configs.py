@@ -147,14 +147,25 @@ def folder_configs(folder: Path) -> ModelConfigs:
     text_path = folder / "text_encoder" / "config.json"
     text = text_config(read_json(text_path), str(text_path))
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
-    scheduler = (
-        built(SchedulerConfig.from_diffusers, read_json(scheduler_path), str(scheduler_path))
-        if scheduler_path.is_file()
-        else None
-    )
+    scheduler_values = read_json(scheduler_path) if scheduler_path.is_file() else None
+    scheduler = built(SchedulerConfig.from_diffusers, scheduler_values, str(scheduler_path)) if scheduler_values is not None else None
     generation_path = folder / "generation_config.json"
-    generation = generation_config(read_json(generation_path), str(generation_path)) if generation_path.is_file() else {}
+    if generation_path.is_file():
+        generation = generation_config(read_json(generation_path), str(generation_path))
+    else:
+        generation = few_step_recommendation(unet, scheduler_values)
     return ModelConfigs(unet, vae, text, scheduler, generation)
+
+
+def few_step_recommendation(unet: UNetConfig, scheduler_values: Any) -> dict[str, Any]:
+    """What a folder without ``generation_config.json`` recommends when it was made for LCM's few steps:
+    diffusers' ``LatentConsistencyModelPipeline`` samples such a folder with its own ``LCMScheduler`` and 4
+    steps, at guidance 8.5 for a U-Net that embeds the scale; a plain U-Net saved with an LCM scheduler
+    (an LCM-LoRA fused in) runs unguided, as diffusers' LCM-LoRA guide advises (a scale of 1 to 2, or none)."""
+    lcm = isinstance(scheduler_values, dict) and scheduler_values.get("_class_name") == "LCMScheduler"
+    if unet.time_cond_proj_dim is not None:
+        return {"scheduler": "lcm", "num_inference_steps": 4, "guidance_scale": 8.5}
+    return {"scheduler": "lcm", "num_inference_steps": 4, "guidance_scale": 1.0} if lcm else {}
 
 
 def to_metadata(configs: ModelConfigs, parts: tuple[str, ...]) -> dict[str, str]:

@@ -357,7 +357,7 @@ class Pipeline:
             prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, guidance_fraction=guidance_fraction,
             width=width, height=height, num_images_per_prompt=num_images_per_prompt,
-            scheduler=(scheduler or DEFAULT_SCHEDULER) if named else DEFAULT_SCHEDULER,
+            scheduler=scheduler if named else DEFAULT_SCHEDULER,
             eta=eta, timestep_spacing=timestep_spacing, seed=seed, timesteps=timesteps, sigmas=sigmas,
             subseed=subseed, subseed_strength=subseed_strength,
             sigma_schedule=GenerationSettings.sigma_schedule_of(use_karras_sigmas, use_exponential_sigmas),
