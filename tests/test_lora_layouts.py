@@ -10,7 +10,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from test_lora import adaptable_modules, every_layer_pairs, kohya_key
 from test_training_support import micro_models, one_torch_thread  # noqa: F401 - one_torch_thread is an autouse fixture
 
@@ -187,3 +187,59 @@ def test_the_cli_refuses_an_unplaceable_lcm_lora_before_generating(tmp_path, cap
     assert err.count("\n") == 1 and "Traceback" not in err
     assert f"ldm txt2img: error: {path}: key '{key}' is for a module that does not exist in the unet" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_a_peft_file_scales_by_the_lora_config_in_its_metadata(use_rslora, lcm_reference, tmp_path):
+    """diffusers' ``save_lora_weights`` keeps peft's LoraConfig (r, lora_alpha, alpha_pattern, rank_pattern,
+    use_rslora) in the file's metadata, not as alpha tensors; ldm scales each module as diffusers does."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from tiny_models import ldm_pipeline
+
+    trained = copy.deepcopy(lcm_reference)
+    config = LoraConfig(
+        r=4, lora_alpha=12, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1"], use_rslora=use_rslora,
+        rank_pattern={"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": 2}, alpha_pattern={"to_v": 3},
+    )
+    trained.unet.add_adapter(config)
+    with torch.no_grad():
+        for name, parameter in trained.unet.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn_like(parameter) * 0.05)
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=get_peft_model_state_dict(trained.unet),
+        unet_lora_adapter_metadata=trained.unet.peft_config["default"].to_dict(), safe_serialization=True,
+    )
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    reference = copy.deepcopy(lcm_reference)
+    pipe = ldm_pipeline(reference)
+    reference.load_lora_weights(str(path))
+    expected = reference(PROMPT, **REFERENCE_CALL, generator=torch.Generator().manual_seed(0)).images
+    pipe.load_lora(path, fuse=True)
+    from diffusers import LCMScheduler
+
+    got = pipe(PROMPT, **REFERENCE_CALL, seed=0, scheduler=LCMScheduler.from_config(reference.scheduler.config)).images
+    assert np.abs(got - expected).max() < 1e-4
+    unscaled = ldm_pipeline(copy.deepcopy(lcm_reference))
+    save_file(load_file(str(path)), str(tmp_path / "no-metadata.safetensors"))  # the same tensors, alpha = r
+    unscaled.load_lora(tmp_path / "no-metadata.safetensors", fuse=True)
+    plain = unscaled(PROMPT, **REFERENCE_CALL, seed=0, scheduler=LCMScheduler.from_config(reference.scheduler.config)).images
+    assert np.abs(plain - expected).max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "metadata, message",
+    [("{not json", "is not JSON"), ('{"unet.r": "four", "unet.lora_alpha": 4}', "rank or alpha as something other than positive numbers"),
+     ('{"unet.r": 4, "unet.alpha_pattern": {"to_q": -1}}', "rank or alpha"), ('{"unet.use_rslora": "yes"}', "use_rslora")],
+)
+def test_broken_lora_adapter_metadata_is_a_one_line_error(metadata, message, tmp_path):
+    from ldm.adapters.files import read_adapter
+
+    path = tmp_path / "broken.safetensors"
+    q = f"unet.{Q}.to_q"
+    save_file({f"{q}.lora_A.weight": torch.ones(2, 4), f"{q}.lora_B.weight": torch.ones(4, 2)}, str(path), metadata={"lora_adapter_metadata": metadata})
+    with pytest.raises(CheckpointError, match=message) as raised:
+        read_adapter(path)
+    assert "\n" not in str(raised.value) and str(path) in str(raised.value)

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from ldm import checks
 from ldm.adapters.formats import BadTensors, Difference, LoHa, LoKr, LoRA, Shape, Tensors, Update
-from ldm.adapters.keys import UnknownKey, parse_key
+from ldm.adapters.keys import UnknownKey, diffusers_module_path, parse_key
+from ldm.adapters.peft_metadata import peft_configs
 from ldm.errors import CheckpointError, InputError
 
 # The tensor names that make each kind (besides "alpha" and the DoRA magnitudes).
@@ -61,6 +62,7 @@ def read_adapter(path: str | os.PathLike) -> dict[tuple[str, str], ModuleUpdate]
             raise CheckpointError(f"{path}: key {key!r} adapts the same module as {found[name][0]!r}; keep one of them")
         _check_tensor(path, key, name, tensor)
         found[name] = (key, tensor)
+    _add_metadata_alphas(path, modules)
     updates = {}
     for module, found in modules.items():
         try:
@@ -68,6 +70,20 @@ def read_adapter(path: str | os.PathLike) -> dict[tuple[str, str], ModuleUpdate]
         except BadTensors as bad:
             raise CheckpointError(f"{path}: key {bad.key!r} {bad.reason}") from None
     return updates
+
+
+def _add_metadata_alphas(path: Path, modules: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]]) -> None:
+    """The alpha of each LoRA module of a diffusers / peft layout from peft's config in the file's metadata
+    (``ldm.adapters.peft_metadata``), written as the alpha that gives its scale at the module's rank."""
+    configs = peft_configs(path)
+    for (part, _), found in modules.items():
+        if part not in configs or "lora_down.weight" not in found or "alpha" in found:
+            continue
+        key, down = found["lora_down.weight"]
+        located = diffusers_module_path(key)
+        if located is not None:
+            alpha = configs[part].scale(located[1]) * down.shape[0]
+            found["alpha"] = (f"{key} (alpha from {part}'s lora_adapter_metadata)", torch.tensor(alpha))
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:

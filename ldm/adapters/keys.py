@@ -94,6 +94,14 @@ def parse_key(key: str) -> tuple[str, str, str]:
     )
 
 
+def diffusers_module_path(key: str) -> tuple[str, str] | None:
+    """``(part, module path)`` of a key in a diffusers / peft layout (None for a kohya key)."""
+    for prefix, part in DIFFUSERS_PREFIXES.items():
+        if key.startswith(prefix):
+            return part, _diffusers_module(part, key[len(prefix):])[0]
+    return None
+
+
 def _unknown_tensor(tensor: str) -> str:
     if tensor in UNSUPPORTED_TENSORS:
         return f"is a {UNSUPPORTED_TENSORS[tensor]} weight ({tensor!r}), a kind of adapter ldm does not apply"
