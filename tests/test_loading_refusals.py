@@ -140,3 +140,12 @@ def test_raw_pickle_is_refused_as_code_not_as_a_torch_bug(tmp_path, capsys):
     assert main(["convert", str(path), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "holds pickled Python objects" in err and err.count("\n") == 1
+
+
+def test_bytes_that_are_no_torch_file_are_refused_before_torch_reads_them(tmp_path):
+    path = tmp_path / "notes.ckpt"
+    path.write_bytes(b"these are not weights\n" * 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(LdmError, match="is not a readable PyTorch checkpoint \\(neither torch.save's zip nor its older format\\)"):
+            load_components(path)

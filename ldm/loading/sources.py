@@ -19,7 +19,6 @@ import copy
 import json
 import pickle
 import re
-import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -100,11 +99,12 @@ class TensorFile:
         self.shapes = {key: tuple(value.shape) for key, value in self._tensors.items()}
 
     def _torch_load(self):
-        # torch warns about pickle protocols it may not read; the refusal below says it in one line.
-        with torch.serialization.safe_globals(_STAND_INS), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
+        zipped = zipfile.is_zipfile(self.path)
+        if not zipped:
+            _check_legacy_torch_file(self.path)
+        with torch.serialization.safe_globals(_STAND_INS):
             try:
-                return torch.load(self.path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(self.path))
+                return torch.load(self.path, map_location="cpu", weights_only=True, mmap=zipped)
             except pickle.UnpicklingError as error:
                 raise CheckpointError(_unpickling_message(self.path, error)) from None
             # Arbitrary bytes make the unpickler fail in arbitrary ways (IndexError, KeyError, ...).
@@ -144,6 +144,25 @@ def _string_dict(value) -> dict[str, str]:
     if isinstance(value, Mapping) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         return dict(value)
     return {}
+
+
+# torch.save's format before its zip files begins with this number, pickled (serialization.py's MAGIC_NUMBER).
+_LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def _check_legacy_torch_file(path: Path) -> None:
+    """Refuse a file that is neither zip nor torch.save's legacy format before torch reads it: torch would
+    warn about its pickle protocol and then fail with a request to file an issue."""
+    with open(path, "rb") as file:
+        head = file.read(64)
+    if _LEGACY_MAGIC in head:
+        return
+    if head[:1] == b"\x80":  # pickle's PROTO opcode: a pickle, but not torch.save's
+        raise CheckpointError(
+            f"{path} holds pickled Python objects beyond tensors; ldm does not run code from checkpoints: "
+            "convert it to .safetensors with a trusted tool"
+        )
+    raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (neither torch.save's zip nor its older format); it may be truncated or not a checkpoint")
 
 
 def _unpickling_message(path: Path, error: Exception) -> str:
