@@ -368,7 +368,8 @@ class Pipeline:
         run's own points, as in diffusers. ``subseed`` / ``subseed_strength``: A1111's variation seeds (image i's
         starting noise leans toward seed ``subseed + i``'s). ``generator`` (one per image, or one for all) replaces ``seed``; ``latents`` replaces
         the initial noise. ``callback(i, t, latents, denoised)`` is called after each step (``denoised``:
-        the x_0 the step's network output implied, scaled latents; ``ldm.previews`` draws it).
+        the x_0 the step's network output implied, scaled latents; ``ldm.previews`` draws it). ``control``: ControlNets,
+        a ``ldm.control.ControlUnit`` or a list of them (docs/controlnet.md).
         """
         named = scheduler is None or isinstance(scheduler, str)
         settings = GenerationSettings(
