@@ -22,6 +22,7 @@ from typing import Any, Literal, get_args
 from PIL import Image
 
 from ldm import checks
+from ldm.control import ControlUnit, control_units
 from ldm.errors import InputError, SettingError, placeholder_text
 from ldm.images import GenerationParameters, init_image_size, read_image, to_rgb
 from ldm.prompt_schedule import split_subprompts
@@ -111,6 +112,7 @@ class GenerationSettings:
     clip_skip: int | None = None  # use the text encoder's k-th layer from the end (diffusers' meaning)
     deepcache_interval: int = 1  # DeepCache: the full U-Net every N-th step only (1 = off)
     token_merging: float = 0.0  # ToMe ratio in full-resolution self-attention (0 = off)
+    control: tuple[ControlUnit, ...] = ()  # ControlNets (ldm.control), their residuals summed
 
     def __post_init__(self) -> None:
         prompts = (self.prompt,) if isinstance(self.prompt, str) else tuple(self.prompt)
@@ -123,6 +125,7 @@ class GenerationSettings:
         self._check_prompts()
         self._check_numbers()
         self._check_choices()
+        self._check_control()
 
     def _negatives(self, count: int) -> tuple[str, ...]:
         negatives = self.negative_prompt
@@ -220,6 +223,11 @@ class GenerationSettings:
         self._check_points()
         if self.strength is not None and self.init_image is None:
             raise SettingError("{strength} only applies with {init_image}")
+
+    def _check_control(self) -> None:
+        object.__setattr__(self, "control", control_units(self.control))
+        if self.control and self.deepcache_interval > 1:
+            raise SettingError("{deepcache_interval} reuses deep features that a ControlNet changes every step; drop one of them")
 
     def _check_points(self) -> None:
         """The run's own timesteps or sigmas: finite, descending, and instead of a step count and schedule."""
@@ -336,6 +344,7 @@ class ResolvedSettings:
     vae: str | None = None  # the VAE file or folder that replaced the model's own (None: the model's)
     lora_hashes: tuple[tuple[str, str], ...] = ()  # (name, A1111 hash) of each LoRA the prompt's tags apply
     embeddings: tuple[tuple[str, str], ...] = ()  # (name, A1111's short hash) of each embedding the prompts use
+    controlnets: tuple[str, ...] = ()  # each control unit's model as A1111 names it: "name [hash]" (or "name")
 
     def prompts(self) -> list[tuple[str, str]]:
         """(prompt, negative prompt) of each image, in image order."""
@@ -398,6 +407,8 @@ class ResolvedSettings:
             extra["Lora hashes"] = ", ".join(f"{name}: {digest}" for name, digest in self.lora_hashes)
         if self.embeddings:  # A1111 drops the separators from a name so the list reads back
             extra["TI hashes"] = ", ".join(f"{name.replace(':', '').replace(',', '')}: {digest}" for name, digest in self.embeddings)
+        for i, (unit, model) in enumerate(zip(s.control, self.controlnets)):
+            extra[f"ControlNet {i}"] = unit.infotext(model)  # sd-webui-controlnet's key and fields
         if self.version:
             extra["Version"] = f"ldm {self.version}"
         return extra

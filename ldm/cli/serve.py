@@ -25,6 +25,7 @@ def register(sub) -> None:
     parser.add_argument(
         "--embeddings-dir", type=Path, metavar="DIR", help="textual-inversion embeddings that prompts may use by their file's stem"
     )
+    parser.add_argument("--controlnet-dir", type=Path, metavar="DIR", help="ControlNet files and folders that requests' controlnet units name")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need --api-auth)")
     parser.add_argument("--port", type=int, default=7860, help="default 7860, as A1111")
     parser.add_argument("--api-auth", metavar="USER:PASS[,USER2:PASS2]", help="HTTP Basic auth on every route")
@@ -54,6 +55,7 @@ def build_config(args: argparse.Namespace):
     )
     return ServerConfig(
         model=args.model, models_dir=args.models_dir, loras_dir=args.loras_dir, embeddings_dir=args.embeddings_dir,
+        controlnet_dir=args.controlnet_dir,
         host=args.host, port=args.port, api_auth=parse_auth(args.api_auth) if args.api_auth else (),
         insecure_no_auth=args.insecure_no_auth, queue_size=args.queue_size, outputs=args.outputs,
         device=args.device, dtype=args.dtype, limits=limits,

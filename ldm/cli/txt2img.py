@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ldm import checks
+from ldm.cli import control_args
 from ldm.errors import CheckpointError, InputError
 from ldm.images import check_output_folder, init_image_size, read_image
 from ldm.prompts import check_prompt
@@ -106,6 +107,7 @@ def register(sub) -> None:
         "--channels-last", action=argparse.BooleanOptionalAction, default=None,
         help="channels-last memory format for the U-Net and VAE (default: on in bf16 on the CPU, else off)",
     )  # fmt: skip
+    control_args.add_arguments(parser)
     parser.add_argument("--out", type=Path, default=Path("outputs"), metavar="DIR", help="output folder (default: outputs/)")
     parser.add_argument("--preview", type=Path, metavar="FILE", help="rewrite FILE (PNG) with a preview of the image after every step")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -121,6 +123,7 @@ FLAGS = {
     "use_exponential_sigmas": "--sigma-schedule exponential",
     "deepcache_interval": "--deepcache",
     "token_merging": "--tome",
+    **control_args.FLAGS,
 }
 
 
@@ -271,7 +274,7 @@ def build_settings(args: argparse.Namespace) -> GenerationSettings:
         eta=args.eta, timestep_spacing=args.timestep_spacing, seed=args.seed, sigma_schedule=sigma_schedule(args),
         subseed=args.subseed, subseed_strength=args.subseed_strength,
         init_image=check_init_image(args), strength=args.strength, clip_skip=args.clip_skip,
-        deepcache_interval=args.deepcache, token_merging=args.tome,
+        deepcache_interval=args.deepcache, token_merging=args.tome, control=control_args.control_units(args),
     )
     subseed = resolve_seed(settings.subseed, args.num_images, "subseed") if settings.subseed_strength else None
     return replace(settings, seed=resolve_seed(settings.seed, args.num_images), subseed=subseed)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from ldm.errors import ConfigError, InputError
 from ldm.models._config import as_int, as_int_tuple, check_defaults, check_range
 from ldm.models.attention import NO_HOOKS, AttentionBackend, SelfAttentionHooks, SpatialTransformer, set_attention
-from ldm.models.layers import Downsample, ResnetBlock, Upsample, join_skip
+from ldm.models.layers import Downsample, ResnetBlock, Upsample, join_skip, repeat_rows
 
 
 @dataclass(frozen=True)
@@ -413,6 +413,37 @@ class BlockLoop(Protocol):
 
 
 @dataclass(frozen=True)
+class ControlResiduals:
+    """What a ControlNet adds to a U-Net (Zhang et al. 2023, eq. 2; ``ldm.models.controlnet``): one tensor per
+    skip connection, in the order the down path pushes them, and one for the middle block's output
+    (diffusers' ``down_block_additional_residuals`` and ``mid_block_additional_residual``)."""
+
+    down: tuple[torch.Tensor, ...]
+    mid: torch.Tensor
+
+    def __add__(self, other: ControlResiduals) -> ControlResiduals:
+        """The sum of two ControlNets' residuals (diffusers' ``MultiControlNetModel``)."""
+        return ControlResiduals(tuple(add_rows(a, b) for a, b in zip(self.down, other.down)), add_rows(self.mid, other.mid))
+
+    def scaled(self, scales: torch.Tensor | float) -> ControlResiduals:
+        """Residual i times ``scales[i]`` (the middle block's: the last), or all times one float."""
+        if isinstance(scales, float):
+            return ControlResiduals(tuple(r * scales for r in self.down), self.mid * scales)
+        return ControlResiduals(tuple(r * s for r, s in zip(self.down, scales)), self.mid * scales[-1])
+
+    def added_to_skips(self, skips: list[torch.Tensor]) -> list[torch.Tensor]:
+        if len(skips) != len(self.down):
+            raise InputError(f"got {len(self.down)} ControlNet residuals for the U-Net's {len(skips)} skip connections")
+        return [add_rows(skip, residual) for skip, residual in zip(skips, self.down)]
+
+
+def add_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a + b`` where either may hold one row per shared sample (``repeat_rows``) and the other k rows each."""
+    rows = max(a.shape[0], b.shape[0])
+    return repeat_rows(a, rows) + repeat_rows(b, rows)
+
+
+@dataclass(frozen=True)
 class UNetHooks:
     """What one U-Net call runs differently, attached from outside the network (``ldm.speedups``).
 
@@ -425,6 +456,8 @@ class UNetHooks:
     self_attention: SelfAttentionHooks = field(default_factory=dict)
     # Runs in place of UNet.run_blocks, between conv_in and the output head (DeepCache).
     blocks: BlockLoop | None = None
+    # Added to the skips and the middle block's output by UNet.run_blocks (a ControlNet's; set per call).
+    residuals: ControlResiduals | None = None
 
 
 class UNet(nn.Module):
@@ -452,6 +485,7 @@ class UNet(nn.Module):
         encoder_hidden_states: torch.Tensor,
         hooks: UNetHooks | None = None,
         timestep_cond: torch.Tensor | None = None,
+        residuals: ControlResiduals | None = None,
     ) -> torch.Tensor:
         """Predict the noise (or v) of ``sample`` at ``timestep`` given the text ``encoder_hidden_states``.
 
@@ -462,8 +496,13 @@ class UNet(nn.Module):
         cross-attention (conv_in, a ResNet and a 4096-token self-attention at 512x512) run once
         instead of k times. ``hooks`` change what this call runs (see ``UNetHooks``). ``timestep_cond``
         (1 or B rows of ``time_cond_proj_dim``) is the extra time condition of a guidance-distilled U-Net.
+        ``residuals``: a ControlNet's, added to the skips and the middle block's output.
         """
         hooks = UNetHooks() if hooks is None else hooks
+        if residuals is not None:
+            if hooks.blocks is not None:
+                raise InputError("a replaced block loop (DeepCache) does not add ControlNet residuals; run without it")
+            hooks = replace(hooks, residuals=residuals)
         context = encoder_hidden_states
         _check_text_batch(sample, context)
         temb = self.embed_time(timestep, sample, timestep_cond)
@@ -489,6 +528,9 @@ class UNet(nn.Module):
         for block in self.down_blocks:
             x = block(x, temb, context, skips, hooks.self_attention)
         x = self.mid_block(x, temb, context, hooks.self_attention)
+        if hooks.residuals is not None:
+            skips[:] = hooks.residuals.added_to_skips(skips)
+            x = add_rows(x, hooks.residuals.mid)
         for block in self.up_blocks:
             x = block(x, temb, context, skips, hooks.self_attention)
         return x

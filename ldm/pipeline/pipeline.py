@@ -37,6 +37,7 @@ from ldm.images import GenerationParameters, check_output_folder, save_png
 from ldm.kernels.choice import PLAIN, bf16_warning
 from ldm.models import set_kernels
 from ldm.pipeline import stages
+from ldm.pipeline.control import ControlNets
 from ldm.pipeline.setup import PipelineSetup
 from ldm.pipeline.stages import Generators, OutputType, StepCallback
 from ldm.residency import Residency, check_loaded
@@ -45,6 +46,7 @@ from ldm.settings import DEFAULT_SCHEDULER, DEFAULTS, GenerationDefaults, Genera
 
 if TYPE_CHECKING:
     from ldm.adapters import AdapterInfo, Adapters
+    from ldm.control import ControlUnit
     from ldm.adapters.folder import PromptLora
     from ldm.adapters.embeddings import Embeddings
     from ldm.prompts import PromptWord
@@ -104,6 +106,7 @@ class Pipeline:
         self._tagged: dict[str, tuple[Path, int]] = {}  # adapters the prompts' tags loaded: name -> (file, its mtime)
         self._embeddings: Embeddings | None = None  # made by the first load_embeddings
         self.vae_name: str | None = None  # the VAE file or folder that replaced the model's (load_vae)
+        self.controlnets = ControlNets()  # loaded by name (load_controlnet), or by the path a call's units name
         param = next(unet.parameters())
         # The set-up the networks are in, then the default one applied: the memory format and fast paths
         # for their dtype on this CPU.
@@ -289,6 +292,20 @@ class Pipeline:
         self.vae = vae.to(memory_format=setup.memory_format)
         self.vae_name = Path(path).name
 
+    # --- ControlNets (ldm.pipeline.control) --------------------------------------------------------
+
+    def load_controlnet(self, path: str | Path, name: str | None = None) -> str:
+        """Read a ControlNet (a .safetensors/.pth file or a diffusers folder) for this model's U-Net and keep it; returns
+        the name (``name``, else the file's stem made unique) a ``ControlUnit(model=name, ...)`` uses. A unit may
+        also name a path, read on first use."""
+        return self.controlnets.load(self, path, name)
+
+    def unload_controlnet(self, name: str) -> None:
+        """Forget a ControlNet loaded by name; its memory goes with the last call that used it."""
+        if name not in self.controlnets.named:
+            raise InputError(f"no ControlNet is loaded as {name!r}; loaded: {', '.join(self.controlnets.named) or 'none'}")
+        del self.controlnets.named[name]
+
     @property
     def device(self) -> torch.device:
         return self.setup.device
@@ -340,6 +357,7 @@ class Pipeline:
         guidance_fraction: float = DEFAULTS["guidance_fraction"],
         deepcache_interval: int = DEFAULTS["deepcache_interval"],
         token_merging: float = DEFAULTS["token_merging"],
+        control: ControlUnit | list[ControlUnit] | None = None,
     ) -> GenerationOutput:
         """Generate images, with diffusers' keywords; see ``GenerationSettings`` and docs/generating.md.
 
@@ -350,7 +368,8 @@ class Pipeline:
         run's own points, as in diffusers. ``subseed`` / ``subseed_strength``: A1111's variation seeds (image i's
         starting noise leans toward seed ``subseed + i``'s). ``generator`` (one per image, or one for all) replaces ``seed``; ``latents`` replaces
         the initial noise. ``callback(i, t, latents, denoised)`` is called after each step (``denoised``:
-        the x_0 the step's network output implied, scaled latents; ``ldm.previews`` draws it).
+        the x_0 the step's network output implied, scaled latents; ``ldm.previews`` draws it). ``control``: ControlNets,
+        a ``ldm.control.ControlUnit`` or a list of them (docs/controlnet.md).
         """
         named = scheduler is None or isinstance(scheduler, str)
         settings = GenerationSettings(
@@ -362,7 +381,7 @@ class Pipeline:
             subseed=subseed, subseed_strength=subseed_strength,
             sigma_schedule=GenerationSettings.sigma_schedule_of(use_karras_sigmas, use_exponential_sigmas),
             init_image=init_image, strength=strength, clip_skip=clip_skip,
-            deepcache_interval=deepcache_interval, token_merging=token_merging,
+            deepcache_interval=deepcache_interval, token_merging=token_merging, control=control,
         )
         return self.generate(
             settings, scheduler=None if named else scheduler, generator=generator, latents=latents,

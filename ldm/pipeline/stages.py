@@ -33,6 +33,7 @@ from ldm import __version__, checks
 from ldm.errors import ConfigError, InputError, LdmError, SettingError
 from ldm.guidance import ClassifierFreeGuidance, Conditional, Conditioning, Denoiser, EmbeddedGuidance, Network, guided_steps
 from ldm.images import image_to_tensor, to_numpy, to_pil
+from ldm.pipeline import control
 from ldm.prompts import encode_prompts as encode_texts
 from ldm.prompt_schedule import PromptPlan, plan_prompts
 from ldm.prompts import split_lora_tags, words_used
@@ -71,6 +72,7 @@ class Call:
     plan: PromptPlan  # the texts the text encoder reads and which of them each step reads (prompt_plan)
     loras: tuple[PromptLora, ...] = ()  # the LoRAs the prompts' tags name, found and hashed
     variation: list[torch.Generator] | None = None  # the variation seeds' generators (subseed_strength > 0)
+    control: tuple[control.PreparedUnit, ...] = ()  # the ControlNets, found, and their control maps
 
     @property
     def settings(self) -> GenerationSettings:
@@ -105,13 +107,15 @@ def resolve(pipe: Pipeline, settings: GenerationSettings, template: Any, generat
     texts = list(plan.texts)
     pipe.embeddings.check_not_skipped(texts)
     used = words_used(pipe.tokenizer, texts, pipe.prompt_words())
+    units = control.prepare(pipe, s)
     resolved = ResolvedSettings(
         replace(s, seed=seeds[0] if seeds else None, subseed=subseed), seeds, sampler_name(scheduler),
         pipe.name, pipe.model_hash, tuple(pipe.adapters), __version__, vae=pipe.vae_name,
         lora_hashes=tuple((lora.infotext_name, lora.hash) for lora in loras),
         embeddings=tuple((name, pipe.embeddings.short_hash(name)) for name in used),
+        controlnets=tuple(unit.label for unit in units),
     )
-    return Call(resolved, scheduler, generators, shape, init_tensor(s), latents, plan, loras, variation)
+    return Call(resolved, scheduler, generators, shape, init_tensor(s), latents, plan, loras, variation, units)
 
 
 def find_loras(pipe: Pipeline, s: GenerationSettings) -> tuple[PromptLora, ...]:
@@ -331,8 +335,9 @@ def denoise(
         )
     # The callback's x_0 comes from the model's noise process (built only when someone listens).
     process = NoiseProcess.from_config(pipe.scheduler_config.filled_for(LINSPACE_DEFAULTS)) if callback else None
-    with pipe.residency.running(pipe.unet) as unet:
+    with pipe.residency.running(pipe.unet) as unet, control.running(pipe, call.control):
         network = speed_up(unet, s.deepcache_interval, s.token_merging)
+        network = control.controlled(network, call.control, text, len(timesteps), pipe.dtype)
         network = in_network_format(network, pipe.dtype, pipe.setup.memory_format)
         denoiser = guided(network, s, text, len(timesteps), unet.config.time_cond_proj_dim)
         for i, t in enumerate(timesteps):

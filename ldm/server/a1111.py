@@ -18,6 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from ldm import checks
 from ldm.errors import LdmError, SettingError
 from ldm.server import schema
+from ldm.server.controlnet import MODULES, controlnet_models
 from ldm.server.jobs import Job, JobCrashed
 from ldm.server.names import SCHEDULE_TYPES, samplers
 from ldm.server.service import Server
@@ -59,6 +60,8 @@ class A1111Api:
             ("/sdapi/v1/scripts", self.scripts, ["GET"], schema.ScriptsList),
             ("/sdapi/v1/memory", self.memory, ["GET"], schema.MemoryResponse),
             ("/sdapi/v1/png-info", self.png_info, ["POST"], schema.PNGInfoResponse),
+            ("/controlnet/model_list", self.controlnet_models, ["GET"], dict[str, list[str]]),
+            ("/controlnet/module_list", self.controlnet_modules, ["GET"], dict[str, list[str]]),
         ]
         for path, endpoint, methods, response_model in routes:
             app.add_api_route(path, endpoint, methods=methods, response_model=response_model)
@@ -180,6 +183,14 @@ class A1111Api:
         loaded = {name: embedding_item(e) for name, e in embeddings.loaded.items()}
         skipped = {name: embedding_item(s.embedding) for name, s in embeddings.skipped.items()}
         return schema.EmbeddingsResponse(loaded=loaded, skipped=skipped)
+
+    def controlnet_models(self) -> dict[str, list[str]]:
+        """The sd-webui-controlnet extension's model list: ``--controlnet-dir``'s ControlNets by title."""
+        return {"model_list": list(controlnet_models(self.server.config.controlnet_dir))}
+
+    def controlnet_modules(self) -> dict[str, list[str]]:
+        """The extension's preprocessors that ldm has."""
+        return {"module_list": list(MODULES)}
 
     def empty_list(self) -> list[dict[str, Any]]:
         return []

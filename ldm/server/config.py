@@ -42,6 +42,7 @@ class ServerConfig:
     models_dir: Path | None = None  # the models POST /sdapi/v1/options can switch to
     loras_dir: Path | None = None
     embeddings_dir: Path | None = None
+    controlnet_dir: Path | None = None  # the ControlNets requests' alwayson_scripts.controlnet units name
     host: str = "127.0.0.1"
     port: int = 7860
     api_auth: tuple[tuple[str, str], ...] = ()  # (user, password) pairs; HTTP Basic on every route
@@ -58,7 +59,7 @@ class ServerConfig:
         checks.check_count(self.history, "history")
         if not 0 <= self.port <= 65535:
             raise InputError(f"--port must be from 0 to 65535, got {self.port}")
-        for name in ("models_dir", "loras_dir", "embeddings_dir"):
+        for name in ("models_dir", "loras_dir", "embeddings_dir", "controlnet_dir"):
             folder = getattr(self, name)
             if folder is not None and not Path(folder).is_dir():
                 raise InputError(f"--{name.replace('_', '-')} {folder} is not a folder")

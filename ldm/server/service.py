@@ -42,4 +42,7 @@ class Server:
 
     def defaults(self) -> ServerDefaults:
         """What the options set for the next request."""
-        return ServerDefaults(clip_skip=self.engine.clip_skip, find_model=self.catalog.find_model, loras_dir=self.config.loras_dir)
+        return ServerDefaults(
+            clip_skip=self.engine.clip_skip, find_model=self.catalog.find_model, loras_dir=self.config.loras_dir,
+            controlnet_dir=self.config.controlnet_dir,
+        )

@@ -25,6 +25,7 @@ from ldm.images import GenerationParameters, format_parameters, open_image, para
 from ldm.random import resolve_seed
 from ldm.server.catalog import ModelEntry
 from ldm.server.config import Limits
+from ldm.server.controlnet import control_units
 from ldm.server.jobs import Job, JobRequest
 from ldm.server.names import resolve_sampler, schedule_label
 from ldm.server.schema import GenerationFields
@@ -74,6 +75,7 @@ class ServerDefaults:
     clip_skip: int | None = None  # diffusers' meaning: A1111's CLIP_stop_at_last_layers - 1
     find_model: Callable[[str], ModelEntry | None] = lambda name: None  # a listed model by name (Catalog.find_model)
     loras_dir: Path | None = None  # where the prompt's <lora:NAME:WEIGHT> tags find their files (--loras-dir)
+    controlnet_dir: Path | None = None  # the ControlNets alwayson_scripts.controlnet units name (--controlnet-dir)
 
 
 def job_request(body: GenerationFields, limits: Limits, defaults: ServerDefaults, img2img: bool, can_save: bool) -> JobRequest:
@@ -91,6 +93,7 @@ def job_request(body: GenerationFields, limits: Limits, defaults: ServerDefaults
         init_image=init_image, strength=body.denoising_strength if init_image is not None else None,
         clip_skip=clip_skip_of(body.override_settings or {}, defaults),
         subseed=body.subseed, subseed_strength=body.subseed_strength,
+        control=control_units(body.alwayson_scripts, defaults.controlnet_dir, decode_image),
     )
     from ldm.adapters.folder import prompt_loras
     from ldm.schedulers import check_options

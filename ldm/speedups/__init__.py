@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from ldm.models.unet import UNet, UNetHooks
+from ldm.models.unet import ControlResiduals, UNet, UNetHooks
 from ldm.speedups.deepcache import DeepCache
 from ldm.speedups.tome import token_merging_hooks
 
@@ -32,8 +32,9 @@ class HookedUNet:
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
         timestep_cond: torch.Tensor | None = None,
+        residuals: ControlResiduals | None = None,
     ) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states, hooks=self.hooks, timestep_cond=timestep_cond)
+        return self.unet(sample, timestep, encoder_hidden_states, hooks=self.hooks, timestep_cond=timestep_cond, residuals=residuals)
 
 
 def speed_up(unet: UNet, deepcache_interval: int = 1, token_merging: float = 0.0) -> Network:
