@@ -131,3 +131,20 @@ def test_a_pass_without_steps_or_over_max_pixels_is_refused_before_any_work(mode
             pipe(**COMMON, num_inference_steps=3, width=64, height=64, seed=1, hires_scale=2)
     finally:
         pipe.configure(max_pixels=1024 * 1024 * 4)
+
+
+def test_the_tiled_decode_mode_encodes_the_hires_and_img2img_inputs_in_tiles(models, monkeypatch):
+    _, pipe = models
+    seen = []
+    tiled_encode = pipe.vae.encode_tiled
+    monkeypatch.setattr(pipe.vae, "encode_tiled", lambda x: seen.append(tuple(x.shape)) or tiled_encode(x, tile=8, overlap=4))
+    kwargs = dict(**COMMON, num_inference_steps=2, width=64, height=64, seed=2, output_type="np")
+    pipe.configure(decode_mode="tiled")
+    try:
+        pipe(**kwargs, hires_scale=2, hires_upscaler="lanczos")
+        pipe(**kwargs, init_image=Image.new("RGB", (64, 64), (200, 40, 40)), strength=0.5)
+    finally:
+        pipe.configure(decode_mode="full")
+    assert seen == [(1, 3, 128, 128), (1, 3, 64, 64)]  # the upscaled images, then img2img's
+    pipe(**kwargs, hires_scale=2, hires_upscaler="lanczos")
+    assert len(seen) == 2  # the full mode encodes whole (in strips: tests/test_models_vae_strips.py)
