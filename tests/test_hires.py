@@ -9,6 +9,8 @@ within 1e-4 in fp32 on a random-weight tiny model.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,7 @@ from PIL import Image
 from tiny_models import diffusers_pipeline, ldm_pipeline
 
 from ldm.errors import SettingError
+from ldm.images import parse_parameters
 from ldm.settings import GenerationSettings
 
 TOLERANCE = 1e-4
@@ -148,3 +151,79 @@ def test_the_tiled_decode_mode_encodes_the_hires_and_img2img_inputs_in_tiles(mod
     assert seen == [(1, 3, 128, 128), (1, 3, 64, 64)]  # the upscaled images, then img2img's
     pipe(**kwargs, hires_scale=2, hires_upscaler="lanczos")
     assert len(seen) == 2  # the full mode encodes whole (in strips: tests/test_models_vae_strips.py)
+
+
+@pytest.fixture(scope="module")
+def http(tmp_path_factory):
+    from serving import LiveServer
+
+    from ldm.server.config import Limits, ServerConfig
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LDM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        server = LiveServer(ServerConfig(device="cpu", limits=Limits(max_pixels=128 * 128 * 2)))  # the default model
+        try:
+            with server.client() as client:
+                yield client
+        finally:
+            server.stop()
+
+
+HIRES_REQUEST = {"prompt": "a red circle", "seed": 3, "width": 64, "height": 64, "steps": 3, "cfg_scale": 3.0, "enable_hr": True,
+                 "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 4, "denoising_strength": 0.5}  # fmt: skip
+
+
+def test_the_a1111_api_takes_enable_hr_and_answers_the_upscaled_image_with_its_infotext(http):
+    from serving import decode_png
+
+    answer = http.post("/sdapi/v1/txt2img", json=HIRES_REQUEST)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    png = decode_png(body["images"][0])
+    assert png.size == (128, 128)
+    params = parse_parameters(png.info["parameters"])
+    assert (params.width, params.height, params.seed) == (64, 64, 3)
+    hires = {key: params.extra[key] for key in ("Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength")}
+    assert hires == {"Hires upscale": "2", "Hires steps": "4", "Hires upscaler": "Latent", "Denoising strength": "0.5"}
+    info = json.loads(body["info"])
+    assert info["denoising_strength"] == 0.5 and info["extra_generation_params"]["Hires upscale"] == "2"
+    plain = http.post("/sdapi/v1/txt2img", json={**HIRES_REQUEST, "enable_hr": False}).json()
+    assert decode_png(plain["images"][0]).size == (64, 64)  # without enable_hr the hr_* fields do nothing, as in A1111
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [
+        ({"hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler", "choose one of Latent"),
+        ({"hr_scale": 3}, "hr_scale", "over this server's limit"),
+        ({"hr_resize_x": 256}, "hr_resize_x", "give hr_scale instead"),
+        ({"hr_prompt": "a blue square"}, "hr_prompt", "uses the first pass's"),
+        ({"denoising_strength": 0}, "denoising_strength", "must be in (0, 1]"),
+    ],
+)
+def test_hires_fields_ldm_cannot_honour_are_a_422_naming_the_field(http, change, field, words):
+    answer = http.post("/sdapi/v1/txt2img", json={**HIRES_REQUEST, **change})
+    assert answer.status_code == 422, answer.text
+    detail = answer.json()["detail"][0]
+    assert detail["loc"] == ["body", field] and words in detail["msg"]
+
+
+def test_the_command_line_makes_the_hires_image_and_names_its_flags_in_errors(tmp_path_factory, capsys):
+    from tiny_models import save_diffusers_folder
+
+    from ldm.cli import main
+    from ldm.images import read_parameters
+
+    model = save_diffusers_folder(tmp_path_factory.mktemp("models") / "tiny", "sd1")
+    out = tmp_path_factory.mktemp("out")
+    argv = ["txt2img", "a cat", "--model", str(model), "--steps", "2", "--width", "64", "--height", "64", "--quiet", "--seed", "4",
+            "--out", str(out)]  # fmt: skip
+    assert main([*argv, "--hires-scale", "2", "--hires-steps", "2", "--hires-strength", "0.5", "--hires-upscaler", "lanczos"]) == 0
+    saved = out / "00000-4.png"
+    assert Image.open(saved).size == (128, 128)
+    assert read_parameters(saved).extra["Hires upscaler"] == "Lanczos"
+    capsys.readouterr()
+    assert main([*argv, "--hires-strength", "0.5"]) == 2
+    assert "--hires-strength sets the hires pass, which --hires-scale turns on" in capsys.readouterr().err
+    assert main([*argv, "--hires-scale", "2", "--hires-upscaler", "esrgan"]) == 2
+    assert "unknown --hires-upscaler 'esrgan'; choose one of Latent" in capsys.readouterr().err
