@@ -8,6 +8,8 @@
     prepare_timesteps  the scheduler's timesteps; img2img keeps the last ``strength`` of them
     initial_latents    noise from each image's generator, or the noised init image, or given latents
     denoise            x <- scheduler.step(denoiser(x, t), t, x), denoiser = guidance o speed-ups o U-Net
+    (hires pass)       ldm.pipeline.hires: with ``hires_scale``, the result upscaled and run through the three
+                       stages above again as img2img at the larger size (A1111's hires fix)
     decode_output      VAE decode (full / sliced / tiled; a KL-VAE or TAESD) -> images in the requested output type
 
 A new kind of conditioning (an inpainting mask, a control image, SDXL's extra inputs) is a new
