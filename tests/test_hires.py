@@ -64,7 +64,9 @@ def test_hires_fix_equals_diffusers_txt2img_upscale_img2img(models, sampler, ups
         hires_scale=2, hires_steps=4, hires_strength=0.5, hires_upscaler=upscaler, output_type="np",
     )  # fmt: skip
     assert ours.images.shape == theirs.shape == (1, 128, 128, 3)
-    assert np.abs(ours.images - theirs).max() < TOLERANCE
+    # Lanczos goes through 8-bit images: where the two first passes' float rounding (~1e-6) straddles a
+    # level, one pixel differs by 1/255 there, which the second pass carries on at about 2e-4.
+    assert np.abs(ours.images - theirs).max() < (TOLERANCE if upscaler == "latent" else 1e-3)
     plain = pipe(**COMMON, scheduler=sampler, num_inference_steps=3, width=128, height=128, seed=21, output_type="np")
     assert np.abs(ours.images - plain.images).max() > 1e-2  # the first pass shaped it, not a txt2img at 128
 
@@ -89,7 +91,7 @@ def test_a_batch_keeps_the_seed_rule(models, upscaler):
     batch = pipe(**kwargs, seed=40, num_images_per_prompt=2, output_type="np")
     assert batch.seeds == [40, 41]
     # Lanczos resizes 8-bit images: a batch's float rounding may move a pixel of the first pass by one level
-    # (1/255) in a single image, which the second pass carries on at about 1e-4 (another seed differs by 0.1).
+    # (1/255) against a single image's, which the second pass carries on at about 2e-4 (another seed: 0.1).
     tolerance = TOLERANCE if upscaler == "latent" else 1e-3
     for i, seed in enumerate((40, 41)):
         single = pipe(**kwargs, seed=seed, output_type="np").images
