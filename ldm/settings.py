@@ -54,6 +54,21 @@ DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE_SCALE = 7.5
 DEFAULT_STRENGTH = 0.8  # img2img: diffusers' and A1111's default denoising strength
 
+# Hires fix (A1111's txt2img "Hires. fix"; ldm.pipeline.hires): how the first pass's result is enlarged, by
+# A1111's names. The latent ones interpolate the latents as A1111's ``shared.latent_upscale_modes`` do
+# (torch's interpolate mode, antialias); Lanczos resizes the decoded image with PIL and encodes it again.
+LATENT_UPSCALERS = MappingProxyType({
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+})  # fmt: skip
+HIRES_UPSCALERS = (*LATENT_UPSCALERS, "Lanczos")
+DEFAULT_HIRES_UPSCALER = "Latent"  # A1111's latent_upscale_default_mode
+DEFAULT_HIRES_STRENGTH = 0.7  # A1111's txt2img "Denoising strength" slider for the hires pass
+
 
 @dataclass(frozen=True)
 class GenerationDefaults:
@@ -113,6 +128,11 @@ class GenerationSettings:
     deepcache_interval: int = 1  # DeepCache: the full U-Net every N-th step only (1 = off)
     token_merging: float = 0.0  # ToMe ratio in full-resolution self-attention (0 = off)
     control: tuple[ControlUnit, ...] = ()  # ControlNets (ldm.control), their residuals summed
+    # Hires fix: a second, img2img pass at ``hires_scale`` times the size (None: off; ldm.pipeline.hires).
+    hires_scale: float | None = None
+    hires_steps: int = 0  # the second pass's step count, of which strength x steps run; 0: num_inference_steps
+    hires_strength: float | None = None  # its denoising strength, (0, 1]; None: DEFAULT_HIRES_STRENGTH
+    hires_upscaler: str | None = None  # a name of HIRES_UPSCALERS (any case); None: DEFAULT_HIRES_UPSCALER
 
     def __post_init__(self) -> None:
         prompts = (self.prompt,) if isinstance(self.prompt, str) else tuple(self.prompt)
@@ -126,6 +146,7 @@ class GenerationSettings:
         self._check_numbers()
         self._check_choices()
         self._check_control()
+        self._check_hires()
 
     def _negatives(self, count: int) -> tuple[str, ...]:
         negatives = self.negative_prompt
@@ -318,6 +339,66 @@ class GenerationSettings:
         return filled
 
 
+    # --- hires fix (ldm.pipeline.hires) ------------------------------------------------------------
+
+    def _check_hires(self) -> None:
+        """The hires pass's options: only with ``hires_scale``, only for txt2img; their defaults filled in."""
+        if self.hires_scale is None:
+            given = [name for name, off in (("hires_steps", 0), ("hires_strength", None), ("hires_upscaler", None)) if getattr(self, name) != off]
+            if given:
+                raise SettingError(f"{{{given[0]}}} sets the hires pass, which {{hires_scale}} turns on; give the scale too (e.g. 2)")
+            return
+        scale = checks.finite(self.hires_scale, "hires_scale")
+        if scale < 1:
+            raise SettingError(f"{{hires_scale}} must be 1 or more (the second pass's size over the first's), got {checks.shown(self.hires_scale)}")
+        if checks.integer(self.hires_steps, "hires_steps") != 0:  # 0: as many as num_inference_steps
+            checks.check_steps(self.hires_steps, "hires_steps")
+        strength = DEFAULT_HIRES_STRENGTH if self.hires_strength is None else checks.check_strength(self.hires_strength, "hires_strength")
+        if self.init_image is not None:
+            raise SettingError("{hires_scale} adds a second pass to txt2img; for img2img give the larger {width} and {height} instead")
+        if self.timesteps is not None or self.sigmas is not None:
+            raise SettingError("{timesteps} and {sigmas} replace the first pass's schedule and the hires pass has its own; drop them or {hires_scale}")
+        object.__setattr__(self, "hires_scale", scale)
+        object.__setattr__(self, "hires_strength", strength)
+        object.__setattr__(self, "hires_upscaler", hires_upscaler_named(self.hires_upscaler or DEFAULT_HIRES_UPSCALER))
+
+    def hires_size(self, factor: int) -> tuple[int, int]:
+        """The hires pass's (width, height), of resolved settings: A1111's int(side x scale), rounded down to the
+        VAE's ``factor`` (A1111's latent upscale makes side // 8 latents; ldm rounds so for every upscaler)."""
+        return int(self.width * self.hires_scale) // factor * factor, int(self.height * self.hires_scale) // factor * factor
+
+    @property
+    def hires_pass_steps(self) -> int:
+        """The steps the hires pass runs, of resolved settings: the last ``hires_strength`` of its
+        ``hires_steps`` (or ``num_inference_steps``), as img2img runs them; 0 without the pass."""
+        if self.hires_scale is None:
+            return 0
+        steps = self.hires_steps or self.num_inference_steps
+        return min(int(steps * self.hires_strength), steps)
+
+    @property
+    def total_steps(self) -> int:
+        """The denoising steps a call of resolved settings runs, its hires pass included (for progress)."""
+        return (self.img2img_steps if self.init_image is not None else self.num_inference_steps) + self.hires_pass_steps
+
+    def hires_infotext(self) -> dict[str, str]:
+        """The hires pass's A1111 infotext keys (nothing without it); "Size" stays the first pass's, as A1111 writes it."""
+        if self.hires_scale is None:
+            return {}
+        extra = {"Denoising strength": f"{self.hires_strength:g}", "Hires upscale": f"{self.hires_scale:g}"}
+        if self.hires_steps:
+            extra["Hires steps"] = str(self.hires_steps)
+        return {**extra, "Hires upscaler": self.hires_upscaler}
+
+
+def hires_upscaler_named(name: str) -> str:
+    """A hires upscaler as A1111 names it (``HIRES_UPSCALERS``), from its name in any case (``latent``, ``lanczos``)."""
+    found = {known.lower(): known for known in HIRES_UPSCALERS}.get(name.lower()) if isinstance(name, str) else None
+    if found is None:
+        raise SettingError(f"unknown {{hires_upscaler}} {checks.shown(name)}; choose one of {', '.join(HIRES_UPSCALERS)}")
+    return found
+
+
 def _chosen(tags: tuple[LoraTag, ...]) -> set[tuple[str, float, float]]:
     return {(tag.name, tag.text_encoder, tag.unet) for tag in tags}
 
@@ -378,6 +459,7 @@ class ResolvedSettings:
         extra = {}
         if s.strength is not None:
             extra["Denoising strength"] = f"{s.strength:g}"
+        extra.update(s.hires_infotext())
         if s.clip_skip:
             extra["Clip skip"] = str(s.clip_skip + 1)  # A1111 counts the last layer as 1, diffusers as 0
         if s.eta is not None:

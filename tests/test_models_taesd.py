@@ -55,6 +55,18 @@ def test_sliced_and_single_tile_decoding_equal_decode(pair):
     assert tiled.shape == (1, 3, 192, 192) and torch.isfinite(tiled).all()
 
 
+def test_tiled_encoding_equals_encode_within_a_tile_and_blends_beyond(pair):
+    _, ours = pair
+    image = torch.rand(1, 3, 192, 128, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    with torch.no_grad():
+        whole = ours.encode(image).latents
+        assert torch.equal(ours.encode_tiled(image).latents, whole)  # fits in one tile
+        tiled = ours.encode_tiled(image, tile=8, overlap=4).latents
+    assert tiled.shape == whole.shape == (1, 4, 24, 16)
+    # TAESD has no normalization: tiles agree away from their edges, and the crossfade keeps them close there
+    assert (tiled - whole).abs().max() < 0.1 * whole.abs().max()
+
+
 def test_config_reads_the_released_taesd_config_and_names_what_it_refuses():
     released = {
         "_class_name": "AutoencoderTiny", "_diffusers_version": "0.20.0", "act_fn": "relu",

@@ -38,6 +38,22 @@ def test_strip_decode_equals_the_plain_decoder(vae, monkeypatch, strip_pixels, b
     assert torch.equal(z, z_before)  # in-place work stays on the decoder's own maps
 
 
+@pytest.mark.parametrize("strip_pixels", [2**14, 40, 1])
+@pytest.mark.parametrize("batch, height, width", [(1, 72, 56), (2, 48, 80), (1, 66, 70)])
+def test_strip_encode_equals_the_plain_encoder(vae, monkeypatch, strip_pixels, batch, height, width):
+    """Also at sizes that are not a multiple of 8 (66 x 70), where the downsamplers' padding meets odd maps."""
+    x = torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    x_before = x.clone()
+    with torch.enable_grad():  # autograd on: the plain layer-by-layer path
+        expected = vae.encode(x)
+    monkeypatch.setattr(vae_strips, "STRIP_PIXELS", strip_pixels)  # 1: strips of MIN_STRIP_ROWS rows
+    with torch.inference_mode():
+        got = vae.encode(x)
+    assert got.mean.shape == expected.mean.shape == (batch, 4, height // 8, width // 8)
+    assert _rel(got.mean, expected.mean) < 1e-5 and _rel(got.std, expected.std) < 1e-5
+    assert torch.equal(x, x_before)
+
+
 def test_moments_merged_band_by_band_equal_the_whole_maps_statistics():
     # A large common offset is where a one-pass sum of squares would lose the variance.
     x = torch.randn(2, 8, 13, 5, generator=torch.Generator().manual_seed(2)) * 0.1 + 30.0

@@ -167,7 +167,7 @@ def test_img2img_without_a_readable_image_is_a_422_naming_init_images(http, init
         ({"negative_prompt": "x" * 201}, "negative_prompt"),
         ({"width": 128, "height": 136}, "width"),
         ({"seed": -2}, "seed"),
-        ({"enable_hr": True}, "enable_hr"),
+        ({"enable_hr": True, "hr_scale": 4}, "hr_scale"),
         ({"subseed_strength": 1.5}, "subseed_strength"),
         ({"subseed_strength": 0.5, "subseed": -2}, "subseed"),
         ({"seed_resize_from_h": 512}, "seed_resize_from_h"),

@@ -23,7 +23,7 @@ from ldm.errors import CheckpointError, InputError
 from ldm.images import check_output_folder, init_image_size, read_image
 from ldm.prompts import check_prompt
 from ldm.random import resolve_seed
-from ldm.settings import DEFAULT_SCHEDULER, DEFAULTS, SAMPLER_NAMES, GenerationSettings
+from ldm.settings import DEFAULT_HIRES_STRENGTH, DEFAULT_SCHEDULER, DEFAULTS, HIRES_UPSCALERS, SAMPLER_NAMES, GenerationSettings
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -108,6 +108,14 @@ def register(sub) -> None:
         help="channels-last memory format for the U-Net and VAE (default: on in bf16 on the CPU, else off)",
     )  # fmt: skip
     control_args.add_arguments(parser)
+    hires = parser.add_argument_group("hires fix (A1111's: a second, img2img pass at a larger size; see docs/generating.md)")
+    hires.add_argument("--hires-scale", type=float, metavar="X", help="turn it on: the second pass at X times --width/--height (e.g. 2)")
+    hires.add_argument("--hires-steps", type=int, default=0, metavar="N", help="the second pass's steps, of which strength x N run (0, the default: --steps)")
+    hires.add_argument("--hires-strength", type=float, metavar="S", help=f"its denoising strength, in (0, 1] (default {DEFAULT_HIRES_STRENGTH})")
+    hires.add_argument(
+        "--hires-upscaler", metavar="NAME",
+        help=f"latent (bilinear on the latents, the default) or lanczos (the decoded image, encoded again); all: {', '.join(HIRES_UPSCALERS)}",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("outputs"), metavar="DIR", help="output folder (default: outputs/)")
     parser.add_argument("--preview", type=Path, metavar="FILE", help="rewrite FILE (PNG) with a preview of the image after every step")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -182,6 +190,7 @@ def generate_all(pipe, settings: GenerationSettings, args: argparse.Namespace) -
     from tqdm import tqdm
 
     steps = settings.num_inference_steps or pipe.defaults.num_inference_steps
+    steps += replace(settings, num_inference_steps=steps).hires_pass_steps  # the hires pass counts on
     total = len(settings.prompt) * args.num_images
     images_bar = tqdm(total=total, desc="images", unit="img", disable=args.quiet or total <= args.batch_size, file=sys.stderr)
     for prompt, negative in zip(settings.prompt, settings.negative_prompt):
@@ -275,6 +284,7 @@ def build_settings(args: argparse.Namespace) -> GenerationSettings:
         subseed=args.subseed, subseed_strength=args.subseed_strength,
         init_image=check_init_image(args), strength=args.strength, clip_skip=args.clip_skip,
         deepcache_interval=args.deepcache, token_merging=args.tome, control=control_args.control_units(args),
+        hires_scale=args.hires_scale, hires_steps=args.hires_steps, hires_strength=args.hires_strength, hires_upscaler=args.hires_upscaler,
     )
     subseed = resolve_seed(settings.subseed, args.num_images, "subseed") if settings.subseed_strength else None
     return replace(settings, seed=resolve_seed(settings.seed, args.num_images), subseed=subseed)

@@ -249,6 +249,13 @@ class TAESD(nn.Module):
         f = self.config.downsample_factor
         return _tiled(self.decode, z, tile, overlap, lambda n: n * f)
 
+    def encode_tiled(self, x: torch.Tensor, tile: int = 64, overlap: int = 16) -> PointPosterior:
+        """``encode`` in overlapping tiles of ``tile`` latent pixels, blended as ``AutoencoderKL.encode_tiled`` blends them."""
+        f = self.config.downsample_factor
+        if x.shape[-1] % f or x.shape[-2] % f:
+            raise InputError(f"image size {tuple(x.shape[-2:])} must be a multiple of {f} to encode in tiles")
+        return PointPosterior(_tiled(lambda t: self.encode(t).latents, x, tile * f, overlap * f, lambda n: n // f))
+
     def set_attention(self, backend: AttentionBackend, slice_size: int | None = None) -> None:
         """Checks ``backend`` as every network does; TAESD has no attention layer to switch."""
         set_attention(self, backend, slice_size)

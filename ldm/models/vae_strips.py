@@ -284,3 +284,47 @@ def decode_up(up_blocks: nn.ModuleList, norm_out: nn.GroupNorm, conv_out: nn.Con
         if block.upsamplers is not None:
             maps = upsample(block.upsamplers[0].conv, maps, groups)
     return norm_act_conv(norm_out, conv_out, maps).tensor()
+
+
+# --- the encoder's down path: the same strips, for img2img's and the hires fix's encode -----------------
+
+
+def conv3x3_padded(conv: nn.Conv2d, x: Bands, groups: int) -> Bands:
+    """A 3x3, padding-1 conv of a map without normalization (the encoder's ``conv_in``), strip by strip."""
+    height = x.shape[2]
+    out = x.new(conv.out_channels, groups=groups)
+    for top, bottom in strips(height, strip_rows(out)):
+        lo, hi = max(top - 1, 0), min(bottom + 1, height)
+        rows = F.pad(x.rows(lo, hi), (0, 0, lo - (top - 1), bottom + 1 - hi))  # zero rows beyond the edges
+        out.append(conv3x3_rows(conv, rows))
+        x.release_read(bottom)
+    return out
+
+
+def downsample(conv: nn.Conv2d, x: Bands, groups: int) -> Bands:
+    """The SD encoder's downsampler, a stride-2 3x3 conv after one zero row and column at the bottom and
+    right, strip by strip: output row r reads input rows 2r to 2r + 2."""
+    _, _, height, width = x.shape
+    out = x.new(conv.out_channels, height // 2, width // 2, groups=groups)
+    for top, bottom in strips(out.shape[2], strip_rows(out)):
+        lo, hi = 2 * top, min(2 * bottom + 1, height)
+        rows = F.pad(x.rows(lo, hi), (0, 1, 0, 2 * bottom + 1 - hi))
+        out.append(F.conv2d(rows, conv.weight, conv.bias, stride=2))
+        x.release_above(2 * bottom)  # the next strip reads from row 2 * bottom on
+    return out
+
+
+def encode_down(conv_in: nn.Conv2d, down_blocks: nn.ModuleList, groups: int, x: torch.Tensor) -> torch.Tensor:
+    """The encoder before its middle block: conv_in, then each level's ResNets and downsampler, in strips.
+
+    As in decoding, a map is held as bands freed once read, so a full-resolution level holds two of
+    its maps (a block's input, kept for its residual, and its first convolution's output) where the
+    plain path holds up to four; the result equals the plain path's to float rounding.
+    """
+    maps = conv3x3_padded(conv_in, Bands.whole(x), groups)
+    for block in down_blocks:
+        for layer in block.resnets:
+            maps = resnet(layer, maps, groups)
+        if block.downsamplers is not None:
+            maps = downsample(block.downsamplers[0].conv, maps, groups)
+    return maps.tensor()

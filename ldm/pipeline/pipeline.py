@@ -36,7 +36,7 @@ from ldm.errors import CheckpointError, InputError
 from ldm.images import GenerationParameters, check_output_folder, save_png
 from ldm.kernels.choice import PLAIN, bf16_warning
 from ldm.models import set_kernels
-from ldm.pipeline import stages
+from ldm.pipeline import hires, stages
 from ldm.pipeline.control import ControlNets
 from ldm.pipeline.setup import PipelineSetup
 from ldm.pipeline.stages import Generators, OutputType, StepCallback
@@ -358,6 +358,7 @@ class Pipeline:
         deepcache_interval: int = DEFAULTS["deepcache_interval"],
         token_merging: float = DEFAULTS["token_merging"],
         control: ControlUnit | list[ControlUnit] | None = None,
+        hires_scale: float | None = None, hires_steps: int = 0, hires_strength: float | None = None, hires_upscaler: str | None = None,
     ) -> GenerationOutput:
         """Generate images, with diffusers' keywords; see ``GenerationSettings`` and docs/generating.md.
 
@@ -382,6 +383,7 @@ class Pipeline:
             sigma_schedule=GenerationSettings.sigma_schedule_of(use_karras_sigmas, use_exponential_sigmas),
             init_image=init_image, strength=strength, clip_skip=clip_skip,
             deepcache_interval=deepcache_interval, token_merging=token_merging, control=control,
+            hires_scale=hires_scale, hires_steps=hires_steps, hires_strength=hires_strength, hires_upscaler=hires_upscaler,
         )
         return self.generate(
             settings, scheduler=None if named else scheduler, generator=generator, latents=latents,
@@ -403,11 +405,13 @@ class Pipeline:
         stages.check_output_type(output_type)
         check_loaded(self.text_encoder, self.unet, self.vae)
         call = stages.resolve(self, settings, scheduler, generator, latents)
+        hires.check(self, call)
         with self._prompt_loras_held(call):
             text = stages.encode_prompts(self, call)
             timesteps = stages.prepare_timesteps(self, call)
             x = stages.initial_latents(self, call, timesteps)
             x = stages.denoise(self, call, x, timesteps, text, callback)
+            x = hires.second_pass(self, call, x, text, callback)
             return GenerationOutput(stages.decode_output(self, x, output_type), call.resolved)
 
     @contextmanager

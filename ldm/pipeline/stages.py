@@ -8,6 +8,8 @@
     prepare_timesteps  the scheduler's timesteps; img2img keeps the last ``strength`` of them
     initial_latents    noise from each image's generator, or the noised init image, or given latents
     denoise            x <- scheduler.step(denoiser(x, t), t, x), denoiser = guidance o speed-ups o U-Net
+    (hires pass)       ldm.pipeline.hires: with ``hires_scale``, the result upscaled and run through the three
+                       stages above again as img2img at the larger size (A1111's hires fix)
     decode_output      VAE decode (full / sliced / tiled; a KL-VAE or TAESD) -> images in the requested output type
 
 A new kind of conditioning (an inpainting mask, a control image, SDXL's extra inputs) is a new
@@ -73,6 +75,12 @@ class Call:
     loras: tuple[PromptLora, ...] = ()  # the LoRAs the prompts' tags name, found and hashed
     variation: list[torch.Generator] | None = None  # the variation seeds' generators (subseed_strength > 0)
     control: tuple[control.PreparedUnit, ...] = ()  # the ControlNets, found, and their control maps
+    init_latents: torch.Tensor | None = None  # img2img from latents: z_0 per image, scaled (the hires pass's)
+
+    @property
+    def img2img(self) -> bool:
+        """Whether the call starts from an image or its latents, noised to the first kept timestep."""
+        return self.init is not None or self.init_latents is not None
 
     @property
     def settings(self) -> GenerationSettings:
@@ -275,7 +283,7 @@ def prepare_timesteps(pipe: Pipeline, call: Call) -> torch.Tensor:
     s = call.settings
     call.scheduler.set_timesteps(s.num_inference_steps, device=pipe.device, timesteps=s.timesteps, sigmas=s.sigmas)
     timesteps = call.scheduler.timesteps
-    if call.init is None:
+    if not call.img2img:
         return timesteps
     if len(timesteps) != s.num_inference_steps:
         raise ConfigError(f"img2img needs a scheduler with one timestep per step; {type(call.scheduler).__name__} has {len(timesteps)}")
@@ -287,7 +295,7 @@ def initial_latents(pipe: Pipeline, call: Call, timesteps: torch.Tensor) -> torc
     sigma = call.scheduler.init_noise_sigma
     if call.latents is not None:
         return call.latents.to(pipe.device, torch.float32) * sigma
-    if call.init is None:
+    if not call.img2img:
         return starting_noise(call, pipe.device) * sigma
     return noised_init_latents(pipe, call, timesteps[:1])
 
@@ -303,21 +311,27 @@ def starting_noise(call: Call, device: torch.device) -> torch.Tensor:
 
 
 def noised_init_latents(pipe: Pipeline, call: Call, first_t: torch.Tensor) -> torch.Tensor:
-    """img2img start: z_0 ~ q(z | image), then q(z_t | z_0) at the first kept timestep.
+    """img2img start: z_0 ~ q(z | image) (or the given latents), then q(z_t | z_0) at the first kept timestep.
 
     Each generator draws the posterior sample's noise (a KL-VAE's; TAESD's encoder is deterministic
     and draws none) and then the forward process noise, in diffusers' order, so seeds give
     diffusers' images.
     """
+    z0 = call.init_latents.to(pipe.device, torch.float32) if call.init_latents is not None else encoded_init(pipe, call)
+    noise = starting_noise(call, pipe.device)
+    return call.scheduler.add_noise(z0, noise, first_t.repeat(call.shape[0]))
+
+
+def encoded_init(pipe: Pipeline, call: Call) -> torch.Tensor:
+    """z_0 ~ q(z | init image), scaled, one per image: the encoder in tiles with ``decode_mode="tiled"``."""
 
     def posterior_noise() -> torch.Tensor:
         return randn(call.shape, call.generators, pipe.device, torch.float32)
 
     with pipe.residency.running(pipe.vae) as vae:
-        posterior = vae.encode(call.init.to(pipe.device, pipe.dtype, memory_format=pipe.setup.memory_format))
-    z0 = posterior.sample_with(posterior_noise).float().expand(call.shape) * pipe.vae.config.scaling_factor
-    noise = starting_noise(call, pipe.device)
-    return call.scheduler.add_noise(z0, noise, first_t.repeat(call.shape[0]))
+        encode = vae.encode_tiled if pipe.setup.decode_mode == "tiled" else vae.encode
+        posterior = encode(call.init.to(pipe.device, pipe.dtype, memory_format=pipe.setup.memory_format))
+    return posterior.sample_with(posterior_noise).float().expand(call.shape) * pipe.vae.config.scaling_factor
 
 
 # --- denoise ---------------------------------------------------------------------------------------
@@ -346,7 +360,8 @@ def denoise(
             x = call.scheduler.step(output, t, x, generator=call.generators)
             if callback is not None:
                 callback(i, t, x, process.denoised(output, model_input, t))
-    pipe.residency.done_with(pipe.unet)
+    if s.hires_scale is None:  # else the hires pass (ldm.pipeline.hires) runs it again
+        pipe.residency.done_with(pipe.unet)
     return x
 
 

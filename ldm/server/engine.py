@@ -105,7 +105,7 @@ class Engine:
         """One batch's images and their parameters (those made so far if the job is stopped)."""
         resolved = resolve(pipe, settings, None, None, None).resolved  # checked against the model; its step count
         filled = resolved.settings
-        job.changed(steps=filled.img2img_steps if filled.init_image is not None else filled.num_inference_steps)
+        job.changed(steps=filled.total_steps)  # the hires pass's steps included
         last = {}
 
         def after_step(i, t, latents, denoised) -> None:

@@ -2,8 +2,8 @@
 
 Field names, defaults and response shapes are A1111's, so its clients work unchanged. Fields ldm has
 no use for are accepted and ignored (``extra="allow"``, and the declared ones below that nothing
-reads); the few that would change the image and that ldm cannot do yet (hires fix, face
-restoration, tiling, variation seeds, inpainting masks, scripts) are refused by
+reads); the few that would change the image and that ldm cannot do yet (face restoration,
+tiling, inpainting masks, scripts, a hires pass with its own prompt, sampler or model) are refused by
 ``ldm.server.translate`` with a 422 naming the field. The native job API (``/ldm/v1``) takes the
 same fields, with ``None`` meaning "the model's choice" where A1111 has a fixed default.
 """
@@ -69,6 +69,10 @@ class Txt2ImgRequest(GenerationFields):
     hr_resize_y: int = 0
     firstphase_width: int = 0
     firstphase_height: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
 
 
 class Img2ImgRequest(Txt2ImgRequest):

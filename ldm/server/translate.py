@@ -44,10 +44,13 @@ LABELS = {
     "init_image": "init_images",
     "clip_skip": "override_settings.CLIP_stop_at_last_layers",
     "max_pixels": "--max-pixels",
+    "hires_scale": "hr_scale",
+    "hires_steps": "hr_second_pass_steps",
+    "hires_strength": "denoising_strength",
+    "hires_upscaler": "hr_upscaler",
 }
 # Fields that would change the image in ways ldm cannot do yet: (field, the value that asks for it).
 UNSUPPORTED = (
-    ("enable_hr", "hires fix"),
     ("restore_faces", "face restoration"),
     ("tiling", "tiling"),
     ("mask", "inpainting"),
@@ -94,6 +97,7 @@ def job_request(body: GenerationFields, limits: Limits, defaults: ServerDefaults
         clip_skip=clip_skip_of(body.override_settings or {}, defaults),
         subseed=body.subseed, subseed_strength=body.subseed_strength,
         control=control_units(body.alwayson_scripts, defaults.controlnet_dir, decode_image),
+        **hires_fields(body, limits),
     )
     from ldm.adapters.folder import prompt_loras
     from ldm.schedulers import check_options
@@ -141,6 +145,28 @@ def check_limits(body: GenerationFields, limits: Limits, init_image: Image.Image
             f"{{width}} x {{height}} x {{batch_size}} = {width * height * body.batch_size} pixels per batch is over "
             f"this server's limit of {limits.max_pixels} (--max-pixels); make the images smaller or fewer"
         )
+
+
+def hires_fields(body: GenerationFields, limits: Limits) -> dict[str, Any]:
+    """A1111's hires fix (``enable_hr`` and its ``hr_*`` fields) as the settings' ``hires_*``, its size within the
+    server's limit; what ldm's hires pass cannot do (its own prompt, sampler or model; a target size) is refused."""
+    if not getattr(body, "enable_hr", False):
+        return {}
+    for name in ("hr_resize_x", "hr_resize_y", "firstphase_width", "firstphase_height"):
+        if getattr(body, name, 0):
+            raise SettingError(f"{{{name}}} (a hires target size) is not supported; give {{hr_scale}} instead")
+    sampler = body.sampler_name or body.sampler_index
+    for name, same in (("hr_prompt", body.prompt), ("hr_negative_prompt", body.negative_prompt),
+                       ("hr_sampler_name", sampler), ("hr_checkpoint_name", "Use same checkpoint")):  # fmt: skip
+        if getattr(body, name, None) not in ("", None, same, "Use same sampler"):  # A1111's page sends "Use same ..."
+            raise SettingError(f"{{{name}}}: the hires pass uses the first pass's; leave it out")
+    scale = checks.finite(body.hr_scale, "hr_scale")
+    if body.width and body.height and int(body.width * scale) * int(body.height * scale) * body.batch_size > limits.max_pixels:
+        raise SettingError(
+            f"{{hr_scale}} {scale:g} makes {int(body.width * scale)} x {int(body.height * scale)} x {{batch_size}} pixels per batch, "
+            f"over this server's limit of {limits.max_pixels} (--max-pixels); lower it"
+        )
+    return dict(hires_scale=scale, hires_steps=body.hr_second_pass_steps, hires_strength=body.denoising_strength, hires_upscaler=body.hr_upscaler)
 
 
 def eta_for(scheduler: str, eta: float | None) -> float | None:
@@ -236,7 +262,7 @@ def info_json(job: Job, body: GenerationFields, model_name: str, model_hash: str
         "batch_size": s.num_images_per_prompt, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": first.model if first else model_name,
         "sd_model_hash": first.extra.get("Model hash") if first else model_hash, "sd_vae_name": None, "sd_vae_hash": None,
-        "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": s.strength,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": s.strength or s.hires_strength,
         "extra_generation_params": dict(first.extra) if first else {}, "index_of_first_image": 0,
         "infotexts": [format_parameters(p) for p in job.parameters], "styles": body.styles or [],
         "job_timestamp": job.created, "clip_skip": (s.clip_skip or 0) + 1, "is_using_inpainting_conditioning": False,

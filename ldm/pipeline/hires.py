@@ -1,0 +1,112 @@
+"""Hires fix: A1111's second txt2img pass (``StableDiffusionProcessingTxt2Img.sample_hr_pass``) as a stage.
+
+    first pass at width x height -> upscale -> img2img at ``hires_size`` with ``hires_strength`` -> decode
+
+The upscale is in latent space (``Latent*``: torch's ``interpolate`` of the scaled latents with A1111's
+``latent_upscale_modes``) or in pixel space (``Lanczos``: the first pass's images decoded to 8 bits,
+resized with PIL's Lanczos and encoded again, as A1111 does and as diffusers' img2img reads a PIL
+image). The second pass is the img2img path of ``ldm.pipeline.stages`` fed with those latents or
+images: a second ``Call`` at the larger size whose schedule has ``hires_steps`` steps (0: the first
+pass's count), of which the last ``hires_strength`` run, as img2img runs them. Its noise comes from
+each image's seed again (A1111 makes a new ``ImageRNG`` from the seeds for the pass), so image i of a
+batch still equals a single image made with seed s + i; a caller's own generators go on drawing. The
+prompt is the first pass's (A1111's ``hr_prompt`` defaults to it), and so are the sampler and its options.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from ldm import checks
+from ldm.errors import SettingError
+from ldm.guidance import Conditioning
+from ldm.images import image_to_tensor, to_pil
+from ldm.pipeline import stages
+from ldm.random import seed_generators
+from ldm.settings import LATENT_UPSCALERS
+
+if TYPE_CHECKING:
+    from ldm.pipeline.pipeline import Pipeline
+
+
+def check(pipe: Pipeline, call: stages.Call) -> None:
+    """Refuse a hires pass that could not run, before any network runs: its size and its steps."""
+    s = call.settings
+    if s.hires_scale is None:
+        return
+    width, height = s.hires_size(pipe.vae.config.downsample_factor)
+    checks.check_pixels(width, height, s.batch, pipe.setup.max_pixels)
+    steps = s.hires_steps or s.num_inference_steps
+    checks.check_steps(steps, "hires_steps", limit=pipe.scheduler_config.num_train_timesteps)
+    if s.hires_pass_steps == 0:
+        raise SettingError(f"{{hires_strength}} {s.hires_strength:g} x {steps} hires steps leaves no step to run; raise either")
+
+
+def second_pass(
+    pipe: Pipeline, call: stages.Call, x: torch.Tensor, text: Conditioning, callback: stages.StepCallback | None
+) -> torch.Tensor:
+    """The hires pass over the first pass's latents ``x``: the larger latents (``x`` itself without the pass)."""
+    s = call.settings
+    if s.hires_scale is None:
+        return x
+    second = second_call(pipe, call, x)
+    if text.scheduled and second.plan != call.plan:  # prompt editing laid out over the pass's own steps
+        text = stages.encode_prompts(pipe, second)
+    timesteps = stages.prepare_timesteps(pipe, second)
+    x = stages.initial_latents(pipe, second, timesteps)
+    return stages.denoise(pipe, second, x, timesteps, text, counted_on(callback, s.num_inference_steps))
+
+
+def second_call(pipe: Pipeline, call: stages.Call, x: torch.Tensor) -> stages.Call:
+    """The hires pass as an img2img call: the upscaled latents (or images) at the larger size, fresh generators."""
+    s, f = call.settings, pipe.vae.config.downsample_factor
+    width, height = s.hires_size(f)
+    shape = (x.shape[0], x.shape[1], height // f, width // f)
+    latents = images = None
+    if s.hires_upscaler in LATENT_UPSCALERS:
+        mode, antialias = LATENT_UPSCALERS[s.hires_upscaler]
+        latents = F.interpolate(x, size=shape[-2:], mode=mode, antialias=antialias)
+    else:
+        images = upscaled_images(pipe, x, width, height)
+    # The pass's settings name its input as init_image (diffusers' img2img takes images or latents as
+    # ``image``); the stages read the Call's ``init`` / ``init_latents``.
+    second = replace(
+        s, width=width, height=height, num_inference_steps=s.hires_steps or s.num_inference_steps,
+        init_image=latents if images is None else images, strength=s.hires_strength,
+        hires_scale=None, hires_steps=0, hires_strength=None, hires_upscaler=None,
+    )  # fmt: skip
+    # The first pass's scheduler is the template: the same rule, config and options, with fresh state.
+    plain = replace(second, eta=None, timestep_spacing=None, sigma_schedule="spaced")
+    scheduler = stages.build_scheduler(pipe.scheduler_config, plain, call.scheduler)
+    _, variation = stages.variation_generators(s)
+    return stages.Call(
+        replace(call.resolved, settings=second), scheduler, fresh_generators(call), shape, images, None,
+        stages.prompt_plan(pipe, second), call.loras, variation, init_latents=latents,
+    )  # fmt: skip
+
+
+def fresh_generators(call: stages.Call) -> stages.Generators:
+    """Each image's generator seeded again from its seed, as A1111 seeds the hires pass; the caller's own
+    generators (seeds unknown) as they are, so that they go on drawing."""
+    seeds = call.resolved.seeds
+    return call.generators if seeds is None else [seed_generators(seed, 1)[0] for seed in seeds]
+
+
+def upscaled_images(pipe: Pipeline, x: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """The first pass's images as 8-bit images resized with Lanczos (A1111's ``resize_image``), (B, 3, H, W) in [-1, 1]."""
+    return torch.cat([image_to_tensor(image, width, height) for image in to_pil(stages.decode(pipe, x))])
+
+
+def counted_on(callback: stages.StepCallback | None, first: int) -> stages.StepCallback | None:
+    """``callback`` with the pass's steps numbered after the first pass's ``first`` steps (one progress count)."""
+    if callback is None:
+        return None
+
+    def after_step(i: int, t: torch.Tensor, latents: torch.Tensor, denoised: torch.Tensor) -> None:
+        callback(first + i, t, latents, denoised)
+
+    return after_step
