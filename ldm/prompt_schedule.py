@@ -241,6 +241,12 @@ class PromptPlan:
     uncond: tuple[tuple[int, ...], ...] | None  # uncond[p][i]: the text of negative p at step i; None: no negatives
 
     @property
+    def scheduled(self) -> bool:
+        """Whether a text changes between steps (prompt editing or alternation)."""
+        rows = [row for part in self.cond for row in part] + list(self.uncond or ())
+        return any(len(set(row)) > 1 for row in rows)
+
+    @property
     def composed(self) -> bool:
         """Whether a prompt has sub-prompts or a weight (``AND``, ``:1.2``): guidance must combine them."""
         return self.weights is not None

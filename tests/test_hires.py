@@ -235,3 +235,20 @@ def test_the_command_line_makes_the_hires_image_and_names_its_flags_in_errors(tm
     assert "--hires-strength sets the hires pass, which --hires-scale turns on" in capsys.readouterr().err
     assert main([*argv, "--hires-scale", "2", "--hires-upscaler", "esrgan"]) == 2
     assert "unknown --hires-upscaler 'esrgan'; choose one of Latent" in capsys.readouterr().err
+
+
+def test_prompt_editing_over_the_pass_own_steps_runs_when_weights_are_released_after_use(models):
+    """Prompt editing is laid out over the pass's own steps (A1111 schedules the hires prompt for
+    ``hr_second_pass_steps``): at 1 first-pass step "[red:blue:1]" reads only "red", at 4 hires steps its
+    last two read "blue". A one-shot call frees each network's weights after its last use, so the text
+    encoder is kept until the pass has encoded its prompts."""
+    from tiny_models import ldm_pipeline
+
+    reference, _ = models
+    pipe = ldm_pipeline(reference)
+    kwargs = dict(num_inference_steps=1, width=64, height=64, seed=3, hires_scale=2, hires_steps=4, hires_strength=1.0, output_type="np")
+    edited = pipe(prompt="a [red:blue:1] cat", **kwargs).images
+    red = pipe(prompt="a red cat", **kwargs).images
+    assert np.abs(edited - red).max() > 1e-5  # (the same texts throughout would give exactly equal images)
+    pipe.configure(weights_after_use="release")
+    assert np.array_equal(pipe(prompt="a [red:blue:1] cat", **kwargs).images, edited)

@@ -46,6 +46,16 @@ def check(pipe: Pipeline, call: stages.Call) -> None:
         raise SettingError(f"{{hires_strength}} {s.hires_strength:g} x {steps} hires steps leaves no step to run; raise either")
 
 
+def encodes_again(pipe: Pipeline, call: stages.Call) -> bool:
+    """Whether the pass lays prompt editing or alternation out over steps of its own, so encodes the prompts again."""
+    s = call.settings
+    if s.hires_scale is None or s.hires_steps in (0, s.num_inference_steps):
+        return False
+    plan = stages.prompt_plan(pipe, replace(s, num_inference_steps=s.hires_steps))
+    # Texts that do not change between steps serve any number of steps (the last row repeats).
+    return (call.plan.scheduled or plan.scheduled) and plan != call.plan
+
+
 def second_pass(
     pipe: Pipeline, call: stages.Call, x: torch.Tensor, text: Conditioning, callback: stages.StepCallback | None
 ) -> torch.Tensor:
@@ -53,8 +63,9 @@ def second_pass(
     s = call.settings
     if s.hires_scale is None:
         return x
+    again = encodes_again(pipe, call)
     second = second_call(pipe, call, x)
-    if text.scheduled and second.plan != call.plan:  # prompt editing laid out over the pass's own steps
+    if again:  # prompt editing laid out over the pass's own steps
         text = stages.encode_prompts(pipe, second)
     timesteps = stages.prepare_timesteps(pipe, second)
     x = stages.initial_latents(pipe, second, timesteps)

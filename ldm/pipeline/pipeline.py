@@ -407,7 +407,7 @@ class Pipeline:
         call = stages.resolve(self, settings, scheduler, generator, latents)
         hires.check(self, call)
         with self._prompt_loras_held(call):
-            text = stages.encode_prompts(self, call)
+            text = stages.encode_prompts(self, call, last_use=not hires.encodes_again(self, call))
             timesteps = stages.prepare_timesteps(self, call)
             x = stages.initial_latents(self, call, timesteps)
             x = stages.denoise(self, call, x, timesteps, text, callback)

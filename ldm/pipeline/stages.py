@@ -215,7 +215,7 @@ def apply_loras(pipe: Pipeline, call: Call) -> None:
     pipe.set_prompt_loras(call.loras)
 
 
-def encode_prompts(pipe: Pipeline, call: Call) -> Conditioning:
+def encode_prompts(pipe: Pipeline, call: Call, last_use: bool = True) -> Conditioning:
     """The text states of each image at each step; unconditional ones only with guidance.
 
     One text-encoder pass encodes the texts of the prompts' schedules (without their LoRA tags) and
@@ -225,7 +225,8 @@ def encode_prompts(pipe: Pipeline, call: Call) -> Conditioning:
     s, plan = call.settings, call.plan
     with pipe.residency.running(pipe.text_encoder) as text_encoder:
         states = encode_texts(text_encoder, pipe.tokenizer, list(plan.texts), clip_skip=s.clip_skip, words=pipe.prompt_words())
-    pipe.residency.done_with(pipe.text_encoder)
+    if last_use:  # else a later stage encodes again (a hires pass with its own prompt schedule)
+        pipe.residency.done_with(pipe.text_encoder)
     states = states.to(pipe.device, pipe.dtype)
 
     def per_image(rows) -> torch.Tensor:  # (steps, images): prompt p's rows for each of its images
