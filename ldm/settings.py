@@ -25,6 +25,7 @@ from ldm import checks
 from ldm.control import ControlUnit, control_units
 from ldm.errors import InputError, SettingError, placeholder_text
 from ldm.images import GenerationParameters, init_image_size, read_image, to_rgb
+from ldm.inpainting import Inpaint
 from ldm.prompt_schedule import split_subprompts
 from ldm.prompts import NETWORK_TAG, LoraTag, check_prompt, split_lora_tags
 
@@ -113,6 +114,8 @@ class GenerationSettings:
     deepcache_interval: int = 1  # DeepCache: the full U-Net every N-th step only (1 = off)
     token_merging: float = 0.0  # ToMe ratio in full-resolution self-attention (0 = off)
     control: tuple[ControlUnit, ...] = ()  # ControlNets (ldm.control), their residuals summed
+    # Inpainting / outpainting of init_image: the mask or the borders to add, and A1111's options (ldm.inpainting).
+    inpaint: Inpaint | None = None
 
     def __post_init__(self) -> None:
         prompts = (self.prompt,) if isinstance(self.prompt, str) else tuple(self.prompt)
@@ -126,6 +129,7 @@ class GenerationSettings:
         self._check_numbers()
         self._check_choices()
         self._check_control()
+        self._check_inpaint()
 
     def _negatives(self, count: int) -> tuple[str, ...]:
         negatives = self.negative_prompt
@@ -229,6 +233,21 @@ class GenerationSettings:
         if self.control and self.deepcache_interval > 1:
             raise SettingError("{deepcache_interval} reuses deep features that a ControlNet changes every step; drop one of them")
 
+    def _check_inpaint(self) -> None:
+        """A mask or outpainting needs an init image (a PIL image: the mask is laid over it), and the mask is fitted to it."""
+        if self.inpaint is None:
+            return
+        if not isinstance(self.inpaint, Inpaint):
+            raise SettingError(f"{{inpaint}} must be an ldm.inpainting.Inpaint, got {type(self.inpaint).__name__}")
+        what = "{mask}" if self.inpaint.mask is not None else "{outpaint}"
+        if self.init_image is None:
+            raise SettingError(f"{what} needs an {{init_image}}: it repaints part of an image; give the image to change")
+        if not isinstance(self.init_image, Image.Image):
+            raise SettingError(f"{what} needs the {{init_image}} as an image or a file, not a tensor")
+        if self.inpaint.outpaint is not None and (self.width is not None or self.height is not None):
+            raise SettingError("{outpaint} sets the size (the init image's plus the borders); drop {width} and {height}")
+        object.__setattr__(self, "inpaint", self.inpaint.fitted(self.init_image))
+
     def _check_points(self) -> None:
         """The run's own timesteps or sigmas: finite, descending, and instead of a step count and schedule."""
         if self.timesteps is not None and self.sigmas is not None:
@@ -299,6 +318,8 @@ class GenerationSettings:
             width, height = init_image_size(self.init_image, width, height, factor)
         elif self.init_image is not None:  # a tensor, checked by the pipeline
             height, width = self.init_image.shape[-2:]
+        if self.inpaint is not None:  # outpainting grows the image; "only masked" generates the model's size
+            width, height = self.inpaint.size(self.init_image, self.width, self.height, native_side, factor)
         width, height = width or native_side, height or native_side
         steps, guidance_scale = defaults.fill(self.num_inference_steps or self.points_step_count(), self.guidance_scale)
         filled = replace(
@@ -378,6 +399,8 @@ class ResolvedSettings:
         extra = {}
         if s.strength is not None:
             extra["Denoising strength"] = f"{s.strength:g}"
+        if s.inpaint is not None:
+            extra.update(s.inpaint.infotext())  # Mask blur, Inpaint area, Masked content, ...
         if s.clip_skip:
             extra["Clip skip"] = str(s.clip_skip + 1)  # A1111 counts the last layer as 1, diffusers as 0
         if s.eta is not None:

@@ -33,6 +33,7 @@ from PIL import Image
 from torch import nn
 
 from ldm.errors import CheckpointError, InputError
+from ldm.inpainting import Inpaint, as_inpaint
 from ldm.images import GenerationParameters, check_output_folder, save_png
 from ldm.kernels.choice import PLAIN, bf16_warning
 from ldm.models import set_kernels
@@ -285,7 +286,7 @@ class Pipeline:
         setup = self.setup
         vae = load_vae(
             path, device="cpu" if setup.cpu_offload else setup.device, dtype=setup.dtype,
-            latent_channels=self.unet.config.in_channels,
+            latent_channels=self.unet.config.out_channels,
         )  # fmt: skip
         vae.set_attention(setup.attention, setup.attention_slice_size)
         set_kernels(vae, self.kernels)
@@ -358,6 +359,7 @@ class Pipeline:
         deepcache_interval: int = DEFAULTS["deepcache_interval"],
         token_merging: float = DEFAULTS["token_merging"],
         control: ControlUnit | list[ControlUnit] | None = None,
+        mask: Inpaint | Image.Image | str | Path | None = None,
     ) -> GenerationOutput:
         """Generate images, with diffusers' keywords; see ``GenerationSettings`` and docs/generating.md.
 
@@ -369,18 +371,17 @@ class Pipeline:
         starting noise leans toward seed ``subseed + i``'s). ``generator`` (one per image, or one for all) replaces ``seed``; ``latents`` replaces
         the initial noise. ``callback(i, t, latents, denoised)`` is called after each step (``denoised``:
         the x_0 the step's network output implied, scaled latents; ``ldm.previews`` draws it). ``control``: ControlNets,
-        a ``ldm.control.ControlUnit`` or a list of them (docs/controlnet.md).
+        a ``ldm.control.ControlUnit`` or a list of them (docs/controlnet.md). ``mask``: inpainting ``init_image``, a mask (white
+        repaints) or an ``ldm.inpainting.Inpaint`` with A1111's options or an outpainting (docs/generating.md).
         """
         named = scheduler is None or isinstance(scheduler, str)
         settings = GenerationSettings(
             prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, guidance_fraction=guidance_fraction,
-            width=width, height=height, num_images_per_prompt=num_images_per_prompt,
-            scheduler=scheduler if named else DEFAULT_SCHEDULER,
-            eta=eta, timestep_spacing=timestep_spacing, seed=seed, timesteps=timesteps, sigmas=sigmas,
-            subseed=subseed, subseed_strength=subseed_strength,
-            sigma_schedule=GenerationSettings.sigma_schedule_of(use_karras_sigmas, use_exponential_sigmas),
-            init_image=init_image, strength=strength, clip_skip=clip_skip,
+            width=width, height=height, num_images_per_prompt=num_images_per_prompt, scheduler=scheduler if named else DEFAULT_SCHEDULER,
+            eta=eta, timestep_spacing=timestep_spacing, seed=seed, timesteps=timesteps, sigmas=sigmas, subseed=subseed,
+            subseed_strength=subseed_strength, sigma_schedule=GenerationSettings.sigma_schedule_of(use_karras_sigmas, use_exponential_sigmas),
+            init_image=init_image, strength=strength, clip_skip=clip_skip, inpaint=as_inpaint(mask),
             deepcache_interval=deepcache_interval, token_merging=token_merging, control=control,
         )
         return self.generate(
@@ -408,7 +409,7 @@ class Pipeline:
             timesteps = stages.prepare_timesteps(self, call)
             x = stages.initial_latents(self, call, timesteps)
             x = stages.denoise(self, call, x, timesteps, text, callback)
-            return GenerationOutput(stages.decode_output(self, x, output_type), call.resolved)
+            return GenerationOutput(stages.decode_output(self, x, output_type, call.inpaint), call.resolved)
 
     @contextmanager
     def _prompt_loras_held(self, call: stages.Call) -> Iterator[None]:
