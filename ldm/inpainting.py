@@ -27,7 +27,7 @@ What each choice does, in A1111's order (``StableDiffusionProcessingImg2Img.init
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -174,6 +174,10 @@ class Inpaint:
         if self.mask_resized_from is not None:
             extra["Mask resized from"] = "{}x{}".format(*self.mask_resized_from)
         return extra
+
+
+# Each option's default, written once in Inpaint: the command line's flags use these.
+INPAINT_DEFAULTS = {f.name: f.default for f in fields(Inpaint) if f.name not in ("mask", "outpaint", "mask_resized_from")}
 
 
 def as_inpaint(mask: Inpaint | Image.Image | str | Path | None) -> Inpaint | None:

@@ -245,7 +245,11 @@ class GenerationSettings:
         if not isinstance(self.init_image, Image.Image):
             raise SettingError(f"{what} needs the {{init_image}} as an image or a file, not a tensor")
         if self.inpaint.outpaint is not None and (self.width is not None or self.height is not None):
-            raise SettingError("{outpaint} sets the size (the init image's plus the borders); drop {width} and {height}")
+            grown = self.inpaint.size(self.init_image, None, None, 0, 8)  # what filled() sets them to
+            if (self.width, self.height) != grown:
+                raise SettingError(
+                    f"{{outpaint}} sets the size (the init image's plus the borders: {grown[0]}x{grown[1]}); drop {{width}} and {{height}}"
+                )
         object.__setattr__(self, "inpaint", self.inpaint.fitted(self.init_image))
 
     def _check_points(self) -> None:
