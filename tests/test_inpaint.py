@@ -388,3 +388,19 @@ def test_inpainting_runs_with_taesd_in_bf16_and_with_a_lora(inpainting_model, tm
     assert np.array_equal(plain[outside], original[outside]) and np.array_equal(styled[outside], original[outside])
     assert np.abs(plain[~outside] - original[~outside]).mean() > 5
     assert np.abs(styled[~outside] - plain[~outside]).max() > 0
+
+
+def test_a_controlnet_steers_the_repainted_area_only(plain_model, tmp_path):
+    """ControlNet and inpainting together (an ordinary model: the ControlNet sees the latents alone)."""
+    from test_controlnet import control_image, random_controlnet
+
+    from ldm.control import ControlUnit
+
+    _, pipe, _ = plain_model
+    random_controlnet(diffusers_unet("sd1"), 1).save_pretrained(tmp_path / "controlnet")
+    call = dict(**COMMON, init_image=init_image(), mask=Inpaint(mask=box_mask(), mask_blur=0), strength=1.0, num_inference_steps=2, seed=3)
+    plain = np.asarray(pipe(**call).images[0], dtype=np.int16)
+    steered = np.asarray(pipe(**call, control=ControlUnit(model=str(tmp_path / "controlnet"), image=control_image(0))).images[0], dtype=np.int16)
+    outside = np.asarray(box_mask()) == 0
+    assert np.array_equal(steered[outside], np.asarray(init_image(), dtype=np.int16)[outside])
+    assert np.abs(steered[~outside] - plain[~outside]).max() > 5
