@@ -25,6 +25,7 @@ from ldm import checks
 from ldm.control import ControlUnit, control_units
 from ldm.errors import InputError, SettingError, placeholder_text
 from ldm.images import GenerationParameters, init_image_size, read_image, to_rgb
+from ldm.inpainting import Inpaint
 from ldm.prompt_schedule import split_subprompts
 from ldm.prompts import NETWORK_TAG, LoraTag, check_prompt, split_lora_tags
 
@@ -133,6 +134,8 @@ class GenerationSettings:
     hires_steps: int = 0  # the second pass's step count, of which strength x steps run; 0: num_inference_steps
     hires_strength: float | None = None  # its denoising strength, (0, 1]; None: DEFAULT_HIRES_STRENGTH
     hires_upscaler: str | None = None  # a name of HIRES_UPSCALERS (any case); None: DEFAULT_HIRES_UPSCALER
+    # Inpainting / outpainting of init_image: the mask or the borders to add, and A1111's options (ldm.inpainting).
+    inpaint: Inpaint | None = None
 
     def __post_init__(self) -> None:
         prompts = (self.prompt,) if isinstance(self.prompt, str) else tuple(self.prompt)
@@ -147,6 +150,7 @@ class GenerationSettings:
         self._check_choices()
         self._check_control()
         self._check_hires()
+        self._check_inpaint()
 
     def _negatives(self, count: int) -> tuple[str, ...]:
         negatives = self.negative_prompt
@@ -250,6 +254,25 @@ class GenerationSettings:
         if self.control and self.deepcache_interval > 1:
             raise SettingError("{deepcache_interval} reuses deep features that a ControlNet changes every step; drop one of them")
 
+    def _check_inpaint(self) -> None:
+        """A mask or outpainting needs an init image (a PIL image: the mask is laid over it), and the mask is fitted to it."""
+        if self.inpaint is None:
+            return
+        if not isinstance(self.inpaint, Inpaint):
+            raise SettingError(f"{{inpaint}} must be an ldm.inpainting.Inpaint, got {type(self.inpaint).__name__}")
+        what = "{mask}" if self.inpaint.mask is not None else "{outpaint}"
+        if self.init_image is None:
+            raise SettingError(f"{what} needs an {{init_image}}: it repaints part of an image; give the image to change")
+        if not isinstance(self.init_image, Image.Image):
+            raise SettingError(f"{what} needs the {{init_image}} as an image or a file, not a tensor")
+        if self.inpaint.outpaint is not None and (self.width is not None or self.height is not None):
+            grown = self.inpaint.size(self.init_image, None, None, 0, 8)  # what filled() sets them to
+            if (self.width, self.height) != grown:
+                raise SettingError(
+                    f"{{outpaint}} sets the size (the init image's plus the borders: {grown[0]}x{grown[1]}); drop {{width}} and {{height}}"
+                )
+        object.__setattr__(self, "inpaint", self.inpaint.fitted(self.init_image))
+
     def _check_points(self) -> None:
         """The run's own timesteps or sigmas: finite, descending, and instead of a step count and schedule."""
         if self.timesteps is not None and self.sigmas is not None:
@@ -320,6 +343,8 @@ class GenerationSettings:
             width, height = init_image_size(self.init_image, width, height, factor)
         elif self.init_image is not None:  # a tensor, checked by the pipeline
             height, width = self.init_image.shape[-2:]
+        if self.inpaint is not None:  # outpainting grows the image; "only masked" generates the model's size
+            width, height = self.inpaint.size(self.init_image, self.width, self.height, native_side, factor)
         width, height = width or native_side, height or native_side
         steps, guidance_scale = defaults.fill(self.num_inference_steps or self.points_step_count(), self.guidance_scale)
         filled = replace(
@@ -460,6 +485,8 @@ class ResolvedSettings:
         if s.strength is not None:
             extra["Denoising strength"] = f"{s.strength:g}"
         extra.update(s.hires_infotext())
+        if s.inpaint is not None:
+            extra.update(s.inpaint.infotext())  # Mask blur, Inpaint area, Masked content, ...
         if s.clip_skip:
             extra["Clip skip"] = str(s.clip_skip + 1)  # A1111 counts the last layer as 1, diffusers as 0
         if s.eta is not None:

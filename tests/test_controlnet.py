@@ -372,3 +372,26 @@ def test_the_extension_api_makes_the_python_image_and_names_bad_fields(models, t
         folder / "canny.safetensors", control_image(8), preprocess="canny", scale=0.9, end=0.8, mode="controlnet")).images[0]  # fmt: skip
     assert np.array_equal(np.asarray(served), np.asarray(expected))
     assert 'ControlNet 0: "Module: canny, Model: canny [' in served.info["parameters"]
+
+
+def test_the_hires_pass_is_steered_at_its_own_size_as_diffusers_controlnet_img2img(models):
+    """A ControlNet acts in the hires pass too (as the sd-webui-controlnet extension applies it), on its control
+    map made at the larger size: diffusers' ControlNet txt2img, the latent upscale, then its ControlNet img2img."""
+    import diffusers
+    import torch.nn.functional as F
+
+    reference, nets, pipe, root = models
+    image, generator = control_image(0), lambda: torch.Generator().manual_seed(3)
+    first = diffusers_controlnet_pipeline(reference, nets[0], "euler")
+    latents = first(**{**COMMON, "output_type": "latent"}, image=image, num_inference_steps=3, generator=generator()).images
+    second = diffusers.StableDiffusionControlNetImg2ImgPipeline(**first.components)
+    theirs = second(
+        **{**COMMON, "height": 128, "width": 128}, image=F.interpolate(latents, size=(16, 16), mode="bilinear"),
+        control_image=image, controlnet_conditioning_scale=1.0, strength=0.5, num_inference_steps=4, generator=generator(),
+    ).images  # fmt: skip
+    ours = pipe(
+        **COMMON, scheduler="euler", num_inference_steps=3, seed=3, control=ControlUnit(root / "cn0", image),
+        hires_scale=2, hires_steps=4, hires_strength=0.5,
+    ).images  # fmt: skip
+    assert ours.shape == theirs.shape == (1, 128, 128, 3)
+    assert np.abs(ours - theirs).max() < TOLERANCE

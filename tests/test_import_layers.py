@@ -2,7 +2,7 @@
 
     ldm (the package face) > ldm.cli > ldm.training, ldm.server > ldm.pipeline > ldm.loading, ldm.adapters
     > ldm.speedups, ldm.guidance > ldm.models, ldm.schedulers, ldm.prompts, ldm.prompt_schedule, ldm.images, ldm.previews,
-    ldm.settings, ldm.control, ldm.residency > ldm.kernels
+    ldm.settings, ldm.control, ldm.residency, ldm.masks, ldm.inpainting > ldm.kernels
     > ldm.io, ldm.cache, ldm.errors, ldm.random, ldm.checks, ldm.paging
 
 A module may import its own layer and the layers below, and the package ``ldm`` itself (its
@@ -23,7 +23,7 @@ LAYERS = [
     ("ldm.io", "ldm.cache", "ldm.errors", "ldm.random", "ldm.checks", "ldm.paging"),
     ("ldm.kernels",),
     ("ldm.models", "ldm.schedulers", "ldm.prompts", "ldm.prompt_schedule", "ldm.images", "ldm.previews", "ldm.settings", "ldm.control",
-     "ldm.residency"),
+     "ldm.residency", "ldm.masks", "ldm.inpainting"),
     ("ldm.speedups", "ldm.guidance"),
     ("ldm.loading", "ldm.adapters"),
     ("ldm.pipeline",),

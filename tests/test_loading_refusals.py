@@ -59,7 +59,7 @@ def _widened_file(state, path, in_channels: int):
 @pytest.mark.parametrize(
     "in_channels, message",
     [
-        (9, "is an inpainting model (U-Net takes 9 input channels, the VAE makes 4); ldm cannot run inpainting models yet"),
+        # 9 (an inpainting model) loads: tests/test_inpaint.py
         (8, "is an instruct-pix2pix model (U-Net takes 8 input channels, the VAE makes 4)"),
         (5, "has a U-Net that takes 5 channels but a VAE with 4 latent channels"),
     ],

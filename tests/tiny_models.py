@@ -24,15 +24,16 @@ TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "ldm" / "assets" / "cli
 Family = Literal["sd1", "sd2"]
 
 
-def diffusers_unet(family: Family = "sd1", seed: int = 0, time_cond_proj_dim: int | None = None):
-    """The tiny U-Net; with ``time_cond_proj_dim``, a guidance-distilled (LCM) one with diffusers' ``cond_proj``."""
+def diffusers_unet(family: Family = "sd1", seed: int = 0, time_cond_proj_dim: int | None = None, in_channels: int = 4):
+    """The tiny U-Net; with ``time_cond_proj_dim``, a guidance-distilled (LCM) one with diffusers' ``cond_proj``;
+    ``in_channels=9``: an inpainting model's (latents, mask, masked-image latents)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     sd2 = family == "sd2"
     return UNet2DConditionModel(
         sample_size=8,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         block_out_channels=(64, 128, 128) if sd2 else (32, 64, 64),
         layers_per_block=2,

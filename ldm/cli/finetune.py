@@ -200,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
     # model's native size, is known only once the model is read.
     examples = scan_data(args.data, data_config) if data_config.resolution is not None else None
     components = load_components(args.model, prediction_type=args.prediction_type)
+    if components.unet.config.in_channels != components.vae.config.latent_channels:  # loads since inpainting runs
+        raise ConfigError(f"{args.model} is an inpainting model (its U-Net reads a mask); ldm finetune trains text-to-image models")
     if examples is None:
         data_config = dataclasses.replace(data_config, resolution=native_resolution(components))
         examples = scan_data(args.data, data_config)

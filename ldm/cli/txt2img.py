@@ -21,6 +21,7 @@ from ldm import checks
 from ldm.cli import control_args
 from ldm.errors import CheckpointError, InputError
 from ldm.images import check_output_folder, init_image_size, read_image
+from ldm.inpainting import FILLS, INPAINT_DEFAULTS, Inpaint, parse_outpaint
 from ldm.prompts import check_prompt
 from ldm.random import resolve_seed
 from ldm.settings import DEFAULT_HIRES_STRENGTH, DEFAULT_SCHEDULER, DEFAULTS, HIRES_UPSCALERS, SAMPLER_NAMES, GenerationSettings
@@ -86,6 +87,7 @@ def register(sub) -> None:
     )
     parser.add_argument("--init-image", type=Path, metavar="FILE", help="start from this image (img2img)")
     parser.add_argument("--strength", type=float, help="img2img: how much to change the image, in (0, 1] (default 0.8)")
+    add_inpaint_arguments(parser)
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="apply a LoRA file (repeatable)")
     parser.add_argument(
         "--loras-dir", type=Path, metavar="DIR", help="where the prompt's <lora:NAME:WEIGHT> tags find NAME.safetensors (subfolders too)"
@@ -133,6 +135,44 @@ FLAGS = {
     "token_merging": "--tome",
     **control_args.FLAGS,
 }
+
+
+def add_inpaint_arguments(parser: argparse.ArgumentParser) -> None:
+    """Inpainting and outpainting of ``--init-image`` (``ldm.inpainting.Inpaint``: A1111's options and defaults)."""
+    group = parser.add_argument_group("inpainting and outpainting of --init-image (docs/generating.md)")
+    group.add_argument("--mask", type=Path, metavar="FILE", help="repaint the white part of --init-image (of a transparent image: its opaque part)")
+    group.add_argument(
+        "--outpaint", metavar="L,R,T,B",
+        help="grow --init-image by LEFT,RIGHT,TOP,BOTTOM pixels (multiples of 8), edges repeated outward, and paint the new borders",
+    )  # fmt: skip
+    group.add_argument(
+        "--mask-blur", type=int, default=INPAINT_DEFAULTS["mask_blur"], metavar="PX",
+        help=f"soften the mask's edge by PX pixels (Gaussian; default {INPAINT_DEFAULTS['mask_blur']}, A1111's)",
+    )  # fmt: skip
+    group.add_argument(
+        "--inpainting-fill", choices=FILLS, default=INPAINT_DEFAULTS["inpainting_fill"],
+        help="what the masked area starts from: the surrounding colours, the original (default), the seed's noise, zeros",
+    )  # fmt: skip
+    group.add_argument(
+        "--inpaint-full-res", action="store_true",
+        help="only masked: generate the mask's box at --width x --height (default: the model's size) and paste it back",
+    )  # fmt: skip
+    group.add_argument(
+        "--inpaint-full-res-padding", type=int, default=INPAINT_DEFAULTS["inpaint_full_res_padding"], metavar="PX",
+        help=f"--inpaint-full-res: pixels around the mask's box (default {INPAINT_DEFAULTS['inpaint_full_res_padding']})",
+    )  # fmt: skip
+    group.add_argument("--inpainting-mask-invert", action="store_true", help="repaint the black part of --mask instead")
+
+
+def inpaint_argument(args: argparse.Namespace) -> Inpaint | None:
+    """``--mask`` or ``--outpaint`` with their options; an option without either is an error, not ignored."""
+    options = {name: getattr(args, name) for name in INPAINT_DEFAULTS}
+    if args.mask is None and args.outpaint is None:
+        given = [flag(name) for name, value in options.items() if value != INPAINT_DEFAULTS[name]]
+        if given:
+            raise InputError(f"{', '.join(given)} apply to inpainting; add --mask FILE (or --outpaint L,R,T,B)")
+        return None
+    return Inpaint(mask=args.mask, outpaint=parse_outpaint(args.outpaint) if args.outpaint is not None else None, **options)
 
 
 def flag(field: str) -> str:
@@ -285,6 +325,7 @@ def build_settings(args: argparse.Namespace) -> GenerationSettings:
         init_image=check_init_image(args), strength=args.strength, clip_skip=args.clip_skip,
         deepcache_interval=args.deepcache, token_merging=args.tome, control=control_args.control_units(args),
         hires_scale=args.hires_scale, hires_steps=args.hires_steps, hires_strength=args.hires_strength, hires_upscaler=args.hires_upscaler,
+        inpaint=inpaint_argument(args),
     )
     subseed = resolve_seed(settings.subseed, args.num_images, "subseed") if settings.subseed_strength else None
     return replace(settings, seed=resolve_seed(settings.seed, args.num_images), subseed=subseed)

@@ -10,8 +10,8 @@ Two layouts are read and written:
   conventions would not give back (``ldm.loading.configs``).
 
 What is written, is written byte for byte reproducibly (``ldm.loading.writers``). Models ldm
-cannot run (inpainting, instruct-pix2pix) and configurations no machine could build are
-refused before any network is built.
+cannot run (instruct-pix2pix) and configurations no machine could build are refused before any
+network is built; inpainting models (a U-Net of 9 input channels) load and run.
 
 Nothing here touches the network: paths are local, tokenizers come from the model
 folder, the shipped ``ldm/assets/clip_tokenizer`` or a ``tokenizer=`` path.

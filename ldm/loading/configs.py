@@ -12,8 +12,9 @@ dict beside its ``"state_dict"``. Files that carry none can be given a folder's 
 (``config=``, as diffusers' ``from_single_file(config=...)``).
 
 Every value is bounded before a network is built (``UNetConfig`` and ``VAEConfig`` bound
-their own), and a U-Net that does not take the VAE's latents alone is refused
-(``check_text_to_image``): ldm cannot run inpainting or instruct-pix2pix models yet.
+their own), and a U-Net that takes neither the VAE's latents alone nor an inpainting model's
+latents, mask and masked-image latents is refused (``check_text_to_image``): ldm cannot run
+instruct-pix2pix models yet.
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ TEXT_BOUNDS = {
     "projection_dim": (1, 8192),
 }
 
-# Models whose U-Net takes more than the latents, by its input width: (one, several).
+# Models whose U-Net takes more than the latents, by its input width, that ldm cannot run: (one, several).
+# An inpainting model's 9 (latents, mask, masked image's latents) it runs (ldm.pipeline.inpaint).
 _CONDITIONED_KINDS = {
-    9: ("an inpainting model", "inpainting models"),  # latents, mask, masked image's latents
     8: ("an instruct-pix2pix model", "instruct-pix2pix models"),  # latents, input image's latents
 }
 
@@ -223,8 +224,11 @@ def _metadata_value(metadata: Mapping[str, str], part: str, path: Path) -> Any:
 
 
 def check_text_to_image(unet: UNetConfig, vae: VAEConfig, source: Path) -> None:
-    """Refuse a U-Net that does not map the VAE's latents alone to a prediction of their shape."""
+    """Refuse a U-Net that does not map the VAE's latents (alone, or with an inpainting model's mask and masked-image
+    latents: 2 * latents + 1 channels) to a prediction of their shape."""
     latents = vae.latent_channels
+    if unet.in_channels == 2 * latents + 1 and unet.out_channels == latents:
+        return
     if unet.in_channels in _CONDITIONED_KINDS and unet.in_channels != latents:
         one, several = _CONDITIONED_KINDS[unet.in_channels]
         raise CheckpointError(

@@ -25,7 +25,8 @@ from ldm import checks
 from ldm.errors import SettingError
 from ldm.guidance import Conditioning
 from ldm.images import image_to_tensor, to_pil
-from ldm.pipeline import stages
+from ldm.pipeline import control, stages
+from ldm.pipeline.inpaint import takes_mask
 from ldm.random import seed_generators
 from ldm.settings import LATENT_UPSCALERS
 
@@ -38,6 +39,8 @@ def check(pipe: Pipeline, call: stages.Call) -> None:
     s = call.settings
     if s.hires_scale is None:
         return
+    if takes_mask(pipe):
+        raise SettingError("{hires_scale} runs a second pass that an inpainting model (9 input channels) cannot take yet; drop it")
     width, height = s.hires_size(pipe.vae.config.downsample_factor)
     checks.check_pixels(width, height, s.batch, pipe.setup.max_pixels)
     steps = s.hires_steps or s.num_inference_steps
@@ -96,7 +99,7 @@ def second_call(pipe: Pipeline, call: stages.Call, x: torch.Tensor) -> stages.Ca
     _, variation = stages.variation_generators(s)
     return stages.Call(
         replace(call.resolved, settings=second), scheduler, fresh_generators(call), shape, images, None,
-        stages.prompt_plan(pipe, second), call.loras, variation, init_latents=latents,
+        stages.prompt_plan(pipe, second), call.loras, variation, control=control.prepare(pipe, second), init_latents=latents,
     )  # fmt: skip
 
 

@@ -33,6 +33,7 @@ from PIL import Image
 from torch import nn
 
 from ldm.errors import CheckpointError, InputError
+from ldm.inpainting import Inpaint, as_inpaint
 from ldm.images import GenerationParameters, check_output_folder, save_png
 from ldm.kernels.choice import PLAIN, bf16_warning
 from ldm.models import set_kernels
@@ -285,7 +286,7 @@ class Pipeline:
         setup = self.setup
         vae = load_vae(
             path, device="cpu" if setup.cpu_offload else setup.device, dtype=setup.dtype,
-            latent_channels=self.unet.config.in_channels,
+            latent_channels=self.unet.config.out_channels,
         )  # fmt: skip
         vae.set_attention(setup.attention, setup.attention_slice_size)
         set_kernels(vae, self.kernels)
@@ -359,29 +360,21 @@ class Pipeline:
         token_merging: float = DEFAULTS["token_merging"],
         control: ControlUnit | list[ControlUnit] | None = None,
         hires_scale: float | None = None, hires_steps: int = 0, hires_strength: float | None = None, hires_upscaler: str | None = None,
+        mask: Inpaint | Image.Image | str | Path | None = None,
     ) -> GenerationOutput:
-        """Generate images, with diffusers' keywords; see ``GenerationSettings`` and docs/generating.md.
-
-        ``scheduler`` is a name from ``ldm.schedulers.SCHEDULERS`` (built with this model's
-        scheduler config and the call's ``eta``, ``timestep_spacing`` and ``use_karras_sigmas`` /
-        ``use_exponential_sigmas``), or one of our or diffusers' scheduler objects as a template (the
-        call builds its own from it). ``timesteps`` or ``sigmas`` replace the schedule with the
-        run's own points, as in diffusers. ``subseed`` / ``subseed_strength``: A1111's variation seeds (image i's
-        starting noise leans toward seed ``subseed + i``'s). ``generator`` (one per image, or one for all) replaces ``seed``; ``latents`` replaces
-        the initial noise. ``callback(i, t, latents, denoised)`` is called after each step (``denoised``:
-        the x_0 the step's network output implied, scaled latents; ``ldm.previews`` draws it). ``control``: ControlNets,
-        a ``ldm.control.ControlUnit`` or a list of them (docs/controlnet.md).
+        """Generate images with diffusers' keywords (``scheduler``: a name, or a scheduler object as template;
+        ``callback(i, t, latents, denoised)`` after each step) and A1111's: ``subseed``/``subseed_strength``
+        (variation seeds), ``control`` (ControlNet units), ``mask`` (inpainting: a mask, or an ``Inpaint`` with
+        its options or an outpainting), ``hires_*`` (hires fix). Each: ``GenerationSettings``, docs/generating.md.
         """
         named = scheduler is None or isinstance(scheduler, str)
         settings = GenerationSettings(
             prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, guidance_fraction=guidance_fraction,
-            width=width, height=height, num_images_per_prompt=num_images_per_prompt,
-            scheduler=scheduler if named else DEFAULT_SCHEDULER,
-            eta=eta, timestep_spacing=timestep_spacing, seed=seed, timesteps=timesteps, sigmas=sigmas,
-            subseed=subseed, subseed_strength=subseed_strength,
-            sigma_schedule=GenerationSettings.sigma_schedule_of(use_karras_sigmas, use_exponential_sigmas),
-            init_image=init_image, strength=strength, clip_skip=clip_skip,
+            width=width, height=height, num_images_per_prompt=num_images_per_prompt, scheduler=scheduler if named else DEFAULT_SCHEDULER,
+            eta=eta, timestep_spacing=timestep_spacing, seed=seed, timesteps=timesteps, sigmas=sigmas, subseed=subseed,
+            subseed_strength=subseed_strength, sigma_schedule=GenerationSettings.sigma_schedule_of(use_karras_sigmas, use_exponential_sigmas),
+            init_image=init_image, strength=strength, clip_skip=clip_skip, inpaint=as_inpaint(mask),
             deepcache_interval=deepcache_interval, token_merging=token_merging, control=control,
             hires_scale=hires_scale, hires_steps=hires_steps, hires_strength=hires_strength, hires_upscaler=hires_upscaler,
         )
@@ -412,7 +405,7 @@ class Pipeline:
             x = stages.initial_latents(self, call, timesteps)
             x = stages.denoise(self, call, x, timesteps, text, callback)
             x = hires.second_pass(self, call, x, text, callback)
-            return GenerationOutput(stages.decode_output(self, x, output_type), call.resolved)
+            return GenerationOutput(stages.decode_output(self, x, output_type, call.inpaint), call.resolved)
 
     @contextmanager
     def _prompt_loras_held(self, call: stages.Call) -> Iterator[None]:

@@ -36,6 +36,7 @@ from ldm.errors import ConfigError, InputError, LdmError, SettingError
 from ldm.guidance import ClassifierFreeGuidance, Conditional, Conditioning, Denoiser, EmbeddedGuidance, Network, guided_steps
 from ldm.images import image_to_tensor, to_numpy, to_pil
 from ldm.pipeline import control
+from ldm.pipeline.inpaint import Inpainting
 from ldm.prompts import encode_prompts as encode_texts
 from ldm.prompt_schedule import PromptPlan, plan_prompts
 from ldm.prompts import split_lora_tags, words_used
@@ -76,6 +77,7 @@ class Call:
     variation: list[torch.Generator] | None = None  # the variation seeds' generators (subseed_strength > 0)
     control: tuple[control.PreparedUnit, ...] = ()  # the ControlNets, found, and their control maps
     init_latents: torch.Tensor | None = None  # img2img from latents: z_0 per image, scaled (the hires pass's)
+    inpaint: Inpainting | None = None  # a mask, an outpainting or an inpainting U-Net (ldm.pipeline.inpaint)
 
     @property
     def img2img(self) -> bool:
@@ -123,7 +125,8 @@ def resolve(pipe: Pipeline, settings: GenerationSettings, template: Any, generat
         embeddings=tuple((name, pipe.embeddings.short_hash(name)) for name in used),
         controlnets=tuple(unit.label for unit in units),
     )
-    return Call(resolved, scheduler, generators, shape, init_tensor(s), latents, plan, loras, variation, units)
+    inpaint = Inpainting.for_call(pipe, s)
+    return Call(resolved, scheduler, generators, shape, init_tensor(s), latents, plan, loras, variation, control=units, inpaint=inpaint)
 
 
 def find_loras(pipe: Pipeline, s: GenerationSettings) -> tuple[PromptLora, ...]:
@@ -293,6 +296,8 @@ def prepare_timesteps(pipe: Pipeline, call: Call) -> torch.Tensor:
 
 def initial_latents(pipe: Pipeline, call: Call, timesteps: torch.Tensor) -> torch.Tensor:
     """The loop's start, in fp32 whatever the networks' dtype (the scheduler's arithmetic stays exact)."""
+    if call.inpaint is not None:  # z_0, noise and the masked image's latents, in diffusers' inpainting order
+        return call.inpaint.start(pipe, call, timesteps, lambda: starting_noise(call, pipe.device))
     sigma = call.scheduler.init_noise_sigma
     if call.latents is not None:
         return call.latents.to(pipe.device, torch.float32) * sigma
@@ -352,6 +357,8 @@ def denoise(
     process = NoiseProcess.from_config(pipe.scheduler_config.filled_for(LINSPACE_DEFAULTS)) if callback else None
     with pipe.residency.running(pipe.unet) as unet, control.running(pipe, call.control):
         network = speed_up(unet, s.deepcache_interval, s.token_merging)
+        if call.inpaint is not None:  # an inpainting U-Net's extra inputs (a ControlNet sees the latents alone)
+            network = call.inpaint.network(network)
         network = control.controlled(network, call.control, text, len(timesteps), pipe.dtype)
         network = in_network_format(network, pipe.dtype, pipe.setup.memory_format)
         denoiser = guided(network, s, text, len(timesteps), unet.config.time_cond_proj_dim)
@@ -359,6 +366,8 @@ def denoise(
             model_input = call.scheduler.scale_model_input(x, t)
             output = denoiser(model_input, t)
             x = call.scheduler.step(output, t, x, generator=call.generators)
+            if call.inpaint is not None:  # an ordinary U-Net's known region put back
+                x = call.inpaint.after_step(i, x)
             if callback is not None:
                 callback(i, t, x, process.denoised(output, model_input, t))
     if s.hires_scale is None:  # else the hires pass (ldm.pipeline.hires) runs it again
@@ -391,12 +400,15 @@ def in_network_format(network: Network, dtype: torch.dtype, memory_format: torch
 # --- decode ----------------------------------------------------------------------------------------
 
 
-def decode_output(pipe: Pipeline, x: torch.Tensor, output_type: OutputType) -> Any:
-    """The call's images: the latents themselves, or decoded as tensors, arrays or PIL images."""
+def decode_output(pipe: Pipeline, x: torch.Tensor, output_type: OutputType, inpaint: Inpainting | None = None) -> Any:
+    """The call's images: the latents themselves, or decoded as tensors, arrays or PIL images (an inpainting's laid
+    over its original image)."""
     if output_type == "latent":
         pipe.residency.done_with(pipe.vae)
         return x
     images = decode(pipe, x)
+    if inpaint is not None:
+        images = inpaint.paste(images)
     pipe.residency.done_with(pipe.vae)
     return {"pt": lambda images: images, "np": to_numpy, "pil": to_pil}[output_type](images)
 

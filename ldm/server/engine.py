@@ -19,6 +19,7 @@ import torch
 
 from ldm.images import save_png, to_pil
 from ldm.pipeline import Pipeline
+from ldm.pipeline.inpaint import takes_mask
 from ldm.pipeline.stages import resolve
 from ldm.previews import preview
 from ldm.server.catalog import ModelEntry
@@ -92,6 +93,7 @@ class Engine:
         with self.lock:
             pipe = self._pipeline_for(job.request)
             request = job.request
+            job.changed(inpainting_conditioning=takes_mask(pipe))  # A1111's is_using_inpainting_conditioning
             for k in range(request.n_iter):
                 if job.interrupted or job.cancelled:
                     break

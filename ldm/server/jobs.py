@@ -75,6 +75,7 @@ class Job:
     interrupted: bool = False  # stop after the current step; keep what was made (A1111's interrupt)
     skipped: bool = False  # stop the current batch, keep its images, go on with the next (A1111's skip)
     cancelled: bool = False  # stop and keep nothing
+    inpainting_conditioning: bool = False  # the model's U-Net reads a mask (an inpainting model)
     version: int = 0  # bumped on every change (server-sent events send each)
     done: threading.Event = field(default_factory=threading.Event)
     _waiters: list[Callable[[], None]] = field(default_factory=list)  # called once, when the job finishes

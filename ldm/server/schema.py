@@ -3,7 +3,7 @@
 Field names, defaults and response shapes are A1111's, so its clients work unchanged. Fields ldm has
 no use for are accepted and ignored (``extra="allow"``, and the declared ones below that nothing
 reads); the few that would change the image and that ldm cannot do yet (face restoration,
-tiling, inpainting masks, scripts, a hires pass with its own prompt, sampler or model) are refused by
+tiling, scripts, a hires pass with its own prompt, sampler or model) are refused by
 ``ldm.server.translate`` with a 422 naming the field. The native job API (``/ldm/v1``) takes the
 same fields, with ``None`` meaning "the model's choice" where A1111 has a fixed default.
 """
@@ -51,6 +51,13 @@ class GenerationFields(BaseModel):
     save_images: bool = False
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
     init_images: list[str] | None = None  # img2img: base64 images, with or without a data: URL prefix
+    # Inpainting of the init image, A1111's fields; None: ldm's defaults (Img2ImgRequest declares A1111's).
+    mask: str | None = None  # base64 image: white repaints (a transparent image: its opaque part)
+    mask_blur: int | None = None
+    inpainting_fill: int | None = None  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpaint_full_res: bool | None = None
+    inpaint_full_res_padding: int | None = None
+    inpainting_mask_invert: int | None = None
 
 
 class Txt2ImgRequest(GenerationFields):

@@ -22,6 +22,7 @@ from PIL import Image
 from ldm import __version__, checks
 from ldm.errors import InputError, SettingError
 from ldm.images import GenerationParameters, format_parameters, open_image, parameters_chunk, to_rgb
+from ldm.inpainting import FILLS, Inpaint
 from ldm.random import resolve_seed
 from ldm.server.catalog import ModelEntry
 from ldm.server.config import Limits
@@ -48,12 +49,12 @@ LABELS = {
     "hires_steps": "hr_second_pass_steps",
     "hires_strength": "denoising_strength",
     "hires_upscaler": "hr_upscaler",
+    "inpaint": "mask",
 }
 # Fields that would change the image in ways ldm cannot do yet: (field, the value that asks for it).
 UNSUPPORTED = (
     ("restore_faces", "face restoration"),
     ("tiling", "tiling"),
-    ("mask", "inpainting"),
     ("script_name", "scripts"),
 )
 
@@ -98,6 +99,7 @@ def job_request(body: GenerationFields, limits: Limits, defaults: ServerDefaults
         subseed=body.subseed, subseed_strength=body.subseed_strength,
         control=control_units(body.alwayson_scripts, defaults.controlnet_dir, decode_image),
         **hires_fields(body, limits),
+        inpaint=inpaint_of(body),
     )
     from ldm.adapters.folder import prompt_loras
     from ldm.schedulers import check_options
@@ -198,6 +200,36 @@ def model_of(overrides: dict[str, Any], defaults: ServerDefaults) -> ModelEntry 
     return model
 
 
+def inpaint_of(body: GenerationFields) -> Inpaint | None:
+    """A1111's inpainting fields as an ``Inpaint``; None without a ``mask``. A field left out (None) takes ldm's default."""
+    if not body.mask:
+        return None
+    options: dict[str, Any] = {"mask_blur": mask_blur_of(body), "inpaint_full_res": body.inpaint_full_res}
+    options["inpaint_full_res_padding"] = body.inpaint_full_res_padding
+    if body.inpainting_fill is not None:
+        fill = checks.integer(body.inpainting_fill, "inpainting_fill")
+        if not 0 <= fill < len(FILLS):
+            raise SettingError(f"{{inpainting_fill}} must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing), got {fill}")
+        options["inpainting_fill"] = FILLS[fill]
+    if body.inpainting_mask_invert is not None:
+        invert = checks.integer(body.inpainting_mask_invert, "inpainting_mask_invert")
+        if invert not in (0, 1):
+            raise SettingError(f"{{inpainting_mask_invert}} must be 0 (inpaint masked) or 1 (inpaint not masked), got {invert}")
+        options["inpainting_mask_invert"] = bool(invert)
+    mask = open_base64_image(body.mask, "mask")  # as it is: a transparent mask's alpha is the mask
+    return Inpaint(mask=mask, **{name: value for name, value in options.items() if value is not None})
+
+
+def mask_blur_of(body: GenerationFields) -> int | None:
+    """A1111's ``mask_blur``, else its ``mask_blur_x`` / ``mask_blur_y`` (which ldm takes only when equal)."""
+    if body.mask_blur is not None:
+        return body.mask_blur
+    x, y = getattr(body, "mask_blur_x", None), getattr(body, "mask_blur_y", None)
+    if x != y:
+        raise SettingError("{mask_blur_x} and {mask_blur_y} differ, but ldm blurs the mask alike both ways; give {mask_blur}")
+    return x
+
+
 def init_image_of(images: list[str] | None) -> Image.Image | None:
     if not images:
         return None
@@ -265,7 +297,7 @@ def info_json(job: Job, body: GenerationFields, model_name: str, model_hash: str
         "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": s.strength or s.hires_strength,
         "extra_generation_params": dict(first.extra) if first else {}, "index_of_first_image": 0,
         "infotexts": [format_parameters(p) for p in job.parameters], "styles": body.styles or [],
-        "job_timestamp": job.created, "clip_skip": (s.clip_skip or 0) + 1, "is_using_inpainting_conditioning": False,
+        "job_timestamp": job.created, "clip_skip": (s.clip_skip or 0) + 1, "is_using_inpainting_conditioning": job.inpainting_conditioning,
         "version": f"ldm {__version__}",
     }
     return json.dumps(info)
