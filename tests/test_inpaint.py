@@ -411,3 +411,28 @@ def test_a_controlnet_steers_the_repainted_area_only(plain_model, tmp_path):
     outside = np.asarray(box_mask()) == 0
     assert np.array_equal(steered[outside], np.asarray(init_image(), dtype=np.int16)[outside])
     assert np.abs(steered[~outside] - plain[~outside]).max() > 5
+
+
+def test_a_controlnet_on_an_inpainting_model_matches_diffusers_controlnet_inpainting(inpainting_model, tmp_path):
+    """A ControlNet reads the 4 latent channels while the 9-channel U-Net reads the mask and masked latents too:
+    diffusers' StableDiffusionControlNetInpaintPipeline on the same weights."""
+    from test_controlnet import control_image, random_controlnet
+
+    from ldm.control import ControlUnit
+
+    reference, pipe, _ = inpainting_model
+    swap(reference, "ddim")
+    net = random_controlnet(diffusers_unet("sd1"), 1)
+    net.save_pretrained(tmp_path / "controlnet")
+    image, mask, hint = init_image(), box_mask(), control_image(0, size=(64, 64))
+    ours = pipe(
+        **COMMON, init_image=image, mask=Inpaint(mask=mask, mask_blur=0), strength=1.0, num_inference_steps=3, scheduler="ddim",
+        seed=5, control=ControlUnit(model=str(tmp_path / "controlnet"), image=hint), output_type="np",
+    ).images[0]  # fmt: skip
+    components = {**reference.components, "controlnet": net}
+    theirs = diffusers.StableDiffusionControlNetInpaintPipeline(**components)(
+        **COMMON, image=image, mask_image=mask, control_image=hint, controlnet_conditioning_scale=1.0, strength=1.0, num_inference_steps=3,
+        generator=torch.Generator("cpu").manual_seed(5), output_type="np",
+    ).images[0]  # fmt: skip
+    inside = (np.asarray(mask) >= 128)[..., None]
+    assert np.abs(ours - np.where(inside, theirs, pixels(image))).max() < TOLERANCE

@@ -209,18 +209,20 @@ class ControlNet(nn.Module):
 
 
 # What a U-Net and a ControlNet's encoder must share for its residuals to fit the U-Net's skips.
-_BASE_FIELDS = ("in_channels", "cross_attention_dim", "block_out_channels", "layers_per_block", "cross_attention_levels")
+_BASE_FIELDS = ("cross_attention_dim", "block_out_channels", "layers_per_block", "cross_attention_levels")
 
 
 def fits(config: ControlNetConfig, unet: UNetConfig) -> bool:
-    """Whether a ControlNet of ``config`` can steer a U-Net of ``unet``: its encoder has the U-Net's latent
-    channels, text width and block layout."""
-    return all(getattr(config.unet, name) == getattr(unet, name) for name in _BASE_FIELDS)
+    """Whether a ControlNet of ``config`` can steer a U-Net of ``unet``: its encoder reads the latents the U-Net
+    predicts (an inpainting U-Net takes a mask and masked latents besides: the ControlNet sees the latents alone)
+    and has the U-Net's text width and block layout."""
+    same = all(getattr(config.unet, name) == getattr(unet, name) for name in _BASE_FIELDS)
+    return same and config.unet.in_channels == unet.out_channels
 
 
 def describe_base(unet: UNetConfig) -> str:
     """The base a U-Net config is, in the words a mismatch error uses."""
     return (
         f"cross-attention width {unet.cross_attention_dim}, block channels {list(unet.block_out_channels)}, "
-        f"{unet.layers_per_block} layers per block, {unet.in_channels} latent channels"
+        f"{unet.layers_per_block} layers per block, {unet.out_channels} latent channels"
     )
