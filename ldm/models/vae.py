@@ -242,9 +242,10 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() and x.dtype == torch.float32 and x.is_contiguous():
-            # Inference: the same function in row strips, in a fraction of the memory (see vae_strips).
-            x = encode_down(self.conv_in, self.down_blocks, self.conv_norm_out.num_groups, x)
+        if not torch.is_grad_enabled() and x.dtype == torch.float32 and self.conv_in.weight.is_contiguous():
+            # Inference in NCHW (not the channels-last set-up): the same function in row strips, in a fraction of
+            # the memory (see vae_strips), whatever the layout of the image given (one result for one image).
+            x = encode_down(self.conv_in, self.down_blocks, self.conv_norm_out.num_groups, x.contiguous())
         else:
             x = self.conv_in(x)
             for block in self.down_blocks:
