@@ -46,7 +46,7 @@ def unet(kind: Kind = "base", seed: int = 0):
             cross_attention_dim=BIGG_WIDTH,
         )
     return UNet2DConditionModel(
-        sample_size=8,
+        sample_size=128,  # SDXL's (1024 px): only recorded, and what single files are read with
         in_channels=4,
         out_channels=4,
         layers_per_block=2,
@@ -70,7 +70,7 @@ def vae(seed: int = 0):
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=32,
-        sample_size=64,
+        sample_size=1024,
         scaling_factor=0.13025,
         force_upcast=True,
     ).eval()
