@@ -118,7 +118,8 @@ class VAEConfig:
             "norm_num_groups": self.norm_num_groups,
             "scaling_factor": self.scaling_factor,
             "sample_size": self.sample_size,
-            "force_upcast": self.force_upcast,  # always: diffusers reads a missing key as true
+            # Written when set: plain SD configs stay as they were (diffusers' SD pipelines never read the key).
+            **({"force_upcast": True} if self.force_upcast else {}),
         }
 
 
