@@ -57,7 +57,7 @@ def describe(path: str | Path, hashes: bool = True) -> dict:
         return _embedding(path, file, hashes)
     example = sorted(keys)[0]
     raise CheckpointError(
-        f"{path} is none of what ldm reads ({len(keys)} tensors, e.g. {example!r}): not an SD 1.x/2.x checkpoint, "
+        f"{path} is none of what ldm reads ({len(keys)} tensors, e.g. {example!r}): not an SD 1.x/2.x/XL checkpoint, "
         "adapter, VAE or embedding"
     )
 
