@@ -180,7 +180,11 @@ def finish_text_encoder(text_encoder: CLIPTextModel | CLIPTextModelWithProjectio
 
 
 def finish(
-    unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel | None, device: torch.device, text_encoder_2=None
+    unet: UNet,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel | None,
+    device: torch.device,
+    text_encoder_2: CLIPTextModelWithProjection | None = None,
 ) -> None:
     """Put the loaded networks in eval mode and make sure nothing stayed on the meta device."""
     encoders = [encoder for encoder in (text_encoder, text_encoder_2) if encoder is not None]
