@@ -84,6 +84,17 @@ def test_loads_to_the_reference_weights(models, kind, layout):
     assert ours.scheduler_config.timestep_spacing == "leading"
 
 
+def test_only_sdxl_models_upcast_their_vae(models, tmp_path):
+    """diffusers writes force_upcast (its default, true) into every AutoencoderKL config, but only its SDXL
+    pipelines read it: an SD model's VAE keeps decoding in the pipeline's dtype."""
+    from tiny_models import save_diffusers_folder
+
+    folder = save_diffusers_folder(tmp_path / "sd1")
+    assert json.loads((folder / "vae" / "config.json").read_text())["force_upcast"] is True
+    assert load_components(folder).vae.config.force_upcast is False
+    assert load_components(models["refiner"]["folder"]).vae.config.force_upcast is True
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_single_file_has_the_original_layout_and_is_read_by_its_keys_alone(models, kind):
     """Stability's names (conditioner.embedders.N, label_emb, fused in_proj, OpenCLIP's text_projection

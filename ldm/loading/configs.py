@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -101,6 +101,15 @@ class ModelConfigs:
         if self.text is None:
             raise ConfigError("the model has no text encoder (text_encoder/ or text_encoder_2/)")
         return family_of(self.text)
+
+
+def as_released(configs: ModelConfigs) -> ModelConfigs:
+    """``configs`` with the VAE's ``force_upcast`` as diffusers' pipelines of the family read it: SDXL's honour
+    it; SD 1.x / 2.x's never read it (diffusers writes its default, true, into every AutoencoderKL config,
+    SD 1.5 fine-tunes' included), so an SD model's VAE does not upcast in ldm either."""
+    if configs.family in ("sdxl", "sdxl-refiner") or not configs.vae.force_upcast:
+        return configs
+    return replace(configs, vae=replace(configs.vae, force_upcast=False))
 
 
 def family_of(text: CLIPTextConfig) -> Family:
@@ -189,7 +198,7 @@ def folder_configs(folder: Path) -> ModelConfigs:
         generation = generation_config(read_json(generation_path), str(generation_path))
     else:
         generation = few_step_recommendation(unet, scheduler_values)
-    return ModelConfigs(unet, vae, text, scheduler, generation, text_2)
+    return as_released(ModelConfigs(unet, vae, text, scheduler, generation, text_2))
 
 
 def few_step_recommendation(unet: UNetConfig, scheduler_values: Any) -> dict[str, Any]:
@@ -235,14 +244,14 @@ def from_metadata(metadata: Mapping[str, str], path: Path, family: Family) -> Mo
             return None
         return text_config(_metadata_value(metadata, part, path), _where(part, path), base(family).to_dict())
 
-    return ModelConfigs(
+    return as_released(ModelConfigs(
         unet=built(UNetConfig.from_diffusers, _metadata_value(metadata, "unet", path), _where("unet", path)),
         vae=built(VAEConfig.from_diffusers, _metadata_value(metadata, "vae", path), _where("vae", path)),
         text=text("text_encoder", clip_config),
         scheduler=scheduler,
         generation=generation,
         text_2=text("text_encoder_2", clip_config_2),
-    )
+    ))
 
 
 def recommendations_from_metadata(metadata: Mapping[str, str], path: Path) -> tuple[SchedulerConfig | None, dict[str, Any]]:
