@@ -49,7 +49,6 @@ from transformers import CLIPTextConfig
 
 from ldm.errors import CheckpointError
 from ldm.loading.keymap import (
-    SD1_TEXT_PREFIX,
     SD2_TEXT_PREFIX,
     SDXL_BIGG_PREFIX,
     SDXL_CLIP_L_PREFIX,

@@ -293,7 +293,6 @@ def text_entries(shapes: Mapping[str, tuple[int, ...]], family: str, slot: int =
 # transformers < 5 (and every released diffusers folder) prefix the text encoder's keys with this.
 TEXT_MODEL_PREFIX = "text_model."
 # Buffers that older files store and the networks recompute: accepted on read, never used.
-SD1_POSITION_IDS = SD1_TEXT_PREFIX + "embeddings.position_ids"
 TEXT_POSITION_IDS = "embeddings.position_ids"
 
 
