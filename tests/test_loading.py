@@ -261,7 +261,7 @@ def _meta_single_file_keys(family: str) -> dict[str, tuple[int, ...]]:
         vae = AutoencoderKL(VAEConfig.sd())
         text = CLIPTextModel(clip_config(family))
     components = SimpleNamespace(
-        unet=unet, vae=vae, text_encoder=text, family=family, scheduler_config=SchedulerConfig()
+        unet=unet, vae=vae, text_encoder=text, text_encoder_2=None, family=family, scheduler_config=SchedulerConfig()
     )
     state = single_file_state(components)
     return {key: tuple(value.shape) for key, value in state.items()}

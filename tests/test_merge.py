@@ -201,7 +201,7 @@ def test_merging_two_full_size_models_holds_less_than_two_model_sizes(tmp_path):
     from ldm.schedulers import SchedulerConfig
 
     class Meta:
-        family, scheduler_config = "sd1", SchedulerConfig()
+        family, scheduler_config, text_encoder_2 = "sd1", SchedulerConfig(), None
 
     with torch.device("meta"):
         Meta.unet, Meta.vae, Meta.text_encoder = UNet(UNetConfig.sd1()), AutoencoderKL(VAEConfig.sd()), CLIPTextModel(clip_config("sd1"))

@@ -27,8 +27,10 @@ def test_sd2_config_is_the_openclip_vit_h_text_tower_without_its_last_layer():
 
 
 def test_unknown_family_is_a_config_error():
-    with pytest.raises(ConfigError, match="sd1, sd2"):
-        clip_config("sdxl")
+    with pytest.raises(ConfigError, match="sd1, sd2, sdxl, sdxl-refiner"):
+        clip_config("sd3")
+    with pytest.raises(ConfigError, match="sdxl-refiner family has no text_encoder"):
+        clip_config("sdxl-refiner")
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])

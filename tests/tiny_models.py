@@ -170,7 +170,9 @@ def ldm_pipeline(reference):
 
     unet = UNet(UNetConfig.from_diffusers(dict(reference.unet.config)))
     unet.load_state_dict(reference.unet.state_dict(), strict=True)
-    vae = AutoencoderKL(VAEConfig.from_diffusers(dict(reference.vae.config)))
+    # force_upcast as ldm.loading reads an SD model's VAE (ldm.loading.configs.as_released): diffusers writes
+    # its default, true, into every AutoencoderKL config, but only its SDXL pipelines read it.
+    vae = AutoencoderKL(VAEConfig.from_diffusers({**reference.vae.config, "force_upcast": False}))
     vae.load_state_dict(reference.vae.state_dict(), strict=True)
     config = SchedulerConfig.from_diffusers(dict(reference.scheduler.config))
     return Pipeline(unet.eval(), vae.eval(), reference.text_encoder, reference.tokenizer, config)

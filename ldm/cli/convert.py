@@ -1,4 +1,4 @@
-"""`ldm convert SRC DST`: between the original single-file layout and a diffusers folder.
+"""`ldm convert SRC DST`: between the original single-file layout and a diffusers folder (SD 1.x, 2.x, SDXL).
 
 The direction follows DST: a name ending in ``.safetensors`` or ``.ckpt`` is written as
 one original-layout file, anything else as a diffusers folder. SRC may be either form
@@ -7,7 +7,8 @@ DST is written atomically and never overwritten, and converting the same SRC twi
 the same bytes. Everything ldm reads comes back: a single file carries, in its metadata,
 the configuration that SD's conventions would not give back (other widths, heads, groups,
 sizes, VAE scaling, scheduler) and the model's generation_config.json; a folder gets it as
-files. A single file without it (other tools' files) can be described by --config FOLDER.
+files. A single file without it (other tools' files) can be described by --config FOLDER. SDXL base and
+refiner convert both ways too (conditioner.embedders.N <-> text_encoder/, text_encoder_2/, tokenizer_2/).
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ def register(sub) -> None:
         help="store the weights in this precision (default: fp32)",
     )
     parser.add_argument(
-        "--tokenizer", default=None, help="a CLIP tokenizer folder, or sd1 / sd2 for the shipped one (single-file SRC)"
+        "--tokenizer",
+        default=None,
+        help="a CLIP tokenizer folder, or sd1 / sd2 / sdxl for the shipped one (single-file SRC; SDXL's tokenizer_2 "
+        "comes from --config or is the shipped one, padding with '!')",
     )
     parser.add_argument(
         "--config",

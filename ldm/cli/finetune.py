@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     # Heavy imports after argument parsing keep `ldm --help` and the other commands fast.
     import torch
 
-    from ldm.loading import load_components
+    from ldm.loading import load_components, model_family
     from ldm.training import ImageCaptionDataset, train
     from ldm.training.interrupt import TrainingInterrupted
     from ldm.training.results import check_output, result_path, save_result
@@ -199,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
     # A given --resolution lets the data be checked before the (slow) model load; the default, the
     # model's native size, is known only once the model is read.
     examples = scan_data(args.data, data_config) if data_config.resolution is not None else None
+    if model_family(args.model).startswith("sdxl"):
+        raise ConfigError(f"{args.model} is an SDXL model; ldm finetune trains SD 1.x/2.x models (SDXL training is not built yet)")
     components = load_components(args.model, prediction_type=args.prediction_type)
     if components.unet.config.in_channels != components.vae.config.latent_channels:  # loads since inpainting runs
         raise ConfigError(f"{args.model} is an inpainting model (its U-Net reads a mask); ldm finetune trains text-to-image models")

@@ -1,9 +1,10 @@
-"""Loading and saving Stable Diffusion 1.x / 2.x models, offline.
+"""Loading and saving Stable Diffusion 1.x / 2.x and SDXL (base and refiner) models, offline.
 
 Two layouts are read and written:
 
 - a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
-  ``tokenizer/``, ``scheduler/``), see ``ldm.loading.diffusers_folder``;
+  ``tokenizer/``, ``scheduler/``; SDXL's ``text_encoder_2/``, ``tokenizer_2/``), see
+  ``ldm.loading.diffusers_folder``;
 - an original single file (``.safetensors`` or ``.ckpt``), see ``ldm.loading.single_file``;
   its architecture and family are detected from keys and shapes (``ldm.loading.detect``),
   every rename lives in ``ldm.loading.keymap``; ldm's own files carry the configuration the
@@ -29,7 +30,8 @@ from transformers import CLIPTokenizer
 
 from ldm.errors import CheckpointError, ConfigError
 from ldm.loading.components import Components, parse_dtype
-from ldm.loading.detect import PredictionType
+from ldm.loading.configs import folder_configs
+from ldm.loading.detect import Family, PredictionType, detect_family
 from ldm.loading.diffusers_folder import is_diffusers_folder, load_diffusers, load_model_vae, save_diffusers
 from ldm.loading.single_file import load_single_file, save_single_file
 from ldm.loading.vae_files import find_vae, load_vae
@@ -42,6 +44,7 @@ __all__ = [
     "load_components",
     "load_vae",
     "load_vae_only",
+    "model_family",
     "save_diffusers",
     "save_single_file",
 ]
@@ -82,7 +85,9 @@ def load_components(
     """Load a diffusers folder or a single ``.safetensors``/``.ckpt`` file.
 
     ``prediction_type`` overrides the file's (or the detected) one; ``tokenizer`` is a
-    tokenizer folder, ``"sd1"``/``"sd2"`` for the shipped one, or a ``CLIPTokenizer``.
+    tokenizer folder, ``"sd1"``/``"sd2"``/``"sdxl"`` for the shipped one, or a ``CLIPTokenizer``
+    (the first tokenizer; SDXL's ``tokenizer_2`` comes from the model folder or is the shipped
+    one padding with "!"). SDXL models come with ``text_encoder_2`` and ``tokenizer_2``.
     ``config`` is a diffusers folder whose configuration files (weights not needed) describe a
     single file, instead of what the file carries or SD's conventions (diffusers'
     ``from_single_file(config=...)``); its ``tokenizer/`` is used when it has one.
@@ -105,6 +110,22 @@ def load_components(
     return load_single_file(path, config=config, **options)
 
 
+def model_family(path: str | Path, config: str | Path | None = None) -> Family:
+    """The family of a model folder or single file, read from its configuration or keys without its weights."""
+    path = Path(path)
+    if path.is_dir() or config is not None:
+        folder = check_config_folder(Path(config)) if config is not None else path
+        if not is_diffusers_folder(folder):
+            raise CheckpointError(_not_a_model_folder(folder))
+        return folder_configs(folder).family
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; pass a .safetensors/.ckpt file or a diffusers model folder")
+    from ldm.loading.keymap import normalize_single_file_key
+    from ldm.loading.sources import TensorFile
+
+    return detect_family({normalize_single_file_key(key): shape for key, shape in TensorFile(path).shapes.items()})
+
+
 def _not_a_model_folder(path: Path) -> str:
     """Why ``path``, a folder that is no diffusers model, cannot be loaded as one."""
     try:
@@ -116,9 +137,13 @@ def _not_a_model_folder(path: Path) -> str:
 
 def check_config_folder(folder: Path) -> Path:
     """``folder`` if it holds a diffusers model's configuration files, else a one-line error."""
-    needed = ("unet/config.json", "vae/config.json", "text_encoder/config.json")
-    if not folder.is_dir() or not all((folder / name).is_file() for name in needed):
+    needed = ("unet/config.json", "vae/config.json")
+    encoders = ("text_encoder/config.json", "text_encoder_2/config.json")  # SDXL's refiner has only the second
+    if not folder.is_dir() or not all((folder / name).is_file() for name in needed) or not any(
+        (folder / name).is_file() for name in encoders
+    ):
         raise ConfigError(
-            f"{folder} is not a model configuration folder; pass a diffusers model folder (with {', '.join(needed)})"
+            f"{folder} is not a model configuration folder; pass a diffusers model folder (with "
+            f"{', '.join(needed)}, {encoders[0]})"
         )
     return folder

@@ -21,23 +21,27 @@ from transformers import CLIPTextConfig, CLIPTokenizer
 from ldm.errors import CheckpointError, ConfigError
 from ldm.loading.keymap import Entry, check_shape, describe_key_mismatch, to_diffusers
 from ldm.models import AutoencoderKL, UNet, UNetConfig, VAEConfig
-from ldm.models.text_encoder import is_tokenizer_folder, load_tokenizer
+from ldm.models.text_encoder import ENCODERS, is_tokenizer_folder, load_tokenizer, load_tokenizer_2
 from ldm.schedulers import SchedulerConfig
 
 if TYPE_CHECKING:
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-Family = Literal["sd1", "sd2"]
+Family = Literal["sd1", "sd2", "sdxl", "sdxl-refiner"]
 
 
 @dataclass
 class Components:
-    """Everything a text-to-image pipeline needs, as loaded from one model."""
+    """Everything a text-to-image pipeline needs, as loaded from one model.
+
+    SDXL models also have ``text_encoder_2`` (OpenCLIP bigG with its projection) and ``tokenizer_2``; the
+    SDXL refiner has them alone (``text_encoder`` and ``tokenizer`` are None), as diffusers' pipelines.
+    """
 
     unet: UNet
     vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel | None
+    tokenizer: CLIPTokenizer | None
     scheduler_config: SchedulerConfig
     family: Family
     source: Path
@@ -45,6 +49,13 @@ class Components:
     # recommends what the original does; empty when the model recommends nothing.
     generation_config: dict[str, Any] = field(default_factory=dict)
     name: str | None = None  # the name the model records for itself; None: named after its folder or file
+    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL's; None for SD 1.x / 2.x
+    tokenizer_2: CLIPTokenizer | None = None
+
+    @property
+    def text_encoders(self) -> tuple[CLIPTextModel | CLIPTextModelWithProjection, ...]:
+        """The text encoders the model has, in diffusers' order."""
+        return tuple(encoder for encoder in (self.text_encoder, self.text_encoder_2) if encoder is not None)
 
 
 # Calls that only write values into an existing tensor: the random and constant initialisers
@@ -82,14 +93,26 @@ class _NoValueWritesOnMeta(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def build_networks(unet: UNetConfig, vae: VAEConfig, text: CLIPTextConfig) -> tuple[UNet, AutoencoderKL, CLIPTextModel]:
-    """The three networks, on the meta device (weights come later)."""
+def build_networks(
+    unet: UNetConfig, vae: VAEConfig, text: CLIPTextConfig | None
+) -> tuple[UNet, AutoencoderKL, CLIPTextModel | None]:
+    """The three networks, on the meta device (weights come later); no text encoder where ``text`` is None."""
     # transformers' CLIP modelling code adds memory and a noticeable start-up time to a process that
     # imports it, so it is imported only where a text encoder is built: VAE-only work never pays it.
     from transformers import CLIPTextModel
 
     with torch.device("meta"), _NoValueWritesOnMeta():
-        return UNet(unet), AutoencoderKL(vae), CLIPTextModel(text)
+        return UNet(unet), AutoencoderKL(vae), None if text is None else CLIPTextModel(text)
+
+
+def build_text_encoder_2(text_2: CLIPTextConfig | None) -> CLIPTextModelWithProjection | None:
+    """SDXL's second text encoder (a CLIP text model with its projection), on the meta device; None without a config."""
+    from transformers import CLIPTextModelWithProjection
+
+    if text_2 is None:
+        return None
+    with torch.device("meta"), _NoValueWritesOnMeta():
+        return CLIPTextModelWithProjection(text_2)
 
 
 def shapes_of(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -139,28 +162,39 @@ def load_entries(
     model.load_state_dict(state, strict=True, assign=True)
 
 
-def finish_text_encoder(text_encoder: CLIPTextModel, device: torch.device) -> None:
-    """Recreate the non-persistent buffers a meta-built CLIPTextModel still lacks.
+def finish_text_encoder(text_encoder: CLIPTextModel | CLIPTextModelWithProjection, device: torch.device) -> None:
+    """Recreate the non-persistent buffers a meta-built CLIP text model still lacks.
 
     transformers registers ``embeddings.position_ids`` (0..max_positions-1) as a non-persistent
     buffer, so no state dict carries it and ``assign=True`` leaves it on the meta device.
+    CLIPTextModelWithProjection keeps the text tower in ``text_model``.
     """
-    embeddings = text_encoder.embeddings
+    from transformers import CLIPTextModelWithProjection
+
+    tower = text_encoder.text_model if isinstance(text_encoder, CLIPTextModelWithProjection) else text_encoder
     positions = text_encoder.config.max_position_embeddings
-    embeddings.position_ids = torch.arange(positions, device=device).expand(1, -1)
+    tower.embeddings.position_ids = torch.arange(positions, device=device).expand(1, -1)
     for name, tensor in [*text_encoder.named_parameters(), *text_encoder.named_buffers()]:
         if tensor.is_meta:
             raise RuntimeError(f"text encoder tensor {name} was not loaded")
 
 
-def finish(unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel, device: torch.device) -> None:
-    """Put the three loaded networks in eval mode and make sure nothing stayed on the meta device."""
-    finish_text_encoder(text_encoder, device)
+def finish(
+    unet: UNet,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel | None,
+    device: torch.device,
+    text_encoder_2: CLIPTextModelWithProjection | None = None,
+) -> None:
+    """Put the loaded networks in eval mode and make sure nothing stayed on the meta device."""
+    encoders = [encoder for encoder in (text_encoder, text_encoder_2) if encoder is not None]
+    for encoder in encoders:
+        finish_text_encoder(encoder, device)
     for name, model in (("U-Net", unet), ("VAE", vae)):
         for key, tensor in [*model.named_parameters(), *model.named_buffers()]:
             if tensor.is_meta:
                 raise RuntimeError(f"{name} tensor {key} was not loaded")
-    for model in (unet, vae, text_encoder):
+    for model in (unet, vae, *encoders):
         model.eval()
 
 
@@ -181,16 +215,33 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return table[name]
 
 
-def resolve_tokenizer(tokenizer: str | Path | CLIPTokenizer | None, family: Family, model_folder: Path | None = None) -> CLIPTokenizer:
-    """The tokenizer to use: an explicit one, the model folder's, or the shipped one for ``family``.
+def resolve_tokenizer(
+    tokenizer: str | Path | CLIPTokenizer | None, family: Family, model_folder: Path | None = None
+) -> CLIPTokenizer | None:
+    """The tokenizer to use: an explicit one, the model folder's, or the shipped one for ``family``; None for a
+    family without a (first) tokenizer (the SDXL refiner), which takes no explicit one either.
 
     A folder may hold ``tokenizer.json`` (transformers 5) or ``vocab.json`` + ``merges.txt``.
     """
+    if ENCODERS[family][0] is None:
+        if tokenizer is not None:
+            raise ConfigError(f"a {family} model has no first tokenizer; its tokenizer_2 comes from the model (drop tokenizer=)")
+        return None
     if isinstance(tokenizer, CLIPTokenizer):
         return tokenizer
-    if tokenizer in ("sd1", "sd2"):
+    if tokenizer in ("sd1", "sd2", "sdxl"):
         return load_tokenizer(str(tokenizer))
     folder = Path(tokenizer) if tokenizer is not None else model_folder
     if folder is None or (tokenizer is None and not is_tokenizer_folder(folder)):
         return load_tokenizer(family)
     return load_tokenizer(folder)
+
+
+def resolve_tokenizer_2(family: Family, model_folder: Path | None = None) -> CLIPTokenizer | None:
+    """SDXL's second tokenizer: the model folder's ``tokenizer_2/``, else the shipped CLIP tokenizer padding with
+    "!" (as the released ``tokenizer_2/``); None for a family without a second text encoder."""
+    if ENCODERS[family][1] is None:
+        return None
+    if model_folder is not None and is_tokenizer_folder(model_folder):
+        return load_tokenizer_2(model_folder)
+    return load_tokenizer_2(family)

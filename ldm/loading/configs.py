@@ -1,8 +1,8 @@
 """A model's configuration apart from its weights, and where it is kept.
 
 A diffusers folder keeps it in JSON files (``unet/config.json``, ``vae/config.json``,
-``text_encoder/config.json``, ``scheduler/scheduler_config.json`` and ldm's
-``generation_config.json``). An original single file keeps none: its networks are read from
+``text_encoder/config.json``, SDXL's ``text_encoder_2/config.json``,
+``scheduler/scheduler_config.json`` and ldm's ``generation_config.json``). An original single file keeps none: its networks are read from
 tensor shapes and SD's conventions (``ldm.loading.detect``), which cannot tell a model with 4
 GroupNorm groups, 2 text-encoder heads or another VAE scaling factor from SD. So that every
 model ldm writes comes back as it was, a ``.safetensors`` file whose configuration the
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -31,11 +31,11 @@ from transformers import CLIPTextConfig
 from ldm.errors import CheckpointError, ConfigError, InputError
 from ldm.models import UNetConfig, VAEConfig
 from ldm.models._config import check_range
-from ldm.models.text_encoder import clip_config
+from ldm.models.text_encoder import ENCODERS, clip_config, clip_config_2
 from ldm.schedulers import SchedulerConfig
 from ldm.settings import GenerationDefaults
 
-Family = Literal["sd1", "sd2"]
+Family = Literal["sd1", "sd2", "sdxl", "sdxl-refiner"]
 T = TypeVar("T")
 
 # Metadata key of each configuration in a single file.
@@ -43,10 +43,18 @@ METADATA_KEYS = {
     "unet": "ldm.unet_config",
     "vae": "ldm.vae_config",
     "text_encoder": "ldm.text_encoder_config",
+    "text_encoder_2": "ldm.text_encoder_2_config",
     "scheduler": "ldm.scheduler_config",
     "generation": "ldm.generation_config",
 }
 NETWORKS = ("unet", "vae", "text_encoder")
+
+
+def networks_of(family: str) -> tuple[str, ...]:
+    """The networks a model of ``family`` has, by their folder names: SDXL adds ``text_encoder_2``, and its
+    refiner has no ``text_encoder``."""
+    first, second = ENCODERS[family]
+    return ("unet", "vae") + ("text_encoder",) * (first is not None) + ("text_encoder_2",) * (second is not None)
 
 # The CLIPTextConfig fields that decide the text encoder's hidden states, which are all SD uses
 # (the token ids only move the pooled output; the rest are training settings or bookkeeping).
@@ -54,6 +62,8 @@ TEXT_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
     "max_position_embeddings", "hidden_act", "layer_norm_eps",
 )  # fmt: skip
+# SDXL's second text encoder also gives its pooled output, whose width the projection decides.
+TEXT_2_FIELDS = (*TEXT_FIELDS, "projection_dim")
 # The range ldm accepts for each size.
 TEXT_BOUNDS = {
     "vocab_size": (1, 1_000_000),
@@ -78,9 +88,37 @@ class ModelConfigs:
 
     unet: UNetConfig
     vae: VAEConfig
-    text: CLIPTextConfig
+    text: CLIPTextConfig | None  # None: the model has no text_encoder (SDXL refiner)
     scheduler: SchedulerConfig | None = None  # None: the model does not say (the file's conventions decide)
     generation: dict[str, Any] = field(default_factory=dict)  # generation_config.json; empty: none
+    text_2: CLIPTextConfig | None = None  # SDXL's text_encoder_2 (OpenCLIP bigG, with projection); None: none
+
+    @property
+    def family(self) -> Family:
+        """SD 1.x / 2.x by the text encoder's activation; SDXL base or refiner by which encoders there are."""
+        if self.text_2 is not None:
+            return "sdxl" if self.text is not None else "sdxl-refiner"
+        if self.text is None:
+            raise ConfigError("the model has no text encoder (text_encoder/ or text_encoder_2/)")
+        return family_of(self.text)
+
+
+def as_released(configs: ModelConfigs) -> ModelConfigs:
+    """``configs`` with the VAE's ``force_upcast`` as diffusers' pipelines of the family read it: SDXL's honour
+    it; SD 1.x / 2.x's never read it (diffusers writes its default, true, into every AutoencoderKL config,
+    SD 1.5 fine-tunes' included), so an SD model's VAE does not upcast in ldm either."""
+    if configs.family in ("sdxl", "sdxl-refiner") or not configs.vae.force_upcast:
+        return configs
+    return replace(configs, vae=replace(configs.vae, force_upcast=False))
+
+
+def family_of(text: CLIPTextConfig) -> Family:
+    """SD 1.x or 2.x, from the (only) text encoder: OpenCLIP's ``gelu`` is SD 2.x, OpenAI CLIP's ``quick_gelu`` SD 1.x."""
+    if text.hidden_act == "gelu":
+        return "sd2"
+    if text.hidden_act == "quick_gelu":
+        return "sd1"
+    raise ConfigError(f"text encoder activation {text.hidden_act!r} is neither SD 1.x (quick_gelu) nor SD 2.x (gelu)")
 
 
 def read_json(path: Path) -> Any:
@@ -123,9 +161,9 @@ def text_config(values: Any, where: str, base: Mapping[str, Any] | None = None) 
     return config
 
 
-def text_fields(config: CLIPTextConfig) -> dict[str, Any]:
-    """The fields of ``TEXT_FIELDS``: what two text encoders must share to be the same network."""
-    return {key: getattr(config, key) for key in TEXT_FIELDS}
+def text_fields(config: CLIPTextConfig | None, fields: tuple[str, ...] = TEXT_FIELDS) -> dict[str, Any] | None:
+    """The ``fields`` (``TEXT_FIELDS``, ``TEXT_2_FIELDS``): what two text encoders must share to be the same network."""
+    return None if config is None else {key: getattr(config, key) for key in fields}
 
 
 def generation_config(values: Any, where: str) -> dict[str, Any]:
@@ -141,12 +179,17 @@ def generation_config(values: Any, where: str) -> dict[str, Any]:
 
 
 def folder_configs(folder: Path) -> ModelConfigs:
-    """The configuration files of a diffusers folder (weights are not needed)."""
+    """The configuration files of a diffusers folder (weights are not needed).
+
+    ``text_encoder/`` is needed unless the folder has ``text_encoder_2/`` (an SDXL refiner has only that).
+    """
     unet_path, vae_path = folder / "unet" / "config.json", folder / "vae" / "config.json"
     unet = built(UNetConfig.from_diffusers, read_json(unet_path), str(unet_path))
     vae = built(VAEConfig.from_diffusers, read_json(vae_path), str(vae_path))
-    text_path = folder / "text_encoder" / "config.json"
-    text = text_config(read_json(text_path), str(text_path))
+    text_path, text_2_path = folder / "text_encoder" / "config.json", folder / "text_encoder_2" / "config.json"
+    has_text = text_path.is_file() or not text_2_path.is_file()  # without either: text_encoder/ is what is missing
+    text = text_config(read_json(text_path), str(text_path)) if has_text else None
+    text_2 = text_config(read_json(text_2_path), str(text_2_path)) if text_2_path.is_file() else None
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     scheduler_values = read_json(scheduler_path) if scheduler_path.is_file() else None
     scheduler = built(SchedulerConfig.from_diffusers, scheduler_values, str(scheduler_path)) if scheduler_values is not None else None
@@ -155,7 +198,7 @@ def folder_configs(folder: Path) -> ModelConfigs:
         generation = generation_config(read_json(generation_path), str(generation_path))
     else:
         generation = few_step_recommendation(unet, scheduler_values)
-    return ModelConfigs(unet, vae, text, scheduler, generation)
+    return as_released(ModelConfigs(unet, vae, text, scheduler, generation, text_2))
 
 
 def few_step_recommendation(unet: UNetConfig, scheduler_values: Any) -> dict[str, Any]:
@@ -175,6 +218,7 @@ def to_metadata(configs: ModelConfigs, parts: tuple[str, ...]) -> dict[str, str]
         "unet": configs.unet.to_diffusers(),
         "vae": configs.vae.to_diffusers(),
         "text_encoder": text_fields(configs.text),
+        "text_encoder_2": text_fields(configs.text_2, TEXT_2_FIELDS),
         "scheduler": configs.scheduler.to_diffusers() if configs.scheduler is not None else None,
         "generation": configs.generation,
     }
@@ -184,22 +228,30 @@ def to_metadata(configs: ModelConfigs, parts: tuple[str, ...]) -> dict[str, str]
 def from_metadata(metadata: Mapping[str, str], path: Path, family: Family) -> ModelConfigs | None:
     """The configuration a single file carries, or None when it carries no network configs.
 
-    The text encoder's fields not in ``TEXT_FIELDS`` are the SD ``family``'s.
+    The text encoders' fields not in ``TEXT_FIELDS`` / ``TEXT_2_FIELDS`` are the ``family``'s.
     """
-    present = [part for part in NETWORKS if METADATA_KEYS[part] in metadata]
+    networks = networks_of(family)
+    present = [part for part in networks if METADATA_KEYS[part] in metadata]
     if not present:
         return None
-    if len(present) < len(NETWORKS):
-        missing = ", ".join(METADATA_KEYS[p] for p in NETWORKS if p not in present)
+    if len(present) < len(networks):
+        missing = ", ".join(METADATA_KEYS[p] for p in networks if p not in present)
         raise CheckpointError(f"{path} carries only part of its configuration (no {missing}); pass config= a model folder")
     scheduler, generation = recommendations_from_metadata(metadata, path)
-    return ModelConfigs(
+
+    def text(part: str, base: Callable[[Family], CLIPTextConfig]) -> CLIPTextConfig | None:
+        if part not in networks:
+            return None
+        return text_config(_metadata_value(metadata, part, path), _where(part, path), base(family).to_dict())
+
+    return as_released(ModelConfigs(
         unet=built(UNetConfig.from_diffusers, _metadata_value(metadata, "unet", path), _where("unet", path)),
         vae=built(VAEConfig.from_diffusers, _metadata_value(metadata, "vae", path), _where("vae", path)),
-        text=text_config(_metadata_value(metadata, "text_encoder", path), _where("text_encoder", path), clip_config(family).to_dict()),
+        text=text("text_encoder", clip_config),
         scheduler=scheduler,
         generation=generation,
-    )
+        text_2=text("text_encoder_2", clip_config_2),
+    ))
 
 
 def recommendations_from_metadata(metadata: Mapping[str, str], path: Path) -> tuple[SchedulerConfig | None, dict[str, Any]]:

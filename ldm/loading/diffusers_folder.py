@@ -10,6 +10,10 @@
     scheduler/scheduler_config.json
     generation_config.json    (optional, ldm's: the guidance and steps the model recommends)
 
+SDXL adds ``text_encoder_2/`` (``CLIPTextModelWithProjection``: OpenCLIP bigG) and ``tokenizer_2/``
+(``StableDiffusionXLPipeline``); its refiner has those alone, with ``text_encoder`` and ``tokenizer``
+null in ``model_index.json`` (``StableDiffusionXLImg2ImgPipeline``).
+
 Weights may also be ``.bin`` pickles, sharded (``*.index.json``) or only the fp16
 variant (``diffusion_pytorch_model.fp16.safetensors``); full precision is preferred
 when several exist. ldm's networks use diffusers' key names, so no renaming happens
@@ -17,8 +21,9 @@ here; the text encoder's keys may carry the ``text_model.`` prefix of the releas
 folders (transformers < 5) or not. Weights are written byte for byte reproducibly
 (``ldm.loading.writers``).
 
-The family is read from the text encoder: OpenCLIP's ``gelu`` is SD 2.x, OpenAI
-CLIP's ``quick_gelu`` is SD 1.x.
+The family is read from the text encoders: OpenCLIP's ``gelu`` is SD 2.x, OpenAI
+CLIP's ``quick_gelu`` is SD 1.x; a ``text_encoder_2/`` is SDXL (the refiner without
+``text_encoder/``).
 """
 
 from __future__ import annotations
@@ -27,14 +32,23 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import CLIPTextConfig, CLIPTokenizer
+from transformers import CLIPTokenizer
 
-from ldm.errors import CheckpointError, ConfigError
+from ldm.errors import CheckpointError
 from ldm.io import atomic_write_dir
 from ldm.loading import keymap
-from ldm.loading.components import Components, build_networks, finish, load_entries, resolve_tokenizer, shapes_of
+from ldm.loading.components import (
+    Components,
+    build_networks,
+    build_text_encoder_2,
+    finish,
+    load_entries,
+    resolve_tokenizer,
+    resolve_tokenizer_2,
+    shapes_of,
+)
 from ldm.loading.configs import built, check_text_to_image, folder_configs, read_json
-from ldm.loading.detect import PredictionType
+from ldm.loading.detect import SDXL_FAMILIES, PredictionType
 from ldm.loading.keymap import Entry
 from ldm.loading.sources import open_component
 from ldm.loading.writers import write_safetensors
@@ -46,22 +60,19 @@ def is_diffusers_folder(path: Path) -> bool:
     return path.is_dir() and ((path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file())
 
 
-def family_of(text: CLIPTextConfig) -> str:
-    if text.hidden_act == "gelu":
-        return "sd2"
-    if text.hidden_act == "quick_gelu":
-        return "sd1"
-    raise ConfigError(f"text encoder activation {text.hidden_act!r} is neither SD 1.x (quick_gelu) nor SD 2.x (gelu)")
-
-
 def _load_part(model, folder: Path, library: str, *, device, dtype) -> None:
     source = open_component(folder, library)
+    model_shapes = shapes_of(model)
     text = library == "transformers"
-    names = {keymap.normalize_text_encoder_key(key) if text else key: key for key in source.shapes}
+    # transformers 5's CLIPTextModel names its keys without the "text_model." of the released folders;
+    # CLIPTextModelWithProjection (SDXL's text_encoder_2) keeps it.
+    bare = text and not any(key.startswith(keymap.TEXT_MODEL_PREFIX) for key in model_shapes)
+    names = {keymap.normalize_text_encoder_key(key) if bare else key: key for key in source.shapes}
     file_shapes = {name: source.shapes[key] for name, key in names.items()}
-    entries = [Entry(key, (key,), "copy", shape) for key, shape in shapes_of(model).items()]
+    entries = [Entry(key, (key,), "copy", shape) for key, shape in model_shapes.items()]
     # Older transformers saved the recomputed position_ids buffer.
-    optional = {keymap.TEXT_POSITION_IDS: None} if text else {}
+    position_ids = keymap.TEXT_POSITION_IDS if bare else keymap.TEXT_MODEL_PREFIX + keymap.TEXT_POSITION_IDS
+    optional = {position_ids: None} if text else {}
     load_entries(
         model,
         entries,
@@ -84,21 +95,24 @@ def load_diffusers(
 ) -> Components:
     configs = folder_configs(folder)
     check_text_to_image(configs.unet, configs.vae, folder)
-    family = family_of(configs.text)
+    family = configs.family
     unet, vae, text_encoder = build_networks(configs.unet, configs.vae, configs.text)
-    _load_part(unet, folder / "unet", "diffusers", device=device, dtype=dtype)
-    _load_part(vae, folder / "vae", "diffusers", device=device, dtype=dtype)
-    _load_part(text_encoder, folder / "text_encoder", "transformers", device=device, dtype=dtype)
-    finish(unet, vae, text_encoder, device)
+    text_encoder_2 = build_text_encoder_2(configs.text_2)
+    parts = (("unet", unet, "diffusers"), ("vae", vae, "diffusers"),
+             ("text_encoder", text_encoder, "transformers"), ("text_encoder_2", text_encoder_2, "transformers"))  # fmt: skip
+    for part, model, library in parts:
+        if model is not None:
+            _load_part(model, folder / part, library, device=device, dtype=dtype)
+    finish(unet, vae, text_encoder, device, text_encoder_2)
 
     # A folder without a scheduler config says as little as a single file: SD's released keys.
     scheduler = configs.scheduler or SchedulerConfig.sd_release()
     if prediction_type is not None:
         scheduler = scheduler.with_values(prediction_type=prediction_type)
-    loaded_tokenizer = resolve_tokenizer(tokenizer, family, folder / "tokenizer")
     return Components(
-        unet, vae, text_encoder, loaded_tokenizer, scheduler, family, folder, configs.generation, model_name(folder)
-    )
+        unet, vae, text_encoder, resolve_tokenizer(tokenizer, family, folder / "tokenizer"), scheduler, family, folder,
+        configs.generation, model_name(folder), text_encoder_2, resolve_tokenizer_2(family, folder / "tokenizer_2"),
+    )  # fmt: skip
 
 
 # The VAE classes a diffusers VAE folder may name in its config.json, with ours.
@@ -147,19 +161,45 @@ def model_name(folder: Path) -> str | None:
     return name if isinstance(name, str) and name else None
 
 
-def _model_index(name: str | None) -> dict:
+# What model_index.json says of each family's pipeline (diffusers' pipeline class and its options).
+_PIPELINES: dict[str, dict] = {
+    "sd1": {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False, "safety_checker": [None, None]},
+    "sdxl": {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True, "image_encoder": [None, None]},
+    "sdxl-refiner": {
+        "_class_name": "StableDiffusionXLImg2ImgPipeline", "force_zeros_for_empty_prompt": False,
+        "requires_aesthetics_score": True, "image_encoder": [None, None],
+    },
+}  # fmt: skip
+_PIPELINES["sd2"] = _PIPELINES["sd1"]
+# The class of each network and tokenizer, by folder (model_index.json names [library, class]).
+_PARTS = {
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def _model_index(name: str | None, components: Components) -> dict:
+    present = {
+        "text_encoder": components.text_encoder is not None,
+        "text_encoder_2": components.text_encoder_2 is not None,
+        "tokenizer": components.tokenizer is not None,
+        "tokenizer_2": components.tokenizer_2 is not None,
+    }
+    sdxl = components.family in SDXL_FAMILIES
+    parts = {part: kind if present.get(part, True) else [None, None] for part, kind in _PARTS.items()}
+    if not sdxl:  # SD 1.x / 2.x folders keep the layout they always had
+        del parts["text_encoder_2"], parts["tokenizer_2"]
     return {
         **({NAME_KEY: name} if name else {}),
-        "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": "0.30.0",
         "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
         "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
+        **_PIPELINES[components.family],
+        **parts,
     }
 
 
@@ -177,6 +217,19 @@ def _write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
+def _write_text_encoder(folder: Path, encoder, dtype: torch.dtype | None) -> None:
+    """A transformers text encoder folder: config.json (its class in ``architectures``) and model.safetensors."""
+    folder.mkdir()
+    config = encoder.config.to_dict()
+    config["architectures"] = [type(encoder).__name__]
+    _write_json(folder / "config.json", config)
+    # CLIPTextModel's keys get the "text_model." prefix of the released folders (read by transformers 4 and 5
+    # alike); CLIPTextModelWithProjection's have it already.
+    own = encoder.state_dict()
+    prefix = "" if any(key.startswith(keymap.TEXT_MODEL_PREFIX) for key in own) else keymap.TEXT_MODEL_PREFIX
+    write_safetensors(folder / "model.safetensors", _tensors(encoder, dtype, prefix), {"format": "pt"})
+
+
 def save_diffusers(
     components: Components, folder: str | Path, dtype: torch.dtype | None = None, name: str | None = None
 ) -> Path:
@@ -190,7 +243,7 @@ def save_diffusers(
         raise CheckpointError(f"{folder} already exists; ldm never overwrites, choose a new folder name")
 
     def write(tmp: Path) -> None:
-        _write_json(tmp / "model_index.json", _model_index(name))
+        _write_json(tmp / "model_index.json", _model_index(name, components))
         for part, model, config in (
             ("unet", components.unet, components.unet.config.to_diffusers()),
             ("vae", components.vae, components.vae.config.to_diffusers()),
@@ -198,14 +251,14 @@ def save_diffusers(
             (tmp / part).mkdir()
             _write_json(tmp / part / "config.json", config)
             write_safetensors(tmp / part / "diffusion_pytorch_model.safetensors", _tensors(model, dtype), {"format": "pt"})
-        (tmp / "text_encoder").mkdir()
-        text_config = components.text_encoder.config.to_dict()
-        text_config["architectures"] = ["CLIPTextModel"]
-        _write_json(tmp / "text_encoder" / "config.json", text_config)
-        # The "text_model." prefix of the released folders: read by transformers 4 and 5 alike.
-        weights = _tensors(components.text_encoder, dtype, keymap.TEXT_MODEL_PREFIX)
-        write_safetensors(tmp / "text_encoder" / "model.safetensors", weights, {"format": "pt"})
-        components.tokenizer.save_pretrained(tmp / "tokenizer")
+        for part, encoder, tokenizer in (
+            ("text_encoder", components.text_encoder, components.tokenizer),
+            ("text_encoder_2", components.text_encoder_2, components.tokenizer_2),
+        ):
+            if encoder is not None:
+                _write_text_encoder(tmp / part, encoder, dtype)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp / part.replace("text_encoder", "tokenizer"))
         (tmp / "scheduler").mkdir()
         _write_json(tmp / "scheduler" / "scheduler_config.json", components.scheduler_config.to_diffusers())
         if components.generation_config:

@@ -14,20 +14,27 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from transformers import CLIPTextConfig
-
 from ldm.adapters.keys import KOHYA_PREFIXES
 from ldm.adapters.summary import adapter_summary, is_adapter
 from ldm.errors import CheckpointError, LdmError
 from ldm.loading import keymap
+from ldm.loading.configs import folder_configs
 from ldm.loading.detect import detect_family, detect_prediction_type
-from ldm.loading.diffusers_folder import family_of, is_diffusers_folder
+from ldm.loading.diffusers_folder import is_diffusers_folder
 from ldm.loading.hashes import legacy_hash, sha256, tensors_sha256
 from ldm.loading.sources import TensorFile, TensorSource, open_component
 from ldm.loading.vae_files import find_vae
 
-FAMILIES = {"sd1": "SD 1.x", "sd2": "SD 2.x"}
+FAMILIES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl-refiner": "SDXL refiner"}
 PARTS = {"unet": keymap.UNET_PREFIX, "vae": keymap.VAE_PREFIX, "text_encoder": "cond_stage_model."}
+# SDXL's text encoders, by family: the file's prefix of each network ldm names.
+SDXL_PARTS = {
+    family: {name: place.prefix for name, place in zip(("text_encoder", "text_encoder_2"), slots) if place is not None}
+    for family, slots in keymap.TEXT_SLOTS.items()
+    if family.startswith("sdxl")
+}
+# What ldm does with each family's models (SDXL loads and converts; its generation is not built yet).
+SUPPORT = {"sdxl": "loads and converts; generation not built yet", "sdxl-refiner": "loads and converts; generation not built yet"}
 UNKNOWN_PREDICTION = "unknown (pass --prediction-type)"
 
 
@@ -50,7 +57,7 @@ def describe(path: str | Path, hashes: bool = True) -> dict:
         return _embedding(path, file, hashes)
     example = sorted(keys)[0]
     raise CheckpointError(
-        f"{path} is none of what ldm reads ({len(keys)} tensors, e.g. {example!r}): not an SD 1.x/2.x checkpoint, "
+        f"{path} is none of what ldm reads ({len(keys)} tensors, e.g. {example!r}): not an SD 1.x/2.x/XL checkpoint, "
         "adapter, VAE or embedding"
     )
 
@@ -62,12 +69,16 @@ def _checkpoint(path: Path, file: TensorFile, hashes: bool) -> dict:
         family = detect_family(shapes)
     except LdmError as error:
         family = None
-        found["family"] = "SDXL (ldm does not load it)" if "SDXL" in str(error) else f"unknown ({error})"
+        found["family"] = f"unknown ({error})"
     if family is not None:
         found["family"] = FAMILIES[family]
         found["prediction_type"] = _prediction(family, shapes, file)
+        found.update({"ldm": SUPPORT[family]} if family in SUPPORT else {})
     found["dtypes"] = _dtypes(file, file.shapes)
-    found["parameters"] = _parameters(file.shapes, PARTS)
+    parts = PARTS
+    if family in SDXL_PARTS:  # SDXL's text encoders sit under conditioner.embedders.N.
+        parts = {"unet": PARTS["unet"], "vae": PARTS["vae"], **SDXL_PARTS[family]}
+    found["parameters"] = _parameters(file.shapes, parts)
     found["metadata"] = {k: v for k, v in file.metadata.items() if k.startswith(("modelspec.", "ldm.", "sd_merge", "ss_"))}
     if hashes:
         found["hashes"] = _file_hashes(path)
@@ -85,8 +96,8 @@ def _prediction(family: str, shapes: dict, file: TensorFile) -> str:
     if "v_pred" in shapes or "modelspec.prediction_type" in file.metadata:
         marker = "v_pred key" if "v_pred" in shapes else "modelspec.prediction_type metadata"
         return f"{detect_prediction_type(family, shapes, file.metadata, None, file.read)} ({marker})"
-    if family == "sd1":
-        return "epsilon (SD 1.x)"
+    if family != "sd2":
+        return f"epsilon ({FAMILIES[family]})"
     if file.global_step is not None:
         return f"{detect_prediction_type(family, shapes, file.metadata, file.global_step, file.read)} (global_step {file.global_step})"
     guess = detect_prediction_type(family, shapes, {}, None, lambda key: file.read(key))
@@ -119,9 +130,11 @@ def _file_hashes(path: Path) -> dict[str, str]:
 
 def _folder(path: Path) -> dict:
     found: dict = {"path": str(path), "what": "checkpoint", "layout": "diffusers folder"}
+    family = None
     try:
-        text = CLIPTextConfig.from_pretrained(path / "text_encoder")
-        found["family"] = FAMILIES[family_of(text)]
+        family = folder_configs(path).family
+        found["family"] = FAMILIES[family]
+        found.update({"ldm": SUPPORT[family]} if family in SUPPORT else {})
     except (OSError, ValueError, LdmError) as error:
         found["family"] = f"unknown ({str(error).splitlines()[0]})"
     scheduler = path / "scheduler" / "scheduler_config.json"
@@ -130,7 +143,10 @@ def _folder(path: Path) -> dict:
     except (OSError, ValueError, AttributeError):
         found["prediction_type"] = UNKNOWN_PREDICTION
     found["parameters"], found["dtypes"] = {}, {}
-    for part, library in (("unet", "diffusers"), ("vae", "diffusers"), ("text_encoder", "transformers")):
+    networks = (("unet", "diffusers"), ("vae", "diffusers"), ("text_encoder", "transformers"), ("text_encoder_2", "transformers"))
+    for part, library in networks:
+        if not (path / part).is_dir() and (part == "text_encoder_2" or family == "sdxl-refiner"):
+            continue  # only SDXL has text_encoder_2/, and its refiner only that
         source = open_component(path / part, library)
         found["parameters"][part] = sum(math.prod(shape) for shape in source.shapes.values())
         for dtype, count in _dtypes(source, source.shapes).items():
@@ -171,7 +187,7 @@ def _embedding(path: Path, file: TensorFile, hashes: bool) -> dict:
         vectors, width = shapes["emb_params"]
         found.update(vectors=vectors, width=width, family={768: "SD 1.x", 1024: "SD 2.x"}.get(width, "unknown"))
     else:
-        found.update(vectors=shapes["clip_l"][0], family="SDXL (ldm does not load it)")
+        found.update(vectors=shapes["clip_l"][0], family="SDXL (ldm does not load SDXL embeddings yet)")
     if hashes:
         found["hashes"] = _file_hashes(path)
     return found

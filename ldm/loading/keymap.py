@@ -12,9 +12,17 @@ original shape and the transform between the two:
 - ``conv1x1``: the VAE attention projections are 1x1 convolutions in the
   original ``[C, C, 1, 1]`` and linear layers in diffusers ``[C, C]``; a reshape
   (a view, no copy).
-- ``qkv``: OpenCLIP (SD 2.x) stores one ``in_proj`` holding q, k and v stacked
-  along dim 0; diffusers/transformers split it into ``q_proj``, ``k_proj``,
+- ``qkv``: OpenCLIP (SD 2.x, SDXL's bigG) stores one ``in_proj`` holding q, k and v
+  stacked along dim 0; diffusers/transformers split it into ``q_proj``, ``k_proj``,
   ``v_proj``.
+- ``transpose``: OpenCLIP's ``text_projection`` is applied as ``x @ P`` (width x
+  projection width); transformers' ``text_projection`` is a ``Linear`` whose weight
+  is ``P`` transposed.
+
+SDXL files keep the same U-Net and VAE names (plus ``label_emb``, the added
+conditioning's MLP) and put their text encoders under ``conditioner.embedders.N.``:
+CLIP ViT-L in transformers' names (``.transformer.text_model.``) and OpenCLIP bigG in
+OpenCLIP's (``.model.``); the refiner has bigG alone, as embedder 0 (``TEXT_SLOTS``).
 """
 
 from __future__ import annotations
@@ -35,8 +43,40 @@ SD1_TEXT_PREFIX = "cond_stage_model.transformer.text_model."
 # Early SD 1.x files (and some merges) omit "text_model."; readers normalize it to the form above.
 SD1_TEXT_LEGACY_PREFIX = "cond_stage_model.transformer."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_BIGG_PREFIX = "conditioner.embedders.1.model."
+SDXL_REFINER_BIGG_PREFIX = "conditioner.embedders.0.model."
+SDXL_CONDITIONER_PREFIX = "conditioner.embedders."
 
-Transform = Literal["copy", "conv1x1", "qkv"]
+Transform = Literal["copy", "conv1x1", "qkv", "transpose"]
+
+
+@dataclass(frozen=True)
+class TextSlot:
+    """Where one text encoder of a family lives in a single file, and in whose names."""
+
+    prefix: str  # the file's prefix of this encoder's keys
+    layout: Literal["clip", "openclip"]  # transformers' CLIP names, or OpenCLIP's (fused in_proj, ln_final, ...)
+    # The network has a text projection (transformers' CLIPTextModelWithProjection: SDXL's pooled text). Without
+    # one, an OpenCLIP file's text_projection and its last block are tensors SD never runs (SD 2.x).
+    projected: bool = False
+
+
+# Each family's text encoders in diffusers' slots (text_encoder, text_encoder_2); None: no encoder there.
+TEXT_SLOTS: dict[str, tuple[TextSlot | None, TextSlot | None]] = {
+    "sd1": (TextSlot(SD1_TEXT_PREFIX, "clip"), None),
+    "sd2": (TextSlot(SD2_TEXT_PREFIX, "openclip"), None),
+    "sdxl": (TextSlot(SDXL_CLIP_L_PREFIX, "clip"), TextSlot(SDXL_BIGG_PREFIX, "openclip", projected=True)),
+    "sdxl-refiner": (None, TextSlot(SDXL_REFINER_BIGG_PREFIX, "openclip", projected=True)),
+}
+
+
+def text_slot(family: str, slot: int) -> TextSlot:
+    """Where text encoder ``slot`` (0: ``text_encoder``, 1: ``text_encoder_2``) of ``family`` lives in a single file."""
+    found = TEXT_SLOTS[family][slot]
+    if found is None:
+        raise KeyError(f"the {family} family has no text encoder in slot {slot}")
+    return found
 
 # The original TAESD decoder's sequence begins with a clamp (no weights): its indices are diffusers' + 1.
 TAESD_DECODER_OFFSET = 1
@@ -71,6 +111,9 @@ _UNET_FIXED = {
     # A guidance-distilled (LCM) U-Net's condition projection. The CompVis code has none, so ldm names it
     # beside the time embedding; such a file needs its config in its metadata (ldm.loading.configs).
     "time_embedding.cond_proj": "time_embed.cond_proj",
+    # SDXL's added conditioning (pooled text and micro-conditioning numbers) -> time embedding width.
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
@@ -158,14 +201,15 @@ _OPENCLIP_FIXED = {
     "embeddings.position_embedding.weight": "positional_embedding",
     "final_layer_norm.weight": "ln_final.weight",
     "final_layer_norm.bias": "ln_final.bias",
+    "text_projection.weight": "text_projection",  # CLIPTextModelWithProjection's (SDXL), transposed
 }
 
 
 def openclip_original_key(key: str) -> str:
-    """The OpenCLIP text-tower key of a transformers CLIPTextModel state_dict key (SD 2.x).
+    """The OpenCLIP text-tower key of a transformers CLIPTextModel(WithProjection) state_dict key.
 
-    transformers 5 names the text tower's keys without the ``text_model.``
-    prefix that the released diffusers folders carry; keys here have none.
+    transformers 5 names CLIPTextModel's keys without the ``text_model.`` prefix that the
+    released diffusers folders carry, CLIPTextModelWithProjection's with it; keys here have none.
     """
     if key in _OPENCLIP_FIXED:
         return _OPENCLIP_FIXED[key]
@@ -195,6 +239,8 @@ def _build(shapes: Mapping[str, tuple[int, ...]], prefix: str, rename: Callable[
             entries.append(Entry(original, tuple(keys), "qkv", (3 * first[0], *first[1:])))
         elif ".mid.attn_1." in original and original.endswith("weight") and len(first) == 2:
             entries.append(Entry(original, tuple(keys), "conv1x1", (*first, 1, 1)))
+        elif original.endswith(".text_projection") and len(first) == 2:
+            entries.append(Entry(original, tuple(keys), "transpose", first[::-1]))
         else:
             assert len(keys) == 1, f"keys {keys} share the original name {original}"
             entries.append(Entry(original, tuple(keys), "copy", first))
@@ -228,14 +274,16 @@ def taesd_entries(shapes: Mapping[str, tuple[int, ...]], part: Literal["encoder"
     return _build(shapes, "", rename)
 
 
-def text_entries(shapes: Mapping[str, tuple[int, ...]], family: Literal["sd1", "sd2"]) -> list[Entry]:
-    """Key map of a transformers CLIPTextModel (SD 1.x: HF CLIP naming; SD 2.x: OpenCLIP).
+def text_entries(shapes: Mapping[str, tuple[int, ...]], family: str, slot: int = 0) -> list[Entry]:
+    """Key map of text encoder ``slot`` of ``family`` (``TEXT_SLOTS``): a transformers CLIPTextModel or
+    CLIPTextModelWithProjection, named in the file as transformers names CLIP or as OpenCLIP does.
 
-    ``shapes`` uses the model's own keys (no ``text_model.`` prefix).
+    ``shapes`` uses the model's own keys (``text_model.`` is dropped where it has it).
     """
-    if family == "sd1":
-        return _build(shapes, SD1_TEXT_PREFIX, lambda k: k)
-    return _build(shapes, SD2_TEXT_PREFIX, openclip_original_key)
+    place = text_slot(family, slot)
+    if place.layout == "clip":
+        return _build(shapes, place.prefix, lambda k: k.removeprefix(TEXT_MODEL_PREFIX))
+    return _build(shapes, place.prefix, lambda k: openclip_original_key(k.removeprefix(TEXT_MODEL_PREFIX)))
 
 
 # ---------------------------------------------------------------------------
@@ -245,7 +293,6 @@ def text_entries(shapes: Mapping[str, tuple[int, ...]], family: Literal["sd1", "
 # transformers < 5 (and every released diffusers folder) prefix the text encoder's keys with this.
 TEXT_MODEL_PREFIX = "text_model."
 # Buffers that older files store and the networks recompute: accepted on read, never used.
-SD1_POSITION_IDS = SD1_TEXT_PREFIX + "embeddings.position_ids"
 TEXT_POSITION_IDS = "embeddings.position_ids"
 
 
@@ -261,45 +308,54 @@ def normalize_text_encoder_key(key: str) -> str:
     return key.removeprefix(TEXT_MODEL_PREFIX)
 
 
-def unused_text_keys(family: str, text_shapes: Mapping[str, tuple[int, ...]], blocks_in_file: int) -> dict:
+def unused_text_keys(family: str, text_shapes: Mapping[str, tuple[int, ...]], blocks_in_file: int, slot: int = 0) -> dict:
     """Original keys of text-encoder tensors SD does not run -> expected shape (None: any).
 
-    SD 1.x: the ``position_ids`` buffer. SD 2.x: the OpenCLIP blocks past the ones used (SD 2
-    conditions on the penultimate block), ``text_projection`` (width x projection width, any
-    projection width) and ``logit_scale`` (a scalar).
+    CLIP names: the ``position_ids`` buffer. OpenCLIP: ``logit_scale`` (a scalar) and the blocks past
+    the ones used; without a projection in the network (SD 2 conditions on the penultimate block)
+    also ``text_projection`` (width x projection width, any projection width).
     """
-    if family == "sd1":
-        return {SD1_POSITION_IDS: (1, text_shapes["embeddings.position_embedding.weight"][0])}
-    unused: dict[str, tuple[int, ...] | None] = {
-        SD2_TEXT_PREFIX + "text_projection": None,
-        SD2_TEXT_PREFIX + "logit_scale": (),
-    }
-    layers = 1 + max(int(k.split(".")[2]) for k in text_shapes if k.startswith("encoder.layers."))
-    for entry in text_entries(text_shapes, "sd2"):
+    place = text_slot(family, slot)
+    own = {key.removeprefix(TEXT_MODEL_PREFIX): shape for key, shape in text_shapes.items()}
+    if place.layout == "clip":
+        return {place.prefix + "embeddings.position_ids": (1, own["embeddings.position_embedding.weight"][0])}
+    unused: dict[str, tuple[int, ...] | None] = {place.prefix + "logit_scale": ()}
+    if not place.projected:
+        unused[place.prefix + "text_projection"] = None
+    layers = 1 + max(int(k.split(".")[2]) for k in own if k.startswith("encoder.layers."))
+    for entry in text_entries(text_shapes, family, slot):
         if m := re.fullmatch(r"(.*transformer\.resblocks\.)0\.(.+)", entry.original):
             for block in range(layers, blocks_in_file):
                 unused[f"{m[1]}{block}.{m[2]}"] = entry.original_shape
     return unused
 
 
-def unused_text_tensors(family: str, state: Mapping[str, torch.Tensor], layers: int, width: int, positions: int) -> dict:
+def unused_text_tensors(
+    family: str, state: Mapping[str, torch.Tensor], layers: int, width: int, positions: int, slot: int = 0
+) -> dict:
     """Values written for the tensors of ``unused_text_keys``, so a file has the released layout.
 
-    SD 2.x: one more OpenCLIP block of zeros (an identity residual block: every projection and
-    norm outputs 0), an identity ``text_projection`` and ``logit_scale = log(100)`` (CLIP's
-    trained value, clamped at 100). They are never run by SD.
+    CLIP names: ``position_ids`` 0..positions-1. OpenCLIP: ``logit_scale = log(100)`` (CLIP's trained
+    value, clamped at 100); without a projection in the network (SD 2.x) also one more block of zeros
+    (an identity residual block: every projection and norm outputs 0) and an identity
+    ``text_projection``. They are never run.
     """
-    if family == "sd1":
-        return {SD1_POSITION_IDS: torch.arange(positions, dtype=torch.int64).unsqueeze(0)}
-    last = f"{SD2_TEXT_PREFIX}transformer.resblocks.{layers - 1}."
-    like = state[SD2_TEXT_PREFIX + "ln_final.weight"]
-    unused = {
-        f"{SD2_TEXT_PREFIX}transformer.resblocks.{layers}.{key[len(last):]}": torch.zeros_like(value)
-        for key, value in state.items()
-        if key.startswith(last)
-    }
-    unused[SD2_TEXT_PREFIX + "text_projection"] = torch.eye(width, dtype=like.dtype, device=like.device)
-    unused[SD2_TEXT_PREFIX + "logit_scale"] = torch.tensor(math.log(100.0), dtype=like.dtype, device=like.device)
+    place = text_slot(family, slot)
+    if place.layout == "clip":
+        return {place.prefix + "embeddings.position_ids": torch.arange(positions, dtype=torch.int64).unsqueeze(0)}
+    like = state[place.prefix + "ln_final.weight"]
+    unused = {place.prefix + "logit_scale": torch.tensor(math.log(100.0), dtype=like.dtype, device=like.device)}
+    if place.projected:
+        return unused
+    last = f"{place.prefix}transformer.resblocks.{layers - 1}."
+    unused.update(
+        {
+            f"{place.prefix}transformer.resblocks.{layers}.{key[len(last):]}": torch.zeros_like(value)
+            for key, value in state.items()
+            if key.startswith(last)
+        }
+    )
+    unused[place.prefix + "text_projection"] = torch.eye(width, dtype=like.dtype, device=like.device)
     return unused
 
 
@@ -356,6 +412,8 @@ def to_diffusers(entry: Entry, tensor: torch.Tensor, diffusers_shapes: Mapping[s
         return {entry.diffusers[0]: tensor}
     if entry.transform == "conv1x1":
         return {entry.diffusers[0]: tensor.reshape(diffusers_shapes[entry.diffusers[0]])}
+    if entry.transform == "transpose":
+        return {entry.diffusers[0]: tensor.t().contiguous()}
     # Clones, so q, k and v do not share one storage (safetensors refuses shared tensors on save).
     return {key: part.clone() for key, part in zip(entry.diffusers, tensor.chunk(3, dim=0))}
 
@@ -366,6 +424,8 @@ def to_original(entry: Entry, tensors: Mapping[str, torch.Tensor]) -> torch.Tens
         return tensors[entry.diffusers[0]]
     if entry.transform == "conv1x1":
         return tensors[entry.diffusers[0]].reshape(entry.original_shape)
+    if entry.transform == "transpose":
+        return tensors[entry.diffusers[0]].t()
     return torch.cat([tensors[key] for key in entry.diffusers], dim=0)
 
 
@@ -377,4 +437,4 @@ def describe_key_mismatch(missing: list[str], unexpected: list[str], where: str)
     if unexpected:
         shown = ", ".join(sorted(unexpected)[:3]) + ", ..." * (len(unexpected) > 3)
         parts.append(f"{len(unexpected)} unexpected key(s) ({shown})")
-    return f"{where} does not match the architecture: {'; '.join(parts)}; is it a Stable Diffusion 1.x/2.x checkpoint?"
+    return f"{where} does not match the architecture: {'; '.join(parts)}; is it a Stable Diffusion 1.x/2.x/XL checkpoint?"

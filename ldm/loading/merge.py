@@ -37,7 +37,7 @@ from ldm.errors import CheckpointError, InputError
 from ldm.io import atomic_write
 from ldm.loading import keymap
 from ldm.loading.components import build_networks, shapes_of
-from ldm.loading.detect import detect
+from ldm.loading.detect import SDXL_FAMILIES, detect
 from ldm.loading.single_file import IGNORED_PREFIXES, SUFFIXES, file_configs
 from ldm.loading.sources import SAFETENSORS_SUFFIXES, SafetensorsStream, TensorFile
 from ldm.loading.writers import write_safetensors_streamed
@@ -103,6 +103,8 @@ def check_inputs(recipe: MergeRecipe, sources: list, names: list[dict[str, str]]
             found = detect({name: source.shapes[key] for name, key in own.items()}, {}, None, lambda _: None, "epsilon")
         except CheckpointError as error:
             raise CheckpointError(f"{path}: {error}") from None
+        if found.family in SDXL_FAMILIES:
+            raise CheckpointError(f"{path} is an SDXL model; ldm merge reads SD 1.x/2.x checkpoints (SDXL merging is not built yet)")
         families.append(found)
     first = recipe.models[0]
     for path, found in zip(recipe.models[1:], families[1:]):

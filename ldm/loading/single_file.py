@@ -1,14 +1,17 @@
 """The original single-file layout (CompVis / Stability ``.ckpt`` and ``.safetensors``).
 
 One file, three prefixes: ``model.diffusion_model.`` (U-Net), ``first_stage_model.``
-(VAE), ``cond_stage_model.`` (text encoder). What is read and written besides the
+(VAE), ``cond_stage_model.`` (text encoder); SDXL's text encoders are under
+``conditioner.embedders.N.`` (``keymap.TEXT_SLOTS``). What is read and written besides the
 network weights:
 
 - read and ignored: ``model_ema.*`` (EMA copies; the plain weights are loaded, as
   diffusers does by default), ``first_stage_model.loss.*`` (VAE training loss),
   every top-level key outside the three prefixes (the DDPM schedule buffers
   ``betas``, ``alphas_cumprod``... are recomputed from the scheduler config);
-- SD 1.x ``...embeddings.position_ids`` (0..76): written, checked and ignored on read;
+- SD 1.x's and SDXL's CLIP ``...embeddings.position_ids`` (0..76): written, checked and ignored on read;
+- SDXL's OpenCLIP bigG ``logit_scale``: written as log(100), checked for shape and ignored on
+  read (SDXL never runs it; diffusers drops it too);
 - SD 2.x: the OpenCLIP tower's last block, ``text_projection`` and ``logit_scale`` are
   never run (SD conditions on the penultimate block). They are checked for shape and
   dropped on read, as the diffusers layout drops them. On write, the last block is
@@ -37,18 +40,36 @@ from transformers import CLIPTokenizer
 from ldm.errors import CheckpointError, LdmError
 from ldm.io import atomic_write
 from ldm.loading import keymap
-from ldm.loading.components import Components, build_networks, finish, load_entries, resolve_tokenizer, shapes_of
+from ldm.loading.components import (
+    Components,
+    build_networks,
+    build_text_encoder_2,
+    finish,
+    load_entries,
+    resolve_tokenizer,
+    resolve_tokenizer_2,
+    shapes_of,
+)
 from ldm.loading.configs import (
     METADATA_KEYS,
+    TEXT_2_FIELDS,
     ModelConfigs,
     check_text_to_image,
     folder_configs,
     from_metadata,
+    networks_of,
     recommendations_from_metadata,
     text_fields,
     to_metadata,
 )
-from ldm.loading.detect import PredictionType, detect, detect_family, detect_prediction_type, stored_text_blocks
+from ldm.loading.detect import (
+    SDXL_FAMILIES,
+    PredictionType,
+    detect,
+    detect_family,
+    detect_prediction_type,
+    stored_text_blocks,
+)
 from ldm.loading.sources import TensorFile
 from ldm.loading.writers import write_ckpt, write_safetensors
 from ldm.models import UNetConfig, VAEConfig
@@ -82,18 +103,14 @@ def load_single_file(
     configs, text_blocks = file_configs(source, shapes, read, family, config, prediction_type)
     check_text_to_image(configs.unet, configs.vae, path)
     unet, vae, text_encoder = build_networks(configs.unet, configs.vae, configs.text)
-    text_shapes = shapes_of(text_encoder)
-    parts = (
+    text_encoder_2 = build_text_encoder_2(configs.text_2)
+    parts = [
         (unet, keymap.unet_entries(shapes_of(unet)), keymap.UNET_PREFIX, {}, "U-Net"),
         (vae, keymap.vae_entries(shapes_of(vae)), keymap.VAE_PREFIX, {}, "VAE"),
-        (
-            text_encoder,
-            keymap.text_entries(text_shapes, family),
-            "cond_stage_model.",
-            keymap.unused_text_keys(family, text_shapes, text_blocks),
-            "text encoder",
-        ),
-    )
+    ]
+    for slot, encoder in enumerate((text_encoder, text_encoder_2)):
+        if encoder is not None:
+            parts.append(_text_part(encoder, family, slot, shapes, text_blocks[slot]))
     for model, entries, prefix, optional, what in parts:
         own = {k: s for k, s in shapes.items() if k.startswith(prefix) and not k.startswith(IGNORED_PREFIXES)}
         part_source = source.own_mapping()
@@ -107,18 +124,42 @@ def load_single_file(
             where=f"{path} ({what})",
             optional=optional,
         )
-    finish(unet, vae, text_encoder, device)
-    loaded_tokenizer = resolve_tokenizer(tokenizer, family, config / "tokenizer" if config is not None else None)
+    _check_nothing_else(shapes, family, path)
+    finish(unet, vae, text_encoder, device, text_encoder_2)
+    folder = config / "tokenizer" if config is not None else None
     return Components(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=loaded_tokenizer,
+        tokenizer=resolve_tokenizer(tokenizer, family, folder),
         scheduler_config=configs.scheduler,
         family=family,
         source=path,
         generation_config=configs.generation,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=resolve_tokenizer_2(family, config / "tokenizer_2" if config is not None else None),
     )
+
+
+def _text_part(encoder, family: str, slot: int, shapes: dict[str, tuple[int, ...]], blocks: int) -> tuple:
+    """(network, key map, the file's prefix for it, tensors it may hold unused, name) of text encoder ``slot``."""
+    place = keymap.text_slot(family, slot)
+    # SD 1.x / 2.x files keep every text tensor under cond_stage_model. (the key map checks which are known).
+    prefix = "cond_stage_model." if family not in SDXL_FAMILIES else place.prefix
+    own_shapes = shapes_of(encoder)
+    unused = keymap.unused_text_keys(family, own_shapes, blocks, slot)
+    name = ("text encoder", "text encoder 2")[slot]
+    return encoder, keymap.text_entries(own_shapes, family, slot), prefix, unused, name
+
+
+def _check_nothing_else(shapes: dict[str, tuple[int, ...]], family: str, path: Path) -> None:
+    """An SDXL file's conditioner holds its text encoders and nothing ldm would silently leave unread."""
+    if family not in SDXL_FAMILIES:
+        return
+    places = [place.prefix for place in keymap.TEXT_SLOTS[family] if place is not None]
+    stray = sorted(k for k in shapes if k.startswith(keymap.SDXL_CONDITIONER_PREFIX) and not k.startswith(tuple(places)))
+    if stray:
+        raise CheckpointError(f"{path} has conditioner tensors ldm does not know ({stray[0]}, ...); it is not an SDXL {family} file")
 
 
 def file_configs(
@@ -128,12 +169,16 @@ def file_configs(
     family: str,
     config: Path | None,
     prediction_type: PredictionType | None,
-) -> tuple[ModelConfigs, int]:
-    """The configuration of a single file, its scheduler resolved, and how many text blocks it stores.
+) -> tuple[ModelConfigs, tuple[int, int]]:
+    """The configuration of a single file, its scheduler resolved, and how many blocks each text encoder stores.
 
     From ``config`` (a folder's files) if given, else from the file's metadata, else detected from
     shapes by SD's conventions. ``prediction_type`` overrides what any of them says.
     """
+    blocks = tuple(
+        stored_text_blocks(shapes, family, slot) if place is not None else 0
+        for slot, place in enumerate(keymap.TEXT_SLOTS[family])
+    )
     given = folder_configs(config) if config is not None else from_metadata(source.metadata, source.path, family)
     if given is None:
         found = detect(shapes, source.metadata, source.global_step, read, prediction_type)
@@ -144,37 +189,50 @@ def file_configs(
             UNetConfig.from_diffusers(found.unet),
             VAEConfig.from_diffusers(found.vae),
             found.text,
-            scheduler or SchedulerConfig.sd_release(found.prediction_type),
+            scheduler or release_scheduler(family, found.prediction_type),
             generation,
+            found.text_2,
         )
-        return detected, found.text_blocks_in_file
+        return detected, blocks
+    if given.family != family:
+        raise CheckpointError(f"{source.path} holds an {family} model but its configuration describes an {given.family} one")
     scheduler = given.scheduler
     if scheduler is None:
         prediction = prediction_type or detect_prediction_type(family, shapes, source.metadata, source.global_step, read)
-        scheduler = SchedulerConfig.sd_release(prediction)
+        scheduler = release_scheduler(family, prediction)
     elif prediction_type is not None:
         scheduler = scheduler.with_values(prediction_type=prediction_type)
-    return replace(given, scheduler=scheduler), stored_text_blocks(shapes, family)
+    return replace(given, scheduler=scheduler), blocks
+
+
+def release_scheduler(family: str, prediction_type: PredictionType) -> SchedulerConfig:
+    """The scheduler config a single file implies: SD's released keys; SDXL's also fix "leading" timesteps
+    (stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json, as diffusers' ``from_single_file``)."""
+    config = SchedulerConfig.sd_release(prediction_type)
+    return config.with_values(timestep_spacing="leading") if family in SDXL_FAMILIES else config
 
 
 def single_file_state(components: Components, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The original-layout state dict of ``components`` (tensors share memory with the models
     where the layout allows)."""
     state: dict[str, torch.Tensor] = {}
-    for model, entries_of in (
-        (components.unet, keymap.unet_entries),
-        (components.vae, keymap.vae_entries),
-        (components.text_encoder, lambda shapes: keymap.text_entries(shapes, components.family)),
-    ):
+    family = components.family
+    networks = [(components.unet, keymap.unet_entries), (components.vae, keymap.vae_entries)]
+    for slot, encoder in enumerate((components.text_encoder, components.text_encoder_2)):
+        if encoder is not None:
+            networks.append((encoder, lambda shapes, slot=slot: keymap.text_entries(shapes, family, slot)))
+    for model, entries_of in networks:
         tensors = {key: value.detach() for key, value in model.state_dict().items()}
         for entry in entries_of(shapes_of(model)):
             state[entry.original] = keymap.to_original(entry, tensors)
-    text = components.text_encoder.config
-    state.update(
-        keymap.unused_text_tensors(
-            components.family, state, text.num_hidden_layers, text.hidden_size, text.max_position_embeddings
-        )
-    )
+    for slot, encoder in enumerate((components.text_encoder, components.text_encoder_2)):
+        if encoder is not None:
+            text = encoder.config
+            state.update(
+                keymap.unused_text_tensors(
+                    family, state, text.num_hidden_layers, text.hidden_size, text.max_position_embeddings, slot
+                )
+            )
     if components.scheduler_config.prediction_type == "v_prediction":
         state[V_PRED_KEY] = torch.zeros(0)
     if dtype is not None:
@@ -186,9 +244,10 @@ def configs_of(components: Components) -> ModelConfigs:
     return ModelConfigs(
         components.unet.config,
         components.vae.config,
-        components.text_encoder.config,
+        components.text_encoder.config if components.text_encoder is not None else None,
         components.scheduler_config,
         components.generation_config,
+        components.text_encoder_2.config if components.text_encoder_2 is not None else None,
     )
 
 
@@ -201,6 +260,7 @@ def conventions_give_back(configs: ModelConfigs, state: dict[str, torch.Tensor])
             UNetConfig.from_diffusers(found.unet) == configs.unet
             and VAEConfig.from_diffusers(found.vae) == configs.vae
             and text_fields(found.text) == text_fields(configs.text)
+            and text_fields(found.text_2, TEXT_2_FIELDS) == text_fields(configs.text_2, TEXT_2_FIELDS)
         )
     except LdmError:
         return False
@@ -210,9 +270,9 @@ def file_metadata(components: Components, state: dict[str, torch.Tensor]) -> dic
     """The conventions' metadata, plus each configuration that the conventions would not give back."""
     configs = configs_of(components)
     prediction = configs.scheduler.prediction_type
-    parts = () if conventions_give_back(configs, state) else ("unet", "vae", "text_encoder")
+    parts = () if conventions_give_back(configs, state) else networks_of(components.family)
     # The file states its prediction type (modelspec), so a config that left it out is SD's too.
-    if configs.scheduler.with_values(prediction_type=prediction) != SchedulerConfig.sd_release(prediction):
+    if configs.scheduler.with_values(prediction_type=prediction) != release_scheduler(components.family, prediction):
         parts += ("scheduler",)
     if configs.generation:
         parts += ("generation",)

@@ -258,13 +258,21 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Text conditioning of a feature map (Rombach et al. 2022, sec. 3.3): diffusers' ``Transformer2DModel``.
 
-    The map is normalized, projected, flattened to H*W tokens, passed through one
-    ``BasicTransformerBlock`` and added back. SD 1.x projects with 1x1 convolutions,
-    SD 2.x with linear layers (``use_linear_projection``); the two differ only in weight shape.
+    The map is normalized, projected, flattened to H*W tokens, passed through ``depth``
+    ``BasicTransformerBlock``s (one in SD 1.x / 2.x, up to 10 in SDXL) and added back. SD 1.x projects
+    with 1x1 convolutions, SD 2.x and SDXL with linear layers (``use_linear_projection``); the two differ
+    only in weight shape.
     """
 
     def __init__(
-        self, channels: int, heads: int, context_dim: int, groups: int, use_linear_projection: bool, upcast: bool
+        self,
+        channels: int,
+        heads: int,
+        context_dim: int,
+        groups: int,
+        use_linear_projection: bool,
+        upcast: bool,
+        depth: int = 1,
     ):
         super().__init__()
         self.use_linear_projection = use_linear_projection
@@ -275,7 +283,9 @@ class SpatialTransformer(nn.Module):
         else:
             self.proj_in = nn.Conv2d(channels, channels, 1)
             self.proj_out = nn.Conv2d(channels, channels, 1)
-        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, context_dim, upcast)])
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(channels, heads, context_dim, upcast) for _ in range(depth)
+        )
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, hooks: SelfAttentionHooks = NO_HOOKS) -> torch.Tensor:
         # x: (B, C, H, W), context: (B, M, context_dim)

@@ -48,6 +48,7 @@ class TAESDConfig:
     num_encoder_blocks: tuple[int, ...] = (1, 3, 3, 3)  # residual blocks per encoder level
     num_decoder_blocks: tuple[int, ...] = (3, 3, 3, 1)  # residual blocks per decoder level
     scaling_factor: float = 1.0  # TAESD's latents are already SD's scaled latents
+    force_upcast: bool = False  # decode in fp32 under fp16 (a precision hint, as VAEConfig's; TAESD needs none)
 
     def __post_init__(self) -> None:
         for key, (low, high) in _BOUNDS.items():
@@ -99,6 +100,7 @@ class TAESDConfig:
             num_encoder_blocks=as_int_tuple(config, "num_encoder_blocks", "TAESD", default.num_encoder_blocks),
             num_decoder_blocks=as_int_tuple(config, "num_decoder_blocks", "TAESD", default.num_decoder_blocks),
             scaling_factor=float(config.get("scaling_factor", default.scaling_factor)),
+            force_upcast=config.get("force_upcast", False) is True,
         )
 
     def to_diffusers(self) -> dict[str, Any]:
@@ -113,6 +115,7 @@ class TAESDConfig:
             "num_encoder_blocks": list(self.num_encoder_blocks),
             "num_decoder_blocks": list(self.num_decoder_blocks),
             "scaling_factor": self.scaling_factor,
+            **({"force_upcast": True} if self.force_upcast else {}),  # diffusers' default (false) left out
         }
 
 
@@ -130,7 +133,7 @@ _MODELED_KEYS = {
     "in_channels", "out_channels", "latent_channels", "encoder_block_out_channels", "decoder_block_out_channels",
     "num_encoder_blocks", "num_decoder_blocks", "scaling_factor",
     "block_out_channels",  # diffusers writes the decoder's widths again under this name
-    "force_upcast",  # a precision hint for pipelines, not part of the network
+    "force_upcast",
     # For storing latents as 8-bit images (diffusers' scale_latents); encode and decode do not use them.
     "latent_magnitude", "latent_shift",
 }  # fmt: skip

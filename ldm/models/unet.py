@@ -10,6 +10,15 @@ Behaviour attached from outside (``ldm.speedups``) travels with a call as ``UNet
 self-attention hook per transformer block and a replacement for the block loop; nothing is stored on
 the modules, so one U-Net serves concurrent calls with different hooks.
 
+SDXL (Podell et al. 2023, "SDXL: Improving Latent Diffusion Models for High-Resolution Image
+Synthesis", sec. 2.1-2.2) is the same network with a stack of transformer blocks per level
+(``transformer_layers_per_block``), no attention at the top level, and more input to the time
+embedding (diffusers' ``addition_embed_type="text_time"``): the pooled text embedding and the
+micro-conditioning numbers (``time_ids``: original size, crop top-left and target size, or the
+refiner's aesthetic score in place of the target size), each number embedded sinusoidally:
+
+    temb = time_embedding(sin(t)) + add_embedding([text_embeds, sin(time_ids[0]), ..., sin(time_ids[n-1])])
+
 Every module attribute is named after diffusers' ``UNet2DConditionModel`` checkpoint keys, so a
 diffusers ``unet/`` folder loads with ``strict=True`` and no renaming.
 """
@@ -19,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +58,14 @@ class UNetConfig:
     # Width of an extra condition added to the time embedding's input (diffusers' ``cond_proj``): the
     # guidance-scale embedding of guidance-distilled models such as LCM (Luo et al. 2023); None: no such input.
     time_cond_proj_dim: int | None = None
+    # Transformer blocks in each level's spatial transformers (SDXL: 1, 2, 10; the middle takes the last
+    # level's); None: one everywhere (SD 1.x / 2.x).
+    transformer_layers_per_block: tuple[int, ...] | None = None
+    # SDXL's added conditioning ("text_time": the pooled text embedding and the micro-conditioning numbers,
+    # added to the time embedding); None: the time embedding alone. The two widths below belong to it.
+    addition_embed_type: Literal["text_time"] | None = None
+    addition_time_embed_dim: int | None = None  # sinusoidal width of each micro-conditioning number (256)
+    projection_class_embeddings_input_dim: int | None = None  # add_embedding's input: pooled width + n * the above
 
     def __post_init__(self) -> None:
         for key, (low, high) in _BOUNDS.items():
@@ -68,6 +85,32 @@ class UNetConfig:
                     f"UNet width {width} must be divisible by its head count {heads} and by norm_num_groups "
                     f"{self.norm_num_groups}"
                 )
+        depths = self.transformer_layers_per_block
+        if depths is not None and len(depths) != levels:
+            raise ConfigError(f"UNet config key 'transformer_layers_per_block' needs one entry per level ({levels})")
+        self._check_addition()
+
+    def _check_addition(self) -> None:
+        widths = (self.addition_time_embed_dim, self.projection_class_embeddings_input_dim)
+        if self.addition_embed_type not in _ADDITION_TYPES:
+            raise ConfigError(
+                f"UNet config key 'addition_embed_type'={self.addition_embed_type!r} is not supported "
+                "(ldm supports null and 'text_time', SDXL's)"
+            )
+        if self.addition_embed_type is None and widths != (None, None):
+            raise ConfigError(
+                "UNet config keys 'addition_time_embed_dim' and 'projection_class_embeddings_input_dim' need "
+                "addition_embed_type 'text_time'"
+            )
+        if self.addition_embed_type == "text_time" and None in widths:
+            raise ConfigError(
+                "UNet config addition_embed_type 'text_time' needs 'addition_time_embed_dim' and "
+                "'projection_class_embeddings_input_dim'"
+            )
+
+    def transformer_depth(self, level: int) -> int:
+        """The transformer blocks of each spatial transformer of down ``level`` (and of its mirrored up level)."""
+        return 1 if self.transformer_layers_per_block is None else self.transformer_layers_per_block[level]
 
     @classmethod
     def sd1(cls) -> UNetConfig:
@@ -83,6 +126,42 @@ class UNetConfig:
             use_linear_projection=True,
             upcast_attention=True,
             sample_size=96,
+        )
+
+    @classmethod
+    def sdxl(cls) -> UNetConfig:
+        """SDXL 1.0 base (stabilityai/stable-diffusion-xl-base-1.0): three levels, no attention at the top,
+        1, 2 and 10 transformer blocks, context of CLIP ViT-L and OpenCLIP bigG side by side (768 + 1280),
+        pooled bigG text (1280) and six micro-conditioning numbers added to the time embedding."""
+        return cls(
+            block_out_channels=(320, 640, 1280),
+            cross_attention_levels=(False, True, True),
+            num_attention_heads=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            sample_size=128,
+            transformer_layers_per_block=(1, 2, 10),
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=1280 + 6 * 256,
+        )
+
+    @classmethod
+    def sdxl_refiner(cls) -> UNetConfig:
+        """SDXL 1.0 refiner (stabilityai/stable-diffusion-xl-refiner-1.0): four levels of 384 base channels,
+        attention at the middle two with 4 blocks each, bigG context only (1280), five micro-conditioning
+        numbers (the aesthetic score in place of the target size)."""
+        return cls(
+            block_out_channels=(384, 768, 1536, 1536),
+            cross_attention_levels=(False, True, True, False),
+            num_attention_heads=(6, 12, 24, 24),
+            cross_attention_dim=1280,
+            use_linear_projection=True,
+            sample_size=128,
+            transformer_layers_per_block=(4, 4, 4, 4),
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=1280 + 5 * 256,
         )
 
     @classmethod
@@ -141,6 +220,10 @@ class UNetConfig:
             norm_eps=float(config.get("norm_eps", 1e-5)),
             sample_size=int(sample_size),
             time_cond_proj_dim=_optional_int(config, "time_cond_proj_dim"),
+            transformer_layers_per_block=_transformer_depths(config, len(levels)),
+            addition_embed_type=config.get("addition_embed_type"),
+            addition_time_embed_dim=_optional_int(config, "addition_time_embed_dim"),
+            projection_class_embeddings_input_dim=_optional_int(config, "projection_class_embeddings_input_dim"),
         )
 
     def to_diffusers(self) -> dict[str, Any]:
@@ -148,8 +231,12 @@ class UNetConfig:
         fields = asdict(self)
         levels = fields.pop("cross_attention_levels")
         heads = fields.pop("num_attention_heads")
-        if fields["time_cond_proj_dim"] is None:
-            del fields["time_cond_proj_dim"]  # diffusers' default: configs of plain models stay as they were
+        # diffusers' defaults are left out: configs of plain models stay as they were.
+        for key in ("time_cond_proj_dim", "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+            if fields[key] is None:
+                del fields[key]
+        if fields["transformer_layers_per_block"] is None:
+            del fields["transformer_layers_per_block"]
         return {
             "_class_name": "UNet2DConditionModel",
             **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()},
@@ -178,7 +265,11 @@ _BOUNDS = {
     "norm_num_groups": (1, 8192),
     "sample_size": (1, 1024),
     "time_cond_proj_dim": (1, 8192),
+    "transformer_layers_per_block": (1, 64),
+    "addition_time_embed_dim": (2, 8192),
+    "projection_class_embeddings_input_dim": (1, 65536),
 }
+_ADDITION_TYPES = (None, "text_time")
 _MAX_LEVELS = 8
 _DOWN_TYPES = {True: "CrossAttnDownBlock2D", False: "DownBlock2D"}
 _UP_TYPES = {True: "CrossAttnUpBlock2D", False: "UpBlock2D"}
@@ -186,6 +277,8 @@ _MODELED_KEYS = {
     "in_channels", "out_channels", "block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
     "attention_head_dim", "num_attention_heads", "cross_attention_dim", "use_linear_projection",
     "upcast_attention", "norm_num_groups", "norm_eps", "sample_size", "time_cond_proj_dim",
+    "transformer_layers_per_block", "addition_embed_type", "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim",
 }  # fmt: skip
 # Every other UNet2DConditionModel argument, with the only value we implement (diffusers' default).
 _DIFFUSERS_DEFAULTS: dict[str, Any] = {
@@ -198,14 +291,11 @@ _DIFFUSERS_DEFAULTS: dict[str, Any] = {
     "mid_block_scale_factor": 1,
     "dropout": 0.0,
     "act_fn": "silu",
-    "transformer_layers_per_block": 1,
     "reverse_transformer_layers_per_block": None,
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
     "dual_cross_attention": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
     "num_class_embeds": None,
     "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False,
@@ -216,7 +306,6 @@ _DIFFUSERS_DEFAULTS: dict[str, Any] = {
     "timestep_post_act": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None,
     "attention_type": "default",
     "class_embeddings_concat": False,
     "mid_block_only_cross_attention": None,
@@ -227,6 +316,16 @@ _DIFFUSERS_DEFAULTS: dict[str, Any] = {
 
 def _optional_int(config: Mapping[str, Any], key: str) -> int | None:
     return None if config.get(key) is None else as_int(config, key, "UNet", 0)
+
+
+def _transformer_depths(config: Mapping[str, Any], levels: int) -> tuple[int, ...] | None:
+    """diffusers' ``transformer_layers_per_block`` (one int, or one per level) as one per level; None when all are 1."""
+    depths = as_int_tuple(config, "transformer_layers_per_block", "UNet", (1,))
+    if len(depths) == 1:
+        depths = depths * levels
+    if len(depths) != levels:
+        raise ConfigError(f"UNet config key 'transformer_layers_per_block' has {len(depths)} entries for {levels} levels")
+    return None if set(depths) == {1} else depths
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
@@ -279,7 +378,7 @@ class DownBlock(_Block):
         )
         if cfg.cross_attention_levels[level]:
             self.attentions = nn.ModuleList(
-                _transformer(cfg, out, cfg.num_attention_heads[level]) for _ in range(cfg.layers_per_block)
+                _transformer(cfg, level) for _ in range(cfg.layers_per_block)
             )
         else:
             self.attentions = None
@@ -318,7 +417,7 @@ class MidBlock(_Block):
         ch = cfg.block_out_channels[-1]
         g, eps = cfg.norm_num_groups, cfg.norm_eps
         self.resnets = nn.ModuleList([ResnetBlock(ch, ch, temb_channels, g, eps), ResnetBlock(ch, ch, temb_channels, g, eps)])
-        self.attentions = nn.ModuleList([_transformer(cfg, ch, cfg.num_attention_heads[-1])])
+        self.attentions = nn.ModuleList([_transformer(cfg, len(cfg.block_out_channels) - 1)])
 
     def forward(
         self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, hooks: SelfAttentionHooks = NO_HOOKS
@@ -343,7 +442,7 @@ class UpBlock(_Block):
             for j in range(n)
         )
         if cfg.cross_attention_levels[level]:
-            self.attentions = nn.ModuleList(_transformer(cfg, out, cfg.num_attention_heads[level]) for _ in range(n))
+            self.attentions = nn.ModuleList(_transformer(cfg, level) for _ in range(n))
         else:
             self.attentions = None
         self.upsamplers = None if level == 0 else nn.ModuleList([Upsample(out)])
@@ -394,9 +493,32 @@ def _checked_condition(condition: torch.Tensor, sample: torch.Tensor, width: int
     return condition.to(sample.dtype)
 
 
-def _transformer(cfg: UNetConfig, channels: int, heads: int) -> SpatialTransformer:
+def _check_added(text_embeds: torch.Tensor, time_ids: torch.Tensor, samples: int, rows: int, cfg: UNetConfig) -> None:
+    """``text_embeds`` (rows, P) and ``time_ids`` (1, samples or rows; n) must fill ``add_embedding``'s input."""
+    if text_embeds.ndim != 2 or text_embeds.shape[0] != rows:
+        raise InputError(
+            f"text_embeds has shape {tuple(text_embeds.shape)}; pass one pooled embedding per text row ({rows}, width)"
+        )
+    if time_ids.ndim != 2 or time_ids.shape[0] not in {1, samples, rows} or rows % time_ids.shape[0]:
+        raise InputError(f"time_ids has shape {tuple(time_ids.shape)}; pass (1, n), ({samples}, n) or ({rows}, n)")
+    width = text_embeds.shape[1] + time_ids.shape[1] * cfg.addition_time_embed_dim
+    if width != cfg.projection_class_embeddings_input_dim:
+        raise InputError(
+            f"text_embeds of width {text_embeds.shape[1]} and {time_ids.shape[1]} time_ids embed to {width} values; "
+            f"this U-Net takes {cfg.projection_class_embeddings_input_dim} (SDXL base: 1280 and 6, the refiner: 1280 and 5)"
+        )
+
+
+def _transformer(cfg: UNetConfig, level: int) -> SpatialTransformer:
+    """A spatial transformer of down ``level`` (its up mirror and, for the last level, the middle)."""
     return SpatialTransformer(
-        channels, heads, cfg.cross_attention_dim, cfg.norm_num_groups, cfg.use_linear_projection, cfg.upcast_attention
+        cfg.block_out_channels[level],
+        cfg.num_attention_heads[level],
+        cfg.cross_attention_dim,
+        cfg.norm_num_groups,
+        cfg.use_linear_projection,
+        cfg.upcast_attention,
+        cfg.transformer_depth(level),
     )
 
 
@@ -469,6 +591,10 @@ class UNet(nn.Module):
         widths = config.block_out_channels
         temb = widths[0] * 4
         self.time_embedding = TimestepEmbedding(widths[0], temb, config.time_cond_proj_dim)
+        if config.addition_embed_type == "text_time":
+            self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, temb)
+        else:
+            self.add_embedding = None
         self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
             DownBlock(config, level, widths[max(level - 1, 0)], temb) for level in range(len(widths))
@@ -486,6 +612,8 @@ class UNet(nn.Module):
         hooks: UNetHooks | None = None,
         timestep_cond: torch.Tensor | None = None,
         residuals: ControlResiduals | None = None,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the noise (or v) of ``sample`` at ``timestep`` given the text ``encoder_hidden_states``.
 
@@ -497,6 +625,11 @@ class UNet(nn.Module):
         instead of k times. ``hooks`` change what this call runs (see ``UNetHooks``). ``timestep_cond``
         (1 or B rows of ``time_cond_proj_dim``) is the extra time condition of a guidance-distilled U-Net.
         ``residuals``: a ControlNet's, added to the skips and the middle block's output.
+
+        An SDXL U-Net (``addition_embed_type="text_time"``) also takes, as diffusers' ``added_cond_kwargs``,
+        ``text_embeds``: the pooled text embedding, one row per row of ``encoder_hidden_states``, and
+        ``time_ids``: the micro-conditioning numbers (1, B or k * B rows). The time embedding then differs
+        per text row, so the samples are repeated to the k * B rows after ``conv_in``.
         """
         hooks = UNetHooks() if hooks is None else hooks
         if residuals is not None:
@@ -506,7 +639,10 @@ class UNet(nn.Module):
         context = encoder_hidden_states
         _check_text_batch(sample, context)
         temb = self.embed_time(timestep, sample, timestep_cond)
-        x = self.conv_in(sample)
+        added = self.embed_added(text_embeds, time_ids, sample, context.shape[0])
+        if added is not None:
+            temb = repeat_rows(temb, added.shape[0]) + added
+        x = repeat_rows(self.conv_in(sample), temb.shape[0])
         run_blocks = self.run_blocks if hooks.blocks is None else hooks.blocks
         x = run_blocks(x, temb, context, [x], hooks)
         return self.head(x)  # the middle's cross-attention made it k * B rows
@@ -520,6 +656,26 @@ class UNet(nn.Module):
         if condition is not None:
             condition = _checked_condition(condition, sample, self.config.time_cond_proj_dim)
         return self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(sample.dtype), condition)
+
+    def embed_added(
+        self, text_embeds: torch.Tensor | None, time_ids: torch.Tensor | None, sample: torch.Tensor, rows: int
+    ) -> torch.Tensor | None:
+        """SDXL's added embedding (``rows``, 4 * C), added to the time embedding (Podell et al. 2023, sec. 2.2):
+        ``add_embedding`` of the pooled text beside the sinusoidal embedding of each micro-conditioning number;
+        None for a U-Net without it."""
+        if self.add_embedding is None:
+            if text_embeds is not None or time_ids is not None:
+                raise InputError("this U-Net takes no text_embeds or time_ids (it is not an SDXL U-Net); leave them out")
+            return None
+        if text_embeds is None or time_ids is None:
+            raise InputError(
+                "this SDXL U-Net needs text_embeds (the pooled text embedding) and time_ids (the micro-conditioning numbers)"
+            )
+        _check_added(text_embeds, time_ids, sample.shape[0], rows, self.config)
+        width = self.config.addition_time_embed_dim
+        numbers = timestep_embedding(time_ids.reshape(-1), width).reshape(time_ids.shape[0], -1)
+        added = torch.cat([text_embeds.float(), repeat_rows(numbers, rows)], dim=-1)
+        return self.add_embedding(added.to(sample.dtype))
 
     def run_blocks(
         self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor], hooks: UNetHooks

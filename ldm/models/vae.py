@@ -41,6 +41,10 @@ class VAEConfig:
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215  # latents * scaling_factor have about unit variance (LDM sec. 3.1)
     sample_size: int = 512  # native image size
+    # Decode in fp32 when the pipeline runs in fp16, as diffusers' SDXL pipelines do: SDXL's VAE overflows
+    # fp16. A precision hint, not part of the network. A config without the key does not upcast (diffusers'
+    # AutoencoderKL defaults it to true, but its SD 1.x / 2.x pipelines never read it; SDXL's configs set it).
+    force_upcast: bool = False
 
     def __post_init__(self) -> None:
         for key, (low, high) in _BOUNDS.items():
@@ -63,6 +67,11 @@ class VAEConfig:
     def sd(cls) -> VAEConfig:
         """The SD 1.x / 2.x autoencoder (f=8, 4 latent channels)."""
         return cls()
+
+    @classmethod
+    def sdxl(cls) -> VAEConfig:
+        """The SDXL autoencoder: SD's architecture retrained, latents scaled by 0.13025, 1024 px, decoded in fp32."""
+        return cls(scaling_factor=0.13025, sample_size=1024, force_upcast=True)
 
     @classmethod
     def tiny(cls) -> VAEConfig:
@@ -90,6 +99,7 @@ class VAEConfig:
             norm_num_groups=as_int(config, "norm_num_groups", "VAE", 32),
             scaling_factor=float(config.get("scaling_factor", 0.18215)),
             sample_size=int(sample_size),
+            force_upcast=_flag(config, "force_upcast"),
         )
 
     def to_diffusers(self) -> dict[str, Any]:
@@ -108,7 +118,16 @@ class VAEConfig:
             "norm_num_groups": self.norm_num_groups,
             "scaling_factor": self.scaling_factor,
             "sample_size": self.sample_size,
+            # Written when set: plain SD configs stay as they were (diffusers' SD pipelines never read the key).
+            **({"force_upcast": True} if self.force_upcast else {}),
         }
+
+
+def _flag(config: Mapping[str, Any], key: str) -> bool:
+    value = config.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"VAE config key {key!r}={value!r} must be true or false")
+    return value
 
 
 # What a config may ask for: well above the SD VAE (widths up to 512, 512-1024 px samples), well
@@ -125,8 +144,7 @@ _BOUNDS = {
 _MAX_LEVELS = 8
 _MODELED_KEYS = {
     "in_channels", "out_channels", "latent_channels", "block_out_channels", "down_block_types", "up_block_types",
-    "layers_per_block", "norm_num_groups", "scaling_factor", "sample_size",
-    "force_upcast",  # a precision hint for pipelines, not part of the network
+    "layers_per_block", "norm_num_groups", "scaling_factor", "sample_size", "force_upcast",
 }  # fmt: skip
 _DIFFUSERS_DEFAULTS: dict[str, Any] = {
     "act_fn": "silu",

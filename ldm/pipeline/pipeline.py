@@ -138,6 +138,7 @@ class Pipeline:
             if not Path(DEFAULT_MODEL_DIR).exists():
                 raise CheckpointError(f"the default model is not installed at {DEFAULT_MODEL_DIR}; pass a model folder or file")
             path = DEFAULT_MODEL_DIR
+        _refuse_sdxl(Path(path), config)
         setup = PipelineSetup(device=device or "cpu", dtype=dtype or torch.float32)
         parts = load_components(path, device=setup.device, dtype=setup.dtype, prediction_type=prediction_type, config=config)
         pipe = cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config)
@@ -433,6 +434,19 @@ class Pipeline:
         """Scaled latents -> images in [0, 1], decoded as set up (``decode_mode``); raises on NaN / inf."""
         check_loaded(self.vae)
         return stages.decode(self, latents)
+
+
+def _refuse_sdxl(path: Path, config: str | Path | None) -> None:
+    """SDXL models load and convert (``ldm.loading``) but the pipeline does not generate with them yet."""
+    from ldm.loading import model_family
+
+    names = {"sdxl": "an SDXL", "sdxl-refiner": "an SDXL refiner"}
+    family = model_family(path, config)
+    if family in names:
+        raise CheckpointError(
+            f"{path} is {names[family]} model: SDXL models load (`ldm info`, `ldm convert`), "
+            "generation with them is not built yet"
+        )
 
 
 def _file_version(path: Path) -> tuple[Path, int]:

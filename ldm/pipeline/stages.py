@@ -414,20 +414,30 @@ def decode_output(pipe: Pipeline, x: torch.Tensor, output_type: OutputType, inpa
 
 
 def decode(pipe: Pipeline, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents -> images in [0, 1]; retries in fp32 if fp16 overflowed; raises on NaN / inf."""
+    """Scaled latents -> images in [0, 1]; in fp32 if the VAE asks it of fp16 runs (``force_upcast``, SDXL's),
+    else retried in fp32 if fp16 overflowed; raises on NaN / inf."""
     z = latents / pipe.vae.config.scaling_factor
+    fp16 = pipe.dtype == torch.float16
     with pipe.residency.running(pipe.vae) as vae:
-        images = _decoder(vae, pipe.setup.decode_mode)(z.to(pipe.dtype, memory_format=pipe.setup.memory_format))
-        if not torch.isfinite(images).all() and pipe.dtype == torch.float16 and torch.isfinite(latents).all():
-            # The SD VAE's decoder activations exceed fp16's range (65504) on some images.
-            vae.float()
-            try:
-                images = _decoder(vae, pipe.setup.decode_mode)(z.float())
-            finally:
-                vae.to(pipe.dtype)
+        if fp16 and vae.config.force_upcast:
+            images = _decode_in_fp32(vae, pipe.setup.decode_mode, z, pipe.dtype)
+        else:
+            images = _decoder(vae, pipe.setup.decode_mode)(z.to(pipe.dtype, memory_format=pipe.setup.memory_format))
+            if not torch.isfinite(images).all() and fp16 and torch.isfinite(latents).all():
+                # The SD VAE's decoder activations exceed fp16's range (65504) on some images.
+                images = _decode_in_fp32(vae, pipe.setup.decode_mode, z, pipe.dtype)
     if not torch.isfinite(images).all():
         raise NonFiniteOutputError(non_finite_cause(latents, pipe.dtype))
     return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def _decode_in_fp32(vae: torch.nn.Module, mode: str, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Decode with the VAE's weights in fp32 for this call, then back in ``dtype`` (diffusers' ``upcast_vae``)."""
+    vae.float()
+    try:
+        return _decoder(vae, mode)(z.float())
+    finally:
+        vae.to(dtype)
 
 
 def _decoder(vae: torch.nn.Module, mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
