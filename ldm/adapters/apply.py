@@ -33,7 +33,7 @@ from torch import nn
 
 from ldm.adapters.files import ModuleUpdate, check_scale, read_adapter
 from ldm.adapters.formats import BadTensors, Difference, DoRA, Update, fits
-from ldm.adapters.families import check_family, model_family
+from ldm.adapters.families import check_family, misplaced, model_family
 from ldm.adapters.keys import TEXT_PARTS, module_lookup
 from ldm.errors import CheckpointError, InputError
 
@@ -223,11 +223,15 @@ def place(
     meta-device models will do); every entry names a module whose weight its update fits. A file made for the other
     family of models (SD 1.x/2.x or SDXL, ``ldm.adapters.families``) is refused first."""
     lookups = {part: module_lookup(part, model) for part, model in models.items() if model is not None}
-    modules = [(part, flat, found.key, found.shape) for (part, flat), found in updates.items()]
-    check_family(path, model_family(models, lookups["unet"]), modules)
+    family = model_family(models, lookups["unet"])
+    check_family(path, family, [(part, flat, found.key, found.shape) for (part, flat), found in updates.items()])
     targets: dict[tuple[str, str], Target] = {}
     keys: dict[tuple[str, str], str] = {}
     for (part, flat), found in updates.items():
+        if part not in lookups or flat not in lookups[part]:
+            other_family = misplaced(path, family, part, flat, found.key, found.shape)
+            if other_family is not None:
+                raise other_family
         if part not in lookups:
             raise InputError(f"{path} adapts the {PART_NAMES[part]} (key {found.key!r}) but the model given has none")
         if flat not in lookups[part]:

@@ -80,10 +80,20 @@ def check_family(
         seen = evidence(part, flat, key, shape)
         if seen is not None:
             found.setdefault(seen[0], (key, seen[1]))
-    if len(found) != 1 or model in found:
-        return
-    (family, (key, why)), = found.items()
-    raise CheckpointError(
+    if len(found) == 1 and model not in found:
+        (family, (key, why)), = found.items()
+        raise mismatch(path, family, model, key, why)
+
+
+def misplaced(path: str | os.PathLike, model: Family, part: str, flat: str, key: str, shape: tuple[int, ...]) -> CheckpointError | None:
+    """For a module that does not place on the model (no such network or module, or another shape): the family error
+    if the module itself points to the other family (in a file that also holds evidence of the model's)."""
+    seen = evidence(part, flat, key, shape)
+    return mismatch(path, seen[0], model, key, seen[1]) if seen is not None and seen[0] != model else None
+
+
+def mismatch(path: str | os.PathLike, family: Family, model: Family, key: str, why: str) -> CheckpointError:
+    return CheckpointError(
         f"{path}: this LoRA is for {FAMILY_NAMES[family]}, the model is {FAMILY_NAMES[model]} (key {key!r} {why}); "
         f"use a LoRA made for {FAMILY_NAMES[model]}"
     )
