@@ -8,10 +8,10 @@ The evidence does not depend on the networks' widths except where the released m
 unmistakable (a cross-attention's input, the text width: 768 SD 1.x, 1024 SD 2.x, 2048 SDXL base,
 1280 SDXL refiner):
 
-- SDXL: a module of the second text encoder (``lora_te2_``, ``text_encoder_2.``); kohya's ``lora_te1_``
-  (kohya names the first text encoder so only beside a second); the U-Net's added conditioning
-  (``add_embedding``, original ``label_emb``); a transformer block after the first of an attention
-  (SD 1.x/2.x have one per attention); SDXL's cross-attention input width.
+- SDXL: a module of the second text encoder (``lora_te2_``, ``text_encoder_2.``); the U-Net's added
+  conditioning (``add_embedding``, original ``label_emb``); a transformer block after the first of an
+  attention (SD 1.x/2.x have one per attention); SDXL's cross-attention input width. (kohya writes
+  ``lora_te1_`` for SDXL's first encoder, but a trainer may write it for SD 1.x's: it is no evidence.)
 - SD 1.x/2.x: an attention in the U-Net's outermost level (``down_blocks.0.attentions``,
   ``up_blocks.3.attentions``; original ``input_blocks.1.1``, ``.2.1``, ``output_blocks.9-11.1``),
   which SDXL's U-Nets have not; SD's cross-attention input width.
@@ -54,8 +54,6 @@ def evidence(part: str, flat: str, key: str, shape: tuple[int, ...]) -> tuple[Fa
     """The family one module of a file points to, and why (completing "key K ..."); None if it fits both."""
     if part == "text_encoder_2":
         return "sdxl", "adapts SDXL's second text encoder (OpenCLIP bigG)"
-    if key.startswith("lora_te1_"):
-        return "sdxl", "names the first text encoder as kohya does beside SDXL's second (lora_te1_)"
     if part != "unet":
         return ("sd", "adapts a text encoder 1024 wide (SD 2.x's)") if shape[1:2] == (1024,) else None
     if flat.startswith(_ADDED_CONDITIONING):
