@@ -8,7 +8,9 @@ and the module's weight is then recomputed from that copy and every adapter on i
                       W_i = W_{i-1} + s_i · (m_i · V / ||V|| - W_{i-1}),  V = W_{i-1} + ΔW_i     (DoRA)
 
 (ΔW_i as ``ldm.adapters.formats`` defines it, s_i the adapter's scale, which may differ between the
-U-Net and the text encoder, as A1111's ``<lora:NAME:TE:UNET>`` asks; a diff's bias likewise.) Sums
+U-Net and the text encoders, as A1111's ``<lora:NAME:TE:UNET>`` asks; a diff's bias likewise.) SDXL's
+second text encoder is a third network beside the U-Net and the first (``text_encoder_2``; the SDXL
+refiner has it alone), patched, listed, rescaled and dropped the same way. Sums
 do not depend on the order; a DoRA adapter decomposes the weight that the adapters before it made, as
 ComfyUI applies its patches one after another. A DoRA adapter at scale s interpolates between the
 weight before it and its decomposed weight, as ComfyUI and AUTOMATIC1111 do (so scale 0 is no change;
@@ -31,7 +33,8 @@ from torch import nn
 
 from ldm.adapters.files import ModuleUpdate, check_scale, read_adapter
 from ldm.adapters.formats import BadTensors, Difference, DoRA, Update, fits
-from ldm.adapters.keys import module_lookup
+from ldm.adapters.families import check_family, misplaced, model_family
+from ldm.adapters.keys import TEXT_PARTS, module_lookup
 from ldm.errors import CheckpointError, InputError
 
 LINEAR_OR_CONV = (nn.Linear, nn.Conv2d)
@@ -62,15 +65,15 @@ class AdapterInfo:
 
     name: str
     path: Path
-    scale: float  # of its U-Net modules, and of its text-encoder ones unless text_encoder_scale is given
+    scale: float  # of its U-Net modules, and of its text encoders' unless text_encoder_scale is given
     kinds: tuple[str, ...]  # e.g. ("LoRA",), ("DoRA (LoKr)", "norm diff")
     modules: int  # how many modules it changes
     fused: bool  # merged into the weights: it cannot be dropped or rescaled
-    text_encoder_scale: float | None = None  # of its text-encoder modules; None: ``scale``
+    text_encoder_scale: float | None = None  # of its modules in both text encoders; None: ``scale``
 
     def scale_of(self, part: str) -> float:
-        """The scale of the adapter's modules in ``part`` ("unet" or "text_encoder")."""
-        return self.text_encoder_scale if part == "text_encoder" and self.text_encoder_scale is not None else self.scale
+        """The scale of the adapter's modules in ``part`` ("unet", "text_encoder" or "text_encoder_2")."""
+        return self.text_encoder_scale if part in TEXT_PARTS and self.text_encoder_scale is not None else self.scale
 
 
 @dataclass
@@ -80,10 +83,10 @@ class _Loaded:
 
 
 class Adapters:
-    """The adapters applied to ``unet`` and ``text_encoder``, by name, in load order."""
+    """The adapters applied to ``unet``, ``text_encoder`` and SDXL's ``text_encoder_2``, by name, in load order."""
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module | None = None):
-        self.models = {"unet": unet, "text_encoder": text_encoder}
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module | None = None, text_encoder_2: nn.Module | None = None):
+        self.models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
         self._loaded: dict[str, _Loaded] = {}
         # (part, module path) -> (module, original weight, original bias), of modules that removable adapters patch
         self._originals: dict[tuple[str, str], tuple[nn.Module, torch.Tensor, torch.Tensor | None]] = {}
@@ -93,7 +96,7 @@ class Adapters:
         text_encoder_scale: float | None = None,
     ) -> str:
         """Apply the adapter file at ``path`` with strength ``scale`` (``text_encoder_scale`` on the text
-        encoder, if given); returns its name (``name``, or the file's stem made unique). The whole file is
+        encoders, if given); returns its name (``name``, or the file's stem made unique). The whole file is
         checked before either model changes."""
         scale = check_scale(scale, path)
         text_encoder_scale = None if text_encoder_scale is None else check_scale(text_encoder_scale, path)
@@ -216,14 +219,21 @@ class Adapters:
 def place(
     models: dict[str, nn.Module | None], path: str | os.PathLike, updates: dict[tuple[str, str], ModuleUpdate]
 ) -> dict[tuple[str, str], Target]:
-    """``{(part, module path): Target}`` of ``models`` (``{"unet": ..., "text_encoder": ...}``, meta-device models
-    will do); every entry names a module whose weight its update fits."""
+    """``{(part, module path): Target}`` of ``models`` (``{"unet": ..., "text_encoder": ..., "text_encoder_2": ...}``,
+    meta-device models will do); every entry names a module whose weight its update fits. A file made for the other
+    family of models (SD 1.x/2.x or SDXL, ``ldm.adapters.families``) is refused first."""
     lookups = {part: module_lookup(part, model) for part, model in models.items() if model is not None}
+    family = model_family(models, lookups["unet"])
+    check_family(path, family, [(part, flat, found.key, found.shape) for (part, flat), found in updates.items()])
     targets: dict[tuple[str, str], Target] = {}
     keys: dict[tuple[str, str], str] = {}
     for (part, flat), found in updates.items():
+        if part not in lookups or flat not in lookups[part]:
+            other_family = misplaced(path, family, part, flat, found.key, found.shape)
+            if other_family is not None:
+                raise other_family
         if part not in lookups:
-            raise InputError(f"{path} adapts the text encoder (key {found.key!r}) but no text encoder was given")
+            raise InputError(f"{path} adapts the {PART_NAMES[part]} (key {found.key!r}) but the model given has none")
         if flat not in lookups[part]:
             raise CheckpointError(
                 f"{path}: key {found.key!r} is for a module that does not exist in the {part} ({flat}); "
@@ -235,6 +245,9 @@ def place(
         keys[part, module_path] = found.key
         targets[part, module_path] = Target(module, found.update, _check_fit(path, found, module))
     return targets
+
+
+PART_NAMES = {"unet": "U-Net", "text_encoder": "text encoder", "text_encoder_2": "second text encoder (SDXL's OpenCLIP bigG)"}
 
 
 def _kind(target: Target) -> str:

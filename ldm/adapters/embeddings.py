@@ -10,12 +10,21 @@ The files, each read into (name, vectors (n, width)); the name is the file's ste
   read with ``torch.load(weights_only=True)`` (a pickle that builds anything but tensors and plain
   containers is refused);
 - A1111 / kohya ``.safetensors``: ``{"emb_params": (n, width)}``;
-- diffusers ``learned_embeds.safetensors`` / ``.bin``: ``{token: (width,) or (n, width)}``.
+- diffusers ``learned_embeds.safetensors`` / ``.bin``: ``{token: (width,) or (n, width)}``;
+- SDXL (A1111, civitai, kohya): ``{"clip_l": (n, 768), "clip_g": (n, 1280)}``, one set of vectors per
+  text encoder (``Embedding.vectors_for``).
 
 As diffusers' ``load_textual_inversion`` does, the vectors become rows appended to the text encoder's
 token-embedding matrix, and a prompt that names the embedding gets those rows' ids in place of the
 name's tokens (``ldm.prompts.PromptWord``): the text encoder runs unchanged, the tokenizer is not
-touched. SDXL embeddings (``clip_l`` and ``clip_g``) are refused until ldm runs SDXL.
+touched. An SDXL model has one ``Embeddings`` per text encoder (``encoder="clip_l"`` for ``text_encoder``,
+``"clip_g"`` for ``text_encoder_2``), each installing its own vectors of the same files.
+
+Which files a text encoder takes (A1111's rule: an embedding whose shape is not the model's is
+skipped): an SD 1.x/2.x encoder (``encoder=None``) takes single-set files of its width; an SDXL encoder
+takes SDXL files whose vectors for it have its width. A file of the other family (an SD 1.x
+embedding on SDXL, although its 768-wide vectors would fit CLIP ViT-L, or an SDXL one on SD 1.x) does
+not fit: ``WidthError`` for one file, skipped with the reason in a folder.
 """
 
 from __future__ import annotations
@@ -23,8 +32,9 @@ from __future__ import annotations
 import pickle
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import SafetensorError
@@ -36,11 +46,18 @@ from ldm.prompts import CHUNK_TOKENS, PromptWord, words_used
 
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 TI_HASH_DIGITS = 12  # A1111 names an embedding in "TI hashes" by the first 12 hex digits of its file's SHA-256
+# An SDXL embedding file's keys: the vectors of text_encoder (CLIP ViT-L) and of text_encoder_2 (OpenCLIP bigG).
+SDXL_ENCODERS = ("clip_l", "clip_g")
+Encoder = Literal["clip_l", "clip_g"]
 
 
 @dataclass(frozen=True)
 class Embedding:
-    """One embedding file: its name (the file's stem), vectors (n, width) in fp32, and A1111's metadata."""
+    """One embedding file: its name (the file's stem), vectors (n, width) in fp32, and A1111's metadata.
+
+    An SDXL file holds one set of n vectors per text encoder (``per_encoder``, by ``SDXL_ENCODERS``);
+    its ``vectors`` are both sets side by side, (n, 768 + 1280), so that ``width`` is A1111's "shape".
+    """
 
     name: str
     path: Path
@@ -48,6 +65,21 @@ class Embedding:
     step: int | None = None
     sd_checkpoint: str | None = None  # the hash of the model it was trained on (A1111's .pt files)
     sd_checkpoint_name: str | None = None
+    per_encoder: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL: {"clip_l": (n, 768), "clip_g": (n, 1280)}
+
+    @property
+    def family(self) -> str:
+        """The models it was made for, as errors name them: "SDXL" or "SD 1.x/2.x"."""
+        return "SDXL" if self.per_encoder else "SD 1.x/2.x"
+
+    def vectors_for(self, encoder: Encoder | None) -> torch.Tensor:
+        """The vectors (n, width) a text encoder reads: ``encoder`` "clip_l" (SDXL's ``text_encoder``) or "clip_g"
+        (``text_encoder_2``) for an SDXL file, None for an SD 1.x/2.x one; ``WidthError`` for the other family."""
+        if (encoder is None) != (not self.per_encoder):
+            held = "clip_l and clip_g vectors" if self.per_encoder else "one set of vectors"
+            model = "SD 1.x/2.x" if encoder is None else "SDXL"
+            raise WidthError(f"embedding {self.path} is for {self.family} ({held}); this model is {model}: use an embedding made for it", self)
+        return self.vectors if encoder is None else self.per_encoder[encoder]
 
     @property
     def count(self) -> int:
@@ -61,7 +93,8 @@ class Embedding:
 
 
 class WidthError(CheckpointError):
-    """An embedding whose vectors are not as wide as the text encoder's; ``embedding`` is the file read."""
+    """An embedding whose vectors are not as wide as the text encoder's, or made for the other family of models
+    (SD 1.x/2.x or SDXL); ``embedding`` is the file read."""
 
     def __init__(self, message: str, embedding: Embedding):
         super().__init__(message)
@@ -81,15 +114,8 @@ def read_embedding(path: str | Path, name: str | None = None) -> Embedding:
     """The embedding in ``path``; raises ``CheckpointError`` naming the file for anything it cannot use."""
     path = Path(path)
     data = _read_data(path)
-    vectors = _vectors(data, path)
-    if vectors.ndim == 1:  # diffusers writes a single vector as (width,)
-        vectors = vectors[None]
-    if vectors.ndim != 2 or vectors.shape[0] == 0:
-        raise CheckpointError(f"embedding {path}: vectors of shape {tuple(vectors.shape)}; expected (vectors, width)")
-    if vectors.shape[0] > CHUNK_TOKENS:
-        raise CheckpointError(f"embedding {path} has {vectors.shape[0]} vectors; a prompt chunk holds {CHUNK_TOKENS}")
-    if not vectors.is_floating_point() or not torch.isfinite(vectors).all():
-        raise CheckpointError(f"embedding {path}: its vectors are not finite floating-point numbers")
+    per_encoder = _sdxl_vectors(data, path)
+    vectors = torch.cat(list(per_encoder.values()), dim=1) if per_encoder else _checked(_vectors(data, path), path)
 
     def text(key: str) -> str | None:
         value = data.get(key)
@@ -99,8 +125,40 @@ def read_embedding(path: str | Path, name: str | None = None) -> Embedding:
     return Embedding(
         name or path.stem, path, vectors.detach().float().contiguous(),
         step=step if isinstance(step, int) and not isinstance(step, bool) else None,
-        sd_checkpoint=text("sd_checkpoint"), sd_checkpoint_name=text("sd_checkpoint_name"),
+        sd_checkpoint=text("sd_checkpoint"), sd_checkpoint_name=text("sd_checkpoint_name"), per_encoder=per_encoder,
     )  # fmt: skip
+
+
+def _checked(vectors: torch.Tensor, path: Path, encoder: str | None = None) -> torch.Tensor:
+    """``vectors`` as (n, width) fp32, checked: 1 to a chunk's worth, finite."""
+    of = f" ({encoder})" if encoder else ""
+    if vectors.ndim == 1:  # diffusers writes a single vector as (width,)
+        vectors = vectors[None]
+    if vectors.ndim != 2 or vectors.shape[0] == 0:
+        raise CheckpointError(f"embedding {path}: vectors{of} of shape {tuple(vectors.shape)}; expected (vectors, width)")
+    if vectors.shape[0] > CHUNK_TOKENS:
+        raise CheckpointError(f"embedding {path} has {vectors.shape[0]} vectors{of}; a prompt chunk holds {CHUNK_TOKENS}")
+    if not vectors.is_floating_point() or not torch.isfinite(vectors).all():
+        raise CheckpointError(f"embedding {path}: its vectors{of} are not finite floating-point numbers")
+    return vectors.detach().float().contiguous()
+
+
+def _sdxl_vectors(data: dict, path: Path) -> dict[str, torch.Tensor]:
+    """An SDXL file's vectors per text encoder (``SDXL_ENCODERS``), the same number in each; {} for another file."""
+    found = [key for key in SDXL_ENCODERS if key in data]
+    if not found:
+        return {}
+    if len(found) == 1:
+        missing = next(key for key in SDXL_ENCODERS if key not in data)
+        raise CheckpointError(f"embedding {path} has {found[0]} vectors but no {missing}; an SDXL embedding needs both")
+    for key in SDXL_ENCODERS:
+        if not isinstance(data[key], torch.Tensor):
+            raise CheckpointError(f"embedding {path}: its {key} vectors are a {type(data[key]).__name__}, not a tensor")
+    per_encoder = {key: _checked(data[key], path, key) for key in SDXL_ENCODERS}
+    counts = [vectors.shape[0] for vectors in per_encoder.values()]
+    if counts[0] != counts[1]:
+        raise CheckpointError(f"embedding {path} has {counts[0]} clip_l vectors but {counts[1]} clip_g; they must be as many")
+    return per_encoder
 
 
 def _read_data(path: Path) -> dict:
@@ -132,8 +190,6 @@ def _read_data(path: Path) -> dict:
 
 def _vectors(data: dict, path: Path) -> torch.Tensor:
     """The one tensor of vectors in a file's dictionary, in any of the known layouts."""
-    if "clip_l" in data and "clip_g" in data:
-        raise CheckpointError(f"embedding {path} is for SDXL (clip_l and clip_g vectors); ldm runs SD 1.x and 2.x only so far")
     if "string_to_param" in data:  # A1111 .pt
         params = data["string_to_param"]
         if not isinstance(params, dict) or len(params) != 1:
@@ -161,11 +217,16 @@ def embedding_files(folder: Path) -> list[Path]:
 
 
 class Embeddings:
-    """The embeddings one text encoder reads: their vectors are rows after its vocabulary's."""
+    """The embeddings one text encoder reads: their vectors are rows after its vocabulary's.
 
-    def __init__(self, text_encoder: nn.Module, tokenizer):
+    ``encoder``: which of an SDXL model's text encoders this is ("clip_l": ``text_encoder``, "clip_g":
+    ``text_encoder_2``), so that it installs that encoder's vectors of SDXL files; None for SD 1.x/2.x.
+    """
+
+    def __init__(self, text_encoder: nn.Module, tokenizer, encoder: Encoder | None = None):
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
+        self.encoder = encoder
         self.vocabulary = text_encoder.get_input_embeddings().num_embeddings  # the model's own rows
         self.loaded: dict[str, Embedding] = {}  # in load order; rows follow the same order
         self.skipped: dict[str, Skipped] = {}
@@ -203,10 +264,11 @@ class Embeddings:
     def _add(self, embedding: Embedding) -> str:
         """Register ``embedding`` (replacing one of the same name) if this text encoder can read it and a
         prompt can write its name apart from the others'; returns the name."""
-        if embedding.width != self.width:
+        width = embedding.vectors_for(self.encoder).shape[1]
+        if width != self.width:
+            of = f" {self.encoder}" if self.encoder else ""
             raise WidthError(
-                f"embedding {embedding.path} has vectors of width {embedding.width}; this model's text encoder takes {self.width}",
-                embedding,
+                f"embedding {embedding.path} has{of} vectors of width {width}; this model's text encoder takes {self.width}", embedding
             )
         match = tuple(self.tokenizer(embedding.name, add_special_tokens=False, verbose=False).input_ids)
         if not match:
@@ -257,7 +319,7 @@ class Embeddings:
         """The token-embedding matrix: the model's rows, then every loaded embedding's vectors in order."""
         table = self.text_encoder.get_input_embeddings()
         own = table.weight.detach()[: self.vocabulary]
-        rows = [own] + [e.vectors.to(own.device, own.dtype) for e in self.loaded.values()]
+        rows = [own] + [e.vectors_for(self.encoder).to(own.device, own.dtype) for e in self.loaded.values()]
         weight = torch.cat(rows) if len(rows) > 1 else own
         if weight.shape[0] == table.num_embeddings:
             table.weight.data[self.vocabulary :] = weight[self.vocabulary :]

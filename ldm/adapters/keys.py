@@ -2,14 +2,14 @@
 
 Two families of layouts name the same modules:
 
-- **kohya / LyCORIS** ``lora_unet_<module>.<tensor>``, ``lora_te_<module>.<tensor>`` (SDXL's first text
-  encoder: ``lora_te1_``): the module path with ``_`` for ``.``, in diffusers' names
-  (``down_blocks_0_attentions_0_…``) or the original SD names (``input_blocks_1_1_…``,
+- **kohya / LyCORIS** ``lora_unet_<module>.<tensor>``, ``lora_te_<module>.<tensor>`` (SDXL's text
+  encoders: ``lora_te1_`` CLIP ViT-L, ``lora_te2_`` OpenCLIP bigG): the module path with ``_`` for
+  ``.``, in diffusers' names (``down_blocks_0_attentions_0_…``) or the original SD names (``input_blocks_1_1_…``,
   ``middle_block_…``, ``output_blocks_…``, ``time_embed_0``, ``out_2``); the tensor name follows the
   first dot (``lora_down.weight``, ``hada_w1_a``, ``lokr_w2``, ``diff``, ``dora_scale``, ``alpha``...).
-- **diffusers / peft** ``unet.<module path><ending>``, ``text_encoder.…``: peft's ``.lora_A.weight``
-  / ``.lora_B.weight`` / ``.lora_magnitude_vector`` (DoRA) and its LoHa / LoKr parameter names
-  (``.hada_w1_a``, ``.lokr_w1``...), diffusers 0.2x's ``.lora.down.weight`` and
+- **diffusers / peft** ``unet.<module path><ending>``, ``text_encoder.…``, ``text_encoder_2.…`` (SDXL):
+  peft's ``.lora_A.weight`` / ``.lora_B.weight`` / ``.lora_magnitude_vector`` (DoRA) and its LoHa /
+  LoKr parameter names (``.hada_w1_a``, ``.lokr_w1``...), diffusers 0.2x's ``.lora.down.weight`` and
   ``.lora_linear_layer.down.weight``, and diffusers 0.1x's attention processors
   (``<attention>.processor.to_q_lora.down.weight`` adapts ``<attention>.to_q``).
 
@@ -27,7 +27,7 @@ from torch import nn
 from ldm.loading.keymap import unet_original_key
 
 # kohya: the key's prefix names the network; the module's flat name follows, its tensor name comes after the first dot.
-KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
 KOHYA_TENSORS = (
     "lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale",  # LoRA / LoCon, DoRA
     "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",  # LoHa
@@ -41,7 +41,7 @@ UNSUPPORTED_TENSORS = {
     "on_input": "(IA)^3", "weight": "(IA)^3", "scale": "scaled LoRA (lora_down.scale)",
 }  # fmt: skip
 # diffusers / peft: "unet." or "text_encoder.", the module path, then one of these endings -> the kohya tensor name.
-DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder"}
+DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
 DIFFUSERS_ENDINGS = {
     ".lora_A.weight": "lora_down.weight", ".lora_B.weight": "lora_up.weight",  # peft
     ".lora_magnitude_vector": "lora_magnitude_vector", ".lora_magnitude_vector.weight": "lora_magnitude_vector",
@@ -52,10 +52,16 @@ DIFFUSERS_ENDINGS = {
 }  # fmt: skip
 # diffusers 0.1x attention processors: "<attention>[.processor].to_q_lora.down.weight", a projection of <attention>.
 PROCESSOR_ENDINGS = {".down.weight": "lora_down.weight", ".up.weight": "lora_up.weight"}
+CLIP_PROJECTIONS = {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj", "to_out_lora": "out_proj"}
 PROCESSOR_PROJECTIONS = {
     "unet": {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"},
-    "text_encoder": {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj", "to_out_lora": "out_proj"},
+    "text_encoder": CLIP_PROJECTIONS,
+    "text_encoder_2": CLIP_PROJECTIONS,
 }
+# The networks adapters patch: the U-Net and the text encoders (SDXL's second one, OpenCLIP bigG, is text_encoder_2).
+TEXT_PARTS = ("text_encoder", "text_encoder_2")
+# Modules of transformers' CLIPTextModelWithProjection outside its ``text_model`` (SDXL's pooled-text projection).
+CLIP_TOP_LEVEL = ("text_projection",)
 # Modules an adapter may change: weights of linear maps and convolutions, and the affine weights of norms.
 ADAPTABLE = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
 
@@ -70,8 +76,9 @@ class UnknownKey(Exception):
 
 def flat_name(part: str, module_name: str) -> str:
     """The kohya spelling of a module path; CLIP paths always start at ``text_model`` (as in
-    transformers 4), whether or not this transformers version nests the encoder under it."""
-    if part == "text_encoder" and not module_name.startswith("text_model."):
+    transformers 4), whether or not this transformers version nests the encoder under it, except
+    bigG's ``text_projection``, which sits beside ``text_model``."""
+    if part in TEXT_PARTS and not module_name.startswith("text_model.") and module_name not in CLIP_TOP_LEVEL:
         module_name = "text_model." + module_name
     return module_name.replace(".", "_")
 
@@ -89,8 +96,8 @@ def parse_key(key: str) -> tuple[str, str, str]:
             module, tensor = _diffusers_module(part, key[len(prefix):])
             return part, flat_name(part, module), tensor
     raise UnknownKey(
-        "is neither kohya/LyCORIS (lora_unet_, lora_te_) nor diffusers/peft (unet., text_encoder.) adapter format; "
-        "give a LoRA, LoCon, LoHa, LoKr or DoRA file for an SD 1.x/2.x model"
+        "is neither kohya/LyCORIS (lora_unet_, lora_te_, lora_te1_, lora_te2_) nor diffusers/peft "
+        "(unet., text_encoder., text_encoder_2.) adapter format; give a LoRA, LoCon, LoHa, LoKr or DoRA file for an SD or SDXL model"
     )
 
 

@@ -187,7 +187,7 @@ def _embedding(path: Path, file: TensorFile, hashes: bool) -> dict:
         vectors, width = shapes["emb_params"]
         found.update(vectors=vectors, width=width, family={768: "SD 1.x", 1024: "SD 2.x"}.get(width, "unknown"))
     else:
-        found.update(vectors=shapes["clip_l"][0], family="SDXL (ldm does not load SDXL embeddings yet)")
+        found.update(vectors=shapes["clip_l"][0], family="SDXL", widths={key: shapes[key][1] for key in ("clip_l", "clip_g")})
     if hashes:
         found["hashes"] = _file_hashes(path)
     return found

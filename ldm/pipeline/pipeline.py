@@ -95,6 +95,7 @@ class Pipeline:
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
+        self.text_encoder_2: nn.Module | None = None  # SDXL's second text encoder (OpenCLIP bigG); None for SD 1.x/2.x
         self.scheduler_config = scheduler_config  # each call builds its own scheduler from it
         self.name = "model"  # shown as "Model" in image metadata; from_pretrained sets the folder / file stem
         self.source: Path | None = None  # the model's file or folder (from_pretrained)
@@ -185,7 +186,7 @@ class Pipeline:
     # --- adapters (ldm.adapters) ------------------------------------------------------------------
 
     def load_lora(self, path: str | Path, scale: float = 1.0, fuse: bool = False, name: str | None = None) -> str:
-        """Apply a LoRA, LoCon, LoHa, LoKr, diff or DoRA file to the U-Net and text encoder; returns its name
+        """Apply a LoRA, LoCon, LoHa, LoKr, diff or DoRA file to the U-Net and text encoder(s); returns its name
         (``name``, else the file stem made unique), by which it is rescaled or dropped and named in image
         metadata. ``fuse=True`` merges it into the weights for good (``ldm txt2img --lora`` does)."""
         name = self._adapter_stack().load(path, scale=scale, fuse=fuse, name=name)
@@ -245,7 +246,7 @@ class Pipeline:
         from ldm.adapters import Adapters
 
         if self._adapters is None:
-            self._adapters = Adapters(self.unet, self.text_encoder)
+            self._adapters = Adapters(self.unet, self.text_encoder, self.text_encoder_2)
         return self._adapters
 
     def _sync_adapters(self) -> None:
