@@ -19,6 +19,15 @@ COMMON = dict(prompt="a photo of a red cat", guidance_scale=7.5, output_type="np
 SCHEDULERS = {"euler": "EulerDiscreteScheduler", "euler-ancestral": "EulerAncestralDiscreteScheduler"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny networks run ~20x faster on one thread than on two contended ones (thread hand-offs dominate)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("sdxl")
