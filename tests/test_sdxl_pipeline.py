@@ -185,3 +185,38 @@ def test_bad_sdxl_input_is_refused_in_one_line(base):
         pipe("a cat", refiner="no-such-refiner", **SIZE)
     with pytest.raises(InputError, match="embeddings"):
         pipe.load_embeddings("anything.pt")
+
+
+def test_the_native_size_is_sdxl_s_1024(base):
+    from ldm.pipeline import stages
+    from ldm.settings import GenerationSettings
+
+    call = stages.resolve(base[1], GenerationSettings("a cat"), None, None, None)
+    assert (call.settings.width, call.settings.height, call.shape) == (1024, 1024, (1, 4, 128, 128))
+
+
+def test_the_command_line_writes_an_sdxl_image_refined_with_its_metadata(folders, base, tmp_path, capsys):
+    from ldm.cli import main
+    from ldm.images import read_parameters
+
+    files = {}
+    for kind, folder in folders.items():
+        files[kind] = tmp_path / f"tiny-{kind}.safetensors"
+        assert main(["convert", str(folder), str(files[kind])]) == 0
+    out = tmp_path / "out"
+    argv = ["a red cat", "--negative-prompt", "blurry", "--model", files["base"], "--refiner", files["refiner"], "--refiner-switch",
+            "0.5", "--scheduler", "euler", "--steps", "4", "--width", "32", "--height", "32", "--seed", "7", "--out", out, "--quiet"]  # fmt: skip
+    assert main(["txt2img", *map(str, argv)]) == 0
+    capsys.readouterr()
+    params = read_parameters(out / "00000-7.png")
+    assert (params.model, params.width, params.height, params.seed) == ("tiny-base", 32, 32, 7)
+    assert params.extra["Refiner"].startswith("tiny-refiner [") and params.extra["Refiner switch at"] == "0.5"
+    refiner = Pipeline.from_pretrained(files["refiner"])
+    again = Pipeline.from_pretrained(files["base"])(
+        "a red cat", negative_prompt="blurry", refiner=refiner, refiner_switch=0.5, scheduler="euler", num_inference_steps=4, seed=7, **SIZE
+    ).images[0]  # fmt: skip
+    from PIL import Image
+
+    assert np.abs(np.asarray(Image.open(out / "00000-7.png"), dtype=int) - np.asarray(again, dtype=int)).max() <= 1
+    assert main(["txt2img", "a cat", "--model", str(files["base"]), "--refiner-switch", "0.5", "--out", str(out)]) == 2
+    assert "--refiner-switch" in capsys.readouterr().err
