@@ -28,10 +28,25 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json (and the refiner's), verbatim: it carries the keys
+# other samplers read (set_alpha_to_one) that an EulerDiscreteScheduler's save_pretrained would leave out.
+RELEASED_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
+    "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False,
+    "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
+}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
+    import json
+
     root = tmp_path_factory.mktemp("sdxl")
-    return {kind: tiny_sdxl.save_folder(root / kind, kind) for kind in ("base", "refiner")}
+    folders = {kind: tiny_sdxl.save_folder(root / kind, kind) for kind in ("base", "refiner")}
+    for folder in folders.values():
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(RELEASED_SCHEDULER, indent=2))
+    return folders
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +235,17 @@ def test_the_command_line_writes_an_sdxl_image_refined_with_its_metadata(folders
     assert np.abs(np.asarray(Image.open(out / "00000-7.png"), dtype=int) - np.asarray(again, dtype=int)).max() <= 1
     assert main(["txt2img", "a cat", "--model", str(files["base"]), "--refiner-switch", "0.5", "--out", str(out)]) == 2
     assert "--refiner-switch" in capsys.readouterr().err
+
+
+def test_every_sampler_matches_diffusers_on_sdxl(base):
+    """The samplers see only the denoiser: SDXL's conditioning changes nothing of them (tests/test_pipeline_parity.py)."""
+    import diffusers
+    from test_pipeline_parity import SAMPLERS, ours_for
+
+    reference, pipe = base
+    for sampler, (class_name, options, call) in SAMPLERS.items():
+        reference.scheduler = getattr(diffusers, class_name).from_config(reference.loaded_scheduler.config, **options)
+        common = {**COMMON, "num_inference_steps": 3, "negative_prompt": "dark", **call}
+        theirs = reference(**common, generator=generator(21)).images
+        ours = pipe(**common, **{k: v for k, v in ours_for(sampler).items() if k not in call}, seed=21).images
+        assert np.abs(ours - theirs).max() < TOLERANCE, sampler
