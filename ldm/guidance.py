@@ -20,6 +20,11 @@ guidance, as A1111's ``combine_denoised`` does:
 
     out = out_uncond + sum_j w_j * scale * (out_cond_j - out_uncond)
 
+SDXL's U-Net also reads a pooled text embedding per text row and the micro-conditioning numbers
+(Podell et al. 2023, sec. 2.2); a ``Conditioning`` may carry them (``pooled``, ``time_ids``), and every
+wrapper hands the network the rows' own as ``**conditions`` (``text_embeds``, ``time_ids``), so the
+unconditional rows get the negative prompt's pooled embedding and numbers.
+
 A guidance-distilled U-Net (LCM, Luo et al. 2023) was trained to give the guided output in one pass:
 the scale enters as an embedding added to its time embedding (``EmbeddedGuidance``), and no
 unconditional pass runs.
@@ -57,6 +62,8 @@ class Conditioning:
     cond: torch.Tensor  # (steps, k * B) int64
     uncond: torch.Tensor | None = None  # (steps, B) int64; None: no unconditional pass
     weights: tuple[tuple[float, ...], ...] | None = None  # k tuples of B weights
+    pooled: torch.Tensor | None = None  # (N, P): each text's pooled embedding, rows as ``states`` (SDXL's text_embeds)
+    time_ids: torch.Tensor | None = None  # (2, n): the conditional rows' micro-conditioning numbers, then the unconditional's
 
     @classmethod
     def fixed(cls, cond: torch.Tensor, uncond: torch.Tensor | None = None) -> Conditioning:
@@ -84,6 +91,21 @@ class Conditioning:
         step = min(step, len(self.cond) - 1)
         return self.states[torch.cat([self.uncond[step], self.cond[step]])]
 
+    def cond_conditions(self, step: int) -> dict[str, torch.Tensor]:
+        """The network's added inputs for ``cond_at(step)``'s rows (none without a pooled embedding)."""
+        return self._conditions(self.cond[min(step, len(self.cond) - 1)], 0)
+
+    def both_conditions(self, step: int) -> dict[str, torch.Tensor]:
+        """The network's added inputs for ``both_at(step)``'s rows: the unconditional rows' own, then the conditional."""
+        step = min(step, len(self.cond) - 1)
+        return self._conditions(torch.cat([self.uncond[step], self.cond[step]]), len(self.uncond[step]))
+
+    def _conditions(self, rows: torch.Tensor, unconditional: int) -> dict[str, torch.Tensor]:
+        if self.pooled is None:
+            return {}
+        numbers = self.time_ids[[1] * unconditional + [0] * (len(rows) - unconditional)]
+        return {"text_embeds": self.pooled[rows], "time_ids": numbers}
+
 
 class Conditional:
     """The conditional pass alone: guidance off (a scale of 1 or less). Counts its calls (one per step)."""
@@ -95,7 +117,7 @@ class Conditional:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        return self.network(x, t, self.text.cond_at(self.calls - 1))
+        return self.network(x, t, self.text.cond_at(self.calls - 1), **self.text.cond_conditions(self.calls - 1))
 
 
 class ClassifierFreeGuidance:
@@ -120,8 +142,9 @@ class ClassifierFreeGuidance:
         step = self.calls
         self.calls += 1
         if step >= self.guided_steps:
-            return self.network(x, t, self.text.cond_at(step))
-        out_uncond, *out_conds = self.network(x, t, self.text.both_at(step)).chunk(1 + self.text.parts)
+            return self.network(x, t, self.text.cond_at(step), **self.text.cond_conditions(step))
+        both = self.network(x, t, self.text.both_at(step), **self.text.both_conditions(step))
+        out_uncond, *out_conds = both.chunk(1 + self.text.parts)
         if self.text.weights is None:
             output = out_uncond + self.scale * (out_conds[0] - out_uncond)
             return rescale_guidance(output, out_conds[0], self.rescale) if self.rescale > 0 else output
@@ -150,7 +173,8 @@ class EmbeddedGuidance:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        return self.network(x, t, self.text.cond_at(self.calls - 1), timestep_cond=self.w_embedding)
+        step = self.calls - 1
+        return self.network(x, t, self.text.cond_at(step), timestep_cond=self.w_embedding, **self.text.cond_conditions(step))
 
 
 def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:

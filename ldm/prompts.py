@@ -328,9 +328,11 @@ def words_used(tokenizer, prompts: list[str], words: Sequence[PromptWord]) -> li
 
 
 def encode_prompts(
-    text_encoder, tokenizer, prompts: list[str], clip_skip: int | None = None, words: Sequence[PromptWord] = ()
+    text_encoder, tokenizer, prompts: list[str], clip_skip: int | None = None, words: Sequence[PromptWord] = (), encode=None
 ) -> torch.Tensor:
     """Embeddings ``(len(prompts), 77 * chunks, dim)`` for a batch of prompts; ``words``: see ``tokenize_prompt``.
+    ``encode(text_encoder, ids, clip_skip)`` reads a chunk's states (default ``encode_tokens``, SD's; SDXL's reads
+    another layer, ``ldm.pipeline.sdxl``).
 
     Prompts with fewer chunks than the longest one are padded with encodings
     of the empty prompt, as A1111 does, so the batch has one sequence length.
@@ -340,6 +342,7 @@ def encode_prompts(
 
     from ldm.models.text_encoder import encode_tokens
 
+    encode = encode or encode_tokens
     device = text_encoder.device
     tokenized = [tokenize_prompt(tokenizer, prompt, words) for prompt in prompts]
     empty = tokenize_prompt(tokenizer, "")
@@ -352,7 +355,7 @@ def encode_prompts(
     encoded = []
     for k in range(num_chunks):
         ids = torch.tensor([chunks.ids[k] for chunks in tokenized], device=device)
-        embedding = encode_tokens(text_encoder, ids, clip_skip=clip_skip)
+        embedding = encode(text_encoder, ids, clip_skip=clip_skip)
         if any(chunks.is_weighted for chunks in tokenized):
             weights = torch.tensor([chunks.weights[k] for chunks in tokenized], device=device)
             embedding = apply_weights(embedding, weights)

@@ -28,6 +28,7 @@ from ldm.images import GenerationParameters, init_image_size, read_image, to_rgb
 from ldm.inpainting import Inpaint
 from ldm.prompt_schedule import split_subprompts
 from ldm.prompts import NETWORK_TAG, LoraTag, check_prompt, split_lora_tags
+from ldm.sdxl import DEFAULT_REFINER_SWITCH, SdxlOptions, check_refiner_switch
 
 # Our scheduler names, and each as AUTOMATIC1111 writes it in "Sampler:", so other tools recognise
 # it. dpm-solver (the noise-prediction multistep solver) has no A1111 counterpart and keeps a plain
@@ -136,6 +137,13 @@ class GenerationSettings:
     hires_upscaler: str | None = None  # a name of HIRES_UPSCALERS (any case); None: DEFAULT_HIRES_UPSCALER
     # Inpainting / outpainting of init_image: the mask or the borders to add, and A1111's options (ldm.inpainting).
     inpaint: Inpaint | None = None
+    # SDXL (ldm.sdxl, ldm.pipeline.sdxl): the second text encoder's prompts (None: the prompts), the micro-conditioning
+    # and schedule window, and A1111's refiner: a model file, folder or loaded name, taking over at ``refiner_switch``.
+    prompt_2: tuple[str, ...] | None = None
+    negative_prompt_2: tuple[str, ...] | None = None
+    sdxl: SdxlOptions | None = None
+    refiner: str | Path | None = None
+    refiner_switch: float | None = None  # None: DEFAULT_REFINER_SWITCH with a refiner
 
     def __post_init__(self) -> None:
         prompts = (self.prompt,) if isinstance(self.prompt, str) else tuple(self.prompt)
@@ -151,6 +159,7 @@ class GenerationSettings:
         self._check_control()
         self._check_hires()
         self._check_inpaint()
+        self._check_sdxl()
 
     def _negatives(self, count: int) -> tuple[str, ...]:
         negatives = self.negative_prompt
@@ -180,6 +189,31 @@ class GenerationSettings:
                     f"{{negative_prompt}} has {placeholder_text(NETWORK_TAG.search(text).group(0))}, but LoRA tags act "
                     "only in {prompt}; move it there (a negative weight subtracts a LoRA)"
                 )
+
+    def _check_sdxl(self) -> None:
+        """The second encoder's prompts (one per prompt; taking editing and alternation but no LoRA tags or ``AND``),
+        the SDXL options and the refiner's switch."""
+        for name in ("prompt_2", "negative_prompt_2"):
+            texts = getattr(self, name)
+            if texts is not None:
+                texts = (texts,) * len(self.prompt) if isinstance(texts, str) else tuple(texts)
+                if len(texts) != len(self.prompt):
+                    raise SettingError(f"got {len(texts)} of {{{name}}} for {len(self.prompt)} prompts; give one per prompt")
+                object.__setattr__(self, name, texts)
+        for name in ("prompt_2", "negative_prompt_2"):
+            for text in getattr(self, name) or ():
+                check_prompt(text, name)
+                if NETWORK_TAG.search(text) or len(split_subprompts(text)) > 1 or split_subprompts(text)[0][1] != 1.0:
+                    raise SettingError(f"{{{name}}} takes no LoRA tags, AND or sub-prompt weights; write them in {{prompt}}")
+        if self.sdxl is not None and not isinstance(self.sdxl, SdxlOptions):
+            raise SettingError(f"{{sdxl}} must be an ldm.sdxl.SdxlOptions, got {type(self.sdxl).__name__}")
+        if self.refiner is None:
+            if self.refiner_switch is not None:
+                raise SettingError("{refiner_switch} says when the refiner takes over; give the {refiner} too")
+            return
+        object.__setattr__(self, "refiner_switch", check_refiner_switch(DEFAULT_REFINER_SWITCH if self.refiner_switch is None else self.refiner_switch))
+        if self.sdxl is not None and (self.sdxl.denoising_end is not None or self.sdxl.denoising_start is not None):
+            raise SettingError("{refiner_switch} sets where the base stops and the refiner starts; drop denoising_start/denoising_end")
 
     def lora_tags(self) -> tuple[LoraTag, ...]:
         """The LoRA tags of the prompts (docs/prompts.md), which every prompt of a call must share:
@@ -451,6 +485,7 @@ class ResolvedSettings:
     lora_hashes: tuple[tuple[str, str], ...] = ()  # (name, A1111 hash) of each LoRA the prompt's tags apply
     embeddings: tuple[tuple[str, str], ...] = ()  # (name, A1111's short hash) of each embedding the prompts use
     controlnets: tuple[str, ...] = ()  # each control unit's model as A1111 names it: "name [hash]" (or "name")
+    refiner: str | None = None  # the SDXL refiner as A1111 names it: "name [hash]" (or "name")
 
     def prompts(self) -> list[tuple[str, str]]:
         """(prompt, negative prompt) of each image, in image order."""
@@ -518,6 +553,10 @@ class ResolvedSettings:
             extra["TI hashes"] = ", ".join(f"{name.replace(':', '').replace(',', '')}: {digest}" for name, digest in self.embeddings)
         for i, (unit, model) in enumerate(zip(s.control, self.controlnets)):
             extra[f"ControlNet {i}"] = unit.infotext(model)  # sd-webui-controlnet's key and fields
+        if s.sdxl is not None:
+            extra.update(s.sdxl.infotext())
+        if self.refiner is not None:  # A1111's keys
+            extra.update({"Refiner": self.refiner, "Refiner switch at": f"{s.refiner_switch:g}"})
         if self.version:
             extra["Version"] = f"ldm {self.version}"
         return extra

@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ldm"
 LAYERS = [
     ("ldm.io", "ldm.cache", "ldm.errors", "ldm.random", "ldm.checks", "ldm.paging"),
     ("ldm.kernels",),
-    ("ldm.models", "ldm.schedulers", "ldm.prompts", "ldm.prompt_schedule", "ldm.images", "ldm.previews", "ldm.settings", "ldm.control",
+    ("ldm.models", "ldm.schedulers", "ldm.prompts", "ldm.prompt_schedule", "ldm.images", "ldm.previews", "ldm.settings", "ldm.control", "ldm.sdxl",
      "ldm.residency", "ldm.masks", "ldm.inpainting"),
     ("ldm.speedups", "ldm.guidance"),
     ("ldm.loading", "ldm.adapters"),

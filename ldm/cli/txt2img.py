@@ -110,6 +110,11 @@ def register(sub) -> None:
         help="channels-last memory format for the U-Net and VAE (default: on in bf16 on the CPU, else off)",
     )  # fmt: skip
     control_args.add_arguments(parser)
+    sdxl = parser.add_argument_group("SDXL (see docs/generating.md#sdxl)")
+    sdxl.add_argument("--prompt-2", metavar="TEXT", help="what SDXL's second text encoder (OpenCLIP bigG) reads (default: the prompt)")
+    sdxl.add_argument("--negative-prompt-2", metavar="TEXT", help="its negative prompt (default: --negative-prompt)")
+    sdxl.add_argument("--refiner", type=Path, metavar="PATH", help="an SDXL refiner model (file or folder) that runs the last steps (A1111's Refiner)")
+    sdxl.add_argument("--refiner-switch", type=float, metavar="F", help="the share of the steps the base runs before the refiner (default 0.8)")
     hires = parser.add_argument_group("hires fix (A1111's: a second, img2img pass at a larger size; see docs/generating.md)")
     hires.add_argument("--hires-scale", type=float, metavar="X", help="turn it on: the second pass at X times --width/--height (e.g. 2)")
     hires.add_argument("--hires-steps", type=int, default=0, metavar="N", help="the second pass's steps, of which strength x N run (0, the default: --steps)")
@@ -133,6 +138,7 @@ FLAGS = {
     "use_exponential_sigmas": "--sigma-schedule exponential",
     "deepcache_interval": "--deepcache",
     "token_merging": "--tome",
+    "sdxl": "--refiner-switch",  # the only SDXL option the command line sets (the window it cuts)
     **control_args.FLAGS,
 }
 
@@ -237,6 +243,7 @@ def generate_all(pipe, settings: GenerationSettings, args: argparse.Namespace) -
         for first in range(0, args.num_images, args.batch_size):
             count = min(args.batch_size, args.num_images - first)
             batch = replace(settings.from_image(first), prompt=(prompt,), negative_prompt=(negative,), num_images_per_prompt=count)
+            batch = replace(batch, prompt_2=settings.prompt_2 and settings.prompt_2[:1], negative_prompt_2=settings.negative_prompt_2 and settings.negative_prompt_2[:1])
             steps_bar = tqdm(total=steps, desc="steps", leave=False, disable=args.quiet, file=sys.stderr)
             result = pipe.generate(batch, callback=step_callback(steps_bar, args.preview, pipe.vae))
             steps_bar.close()
@@ -299,6 +306,8 @@ def check_arguments(args: argparse.Namespace) -> Job:
         from ldm.loading import find_vae
 
         find_vae(args.vae)  # exists and holds a VAE; its latent width is checked against the model's on loading
+    if args.refiner is not None and not args.refiner.exists():
+        raise InputError(f"--refiner {args.refiner} does not exist; give an SDXL refiner's .safetensors file or folder")
     if args.embeddings is not None and not args.embeddings.exists():
         raise InputError(f"--embeddings {args.embeddings} does not exist; give a folder of embedding files (or one file)")
     if settings.init_image is None and (args.width is None or args.height is None):
@@ -326,6 +335,7 @@ def build_settings(args: argparse.Namespace) -> GenerationSettings:
         deepcache_interval=args.deepcache, token_merging=args.tome, control=control_args.control_units(args),
         hires_scale=args.hires_scale, hires_steps=args.hires_steps, hires_strength=args.hires_strength, hires_upscaler=args.hires_upscaler,
         inpaint=inpaint_argument(args),
+        prompt_2=args.prompt_2, negative_prompt_2=args.negative_prompt_2, refiner=args.refiner, refiner_switch=args.refiner_switch,
     )
     subseed = resolve_seed(settings.subseed, args.num_images, "subseed") if settings.subseed_strength else None
     return replace(settings, seed=resolve_seed(settings.seed, args.num_images), subseed=subseed)

@@ -33,8 +33,11 @@ SDXL_PARTS = {
     for family, slots in keymap.TEXT_SLOTS.items()
     if family.startswith("sdxl")
 }
-# What ldm does with each family's models (SDXL loads and converts; its generation is not built yet).
-SUPPORT = {"sdxl": "loads and converts; generation not built yet", "sdxl-refiner": "loads and converts; generation not built yet"}
+# What ldm does with each family's models (SDXL generates, loads and converts; merging and fine-tuning it are not built yet).
+SUPPORT = {
+    "sdxl": "generates (txt2img, img2img, with a refiner), loads and converts; merge and finetune not built yet",
+    "sdxl-refiner": "refines a base's latents and generates img2img, loads and converts; merge and finetune not built yet",
+}
 UNKNOWN_PREDICTION = "unknown (pass --prediction-type)"
 
 

@@ -37,12 +37,14 @@ from ldm.inpainting import Inpaint, as_inpaint
 from ldm.images import GenerationParameters, check_output_folder, save_png
 from ldm.kernels.choice import PLAIN, bf16_warning
 from ldm.models import set_kernels
-from ldm.pipeline import hires, stages
+from ldm.pipeline import hires, sdxl, stages
+from ldm.pipeline import refiner as refining
 from ldm.pipeline.control import ControlNets
 from ldm.pipeline.setup import PipelineSetup
 from ldm.pipeline.stages import Generators, OutputType, StepCallback
 from ldm.residency import Residency, check_loaded
 from ldm.schedulers import Scheduler, SchedulerConfig
+from ldm.sdxl import SdxlOptions
 from ldm.settings import DEFAULT_SCHEDULER, DEFAULTS, GenerationDefaults, GenerationSettings, ResolvedSettings, TimestepSpacing
 
 if TYPE_CHECKING:
@@ -90,7 +92,10 @@ class GenerationOutput:
 class Pipeline:
     """U-Net, VAE, CLIP text encoder and tokenizer, plus the scheduler config they were trained with."""
 
-    def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer, scheduler_config: SchedulerConfig):
+    def __init__(
+        self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module | None, tokenizer, scheduler_config: SchedulerConfig,
+        text_encoder_2: nn.Module | None = None, tokenizer_2=None,
+    ):  # fmt: skip
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
@@ -109,6 +114,12 @@ class Pipeline:
         self._embeddings: Embeddings | None = None  # made by the first load_embeddings
         self.vae_name: str | None = None  # the VAE file or folder that replaced the model's (load_vae)
         self.controlnets = ControlNets()  # loaded by name (load_controlnet), or by the path a call's units name
+        # SDXL (ldm.pipeline.sdxl): the second text encoder (the refiner's only one), its tokenizer, the model's
+        # force_zeros_for_empty_prompt (from_pretrained reads it), and the refiners loaded (ldm.pipeline.refiner).
+        self.text_encoder_2 = text_encoder_2
+        self.tokenizer_2 = tokenizer_2
+        self.force_zeros_for_empty_prompt = False
+        self.refiners = refining.Refiners()
         param = next(unet.parameters())
         # The set-up the networks are in, then the default one applied: the memory format and fast paths
         # for their dtype on this CPU.
@@ -139,10 +150,10 @@ class Pipeline:
             if not Path(DEFAULT_MODEL_DIR).exists():
                 raise CheckpointError(f"the default model is not installed at {DEFAULT_MODEL_DIR}; pass a model folder or file")
             path = DEFAULT_MODEL_DIR
-        _refuse_sdxl(Path(path), config)
         setup = PipelineSetup(device=device or "cpu", dtype=dtype or torch.float32)
         parts = load_components(path, device=setup.device, dtype=setup.dtype, prediction_type=prediction_type, config=config)
-        pipe = cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config)
+        pipe = cls(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler_config, parts.text_encoder_2, parts.tokenizer_2)
+        pipe.force_zeros_for_empty_prompt = sdxl.force_zeros_of(Path(path), parts.family)
         pipe.source = Path(path)
         pipe.name = parts.name or (pipe.source.stem if pipe.source.is_file() else pipe.source.name)
         pipe.defaults = GenerationDefaults(**parts.generation_config)  # checked by the loader
@@ -156,7 +167,7 @@ class Pipeline:
         """Change the set-up (``PipelineSetup``'s fields) and apply it to the networks; returns the pipeline."""
         PipelineSetup.check_names(changes)
         old, new = self.setup, replace(self.setup, **changes)
-        networks = (self.unet, self.vae, self.text_encoder)
+        networks = (self.unet, self.vae, *self.text_encoders)
         if (new.device, new.dtype, new.cpu_offload) != (old.device, old.dtype, old.cpu_offload):
             for module in networks:
                 module.to(device="cpu" if new.cpu_offload else new.device, dtype=new.dtype)
@@ -262,6 +273,8 @@ class Pipeline:
         vectors. In a folder, files that do not fit this model are skipped with a warning and listed in
         ``embeddings.skipped``; a single such file raises."""
         check_loaded(self.text_encoder)
+        if sdxl.is_sdxl(self):
+            raise InputError("textual-inversion embeddings for SDXL (clip_l and clip_g vectors) are not read yet; load none")
         return self.embeddings.load(path, name)
 
     @property
@@ -270,7 +283,7 @@ class Pipeline:
         from ldm.adapters.embeddings import Embeddings
 
         if self._embeddings is None:
-            self._embeddings = Embeddings(self.text_encoder, self.tokenizer)
+            self._embeddings = Embeddings(self.text_encoders[0], self.tokenizer or self.tokenizer_2)
         return self._embeddings
 
     def prompt_words(self) -> tuple[PromptWord, ...]:
@@ -308,6 +321,18 @@ class Pipeline:
         if name not in self.controlnets.named:
             raise InputError(f"no ControlNet is loaded as {name!r}; loaded: {', '.join(self.controlnets.named) or 'none'}")
         del self.controlnets.named[name]
+
+    # --- SDXL refiners (ldm.pipeline.refiner) -------------------------------------------------------------
+
+    def load_refiner(self, refiner: str | Path | Pipeline, name: str | None = None) -> str:
+        """Keep an SDXL refiner (a loaded ``Pipeline``, or a model file or folder, loaded in this pipeline's set-up) for
+        calls that name it (``refiner=name``); returns the name (``name``, else the model's). A call may also name a path."""
+        return self.refiners.load(self, refiner, name)
+
+    @property
+    def text_encoders(self) -> tuple[nn.Module, ...]:
+        """The text encoders the model has: SD's one, SDXL base's two, the refiner's bigG."""
+        return tuple(encoder for encoder in (self.text_encoder, self.text_encoder_2) if encoder is not None)
 
     @property
     def device(self) -> torch.device:
@@ -363,11 +388,14 @@ class Pipeline:
         control: ControlUnit | list[ControlUnit] | None = None,
         hires_scale: float | None = None, hires_steps: int = 0, hires_strength: float | None = None, hires_upscaler: str | None = None,
         mask: Inpaint | Image.Image | str | Path | None = None,
+        prompt_2: str | list[str] | None = None, negative_prompt_2: str | list[str] | None = None, sdxl: SdxlOptions | None = None,
+        refiner: str | Path | Pipeline | None = None, refiner_switch: float | None = None,
     ) -> GenerationOutput:
         """Generate images with diffusers' keywords (``scheduler``: a name, or a scheduler object as template;
         ``callback(i, t, latents, denoised)`` after each step) and A1111's: ``subseed``/``subseed_strength``
         (variation seeds), ``control`` (ControlNet units), ``mask`` (inpainting: a mask, or an ``Inpaint`` with
-        its options or an outpainting), ``hires_*`` (hires fix). Each: ``GenerationSettings``, docs/generating.md.
+        its options or an outpainting), ``hires_*`` (hires fix), SDXL's ``prompt_2``, ``sdxl`` (``SdxlOptions``) and ``refiner``
+        (a path, a loaded name or a ``Pipeline``). Each: ``GenerationSettings``, docs/generating.md.
         """
         named = scheduler is None or isinstance(scheduler, str)
         settings = GenerationSettings(
@@ -379,6 +407,8 @@ class Pipeline:
             init_image=init_image, strength=strength, clip_skip=clip_skip, inpaint=as_inpaint(mask),
             deepcache_interval=deepcache_interval, token_merging=token_merging, control=control,
             hires_scale=hires_scale, hires_steps=hires_steps, hires_strength=hires_strength, hires_upscaler=hires_upscaler,
+            prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, sdxl=sdxl, refiner_switch=refiner_switch,
+            refiner=self.load_refiner(refiner) if isinstance(refiner, Pipeline) else refiner,
         )
         return self.generate(
             settings, scheduler=None if named else scheduler, generator=generator, latents=latents,
@@ -398,7 +428,7 @@ class Pipeline:
     ) -> GenerationOutput:
         """Run the stages of one call (``ldm.pipeline.stages``); ``scheduler`` is a scheduler object used as template."""
         stages.check_output_type(output_type)
-        check_loaded(self.text_encoder, self.unet, self.vae)
+        check_loaded(*self.text_encoders, self.unet, self.vae)
         call = stages.resolve(self, settings, scheduler, generator, latents)
         hires.check(self, call)
         with self._prompt_loras_held(call):
@@ -407,6 +437,7 @@ class Pipeline:
             x = stages.initial_latents(self, call, timesteps)
             x = stages.denoise(self, call, x, timesteps, text, callback)
             x = hires.second_pass(self, call, x, text, callback)
+            x = refining.refined(self, call, x, callback)
             return GenerationOutput(stages.decode_output(self, x, output_type, call.inpaint), call.resolved)
 
     @contextmanager
@@ -435,19 +466,6 @@ class Pipeline:
         """Scaled latents -> images in [0, 1], decoded as set up (``decode_mode``); raises on NaN / inf."""
         check_loaded(self.vae)
         return stages.decode(self, latents)
-
-
-def _refuse_sdxl(path: Path, config: str | Path | None) -> None:
-    """SDXL models load and convert (``ldm.loading``) but the pipeline does not generate with them yet."""
-    from ldm.loading import model_family
-
-    names = {"sdxl": "an SDXL", "sdxl-refiner": "an SDXL refiner"}
-    family = model_family(path, config)
-    if family in names:
-        raise CheckpointError(
-            f"{path} is {names[family]} model: SDXL models load (`ldm info`, `ldm convert`), "
-            "generation with them is not built yet"
-        )
 
 
 def _file_version(path: Path) -> tuple[Path, int]:

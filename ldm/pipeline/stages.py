@@ -35,7 +35,7 @@ from ldm import __version__, checks
 from ldm.errors import ConfigError, InputError, LdmError, SettingError
 from ldm.guidance import ClassifierFreeGuidance, Conditional, Conditioning, Denoiser, EmbeddedGuidance, Network, guided_steps
 from ldm.images import image_to_tensor, to_numpy, to_pil
-from ldm.pipeline import control
+from ldm.pipeline import control, sdxl
 from ldm.pipeline.inpaint import Inpainting
 from ldm.prompts import encode_prompts as encode_texts
 from ldm.prompt_schedule import PromptPlan, plan_prompts
@@ -102,6 +102,7 @@ def resolve(pipe: Pipeline, settings: GenerationSettings, template: Any, generat
     s = settings.filled(pipe.defaults, native_side(pipe.unet.config, vae), vae.downsample_factor)
     check_embedded_guidance(pipe, s)
     check_composition(pipe, s)
+    sdxl.check(pipe, s, latents)
     checks.check_steps(s.num_inference_steps, limit=pipe.scheduler_config.num_train_timesteps)
     checks.check_pixels(s.width, s.height, s.batch, pipe.setup.max_pixels)
     shape = (s.batch, vae.latent_channels, s.height // vae.downsample_factor, s.width // vae.downsample_factor)
@@ -124,6 +125,7 @@ def resolve(pipe: Pipeline, settings: GenerationSettings, template: Any, generat
         lora_hashes=tuple((lora.infotext_name, lora.hash) for lora in loras),
         embeddings=tuple((name, pipe.embeddings.short_hash(name)) for name in used),
         controlnets=tuple(unit.label for unit in units),
+        refiner=pipe.refiners.label(pipe, s.refiner) if s.refiner is not None else None,
     )
     inpaint = Inpainting.for_call(pipe, s)
     return Call(resolved, scheduler, generators, shape, init_tensor(s), latents, plan, loras, variation, control=units, inpaint=inpaint)
@@ -225,6 +227,8 @@ def encode_prompts(pipe: Pipeline, call: Call, last_use: bool = True) -> Conditi
     the negatives' together, so all get the same number of 77-token chunks; a prompt without editing,
     alternation or ``AND`` is encoded as it is, in diffusers' batch order (``ldm.prompt_schedule.plan_prompts``).
     """
+    if sdxl.is_sdxl(pipe):  # both encoders, the pooled embedding and the micro-conditioning
+        return sdxl.encode_prompts(pipe, call, last_use)
     s, plan = call.settings, call.plan
     with pipe.residency.running(pipe.text_encoder) as text_encoder:
         states = encode_texts(text_encoder, pipe.tokenizer, list(plan.texts), clip_skip=s.clip_skip, words=pipe.prompt_words())
@@ -288,10 +292,10 @@ def prepare_timesteps(pipe: Pipeline, call: Call) -> torch.Tensor:
     call.scheduler.set_timesteps(s.num_inference_steps, device=pipe.device, timesteps=s.timesteps, sigmas=s.sigmas)
     timesteps = call.scheduler.timesteps
     if not call.img2img:
-        return timesteps
+        return sdxl.window(call, timesteps, pipe.scheduler_config.num_train_timesteps)
     if len(timesteps) != s.num_inference_steps:
         raise ConfigError(f"img2img needs a scheduler with one timestep per step; {type(call.scheduler).__name__} has {len(timesteps)}")
-    return timesteps[s.num_inference_steps - s.img2img_steps :]
+    return sdxl.window(call, timesteps[s.num_inference_steps - s.img2img_steps :], pipe.scheduler_config.num_train_timesteps)
 
 
 def initial_latents(pipe: Pipeline, call: Call, timesteps: torch.Tensor) -> torch.Tensor:
@@ -299,8 +303,8 @@ def initial_latents(pipe: Pipeline, call: Call, timesteps: torch.Tensor) -> torc
     if call.inpaint is not None:  # z_0, noise and the masked image's latents, in diffusers' inpainting order
         return call.inpaint.start(pipe, call, timesteps, lambda: starting_noise(call, pipe.device))
     sigma = call.scheduler.init_noise_sigma
-    if call.latents is not None:
-        return call.latents.to(pipe.device, torch.float32) * sigma
+    if call.latents is not None:  # a base's partly denoised latents (denoising_start) go on as they are
+        return call.latents.to(pipe.device, torch.float32) * (1.0 if sdxl.continues(call) else sigma)
     if not call.img2img:
         return starting_noise(call, pipe.device) * sigma
     return noised_init_latents(pipe, call, timesteps[:1])
@@ -334,9 +338,16 @@ def encoded_init(pipe: Pipeline, call: Call) -> torch.Tensor:
     def posterior_noise() -> torch.Tensor:
         return randn(call.shape, call.generators, pipe.device, torch.float32)
 
+    # A VAE with force_upcast (SDXL's) encodes in fp32 in an fp16 pipeline too, as diffusers' SDXL img2img does.
+    dtype = torch.float32 if pipe.dtype == torch.float16 and pipe.vae.config.force_upcast else pipe.dtype
     with pipe.residency.running(pipe.vae) as vae:
         encode = vae.encode_tiled if pipe.setup.decode_mode == "tiled" else vae.encode
-        posterior = encode(call.init.to(pipe.device, pipe.dtype, memory_format=pipe.setup.memory_format))
+        if dtype != pipe.dtype:
+            vae.float()
+        try:
+            posterior = encode(call.init.to(pipe.device, dtype, memory_format=pipe.setup.memory_format))
+        finally:
+            vae.to(pipe.dtype)
     return posterior.sample_with(posterior_noise).float().expand(call.shape) * pipe.vae.config.scaling_factor
 
 

@@ -33,8 +33,11 @@ class HookedUNet:
         encoder_hidden_states: torch.Tensor,
         timestep_cond: torch.Tensor | None = None,
         residuals: ControlResiduals | None = None,
+        **added: torch.Tensor,  # SDXL's text_embeds and time_ids
     ) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states, hooks=self.hooks, timestep_cond=timestep_cond, residuals=residuals)
+        return self.unet(
+            sample, timestep, encoder_hidden_states, hooks=self.hooks, timestep_cond=timestep_cond, residuals=residuals, **added
+        )
 
 
 def speed_up(unet: UNet, deepcache_interval: int = 1, token_merging: float = 0.0) -> Network:

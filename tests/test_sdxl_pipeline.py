@@ -1,0 +1,251 @@
+"""SDXL generation: tiny random-weight SDXL base and refiner (tests/tiny_sdxl.py) saved as diffusers folders, loaded
+by ldm, against diffusers' StableDiffusionXLPipeline / StableDiffusionXLImg2ImgPipeline on the same weights (max abs
+difference < 1e-4 in [0, 1] pixels, fp32)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tiny_sdxl
+
+from ldm.errors import InputError, SettingError
+from ldm.pipeline import Pipeline
+from ldm.sdxl import SdxlOptions
+
+TOLERANCE = 1e-4
+SIZE = dict(height=32, width=32)
+COMMON = dict(prompt="a photo of a red cat", guidance_scale=7.5, output_type="np", num_inference_steps=4, **SIZE)
+SCHEDULERS = {"euler": "EulerDiscreteScheduler", "euler-ancestral": "EulerAncestralDiscreteScheduler"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny networks run ~20x faster on one thread than on two contended ones (thread hand-offs dominate)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json (and the refiner's), verbatim: it carries the keys
+# other samplers read (set_alpha_to_one) that an EulerDiscreteScheduler's save_pretrained would leave out.
+RELEASED_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
+    "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False,
+    "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    import json
+
+    root = tmp_path_factory.mktemp("sdxl")
+    folders = {kind: tiny_sdxl.save_folder(root / kind, kind) for kind in ("base", "refiner")}
+    for folder in folders.values():
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(RELEASED_SCHEDULER, indent=2))
+    return folders
+
+
+@pytest.fixture(scope="module")
+def base(folders):
+    from diffusers import StableDiffusionXLPipeline
+
+    reference = StableDiffusionXLPipeline.from_pretrained(folders["base"])
+    reference.set_progress_bar_config(disable=True)
+    reference.loaded_scheduler = reference.scheduler
+    return reference, Pipeline.from_pretrained(folders["base"])
+
+
+@pytest.fixture(scope="module")
+def refiner(folders):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    reference = StableDiffusionXLImg2ImgPipeline.from_pretrained(folders["refiner"])
+    reference.set_progress_bar_config(disable=True)
+    return reference, Pipeline.from_pretrained(folders["refiner"])
+
+
+def swapped(reference, name: str):
+    import diffusers
+
+    reference.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(reference.loaded_scheduler.config)
+    return reference
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_txt2img_matches_diffusers_with_a_negative_prompt(base, scheduler):
+    reference, pipe = base
+    theirs = swapped(reference, scheduler)(**COMMON, negative_prompt="blurry, dark", generator=generator(5)).images
+    ours = pipe(**COMMON, negative_prompt="blurry, dark", scheduler=scheduler, seed=5)
+    assert np.abs(ours.images - theirs).max() < TOLERANCE
+    assert (ours.settings.settings.width, ours.settings.settings.height) == (32, 32)
+
+
+def test_an_empty_negative_prompt_is_zeros_as_diffusers_without_one(base):
+    """force_zeros_for_empty_prompt (the base's): diffusers zeroes the negative it is not given; ldm an empty one."""
+    reference, pipe = base
+    assert pipe.force_zeros_for_empty_prompt
+    theirs = swapped(reference, "euler")(**COMMON, generator=generator(2)).images
+    ours = pipe(**COMMON, scheduler="euler", seed=2).images
+    assert np.abs(ours - theirs).max() < TOLERANCE
+    encoded = swapped(reference, "euler")(**COMMON, negative_prompt="", generator=generator(2)).images
+    assert np.abs(ours - encoded).max() > 1e-3  # zeros, not the encoding of ""
+
+
+def test_prompt_2_micro_conditioning_and_clip_skip_match_diffusers(base):
+    reference, pipe = base
+    call = dict(
+        prompt_2="an oil painting", negative_prompt="blurry", negative_prompt_2="grainy", original_size=(512, 768),
+        crops_coords_top_left=(16, 0), target_size=(48, 32), negative_original_size=(256, 256), negative_target_size=(48, 32),
+    )  # fmt: skip
+    theirs = swapped(reference, "euler")(**COMMON, **call, generator=generator(9)).images
+    options = SdxlOptions(
+        original_size=(512, 768), crops_coords_top_left=(16, 0), target_size=(48, 32), negative_original_size=(256, 256),
+        negative_crops_coords_top_left=(0, 0), negative_target_size=(48, 32),
+    )  # fmt: skip
+    ours = pipe(**COMMON, prompt_2="an oil painting", negative_prompt="blurry", negative_prompt_2="grainy", sdxl=options, scheduler="euler", seed=9)
+    assert np.abs(ours.images - theirs).max() < TOLERANCE
+    plain = pipe(**COMMON, negative_prompt="blurry", scheduler="euler", seed=9).images
+    assert np.abs(ours.images - plain).max() > 1e-3
+    # clip_skip: diffusers skips layers for the prompt only; with the empty (zeroed) negative both agree.
+    theirs = swapped(reference, "euler")(**COMMON, clip_skip=1, generator=generator(9)).images
+    assert np.abs(pipe(**COMMON, clip_skip=1, scheduler="euler", seed=9).images - theirs).max() < TOLERANCE
+
+
+def test_a_batch_keeps_the_seed_rule_and_matches_diffusers(base):
+    reference, pipe = base
+    generators = [generator(40), generator(41)]
+    theirs = swapped(reference, "euler-ancestral")(**COMMON, negative_prompt="dark", num_images_per_prompt=2, generator=generators).images
+    batch = pipe(**COMMON, negative_prompt="dark", num_images_per_prompt=2, scheduler="euler-ancestral", seed=40)
+    assert batch.seeds == [40, 41]
+    assert np.abs(batch.images - theirs).max() < TOLERANCE
+    second = pipe(**COMMON, negative_prompt="dark", scheduler="euler-ancestral", seed=41).images
+    assert np.abs(batch.images[1:] - second).max() < TOLERANCE
+
+
+def test_a_long_prompt_keeps_its_chunks_where_diffusers_cuts_it(base):
+    """ldm (as A1111) encodes every 75-token chunk on both encoders and pools the first; diffusers keeps 77 tokens.
+    The first chunk and the pooled embedding are diffusers' own."""
+    from ldm.pipeline import stages
+    from ldm.settings import GenerationSettings
+
+    reference, pipe = base
+    prompt = " ".join(["cat"] * 100)
+    theirs, _, pooled, _ = reference.encode_prompt(prompt, do_classifier_free_guidance=False)
+    call = stages.resolve(pipe, GenerationSettings(prompt, guidance_scale=1.0, **SIZE), None, None, None)
+    text = stages.encode_prompts(pipe, call)
+    assert text.states.shape == (1, 154, tiny_sdxl.CLIP_L_WIDTH + tiny_sdxl.BIGG_WIDTH)
+    assert (text.states[:, :77] - theirs).abs().max() < 1e-5
+    assert (text.pooled - pooled).abs().max() < 1e-5
+    long = pipe(prompt, guidance_scale=1.0, output_type="np", num_inference_steps=3, seed=1, **SIZE).images
+    cut = reference(prompt, guidance_scale=1.0, output_type="np", num_inference_steps=3, generator=generator(1), **SIZE).images
+    assert np.abs(long - cut).max() > 1e-4  # the second chunk reaches the U-Net
+
+
+def test_img2img_matches_diffusers_on_the_refiner(refiner):
+    reference, pipe = refiner
+    image = np.random.default_rng(0).random((32, 32, 3))
+    from PIL import Image
+
+    init = Image.fromarray((image * 255).astype(np.uint8))
+    call = dict(prompt="a red cat", negative_prompt="blurry", guidance_scale=6.0, num_inference_steps=5, strength=0.6, output_type="np")
+    theirs = reference(**call, image=init, aesthetic_score=7.0, generator=generator(3)).images
+    ours = pipe(**call, init_image=init, sdxl=SdxlOptions(aesthetic_score=7.0), scheduler="euler", seed=3)
+    assert not pipe.force_zeros_for_empty_prompt
+    assert np.abs(ours.images - theirs).max() < TOLERANCE
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_the_refiner_hand_off_matches_diffusers_ensemble_of_experts(base, refiner, scheduler):
+    (reference, pipe), (reference_refiner, refiner_pipe) = base, refiner
+    import diffusers
+
+    reference_refiner.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(reference_refiner.scheduler.config)
+    call = dict(prompt="a red cat", negative_prompt="blurry", guidance_scale=7.0, num_inference_steps=5)
+    generators = [generator(11)]
+    latents = swapped(reference, scheduler)(**call, **SIZE, denoising_end=0.6, output_type="latent", generator=generators).images
+    theirs = reference_refiner(**call, image=latents, denoising_start=0.6, output_type="np", generator=generators).images
+    ours = pipe(**call, **SIZE, scheduler=scheduler, refiner=refiner_pipe, refiner_switch=0.6, output_type="np", seed=11)
+    assert np.abs(ours.images - theirs).max() < TOLERANCE
+    assert ours.parameters[0].extra["Refiner switch at"] == "0.6"
+    # The two calls of diffusers' recipe, in ldm, one generator going on from the first call to the second.
+    shared = generator(11)
+    first = pipe(**call, **SIZE, scheduler=scheduler, sdxl=SdxlOptions(denoising_end=0.6), output_type="latent", generator=shared)
+    second = refiner_pipe(**call, **SIZE, latents=first.images, scheduler=scheduler, sdxl=SdxlOptions(denoising_start=0.6), output_type="np", generator=shared)
+    assert np.abs(second.images - theirs).max() < TOLERANCE
+
+
+def test_bad_sdxl_input_is_refused_in_one_line(base):
+    _, pipe = base
+    with pytest.raises(SettingError, match="original_size"):
+        SdxlOptions(original_size=(0, 10))
+    with pytest.raises(SettingError, match="denoising_end"):
+        SdxlOptions(denoising_end=1.5)
+    with pytest.raises(SettingError, match="refiner_switch"):
+        pipe("a cat", refiner_switch=0.5, **SIZE)
+    with pytest.raises(SettingError, match="prompt_2"):
+        pipe("a cat", prompt_2=["a", "b"], **SIZE)
+    with pytest.raises(SettingError, match="hires_scale"):
+        pipe("a cat", hires_scale=2.0, **SIZE)
+    with pytest.raises(InputError, match="latents"):
+        pipe("a cat", sdxl=SdxlOptions(denoising_start=0.5), **SIZE)
+    with pytest.raises(InputError, match="no refiner"):
+        pipe("a cat", refiner="no-such-refiner", **SIZE)
+    with pytest.raises(InputError, match="embeddings"):
+        pipe.load_embeddings("anything.pt")
+
+
+def test_the_native_size_is_sdxl_s_1024(base):
+    from ldm.pipeline import stages
+    from ldm.settings import GenerationSettings
+
+    call = stages.resolve(base[1], GenerationSettings("a cat"), None, None, None)
+    assert (call.settings.width, call.settings.height, call.shape) == (1024, 1024, (1, 4, 128, 128))
+
+
+def test_the_command_line_writes_an_sdxl_image_refined_with_its_metadata(folders, base, tmp_path, capsys):
+    from ldm.cli import main
+    from ldm.images import read_parameters
+
+    files = {}
+    for kind, folder in folders.items():
+        files[kind] = tmp_path / f"tiny-{kind}.safetensors"
+        assert main(["convert", str(folder), str(files[kind])]) == 0
+    out = tmp_path / "out"
+    argv = ["a red cat", "--negative-prompt", "blurry", "--model", files["base"], "--refiner", files["refiner"], "--refiner-switch",
+            "0.5", "--scheduler", "euler", "--steps", "4", "--width", "32", "--height", "32", "--seed", "7", "--out", out, "--quiet"]  # fmt: skip
+    assert main(["txt2img", *map(str, argv)]) == 0
+    capsys.readouterr()
+    params = read_parameters(out / "00000-7.png")
+    assert (params.model, params.width, params.height, params.seed) == ("tiny-base", 32, 32, 7)
+    assert params.extra["Refiner"].startswith("tiny-refiner [") and params.extra["Refiner switch at"] == "0.5"
+    refiner = Pipeline.from_pretrained(files["refiner"])
+    again = Pipeline.from_pretrained(files["base"])(
+        "a red cat", negative_prompt="blurry", refiner=refiner, refiner_switch=0.5, scheduler="euler", num_inference_steps=4, seed=7, **SIZE
+    ).images[0]  # fmt: skip
+    from PIL import Image
+
+    assert np.abs(np.asarray(Image.open(out / "00000-7.png"), dtype=int) - np.asarray(again, dtype=int)).max() <= 1
+    assert main(["txt2img", "a cat", "--model", str(files["base"]), "--refiner-switch", "0.5", "--out", str(out)]) == 2
+    assert "--refiner-switch" in capsys.readouterr().err
+
+
+def test_every_sampler_matches_diffusers_on_sdxl(base):
+    """The samplers see only the denoiser: SDXL's conditioning changes nothing of them (tests/test_pipeline_parity.py)."""
+    import diffusers
+    from test_pipeline_parity import SAMPLERS, ours_for
+
+    reference, pipe = base
+    for sampler, (class_name, options, call) in SAMPLERS.items():
+        reference.scheduler = getattr(diffusers, class_name).from_config(reference.loaded_scheduler.config, **options)
+        common = {**COMMON, "num_inference_steps": 3, "negative_prompt": "dark", **call}
+        theirs = reference(**common, generator=generator(21)).images
+        ours = pipe(**common, **{k: v for k, v in ours_for(sampler).items() if k not in call}, seed=21).images
+        assert np.abs(ours - theirs).max() < TOLERANCE, sampler
