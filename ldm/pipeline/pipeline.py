@@ -100,7 +100,6 @@ class Pipeline:
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
-        self.text_encoder_2: nn.Module | None = None  # SDXL's second text encoder (OpenCLIP bigG); None for SD 1.x/2.x
         self.scheduler_config = scheduler_config  # each call builds its own scheduler from it
         self.name = "model"  # shown as "Model" in image metadata; from_pretrained sets the folder / file stem
         self.source: Path | None = None  # the model's file or folder (from_pretrained)
@@ -116,7 +115,7 @@ class Pipeline:
         self.controlnets = ControlNets()  # loaded by name (load_controlnet), or by the path a call's units name
         # SDXL (ldm.pipeline.sdxl): the second text encoder (the refiner's only one), its tokenizer, the model's
         # force_zeros_for_empty_prompt (from_pretrained reads it), and the refiners loaded (ldm.pipeline.refiner).
-        self.text_encoder_2 = text_encoder_2
+        self.text_encoder_2: nn.Module | None = text_encoder_2  # None for SD 1.x/2.x
         self.tokenizer_2 = tokenizer_2
         self.force_zeros_for_empty_prompt = False
         self.refiners = refining.Refiners()
