@@ -428,12 +428,16 @@ class GenerationSettings:
 
     @property
     def hires_pass_steps(self) -> int:
-        """The steps the hires pass runs, of resolved settings: the last ``hires_strength`` of its
-        ``hires_steps`` (or ``num_inference_steps``), as img2img runs them; 0 without the pass."""
-        if self.hires_scale is None:
-            return 0
-        steps = self.hires_steps or self.num_inference_steps
-        return min(int(steps * self.hires_strength), steps)
+        """The steps the hires pass runs, of resolved settings: ``hires_steps`` (0: ``num_inference_steps``), all
+        of them, as A1111 runs ``hr_second_pass_steps``; 0 without the pass."""
+        return 0 if self.hires_scale is None else self.hires_steps or self.num_inference_steps
+
+    @property
+    def hires_schedule_steps(self) -> int:
+        """The schedule the hires pass takes its last ``hires_pass_steps`` from: A1111's img2img with a step
+        count given (``setup_img2img_steps``) spreads them over int(steps / min(strength, 0.999)) steps, so the
+        pass starts at the noise level the strength asks for and still runs every step it was given."""
+        return int(self.hires_pass_steps / min(self.hires_strength, 0.999))
 
     @property
     def total_steps(self) -> int:

@@ -376,7 +376,8 @@ def test_the_extension_api_makes_the_python_image_and_names_bad_fields(models, t
 
 def test_the_hires_pass_is_steered_at_its_own_size_as_diffusers_controlnet_img2img(models):
     """A ControlNet acts in the hires pass too (as the sd-webui-controlnet extension applies it), on its control
-    map made at the larger size: diffusers' ControlNet txt2img, the latent upscale, then its ControlNet img2img."""
+    map made at the larger size: diffusers' ControlNet txt2img, the latent upscale, then its ControlNet img2img
+    (4 hires steps at strength 0.5: the last 4 of 8, A1111's rule)."""
     import diffusers
     import torch.nn.functional as F
 
@@ -387,7 +388,7 @@ def test_the_hires_pass_is_steered_at_its_own_size_as_diffusers_controlnet_img2i
     second = diffusers.StableDiffusionControlNetImg2ImgPipeline(**first.components)
     theirs = second(
         **{**COMMON, "height": 128, "width": 128}, image=F.interpolate(latents, size=(16, 16), mode="bilinear"),
-        control_image=image, controlnet_conditioning_scale=1.0, strength=0.5, num_inference_steps=4, generator=generator(),
+        control_image=image, controlnet_conditioning_scale=1.0, strength=0.5, num_inference_steps=8, generator=generator(),
     ).images  # fmt: skip
     ours = pipe(
         **COMMON, scheduler="euler", num_inference_steps=3, seed=3, control=ControlUnit(root / "cn0", image),
@@ -395,3 +396,15 @@ def test_the_hires_pass_is_steered_at_its_own_size_as_diffusers_controlnet_img2i
     ).images  # fmt: skip
     assert ours.shape == theirs.shape == (1, 128, 128, 3)
     assert np.abs(ours - theirs).max() < TOLERANCE
+
+
+def test_a_one_shot_hires_call_keeps_its_controlnet_for_the_second_pass(models):
+    """weights_after_use="release" frees each network after its last use: with a hires pass that is after the
+    second pass, for the ControlNets as for the U-Net."""
+    _, _, _, root = models
+    pipe = Pipeline.from_pretrained(root / "model")
+    name = pipe.load_controlnet(root / "cn0")
+    call = dict(**COMMON, num_inference_steps=2, seed=1, control=ControlUnit(name, control_image(0)), hires_scale=2, hires_strength=0.5)
+    kept = pipe(**call).images
+    pipe.configure(weights_after_use="release")
+    assert np.array_equal(pipe(**call).images, kept)

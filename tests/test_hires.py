@@ -3,8 +3,9 @@
 diffusers has no hires fix; its users compose one: ``StableDiffusionPipeline`` to latents (or images) at
 the base size, the same upscale (torch's ``interpolate`` of the latents, or PIL's Lanczos on the 8-bit
 images), then ``StableDiffusionImg2ImgPipeline`` (which takes 4-channel latents as ``image``) with a
-generator seeded again from the image's seed, as A1111 seeds its hires pass. ldm's result equals that
-within 1e-4 in fp32 on a random-weight tiny model.
+generator seeded again from the image's seed, as A1111 seeds its hires pass, over int(N / strength) steps of
+which it runs the last N (A1111's rule for ``hr_second_pass_steps`` = N). ldm's result equals that within
+1e-4 in fp32 on a random-weight tiny model.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def test_hires_fix_equals_diffusers_txt2img_upscale_img2img(models, sampler, ups
         # within 1e-6, tests/test_pipeline_parity.py) straddle a rounding level would differ by 1/255, so
         # diffusers' second pass starts from ldm's first image, which the hires pass makes as plain txt2img does.
         first = pipe(**COMMON, scheduler=sampler, num_inference_steps=3, width=64, height=64, seed=21).images
-    theirs = diffusers_hires(reference, sampler, upscaler, seed=21, steps=3, hires_steps=4, strength=0.5, first=first)
+    # 4 hires steps at strength 0.5: A1111 (and ldm) run all 4, the last of an 8-step schedule
+    theirs = diffusers_hires(reference, sampler, upscaler, seed=21, steps=3, hires_steps=8, strength=0.5, first=first)
     ours = pipe(
         **COMMON, scheduler=sampler, num_inference_steps=3, width=64, height=64, seed=21,
         hires_scale=2, hires_steps=4, hires_strength=0.5, hires_upscaler=upscaler, output_type="np",
@@ -112,9 +114,9 @@ def test_progress_counts_both_passes_and_a_scale_rounds_down_to_the_vae_factor(m
                callback=lambda i, t, x, denoised: steps.append((i, tuple(x.shape))), output_type="pt")  # fmt: skip
     # 64 x 1.3 = 83.2: A1111 makes int(83.2) // 8 = 10 latents, an 80-pixel side; so does ldm
     assert tuple(out.images.shape) == (1, 3, 80, 80)
-    assert [i for i, _ in steps] == list(range(4 + 5))  # 4 first-pass steps, then 0.5 x 10
+    assert [i for i, _ in steps] == list(range(4 + 10))  # 4 first-pass steps, then all 10 of the pass (A1111's rule)
     assert {shape for _, shape in steps[4:]} == {(1, 4, 10, 10)}
-    assert out.settings.settings.total_steps == 9
+    assert out.settings.settings.total_steps == 14
 
 
 def test_bad_hires_settings_are_refused_with_the_field_named():
@@ -132,10 +134,16 @@ def test_bad_hires_settings_are_refused_with_the_field_named():
         GenerationSettings("a", hires_scale=2, init_image=Image.new("RGB", (64, 64)))
 
 
-def test_a_pass_without_steps_or_over_max_pixels_is_refused_before_any_work(models):
+def test_a_pass_that_cannot_run_is_refused_before_any_work(models):
+    from diffusers import HeunDiscreteScheduler
+
     _, pipe = models
-    with pytest.raises(SettingError, match="leaves no step to run"):
-        pipe(**COMMON, num_inference_steps=3, width=64, height=64, seed=1, hires_scale=2, hires_strength=0.2)
+    never = dict(callback=lambda *step: pytest.fail("the first pass ran"))
+    with pytest.raises(SettingError, match="hires_steps 600 at hires_strength 0.5 spread over 1200 steps, more than the model's 1000"):
+        pipe(**COMMON, num_inference_steps=3, width=64, height=64, seed=1, hires_scale=2, hires_steps=600, hires_strength=0.5, **never)
+    heun = HeunDiscreteScheduler.from_config(pipe.scheduler_config.to_diffusers())
+    with pytest.raises(SettingError, match="HeunDiscreteScheduler\\) makes 2: use one of ldm's samplers"):
+        pipe(**COMMON, num_inference_steps=3, width=64, height=64, seed=1, hires_scale=2, scheduler=heun, **never)
     pipe.configure(max_pixels=100 * 100)
     try:
         with pytest.raises(SettingError, match="128x128 x 1 images"):
@@ -195,6 +203,9 @@ def test_the_a1111_api_takes_enable_hr_and_answers_the_upscaled_image_with_its_i
     assert hires == {"Hires upscale": "2", "Hires steps": "4", "Hires upscaler": "Latent", "Denoising strength": "0.5"}
     info = json.loads(body["info"])
     assert info["denoising_strength"] == 0.5 and info["extra_generation_params"]["Hires upscale"] == "2"
+    default = {key: value for key, value in HIRES_REQUEST.items() if key != "denoising_strength"}
+    params = parse_parameters(decode_png(http.post("/sdapi/v1/txt2img", json=default).json()["images"][0]).info["parameters"])
+    assert params.extra["Denoising strength"] == "0.75"  # A1111's API default (its web UI slider's is 0.7)
     plain = http.post("/sdapi/v1/txt2img", json={**HIRES_REQUEST, "enable_hr": False}).json()
     assert decode_png(plain["images"][0]).size == (64, 64)  # without enable_hr the hr_* fields do nothing, as in A1111
 
@@ -252,3 +263,18 @@ def test_prompt_editing_over_the_pass_own_steps_runs_when_weights_are_released_a
     assert np.abs(edited - red).max() > 1e-5  # (the same texts throughout would give exactly equal images)
     pipe.configure(weights_after_use="release")
     assert np.array_equal(pipe(prompt="a [red:blue:1] cat", **kwargs).images, edited)
+
+
+def test_the_pass_runs_every_step_it_is_given_and_its_prompt_editing_reaches_the_end(models):
+    """A1111 runs ``hr_second_pass_steps`` = N steps, the last N of int(N / strength), and lays prompt editing
+    over those N: "[cat:dog:0.5]" at 8 hires steps and strength 0.5 reads "cat", then "dog"."""
+    from ldm.pipeline import hires, stages
+
+    _, pipe = models
+    settings = GenerationSettings("a [cat:dog:0.5]", num_inference_steps=8, width=64, height=64, seed=2, hires_scale=2, hires_steps=8, hires_strength=0.5)
+    call = stages.resolve(pipe, settings, None, None, None)
+    second = hires.second_call(pipe, call, torch.zeros(1, 4, 8, 8))
+    assert (second.settings.num_inference_steps, second.kept_steps) == (16, 8)
+    assert len(stages.prepare_timesteps(pipe, second)) == 8
+    texts = [second.plan.texts[row] for row in second.plan.cond[0][0]]
+    assert len(texts) == 8 and texts[0] == "a cat" and texts[-1] == "a dog"

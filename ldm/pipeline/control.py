@@ -166,14 +166,15 @@ def _fit(pipe: Pipeline, network: ControlNet) -> None:
 
 
 @contextmanager
-def running(pipe: Pipeline, units: tuple[PreparedUnit, ...]) -> Iterator[None]:
-    """The units' networks on the execution device for the block, handed back (``done_with``) after it."""
+def running(pipe: Pipeline, units: tuple[PreparedUnit, ...], last_use: bool = True) -> Iterator[None]:
+    """The units' networks on the execution device for the block, handed back (``done_with``) after it when
+    it is their last use in the call (a hires pass runs them again)."""
     networks = list({id(prepared.network): prepared.network for prepared in units}.values())
     with ExitStack() as stack:
         for network in networks:
             stack.enter_context(pipe.residency.running(network))
         yield
-    for network in networks:
+    for network in networks if last_use else ():
         pipe.residency.done_with(network)
 
 

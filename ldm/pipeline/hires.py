@@ -43,18 +43,27 @@ def check(pipe: Pipeline, call: stages.Call) -> None:
         raise SettingError("{hires_scale} runs a second pass that an inpainting model (9 input channels) cannot take yet; drop it")
     width, height = s.hires_size(pipe.vae.config.downsample_factor)
     checks.check_pixels(width, height, s.batch, pipe.setup.max_pixels)
-    steps = s.hires_steps or s.num_inference_steps
-    checks.check_steps(steps, "hires_steps", limit=pipe.scheduler_config.num_train_timesteps)
-    if s.hires_pass_steps == 0:
-        raise SettingError(f"{{hires_strength}} {s.hires_strength:g} x {steps} hires steps leaves no step to run; raise either")
+    limit = pipe.scheduler_config.num_train_timesteps
+    checks.check_steps(s.hires_pass_steps, "hires_steps", limit=limit)
+    if s.hires_schedule_steps > limit:
+        raise SettingError(
+            f"{{hires_steps}} {s.hires_pass_steps} at {{hires_strength}} {s.hires_strength:g} spread over {s.hires_schedule_steps} "
+            f"steps, more than the model's {limit}; lower the steps or raise the strength"
+        )
+    order = getattr(getattr(call.scheduler, "diffusers", None), "order", 1)  # a diffusers template's calls per step
+    if order > 1:
+        raise SettingError(
+            "the hires pass is img2img, which needs a scheduler with one network call per step; this {scheduler} "
+            f"({type(call.scheduler.diffusers).__name__}) makes {order}: use one of ldm's samplers"
+        )
 
 
 def encodes_again(pipe: Pipeline, call: stages.Call) -> bool:
     """Whether the pass lays prompt editing or alternation out over steps of its own, so encodes the prompts again."""
     s = call.settings
-    if s.hires_scale is None or s.hires_steps in (0, s.num_inference_steps):
+    if s.hires_scale is None or s.hires_pass_steps == s.num_inference_steps:
         return False
-    plan = stages.prompt_plan(pipe, replace(s, num_inference_steps=s.hires_steps))
+    plan = stages.prompt_plan(pipe, replace(s, num_inference_steps=s.hires_pass_steps))
     # Texts that do not change between steps serve any number of steps (the last row repeats).
     return (call.plan.scheduled or plan.scheduled) and plan != call.plan
 
@@ -88,8 +97,10 @@ def second_call(pipe: Pipeline, call: stages.Call, x: torch.Tensor) -> stages.Ca
         images = upscaled_images(pipe, x, width, height)
     # The pass's settings name its input as init_image (diffusers' img2img takes images or latents as
     # ``image``); the stages read the Call's ``init`` / ``init_latents``.
+    # The pass runs its hires_pass_steps steps, all of them (A1111's rule, settings.hires_schedule_steps), at the
+    # end of a longer schedule; its prompt editing is laid out over the steps it runs, as A1111 lays it.
     second = replace(
-        s, width=width, height=height, num_inference_steps=s.hires_steps or s.num_inference_steps,
+        s, width=width, height=height, num_inference_steps=s.hires_schedule_steps,
         init_image=latents if images is None else images, strength=s.hires_strength,
         hires_scale=None, hires_steps=0, hires_strength=None, hires_upscaler=None,
     )  # fmt: skip
@@ -97,9 +108,10 @@ def second_call(pipe: Pipeline, call: stages.Call, x: torch.Tensor) -> stages.Ca
     plain = replace(second, eta=None, timestep_spacing=None, sigma_schedule="spaced")
     scheduler = stages.build_scheduler(pipe.scheduler_config, plain, call.scheduler)
     _, variation = stages.variation_generators(s)
+    plan = stages.prompt_plan(pipe, replace(second, num_inference_steps=s.hires_pass_steps))
     return stages.Call(
-        replace(call.resolved, settings=second), scheduler, fresh_generators(call), shape, images, None,
-        stages.prompt_plan(pipe, second), call.loras, variation, control=control.prepare(pipe, second), init_latents=latents,
+        replace(call.resolved, settings=second), scheduler, fresh_generators(call), shape, images, None, plan, call.loras,
+        variation, control=control.prepare(pipe, second), init_latents=latents, kept_steps=s.hires_pass_steps,
     )  # fmt: skip
 
 

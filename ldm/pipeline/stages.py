@@ -78,6 +78,7 @@ class Call:
     control: tuple[control.PreparedUnit, ...] = ()  # the ControlNets, found, and their control maps
     init_latents: torch.Tensor | None = None  # img2img from latents: z_0 per image, scaled (the hires pass's)
     inpaint: Inpainting | None = None  # a mask, an outpainting or an inpainting U-Net (ldm.pipeline.inpaint)
+    kept_steps: int | None = None  # img2img: the steps run at the schedule's end (the hires pass's); None: strength's
 
     @property
     def img2img(self) -> bool:
@@ -295,7 +296,8 @@ def prepare_timesteps(pipe: Pipeline, call: Call) -> torch.Tensor:
         return sdxl.window(call, timesteps, pipe.scheduler_config.num_train_timesteps)
     if len(timesteps) != s.num_inference_steps:
         raise ConfigError(f"img2img needs a scheduler with one timestep per step; {type(call.scheduler).__name__} has {len(timesteps)}")
-    return sdxl.window(call, timesteps[s.num_inference_steps - s.img2img_steps :], pipe.scheduler_config.num_train_timesteps)
+    kept = call.kept_steps or s.img2img_steps
+    return sdxl.window(call, timesteps[s.num_inference_steps - kept :], pipe.scheduler_config.num_train_timesteps)
 
 
 def initial_latents(pipe: Pipeline, call: Call, timesteps: torch.Tensor) -> torch.Tensor:
@@ -366,7 +368,8 @@ def denoise(
         )
     # The callback's x_0 comes from the model's noise process (built only when someone listens).
     process = NoiseProcess.from_config(pipe.scheduler_config.filled_for(LINSPACE_DEFAULTS)) if callback else None
-    with pipe.residency.running(pipe.unet) as unet, control.running(pipe, call.control):
+    last_use = s.hires_scale is None  # else the hires pass (ldm.pipeline.hires) runs the networks again
+    with pipe.residency.running(pipe.unet) as unet, control.running(pipe, call.control, last_use):
         network = speed_up(unet, s.deepcache_interval, s.token_merging)
         if call.inpaint is not None:  # an inpainting U-Net's extra inputs (a ControlNet sees the latents alone)
             network = call.inpaint.network(network)
@@ -381,7 +384,7 @@ def denoise(
                 x = call.inpaint.after_step(i, x)
             if callback is not None:
                 callback(i, t, x, process.denoised(output, model_input, t))
-    if s.hires_scale is None:  # else the hires pass (ldm.pipeline.hires) runs it again
+    if last_use:
         pipe.residency.done_with(pipe.unet)
     return x
 

@@ -69,6 +69,7 @@ class Txt2ImgRequest(GenerationFields):
     width: int | None = 512
     height: int | None = 512
     enable_hr: bool = False
+    denoising_strength: float | None = 0.75  # the hires pass's (A1111's API default; its web UI slider's is 0.7)
     hr_scale: float = 2.0
     hr_upscaler: str | None = None
     hr_second_pass_steps: int = 0
