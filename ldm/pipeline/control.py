@@ -11,7 +11,7 @@ The wrapper computes what diffusers' ``StableDiffusionControlNetPipeline`` compu
 - unit u acts at step i of n unless i / n < start or (i + 1) / n > end (``control_guidance_start/end``);
   an idle unit adds nothing (diffusers adds its zeros);
 - ``mode="balanced"``: every residual times ``scale``; ``"prompt"`` and ``"controlnet"``: residual k of K
-  times ``scale * 10^(k / K - 1)`` (``torch.logspace(-1, 0, K)``, K = 13 for SD: the skips and the middle);
+  times ``scale * 10^(k / (K - 1) - 1)`` (``torch.logspace(-1, 0, K)``, K = 13 for SD: the skips and the middle);
 - ``"controlnet"`` (diffusers' guess mode) under classifier-free guidance: the ControlNet runs on the
   conditional rows only and the unconditional rows get zeros; so do shuffle-type (``global_pool_conditions``)
   networks, whose residuals are spatial means;
@@ -227,7 +227,7 @@ def unit_residuals(
     residuals = network(x, t, text[uncond:] if conditional_only else text, hint)
     if unit.mode == "balanced" or pooled:
         residuals = residuals.scaled(unit.scale)
-    else:  # the original ControlNet's soft weights 0.825^(12 - k), as diffusers' guess mode writes them
+    else:  # diffusers' guess-mode ramp 10^(k/12 - 1) (the original ControlNet's soft weights, 0.825^(12 - k), are within 1 %)
         residuals = residuals.scaled(torch.logspace(-1, 0, len(residuals.down) + 1, device=x.device) * unit.scale)
     if conditional_only:
         residuals = with_zero_rows(residuals, uncond, text.shape[0] - uncond)
