@@ -436,3 +436,19 @@ def test_a_controlnet_on_an_inpainting_model_matches_diffusers_controlnet_inpain
     ).images[0]  # fmt: skip
     inside = (np.asarray(mask) >= 128)[..., None]
     assert np.abs(ours - np.where(inside, theirs, pixels(image))).max() < TOLERANCE
+
+
+@pytest.mark.parametrize("model", ["plain_model", "inpainting_model"])
+def test_the_tiled_decode_mode_encodes_inpaintings_images_in_tiles(request, model, monkeypatch):
+    """The image (and an inpainting U-Net's masked image) go through the encoder img2img and the hires pass use."""
+    _, pipe, _ = request.getfixturevalue(model)
+    seen = []
+    tiled_encode = pipe.vae.encode_tiled
+    monkeypatch.setattr(pipe.vae, "encode_tiled", lambda x: seen.append(tuple(x.shape)) or tiled_encode(x, tile=8, overlap=4))
+    monkeypatch.setattr(pipe.vae, "encode", lambda x: pytest.fail("encoded whole in the tiled mode"))
+    pipe.configure(decode_mode="tiled")
+    try:
+        pipe(**COMMON, init_image=init_image(), mask=box_mask(), strength=0.5, num_inference_steps=2, seed=1, output_type="np")
+    finally:
+        pipe.configure(decode_mode="full")
+    assert seen == [(1, 3, 64, 64)] * (2 if model == "inpainting_model" else 1)

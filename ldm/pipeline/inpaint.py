@@ -112,8 +112,9 @@ class Inpainting:
 
     @staticmethod
     def _encode(pipe: Pipeline, image: torch.Tensor):
-        with pipe.residency.running(pipe.vae) as vae:
-            return vae.encode(image.to(pipe.device, pipe.dtype, memory_format=pipe.setup.memory_format))
+        from ldm.pipeline.stages import encode_image  # stages imports this module; the encoder is img2img's, tiles and all
+
+        return encode_image(pipe, image)
 
     @staticmethod
     def _latents(pipe: Pipeline, posterior, noise: Callable[[], torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:

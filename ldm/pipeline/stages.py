@@ -338,17 +338,23 @@ def encoded_init(pipe: Pipeline, call: Call) -> torch.Tensor:
     def posterior_noise() -> torch.Tensor:
         return randn(call.shape, call.generators, pipe.device, torch.float32)
 
-    # A VAE with force_upcast (SDXL's) encodes in fp32 in an fp16 pipeline too, as diffusers' SDXL img2img does.
+    posterior = encode_image(pipe, call.init)
+    return posterior.sample_with(posterior_noise).float().expand(call.shape) * pipe.vae.config.scaling_factor
+
+
+def encode_image(pipe: Pipeline, image: torch.Tensor) -> Any:
+    """The VAE's posterior q(z | image) of (B, 3, H, W) pixels in [-1, 1], encoded as the set-up says: in tiles with
+    ``decode_mode="tiled"``, in fp32 for a VAE with ``force_upcast`` in an fp16 pipeline (as diffusers' SDXL img2img).
+    Every encode of a call (img2img, the hires pass's images, inpainting's image and masked image) goes through here."""
     dtype = torch.float32 if pipe.dtype == torch.float16 and pipe.vae.config.force_upcast else pipe.dtype
     with pipe.residency.running(pipe.vae) as vae:
         encode = vae.encode_tiled if pipe.setup.decode_mode == "tiled" else vae.encode
         if dtype != pipe.dtype:
             vae.float()
         try:
-            posterior = encode(call.init.to(pipe.device, dtype, memory_format=pipe.setup.memory_format))
+            return encode(image.to(pipe.device, dtype, memory_format=pipe.setup.memory_format))
         finally:
             vae.to(pipe.dtype)
-    return posterior.sample_with(posterior_noise).float().expand(call.shape) * pipe.vae.config.scaling_factor
 
 
 # --- denoise ---------------------------------------------------------------------------------------
