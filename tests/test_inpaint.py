@@ -452,3 +452,19 @@ def test_the_tiled_decode_mode_encodes_inpaintings_images_in_tiles(request, mode
     finally:
         pipe.configure(decode_mode="full")
     assert seen == [(1, 3, 64, 64)] * (2 if model == "inpainting_model" else 1)
+
+
+@pytest.mark.parametrize("fill", ["fill", "original", "latent-noise", "latent-nothing"])
+def test_every_mode_but_original_encodes_the_filled_image(plain_model, monkeypatch, fill):
+    """A1111 runs masking.fill before encoding for every "Masked content" but original (inpainting_fill != 1); the
+    latent modes then replace only the latents under the latent mask, so the fill shows in z_0 along its border."""
+    from ldm.masks import fill as filled
+
+    _, pipe, _ = plain_model
+    seen = []
+    encode = pipe.vae.encode
+    monkeypatch.setattr(pipe.vae, "encode", lambda x: seen.append(x.clone()) or encode(x))
+    options = Inpaint(mask=box_mask(), mask_blur=0, inpainting_fill=fill)
+    pipe(**COMMON, init_image=init_image(), mask=options, strength=0.5, num_inference_steps=2, seed=2, output_type="latent")
+    expected = init_image() if fill == "original" else filled(init_image(), box_mask())
+    assert len(seen) == 1 and torch.equal(seen[0], torch.from_numpy(pixels(expected)).permute(2, 0, 1)[None] * 2 - 1)
