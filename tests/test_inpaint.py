@@ -468,3 +468,33 @@ def test_every_mode_but_original_encodes_the_filled_image(plain_model, monkeypat
     pipe(**COMMON, init_image=init_image(), mask=options, strength=0.5, num_inference_steps=2, seed=2, output_type="latent")
     expected = init_image() if fill == "original" else filled(init_image(), box_mask())
     assert len(seen) == 1 and torch.equal(seen[0], torch.from_numpy(pixels(expected)).permute(2, 0, 1)[None] * 2 - 1)
+
+
+def test_only_masked_cuts_the_control_image_to_the_box_as_diffusers_controlnet_inpainting(plain_model, tmp_path):
+    """With "only masked" the control image is cut to the generated box as the init image is, then fitted to
+    width x height: diffusers' StableDiffusionControlNetInpaintPipeline with padding_mask_crop (its crops_coords)."""
+    from test_controlnet import control_image, random_controlnet
+
+    from ldm.control import ControlUnit
+
+    reference, pipe, _ = plain_model
+    swap(reference, "ddim")
+    net = random_controlnet(diffusers_unet("sd1"), 1)
+    net.save_pretrained(tmp_path / "controlnet")
+    image, mask, hint = init_image(96, 80), box_mask((30, 20, 50, 36), (96, 80)), control_image(0, size=(96, 80))
+    last = {}
+
+    def grab(_, i, t, tensors):
+        last["theirs"] = tensors["latents"]
+        return tensors
+
+    diffusers.StableDiffusionControlNetInpaintPipeline(**{**reference.components, "controlnet": net})(
+        **COMMON, image=image, mask_image=mask, control_image=hint, controlnet_conditioning_scale=1.0, width=64, height=64,
+        padding_mask_crop=6, strength=1.0, num_inference_steps=3, generator=torch.Generator("cpu").manual_seed(3), callback_on_step_end=grab,
+    )  # fmt: skip
+    options = Inpaint(mask=mask, mask_blur=0, inpaint_full_res=True, inpaint_full_res_padding=6)
+    pipe(
+        **COMMON, init_image=image, mask=options, width=64, height=64, strength=1.0, num_inference_steps=3, seed=3, scheduler="ddim",
+        control=ControlUnit(model=str(tmp_path / "controlnet"), image=hint), callback=lambda i, t, x, x0: last.update(ours=x),
+    )  # fmt: skip
+    assert (last["ours"] - last["theirs"]).abs().max() < TOLERANCE

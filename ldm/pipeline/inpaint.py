@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ldm.control import Crop
 from ldm.guidance import Network
 from ldm.images import to_pil
 from ldm.inpainting import MaskPlan
@@ -68,6 +69,12 @@ class Inpainting:
         if s.inpaint is None:
             return cls(None, conditioned) if conditioned else None
         return cls(s.inpaint.plan(s.init_image, s.width, s.height), conditioned, s.inpaint.inpainting_fill)
+
+    @property
+    def crop(self) -> Crop | None:
+        """"Only masked": (the output's size, the box of it that is generated at width x height), else None."""
+        plan = self.plan
+        return None if plan is None or plan.crop is None else (plan.original.size, plan.crop)
 
     # --- start ---------------------------------------------------------------------------------------
 

@@ -118,7 +118,8 @@ def resolve(pipe: Pipeline, settings: GenerationSettings, template: Any, generat
     texts = list(plan.texts)
     pipe.embeddings.check_not_skipped(texts)
     used = words_used(pipe.tokenizer, texts, pipe.prompt_words())
-    units = control.prepare(pipe, s)
+    inpaint = Inpainting.for_call(pipe, s)
+    units = control.prepare(pipe, s, inpaint.crop if inpaint is not None else None)
     resolved = ResolvedSettings(
         replace(s, seed=seeds[0] if seeds else None, subseed=subseed), seeds, sampler_name(scheduler),
         pipe.name, pipe.model_hash, tuple(pipe.adapters), __version__, vae=pipe.vae_name,
@@ -127,7 +128,6 @@ def resolve(pipe: Pipeline, settings: GenerationSettings, template: Any, generat
         controlnets=tuple(unit.label for unit in units),
         refiner=pipe.refiners.label(pipe, s.refiner) if s.refiner is not None else None,
     )
-    inpaint = Inpainting.for_call(pipe, s)
     return Call(resolved, scheduler, generators, shape, init_tensor(s), latents, plan, loras, variation, control=units, inpaint=inpaint)
 
 
