@@ -151,6 +151,12 @@ class Inpainting:
             known = self.add_noise(known, self.noise, self.timesteps[i + 1 : i + 2].repeat(x.shape[0]))
         return (1 - self.mask) * known + self.mask * x
 
+    def blended(self, x0: torch.Tensor) -> torch.Tensor:
+        """An x_0 estimate with an ordinary U-Net's known region put back (z_0 itself): a call stopped early."""
+        if self.conditioned or self.known is None:
+            return x0
+        return (1 - self.mask) * self.known + self.mask * x0
+
     # --- decode --------------------------------------------------------------------------------------
 
     def paste(self, images: torch.Tensor) -> torch.Tensor:

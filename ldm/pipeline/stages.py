@@ -386,10 +386,39 @@ def denoise(
             if call.inpaint is not None:  # an ordinary U-Net's known region put back
                 x = call.inpaint.after_step(i, x)
             if callback is not None:
-                callback(i, t, x, process.denoised(output, model_input, t))
+                step_done(pipe, call, callback, i, t, x, process.denoised(output, model_input, t))
     if s.hires_scale is None:  # else the hires pass (ldm.pipeline.hires) runs it again
         pipe.residency.done_with(pipe.unet)
     return x
+
+
+class Stopped(Exception):
+    """Raised by a step callback to end its call after that step (the server's interrupt). It leaves the loop
+    carrying ``partial(output_type)``: the images the call would make from that step's x_0 estimate
+    (``partial_output``), as A1111 keeps an interrupted batch's images."""
+
+    partial: Callable[..., Any] | None = None
+
+
+def step_done(
+    pipe: Pipeline, call: Call, callback: StepCallback, i: int, t: torch.Tensor, x: torch.Tensor, denoised: torch.Tensor
+) -> None:
+    """Tell ``callback`` step i is done; a ``Stopped`` it raises gets this step's partial result."""
+    try:
+        callback(i, t, x, denoised)
+    except Stopped as stop:
+        stop.partial = lambda output_type="pil": partial_output(pipe, call, denoised, output_type)
+        raise
+
+
+@torch.inference_mode()
+def partial_output(pipe: Pipeline, call: Call, denoised: torch.Tensor, output_type: OutputType = "pil") -> Any:
+    """A stopped call's images from a step's x_0 estimate ``denoised``, made as ``decode_output`` makes the finished
+    ones: an ordinary U-Net's known region put back first (A1111 blends its sampler's result so), then decoded and,
+    for inpainting, pasted over the init image (the output's size; unmasked pixels the init image's)."""
+    if call.inpaint is not None:
+        denoised = call.inpaint.blended(denoised)
+    return decode_output(pipe, denoised, output_type, call.inpaint)
 
 
 def guided(
