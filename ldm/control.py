@@ -40,6 +40,7 @@ from ldm.images import read_image, to_rgb
 ControlMode = Literal["balanced", "prompt", "controlnet"]
 Preprocess = Literal["none", "canny"]
 ResizeMode = Literal["resize", "crop", "fill"]
+Crop = tuple[tuple[int, int], tuple[int, int, int, int]]  # (canvas width, height), (x1, y1, x2, y2) of it
 # How the extension's infotext and API name each choice.
 CONTROL_MODE_NAMES = {"balanced": "Balanced", "prompt": "My prompt is more important", "controlnet": "ControlNet is more important"}
 RESIZE_MODE_NAMES = {"resize": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}
@@ -133,9 +134,19 @@ def _read(image: Any) -> Image.Image:
 # --- the control map --------------------------------------------------------------------------------
 
 
-def control_map(unit: ControlUnit, width: int, height: int) -> Image.Image:
-    """The unit's image at the output size (``resize_mode``), then preprocessed: the map its ControlNet reads."""
-    image = resized(unit.image, width, height, unit.resize_mode)
+def control_map(unit: ControlUnit, width: int, height: int, crop: Crop | None = None) -> Image.Image:
+    """The unit's image at the output size (``resize_mode``), then preprocessed: the map its ControlNet reads.
+
+    ``crop``: "only masked" inpainting's (canvas size, box), where only the box of the init image (the canvas)
+    is generated at width x height. The image is brought to the canvas first (``resize_mode``), cut to the box,
+    then fitted to width x height as the init image's box is ("fill"): what diffusers' ControlNet inpainting does
+    with ``padding_mask_crop`` (its ``crops_coords``) and the sd-webui-controlnet extension does with A1111's mask.
+    """
+    if crop is None:
+        image = resized(unit.image, width, height, unit.resize_mode)
+    else:
+        (canvas_width, canvas_height), box = crop
+        image = resized(resized(unit.image, canvas_width, canvas_height, unit.resize_mode).crop(box), width, height, "fill")
     if unit.preprocess == "canny":
         return canny(image, *unit.thresholds)
     return image

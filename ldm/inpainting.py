@@ -20,8 +20,8 @@ What each choice does, in A1111's order (``StableDiffusionProcessingImg2Img.init
     4. "only masked": the blurred mask's box, padded and widened to the generation's aspect ratio, is
        cut out, generated at width x height, scaled back and pasted (diffusers' ``padding_mask_crop``).
     5. ``inpainting_fill``: "fill" paints the masked area with the colours around it before encoding;
-       "latent-noise" and "latent-nothing" replace its latents with the seed's noise or zeros;
-       "original" keeps the image.
+       "latent-noise" and "latent-nothing" do too (as A1111 does for every mode but "original"), then
+       replace the latents the latent mask covers with the seed's noise or zeros; "original" keeps the image.
 """
 
 from __future__ import annotations
@@ -155,7 +155,9 @@ class Inpaint:
         return MaskPlan(self._filled(image, blurred), blurred, image, overlay)
 
     def _filled(self, image: Image.Image, mask: Image.Image) -> Image.Image:
-        return masks.fill(image, mask) if self.inpainting_fill == "fill" else image
+        # A1111 fills for every mode but "original" (processing.py: ``if self.inpainting_fill != 1``): the latent
+        # modes replace only the latents the latent mask covers, so the fill shows in z_0 along the mask's border.
+        return image if self.inpainting_fill == "original" else masks.fill(image, mask)
 
     def infotext(self) -> dict[str, str]:
         """A1111's infotext keys for these choices (each only where A1111 writes it), and ldm's for outpainting."""

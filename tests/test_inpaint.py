@@ -436,3 +436,65 @@ def test_a_controlnet_on_an_inpainting_model_matches_diffusers_controlnet_inpain
     ).images[0]  # fmt: skip
     inside = (np.asarray(mask) >= 128)[..., None]
     assert np.abs(ours - np.where(inside, theirs, pixels(image))).max() < TOLERANCE
+
+
+@pytest.mark.parametrize("model", ["plain_model", "inpainting_model"])
+def test_the_tiled_decode_mode_encodes_inpaintings_images_in_tiles(request, model, monkeypatch):
+    """The image (and an inpainting U-Net's masked image) go through the encoder img2img and the hires pass use."""
+    _, pipe, _ = request.getfixturevalue(model)
+    seen = []
+    tiled_encode = pipe.vae.encode_tiled
+    monkeypatch.setattr(pipe.vae, "encode_tiled", lambda x: seen.append(tuple(x.shape)) or tiled_encode(x, tile=8, overlap=4))
+    monkeypatch.setattr(pipe.vae, "encode", lambda x: pytest.fail("encoded whole in the tiled mode"))
+    pipe.configure(decode_mode="tiled")
+    try:
+        pipe(**COMMON, init_image=init_image(), mask=box_mask(), strength=0.5, num_inference_steps=2, seed=1, output_type="np")
+    finally:
+        pipe.configure(decode_mode="full")
+    assert seen == [(1, 3, 64, 64)] * (2 if model == "inpainting_model" else 1)
+
+
+@pytest.mark.parametrize("fill", ["fill", "original", "latent-noise", "latent-nothing"])
+def test_every_mode_but_original_encodes_the_filled_image(plain_model, monkeypatch, fill):
+    """A1111 runs masking.fill before encoding for every "Masked content" but original (inpainting_fill != 1); the
+    latent modes then replace only the latents under the latent mask, so the fill shows in z_0 along its border."""
+    from ldm.masks import fill as filled
+
+    _, pipe, _ = plain_model
+    seen = []
+    encode = pipe.vae.encode
+    monkeypatch.setattr(pipe.vae, "encode", lambda x: seen.append(x.clone()) or encode(x))
+    options = Inpaint(mask=box_mask(), mask_blur=0, inpainting_fill=fill)
+    pipe(**COMMON, init_image=init_image(), mask=options, strength=0.5, num_inference_steps=2, seed=2, output_type="latent")
+    expected = init_image() if fill == "original" else filled(init_image(), box_mask())
+    assert len(seen) == 1 and torch.equal(seen[0], torch.from_numpy(pixels(expected)).permute(2, 0, 1)[None] * 2 - 1)
+
+
+def test_only_masked_cuts_the_control_image_to_the_box_as_diffusers_controlnet_inpainting(plain_model, tmp_path):
+    """With "only masked" the control image is cut to the generated box as the init image is, then fitted to
+    width x height: diffusers' StableDiffusionControlNetInpaintPipeline with padding_mask_crop (its crops_coords)."""
+    from test_controlnet import control_image, random_controlnet
+
+    from ldm.control import ControlUnit
+
+    reference, pipe, _ = plain_model
+    swap(reference, "ddim")
+    net = random_controlnet(diffusers_unet("sd1"), 1)
+    net.save_pretrained(tmp_path / "controlnet")
+    image, mask, hint = init_image(96, 80), box_mask((30, 20, 50, 36), (96, 80)), control_image(0, size=(96, 80))
+    last = {}
+
+    def grab(_, i, t, tensors):
+        last["theirs"] = tensors["latents"]
+        return tensors
+
+    diffusers.StableDiffusionControlNetInpaintPipeline(**{**reference.components, "controlnet": net})(
+        **COMMON, image=image, mask_image=mask, control_image=hint, controlnet_conditioning_scale=1.0, width=64, height=64,
+        padding_mask_crop=6, strength=1.0, num_inference_steps=3, generator=torch.Generator("cpu").manual_seed(3), callback_on_step_end=grab,
+    )  # fmt: skip
+    options = Inpaint(mask=mask, mask_blur=0, inpaint_full_res=True, inpaint_full_res_padding=6)
+    pipe(
+        **COMMON, init_image=image, mask=options, width=64, height=64, strength=1.0, num_inference_steps=3, seed=3, scheduler="ddim",
+        control=ControlUnit(model=str(tmp_path / "controlnet"), image=hint), callback=lambda i, t, x, x0: last.update(ours=x),
+    )  # fmt: skip
+    assert (last["ours"] - last["theirs"]).abs().max() < TOLERANCE

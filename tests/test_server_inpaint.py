@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from serving import LiveServer, decode_png, wait_for
+from serving import Background, LiveServer, decode_png, wait_for
 from tiny_models import diffusers_pipeline, diffusers_unet
 
 from ldm.images import parse_parameters
@@ -59,7 +59,7 @@ def live(tmp_path_factory):
         reference.save_pretrained(root / "inpainting")
         (root / "models").mkdir()
         save_single_file(load_components(root / "inpainting"), root / "models" / "tiny-inpainting.safetensors")
-        limits = Limits(max_pixels=64 * 64 * 4, max_steps=50, max_images=4, max_prompt_chars=200, max_body_bytes=256 * 1024)
+        limits = Limits(max_pixels=64 * 64 * 4, max_steps=500, max_images=4, max_prompt_chars=200, max_body_bytes=256 * 1024)
         server = LiveServer(ServerConfig(models_dir=root / "models", queue_size=2, limits=limits, device="cpu"))
         yield server
         server.stop()
@@ -147,3 +147,24 @@ def test_the_native_job_api_inpaints_with_ldms_defaults(http):
     image = np.asarray(Image.open(io.BytesIO(http.get(done["images"][0]).content)).convert("RGB"), dtype=np.int16)
     outside = np.asarray(box_mask()) == 0
     assert np.array_equal(image[outside], np.asarray(init_image(), dtype=np.int16)[outside])
+
+
+@pytest.mark.parametrize(("size", "only_masked"), [((96, 80), True), ((64, 64), False)])
+def test_an_interrupted_inpainting_answers_its_image_pasted_over_the_init_image(http, size, only_masked):
+    """As a finished one: the init image's size ("only masked" generates a 64 x 64 box of it), the pixels the mask
+    leaves the init image's (an ordinary U-Net's known latents put back before the decode, then the paste)."""
+    image, mask = init_image().resize(size), box_mask().resize(size, resample=Image.Resampling.NEAREST)
+    request = {
+        **SMALL, "steps": 500, "init_images": [png_base64(image)], "mask": png_base64(mask), "mask_blur": 0,
+        "inpaint_full_res": only_masked, "inpainting_fill": 1, "denoising_strength": 1.0,
+    }  # fmt: skip
+    call = Background(http.post, "/sdapi/v1/img2img", json=request)
+    wait_for(lambda: http.get("/sdapi/v1/progress").json()["state"]["sampling_step"] >= 2)
+    http.post("/sdapi/v1/interrupt")
+    answer = call.result()
+    assert answer.status_code == 200, answer.text
+    ours = np.asarray(decode_png(answer.json()["images"][0]).convert("RGB"), dtype=np.int16)
+    assert ours.shape[:2] == size[::-1]
+    outside = np.asarray(mask) == 0
+    assert np.array_equal(ours[outside], np.asarray(image, dtype=np.int16)[outside])
+    assert np.abs(ours[~outside] - np.asarray(image, dtype=np.int16)[~outside]).mean() > 5  # stopped early, yet repainted

@@ -2,7 +2,8 @@
 wrapper that adds their residuals to the U-Net's (Zhang et al. 2023; ``ldm.models.controlnet``).
 
     resolve   ``prepare``: each unit's ControlNet found (loaded by name, or read from its file or folder and
-              kept while calls name it), checked against the U-Net, its control map made (``ldm.control``)
+              kept while calls name it), checked against the U-Net, its control map made (``ldm.control``;
+              cut to "only masked" inpainting's box, as the init image is)
     denoise   ``running``: the ControlNets on the execution device while the loop runs;
               ``controlled(network, ...)``: network(x, t, text) -> U-Net(x, t, text, residuals=sum of the units')
 
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ldm.control import ControlUnit, control_map
+from ldm.control import ControlUnit, Crop, control_map
 from ldm.errors import SettingError, placeholder_text
 from ldm.guidance import Conditioning, Network
 from ldm.models import set_kernels
@@ -137,8 +138,9 @@ def _unique(name: str, taken: dict) -> str:
 # --- resolve ----------------------------------------------------------------------------------------
 
 
-def prepare(pipe: Pipeline, s: GenerationSettings) -> tuple[PreparedUnit, ...]:
-    """Each unit of the (filled) settings with its network, fitted to the pipeline's set-up, and its control map."""
+def prepare(pipe: Pipeline, s: GenerationSettings, crop: Crop | None = None) -> tuple[PreparedUnit, ...]:
+    """Each unit of the (filled) settings with its network, fitted to the pipeline's set-up, and its control map
+    (cut to "only masked" inpainting's box of the init image when there is one: ``crop``, see ``control_map``)."""
     prepared = []
     for unit in s.control:
         loaded = pipe.controlnets.find(pipe, unit.model)
@@ -146,7 +148,7 @@ def prepare(pipe: Pipeline, s: GenerationSettings) -> tuple[PreparedUnit, ...]:
         factor = loaded.network.config.downsample_factor
         if s.width % factor or s.height % factor:
             raise SettingError(f"this ControlNet reads control images in steps of {factor} pixels; make {{width}} and {{height}} multiples of it")
-        image = control_map(unit, s.width, s.height)
+        image = control_map(unit, s.width, s.height, crop)
         tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
         prepared.append(PreparedUnit(unit, loaded.network, tensor, loaded.label))
     named = {Path(unit.model).resolve() for unit in s.control if not (isinstance(unit.model, str) and unit.model in pipe.controlnets.named)}

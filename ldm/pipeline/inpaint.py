@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ldm.control import Crop
 from ldm.guidance import Network
 from ldm.images import to_pil
 from ldm.inpainting import MaskPlan
@@ -68,6 +69,12 @@ class Inpainting:
         if s.inpaint is None:
             return cls(None, conditioned) if conditioned else None
         return cls(s.inpaint.plan(s.init_image, s.width, s.height), conditioned, s.inpaint.inpainting_fill)
+
+    @property
+    def crop(self) -> Crop | None:
+        """"Only masked": (the output's size, the box of it that is generated at width x height), else None."""
+        plan = self.plan
+        return None if plan is None or plan.crop is None else (plan.original.size, plan.crop)
 
     # --- start ---------------------------------------------------------------------------------------
 
@@ -112,8 +119,9 @@ class Inpainting:
 
     @staticmethod
     def _encode(pipe: Pipeline, image: torch.Tensor):
-        with pipe.residency.running(pipe.vae) as vae:
-            return vae.encode(image.to(pipe.device, pipe.dtype, memory_format=pipe.setup.memory_format))
+        from ldm.pipeline.stages import encode_image  # stages imports this module; the encoder is img2img's, tiles and all
+
+        return encode_image(pipe, image)
 
     @staticmethod
     def _latents(pipe: Pipeline, posterior, noise: Callable[[], torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
@@ -142,6 +150,12 @@ class Inpainting:
         if i < len(self.timesteps) - 1:
             known = self.add_noise(known, self.noise, self.timesteps[i + 1 : i + 2].repeat(x.shape[0]))
         return (1 - self.mask) * known + self.mask * x
+
+    def blended(self, x0: torch.Tensor) -> torch.Tensor:
+        """An x_0 estimate with an ordinary U-Net's known region put back (z_0 itself): a call stopped early."""
+        if self.conditioned or self.known is None:
+            return x0
+        return (1 - self.mask) * self.known + self.mask * x0
 
     # --- decode --------------------------------------------------------------------------------------
 

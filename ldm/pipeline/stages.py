@@ -119,7 +119,8 @@ def resolve(pipe: Pipeline, settings: GenerationSettings, template: Any, generat
     texts = list(plan.texts)
     pipe.embeddings.check_not_skipped(texts)
     used = words_used(pipe.tokenizer, texts, pipe.prompt_words())
-    units = control.prepare(pipe, s)
+    inpaint = Inpainting.for_call(pipe, s)
+    units = control.prepare(pipe, s, inpaint.crop if inpaint is not None else None)
     resolved = ResolvedSettings(
         replace(s, seed=seeds[0] if seeds else None, subseed=subseed), seeds, sampler_name(scheduler),
         pipe.name, pipe.model_hash, tuple(pipe.adapters), __version__, vae=pipe.vae_name,
@@ -128,7 +129,6 @@ def resolve(pipe: Pipeline, settings: GenerationSettings, template: Any, generat
         controlnets=tuple(unit.label for unit in units),
         refiner=pipe.refiners.label(pipe, s.refiner) if s.refiner is not None else None,
     )
-    inpaint = Inpainting.for_call(pipe, s)
     return Call(resolved, scheduler, generators, shape, init_tensor(s), latents, plan, loras, variation, control=units, inpaint=inpaint)
 
 
@@ -340,17 +340,23 @@ def encoded_init(pipe: Pipeline, call: Call) -> torch.Tensor:
     def posterior_noise() -> torch.Tensor:
         return randn(call.shape, call.generators, pipe.device, torch.float32)
 
-    # A VAE with force_upcast (SDXL's) encodes in fp32 in an fp16 pipeline too, as diffusers' SDXL img2img does.
+    posterior = encode_image(pipe, call.init)
+    return posterior.sample_with(posterior_noise).float().expand(call.shape) * pipe.vae.config.scaling_factor
+
+
+def encode_image(pipe: Pipeline, image: torch.Tensor) -> Any:
+    """The VAE's posterior q(z | image) of (B, 3, H, W) pixels in [-1, 1], encoded as the set-up says: in tiles with
+    ``decode_mode="tiled"``, in fp32 for a VAE with ``force_upcast`` in an fp16 pipeline (as diffusers' SDXL img2img).
+    Every encode of a call (img2img, the hires pass's images, inpainting's image and masked image) goes through here."""
     dtype = torch.float32 if pipe.dtype == torch.float16 and pipe.vae.config.force_upcast else pipe.dtype
     with pipe.residency.running(pipe.vae) as vae:
         encode = vae.encode_tiled if pipe.setup.decode_mode == "tiled" else vae.encode
         if dtype != pipe.dtype:
             vae.float()
         try:
-            posterior = encode(call.init.to(pipe.device, dtype, memory_format=pipe.setup.memory_format))
+            return encode(image.to(pipe.device, dtype, memory_format=pipe.setup.memory_format))
         finally:
             vae.to(pipe.dtype)
-    return posterior.sample_with(posterior_noise).float().expand(call.shape) * pipe.vae.config.scaling_factor
 
 
 # --- denoise ---------------------------------------------------------------------------------------
@@ -383,10 +389,39 @@ def denoise(
             if call.inpaint is not None:  # an ordinary U-Net's known region put back
                 x = call.inpaint.after_step(i, x)
             if callback is not None:
-                callback(i, t, x, process.denoised(output, model_input, t))
+                step_done(pipe, call, callback, i, t, x, process.denoised(output, model_input, t))
     if last_use:
         pipe.residency.done_with(pipe.unet)
     return x
+
+
+class Stopped(Exception):
+    """Raised by a step callback to end its call after that step (the server's interrupt). It leaves the loop
+    carrying ``partial(output_type)``: the images the call would make from that step's x_0 estimate
+    (``partial_output``), as A1111 keeps an interrupted batch's images."""
+
+    partial: Callable[..., Any] | None = None
+
+
+def step_done(
+    pipe: Pipeline, call: Call, callback: StepCallback, i: int, t: torch.Tensor, x: torch.Tensor, denoised: torch.Tensor
+) -> None:
+    """Tell ``callback`` step i is done; a ``Stopped`` it raises gets this step's partial result."""
+    try:
+        callback(i, t, x, denoised)
+    except Stopped as stop:
+        stop.partial = lambda output_type="pil": partial_output(pipe, call, denoised, output_type)
+        raise
+
+
+@torch.inference_mode()
+def partial_output(pipe: Pipeline, call: Call, denoised: torch.Tensor, output_type: OutputType = "pil") -> Any:
+    """A stopped call's images from a step's x_0 estimate ``denoised``, made as ``decode_output`` makes the finished
+    ones: an ordinary U-Net's known region put back first (A1111 blends its sampler's result so), then decoded and,
+    for inpainting, pasted over the init image (the output's size; unmasked pixels the init image's)."""
+    if call.inpaint is not None:
+        denoised = call.inpaint.blended(denoised)
+    return decode_output(pipe, denoised, output_type, call.inpaint)
 
 
 def guided(

@@ -6,7 +6,9 @@ so a running job finishes on the model it started with. A job's ``<lora:...>`` t
 the pipeline's tag-loaded adapters for its batches (``Pipeline.set_prompt_loras``); the next job's
 tags, or their absence, replace them, so each image and infotext has its own job's LoRAs. Stopping: the step callback raises
 ``StopSampling`` when the job is flagged; as A1111 does on an interrupt, the batch's images are then
-decoded from the last step's denoised latents (its x_0 estimate) and kept, unless the job was cancelled.
+made from the last step's denoised latents (its x_0 estimate) as the finished ones would be (an inpainting's
+known region put back and pasted over the init image: ``stages.partial_output``) and kept, unless the job
+was cancelled.
 """
 
 from __future__ import annotations
@@ -17,17 +19,17 @@ from pathlib import Path
 
 import torch
 
-from ldm.images import save_png, to_pil
+from ldm.images import save_png
 from ldm.pipeline import Pipeline
 from ldm.pipeline.inpaint import takes_mask
-from ldm.pipeline.stages import resolve
+from ldm.pipeline.stages import Stopped, resolve
 from ldm.previews import preview
 from ldm.server.catalog import ModelEntry
 from ldm.server.jobs import Job, JobRequest
 from ldm.settings import GenerationSettings
 
 
-class StopSampling(Exception):
+class StopSampling(Stopped):
     """Raised by the step callback of a job that was interrupted, skipped or cancelled."""
 
 
@@ -108,10 +110,8 @@ class Engine:
         resolved = resolve(pipe, settings, None, None, None).resolved  # checked against the model; its step count
         filled = resolved.settings
         job.changed(steps=filled.total_steps)  # the hires pass's steps included
-        last = {}
 
         def after_step(i, t, latents, denoised) -> None:
-            last["denoised"] = denoised
             job.changed(step=i + 1, preview=preview(pipe.vae, denoised))
             if job.stop_requested:
                 raise StopSampling
@@ -119,7 +119,7 @@ class Engine:
         try:
             result = pipe.generate(settings, callback=after_step)
             return result.images, result.settings.parameters()
-        except StopSampling:
+        except StopSampling as stop:
             if job.cancelled:
                 return [], []
-            return to_pil(pipe.decode_latents(last["denoised"])), resolved.parameters()
+            return stop.partial("pil"), resolved.parameters()
