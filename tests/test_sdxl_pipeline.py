@@ -249,3 +249,35 @@ def test_every_sampler_matches_diffusers_on_sdxl(base):
         theirs = reference(**common, generator=generator(21)).images
         ours = pipe(**common, **{k: v for k, v in ours_for(sampler).items() if k not in call}, seed=21).images
         assert np.abs(ours - theirs).max() < TOLERANCE, sampler
+
+
+def test_the_a1111_api_refines_with_a_listed_model_as_python_does(folders, base, tmp_path_factory):
+    """A1111's ``refiner_checkpoint`` (a model of the server's models folder) and ``refiner_switch_at``."""
+    import shutil
+
+    from serving import LiveServer, decode_png
+
+    from ldm.images import parse_parameters
+    from ldm.server.config import ServerConfig
+
+    models = tmp_path_factory.mktemp("models")
+    for kind in ("base", "refiner"):
+        shutil.copytree(folders[kind], models / f"sdxl-{kind}")
+    call = dict(prompt="a red cat", negative_prompt="blurry", guidance_scale=7.0, num_inference_steps=4, seed=5, **SIZE)
+    expected = base[1](**call, refiner=folders["refiner"], refiner_switch=0.5, output_type="np").images[0]
+    request = {"prompt": "a red cat", "negative_prompt": "blurry", "cfg_scale": 7.0, "steps": 4, "seed": 5, "sampler_name": "DPM++ 2M",
+               "width": SIZE["width"], "height": SIZE["height"], "refiner_checkpoint": "sdxl-refiner", "refiner_switch_at": 0.5}  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LDM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        server = LiveServer(ServerConfig(device="cpu", model=models / "sdxl-base", models_dir=models))
+        try:
+            with server.client() as client:
+                answer = client.post("/sdapi/v1/txt2img", json=request)
+                assert answer.status_code == 200, answer.text
+                image = decode_png(answer.json()["images"][0])
+                missing = client.post("/sdapi/v1/txt2img", json={**request, "refiner_checkpoint": "nope"})
+        finally:
+            server.stop()
+    assert np.abs(np.asarray(image, dtype=np.float32) / 255 - expected).max() <= 1 / 255 + 1e-6
+    assert parse_parameters(image.info["parameters"]).extra["Refiner switch at"] == "0.5"
+    assert missing.status_code == 404 and "refiner_checkpoint 'nope' not found" in missing.text

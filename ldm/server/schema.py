@@ -26,6 +26,8 @@ class GenerationFields(BaseModel):
     seed: int = -1
     subseed: int = -1
     subseed_strength: float = 0.0
+    refiner_checkpoint: str | None = None  # SDXL: a model of the models folder that takes over at refiner_switch_at
+    refiner_switch_at: float | None = None
     seed_resize_from_h: int = -1
     seed_resize_from_w: int = -1
     sampler_name: str | None = None

@@ -50,6 +50,8 @@ LABELS = {
     "hires_strength": "denoising_strength",
     "hires_upscaler": "hr_upscaler",
     "inpaint": "mask",
+    "refiner": "refiner_checkpoint",
+    "refiner_switch": "refiner_switch_at",
 }
 # Fields that would change the image in ways ldm cannot do yet: (field, the value that asks for it).
 UNSUPPORTED = (
@@ -100,6 +102,7 @@ def job_request(body: GenerationFields, limits: Limits, defaults: ServerDefaults
         control=control_units(body.alwayson_scripts, defaults.controlnet_dir, decode_image),
         **hires_fields(body, limits),
         inpaint=inpaint_of(body),
+        **refiner_fields(body, defaults),
     )
     from ldm.adapters.folder import prompt_loras
     from ldm.schedulers import check_options
@@ -198,6 +201,18 @@ def model_of(overrides: dict[str, Any], defaults: ServerDefaults) -> ModelEntry 
     if model is None:
         raise ModelNotFound(f"model {str(name)!r} not found; GET /sdapi/v1/sd-models lists the models")
     return model
+
+
+def refiner_fields(body: GenerationFields, defaults: ServerDefaults) -> dict[str, Any]:
+    """A1111's SDXL refiner: ``refiner_checkpoint`` names a listed model (empty or "None": no refiner, and then
+    ``refiner_switch_at`` does nothing, as in A1111); ``ModelNotFound`` for a name the models folder lacks."""
+    name = body.refiner_checkpoint
+    if name is None or name.strip() in ("", "None"):
+        return {}
+    model = defaults.find_model(name)
+    if model is None:
+        raise ModelNotFound(f"refiner_checkpoint {name!r} not found; GET /sdapi/v1/sd-models lists the models")
+    return {"refiner": str(model.path), "refiner_switch": body.refiner_switch_at}
 
 
 def inpaint_of(body: GenerationFields) -> Inpaint | None:
