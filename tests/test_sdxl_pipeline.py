@@ -281,3 +281,32 @@ def test_the_a1111_api_refines_with_a_listed_model_as_python_does(folders, base,
     assert np.abs(np.asarray(image, dtype=np.float32) / 255 - expected).max() <= 1 / 255 + 1e-6
     assert parse_parameters(image.info["parameters"]).extra["Refiner switch at"] == "0.5"
     assert missing.status_code == 404 and "refiner_checkpoint 'nope' not found" in missing.text
+
+
+def test_the_turbo_recipe_and_taesdxl_match_diffusers(folders, tmp_path):
+    """SDXL-Turbo's recipe (Euler a on trailing timesteps, one step, no guidance) and the tiny autoencoder
+    (TAESDXL: TAESD's network with SDXL's weights) in place of the KL-VAE, against diffusers' SDXL pipeline."""
+    import diffusers
+    from tiny_models import diffusers_taesd
+
+    taesd = diffusers_taesd(seed=3)
+    taesd.save_pretrained(tmp_path / "taesdxl")
+    reference = diffusers.StableDiffusionXLPipeline.from_pretrained(folders["base"], vae=taesd)
+    reference.set_progress_bar_config(disable=True)
+    reference.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(reference.scheduler.config, timestep_spacing="trailing")
+    pipe = Pipeline.from_pretrained(folders["base"], vae=tmp_path / "taesdxl")
+    for steps in (1, 2):
+        call = dict(prompt="a red cat", num_inference_steps=steps, guidance_scale=0.0, **SIZE)
+        theirs = reference(**call, generator=generator(9), output_type="np").images
+        ours = pipe(**call, scheduler="euler-ancestral", timestep_spacing="trailing", seed=9, output_type="np").images
+        assert np.abs(ours - theirs).max() < TOLERANCE, steps
+
+
+def test_bf16_on_the_cpu_stays_near_fp32(folders, base):
+    """bf16 weights (channels-last on the CPU, as for SD) make the same picture as fp32 within bf16's precision."""
+    pipe32 = base[1]
+    pipe16 = Pipeline.from_pretrained(folders["base"], dtype=torch.bfloat16)
+    assert next(pipe16.text_encoder_2.parameters()).dtype == torch.bfloat16
+    call = dict(COMMON, negative_prompt="blurry", scheduler="euler", seed=4)
+    full, half = pipe32(**call).images, pipe16(**call).images
+    assert np.abs(half - full).mean() < 0.01 and np.abs(half - full).max() < 0.05
