@@ -198,8 +198,6 @@ def test_bad_sdxl_input_is_refused_in_one_line(base):
         pipe("a cat", sdxl=SdxlOptions(denoising_start=0.5), **SIZE)
     with pytest.raises(InputError, match="no refiner"):
         pipe("a cat", refiner="no-such-refiner", **SIZE)
-    with pytest.raises(InputError, match="embeddings"):
-        pipe.load_embeddings("anything.pt")
 
 
 def test_the_native_size_is_sdxl_s_1024(base):

@@ -34,7 +34,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -243,27 +243,11 @@ class Embeddings:
         A file that does not fit this text encoder raises; in a folder (which may hold embeddings for
         other models, as A1111's does) it is skipped with a warning and kept in ``skipped``.
         """
-        path = Path(path)
-        if path.is_dir():
-            if name is not None:
-                raise InputError(f"name= names one embedding file; {path} is a folder")
-            names = []
-            for file in embedding_files(path):
-                try:
-                    names.append(self._add(read_embedding(file)))
-                except (CheckpointError, InputError) as error:
-                    self.skipped[file.stem] = Skipped(file, str(error), error.embedding if isinstance(error, WidthError) else None)
-                    warnings.warn(f"embedding skipped: {error}", stacklevel=2)
-        elif path.exists():
-            names = [self._add(read_embedding(path, name))]
-        else:
-            raise InputError(f"embedding file or folder {path} does not exist")
-        self._install()
-        return names
+        return load_into((self,), path, name)
 
-    def _add(self, embedding: Embedding) -> str:
-        """Register ``embedding`` (replacing one of the same name) if this text encoder can read it and a
-        prompt can write its name apart from the others'; returns the name."""
+    def fit(self, embedding: Embedding) -> tuple[int, ...]:
+        """The tokens a prompt writes ``embedding``'s name with, if this text encoder can read it and the name
+        stands apart from the other loaded names'; raises ``WidthError`` / ``CheckpointError`` otherwise."""
         width = embedding.vectors_for(self.encoder).shape[1]
         if width != self.width:
             of = f" {self.encoder}" if self.encoder else ""
@@ -276,14 +260,17 @@ class Embeddings:
         other = next((name for name, written in self._matches.items() if written == match and name != embedding.name), None)
         if other is not None:
             raise CheckpointError(f"embedding {embedding.path}: a prompt writes its name as it writes {other!r} ({self.loaded[other].path})")
+        return match
+
+    def add(self, embedding: Embedding, match: tuple[int, ...]) -> None:
+        """Register ``embedding`` (replacing one of the same name) with ``fit``'s tokens; ``install`` writes its rows."""
         self.loaded[embedding.name] = embedding
         self._matches[embedding.name] = match
         self.skipped.pop(embedding.name, None)
         self._hashes.pop(embedding.name, None)
-        return embedding.name
 
     def words(self) -> tuple[PromptWord, ...]:
-        """Each loaded embedding as the prompt word that stands for its rows (in ``_install``'s order)."""
+        """Each loaded embedding as the prompt word that stands for its rows (in ``install``'s order)."""
         words, row = [], self.vocabulary
         for name, embedding in self.loaded.items():
             words.append(PromptWord(name, self._matches[name], tuple(range(row, row + embedding.count))))
@@ -315,7 +302,7 @@ class Embeddings:
             self._hashes[name] = sha256(self.loaded[name].path)[:TI_HASH_DIGITS]
         return self._hashes[name]
 
-    def _install(self) -> None:
+    def install(self) -> None:
         """The token-embedding matrix: the model's rows, then every loaded embedding's vectors in order."""
         table = self.text_encoder.get_input_embeddings()
         own = table.weight.detach()[: self.vocabulary]
@@ -326,3 +313,39 @@ class Embeddings:
             return
         self.text_encoder.set_input_embeddings(nn.Embedding.from_pretrained(weight, freeze=not table.weight.requires_grad))
         self.text_encoder.config.vocab_size = weight.shape[0]
+
+
+def load_into(sets: Sequence[Embeddings], path: str | Path, name: str | None = None) -> list[str]:
+    """Read an embedding file, or every file of a folder, once, and give it to each of ``sets`` (an SDXL model's two
+    text encoders: each takes its own vectors); returns the names loaded.
+
+    A file must fit every set: one that does not raises; in a folder it is skipped with a warning, kept in every
+    set's ``skipped``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if name is not None:
+            raise InputError(f"name= names one embedding file; {path} is a folder")
+        names = []
+        for file in embedding_files(path):
+            try:
+                names.append(add_to(sets, read_embedding(file)))
+            except (CheckpointError, InputError) as error:
+                for embeddings in sets:
+                    embeddings.skipped[file.stem] = Skipped(file, str(error), error.embedding if isinstance(error, WidthError) else None)
+                warnings.warn(f"embedding skipped: {error}", stacklevel=3)
+    elif path.exists():
+        names = [add_to(sets, read_embedding(path, name))]
+    else:
+        raise InputError(f"embedding file or folder {path} does not exist")
+    for embeddings in sets:
+        embeddings.install()
+    return names
+
+
+def add_to(sets: Sequence[Embeddings], embedding: Embedding) -> str:
+    """Register ``embedding`` in every set, or in none where one cannot read it; returns its name."""
+    matches = [embeddings.fit(embedding) for embeddings in sets]
+    for embeddings, match in zip(sets, matches):
+        embeddings.add(embedding, match)
+    return embedding.name

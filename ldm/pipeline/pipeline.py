@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from ldm.control import ControlUnit
     from ldm.adapters.folder import PromptLora
     from ldm.adapters.embeddings import Embeddings
+    from ldm.adapters.sdxl_embeddings import SdxlEmbeddings
     from ldm.prompts import PromptWord
 
 
@@ -110,7 +111,7 @@ class Pipeline:
         self._tag_calls = 0
         self._tag_key: tuple = ()
         self._tagged: dict[str, tuple[Path, int]] = {}  # adapters the prompts' tags loaded: name -> (file, its mtime)
-        self._embeddings: Embeddings | None = None  # made by the first load_embeddings
+        self._embeddings: Embeddings | SdxlEmbeddings | None = None  # made by the first load_embeddings
         self.vae_name: str | None = None  # the VAE file or folder that replaced the model's (load_vae)
         self.controlnets = ControlNets()  # loaded by name (load_controlnet), or by the path a call's units name
         # SDXL (ldm.pipeline.sdxl): the second text encoder (the refiner's only one), its tokenizer, the model's
@@ -271,16 +272,19 @@ class Pipeline:
         the names loaded. A prompt that writes a name (the file's stem, or ``name`` for a file) uses its
         vectors. In a folder, files that do not fit this model are skipped with a warning and listed in
         ``embeddings.skipped``; a single such file raises."""
-        check_loaded(self.text_encoder)
-        if sdxl.is_sdxl(self):
-            raise InputError("textual-inversion embeddings for SDXL (clip_l and clip_g vectors) are not read yet; load none")
+        check_loaded(*self.text_encoders)
         return self.embeddings.load(path, name)
 
     @property
-    def embeddings(self) -> Embeddings:
-        """The loaded embeddings (``loaded``: name -> ``Embedding``) and the files skipped (``skipped``)."""
+    def embeddings(self) -> Embeddings | SdxlEmbeddings:
+        """The loaded embeddings (``loaded``: name -> ``Embedding``) and the files skipped (``skipped``); on SDXL
+        one set per text encoder (``ldm.adapters.sdxl_embeddings``)."""
         from ldm.adapters.embeddings import Embeddings
+        from ldm.adapters.sdxl_embeddings import SdxlEmbeddings
 
+        if self._embeddings is None and sdxl.is_sdxl(self):
+            encoders = (("clip_l", self.text_encoder, self.tokenizer), ("clip_g", self.text_encoder_2, self.tokenizer_2))
+            self._embeddings = SdxlEmbeddings((name, e, t) for name, e, t in encoders if e is not None)
         if self._embeddings is None:
             self._embeddings = Embeddings(self.text_encoders[0], self.tokenizer or self.tokenizer_2)
         return self._embeddings

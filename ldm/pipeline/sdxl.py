@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from ldm.errors import ConfigError, InputError, SettingError
 from ldm.guidance import Conditioning
 from ldm.prompt_schedule import plan_prompts
+from ldm.prompts import PromptWord
 from ldm.prompts import encode_prompts as encode_texts
 from ldm.sdxl import SdxlOptions
 
@@ -95,11 +96,14 @@ def encode_prompts(pipe: Pipeline, call: Call, last_use: bool = True) -> Conditi
     """The call's text states, pooled embeddings and micro-conditioning (``stages.encode_prompts``' SDXL twin)."""
     s = call.settings
     texts, texts_2, cond, uncond = paired_texts(call)
-    encoders = [(e, t) for e, t in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)) if e is not None]
+    pairs = (("clip_l", pipe.text_encoder, pipe.tokenizer), ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2))
+    named = [(name, e, t) for name, e, t in pairs if e is not None]  # a refiner has bigG alone
+    encoders = [(e, t) for _, e, t in named]
     parts, pooled = [], None
-    for (encoder, tokenizer), these in zip(encoders, (texts, texts_2)):
+    for (name, encoder, tokenizer), these in zip(named, (texts, texts_2)):
+        words = pipe.embeddings.words_for(name)  # each encoder's own rows of the embeddings (ldm.adapters.sdxl_embeddings)
         with pipe.residency.running(encoder) as network:
-            states, pooled = encode_on(network, tokenizer, these, s.clip_skip)  # the last encoder, bigG, pools
+            states, pooled = encode_on(network, tokenizer, these, s.clip_skip, words)  # the last encoder, bigG, pools
         if last_use:
             pipe.residency.done_with(encoder)
         parts.append(states)
@@ -121,15 +125,18 @@ def encode_prompts(pipe: Pipeline, call: Call, last_use: bool = True) -> Conditi
     )  # fmt: skip
 
 
-def encode_on(encoder, tokenizer, texts: list[str], clip_skip: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One encoder's states of ``texts`` (A1111's chunks, weights) and, from bigG (the encoder with a projection), the
-    pooled output of their first chunks (A1111 pools the first chunk); None from CLIP ViT-L."""
+def encode_on(
+    encoder, tokenizer, texts: list[str], clip_skip: int | None, words: Sequence[PromptWord] = ()
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One encoder's states of ``texts`` (A1111's chunks, weights; ``words``: its embeddings' prompt words) and, from
+    bigG (the encoder with a projection), the pooled output of their first chunks (A1111 pools the first chunk); None
+    from CLIP ViT-L."""
     from transformers import CLIPTextModelWithProjection
 
     from ldm.models.text_encoder import sdxl_states, sdxl_states_and_pooled
 
     if not isinstance(encoder, CLIPTextModelWithProjection):
-        return encode_texts(encoder, tokenizer, texts, clip_skip=clip_skip, encode=sdxl_states), None
+        return encode_texts(encoder, tokenizer, texts, clip_skip=clip_skip, words=words, encode=sdxl_states), None
     first: list[torch.Tensor] = []
 
     def encode(network, ids: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
@@ -138,7 +145,7 @@ def encode_on(encoder, tokenizer, texts: list[str], clip_skip: int | None) -> tu
             first.append(pooled)
         return states
 
-    return encode_texts(encoder, tokenizer, texts, clip_skip=clip_skip, encode=encode), first[0]
+    return encode_texts(encoder, tokenizer, texts, clip_skip=clip_skip, words=words, encode=encode), first[0]
 
 
 def same_length(parts: list[torch.Tensor], encoders: list, clip_skip: int | None, pipe: Pipeline) -> list[torch.Tensor]:

@@ -118,7 +118,7 @@ def resolve(pipe: Pipeline, settings: GenerationSettings, template: Any, generat
     plan = prompt_plan(pipe, s)
     texts = list(plan.texts)
     pipe.embeddings.check_not_skipped(texts)
-    used = words_used(pipe.tokenizer, texts, pipe.prompt_words())
+    used = words_used(pipe.embeddings.tokenizer, texts, pipe.prompt_words())  # a refiner has tokenizer_2 alone
     inpaint = Inpainting.for_call(pipe, s)
     units = control.prepare(pipe, s, inpaint.crop if inpaint is not None else None)
     resolved = ResolvedSettings(
