@@ -72,8 +72,10 @@ def test_an_sdxl_embedding_on_both_encoders_matches_diffusers(models):
     ours = pipe(**CALL, **SIZE, scheduler="euler", output_type="np", seed=5)
     assert np.abs(ours.images - theirs).max() < TOLERANCE
     assert ours.parameters[0].extra["TI hashes"] == f"{NAME}: {hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
-    plain = pipe(**{**CALL, "prompt": "a photo of a cat"}, **SIZE, scheduler="euler", output_type="np", seed=5)
-    assert "TI hashes" not in plain.parameters[0].extra
+    plain = pipe(**{**CALL, "prompt": "a photo of a cat"}, **SIZE, scheduler="euler", output_type="latent", seed=5)
+    assert "TI hashes" not in plain.settings.infotext_extra()
+    second = pipe(**{**CALL, "prompt": "a photo of a cat"}, prompt_2=CALL["prompt"], **SIZE, scheduler="euler", output_type="latent", seed=5)
+    assert NAME in second.settings.infotext_extra()["TI hashes"]  # named in prompt_2 alone (bigG's text)
 
 
 def test_the_refiner_takes_the_clip_g_vectors_as_diffusers_ensemble_of_experts(models):
@@ -106,3 +108,5 @@ def test_an_sd1_embedding_on_sdxl_is_skipped_with_the_reason(models, tmp_path):
     assert all(NAME in e.loaded and "narrowg" not in e.loaded for e in pipe.embeddings.by_encoder.values())  # none half-loaded
     with pytest.raises(SettingError, match="oldstyle.*SD 1.x/2.x"):
         pipe("a photo of oldstyle", **SIZE, num_inference_steps=1)
+    with pytest.raises(SettingError, match="oldstyle.*SD 1.x/2.x"):
+        pipe("a photo", prompt_2="a photo of oldstyle", **SIZE, num_inference_steps=1)

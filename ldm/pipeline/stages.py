@@ -116,7 +116,7 @@ def resolve(pipe: Pipeline, settings: GenerationSettings, template: Any, generat
     scheduler = build_scheduler(pipe.scheduler_config, s, template)
     loras = find_loras(pipe, s)
     plan = prompt_plan(pipe, s)
-    texts = list(plan.texts)
+    texts = [*plan.texts, *(text for text in (*(s.prompt_2 or ()), *(s.negative_prompt_2 or ())) if text)]  # SDXL's bigG texts
     pipe.embeddings.check_not_skipped(texts)
     used = words_used(pipe.embeddings.tokenizer, texts, pipe.prompt_words())  # a refiner has tokenizer_2 alone
     inpaint = Inpainting.for_call(pipe, s)
