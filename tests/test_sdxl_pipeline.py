@@ -308,3 +308,23 @@ def test_bf16_on_the_cpu_stays_near_fp32(folders, base):
     call = dict(COMMON, negative_prompt="blurry", scheduler="euler", seed=4)
     full, half = pipe32(**call).images, pipe16(**call).images
     assert np.abs(half - full).mean() < 0.01 and np.abs(half - full).max() < 0.05
+
+
+def test_an_sdxl_vae_file_keeps_sdxl_s_scale_and_an_sd_folder_vae_never_upcasts(folders, base, tmp_path):
+    """A KL-VAE file says nothing of its scale: on an SDXL model it is SDXL's 0.13025 with fp32 decodes in fp16
+    (A1111 takes the model's scale), so the model's own VAE as a file gives the same image."""
+    from safetensors.torch import load_file, save_file
+
+    from ldm.loading import load_components, save_single_file
+    from tiny_models import save_diffusers_folder
+
+    whole = load_file(save_single_file(load_components(folders["base"]), tmp_path / "base.safetensors"))
+    save_file({key: value for key, value in whole.items() if key.startswith("first_stage_model.")}, tmp_path / "sdxl_vae.safetensors")
+    pipe = Pipeline.from_pretrained(folders["base"])
+    before = pipe(**COMMON, scheduler="euler", seed=3).images
+    pipe.load_vae(tmp_path / "sdxl_vae.safetensors")
+    assert (pipe.vae.config.scaling_factor, pipe.vae.config.force_upcast) == (0.13025, True)
+    assert np.array_equal(pipe(**COMMON, scheduler="euler", seed=3).images, before)
+    sd = Pipeline.from_pretrained(save_diffusers_folder(tmp_path / "sd"))
+    sd.load_vae(tmp_path / "sd" / "vae")  # diffusers writes force_upcast=true into every VAE config
+    assert sd.vae.config.force_upcast is False and sd.vae.config.scaling_factor == 0.18215

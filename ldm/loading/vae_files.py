@@ -21,7 +21,7 @@ a folder or file that holds no VAE.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -31,7 +31,7 @@ from ldm.errors import CheckpointError
 from ldm.loading import keymap
 from ldm.loading.components import load_entries, parse_dtype, shapes_of
 from ldm.loading.configs import built
-from ldm.loading.detect import taesd_config, taesd_decoder_config, vae_config
+from ldm.loading.detect import SDXL_FAMILIES, Family, taesd_config, taesd_decoder_config, vae_config
 from ldm.loading.diffusers_folder import load_vae_folder, vae_folder_config
 from ldm.loading.sources import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, TensorFile
 from ldm.models import TAESD, AutoencoderKL, TAESDConfig, VAEConfig
@@ -70,11 +70,14 @@ def load_vae(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = torch.float32,
     latent_channels: int | None = None,
+    family: Family = "sd1",
 ) -> AutoencoderKL | TAESD:
     """Load a KL-VAE or TAESD from a file, a diffusers VAE folder or TAESD's two files (module docstring).
 
     ``latent_channels``: the U-Net's input width; a VAE of another width is refused before its
-    weights are read.
+    weights are read. ``family``: the model's, which sets what a KL file does not say (SDXL's scaling
+    factor 0.13025 and fp32 decodes in fp16, as A1111 takes the model's scale) and whether a folder's
+    ``force_upcast`` is read (SDXL's pipelines read it; SD's never do: ``ldm.loading.configs.as_released``).
     """
     source = find_vae(path)
     device, dtype = torch.device(device), parse_dtype(dtype)
@@ -82,7 +85,12 @@ def load_vae(
     def check(config: VAEConfig | TAESDConfig) -> None:
         check_vae_fits(config.latent_channels, latent_channels, Path(path))
 
-    return _LOADERS[source.kind](source, check, device, dtype)
+    if source.kind == "kl-file":
+        return _load_kl_file(source, check, device, dtype, family)
+    vae = _LOADERS[source.kind](source, check, device, dtype)
+    if isinstance(vae, AutoencoderKL) and vae.config.force_upcast and family not in SDXL_FAMILIES:
+        vae.config = replace(vae.config, force_upcast=False)
+    return vae
 
 
 def check_vae_fits(vae_channels: int, unet_channels: int | None, path: Path) -> None:
@@ -166,7 +174,7 @@ def _load_folder(source: VaeSource, check: Check, device: torch.device, dtype: t
     return load_vae_folder(folder, config, device=device, dtype=dtype)
 
 
-def _load_kl_file(source: VaeSource, check: Check, device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
+def _load_kl_file(source: VaeSource, check: Check, device: torch.device, dtype: torch.dtype, family: Family = "sd1") -> AutoencoderKL:
     """An original-layout KL-VAE file, read as the VAE part of a single file (``first_stage_model.``)."""
     path = source.paths[0]
     file = TensorFile(path)
@@ -181,7 +189,7 @@ def _load_kl_file(source: VaeSource, check: Check, device: torch.device, dtype: 
         for name, key in names.items()
         if name.startswith(keymap.VAE_PREFIX) and not name.removeprefix(keymap.VAE_PREFIX).startswith(_IGNORED_PREFIXES)
     }
-    config = built(VAEConfig.from_diffusers, vae_config(own, 512), f"the VAE of {path}")
+    config = built(VAEConfig.from_diffusers, vae_config(own, 512, family), f"the VAE of {path}")
     check(config)
     with torch.device("meta"):
         vae = AutoencoderKL(config)

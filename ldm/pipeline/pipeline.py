@@ -304,7 +304,7 @@ class Pipeline:
         setup = self.setup
         vae = load_vae(
             path, device="cpu" if setup.cpu_offload else setup.device, dtype=setup.dtype,
-            latent_channels=self.unet.config.out_channels,
+            latent_channels=self.unet.config.out_channels, family="sdxl" if sdxl.is_sdxl(self) else "sd1",
         )  # fmt: skip
         vae.set_attention(setup.attention, setup.attention_slice_size)
         set_kernels(vae, self.kernels)
