@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -64,6 +64,14 @@ class Conditioning:
     weights: tuple[tuple[float, ...], ...] | None = None  # k tuples of B weights
     pooled: torch.Tensor | None = None  # (N, P): each text's pooled embedding, rows as ``states`` (SDXL's text_embeds)
     time_ids: torch.Tensor | None = None  # (2, n): the conditional rows' micro-conditioning numbers, then the unconditional's
+
+    def from_step(self, first: int) -> Conditioning:
+        """The rows from step ``first`` on: a run that continues a schedule partway (an SDXL refiner after the
+        base) reads on where the schedule is, as A1111's one sampling loop does across the switch."""
+        if first == 0:
+            return self
+        first = min(first, len(self.cond) - 1)
+        return replace(self, cond=self.cond[first:], uncond=None if self.uncond is None else self.uncond[first:])
 
     @classmethod
     def fixed(cls, cond: torch.Tensor, uncond: torch.Tensor | None = None) -> Conditioning:

@@ -66,11 +66,15 @@ class SdxlOptions:
         size, or the aesthetic score for a U-Net that reads one (the refiner's, diffusers' ``requires_aesthetics_score``)."""
         original = self.original_size or (height, width)
         target = self.target_size or (height, width)
-        negative_original = self.negative_original_size or original
-        negative_crops = self.negative_crops_coords_top_left or self.crops_coords_top_left
-        last, negative_last = ((self.aesthetic_score,), (self.negative_aesthetic_score,)) if aesthetic else (target, self.negative_target_size or target)
-        cond = (*original, *self.crops_coords_top_left, *last)
-        return tuple(map(float, cond)), tuple(map(float, (*negative_original, *negative_crops, *negative_last)))
+        negative_crops = self.negative_crops_coords_top_left or (0, 0)  # diffusers' default, whatever the crop
+        if aesthetic:  # diffusers' SDXL img2img pipeline: each negative size defaults to the conditional one
+            cond = (*original, *self.crops_coords_top_left, self.aesthetic_score)
+            negative = (*(self.negative_original_size or original), *negative_crops, self.negative_aesthetic_score)
+        else:  # diffusers' SDXL pipeline: negative numbers only when both negative sizes are given, else the conditional ones
+            cond = (*original, *self.crops_coords_top_left, *target)
+            both = self.negative_original_size is not None and self.negative_target_size is not None
+            negative = (*self.negative_original_size, *negative_crops, *self.negative_target_size) if both else cond
+        return tuple(map(float, cond)), tuple(map(float, negative))
 
     def infotext(self) -> dict[str, str]:
         """What differs from the defaults, in A1111-style keys (A1111 itself writes none of these)."""

@@ -106,14 +106,19 @@ def test_prompt_2_micro_conditioning_and_clip_skip_match_diffusers(base):
         crops_coords_top_left=(16, 0), target_size=(48, 32), negative_original_size=(256, 256), negative_target_size=(48, 32),
     )  # fmt: skip
     theirs = swapped(reference, "euler")(**COMMON, **call, generator=generator(9)).images
-    options = SdxlOptions(
+    options = SdxlOptions(  # the negative crop left out: diffusers' (0, 0), not the conditional (16, 0)
         original_size=(512, 768), crops_coords_top_left=(16, 0), target_size=(48, 32), negative_original_size=(256, 256),
-        negative_crops_coords_top_left=(0, 0), negative_target_size=(48, 32),
+        negative_target_size=(48, 32),
     )  # fmt: skip
     ours = pipe(**COMMON, prompt_2="an oil painting", negative_prompt="blurry", negative_prompt_2="grainy", sdxl=options, scheduler="euler", seed=9)
     assert np.abs(ours.images - theirs).max() < TOLERANCE
     plain = pipe(**COMMON, negative_prompt="blurry", scheduler="euler", seed=9).images
     assert np.abs(ours.images - plain).max() > 1e-3
+    # One negative size alone: diffusers reads the conditional numbers for the unconditional rows too.
+    half = dict(original_size=(512, 768), crops_coords_top_left=(16, 0), negative_original_size=(256, 256))
+    theirs = swapped(reference, "euler")(**COMMON, negative_prompt="blurry", **half, generator=generator(9)).images
+    ours = pipe(**COMMON, negative_prompt="blurry", sdxl=SdxlOptions(**half), scheduler="euler", seed=9).images
+    assert np.abs(ours - theirs).max() < TOLERANCE
     # clip_skip: diffusers skips layers for the prompt only; with the empty (zeroed) negative both agree.
     theirs = swapped(reference, "euler")(**COMMON, clip_skip=1, generator=generator(9)).images
     assert np.abs(pipe(**COMMON, clip_skip=1, scheduler="euler", seed=9).images - theirs).max() < TOLERANCE
@@ -328,3 +333,18 @@ def test_an_sdxl_vae_file_keeps_sdxl_s_scale_and_an_sd_folder_vae_never_upcasts(
     sd = Pipeline.from_pretrained(save_diffusers_folder(tmp_path / "sd"))
     sd.load_vae(tmp_path / "sd" / "vae")  # diffusers writes force_upcast=true into every VAE config
     assert sd.vae.config.force_upcast is False and sd.vae.config.scaling_factor == 0.18215
+
+
+def test_prompt_editing_goes_on_across_the_refiner_hand_off(base, refiner):
+    """A1111 switches models inside one sampling loop, so its step count (and the prompt schedule it reads) goes
+    on across the switch: "[a cat:a dog:0.5]" over 8 steps reads "a dog" in the refiner's last 20 %, and the
+    step callback counts on from the base's steps."""
+    pipe = refiner[1]
+    x = torch.randn(1, 4, 4, 4, generator=generator(0))
+    call = dict(**SIZE, num_inference_steps=8, output_type="np", seed=1, negative_prompt="x", sdxl=SdxlOptions(denoising_start=0.8), latents=x)
+    edited, dog = pipe(prompt="[a cat:a dog:0.5]", **call).images, pipe(prompt="a dog", **call).images
+    assert np.array_equal(edited, dog)
+    steps = []
+    base[1](prompt="a cat", **SIZE, num_inference_steps=5, seed=2, refiner=pipe, refiner_switch=0.6, output_type="latent",
+            callback=lambda i, t, latents, denoised: steps.append(i))  # fmt: skip
+    assert steps == list(range(len(steps))) and len(steps) == 5

@@ -24,6 +24,8 @@ import torch
 
 from ldm.errors import InputError
 from ldm.pipeline import stages
+from ldm.pipeline import sdxl
+from ldm.pipeline.hires import counted_on
 from ldm.pipeline.sdxl import is_sdxl
 from ldm.pipeline.setup import PipelineSetup
 from ldm.prompts import split_lora_tags
@@ -88,4 +90,5 @@ def refined(pipe: Pipeline, call: stages.Call, x: torch.Tensor, callback: stages
     text = stages.encode_prompts(refiner, handed)
     timesteps = stages.prepare_timesteps(refiner, handed)
     x = stages.initial_latents(refiner, handed, timesteps)
-    return stages.denoise(refiner, handed, x, timesteps, text, callback)
+    base_steps = sdxl.steps_before(handed, refiner.scheduler_config.num_train_timesteps)
+    return stages.denoise(refiner, handed, x, timesteps, text, counted_on(callback, base_steps))  # one step count

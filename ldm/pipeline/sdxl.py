@@ -219,6 +219,15 @@ def window(call: Call, timesteps: torch.Tensor, train_steps: int) -> torch.Tenso
     return timesteps
 
 
+def steps_before(call: Call, train_steps: int) -> int:
+    """The steps of the call's schedule that ``denoising_start`` cut off (0 without it): where a continuing run's
+    prompt schedule and step count go on from. The scheduler's timesteps are set (``prepare_timesteps``)."""
+    start = call.settings.sdxl.denoising_start if call.settings.sdxl is not None else None
+    if start is None:
+        return 0
+    return int((call.scheduler.timesteps >= int(round(train_steps - start * train_steps))).sum())
+
+
 def continues(call: Call) -> bool:
     """Whether the call continues from partly denoised latents (``denoising_start``): they are neither noised nor scaled."""
     return call.settings.sdxl is not None and call.settings.sdxl.denoising_start is not None

@@ -367,6 +367,7 @@ def denoise(
 ) -> torch.Tensor:
     """The sampling loop: one denoiser call and one scheduler step per timestep."""
     s = call.settings
+    text = text.from_step(sdxl.steps_before(call, pipe.scheduler_config.num_train_timesteps))  # a refiner goes on
     if text.scheduled and len(timesteps) > s.num_inference_steps:
         raise SettingError(
             "prompt editing and alternation count one network call per step, but this {scheduler} makes "
