@@ -11,6 +11,7 @@ import pytest
 import tiny_sdxl
 import torch
 from safetensors.torch import save_file
+from test_lora import adaptable_modules as adaptable, random_pair
 from test_training_support import micro_models, one_torch_thread  # noqa: F401 - one_torch_thread is an autouse fixture
 
 from ldm.adapters import Adapters
@@ -41,10 +42,6 @@ def ldm_networks(pipe) -> dict[str, torch.nn.Module]:
     return {"unet": unet, "text_encoder": copy.deepcopy(pipe.text_encoder), "text_encoder_2": copy.deepcopy(pipe.text_encoder_2)}
 
 
-def adaptable(model) -> dict[str, torch.nn.Module]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))}
-
-
 def random_pairs(models, rank=2, seed=0, skip=()):
     """{(part, module path): (down, up)} for every Linear and conv of ``models`` (kohya's shapes)."""
     generator = torch.Generator().manual_seed(seed)
@@ -53,13 +50,7 @@ def random_pairs(models, rank=2, seed=0, skip=()):
         for name, module in adaptable(model).items():
             if name.startswith(skip):
                 continue
-            if isinstance(module, torch.nn.Conv2d):
-                down = torch.randn(rank, module.in_channels, *module.kernel_size, generator=generator)
-                up = torch.randn(module.out_channels, rank, 1, 1, generator=generator)
-            else:
-                down = torch.randn(rank, module.in_features, generator=generator)
-                up = torch.randn(module.out_features, rank, generator=generator)
-            pairs[part, name] = (down * 0.2, up * 0.2)
+            pairs[part, name] = random_pair(module, rank, generator)
     return pairs
 
 
