@@ -21,6 +21,7 @@ into the model's modules, for both spellings of the U-Net.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from torch import nn
 
@@ -142,13 +143,25 @@ def module_lookup(part: str, model: nn.Module) -> dict[str, tuple[str, nn.Module
             path = name.removesuffix(".base_layer")
             found[flat_name(part, path)] = (path, module)
     if part == "unet":
-        keys = model.state_dict().keys()
-        layers = 1 + max(int(k.split(".")[3]) for k in keys if k.startswith("down_blocks.0.resnets."))
-        up_attention = frozenset(int(k.split(".")[1]) for k in keys if re.match(r"up_blocks\.\d+\.attentions\.", k))
+        original_name = original_namer(model)
         for path, module in list(found.values()):
-            try:
-                original = unet_original_key(f"{path}.weight", layers, up_attention).removesuffix(".weight")
-            except KeyError:  # a module the original U-Net does not have
-                continue
-            found[original.replace(".", "_")] = (path, module)
+            original = original_name(path)
+            if original is not None:
+                found[original.replace(".", "_")] = (path, module)
     return found
+
+
+def original_namer(unet: nn.Module) -> Callable[[str], str | None]:
+    """A function from a U-Net module's diffusers path to its original SD name (``input_blocks.4.1.…``), None where the
+    original U-Net has no such module; the layout is read once from ``unet``'s keys."""
+    keys = unet.state_dict().keys()
+    layers = 1 + max(int(k.split(".")[3]) for k in keys if k.startswith("down_blocks.0.resnets."))
+    up_attention = frozenset(int(k.split(".")[1]) for k in keys if re.match(r"up_blocks\.\d+\.attentions\.", k))
+
+    def original_name(path: str) -> str | None:
+        try:
+            return unet_original_key(f"{path}.weight", layers, up_attention).removesuffix(".weight")
+        except KeyError:
+            return None
+
+    return original_name

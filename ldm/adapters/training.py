@@ -10,13 +10,16 @@ Training injects peft ``LoraLayer``s on the attention projections (U-Net ``to_q`
     lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha             ()
     lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight                  ...
 
+An SDXL U-Net's keys take the original SD module names instead, as kohya's sd-scripts writes SDXL LoRAs
+(``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``); every reader above reads both.
+
 Its metadata is kohya's (``ss_*``, ``sshs_*``, ``modelspec.*``; see ``save_lora``).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -24,7 +27,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from ldm.adapters.keys import flat_name
+from ldm.adapters.keys import flat_name, original_namer
 from ldm.errors import InputError
 from ldm.io import atomic_write
 from ldm.loading.hashes import kohya_hashes
@@ -59,13 +62,28 @@ def adapter_state(models: dict[str, nn.Module | None], adapter: str = TRAINING_A
     for part, model in models.items():
         if model is None:
             continue
+        flat = kohya_namer(part, model)
         for name, module in model.named_modules():
             if isinstance(module, LoraLayer) and adapter in module.lora_A:
-                key = PREFIXES[part] + flat_name(part, name)
+                key = PREFIXES[part] + flat(name)
                 state[f"{key}.lora_down.weight"] = module.lora_A[adapter].weight.detach().float().cpu().contiguous()
                 state[f"{key}.lora_up.weight"] = module.lora_B[adapter].weight.detach().float().cpu().contiguous()
                 state[f"{key}.alpha"] = torch.tensor(float(module.lora_alpha[adapter]))
     return state
+
+
+def kohya_namer(part: str, model: nn.Module) -> Callable[[str], str]:
+    """The flat kohya name of a module of ``part``: diffusers' module path, except on an SDXL U-Net, whose LoRAs kohya's
+    sd-scripts write (and most published ones are) in the original SD names (``input_blocks_4_1_…``)."""
+    if part != "unet" or not is_sdxl_unet(model):
+        return lambda name: flat_name(part, name)
+    original_name = original_namer(model)
+    return lambda name: flat_name(part, original_name(name) or name)
+
+
+def is_sdxl_unet(unet: nn.Module) -> bool:
+    """Whether the U-Net has SDXL's added (text and micro-conditioning) embedding."""
+    return any(name.startswith("add_embedding.") for name, _ in unet.named_modules())
 
 
 def save_lora(

@@ -66,7 +66,8 @@ def register(sub) -> None:
     loop.add_argument("--noise-offset", type=float, default=0.0, help="e.g. 0.05 for darker darks, brighter brights")
     loop.add_argument("--gradient-checkpointing", action="store_true", help="less memory, slower")
     loop.add_argument("--ema-decay", type=float, help="keep EMA weights (e.g. 0.9999) and write them as the result")
-    loop.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="CUDA autocast")
+    loop.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
+                      help="autocast: fp16/bf16 on CUDA, bf16 on a CPU with native bf16; master weights stay fp32")
     loop.add_argument("--seed", type=int, default=0)
     loop.add_argument("--num-workers", type=int, default=0, help="data-loading processes")
 
@@ -169,6 +170,31 @@ def scan_data(folder: Path, config: DataConfig) -> list:
     return examples
 
 
+def check_mixed_precision(precision: str, cuda: bool) -> None:
+    """On a CPU: bf16 where the CPU computes it natively (autocast; fp32 master weights), never fp16 (its CPU
+    convolutions are orders of magnitude slower than fp32's)."""
+    from ldm.kernels.cpu import this_cpu
+
+    if precision == "no" or cuda:
+        return
+    if precision == "fp16":
+        raise ConfigError("--mixed-precision fp16 needs a CUDA GPU; on a CPU use --mixed-precision bf16 (where the CPU has it) or no")
+    cpu = this_cpu()
+    if not cpu.native_bf16:
+        raise ConfigError(
+            f"--mixed-precision bf16: this CPU ({cpu.model}) has no native bf16 (AVX512_BF16, AMX or Arm BF16), "
+            "so it would run slower than fp32; use --mixed-precision no"
+        )
+
+
+def check_family(family: str, args: argparse.Namespace) -> None:
+    """SDXL base models train their U-Net or a LoRA on it, with both text encoders frozen; the refiner is not trained."""
+    if family == "sdxl-refiner":
+        raise ConfigError(f"{args.model} is an SDXL refiner; ldm finetune trains SD 1.x/2.x and SDXL base models")
+    if family == "sdxl" and args.train_text_encoder:
+        raise ConfigError("training SDXL's text encoders is not built; drop --train-text-encoder (the U-Net or its LoRA trains)")
+
+
 def native_resolution(components) -> int:
     """The image size the model was trained at: the U-Net's latent size times the VAE's downsampling."""
     from ldm.loading.configs import native_side
@@ -192,15 +218,13 @@ def run(args: argparse.Namespace) -> int:
     from ldm.training.results import check_output, result_path, save_result
 
     data_config, config = configs_from_args(args)
-    if config.mixed_precision != "no" and not torch.cuda.is_available():
-        raise ConfigError(f"--mixed-precision {config.mixed_precision} needs a CUDA GPU; use --mixed-precision no on CPU")
+    check_mixed_precision(config.mixed_precision, torch.cuda.is_available())
     target = result_path(args.output, config)
     superseded = check_output(args.output, target, args.resume, config)
     # A given --resolution lets the data be checked before the (slow) model load; the default, the
     # model's native size, is known only once the model is read.
     examples = scan_data(args.data, data_config) if data_config.resolution is not None else None
-    if model_family(args.model).startswith("sdxl"):
-        raise ConfigError(f"{args.model} is an SDXL model; ldm finetune trains SD 1.x/2.x models (SDXL training is not built yet)")
+    check_family(model_family(args.model), args)
     components = load_components(args.model, prediction_type=args.prediction_type)
     if components.unet.config.in_channels != components.vae.config.latent_channels:  # loads since inpainting runs
         raise ConfigError(f"{args.model} is an inpainting model (its U-Net reads a mask); ldm finetune trains text-to-image models")
@@ -241,7 +265,9 @@ def result_writer(result, components, config: TrainConfig, name: str, dataset, a
         return lambda path: save_lora(path, result.unet, text_encoder, metadata)
     # Mixed precision ran the frozen parts in half precision; the saved model is full precision.
     # Everything else (scheduler, generation_config.json...) is the base model's.
+    text_encoder_2 = components.text_encoder_2.float() if components.text_encoder_2 is not None else None
     trained = dataclasses.replace(
-        components, unet=result.unet.float(), vae=components.vae.float(), text_encoder=result.text_encoder.float()
+        components, unet=result.unet.float(), vae=components.vae.float(), text_encoder=result.text_encoder.float(),
+        text_encoder_2=text_encoder_2,
     )
     return lambda path: save_diffusers(trained, path, name=name)

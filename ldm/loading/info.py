@@ -33,10 +33,10 @@ SDXL_PARTS = {
     for family, slots in keymap.TEXT_SLOTS.items()
     if family.startswith("sdxl")
 }
-# What ldm does with each family's models (SDXL generates, loads and converts; merging and fine-tuning it are not built yet).
+# What ldm does with each SDXL family's models (merging them is not built, nor fine-tuning the refiner).
 SUPPORT = {
-    "sdxl": "generates (txt2img, img2img, with a refiner), loads and converts; merge and finetune not built yet",
-    "sdxl-refiner": "refines a base's latents and generates img2img, loads and converts; merge and finetune not built yet",
+    "sdxl": "generates (txt2img, img2img, with a refiner), loads, converts and fine-tunes (U-Net or LoRA); merge not built yet",
+    "sdxl-refiner": "refines a base's latents and generates img2img, loads and converts; merge and finetune not built",
 }
 UNKNOWN_PREDICTION = "unknown (pass --prediction-type)"
 

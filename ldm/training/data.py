@@ -215,13 +215,33 @@ def warn_far_resizes(examples: list[Example], resolution: int) -> None:
     )
 
 
+@dataclass(frozen=True)
+class Crop:
+    """Where a training sample comes from in its source image: the image resized by ``scale`` to ``resized``
+    (width, height), covering its bucket, then the bucket-sized box at (``left``, ``top``)."""
+
+    scale: float
+    resized: tuple[int, int]
+    left: int
+    top: int
+
+
+def crop_of(example: Example, position: float, size: tuple[int, int]) -> Crop:
+    """The crop of ``example`` (whose decoded image has ``size``) at ``position`` in [0, 1] along the overhanging side."""
+    width, height = example.bucket
+    scale = max(width / size[0], height / size[1])
+    resized = (max(width, round(size[0] * scale)), max(height, round(size[1] * scale)))
+    return Crop(scale, resized, round((resized[0] - width) * position), round((resized[1] - height) * position))
+
+
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """The generator of one sample's augmentations; independent of reading order, worker and rank."""
     return np.random.default_rng([seed, epoch, index])
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
-    """Item ``(epoch, index)``: ``{"pixels": (3, H, W) in [-1, 1], "caption": str, "index": int, "flipped": bool}``.
+    """Item ``(epoch, index)``: ``{"pixels": (3, H, W) in [-1, 1], "caption": str, "index": int, "flipped": bool,
+    "time_ids": SDXL's six micro-conditioning numbers}``.
 
     ``seed`` seeds the augmentations; ``with_pixels=False`` leaves out the image (for cached latents).
     """
@@ -253,21 +273,29 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         example = self.examples[index]
         width, height = example.bucket
         image = read_image(example.path)
-        scale = max(width / image.width, height / image.height)
-        resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-        image = image.resize(resized, Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
-        left = round((resized[0] - width) * position)
-        top = round((resized[1] - height) * position)
-        image = image.crop((left, top, left + width, top + height))
+        crop = crop_of(example, position, image.size)
+        image = image.resize(crop.resized, Image.Resampling.LANCZOS if crop.scale < 1 else Image.Resampling.BICUBIC)
+        image = image.crop((crop.left, crop.top, crop.left + width, crop.top + height))
         if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
+    def time_ids(self, index: int, flip: bool, position: float) -> tuple[int, int, int, int, int, int]:
+        """SDXL's micro-conditioning of the sample (Podell et al. 2023, sec. 2.2): the source image's
+        (height, width), the crop's (top, left) in the resized image as trained (a mirrored sample's crop
+        measured from the mirrored side), and the trained (height, width). Read from the sizes alone."""
+        example = self.examples[index]
+        crop = crop_of(example, position, example.size)
+        width, height = example.bucket
+        left = crop.resized[0] - crop.left - width if flip else crop.left
+        return (example.size[1], example.size[0], crop.top, left, height, width)
+
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
         flip, position, drop = self.augmentation(epoch, index)
-        item = {"caption": "" if drop else self.examples[index].caption, "index": index, "flipped": flip}
+        item = {"caption": "" if drop else self.examples[index].caption, "index": index, "flipped": flip,
+                "time_ids": self.time_ids(index, flip, position)}
         if self.with_pixels:
             item["pixels"] = self.pixels(index, flip, position)
         return item
@@ -278,6 +306,7 @@ def collate(items: list[dict]) -> dict:
         "caption": [item["caption"] for item in items],
         "index": [item["index"] for item in items],
         "flipped": [item["flipped"] for item in items],
+        "time_ids": torch.tensor([item["time_ids"] for item in items], dtype=torch.float32),
     }
     if "pixels" in items[0]:
         batch["pixels"] = torch.stack([item["pixels"] for item in items])

@@ -46,6 +46,7 @@ from ldm.random import randn
 from ldm.schedulers import SCHEDULERS, NoiseProcess, SchedulerConfig
 from ldm.settings import GenerationDefaults
 from ldm.training import checkpoint as ckpt
+from ldm.training.captions import CaptionEncoders, TextCondition, encode_captions
 from ldm.training.config import TrainConfig
 from ldm.training.data import BucketBatches, ImageCaptionDataset, collate
 from ldm.training.distributed import (
@@ -76,6 +77,8 @@ class ModelSet(Protocol):
     tokenizer: Any
     scheduler_config: SchedulerConfig
     generation_config: dict[str, Any]  # the model's recommended steps and guidance ({}: SD's)
+    text_encoder_2: nn.Module | None  # SDXL's second text encoder (OpenCLIP bigG); None for SD 1.x / 2.x
+    tokenizer_2: Any
 
 
 @dataclass
@@ -103,6 +106,7 @@ class Run:
     weight_dtype: torch.dtype  # of the frozen models; trained ones keep fp32 master weights
     scheduler: NoiseProcess  # the model's noise process: add_noise and training_target of the objective
     text_encoder: nn.Module  # what captions are encoded with (LoRA-injected if asked), trained or frozen
+    text_encoder_2: nn.Module | None  # SDXL's second text encoder, frozen; None for SD 1.x / 2.x
     trained: dict[str, nn.Module]  # "unet" (and "text_encoder") unwrapped: what the EMA follows and samples use
     wrapped: dict[str, nn.Module]  # the same as accelerate prepared them (DDP, FSDP2); forward passes use these
     skeletons: dict[str, nn.Module]  # under FSDP2, weightless copies taken before sharding; else {}
@@ -199,6 +203,7 @@ def set_up(models: ModelSet, dataset: ImageCaptionDataset, config: TrainConfig, 
         raise ConfigError(f"{output_dir} already holds checkpoints; pass --resume latest or choose another --output")
     if config.train_text_encoder and dataset.config.cache_text_embeddings:
         raise ConfigError("cached text embeddings need a frozen text encoder; drop one of the two settings")
+    check_family(models, config)
     check_backend(accelerator, config.train_text_encoder)
     set_seed(config.seed)  # the same LoRA initialisation on every rank
     weight_dtype = DTYPES[config.mixed_precision]
@@ -211,9 +216,18 @@ def set_up(models: ModelSet, dataset: ImageCaptionDataset, config: TrainConfig, 
     emas = {name: EMA(model, config.ema_decay) for name, model in trained.items()} if config.ema_decay else {}
     return Run(
         config=config, models=models, dataset=dataset, output_dir=output_dir, accelerator=accelerator,
-        weight_dtype=weight_dtype, scheduler=scheduler, text_encoder=text_encoder, trained=trained, wrapped=wrapped,
+        weight_dtype=weight_dtype, scheduler=scheduler, text_encoder=text_encoder, text_encoder_2=models.text_encoder_2,
+        trained=trained, wrapped=wrapped,
         skeletons=skeletons, optimizer=optimizer, lr_scheduler=lr_scheduler, emas=emas, parameters=trainable_parameters(trained),
     )
+
+
+def check_family(models: ModelSet, config: TrainConfig) -> None:
+    """SDXL trains its base model's U-Net; both its text encoders stay frozen (as in the issue's small CPU runs)."""
+    if models.text_encoder is None:
+        raise ConfigError("this is an SDXL refiner (it has no first text encoder); ldm trains SD 1.x/2.x and SDXL base models")
+    if models.text_encoder_2 is not None and config.train_text_encoder:
+        raise ConfigError("training SDXL's text encoders is not built; drop --train-text-encoder (the U-Net or its LoRA trains)")
 
 
 def freeze_and_adapt(
@@ -224,7 +238,9 @@ def freeze_and_adapt(
     Frozen parts are frozen explicitly; LoRA freezes the base weights and trains adapters only.
     """
     unet, vae, text_encoder = models.unet, models.vae, models.text_encoder
-    vae.requires_grad_(False).eval().to(device, weight_dtype)
+    vae.requires_grad_(False).eval().to(device, vae_dtype(vae, weight_dtype))
+    if models.text_encoder_2 is not None:
+        models.text_encoder_2.requires_grad_(False).eval().to(device, weight_dtype)
     unet.requires_grad_(not config.lora)
     text_encoder.requires_grad_(config.train_text_encoder and not config.lora)
     if config.lora:
@@ -244,6 +260,13 @@ def freeze_and_adapt(
     for model in trained.values():
         model.to(device).train()  # fp32 master weights; autocast runs the maths in fp16/bf16
     return trained, text_encoder
+
+
+def vae_dtype(vae: nn.Module, weight_dtype: torch.dtype) -> torch.dtype:
+    """The frozen VAE's dtype: fp32 in an fp16 run where its config says fp16 overflows (SDXL's ``force_upcast``), as
+    diffusers' SDXL training scripts keep it; else the run's weight dtype."""
+    upcast = getattr(vae.config, "force_upcast", False)
+    return torch.float32 if upcast and weight_dtype == torch.float16 else weight_dtype
 
 
 def make_optimizer(config: TrainConfig, trained: dict[str, nn.Module]) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
@@ -326,16 +349,19 @@ class Feed:
     batches: BucketBatches
     source: ImageCaptionDataset  # without pixels when the latents are cached
     latents: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] | None  # (index, flipped) → VAE (mean, std)
-    texts: dict[str, torch.Tensor] | None  # caption → embedding, filled on first use
+    texts: dict[str, TextCondition] | None  # caption → its conditioning, filled on first use
 
 
 def data_feed(run: Run) -> Feed:
     """5. The batches of this rank, the latents encoded up front and the text cache, as the data config asks."""
     dataset, config, accelerator = run.dataset, run.config, run.accelerator
     batches = BucketBatches(dataset.examples, config.batch_size, config.seed, accelerator.process_index, accelerator.num_processes)
-    latents = cache_latents(dataset, run.models.vae, accelerator.device, run.weight_dtype) if dataset.config.cache_latents else None
+    vae = run.models.vae
+    latents = cache_latents(dataset, vae, accelerator.device, vae_dtype(vae, run.weight_dtype)) if dataset.config.cache_latents else None
     source = dataset.without_pixels() if latents is not None else dataset
-    return Feed(batches, source, latents, {} if dataset.config.cache_text_embeddings else None)
+    # SDXL's text encoders are always frozen: each caption is encoded once, not again at every step it is drawn.
+    cache_texts = dataset.config.cache_text_embeddings or run.text_encoder_2 is not None
+    return Feed(batches, source, latents, {} if cache_texts else None)
 
 
 @torch.no_grad()
@@ -376,11 +402,11 @@ def micro_step(run: Run, feed: Feed, batch: dict, generator: torch.Generator) ->
     accelerator, config = run.accelerator, run.config
     with accelerator.accumulate(*run.wrapped.values()):
         latents = batch_latents(run, feed, batch, generator)
-        context = batch_context(run, feed, batch["caption"])
+        text = batch_text(run, feed, batch["caption"])
         with accelerator.autocast():
             loss = diffusion_loss(
-                run.wrapped["unet"], run.scheduler, latents, context, generator,
-                noise_offset=config.noise_offset, min_snr_gamma=config.min_snr_gamma,
+                run.wrapped["unet"], run.scheduler, latents, text.context, generator,
+                noise_offset=config.noise_offset, min_snr_gamma=config.min_snr_gamma, added=text.added(batch["time_ids"]),
             )
         accelerator.backward(loss)
         if accelerator.sync_gradients and config.max_grad_norm is not None:
@@ -399,32 +425,32 @@ def batch_latents(run: Run, feed: Feed, batch: dict, generator: torch.Generator)
         std = torch.stack([feed.latents[key][1] for key in keys]).to(device)
     else:
         with torch.no_grad():
-            posterior = vae.encode(batch["pixels"].to(device, run.weight_dtype))
+            posterior = vae.encode(batch["pixels"].to(device, vae_dtype(vae, run.weight_dtype)))
         mean, std = posterior.mean, posterior.std
     eps = randn(tuple(mean.shape), generator, device, mean.dtype)
     return ((mean + std * eps) * vae.config.scaling_factor).float()
 
 
-def batch_context(run: Run, feed: Feed, captions: list[str]) -> torch.Tensor:
-    """Text embeddings: through the (wrapped) encoder when it trains, else under no_grad, cached if asked."""
-    tokenizer, device = run.models.tokenizer, run.accelerator.device
+def batch_text(run: Run, feed: Feed, captions: list[str]) -> TextCondition:
+    """The captions' conditioning (``captions.py``): through the (wrapped) encoder when it trains, else under no_grad,
+    cached if asked."""
+    device = run.accelerator.device
     if "text_encoder" in run.wrapped:
-        return encode_captions(captions, tokenizer, run.wrapped["text_encoder"], device).float()
+        return encode_captions(captions, caption_encoders(run, run.wrapped["text_encoder"]), device).float()
+    encoders = caption_encoders(run, run.text_encoder)
     if feed.texts is None:
         with torch.no_grad():
-            return encode_captions(captions, tokenizer, run.text_encoder, device).float()
+            return encode_captions(captions, encoders, device).float()
     missing = sorted({c for c in captions if c not in feed.texts})
     if missing:
         with torch.no_grad():
-            for caption, embedding in zip(missing, encode_captions(missing, tokenizer, run.text_encoder, device)):
-                feed.texts[caption] = embedding
-    return torch.stack([feed.texts[c] for c in captions]).float()
+            encoded = encode_captions(missing, encoders, device)
+        feed.texts.update((caption, encoded.row(i)) for i, caption in enumerate(missing))
+    return TextCondition.stack([feed.texts[c] for c in captions]).float()
 
 
-def encode_captions(captions: list[str], tokenizer, text_encoder: nn.Module, device: torch.device) -> torch.Tensor:
-    """CLIP last hidden states (B, 77, D) of padded, truncated captions (the conditioning SD is trained on)."""
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids.to(device))[0]
+def caption_encoders(run: Run, text_encoder: nn.Module) -> CaptionEncoders:
+    return CaptionEncoders(run.models.tokenizer, text_encoder, run.models.tokenizer_2, run.text_encoder_2)
 
 
 def end_step(run: Run, progress: Progress, losses: list[torch.Tensor]) -> None:
@@ -482,6 +508,7 @@ def render_samples(run: Run, sample_fn: Callable[[SampleRequest], Any], step: in
         config, models = run.config, run.models
         sample_fn(SampleRequest(
             unet=unet, vae=models.vae, text_encoder=text_encoder, tokenizer=models.tokenizer,
+            text_encoder_2=run.text_encoder_2, tokenizer_2=models.tokenizer_2,
             scheduler_config=models.scheduler_config, prompts=config.sample_prompts, step=step, seed=config.seed,
             num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance_scale, size=size,
             defaults=GenerationDefaults(**models.generation_config),

@@ -21,7 +21,12 @@ from ldm.loading.hashes import legacy_hash, sha256
 from ldm.training.config import DataConfig, TrainConfig
 
 # Stability's model-spec architecture ids (github.com/Stability-AI/ModelSpec), with kohya's "/lora" suffix.
-ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v"}
+ARCHITECTURES = {
+    "sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
+    "sdxl": "stable-diffusion-xl-v1-base",
+}  # fmt: skip
+# modelspec.implementation as kohya writes it: SD 1.x / 2.x LoRAs in diffusers' module names, SDXL's in Stability's.
+IMPLEMENTATIONS = {"sd1": "diffusers", "sd2": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
 MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v_prediction": "v", "sample": "sample"}
 
 
@@ -38,7 +43,10 @@ def tag_frequency(folder_name: str, captions: Iterable[str]) -> dict[str, dict[s
 
 
 def base_model_version(family: str, prediction_type: str) -> str:
-    """kohya's ``ss_base_model_version`` (``get_model_version_str_for_sd1_sd2``): ``sd_v1``, ``sd_v2``, ``_v`` for v-prediction."""
+    """kohya's ``ss_base_model_version``: ``sdxl_base_v1-0`` for SDXL, else ``get_model_version_str_for_sd1_sd2``'s
+    ``sd_v1``, ``sd_v2``, with ``_v`` for v-prediction."""
+    if family == "sdxl":
+        return "sdxl_base_v1-0"
     return f"sd_{'v2' if family == 'sd2' else 'v1'}{'_v' if prediction_type == 'v_prediction' else ''}"
 
 
@@ -93,7 +101,7 @@ def lora_metadata(
         "ss_tag_frequency": json.dumps(tag_frequency(folder, captions)),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": ARCHITECTURES["sd2-v" if family == "sd2" and v else family] + "/lora",
-        "modelspec.implementation": "diffusers",  # kohya's value for SD 1.x / 2.x LoRAs (diffusers' module names)
+        "modelspec.implementation": IMPLEMENTATIONS[family],
         "modelspec.title": name,
         "modelspec.resolution": f"{data.resolution}x{data.resolution}",
         "modelspec.prediction_type": MODELSPEC_PREDICTION[prediction_type],

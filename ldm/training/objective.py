@@ -8,6 +8,8 @@ type (``training_target``: eps, v = alpha_t eps - sigma_t x_0, or x_0).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from ldm.random import randn
@@ -58,15 +60,18 @@ def diffusion_loss(
     *,
     noise_offset: float = 0.0,
     min_snr_gamma: float | None = None,
+    added: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Mean (weighted) squared error of one batch: t ~ U{0..T-1}, eps ~ N(0, I), target by prediction type."""
+    """Mean (weighted) squared error of one batch: t ~ U{0..T-1}, eps ~ N(0, I), target by prediction type.
+
+    ``added``: the U-Net's added-conditioning keywords (SDXL's ``text_embeds`` and ``time_ids``)."""
     batch = latents.shape[0]
     num_train_timesteps = scheduler.config.num_train_timesteps
     timesteps = torch.randint(0, num_train_timesteps, (batch,), generator=generator).to(latents.device)
     noise = sample_noise(tuple(latents.shape), generator, latents.device, latents.dtype, noise_offset)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = scheduler.training_target(latents, noise, timesteps)
-    prediction = unet(noisy, timesteps, context)
+    prediction = unet(noisy, timesteps, context, **(added or {}))
     per_sample = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
     if min_snr_gamma is not None:
         weights = min_snr_weights(snr(scheduler, timesteps.cpu()), min_snr_gamma, scheduler.config.prediction_type)

@@ -85,13 +85,18 @@ class SampleRequest:
     size: tuple[int, int]  # (width, height)
     folder: Path
     defaults: GenerationDefaults = GenerationDefaults()  # the model's generation_config.json, as txt2img uses it
+    text_encoder_2: Any = None  # SDXL's second text encoder and tokenizer; None for SD 1.x / 2.x
+    tokenizer_2: Any = None
 
 
 def save_samples(request: SampleRequest) -> list[Path]:
     """Render each prompt with ``ldm.Pipeline`` and write ``samples/step-<N>-<i>.png``."""
     from ldm.pipeline import Pipeline
 
-    pipeline = Pipeline(request.unet, request.vae, request.text_encoder, request.tokenizer, request.scheduler_config)
+    pipeline = Pipeline(
+        request.unet, request.vae, request.text_encoder, request.tokenizer, request.scheduler_config,
+        text_encoder_2=request.text_encoder_2, tokenizer_2=request.tokenizer_2,
+    )
     pipeline.defaults = request.defaults
     written = []
     for number, prompt in enumerate(request.prompts):
