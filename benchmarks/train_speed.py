@@ -2,6 +2,7 @@
 
     python benchmarks/train_speed.py                      # small and full-size U-Net
     python benchmarks/train_speed.py --sizes full --full-mode full --steps 5
+    python benchmarks/train_speed.py --sizes sdxl --steps 1 --mixed-precision bf16   # SDXL LoRA at 1024 px
 
 Two workloads, each in its own process so one's peak memory does not inflate the other's:
   * small: the test-size SD-1-shaped U-Net (``UNetConfig.tiny()``), full fine-tuning, 64 px;
@@ -9,7 +10,10 @@ Two workloads, each in its own process so one's peak memory does not inflate the
     random weights, at ``--full-resolution`` (default 256 px). ``--full-mode auto`` trains the
     whole U-Net when AdamW's ~16 bytes per parameter (weights, gradients, two moments) fit in
     60 % of the available memory, otherwise LoRA rank 4 on the attention projections (the mode is
-    part of the report).
+    part of the report);
+  * sdxl:  the SDXL base architecture (2.6 B-parameter U-Net, SDXL VAE, CLIP ViT-L and OpenCLIP bigG),
+    random weights, LoRA rank 4 with gradient checkpointing at ``--sdxl-resolution`` (default 1024 px),
+    both text encoders frozen, in fp32 or with ``--mixed-precision bf16`` (the frozen weights in bf16).
 
 The rate is measured from the run's own ``log.csv`` (time between the end of the first step,
 which includes warm-up, and the end of the last). Peak memory is the process's maximum resident
@@ -27,7 +31,7 @@ import resource
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +51,22 @@ class Models:
     text_encoder: torch.nn.Module
     tokenizer: object
     scheduler_config: SchedulerConfig
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: object = None
+    generation_config: dict = field(default_factory=dict)
 
 
 def build(size: str) -> Models:
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ldm.models.text_encoder import clip_config_2, load_tokenizer_2
 
     torch.manual_seed(0)
+    if size == "sdxl":
+        return Models(
+            UNet(UNetConfig.sdxl()), AutoencoderKL(VAEConfig.sdxl()), CLIPTextModel(clip_config("sdxl")), load_tokenizer("sdxl"),
+            SchedulerConfig(), CLIPTextModelWithProjection(clip_config_2("sdxl")), load_tokenizer_2("sdxl"),
+        )  # fmt: skip
     if size == "full":
         unet, vae, text = UNetConfig.sd1(), VAEConfig.sd(), clip_config("sd1")
     else:
@@ -77,10 +91,10 @@ def choose_mode(requested: str, models: Models, device: torch.device) -> str:
     return "full" if needed < 0.6 * budget else "lora"
 
 
-def worker(size: str, resolution: int, steps: int, batch: int, mode: str) -> dict:
+def worker(size: str, resolution: int, steps: int, batch: int, mode: str, precision: str) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = build(size)
-    mode = choose_mode(mode, models, device)
+    mode = "lora" if size == "sdxl" else choose_mode(mode, models, device)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "data"
         folder.mkdir()
@@ -92,7 +106,8 @@ def worker(size: str, resolution: int, steps: int, batch: int, mode: str) -> dic
         dataset = ImageCaptionDataset(scan_folder(folder, data), data)
         # No checkpoints (on by default): they are not what is timed, and the full model's is gigabytes.
         config = TrainConfig(max_steps=steps + 1, batch_size=batch, learning_rate=1e-5, checkpointing_steps=None,
-                             lora_rank=4 if mode == "lora" else None)
+                             lora_rank=4 if mode == "lora" else None, gradient_checkpointing=size == "sdxl",
+                             mixed_precision=precision)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         train(models, dataset, config, Path(tmp) / "run", show_progress=False)
@@ -103,6 +118,8 @@ def worker(size: str, resolution: int, steps: int, batch: int, mode: str) -> dic
     return {
         "size": size,
         "mode": mode,
+        "mixed_precision": precision,
+        "gradient_checkpointing": config.gradient_checkpointing,
         "unet_parameters_millions": round(sum(p.numel() for p in models.unet.parameters()) / 1e6, 1),
         "resolution": resolution,
         "batch_size": batch,
@@ -112,16 +129,25 @@ def worker(size: str, resolution: int, steps: int, batch: int, mode: str) -> dic
         "peak_memory_gib": round(peak / 2**30, 2),
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "cpu": cpu_description(),
         "load_average_1min": round(os.getloadavg()[0], 1),  # other work on the machine slows every number
     }
 
 
+def cpu_description() -> str:
+    from ldm.kernels.cpu import this_cpu
+
+    return this_cpu().key
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="small,full", help="comma-separated: small, full")
+    parser.add_argument("--sizes", default="small,full", help="comma-separated: small, full, sdxl")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps (after one warm-up step)")
     parser.add_argument("--small-resolution", type=int, default=64)
     parser.add_argument("--full-resolution", type=int, default=256)
+    parser.add_argument("--sdxl-resolution", type=int, default=1024)
+    parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no", help="bf16 autocast (CPU: native bf16 only)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--full-mode", choices=("auto", "full", "lora"), default="auto")
     parser.add_argument("--threads", type=int, help="torch intra-op threads of the measuring process (default: torch's)")
@@ -130,13 +156,14 @@ def main() -> None:
     if args.worker:
         if args.threads:
             torch.set_num_threads(args.threads)
-        resolution = args.full_resolution if args.worker == "full" else args.small_resolution
+        resolutions = {"full": args.full_resolution, "sdxl": args.sdxl_resolution, "small": args.small_resolution}
         mode = args.full_mode if args.worker == "full" else "full"
-        print(json.dumps(worker(args.worker, resolution, args.steps, args.batch_size, mode)))
+        print(json.dumps(worker(args.worker, resolutions[args.worker], args.steps, args.batch_size, mode, args.mixed_precision)))
         return
     for size in args.sizes.split(","):
         command = [sys.executable, __file__, "--worker", size, "--steps", str(args.steps),
                    "--small-resolution", str(args.small_resolution), "--full-resolution", str(args.full_resolution),
+                   "--sdxl-resolution", str(args.sdxl_resolution), "--mixed-precision", args.mixed_precision,
                    "--batch-size", str(args.batch_size), "--full-mode", args.full_mode]
         if args.threads:
             command += ["--threads", str(args.threads)]

@@ -221,3 +221,25 @@ def test_the_refiner_and_emulated_bf16_are_refused(tmp_path, data_folder, capsys
     assert main([*args, "--model", str(refiner), "--mixed-precision", "bf16"]) == 2
     err = capsys.readouterr().err
     assert "this CPU (Old CPU) has no native bf16" in err and "use --mixed-precision no" in err
+
+
+def test_a_full_sdxl_finetune_writes_a_folder_diffusers_loads_and_renders_samples(sdxl_folder, data_folder, tmp_path, capsys):
+    from diffusers import StableDiffusionXLPipeline
+
+    output = tmp_path / "run"
+    code = main([
+        "finetune", "--model", str(sdxl_folder), "--data", str(data_folder), "--output", str(output), "--resolution", "64",
+        "--max-steps", "1", "--learning-rate", "1e-3", "--sample-every", "1", "--sample-prompt", "zqx", "--sample-steps", "2",
+        "--no-progress",
+    ])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert Image.open(output / "samples" / "step-000001-0.png").size == (64, 64)
+    loaded = StableDiffusionXLPipeline.from_pretrained(output / "model")
+    start = components(sdxl_folder)
+    trained = components(output / "model")
+    for name, value in trained.unet.state_dict().items():
+        assert torch.equal(value, loaded.unet.state_dict()[name]), name
+    assert any(not torch.equal(value, start.unet.state_dict()[name]) for name, value in trained.unet.state_dict().items())
+    for part in ("text_encoder", "text_encoder_2", "vae"):  # frozen: written back unchanged
+        before, after = getattr(start, part).state_dict(), getattr(trained, part).state_dict()
+        assert all(torch.equal(value, after[name]) for name, value in before.items()), part
