@@ -81,8 +81,6 @@ class MicroModels:
     tokenizer: Any
     scheduler_config: SchedulerConfig
     generation_config: dict = dataclasses.field(default_factory=dict)
-    text_encoder_2: Any = None
-    tokenizer_2: Any = None
 
 
 def micro_models(seed: int = 0, pooling_vae: bool = False) -> MicroModels:

@@ -9,7 +9,8 @@
 
 ``models`` is anything with ``unet, vae, text_encoder, tokenizer, scheduler_config`` (e.g.
 ``ldm.loading.load_components(path)``, or freshly built ``UNet(cfg)`` / ``AutoencoderKL(cfg)`` /
-``CLIPTextModel`` for training from scratch). ``train`` freezes the VAE always and the text encoder
+``CLIPTextModel`` for training from scratch; an SDXL model set adds ``text_encoder_2, tokenizer_2``,
+both frozen). ``train`` freezes the VAE always and the text encoder
 unless ``config.train_text_encoder``; with ``config.lora_rank`` it trains peft LoRA adapters on the
 attention projections only. Checkpoints are written every 500 steps and at the last one by default;
 Ctrl-C saves one and raises ``TrainingInterrupted``. It returns ``TrainResult(unet, text_encoder,

@@ -77,8 +77,8 @@ class ModelSet(Protocol):
     tokenizer: Any
     scheduler_config: SchedulerConfig
     generation_config: dict[str, Any]  # the model's recommended steps and guidance ({}: SD's)
-    text_encoder_2: nn.Module | None  # SDXL's second text encoder (OpenCLIP bigG); None for SD 1.x / 2.x
-    tokenizer_2: Any
+    # SDXL's second text encoder (OpenCLIP bigG) and tokenizer: optional, a model set without them is SD 1.x / 2.x
+    # (``second_text_encoder``).
 
 
 @dataclass
@@ -107,6 +107,7 @@ class Run:
     scheduler: NoiseProcess  # the model's noise process: add_noise and training_target of the objective
     text_encoder: nn.Module  # what captions are encoded with (LoRA-injected if asked), trained or frozen
     text_encoder_2: nn.Module | None  # SDXL's second text encoder, frozen; None for SD 1.x / 2.x
+    tokenizer_2: Any
     trained: dict[str, nn.Module]  # "unet" (and "text_encoder") unwrapped: what the EMA follows and samples use
     wrapped: dict[str, nn.Module]  # the same as accelerate prepared them (DDP, FSDP2); forward passes use these
     skeletons: dict[str, nn.Module]  # under FSDP2, weightless copies taken before sharding; else {}
@@ -210,23 +211,30 @@ def set_up(models: ModelSet, dataset: ImageCaptionDataset, config: TrainConfig, 
     # Keys the model's config leaves out take DDPM's diffusers defaults, as diffusers' training scripts load a DDPMScheduler.
     scheduler = NoiseProcess.from_config(models.scheduler_config.filled_for(SCHEDULERS["ddpm"].DIFFUSERS_DEFAULTS))
     trained, text_encoder = freeze_and_adapt(models, config, accelerator.device, weight_dtype)
+    text_encoder_2 = second_text_encoder(models)
     optimizer, lr_scheduler = make_optimizer(config, trained)
     wrapped, optimizer, skeletons = hand_to_accelerate(accelerator, trained, optimizer)
     # After prepare: the EMA must have the layout of the parameters it follows (see ema.py).
     emas = {name: EMA(model, config.ema_decay) for name, model in trained.items()} if config.ema_decay else {}
     return Run(
         config=config, models=models, dataset=dataset, output_dir=output_dir, accelerator=accelerator,
-        weight_dtype=weight_dtype, scheduler=scheduler, text_encoder=text_encoder, text_encoder_2=models.text_encoder_2,
+        weight_dtype=weight_dtype, scheduler=scheduler, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+        tokenizer_2=getattr(models, "tokenizer_2", None),
         trained=trained, wrapped=wrapped,
         skeletons=skeletons, optimizer=optimizer, lr_scheduler=lr_scheduler, emas=emas, parameters=trainable_parameters(trained),
     )
+
+
+def second_text_encoder(models: ModelSet) -> nn.Module | None:
+    """SDXL's second text encoder; None for a model set without one (SD 1.x / 2.x, which need not name it)."""
+    return getattr(models, "text_encoder_2", None)
 
 
 def check_family(models: ModelSet, config: TrainConfig) -> None:
     """SDXL trains its base model's U-Net; both its text encoders stay frozen (as in the issue's small CPU runs)."""
     if models.text_encoder is None:
         raise ConfigError("this is an SDXL refiner (it has no first text encoder); ldm trains SD 1.x/2.x and SDXL base models")
-    if models.text_encoder_2 is not None and config.train_text_encoder:
+    if second_text_encoder(models) is not None and config.train_text_encoder:
         raise ConfigError("training SDXL's text encoders is not built; drop --train-text-encoder (the U-Net or its LoRA trains)")
 
 
@@ -239,8 +247,8 @@ def freeze_and_adapt(
     """
     unet, vae, text_encoder = models.unet, models.vae, models.text_encoder
     vae.requires_grad_(False).eval().to(device, vae_dtype(vae, weight_dtype))
-    if models.text_encoder_2 is not None:
-        models.text_encoder_2.requires_grad_(False).eval().to(device, weight_dtype)
+    if second_text_encoder(models) is not None:
+        second_text_encoder(models).requires_grad_(False).eval().to(device, weight_dtype)
     unet.requires_grad_(not config.lora)
     text_encoder.requires_grad_(config.train_text_encoder and not config.lora)
     if config.lora:
@@ -450,7 +458,7 @@ def batch_text(run: Run, feed: Feed, captions: list[str]) -> TextCondition:
 
 
 def caption_encoders(run: Run, text_encoder: nn.Module) -> CaptionEncoders:
-    return CaptionEncoders(run.models.tokenizer, text_encoder, run.models.tokenizer_2, run.text_encoder_2)
+    return CaptionEncoders(run.models.tokenizer, text_encoder, run.tokenizer_2, run.text_encoder_2)
 
 
 def end_step(run: Run, progress: Progress, losses: list[torch.Tensor]) -> None:
@@ -508,7 +516,7 @@ def render_samples(run: Run, sample_fn: Callable[[SampleRequest], Any], step: in
         config, models = run.config, run.models
         sample_fn(SampleRequest(
             unet=unet, vae=models.vae, text_encoder=text_encoder, tokenizer=models.tokenizer,
-            text_encoder_2=run.text_encoder_2, tokenizer_2=models.tokenizer_2,
+            text_encoder_2=run.text_encoder_2, tokenizer_2=run.tokenizer_2,
             scheduler_config=models.scheduler_config, prompts=config.sample_prompts, step=step, seed=config.seed,
             num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance_scale, size=size,
             defaults=GenerationDefaults(**models.generation_config),
