@@ -135,9 +135,11 @@ def worker(size: str, resolution: int, steps: int, batch: int, mode: str, precis
 
 
 def cpu_description() -> str:
+    """The CPU model and flags, and whether its bf16 is native (emulated bf16 runs slower than fp32)."""
     from ldm.kernels.cpu import this_cpu
 
-    return this_cpu().key
+    cpu = this_cpu()
+    return f"{cpu.key}, bf16 {'native' if cpu.native_bf16 else 'emulated'}"
 
 
 def main() -> None:

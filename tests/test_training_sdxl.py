@@ -120,6 +120,19 @@ def lora_weights(unet) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in unet.named_parameters() if "lora_" in name}
 
 
+def test_a_resumed_run_equals_the_uninterrupted_one_with_the_caption_cache(sdxl_folder, tmp_path):
+    colours = {f"colour {i}": (60 * i, 20, 200 - 40 * i) for i in range(4)}
+    folder = colour_folder(tmp_path / "data", colours, per_caption=1, size=64)
+    whole = run_lora(components(sdxl_folder), folder, tmp_path / "whole", max_steps=4, batch_size=3, checkpointing_steps=1)
+    run_lora(components(sdxl_folder), folder, tmp_path / "parts", max_steps=1, batch_size=3, checkpointing_steps=1)
+    data = DataConfig(resolution=64, caption_dropout=0.0)
+    config = TrainConfig(max_steps=4, batch_size=3, learning_rate=1e-2, lora_rank=2, checkpointing_steps=1, seed=3)
+    resumed = train(components(sdxl_folder), ImageCaptionDataset(scan_folder(folder, data), data, seed=3), config,
+                    tmp_path / "parts", resume="latest", show_progress=False)  # fmt: skip
+    expected = lora_weights(whole.unet)
+    assert all(torch.equal(value, expected[name]) for name, value in lora_weights(resumed.unet).items())
+
+
 def test_a_lora_run_encodes_each_caption_once_and_checkpointing_changes_nothing(sdxl_folder, data_folder, tmp_path):
     models = components(sdxl_folder)
     frozen = {name: p.clone() for name, p in models.unet.state_dict().items()}
@@ -154,9 +167,13 @@ def test_bf16_on_the_cpu_keeps_fp32_adapters_and_the_first_loss_near_fp32s(sdxl_
     fp32 = run_lora(components(sdxl_folder), data_folder, tmp_path / "fp32", max_steps=1, checkpointing_steps=None)
     models = components(sdxl_folder)
     reset_accelerate()
-    bf16 = run_lora(models, data_folder, tmp_path / "bf16", max_steps=1, checkpointing_steps=None, mixed_precision="bf16")
-    assert next(models.text_encoder_2.parameters()).dtype == torch.bfloat16  # frozen parts run in bf16
+    bf16 = run_lora(models, data_folder, tmp_path / "bf16", max_steps=1, checkpointing_steps=None, mixed_precision="bf16",
+                    sample_every=1, sample_prompts=("zqx",), sample_steps=2)  # fmt: skip
+    # Frozen weights (the U-Net's base included) are stored in bf16, the adapters in fp32.
+    assert next(models.text_encoder_2.parameters()).dtype == torch.bfloat16
+    assert {p.dtype for name, p in bf16.unet.named_parameters() if "lora_" not in name} == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in lora_weights(bf16.unet).values())
+    assert Image.open(tmp_path / "bf16" / "samples" / "step-000001-0.png").size == (64, 64)  # samples render in bf16
     # Same draws, same images: bf16's 8-bit mantissa moves the loss by well under 5 %.
     assert abs(bf16.last_loss - fp32.last_loss) <= 0.05 * fp32.last_loss
 
@@ -202,14 +219,15 @@ def test_finetune_writes_an_sdxl_lora_in_kohyas_layout_that_diffusers_applies_as
         (["--mixed-precision", "fp16"], "--mixed-precision fp16 needs a CUDA GPU"),
     ],
 )
-def test_what_sdxl_fine_tuning_refuses_is_one_line(extra, message, sdxl_folder, data_folder, tmp_path, capsys):
+def test_what_sdxl_fine_tuning_refuses_is_one_line(extra, message, sdxl_folder, data_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the refusals are a CPU's
     code = main(["finetune", "--model", str(sdxl_folder), "--data", str(data_folder), "--output", str(tmp_path / "o"),
                  "--resolution", "64", "--no-progress", *extra])  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
 
 
-def test_the_refiner_and_emulated_bf16_are_refused(tmp_path, data_folder, capsys, monkeypatch):
+def test_the_refiner_and_emulated_bf16_are_refused(sdxl_folder, tmp_path, data_folder, capsys, monkeypatch):
     refiner = tiny_sdxl.save_folder(tmp_path / "refiner", "refiner")
     args = ["finetune", "--data", str(data_folder), "--output", str(tmp_path / "o"), "--resolution", "64", "--no-progress"]
     assert main([*args, "--model", str(refiner)]) == 2
@@ -217,20 +235,27 @@ def test_the_refiner_and_emulated_bf16_are_refused(tmp_path, data_folder, capsys
 
     from ldm.kernels import cpu
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(cpu, "this_cpu", lambda: cpu.CPU("Old CPU", ("avx2", "fma")))
-    assert main([*args, "--model", str(refiner), "--mixed-precision", "bf16"]) == 2
+    assert main([*args, "--model", str(sdxl_folder), "--mixed-precision", "bf16"]) == 2
     err = capsys.readouterr().err
     assert "this CPU (Old CPU) has no native bf16" in err and "use --mixed-precision no" in err
 
 
-def test_a_full_sdxl_finetune_writes_a_folder_diffusers_loads_and_renders_samples(sdxl_folder, data_folder, tmp_path, capsys):
+def test_a_full_bf16_sdxl_finetune_writes_a_folder_diffusers_loads_and_renders_samples(
+    sdxl_folder, data_folder, tmp_path, capsys, monkeypatch, fresh_accelerate_state
+):
     from diffusers import StableDiffusionXLPipeline
 
+    from ldm.kernels import cpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cpu, "this_cpu", lambda: cpu.CPU("A CPU with bf16", ("avx512_bf16", "avx512f")))
     output = tmp_path / "run"
     code = main([
         "finetune", "--model", str(sdxl_folder), "--data", str(data_folder), "--output", str(output), "--resolution", "64",
         "--max-steps", "1", "--learning-rate", "1e-3", "--sample-every", "1", "--sample-prompt", "zqx", "--sample-steps", "2",
-        "--no-progress",
+        "--mixed-precision", "bf16", "--no-progress",
     ])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     assert Image.open(output / "samples" / "step-000001-0.png").size == (64, 64)
@@ -240,6 +265,6 @@ def test_a_full_sdxl_finetune_writes_a_folder_diffusers_loads_and_renders_sample
     for name, value in trained.unet.state_dict().items():
         assert torch.equal(value, loaded.unet.state_dict()[name]), name
     assert any(not torch.equal(value, start.unet.state_dict()[name]) for name, value in trained.unet.state_dict().items())
-    for part in ("text_encoder", "text_encoder_2", "vae"):  # frozen: written back unchanged
+    for part in ("text_encoder", "text_encoder_2", "vae"):  # frozen (run in bf16): written back exactly as they were
         before, after = getattr(start, part).state_dict(), getattr(trained, part).state_dict()
         assert all(torch.equal(value, after[name]) for name, value in before.items()), part

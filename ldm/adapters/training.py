@@ -83,7 +83,7 @@ def kohya_namer(part: str, model: nn.Module) -> Callable[[str], str]:
 
 def is_sdxl_unet(unet: nn.Module) -> bool:
     """Whether the U-Net has SDXL's added (text and micro-conditioning) embedding."""
-    return any(name.startswith("add_embedding.") for name, _ in unet.named_modules())
+    return unet.add_embedding is not None
 
 
 def save_lora(

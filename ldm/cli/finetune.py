@@ -252,8 +252,8 @@ def run(args: argparse.Namespace) -> int:
 def result_writer(result, components, config: TrainConfig, name: str, dataset, args: argparse.Namespace):
     """``save(path)``: the trained LoRA adapters (with kohya's training metadata) or the whole model (diffusers
     folder, recording ``name``), written atomically."""
-    from ldm.loading import save_diffusers
     from ldm.adapters.training import save_lora
+    from ldm.loading import load_components, save_diffusers
     from ldm.training.lora_metadata import lora_metadata
 
     if config.lora:
@@ -263,11 +263,9 @@ def result_writer(result, components, config: TrainConfig, name: str, dataset, a
         )
         text_encoder = result.text_encoder if config.train_text_encoder else None
         return lambda path: save_lora(path, result.unet, text_encoder, metadata)
-    # Mixed precision ran the frozen parts in half precision; the saved model is full precision.
-    # Everything else (scheduler, generation_config.json...) is the base model's.
-    text_encoder_2 = components.text_encoder_2.float() if components.text_encoder_2 is not None else None
-    trained = dataclasses.replace(
-        components, unet=result.unet.float(), vae=components.vae.float(), text_encoder=result.text_encoder.float(),
-        text_encoder_2=text_encoder_2,
-    )
+    # Mixed precision stored the frozen parts in half precision (rounded in place): the saved model reads them
+    # from the source again, exact. Everything else (scheduler, generation_config.json...) is the base model's.
+    source = components if config.mixed_precision == "no" else load_components(args.model, prediction_type=args.prediction_type)
+    text_encoder = result.text_encoder.float() if config.train_text_encoder else source.text_encoder
+    trained = dataclasses.replace(source, unet=result.unet.float(), text_encoder=text_encoder)
     return lambda path: save_diffusers(trained, path, name=name)

@@ -19,7 +19,8 @@ step, last_loss, is_main_process, checkpoint)``; saving is the caller's job (``l
 Run it under ``accelerate launch`` for several GPUs or machines (DDP, or FSDP2 sharding); nothing
 else changes.
 
-Modules: ``config`` (typed settings), ``data`` (folder scanning, captions, buckets, augmentations),
+Modules: ``config`` (typed settings), ``data`` (folder scanning, captions, buckets, augmentations, SDXL's
+micro-conditioning), ``captions`` (what captions condition the U-Net with: SD's and SDXL's),
 ``objective`` (noise, target, Min-SNR weighting, noise offset), ``ema``, ``checkpoint`` (atomic
 training state, resume), ``results`` (a run's result kept in its last checkpoint; continuation),
 ``interrupt`` (Ctrl-C acted on between steps), ``distributed`` (whole tensors from sharded ones and

@@ -46,6 +46,9 @@ class TextCondition:
     def float(self) -> TextCondition:
         return TextCondition(self.context.float(), None if self.pooled is None else self.pooled.float())
 
+    def to(self, device) -> TextCondition:
+        return TextCondition(self.context.to(device), None if self.pooled is None else self.pooled.to(device))
+
     def added(self, time_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """The U-Net's added-conditioning keywords: SDXL's pooled text and ``time_ids`` (B, 6); none for SD 1.x / 2.x."""
         if self.pooled is None:

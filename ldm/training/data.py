@@ -216,7 +216,7 @@ def warn_far_resizes(examples: list[Example], resolution: int) -> None:
 
 
 @dataclass(frozen=True)
-class Crop:
+class CropBox:
     """Where a training sample comes from in its source image: the image resized by ``scale`` to ``resized``
     (width, height), covering its bucket, then the bucket-sized box at (``left``, ``top``)."""
 
@@ -226,12 +226,12 @@ class Crop:
     top: int
 
 
-def crop_of(example: Example, position: float, size: tuple[int, int]) -> Crop:
+def crop_of(example: Example, position: float, size: tuple[int, int]) -> CropBox:
     """The crop of ``example`` (whose decoded image has ``size``) at ``position`` in [0, 1] along the overhanging side."""
     width, height = example.bucket
     scale = max(width / size[0], height / size[1])
     resized = (max(width, round(size[0] * scale)), max(height, round(size[1] * scale)))
-    return Crop(scale, resized, round((resized[0] - width) * position), round((resized[1] - height) * position))
+    return CropBox(scale, resized, round((resized[0] - width) * position), round((resized[1] - height) * position))
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:

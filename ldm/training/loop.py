@@ -78,7 +78,7 @@ class ModelSet(Protocol):
     scheduler_config: SchedulerConfig
     generation_config: dict[str, Any]  # the model's recommended steps and guidance ({}: SD's)
     # SDXL's second text encoder (OpenCLIP bigG) and tokenizer: optional, a model set without them is SD 1.x / 2.x
-    # (``second_text_encoder``).
+    # (``sdxl_text``).
 
 
 @dataclass
@@ -204,14 +204,14 @@ def set_up(models: ModelSet, dataset: ImageCaptionDataset, config: TrainConfig, 
         raise ConfigError(f"{output_dir} already holds checkpoints; pass --resume latest or choose another --output")
     if config.train_text_encoder and dataset.config.cache_text_embeddings:
         raise ConfigError("cached text embeddings need a frozen text encoder; drop one of the two settings")
-    check_family(models, config)
+    text_encoder_2, tokenizer_2 = sdxl_text(models)
+    check_family(models.text_encoder, text_encoder_2, config)
     check_backend(accelerator, config.train_text_encoder)
     set_seed(config.seed)  # the same LoRA initialisation on every rank
     weight_dtype = DTYPES[config.mixed_precision]
     # Keys the model's config leaves out take DDPM's diffusers defaults, as diffusers' training scripts load a DDPMScheduler.
     scheduler = NoiseProcess.from_config(models.scheduler_config.filled_for(SCHEDULERS["ddpm"].DIFFUSERS_DEFAULTS))
-    trained, text_encoder = freeze_and_adapt(models, config, accelerator.device, weight_dtype)
-    text_encoder_2 = second_text_encoder(models)
+    trained, text_encoder = freeze_and_adapt(models, text_encoder_2, config, accelerator.device, weight_dtype)
     optimizer, lr_scheduler = make_optimizer(config, trained)
     wrapped, optimizer, skeletons = hand_to_accelerate(accelerator, trained, optimizer)
     # After prepare: the EMA must have the layout of the parameters it follows (see ema.py).
@@ -219,43 +219,45 @@ def set_up(models: ModelSet, dataset: ImageCaptionDataset, config: TrainConfig, 
     return Run(
         config=config, models=models, dataset=dataset, output_dir=output_dir, accelerator=accelerator,
         weight_dtype=weight_dtype, scheduler=scheduler, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-        tokenizer_2=getattr(models, "tokenizer_2", None),
-        trained=trained, wrapped=wrapped,
+        tokenizer_2=tokenizer_2, trained=trained, wrapped=wrapped,
         skeletons=skeletons, optimizer=optimizer, lr_scheduler=lr_scheduler, emas=emas, parameters=trainable_parameters(trained),
     )
 
 
-def second_text_encoder(models: ModelSet) -> nn.Module | None:
-    """SDXL's second text encoder; None for a model set without one (SD 1.x / 2.x, which need not name it)."""
-    return getattr(models, "text_encoder_2", None)
+def sdxl_text(models: ModelSet) -> tuple[nn.Module | None, Any]:
+    """SDXL's second text encoder and tokenizer; (None, None) for a model set without them (an SD 1.x / 2.x set
+    need not name them)."""
+    return getattr(models, "text_encoder_2", None), getattr(models, "tokenizer_2", None)
 
 
-def check_family(models: ModelSet, config: TrainConfig) -> None:
-    """SDXL trains its base model's U-Net; both its text encoders stay frozen (as in the issue's small CPU runs)."""
-    if models.text_encoder is None:
-        raise ConfigError("this is an SDXL refiner (it has no first text encoder); ldm trains SD 1.x/2.x and SDXL base models")
-    if second_text_encoder(models) is not None and config.train_text_encoder:
+def check_family(text_encoder: nn.Module | None, text_encoder_2: nn.Module | None, config: TrainConfig) -> None:
+    """SDXL trains its base model's U-Net; both its text encoders stay frozen; its refiner is not trained."""
+    if text_encoder is None:
+        raise ConfigError("the model is an SDXL refiner (it has no first text encoder); ldm trains SD 1.x/2.x and SDXL base models")
+    if text_encoder_2 is not None and config.train_text_encoder:
         raise ConfigError("training SDXL's text encoders is not built; drop --train-text-encoder (the U-Net or its LoRA trains)")
 
 
 def freeze_and_adapt(
-    models: ModelSet, config: TrainConfig, device: torch.device, weight_dtype: torch.dtype
+    models: ModelSet, text_encoder_2: nn.Module | None, config: TrainConfig, device: torch.device, weight_dtype: torch.dtype
 ) -> tuple[dict[str, nn.Module], nn.Module]:
     """1. The models to train by name, on the device in training mode, and the text encoder (trained or not).
 
-    Frozen parts are frozen explicitly; LoRA freezes the base weights and trains adapters only.
+    Frozen parts are frozen explicitly, in the run's precision; LoRA freezes the base weights (kept in the run's
+    precision too, as diffusers' LoRA scripts keep them) and trains adapters only, in fp32.
     """
     unet, vae, text_encoder = models.unet, models.vae, models.text_encoder
     vae.requires_grad_(False).eval().to(device, vae_dtype(vae, weight_dtype))
-    if second_text_encoder(models) is not None:
-        second_text_encoder(models).requires_grad_(False).eval().to(device, weight_dtype)
+    if text_encoder_2 is not None:
+        text_encoder_2.requires_grad_(False).eval().to(device, weight_dtype)
     unet.requires_grad_(not config.lora)
     text_encoder.requires_grad_(config.train_text_encoder and not config.lora)
     if config.lora:
         alpha = config.lora_alpha if config.lora_alpha is not None else float(config.lora_rank)
-        unet = add_adapters(unet, UNET_TARGETS, config.lora_rank, alpha)
+        unet = fp32_adapters(add_adapters(unet.to(device, weight_dtype), UNET_TARGETS, config.lora_rank, alpha))
         if config.train_text_encoder:
-            text_encoder = add_adapters(text_encoder, TEXT_ENCODER_TARGETS, config.lora_rank, alpha)
+            text_encoder = text_encoder.to(device, weight_dtype)
+            text_encoder = fp32_adapters(add_adapters(text_encoder, TEXT_ENCODER_TARGETS, config.lora_rank, alpha))
     trained = {"unet": unet}
     if config.train_text_encoder:
         trained["text_encoder"] = text_encoder
@@ -270,11 +272,19 @@ def freeze_and_adapt(
     return trained, text_encoder
 
 
+def fp32_adapters(model: nn.Module) -> nn.Module:
+    """The trainable (adapter) parameters in fp32 (peft makes them in the base layer's dtype): the optimizer's master
+    weights, while autocast computes in the run's precision."""
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    return model
+
+
 def vae_dtype(vae: nn.Module, weight_dtype: torch.dtype) -> torch.dtype:
     """The frozen VAE's dtype: fp32 in an fp16 run where its config says fp16 overflows (SDXL's ``force_upcast``), as
     diffusers' SDXL training scripts keep it; else the run's weight dtype."""
-    upcast = getattr(vae.config, "force_upcast", False)
-    return torch.float32 if upcast and weight_dtype == torch.float16 else weight_dtype
+    return torch.float32 if vae.config.force_upcast and weight_dtype == torch.float16 else weight_dtype
 
 
 def make_optimizer(config: TrainConfig, trained: dict[str, nn.Module]) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
@@ -449,12 +459,12 @@ def batch_text(run: Run, feed: Feed, captions: list[str]) -> TextCondition:
     if feed.texts is None:
         with torch.no_grad():
             return encode_captions(captions, encoders, device).float()
-    missing = sorted({c for c in captions if c not in feed.texts})
-    if missing:
+    # One caption per pass: its numbers then do not depend on which batch met it first (a resumed run meets
+    # them in other batches), and the cache lives in CPU memory, not the accelerator's.
+    for caption in sorted({c for c in captions if c not in feed.texts}):
         with torch.no_grad():
-            encoded = encode_captions(missing, encoders, device)
-        feed.texts.update((caption, encoded.row(i)) for i, caption in enumerate(missing))
-    return TextCondition.stack([feed.texts[c] for c in captions]).float()
+            feed.texts[caption] = encode_captions([caption], encoders, device).row(0).to("cpu")
+    return TextCondition.stack([feed.texts[c] for c in captions]).to(device).float()
 
 
 def caption_encoders(run: Run, text_encoder: nn.Module) -> CaptionEncoders:
@@ -514,14 +524,15 @@ def render_samples(run: Run, sample_fn: Callable[[SampleRequest], Any], step: in
     try:
         size = (run.dataset.config.resolution, run.dataset.config.resolution)
         config, models = run.config, run.models
-        sample_fn(SampleRequest(
-            unet=unet, vae=models.vae, text_encoder=text_encoder, tokenizer=models.tokenizer,
-            text_encoder_2=run.text_encoder_2, tokenizer_2=run.tokenizer_2,
-            scheduler_config=models.scheduler_config, prompts=config.sample_prompts, step=step, seed=config.seed,
-            num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance_scale, size=size,
-            defaults=GenerationDefaults(**models.generation_config),
-            folder=run.output_dir / "samples",
-        ))
+        with run.accelerator.autocast():  # frozen parts are in the run's half precision, trained ones in fp32
+            sample_fn(SampleRequest(
+                unet=unet, vae=models.vae, text_encoder=text_encoder, tokenizer=models.tokenizer,
+                text_encoder_2=run.text_encoder_2, tokenizer_2=run.tokenizer_2,
+                scheduler_config=models.scheduler_config, prompts=config.sample_prompts, step=step, seed=config.seed,
+                num_inference_steps=config.sample_steps, guidance_scale=config.sample_guidance_scale, size=size,
+                defaults=GenerationDefaults(**models.generation_config),
+                folder=run.output_dir / "samples",
+            ))
     finally:
         for name, model in trained.items():
             model.train(was_training[name])

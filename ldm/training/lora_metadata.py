@@ -70,7 +70,6 @@ def lora_metadata(
         "ss_output_name": name,
         "ss_sd_model_name": Path(model).name,
         "ss_base_model_version": base_model_version(family, prediction_type),
-        "ss_v2": family == "sd2",
         "ss_resolution": (data.resolution, data.resolution),
         "ss_learning_rate": config.learning_rate,
         "ss_unet_lr": config.learning_rate,
@@ -106,6 +105,8 @@ def lora_metadata(
         "modelspec.resolution": f"{data.resolution}x{data.resolution}",
         "modelspec.prediction_type": MODELSPEC_PREDICTION[prediction_type],
     }
+    if family != "sdxl":  # kohya writes it for SD 1.x / 2.x only
+        values["ss_v2"] = family == "sd2"
     if config.train_text_encoder:
         values["ss_text_encoder_lr"] = config.text_encoder_learning_rate or config.learning_rate
     if config.ema_decay is not None:
