@@ -81,7 +81,7 @@ def refined(pipe: Pipeline, call: stages.Call, x: torch.Tensor, callback: stages
     if s.refiner is None:
         return x
     refiner = pipe.refiners.get(pipe, s.refiner)
-    refiner.embeddings.include(pipe.embeddings.loaded.values())  # the base's embeddings, their clip_g vectors on its bigG
+    refiner.embeddings.mirror(pipe.embeddings.loaded.values())  # exactly the base's embeddings, their clip_g vectors on its bigG
     settings = replace(
         s, prompt=tuple(split_lora_tags(text)[0] for text in s.prompt), refiner=None, refiner_switch=None, seed=None,
         subseed=None, subseed_strength=0.0, init_image=None, strength=None, sdxl=replace(s.sdxl or SdxlOptions(), denoising_start=s.refiner_switch),
