@@ -286,6 +286,46 @@ def test_the_a1111_api_refines_with_a_listed_model_as_python_does(folders, base,
     assert missing.status_code == 404 and "refiner_checkpoint 'nope' not found" in missing.text
 
 
+def test_the_server_holds_one_refiner_at_a_time(folders, base, tmp_path_factory):
+    """Two requests naming two refiners (two copies of one model): the second releases the first, which is freed,
+    and each image is the Python call's."""
+    import gc
+    import shutil
+    import weakref
+
+    from serving import LiveServer, decode_png
+
+    from ldm.server.config import ServerConfig
+
+    models = tmp_path_factory.mktemp("models")
+    shutil.copytree(folders["base"], models / "sdxl-base")
+    for name in ("refiner-a", "refiner-b"):
+        shutil.copytree(folders["refiner"], models / name)
+    call = dict(prompt="a red cat", negative_prompt="blurry", guidance_scale=7.0, num_inference_steps=4, seed=5, **SIZE)
+    expected = base[1](**call, refiner=folders["refiner"], refiner_switch=0.5, output_type="np").images[0]
+    request = {"prompt": "a red cat", "negative_prompt": "blurry", "cfg_scale": 7.0, "steps": 4, "seed": 5, "sampler_name": "DPM++ 2M",
+               "width": SIZE["width"], "height": SIZE["height"], "refiner_switch_at": 0.5}  # fmt: skip
+    images, resident = [], []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LDM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        server = LiveServer(ServerConfig(device="cpu", model=models / "sdxl-base", models_dir=models))
+        try:
+            with server.client() as client:
+                for name in ("refiner-a", "refiner-b"):
+                    answer = client.post("/sdapi/v1/txt2img", json={**request, "refiner_checkpoint": name})
+                    assert answer.status_code == 200, answer.text
+                    images.append(decode_png(answer.json()["images"][0]))
+                    refiners = server.server_state.engine.pipeline.refiners.named
+                    resident.append((list(refiners), [weakref.ref(pipe) for pipe in refiners.values()]))
+        finally:
+            server.stop()
+    assert [names for names, _ in resident] == [[str(models / "refiner-a")], [str(models / "refiner-b")]]
+    gc.collect()
+    assert resident[0][1][0]() is None  # released, not only forgotten by name
+    for image in images:
+        assert np.abs(np.asarray(image, dtype=np.float32) / 255 - expected).max() <= 1 / 255 + 1e-6
+
+
 def test_the_turbo_recipe_and_taesdxl_match_diffusers(folders, tmp_path):
     """SDXL-Turbo's recipe (Euler a on trailing timesteps, one step, no guidance) and the tiny autoencoder
     (TAESDXL: TAESD's network with SDXL's weights) in place of the KL-VAE, against diffusers' SDXL pipeline."""

@@ -69,6 +69,13 @@ class Refiners:
             self._paths[path.resolve()] = self.load(base, path, name=str(refiner))
         return self.named[self._paths[path.resolve()]]
 
+    def drop(self, name: str) -> None:
+        """Forget a loaded refiner and the path that named it; its memory goes with the last call that used it."""
+        if name not in self.named:
+            raise InputError(f"no refiner is loaded as {name!r}; loaded: {', '.join(self.named) or 'none'}")
+        del self.named[name]
+        self._paths = {path: kept for path, kept in self._paths.items() if kept != name}
+
     def label(self, base: Pipeline, refiner: str | Path) -> str:
         """The refiner as A1111's "Refiner" names it: ``name [hash]`` (the hash of a single file), else ``name``."""
         pipe = self.get(base, refiner)

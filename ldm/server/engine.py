@@ -8,7 +8,8 @@ tags, or their absence, replace them, so each image and infotext has its own job
 ``StopSampling`` when the job is flagged; as A1111 does on an interrupt, the batch's images are then
 made from the last step's denoised latents (its x_0 estimate) as the finished ones would be (an inpainting's
 known region put back and pasted over the init image: ``stages.partial_output``) and kept, unless the job
-was cancelled.
+was cancelled. A job's refiner (``refiner_checkpoint``) is loaded on first use and kept, one at a time:
+naming another releases it (``hold_one_refiner``).
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class Engine:
         with self.lock:
             pipe = self._pipeline_for(job.request)
             request = job.request
+            hold_one_refiner(pipe, request.settings.refiner)
             job.changed(inpainting_conditioning=takes_mask(pipe))  # A1111's is_using_inpainting_conditioning
             for k in range(request.n_iter):
                 if job.interrupted or job.cancelled:
@@ -123,3 +125,13 @@ class Engine:
             if job.cancelled:
                 return [], []
             return stop.partial("pil"), resolved.parameters()
+
+
+def hold_one_refiner(pipe: Pipeline, refiner: str | Path | None) -> None:
+    """At most one refiner stays loaded, as one model does: a job naming another releases the last one before its
+    own is read (peak memory: the base and one refiner); a job naming none leaves the last one for the next."""
+    if refiner is None:
+        return
+    for name in list(pipe.refiners.named):
+        if name != str(refiner):
+            pipe.unload_refiner(name)
