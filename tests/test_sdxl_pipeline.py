@@ -240,6 +240,64 @@ def test_the_command_line_writes_an_sdxl_image_refined_with_its_metadata(folders
     assert "--refiner-switch" in capsys.readouterr().err
 
 
+# The micro-conditioning flags' values (diffusers' order) and what the refiner reads of them.
+MICRO = dict(
+    original_size=(2048, 1536), crops_coords_top_left=(16, 8), target_size=(48, 32), negative_original_size=(256, 256),
+    negative_crops_coords_top_left=(8, 0), negative_target_size=(32, 32), aesthetic_score=7.5, negative_aesthetic_score=1.5,
+)  # fmt: skip
+
+
+def test_the_command_line_micro_conditioning_makes_the_python_call_s_image(folders, base, refiner, tmp_path, capsys):
+    """ldm txt2img's SDXL flags are SdxlOptions: the base reads the sizes, the refiner the scores; the PNG records each
+    value as its flag takes it, and an aesthetic score on a base without a refiner is refused naming the flag."""
+    from PIL import Image
+
+    from ldm.cli import main
+    from ldm.images import read_parameters
+
+    flags = [f"--{name.replace('_', '-')}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for name, v in MICRO.items()]
+    common = ["a red cat", "--negative-prompt", "blurry", "--model", folders["base"], "--scheduler", "euler", "--steps", "4",
+              "--width", "32", "--height", "32", "--seed", "7", "--quiet"]  # fmt: skip
+    argv = [*common, "--refiner", folders["refiner"], "--refiner-switch", "0.5", "--out", tmp_path / "out", *flags]
+    assert main(["txt2img", *map(str, argv)]) == 0
+    call = dict(negative_prompt="blurry", scheduler="euler", num_inference_steps=4, seed=7, refiner=refiner[1], refiner_switch=0.5, **SIZE)
+    expected = base[1]("a red cat", sdxl=SdxlOptions(**MICRO), **call).images[0]
+    written = tmp_path / "out" / "00000-7.png"
+    assert np.array_equal(np.asarray(Image.open(written)), np.asarray(expected))
+    for name in ("target_size", "aesthetic_score"):  # each reaches its model: the base's sizes, the refiner's score
+        other = {**MICRO, name: (64, 64) if name == "target_size" else 3.0}
+        assert not np.array_equal(np.asarray(base[1]("a red cat", sdxl=SdxlOptions(**other), **call).images[0]), np.asarray(expected))
+    extra = read_parameters(written).extra
+    for flag in flags:
+        name, value = flag.removeprefix("--").split("=")
+        assert extra[name.replace("-", " ").capitalize()] == value
+    capsys.readouterr()
+    assert main(["txt2img", *map(str, [*common, "--aesthetic-score", "7", "--out", tmp_path / "base-only"])]) == 2
+    assert "--aesthetic-score is read by an SDXL refiner" in capsys.readouterr().err
+
+
+def test_the_negative_crop_and_the_refiner_s_negative_numbers_match_diffusers(base, refiner):
+    reference, pipe = base
+    negative = dict(negative_original_size=(256, 256), negative_crops_coords_top_left=(8, 0), negative_target_size=(32, 32))
+    theirs = swapped(reference, "euler")(**COMMON, negative_prompt="blurry", **negative, generator=generator(4)).images
+    ours = pipe(**COMMON, negative_prompt="blurry", sdxl=SdxlOptions(**negative), scheduler="euler", seed=4).images
+    assert np.abs(ours - theirs).max() < TOLERANCE
+    uncropped = SdxlOptions(**{**negative, "negative_crops_coords_top_left": (0, 0)})
+    assert np.abs(ours - pipe(**COMMON, negative_prompt="blurry", sdxl=uncropped, scheduler="euler", seed=4).images).max() > 1e-3
+    reference, pipe = refiner
+    from PIL import Image
+
+    init = Image.fromarray((np.random.default_rng(1).random((32, 32, 3)) * 255).astype(np.uint8))
+    scores = dict(negative_original_size=(64, 48), negative_crops_coords_top_left=(4, 4), negative_aesthetic_score=1.0)
+    call = dict(prompt="a red cat", negative_prompt="blurry", guidance_scale=6.0, num_inference_steps=4, strength=0.7, output_type="np")
+    import diffusers
+
+    reference.scheduler = diffusers.EulerDiscreteScheduler.from_config(reference.scheduler.config)  # another test's may be set
+    theirs = reference(**call, image=init, **scores, generator=generator(6)).images
+    ours = pipe(**call, init_image=init, sdxl=SdxlOptions(**scores), scheduler="euler", seed=6).images
+    assert np.abs(ours - theirs).max() < TOLERANCE
+
+
 def test_every_sampler_matches_diffusers_on_sdxl(base):
     """The samplers see only the denoiser: SDXL's conditioning changes nothing of them (tests/test_pipeline_parity.py)."""
     import diffusers
