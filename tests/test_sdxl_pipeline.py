@@ -298,6 +298,16 @@ def test_the_negative_crop_and_the_refiner_s_negative_numbers_match_diffusers(ba
     assert np.abs(ours - theirs).max() < TOLERANCE
 
 
+def test_a_one_shot_call_pads_the_shorter_prompt_before_releasing_the_encoders(folders, base):
+    """weights_after_use="release" (a one-shot ldm txt2img) frees each text encoder after its last use, which for a
+    prompt_2 shorter than the prompt is the padding of the shorter one: the image is the kept pipeline's."""
+    call = dict(COMMON, prompt="a red cat BREAK a blue sky", prompt_2="an oil painting", negative_prompt="blurry", scheduler="euler", seed=2)
+    kept = base[1](**call).images
+    one_shot = Pipeline.from_pretrained(folders["base"]).configure(weights_after_use="release")
+    assert np.abs(one_shot(**call).images - kept).max() < 1e-6
+    assert next(one_shot.text_encoder.parameters()).is_meta  # released after the call, as a one-shot run's are
+
+
 def test_every_sampler_matches_diffusers_on_sdxl(base):
     """The samplers see only the denoiser: SDXL's conditioning changes nothing of them (tests/test_pipeline_parity.py)."""
     import diffusers

@@ -108,10 +108,10 @@ def encode_prompts(pipe: Pipeline, call: Call, last_use: bool = True) -> Conditi
         words = pipe.embeddings.words_for(name)  # each encoder's own rows of the embeddings (ldm.adapters.sdxl_embeddings)
         with pipe.residency.running(encoder) as network:
             states, pooled = encode_on(network, tokenizer, these, s.clip_skip, words)  # the last encoder, bigG, pools
-        if last_use:
-            pipe.residency.done_with(encoder)
         parts.append(states)
     states = torch.cat(same_length(parts, encoders, s.clip_skip, pipe), dim=-1).to(pipe.device, pipe.dtype)
+    for encoder, _ in encoders if last_use else ():  # after same_length, which may run one again for its padding
+        pipe.residency.done_with(encoder)
     pooled = pooled.to(pipe.device, pipe.dtype)
     if uncond is not None and pipe.force_zeros_for_empty_prompt:
         states, pooled, uncond = zeroed_empty_negatives(s, states, pooled, uncond)
