@@ -298,6 +298,35 @@ def test_the_negative_crop_and_the_refiner_s_negative_numbers_match_diffusers(ba
     assert np.abs(ours - theirs).max() < TOLERANCE
 
 
+def test_a_lora_tag_on_sdxl_is_diffusers_fused_lora_and_leaves_no_trace(folders, tmp_path):
+    """<lora:NAME:W> on SDXL, end to end: a kohya file (lora_unet_, lora_te1_, lora_te2_ on every layer) found in the
+    loras folder gives diffusers' image with load_lora_weights + fuse_lora(lora_scale=W), the PNG gets A1111's
+    "Lora hashes", and the next call without the tag is the plain image again, bit for bit."""
+    import hashlib
+
+    from diffusers import StableDiffusionXLPipeline
+    from test_sdxl_adapters import kohya, networks, random_pairs, write
+
+    reference = StableDiffusionXLPipeline.from_pretrained(folders["base"])
+    reference.set_progress_bar_config(disable=True)
+    (tmp_path / "loras" / "xl").mkdir(parents=True)
+    path = write(tmp_path / "loras" / "xl" / "xlstyle.safetensors", random_pairs(networks(reference), seed=1), kohya(original=True), alpha=1.0)
+    pipe = Pipeline.from_pretrained(folders["base"]).configure(loras_dir=tmp_path / "loras")
+    call = dict(COMMON, negative_prompt="blurry", scheduler="euler", seed=3)
+    plain = pipe(**call).images
+    tagged = pipe(**{**call, "prompt": COMMON["prompt"] + " <lora:xlstyle:0.6>"})
+    reference.load_lora_weights(str(path))
+    reference.fuse_lora(lora_scale=0.6)  # SDXL's components: the U-Net and both text encoders
+    theirs = reference(**{**COMMON, "negative_prompt": "blurry"}, generator=generator(3)).images
+    assert np.abs(tagged.images - theirs).max() < TOLERANCE
+    assert np.abs(tagged.images - plain).max() > 1e-3
+    data = path.read_bytes()
+    digest = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little") :]).hexdigest()[:12]  # A1111: the tensors' bytes
+    assert tagged.parameters[0].extra["Lora hashes"] == f"xlstyle: {digest}"
+    again = pipe(**call)
+    assert np.array_equal(again.images, plain) and "Lora hashes" not in again.parameters[0].extra
+
+
 def test_a_one_shot_call_pads_the_shorter_prompt_before_releasing_the_encoders(folders, base):
     """weights_after_use="release" (a one-shot ldm txt2img) frees each text encoder after its last use, which for a
     prompt_2 shorter than the prompt is the padding of the shorter one: the image is the kept pipeline's."""
