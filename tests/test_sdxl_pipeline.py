@@ -423,6 +423,38 @@ def test_the_server_holds_one_refiner_at_a_time(folders, base, tmp_path_factory)
         assert np.abs(np.asarray(image, dtype=np.float32) / 255 - expected).max() <= 1 / 255 + 1e-6
 
 
+def test_the_a1111_api_ignores_clip_skip_on_sdxl_as_a1111_does(folders, base, tmp_path_factory):
+    """A1111 (sdxl_clip_l_skip off, its default) reads SDXL's penultimate layers whatever CLIP_stop_at_last_layers says:
+    a request's override and the server's option leave the image as without them; Python keeps diffusers' clip skip."""
+    from serving import LiveServer, decode_png
+
+    from ldm.images import parse_parameters
+    from ldm.server.config import ServerConfig
+
+    call = dict(prompt="a red cat", negative_prompt="blurry", guidance_scale=7.0, num_inference_steps=3, seed=5, **SIZE)
+    expected = base[1](**call, output_type="np").images[0]
+    assert np.abs(base[1](**call, clip_skip=1, output_type="np").images[0] - expected).max() > 1e-2  # Python: diffusers' meaning
+    request = {"prompt": "a red cat", "negative_prompt": "blurry", "cfg_scale": 7.0, "steps": 3, "seed": 5, "sampler_name": "DPM++ 2M",
+               "width": SIZE["width"], "height": SIZE["height"], "override_settings": {"CLIP_stop_at_last_layers": 2}}  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LDM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        server = LiveServer(ServerConfig(device="cpu", model=folders["base"]))
+        try:
+            with server.client() as client:
+                answers = [client.post("/sdapi/v1/txt2img", json=request)]
+                assert client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 3}).status_code == 200
+                answers.append(client.post("/sdapi/v1/txt2img", json={**request, "override_settings": {}}))
+                refused = client.post("/sdapi/v1/txt2img", json={**request, "override_settings": {"sdxl_clip_l_skip": True}})
+        finally:
+            server.stop()
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+        image = decode_png(answer.json()["images"][0])
+        assert np.abs(np.asarray(image, dtype=np.float32) / 255 - expected).max() <= 1 / 255 + 1e-6
+        assert "Clip skip" not in parse_parameters(image.info["parameters"]).extra  # it made no difference
+    assert refused.status_code == 422 and "override_settings.sdxl_clip_l_skip" in refused.text
+
+
 def test_the_turbo_recipe_and_taesdxl_match_diffusers(folders, tmp_path):
     """SDXL-Turbo's recipe (Euler a on trailing timesteps, one step, no guidance) and the tiny autoencoder
     (TAESDXL: TAESD's network with SDXL's weights) in place of the KL-VAE, against diffusers' SDXL pipeline."""

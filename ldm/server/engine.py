@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ import torch
 from ldm.images import save_png
 from ldm.pipeline import Pipeline
 from ldm.pipeline.inpaint import takes_mask
+from ldm.pipeline.sdxl import is_sdxl
 from ldm.pipeline.stages import Stopped, resolve
 from ldm.previews import preview
 from ldm.server.catalog import ModelEntry
@@ -101,7 +103,7 @@ class Engine:
             for k in range(request.n_iter):
                 if job.interrupted or job.cancelled:
                     break
-                settings = request.settings.from_image(k * request.settings.batch)  # batch k continues batch k - 1
+                settings = a1111_clip_skip(pipe, request.settings.from_image(k * request.settings.batch))  # batch k continues k - 1
                 job.changed(batch=k, step=0, skipped=False)
                 images, parameters = self._batch(pipe, settings, job)
                 saved = [save_png(image, self.outputs, p) for image, p in zip(images, parameters)] if request.save else []
@@ -135,3 +137,11 @@ def hold_one_refiner(pipe: Pipeline, refiner: str | Path | None) -> None:
     for name in list(pipe.refiners.named):
         if name != str(refiner):
             pipe.unload_refiner(name)
+
+
+def a1111_clip_skip(pipe: Pipeline, settings: GenerationSettings) -> GenerationSettings:
+    """A1111 applies "Clip skip" (``CLIP_stop_at_last_layers``) to SD 1.x/2.x alone: on SDXL, with its option
+    ``sdxl_clip_l_skip`` off (the default), CLIP ViT-L reads its penultimate layer and bigG its penultimate one whatever
+    it says (``modules/sd_hijack_clip.py`` ``FrozenCLIPEmbedderForSDXLWithCustomWords``, ``sd_hijack_open_clip.py``).
+    The server answers A1111's API as A1111 does; Python and the command line keep diffusers' clip skip on both."""
+    return replace(settings, clip_skip=None) if settings.clip_skip and is_sdxl(pipe) else settings
