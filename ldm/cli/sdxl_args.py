@@ -19,10 +19,10 @@ PAIRS = {
     "original_size": "the training image's size before resizing, as SDXL is told it (default: the output size)",
     "crops_coords_top_left": "where that image was cropped (default 0,0; larger values tend to crop the subject)",
     "target_size": "the size the base is told to make (default: the output size; the refiner reads the aesthetic score)",
-    "negative_original_size": "the unconditional rows' original size, read with --negative-target-size (e.g. 512,512 "
-    "steers away from low-resolution images)",
+    "negative_original_size": "the unconditional rows' original size (e.g. 512,512 steers away from low-resolution "
+    "images; the base reads the negative sizes only when both are given)",
     "negative_crops_coords_top_left": "the unconditional rows' crop (default 0,0)",
-    "negative_target_size": "the unconditional rows' target size, read with --negative-original-size",
+    "negative_target_size": "the unconditional rows' target size (with --negative-original-size)",
 }  # fmt: skip
 SCORES = {
     "aesthetic_score": f"the refiner's aesthetic score for the prompt (default {AESTHETIC_SCORE:g}; with --refiner or a refiner model)",
