@@ -76,14 +76,18 @@ class SdxlOptions:
             negative = (*self.negative_original_size, *negative_crops, *self.negative_target_size) if both else cond
         return tuple(map(float, cond)), tuple(map(float, negative))
 
+    def given(self) -> tuple[str, ...]:
+        """The names of the fields that differ from their defaults, in field order."""
+        return tuple(f.name for f in fields(self) if getattr(self, f.name) != f.default)
+
     def infotext(self) -> dict[str, str]:
-        """What differs from the defaults, in A1111-style keys (A1111 itself writes none of these)."""
+        """What differs from the defaults, in A1111-style keys (A1111 itself writes none of these), each value as
+        its ``ldm txt2img`` flag takes it: pairs in diffusers' order, comma-separated (``Original size: "2048,1536"``:
+        height 2048, width 1536; not A1111's width x height "Size" form, which would read the other way)."""
         extra = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value != f.default:
-                name = f.name.replace("_", " ").capitalize()
-                extra[name] = f"{value[0]}x{value[1]}" if isinstance(value, tuple) else f"{value:g}"
+        for name in self.given():
+            value = getattr(self, name)
+            extra[name.replace("_", " ").capitalize()] = f"{value[0]},{value[1]}" if isinstance(value, tuple) else f"{value:g}"
         return extra
 
 
@@ -95,6 +99,18 @@ def _pair(value, name: str, positive: bool) -> Size:
     if min(pair) < (1 if positive else 0):
         raise SettingError(f"{{{name}}} must be {'positive' if positive else '0 or more'}, got {checks.shown(value)}")
     return pair
+
+
+def parse_pair(text: str, name: str) -> Size:
+    """A command-line pair in diffusers' order, ``HEIGHT,WIDTH`` or ``TOP,LEFT``, as two integers; ``SdxlOptions`` checks them."""
+    parts = [part.strip() for part in text.split(",")]
+    order = "TOP,LEFT, e.g. 0,0" if name.endswith("_top_left") else "HEIGHT,WIDTH (diffusers' order), e.g. 1024,1024"
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return int(parts[0]), int(parts[1])
+    except ValueError:
+        raise SettingError(f"{{{name}}} takes two integers {order}; got {checks.shown(text)}") from None
 
 
 def check_refiner_switch(value) -> float:

@@ -110,3 +110,26 @@ def test_an_sd1_embedding_on_sdxl_is_skipped_with_the_reason(models, tmp_path):
         pipe("a photo of oldstyle", **SIZE, num_inference_steps=1)
     with pytest.raises(SettingError, match="oldstyle.*SD 1.x/2.x"):
         pipe("a photo", prompt_2="a photo of oldstyle", **SIZE, num_inference_steps=1)
+
+
+def test_the_refiner_mirrors_its_base_s_embeddings_exactly(models, tmp_path):
+    """A refiner shared by two bases (or a base whose set changed) holds exactly the calling base's embeddings: one
+    the other base loaded does not linger on its bigG, so a prompt naming it reads plain words there, as on a fresh refiner."""
+    folders, path, vectors = models
+    other = tmp_path / "otherstyle.safetensors"
+    save_file({"clip_l": random(1, tiny_sdxl.CLIP_L_WIDTH, 5), "clip_g": random(1, tiny_sdxl.BIGG_WIDTH, 6)}, other)
+    refiner = Pipeline.from_pretrained(folders["refiner"])
+    vocabulary = refiner.text_encoder_2.get_input_embeddings().num_embeddings
+    first, second, bare = (Pipeline.from_pretrained(folders["base"]) for _ in range(3))
+    first.load_embeddings(path)
+    second.load_embeddings(other)
+    call = dict(CALL, prompt=f"a photo of a {NAME} otherstyle cat", **SIZE, scheduler="euler", refiner_switch=0.5, output_type="np", seed=3)
+    first(**call, refiner=refiner)
+    assert list(refiner.embeddings.loaded) == [NAME]
+    shared = second(**call, refiner=refiner).images
+    assert list(refiner.embeddings.loaded) == ["otherstyle"]
+    assert refiner.text_encoder_2.get_input_embeddings().num_embeddings == vocabulary + 1
+    fresh = second(**call, refiner=Pipeline.from_pretrained(folders["refiner"])).images
+    assert np.array_equal(shared, fresh)
+    bare(**call, refiner=refiner)
+    assert not refiner.embeddings.loaded and refiner.text_encoder_2.get_input_embeddings().num_embeddings == vocabulary

@@ -240,6 +240,103 @@ def test_the_command_line_writes_an_sdxl_image_refined_with_its_metadata(folders
     assert "--refiner-switch" in capsys.readouterr().err
 
 
+# The micro-conditioning flags' values (diffusers' order) and what the refiner reads of them.
+MICRO = dict(
+    original_size=(2048, 1536), crops_coords_top_left=(16, 8), target_size=(48, 32), negative_original_size=(256, 256),
+    negative_crops_coords_top_left=(8, 0), negative_target_size=(32, 32), aesthetic_score=7.5, negative_aesthetic_score=1.5,
+)  # fmt: skip
+
+
+def test_the_command_line_micro_conditioning_makes_the_python_call_s_image(folders, base, refiner, tmp_path, capsys):
+    """ldm txt2img's SDXL flags are SdxlOptions: the base reads the sizes, the refiner the scores; the PNG records each
+    value as its flag takes it, and an aesthetic score on a base without a refiner is refused naming the flag."""
+    from PIL import Image
+
+    from ldm.cli import main
+    from ldm.images import read_parameters
+
+    flags = [f"--{name.replace('_', '-')}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for name, v in MICRO.items()]
+    common = ["a red cat", "--negative-prompt", "blurry", "--model", folders["base"], "--scheduler", "euler", "--steps", "4",
+              "--width", "32", "--height", "32", "--seed", "7", "--quiet"]  # fmt: skip
+    argv = [*common, "--refiner", folders["refiner"], "--refiner-switch", "0.5", "--out", tmp_path / "out", *flags]
+    assert main(["txt2img", *map(str, argv)]) == 0
+    call = dict(negative_prompt="blurry", scheduler="euler", num_inference_steps=4, seed=7, refiner=refiner[1], refiner_switch=0.5, **SIZE)
+    expected = base[1]("a red cat", sdxl=SdxlOptions(**MICRO), **call).images[0]
+    written = tmp_path / "out" / "00000-7.png"
+    assert np.array_equal(np.asarray(Image.open(written)), np.asarray(expected))
+    for name in ("target_size", "aesthetic_score"):  # each reaches its model: the base's sizes, the refiner's score
+        other = {**MICRO, name: (64, 64) if name == "target_size" else 3.0}
+        assert not np.array_equal(np.asarray(base[1]("a red cat", sdxl=SdxlOptions(**other), **call).images[0]), np.asarray(expected))
+    extra = read_parameters(written).extra
+    for flag in flags:
+        name, value = flag.removeprefix("--").split("=")
+        assert extra[name.replace("-", " ").capitalize()] == value
+    capsys.readouterr()
+    assert main(["txt2img", *map(str, [*common, "--aesthetic-score", "7", "--out", tmp_path / "base-only"])]) == 2
+    assert "--aesthetic-score is read by an SDXL refiner" in capsys.readouterr().err
+
+
+def test_the_negative_crop_and_the_refiner_s_negative_numbers_match_diffusers(base, refiner):
+    reference, pipe = base
+    negative = dict(negative_original_size=(256, 256), negative_crops_coords_top_left=(8, 0), negative_target_size=(32, 32))
+    theirs = swapped(reference, "euler")(**COMMON, negative_prompt="blurry", **negative, generator=generator(4)).images
+    ours = pipe(**COMMON, negative_prompt="blurry", sdxl=SdxlOptions(**negative), scheduler="euler", seed=4).images
+    assert np.abs(ours - theirs).max() < TOLERANCE
+    uncropped = SdxlOptions(**{**negative, "negative_crops_coords_top_left": (0, 0)})
+    assert np.abs(ours - pipe(**COMMON, negative_prompt="blurry", sdxl=uncropped, scheduler="euler", seed=4).images).max() > 1e-3
+    reference, pipe = refiner
+    from PIL import Image
+
+    init = Image.fromarray((np.random.default_rng(1).random((32, 32, 3)) * 255).astype(np.uint8))
+    scores = dict(negative_original_size=(64, 48), negative_crops_coords_top_left=(4, 4), negative_aesthetic_score=1.0)
+    call = dict(prompt="a red cat", negative_prompt="blurry", guidance_scale=6.0, num_inference_steps=4, strength=0.7, output_type="np")
+    import diffusers
+
+    reference.scheduler = diffusers.EulerDiscreteScheduler.from_config(reference.scheduler.config)  # another test's may be set
+    theirs = reference(**call, image=init, **scores, generator=generator(6)).images
+    ours = pipe(**call, init_image=init, sdxl=SdxlOptions(**scores), scheduler="euler", seed=6).images
+    assert np.abs(ours - theirs).max() < TOLERANCE
+
+
+def test_a_lora_tag_on_sdxl_is_diffusers_fused_lora_and_leaves_no_trace(folders, tmp_path):
+    """<lora:NAME:W> on SDXL, end to end: a kohya file (lora_unet_, lora_te1_, lora_te2_ on every layer) found in the
+    loras folder gives diffusers' image with load_lora_weights + fuse_lora(lora_scale=W), the PNG gets A1111's
+    "Lora hashes", and the next call without the tag is the plain image again, bit for bit."""
+    import hashlib
+
+    from diffusers import StableDiffusionXLPipeline
+    from test_sdxl_adapters import kohya, networks, random_pairs, write
+
+    reference = StableDiffusionXLPipeline.from_pretrained(folders["base"])
+    reference.set_progress_bar_config(disable=True)
+    (tmp_path / "loras" / "xl").mkdir(parents=True)
+    path = write(tmp_path / "loras" / "xl" / "xlstyle.safetensors", random_pairs(networks(reference), seed=1), kohya(original=True), alpha=1.0)
+    pipe = Pipeline.from_pretrained(folders["base"]).configure(loras_dir=tmp_path / "loras")
+    call = dict(COMMON, negative_prompt="blurry", scheduler="euler", seed=3)
+    plain = pipe(**call).images
+    tagged = pipe(**{**call, "prompt": COMMON["prompt"] + " <lora:xlstyle:0.6>"})
+    reference.load_lora_weights(str(path))
+    reference.fuse_lora(lora_scale=0.6)  # SDXL's components: the U-Net and both text encoders
+    theirs = reference(**{**COMMON, "negative_prompt": "blurry"}, generator=generator(3)).images
+    assert np.abs(tagged.images - theirs).max() < TOLERANCE
+    assert np.abs(tagged.images - plain).max() > 1e-3
+    data = path.read_bytes()
+    digest = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little") :]).hexdigest()[:12]  # A1111: the tensors' bytes
+    assert tagged.parameters[0].extra["Lora hashes"] == f"xlstyle: {digest}"
+    again = pipe(**call)
+    assert np.array_equal(again.images, plain) and "Lora hashes" not in again.parameters[0].extra
+
+
+def test_a_one_shot_call_pads_the_shorter_prompt_before_releasing_the_encoders(folders, base):
+    """weights_after_use="release" (a one-shot ldm txt2img) frees each text encoder after its last use, which for a
+    prompt_2 shorter than the prompt is the padding of the shorter one: the image is the kept pipeline's."""
+    call = dict(COMMON, prompt="a red cat BREAK a blue sky", prompt_2="an oil painting", negative_prompt="blurry", scheduler="euler", seed=2)
+    kept = base[1](**call).images
+    one_shot = Pipeline.from_pretrained(folders["base"]).configure(weights_after_use="release")
+    assert np.abs(one_shot(**call).images - kept).max() < 1e-6
+    assert next(one_shot.text_encoder.parameters()).is_meta  # released after the call, as a one-shot run's are
+
+
 def test_every_sampler_matches_diffusers_on_sdxl(base):
     """The samplers see only the denoiser: SDXL's conditioning changes nothing of them (tests/test_pipeline_parity.py)."""
     import diffusers
@@ -284,6 +381,78 @@ def test_the_a1111_api_refines_with_a_listed_model_as_python_does(folders, base,
     assert np.abs(np.asarray(image, dtype=np.float32) / 255 - expected).max() <= 1 / 255 + 1e-6
     assert parse_parameters(image.info["parameters"]).extra["Refiner switch at"] == "0.5"
     assert missing.status_code == 404 and "refiner_checkpoint 'nope' not found" in missing.text
+
+
+def test_the_server_holds_one_refiner_at_a_time(folders, base, tmp_path_factory):
+    """Two requests naming two refiners (two copies of one model): the second releases the first, which is freed,
+    and each image is the Python call's."""
+    import gc
+    import shutil
+    import weakref
+
+    from serving import LiveServer, decode_png
+
+    from ldm.server.config import ServerConfig
+
+    models = tmp_path_factory.mktemp("models")
+    shutil.copytree(folders["base"], models / "sdxl-base")
+    for name in ("refiner-a", "refiner-b"):
+        shutil.copytree(folders["refiner"], models / name)
+    call = dict(prompt="a red cat", negative_prompt="blurry", guidance_scale=7.0, num_inference_steps=4, seed=5, **SIZE)
+    expected = base[1](**call, refiner=folders["refiner"], refiner_switch=0.5, output_type="np").images[0]
+    request = {"prompt": "a red cat", "negative_prompt": "blurry", "cfg_scale": 7.0, "steps": 4, "seed": 5, "sampler_name": "DPM++ 2M",
+               "width": SIZE["width"], "height": SIZE["height"], "refiner_switch_at": 0.5}  # fmt: skip
+    images, resident = [], []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LDM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        server = LiveServer(ServerConfig(device="cpu", model=models / "sdxl-base", models_dir=models))
+        try:
+            with server.client() as client:
+                for name in ("refiner-a", "refiner-b"):
+                    answer = client.post("/sdapi/v1/txt2img", json={**request, "refiner_checkpoint": name})
+                    assert answer.status_code == 200, answer.text
+                    images.append(decode_png(answer.json()["images"][0]))
+                    refiners = server.server_state.engine.pipeline.refiners.named
+                    resident.append((list(refiners), [weakref.ref(pipe) for pipe in refiners.values()]))
+        finally:
+            server.stop()
+    assert [names for names, _ in resident] == [[str(models / "refiner-a")], [str(models / "refiner-b")]]
+    gc.collect()
+    assert resident[0][1][0]() is None  # released, not only forgotten by name
+    for image in images:
+        assert np.abs(np.asarray(image, dtype=np.float32) / 255 - expected).max() <= 1 / 255 + 1e-6
+
+
+def test_the_a1111_api_ignores_clip_skip_on_sdxl_as_a1111_does(folders, base, tmp_path_factory):
+    """A1111 (sdxl_clip_l_skip off, its default) reads SDXL's penultimate layers whatever CLIP_stop_at_last_layers says:
+    a request's override and the server's option leave the image as without them; Python keeps diffusers' clip skip."""
+    from serving import LiveServer, decode_png
+
+    from ldm.images import parse_parameters
+    from ldm.server.config import ServerConfig
+
+    call = dict(prompt="a red cat", negative_prompt="blurry", guidance_scale=7.0, num_inference_steps=3, seed=5, **SIZE)
+    expected = base[1](**call, output_type="np").images[0]
+    assert np.abs(base[1](**call, clip_skip=1, output_type="np").images[0] - expected).max() > 1e-2  # Python: diffusers' meaning
+    request = {"prompt": "a red cat", "negative_prompt": "blurry", "cfg_scale": 7.0, "steps": 3, "seed": 5, "sampler_name": "DPM++ 2M",
+               "width": SIZE["width"], "height": SIZE["height"], "override_settings": {"CLIP_stop_at_last_layers": 2}}  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LDM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        server = LiveServer(ServerConfig(device="cpu", model=folders["base"]))
+        try:
+            with server.client() as client:
+                answers = [client.post("/sdapi/v1/txt2img", json=request)]
+                assert client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 3}).status_code == 200
+                answers.append(client.post("/sdapi/v1/txt2img", json={**request, "override_settings": {}}))
+                refused = client.post("/sdapi/v1/txt2img", json={**request, "override_settings": {"sdxl_clip_l_skip": True}})
+        finally:
+            server.stop()
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+        image = decode_png(answer.json()["images"][0])
+        assert np.abs(np.asarray(image, dtype=np.float32) / 255 - expected).max() <= 1 / 255 + 1e-6
+        assert "Clip skip" not in parse_parameters(image.info["parameters"]).extra  # it made no difference
+    assert refused.status_code == 422 and "override_settings.sdxl_clip_l_skip" in refused.text
 
 
 def test_the_turbo_recipe_and_taesdxl_match_diffusers(folders, tmp_path):

@@ -175,9 +175,13 @@ ERROR_CASES = {
     "prompt weight overflows": (["a (cat:1" + "0" * 400 + ")"], "PROMPT: the weight of 'cat' comes to inf"),
     "prompt nested 10000 deep": (["(" * 10_000 + "cat"], "PROMPT: brackets nest more than 32 deep"),
     "prompt file weight": (["--from-file", "{weighted}"], "weighted.txt line 1: the weight of 'cat' comes to inf"),
+    # SDXL micro-conditioning (issue 20): pairs in diffusers' order; on an SD model a one-line error naming the flag.
+    "sdxl size not a pair": (["a cat", "--original-size", "1024x1024"], "--original-size takes two integers HEIGHT,WIDTH"),
+    "sdxl crop negative": (["a cat", "--crops-coords-top-left=-8,0"], "--crops-coords-top-left must be 0 or more"),
+    "sdxl option on an sd model": (["a cat", "--negative-target-size", "64,64"], "--negative-target-size is for SDXL models"),
 }
 # Errors that only the model can reveal; every other case is refused before anything is loaded.
-AFTER_LOADING = {"folder that is not a model"}
+AFTER_LOADING = {"folder that is not a model", "sdxl option on an sd model"}
 
 
 def bad_input_files(tmp_path: Path) -> dict[str, Path]:

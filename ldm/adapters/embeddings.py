@@ -269,6 +269,12 @@ class Embeddings:
         self.skipped.pop(embedding.name, None)
         self._hashes.pop(embedding.name, None)
 
+    def clear(self) -> None:
+        """Forget every loaded embedding (``install`` then writes the model's own rows alone); ``skipped`` stays."""
+        self.loaded.clear()
+        self._matches.clear()
+        self._hashes.clear()
+
     def words(self) -> tuple[PromptWord, ...]:
         """Each loaded embedding as the prompt word that stands for its rows (in ``install``'s order)."""
         words, row = [], self.vocabulary

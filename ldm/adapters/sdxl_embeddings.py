@@ -9,7 +9,7 @@ it is refused alone, skipped with the reason in a folder (``ldm.adapters.embeddi
 
 ``SdxlEmbeddings`` answers as ``Embeddings`` does (``load``, ``loaded``, ``skipped``, ``words``,
 ``check_not_skipped``, ``short_hash``), through the first encoder's set; ``words_for`` gives each
-encoder's own prompt words.
+encoder's own prompt words; ``mirror`` makes a refiner's set its base's.
 """
 
 from __future__ import annotations
@@ -47,14 +47,20 @@ class SdxlEmbeddings:
         """Load an embedding file, or every file of a folder, on every text encoder; returns the names loaded."""
         return load_into(tuple(self.by_encoder.values()), path, name)
 
-    def include(self, embeddings: Iterable[Embedding]) -> None:
-        """Load ``embeddings`` (another pipeline's, already read) where this set lacks them: a refiner takes its base's."""
-        missing = [e for e in embeddings if e.name not in self.loaded or self.loaded[e.name].path != e.path]
-        for embedding in missing:
-            add_to(tuple(self.by_encoder.values()), embedding)
-        if missing:
-            for embeddings_of_one in self.by_encoder.values():
-                embeddings_of_one.install()
+    def mirror(self, embeddings: Iterable[Embedding]) -> None:
+        """Make this set exactly ``embeddings`` (another pipeline's, already read), in their order: a refiner takes its
+        base's current set, so an embedding the base no longer has (or another base's) does not linger on it."""
+        wanted = list(embeddings)
+        have = list(self.loaded.values())
+        if len(wanted) == len(have) and all(a is b for a, b in zip(wanted, have)):
+            return  # the same files, read once: nothing to write
+        sets = tuple(self.by_encoder.values())
+        for embeddings_of_one in sets:
+            embeddings_of_one.clear()
+        for embedding in wanted:
+            add_to(sets, embedding)
+        for embeddings_of_one in sets:
+            embeddings_of_one.install()
 
     def words(self) -> tuple[PromptWord, ...]:
         """The first text encoder's prompt words: which names a prompt uses (the same for both encoders)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ldm import checks
-from ldm.cli import control_args
+from ldm.cli import control_args, sdxl_args
 from ldm.errors import CheckpointError, InputError
 from ldm.images import check_output_folder, init_image_size, read_image
 from ldm.inpainting import FILLS, INPAINT_DEFAULTS, Inpaint, parse_outpaint
@@ -115,6 +115,7 @@ def register(sub) -> None:
     sdxl.add_argument("--negative-prompt-2", metavar="TEXT", help="its negative prompt (default: --negative-prompt)")
     sdxl.add_argument("--refiner", type=Path, metavar="PATH", help="an SDXL refiner model (file or folder) that runs the last steps (A1111's Refiner)")
     sdxl.add_argument("--refiner-switch", type=float, metavar="F", help="the share of the steps the base runs before the refiner (default 0.8)")
+    sdxl_args.add_arguments(sdxl)  # the micro-conditioning: --original-size, --crops-coords-top-left, ... (ldm/cli/sdxl_args.py)
     hires = parser.add_argument_group("hires fix (A1111's: a second, img2img pass at a larger size; see docs/generating.md)")
     hires.add_argument("--hires-scale", type=float, metavar="X", help="turn it on: the second pass at X times --width/--height (e.g. 2)")
     hires.add_argument("--hires-steps", type=int, default=0, metavar="N", help="the second pass's steps, of which strength x N run (0, the default: --steps)")
@@ -138,7 +139,7 @@ FLAGS = {
     "use_exponential_sigmas": "--sigma-schedule exponential",
     "deepcache_interval": "--deepcache",
     "token_merging": "--tome",
-    "sdxl": "--refiner-switch",  # the only SDXL option the command line sets (the window it cuts)
+    "sdxl": "--refiner-switch",  # the schedule window the command line cuts; the micro-conditioning flags are named by field
     **control_args.FLAGS,
 }
 
@@ -336,6 +337,7 @@ def build_settings(args: argparse.Namespace) -> GenerationSettings:
         hires_scale=args.hires_scale, hires_steps=args.hires_steps, hires_strength=args.hires_strength, hires_upscaler=args.hires_upscaler,
         inpaint=inpaint_argument(args),
         prompt_2=args.prompt_2, negative_prompt_2=args.negative_prompt_2, refiner=args.refiner, refiner_switch=args.refiner_switch,
+        sdxl=sdxl_args.sdxl_options(args),
     )
     subseed = resolve_seed(settings.subseed, args.num_images, "subseed") if settings.subseed_strength else None
     return replace(settings, seed=resolve_seed(settings.seed, args.num_images), subseed=subseed)

@@ -332,6 +332,10 @@ class Pipeline:
         calls that name it (``refiner=name``); returns the name (``name``, else the model's). A call may also name a path."""
         return self.refiners.load(self, refiner, name)
 
+    def unload_refiner(self, name: str) -> None:
+        """Forget a refiner loaded by name or by the path a call named; its memory goes with the last call that used it."""
+        self.refiners.drop(name)
+
     @property
     def text_encoders(self) -> tuple[nn.Module, ...]:
         """The text encoders the model has: SD's one, SDXL base's two, the refiner's bigG."""

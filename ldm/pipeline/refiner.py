@@ -69,6 +69,13 @@ class Refiners:
             self._paths[path.resolve()] = self.load(base, path, name=str(refiner))
         return self.named[self._paths[path.resolve()]]
 
+    def drop(self, name: str) -> None:
+        """Forget a loaded refiner and the path that named it; its memory goes with the last call that used it."""
+        if name not in self.named:
+            raise InputError(f"no refiner is loaded as {name!r}; loaded: {', '.join(self.named) or 'none'}")
+        del self.named[name]
+        self._paths = {path: kept for path, kept in self._paths.items() if kept != name}
+
     def label(self, base: Pipeline, refiner: str | Path) -> str:
         """The refiner as A1111's "Refiner" names it: ``name [hash]`` (the hash of a single file), else ``name``."""
         pipe = self.get(base, refiner)
@@ -81,7 +88,7 @@ def refined(pipe: Pipeline, call: stages.Call, x: torch.Tensor, callback: stages
     if s.refiner is None:
         return x
     refiner = pipe.refiners.get(pipe, s.refiner)
-    refiner.embeddings.include(pipe.embeddings.loaded.values())  # the base's embeddings, their clip_g vectors on its bigG
+    refiner.embeddings.mirror(pipe.embeddings.loaded.values())  # exactly the base's embeddings, their clip_g vectors on its bigG
     settings = replace(
         s, prompt=tuple(split_lora_tags(text)[0] for text in s.prompt), refiner=None, refiner_switch=None, seed=None,
         subseed=None, subseed_strength=0.0, init_image=None, strength=None, sdxl=replace(s.sdxl or SdxlOptions(), denoising_start=s.refiner_switch),

@@ -54,7 +54,8 @@ def check(pipe: Pipeline, s: GenerationSettings, latents: torch.Tensor | None) -
     if not is_sdxl(pipe):
         given = [name for name in SDXL_ONLY if getattr(s, name) is not None]
         if given:
-            raise SettingError(f"{{{given[0]}}} is for SDXL models; this is an SD 1.x/2.x model: drop it")
+            named = (s.sdxl.given() or ("sdxl",)) if given[0] == "sdxl" else given  # the option itself: its flag, its key
+            raise SettingError(f"{{{named[0]}}} is for SDXL models; this is an SD 1.x/2.x model: drop it")
         return
     refused = [("control", bool(s.control), "ControlNets for SD 1.x/2.x"), ("inpaint", s.inpaint is not None, "inpainting"),
                ("hires_scale", s.hires_scale is not None, "the hires fix")]  # fmt: skip
@@ -62,6 +63,9 @@ def check(pipe: Pipeline, s: GenerationSettings, latents: torch.Tensor | None) -
         if given:
             raise SettingError(f"{{{name}}}: {what} with SDXL models is not built yet; drop it")
     options = s.sdxl or SdxlOptions()
+    unread = [name for name in options.given() if name.endswith("aesthetic_score")]
+    if unread and s.refiner is None and time_id_count(pipe) == 6:
+        raise SettingError(f"{{{unread[0]}}} is read by an SDXL refiner; this base reads sizes instead: drop it or add a {{refiner}}")
     if options.denoising_start is not None and latents is None:
         raise InputError("denoising_start continues from a base's latents (output_type='latent' with denoising_end); pass latents=")
     if options.denoising_start is not None and s.init_image is not None:
@@ -104,10 +108,10 @@ def encode_prompts(pipe: Pipeline, call: Call, last_use: bool = True) -> Conditi
         words = pipe.embeddings.words_for(name)  # each encoder's own rows of the embeddings (ldm.adapters.sdxl_embeddings)
         with pipe.residency.running(encoder) as network:
             states, pooled = encode_on(network, tokenizer, these, s.clip_skip, words)  # the last encoder, bigG, pools
-        if last_use:
-            pipe.residency.done_with(encoder)
         parts.append(states)
     states = torch.cat(same_length(parts, encoders, s.clip_skip, pipe), dim=-1).to(pipe.device, pipe.dtype)
+    for encoder, _ in encoders if last_use else ():  # after same_length, which may run one again for its padding
+        pipe.residency.done_with(encoder)
     pooled = pooled.to(pipe.device, pipe.dtype)
     if uncond is not None and pipe.force_zeros_for_empty_prompt:
         states, pooled, uncond = zeroed_empty_negatives(s, states, pooled, uncond)

@@ -8,13 +8,15 @@ tags, or their absence, replace them, so each image and infotext has its own job
 ``StopSampling`` when the job is flagged; as A1111 does on an interrupt, the batch's images are then
 made from the last step's denoised latents (its x_0 estimate) as the finished ones would be (an inpainting's
 known region put back and pasted over the init image: ``stages.partial_output``) and kept, unless the job
-was cancelled.
+was cancelled. A job's refiner (``refiner_checkpoint``) is loaded on first use and kept, one at a time:
+naming another releases it (``hold_one_refiner``).
 """
 
 from __future__ import annotations
 
 import threading
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ import torch
 from ldm.images import save_png
 from ldm.pipeline import Pipeline
 from ldm.pipeline.inpaint import takes_mask
+from ldm.pipeline.sdxl import is_sdxl
 from ldm.pipeline.stages import Stopped, resolve
 from ldm.previews import preview
 from ldm.server.catalog import ModelEntry
@@ -95,11 +98,12 @@ class Engine:
         with self.lock:
             pipe = self._pipeline_for(job.request)
             request = job.request
+            hold_one_refiner(pipe, request.settings.refiner)
             job.changed(inpainting_conditioning=takes_mask(pipe))  # A1111's is_using_inpainting_conditioning
             for k in range(request.n_iter):
                 if job.interrupted or job.cancelled:
                     break
-                settings = request.settings.from_image(k * request.settings.batch)  # batch k continues batch k - 1
+                settings = a1111_clip_skip(pipe, request.settings.from_image(k * request.settings.batch))  # batch k continues k - 1
                 job.changed(batch=k, step=0, skipped=False)
                 images, parameters = self._batch(pipe, settings, job)
                 saved = [save_png(image, self.outputs, p) for image, p in zip(images, parameters)] if request.save else []
@@ -123,3 +127,21 @@ class Engine:
             if job.cancelled:
                 return [], []
             return stop.partial("pil"), resolved.parameters()
+
+
+def hold_one_refiner(pipe: Pipeline, refiner: str | Path | None) -> None:
+    """At most one refiner stays loaded, as one model does: a job naming another releases the last one before its
+    own is read (peak memory: the base and one refiner); a job naming none leaves the last one for the next."""
+    if refiner is None:
+        return
+    for name in list(pipe.refiners.named):
+        if name != str(refiner):
+            pipe.unload_refiner(name)
+
+
+def a1111_clip_skip(pipe: Pipeline, settings: GenerationSettings) -> GenerationSettings:
+    """A1111 applies "Clip skip" (``CLIP_stop_at_last_layers``) to SD 1.x/2.x alone: on SDXL, with its option
+    ``sdxl_clip_l_skip`` off (the default), CLIP ViT-L reads its penultimate layer and bigG its penultimate one whatever
+    it says (``modules/sd_hijack_clip.py`` ``FrozenCLIPEmbedderForSDXLWithCustomWords``, ``sd_hijack_open_clip.py``).
+    The server answers A1111's API as A1111 does; Python and the command line keep diffusers' clip skip on both."""
+    return replace(settings, clip_skip=None) if settings.clip_skip and is_sdxl(pipe) else settings
