@@ -198,12 +198,18 @@ def run_worker(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def alternate(script: str, args: dict[str, Any], rounds: int, impls: tuple[str, ...] = ("ldm", "diffusers")) -> dict[str, list[dict]]:
-    """Run each implementation ``rounds`` times, alternating the order (ABBA...) against drift in machine load."""
+def alternate(
+    script: str, args: dict[str, Any], rounds: int, impls: tuple[str, ...] = ("ldm", "diffusers"),
+    before: Callable[[], None] | None = None,
+) -> dict[str, list[dict]]:
+    """Run each implementation ``rounds`` times, alternating the order (ABBA...) against drift in machine load;
+    ``before()`` runs before each process starts (e.g. to wait for memory or warm the page cache)."""
     results: dict[str, list[dict]] = {impl: [] for impl in impls}
     for r in range(rounds):
         order = impls if r % 2 == 0 else impls[::-1]
         for impl in order:
+            if before is not None:
+                before()
             results[impl].append(run_worker(script, {**args, "impl": impl}))
     return results
 

@@ -134,14 +134,17 @@ def child(which: str, path: str, config_dir: str, dtype_name: str) -> None:
     start = time.perf_counter()
     loaded = load()
     seconds = time.perf_counter() - start
-    # Touch every memory page of every weight (a memory-mapped tensor counts in RSS only once
-    # paged in); every 1024th element is enough and makes no large temporaries.
-    modules = (loaded.unet, loaded.vae, loaded.text_encoder)
-    checksum = sum(float(p.detach().reshape(-1)[::1024].float().sum()) for m in modules for p in m.parameters())
+    checksum = touch_weights((loaded.unet, loaded.vae, loaded.text_encoder))
     ready = time.perf_counter() - start
     peak = _peak_rss_mb()
     result = {"import_s": imports, "seconds": seconds, "ready": ready, "peak_mb": peak, "load_mb": peak - before}
     print(json.dumps({**result, "checksum": checksum}))
+
+
+def touch_weights(modules) -> float:
+    """Touch every memory page of every weight of ``modules`` (a memory-mapped tensor counts in RSS only
+    once paged in); every 1024th element is enough and makes no large temporaries. Returns their sum."""
+    return sum(float(p.detach().reshape(-1)[::1024].float().sum()) for m in modules for p in m.parameters())
 
 
 def _peak_rss_mb() -> float:

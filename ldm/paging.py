@@ -23,6 +23,7 @@ import ctypes
 import mmap
 import sys
 from bisect import bisect_right
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -70,6 +71,27 @@ def _file_page_runs(pagemap, start: int, end: int) -> list[tuple[int, int]]:
 def release_to_page_cache(module: nn.Module) -> int:
     """Unmap the resident pages of ``module``'s file-mapped, unmodified weights; the bytes of address
     range handed back (0 where nothing qualifies or off Linux). The weights stay usable as they are."""
+    return release_tensors((*module.parameters(), *module.buffers()))
+
+
+def convert(module: nn.Module, **changes) -> nn.Module:
+    """``module.to(**changes)`` (a device, dtype or memory format), then the file pages of the weights it replaced
+    handed back to the page cache.
+
+    A conversion reads each weight it replaces, so a memory-mapped weight's pages become resident. Nothing refers
+    to the old weight afterwards, but its pages stay mapped, and counted in the process's resident memory, as
+    long as the file's mapping lives (the network's other weights view it): a second copy of each converted
+    weight (in bf16 on the CPU, the U-Net's and VAE's convolution weights turned channels-last).
+    """
+    old = [tensor.detach() for tensor in (*module.parameters(), *module.buffers())]
+    module.to(**changes)
+    kept = {tensor.data_ptr() for tensor in (*module.parameters(), *module.buffers())}
+    release_tensors(tensor for tensor in old if tensor.data_ptr() not in kept)
+    return module
+
+
+def release_tensors(tensors: Iterable[torch.Tensor]) -> int:
+    """``release_to_page_cache`` of these tensors: their resident pages that are file pages the process never wrote."""
     if not sys.platform.startswith("linux"):
         return 0
     mappings = _file_mappings()
@@ -78,7 +100,6 @@ def release_to_page_cache(module: nn.Module) -> int:
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     released = 0
     with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
-        tensors = (*module.parameters(), *module.buffers())
         spans = {_page_span(t) for t in tensors if t.device.type == "cpu" and t.is_contiguous() and t.numel()}
         for start, end in sorted(spans):
             i = bisect_right(starts, start) - 1

@@ -12,7 +12,7 @@ from tiny_models import save_diffusers_folder
 from torch import nn
 
 from ldm.loading.sources import TensorFile
-from ldm.paging import PAGE, release_to_page_cache, resident_bytes
+from ldm.paging import PAGE, convert, release_to_page_cache, resident_bytes
 from ldm.pipeline import Pipeline
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/pagemap is Linux's")
@@ -26,6 +26,39 @@ def mapped_layers(tmp_path: Path) -> nn.Sequential:
     source = TensorFile(tmp_path / "layers.safetensors")  # as the loaders read every checkpoint
     model.load_state_dict({key: source.read(key) for key in source.shapes}, assign=True)
     return model
+
+
+def mapped_convs(folder: Path) -> nn.Sequential:
+    """Two 144 KiB-weight 3x3 convolutions whose weights are views of a safetensors file's mapping, every page mapped
+    by a forward pass."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1))
+    folder.mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "convs.safetensors"))
+    source = TensorFile(folder / "convs.safetensors")
+    model.load_state_dict({key: source.read(key) for key in source.shapes}, assign=True)
+    with torch.no_grad():
+        model(torch.zeros(1, 64, 4, 4))
+    return model
+
+
+def test_a_conversion_hands_back_the_file_pages_of_the_weights_it_replaced(tmp_path):
+    """Turning file-mapped conv weights channels-last (as a bf16 pipeline does) reads the originals; ``convert``
+    unmaps them afterwards, where a plain ``.to`` leaves them resident beside their copies."""
+    plain, converted = mapped_convs(tmp_path / "plain"), mapped_convs(tmp_path / "converted")
+    x = torch.randn(1, 64, 8, 8)
+    with torch.no_grad():
+        expected = converted(x)
+    originals = {name: [layer.weight.detach() for layer in model] for name, model in (("plain", plain), ("converted", converted))}
+    assert all(resident_bytes(w) >= w.numel() * 4 for ws in originals.values() for w in ws)
+    plain.to(memory_format=torch.channels_last)
+    convert(converted, memory_format=torch.channels_last)
+    for model in (plain, converted):
+        assert all(layer.weight.is_contiguous(memory_format=torch.channels_last) for layer in model)
+    assert all(resident_bytes(w) >= w.numel() * 4 - PAGE for w in originals["plain"])  # still resident: a second copy
+    assert all(resident_bytes(w) == 0 for w in originals["converted"])
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_unmodified_file_mapped_weights_leave_memory_and_read_back_the_same(tmp_path):

@@ -219,3 +219,24 @@ def test_info_describes_sdxl_files_and_folders(models, kind):
     assert folder["family"] == name and set(folder["parameters"]) == set(counts)
     built = {"base": "fine-tunes (U-Net or LoRA); merge not built yet", "refiner": "merge and finetune not built"}[kind]
     assert built in single["ldm"] and ("generates" in single["ldm"])
+
+
+def test_fused_attention_weights_load_in_place_each_with_a_storage_of_its_own(models, tmp_path):
+    """bigG's fused in_proj splits into q, k and v without a copy: each is read in place from the file's mapping
+    (so its pages go back to the page cache after use, and no copy costs load time or memory), through a storage
+    of its own, so safetensors still saves the network (it refuses tensors that share a storage)."""
+    from safetensors.torch import save_file
+
+    from ldm.paging import PAGE, release_tensors
+
+    encoder = load_components(models["base"]["single"]).text_encoder_2
+    attention = encoder.text_model.encoder.layers[0].self_attn
+    weights = [attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]
+    assert len({w.untyped_storage().data_ptr() for w in weights}) == 3
+    expected = [w.detach().clone() for w in weights]
+    size = sum(w.numel() * w.element_size() for w in weights)
+    assert release_tensors(weights) >= size - 2 * PAGE  # file pages, not a copy in the process's own memory
+    assert all(torch.equal(w, e) for w, e in zip(weights, expected))  # read back from the file
+    reference = models["base"]["reference"].text_encoder_2.text_model.encoder.layers[0].self_attn
+    assert torch.equal(attention.k_proj.weight, reference.k_proj.weight)
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(tmp_path / "text_encoder_2.safetensors"))

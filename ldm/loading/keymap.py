@@ -414,8 +414,24 @@ def to_diffusers(entry: Entry, tensor: torch.Tensor, diffusers_shapes: Mapping[s
         return {entry.diffusers[0]: tensor.reshape(diffusers_shapes[entry.diffusers[0]])}
     if entry.transform == "transpose":
         return {entry.diffusers[0]: tensor.t().contiguous()}
-    # Clones, so q, k and v do not share one storage (safetensors refuses shared tensors on save).
-    return {key: part.clone() for key, part in zip(entry.diffusers, tensor.chunk(3, dim=0))}
+    return {key: own_storage(part) for key, part in zip(entry.diffusers, tensor.chunk(3, dim=0))}
+
+
+def own_storage(part: torch.Tensor) -> torch.Tensor:
+    """A contiguous slice of a CPU tensor as a tensor with a storage of its own over the same memory, no copy.
+
+    OpenCLIP's fused attention input projection holds q, k and v one after the other; each is a block of rows.
+    A view would share the fused tensor's storage, which safetensors refuses to save; a copy would cost the
+    time to make it (a third of SDXL's fp32 load) and its memory, and would leave the file's pages of the fused
+    tensor resident beside it. A storage slice (as safetensors makes one per tensor of a file) points into the
+    same memory, keeps it alive, and stays in the file's mapping, so its pages go back to the page cache after
+    use (``ldm.paging``). Off the CPU: a copy.
+    """
+    if part.device.type != "cpu":
+        return part.clone()
+    start = part.storage_offset() * part.element_size()
+    storage = part.untyped_storage()[start : start + part.numel() * part.element_size()]
+    return torch.empty(0, dtype=part.dtype).set_(storage, 0, part.shape, part.stride())
 
 
 def to_original(entry: Entry, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ldm import paging
 from ldm.errors import CheckpointError, InputError
 from ldm.inpainting import Inpaint, as_inpaint
 from ldm.images import GenerationParameters, check_output_folder, save_png
@@ -169,14 +170,14 @@ class Pipeline:
         old, new = self.setup, replace(self.setup, **changes)
         networks = (self.unet, self.vae, *self.text_encoders)
         if (new.device, new.dtype, new.cpu_offload) != (old.device, old.dtype, old.cpu_offload):
-            for module in networks:
-                module.to(device="cpu" if new.cpu_offload else new.device, dtype=new.dtype)
+            for module in networks:  # paging.convert: the replaced weights' file pages leave memory too
+                paging.convert(module, device="cpu" if new.cpu_offload else new.device, dtype=new.dtype)
         if (new.attention, new.attention_slice_size) != (old.attention, old.attention_slice_size):
             self.unet.set_attention(new.attention, new.attention_slice_size)
             self.vae.set_attention(new.attention, new.attention_slice_size)
         if new.memory_format != old.memory_format:
-            self.unet.to(memory_format=new.memory_format)
-            self.vae.to(memory_format=new.memory_format)
+            paging.convert(self.unet, memory_format=new.memory_format)
+            paging.convert(self.vae, memory_format=new.memory_format)
         if (new.device, new.dtype, new.kernels) != (old.device, old.dtype, old.kernels):
             self.kernels = new.kernel_choice  # measured once per CPU and dtype (cached), read once per change here
             set_kernels(self.unet, self.kernels)
