@@ -56,17 +56,12 @@ class Models:
     generation_config: dict = field(default_factory=dict)
 
 
-def build(size: str) -> Models:
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from ldm.models.text_encoder import clip_config_2, load_tokenizer_2
+def build(size: str, precision: str = "no") -> Models:
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
     if size == "sdxl":
-        return Models(
-            UNet(UNetConfig.sdxl()), AutoencoderKL(VAEConfig.sdxl()), CLIPTextModel(clip_config("sdxl")), load_tokenizer("sdxl"),
-            SchedulerConfig(), CLIPTextModelWithProjection(clip_config_2("sdxl")), load_tokenizer_2("sdxl"),
-        )  # fmt: skip
+        return build_sdxl(torch.bfloat16 if precision == "bf16" else torch.float32)
     if size == "full":
         unet, vae, text = UNetConfig.sd1(), VAEConfig.sd(), clip_config("sd1")
     else:
@@ -74,6 +69,24 @@ def build(size: str) -> Models:
         text = CLIPTextConfig(hidden_size=64, intermediate_size=128, num_attention_heads=1, num_hidden_layers=2,
                               max_position_embeddings=77, hidden_act="quick_gelu")
     return Models(UNet(unet), AutoencoderKL(vae), CLIPTextModel(text), load_tokenizer("sd1"), SchedulerConfig())
+
+
+def build_sdxl(dtype: torch.dtype) -> Models:
+    """The SDXL base networks, made in ``dtype``: a LoRA run reads its model in the run's precision (``ldm finetune``'s
+    ``load_dtype``), so no fp32 copy ever exists in a bf16 run."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from ldm.models.text_encoder import clip_config_2, load_tokenizer_2
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return Models(
+            UNet(UNetConfig.sdxl()), AutoencoderKL(VAEConfig.sdxl()), CLIPTextModel(clip_config("sdxl")), load_tokenizer("sdxl"),
+            SchedulerConfig(), CLIPTextModelWithProjection(clip_config_2("sdxl")), load_tokenizer_2("sdxl"),
+        )  # fmt: skip
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def available_bytes() -> int:
@@ -93,7 +106,7 @@ def choose_mode(requested: str, models: Models, device: torch.device) -> str:
 
 def worker(size: str, resolution: int, steps: int, batch: int, mode: str, precision: str) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    models = build(size)
+    models = build(size, precision)
     mode = "lora" if size == "sdxl" else choose_mode(mode, models, device)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "data"

@@ -268,3 +268,22 @@ def test_a_full_bf16_sdxl_finetune_writes_a_folder_diffusers_loads_and_renders_s
     for part in ("text_encoder", "text_encoder_2", "vae"):  # frozen (run in bf16): written back exactly as they were
         before, after = getattr(start, part).state_dict(), getattr(trained, part).state_dict()
         assert all(torch.equal(value, after[name]) for name, value in before.items()), part
+
+
+def test_a_bf16_lora_run_reads_the_model_in_bf16_and_writes_fp32_adapters(
+    sdxl_folder, data_folder, tmp_path, capsys, monkeypatch, fresh_accelerate_state
+):
+    from ldm.cli import finetune
+    from ldm.kernels import cpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cpu, "this_cpu", lambda: cpu.CPU("A CPU with bf16", ("avx512_bf16", "avx512f")))
+    assert finetune.load_dtype(TrainConfig(lora_rank=2, mixed_precision="bf16")) == torch.bfloat16
+    assert finetune.load_dtype(TrainConfig(mixed_precision="bf16")) == torch.float32  # a whole U-Net trains in fp32
+    code = main(["finetune", "--model", str(sdxl_folder), "--data", str(data_folder), "--output", str(tmp_path / "run"),
+                 "--resolution", "64", "--lora-rank", "2", "--max-steps", "1", "--mixed-precision", "bf16", "--no-progress"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    with safe_open(tmp_path / "run" / "lora.safetensors", "pt") as file:
+        tensors = {key: file.get_tensor(key) for key in file.keys()}
+    assert tensors and {t.dtype for t in tensors.values()} == {torch.float32}
+    assert any(key.endswith("lora_up.weight") and t.abs().sum() > 0 for key, t in tensors.items())
