@@ -83,11 +83,30 @@ def convert(module: nn.Module, **changes) -> nn.Module:
     long as the file's mapping lives (the network's other weights view it): a second copy of each converted
     weight (in bf16 on the CPU, the U-Net's and VAE's convolution weights turned channels-last).
     """
-    old = [tensor.detach() for tensor in (*module.parameters(), *module.buffers())]
+    # Only file-backed weights are held through the conversion (free: the file's mapping lives anyway); holding a
+    # weight in the process's own memory would keep every old copy alive until the last new one is made.
+    old = file_backed([tensor.detach() for tensor in (*module.parameters(), *module.buffers())])
     module.to(**changes)
     kept = {tensor.data_ptr() for tensor in (*module.parameters(), *module.buffers())}
     release_tensors(tensor for tensor in old if tensor.data_ptr() not in kept)
     return module
+
+
+def file_backed(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors that lie wholly in a file mapping (CPU, contiguous; none off Linux)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    mappings = _file_mappings()
+    starts = [start for start, _ in mappings]
+    found = []
+    for tensor in tensors:
+        if tensor.device.type != "cpu" or not tensor.is_contiguous() or not tensor.numel():
+            continue
+        start, end = _page_span(tensor)
+        i = bisect_right(starts, start) - 1
+        if i >= 0 and end <= mappings[i][1]:
+            found.append(tensor)
+    return found
 
 
 def release_tensors(tensors: Iterable[torch.Tensor]) -> int:

@@ -108,3 +108,14 @@ def test_pipeline_pages_each_network_out_after_its_stage_and_keeps_the_image(tmp
     assert seen and set(seen) == {0}
     assert resident_bytes(pipe.unet.conv_in.weight) == 0 and resident_bytes(pipe.vae.decoder.conv_out.weight) == 0
     assert resident_bytes(kept.unet.conv_in.weight) > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="file mappings are read from /proc (Linux)")
+def test_only_file_backed_weights_are_held_through_a_conversion(tmp_path):
+    """``convert`` holds the old weights it will unmap; one in the process's own memory must not be held (each old
+    copy could then only be freed after the last new one is made), one in a file mapping costs nothing to hold."""
+    from ldm.paging import file_backed
+
+    mapped = mapped_convs(tmp_path)[0].weight.detach()
+    own = torch.randn(64, 64, 3, 3)
+    assert [t.data_ptr() for t in file_backed([own, mapped])] == [mapped.data_ptr()]

@@ -240,3 +240,13 @@ def test_fused_attention_weights_load_in_place_each_with_a_storage_of_its_own(mo
     reference = models["base"]["reference"].text_encoder_2.text_model.encoder.layers[0].self_attn
     assert torch.equal(attention.k_proj.weight, reference.k_proj.weight)
     save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(tmp_path / "text_encoder_2.safetensors"))
+
+
+def test_a_non_contiguous_fused_projection_splits_into_copies():
+    """A ``.ckpt`` may hold the fused in_proj transposed: its thirds are not contiguous, so each becomes a copy."""
+    from ldm.loading.keymap import own_storage
+
+    fused = torch.randn(192, 768).t()  # (768, 192), not contiguous
+    parts = [own_storage(part) for part in fused.chunk(3, dim=0)]
+    assert all(part.is_contiguous() and torch.equal(part, expected) for part, expected in zip(parts, fused.chunk(3, dim=0)))
+    assert len({part.untyped_storage().data_ptr() for part in parts}) == 3

@@ -517,3 +517,15 @@ def test_prompt_editing_goes_on_across_the_refiner_hand_off(base, refiner):
     base[1](prompt="a cat", **SIZE, num_inference_steps=5, seed=2, refiner=pipe, refiner_switch=0.6, output_type="latent",
             callback=lambda i, t, latents, denoised: steps.append(i))  # fmt: skip
     assert steps == list(range(len(steps))) and len(steps) == 5
+
+
+def test_sdxl_clip_l_skip_is_refused_only_where_a_clip_skip_would_apply():
+    """Without a clip skip A1111's sdxl_clip_l_skip changes nothing on any model (clients send all their options)."""
+    from ldm.errors import SettingError
+    from ldm.server.translate import ServerDefaults, clip_skip_of
+
+    assert clip_skip_of({"sdxl_clip_l_skip": True}, ServerDefaults()) is None
+    assert clip_skip_of({"sdxl_clip_l_skip": True, "CLIP_stop_at_last_layers": 1}, ServerDefaults()) is None
+    for overrides, defaults in (({"CLIP_stop_at_last_layers": 2}, ServerDefaults()), ({}, ServerDefaults(clip_skip=1))):
+        with pytest.raises(SettingError, match="sdxl_clip_l_skip"):
+            clip_skip_of({"sdxl_clip_l_skip": True, **overrides}, defaults)

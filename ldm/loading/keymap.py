@@ -425,10 +425,10 @@ def own_storage(part: torch.Tensor) -> torch.Tensor:
     time to make it (a third of SDXL's fp32 load) and its memory, and would leave the file's pages of the fused
     tensor resident beside it. A storage slice (as safetensors makes one per tensor of a file) points into the
     same memory, keeps it alive, and stays in the file's mapping, so its pages go back to the page cache after
-    use (``ldm.paging``). Off the CPU: a copy.
+    use (``ldm.paging``). Off the CPU, or not contiguous (a ``.ckpt`` may hold a transposed fused tensor): a copy.
     """
-    if part.device.type != "cpu":
-        return part.clone()
+    if part.device.type != "cpu" or not part.is_contiguous():
+        return part.clone(memory_format=torch.contiguous_format)
     start = part.storage_offset() * part.element_size()
     storage = part.untyped_storage()[start : start + part.numel() * part.element_size()]
     return torch.empty(0, dtype=part.dtype).set_(storage, 0, part.shape, part.stride())

@@ -183,11 +183,18 @@ def eta_for(scheduler: str, eta: float | None) -> float | None:
 
 def clip_skip_of(overrides: dict[str, Any], defaults: ServerDefaults) -> int | None:
     """diffusers' clip skip from A1111's ``CLIP_stop_at_last_layers`` (1 = the last layer), else the server's."""
-    if overrides.get("sdxl_clip_l_skip") is True:  # A1111's off by default: SDXL then ignores clip skip (ldm.server.engine)
+    clip_skip = requested_clip_skip(overrides, defaults)
+    # A1111's sdxl_clip_l_skip is off by default, and SDXL then ignores clip skip (ldm.server.engine); on, it skips
+    # layers of CLIP ViT-L alone, which ldm cannot. Without a clip skip it changes nothing on any model.
+    if overrides.get("sdxl_clip_l_skip") is True and clip_skip:
         raise SettingError(
             "{override_settings.sdxl_clip_l_skip}: clip skip on SDXL's CLIP ViT-L alone is not supported; leave it off "
             "(A1111's default, with which SDXL ignores clip skip)"
         )
+    return clip_skip
+
+
+def requested_clip_skip(overrides: dict[str, Any], defaults: ServerDefaults) -> int | None:
     layers = overrides.get("CLIP_stop_at_last_layers")
     if layers is None:
         return defaults.clip_skip
