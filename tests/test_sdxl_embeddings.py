@@ -11,6 +11,7 @@ import pytest
 import tiny_sdxl
 import torch
 from safetensors.torch import save_file
+from test_training_support import one_torch_thread  # noqa: F401 - an autouse fixture: one torch thread per module
 
 from ldm.adapters.embeddings import WidthError
 from ldm.errors import SettingError
@@ -20,14 +21,6 @@ TOLERANCE = 1e-4
 SIZE = dict(height=32, width=32)
 NAME = "sdxlstyle"
 CALL = dict(prompt=f"a photo of a {NAME} cat", negative_prompt="blurry", guidance_scale=7.0, num_inference_steps=4)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random(count: int, width: int, seed: int) -> torch.Tensor:

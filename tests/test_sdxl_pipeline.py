@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import tiny_sdxl
+from test_training_support import one_torch_thread  # noqa: F401 - an autouse fixture: one torch thread per module
 
 from ldm.errors import InputError, SettingError
 from ldm.pipeline import Pipeline
@@ -17,15 +18,6 @@ TOLERANCE = 1e-4
 SIZE = dict(height=32, width=32)
 COMMON = dict(prompt="a photo of a red cat", guidance_scale=7.5, output_type="np", num_inference_steps=4, **SIZE)
 SCHEDULERS = {"euler": "EulerDiscreteScheduler", "euler-ancestral": "EulerAncestralDiscreteScheduler"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks run ~20x faster on one thread than on two contended ones (thread hand-offs dominate)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json (and the refiner's), verbatim: it carries the keys
