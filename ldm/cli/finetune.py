@@ -198,14 +198,6 @@ def load_dtype(config: TrainConfig):
     return DTYPES[config.mixed_precision] if config.lora else torch.float32
 
 
-def check_family(family: str, args: argparse.Namespace) -> None:
-    """SDXL base models train their U-Net or a LoRA on it, with both text encoders frozen; the refiner is not trained."""
-    if family == "sdxl-refiner":
-        raise ConfigError(f"{args.model} is an SDXL refiner; ldm finetune trains SD 1.x/2.x and SDXL base models")
-    if family == "sdxl" and args.train_text_encoder:
-        raise ConfigError("training SDXL's text encoders is not built; drop --train-text-encoder (the U-Net or its LoRA trains)")
-
-
 def native_resolution(components) -> int:
     """The image size the model was trained at: the U-Net's latent size times the VAE's downsampling."""
     from ldm.loading.configs import native_side
@@ -226,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
     from ldm.loading import load_components, model_family
     from ldm.training import ImageCaptionDataset, train
     from ldm.training.interrupt import TrainingInterrupted
+    from ldm.training.loop import check_family
     from ldm.training.results import check_output, result_path, save_result
 
     data_config, config = configs_from_args(args)
@@ -235,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
     # A given --resolution lets the data be checked before the (slow) model load; the default, the
     # model's native size, is known only once the model is read.
     examples = scan_data(args.data, data_config) if data_config.resolution is not None else None
-    check_family(model_family(args.model), args)
+    check_family(model_family(args.model), config, args.model)  # before the slow load: the file says its family
     components = load_components(args.model, prediction_type=args.prediction_type, dtype=load_dtype(config))
     if components.unet.config.in_channels != components.vae.config.latent_channels:  # loads since inpainting runs
         raise ConfigError(f"{args.model} is an inpainting model (its U-Net reads a mask); ldm finetune trains text-to-image models")

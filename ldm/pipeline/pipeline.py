@@ -284,8 +284,7 @@ class Pipeline:
         from ldm.adapters.sdxl_embeddings import SdxlEmbeddings
 
         if self._embeddings is None and sdxl.is_sdxl(self):
-            encoders = (("clip_l", self.text_encoder, self.tokenizer), ("clip_g", self.text_encoder_2, self.tokenizer_2))
-            self._embeddings = SdxlEmbeddings((name, e, t) for name, e, t in encoders if e is not None)
+            self._embeddings = SdxlEmbeddings(sdxl.named_encoders(self))
         if self._embeddings is None:
             self._embeddings = Embeddings(self.text_encoders[0], self.tokenizer or self.tokenizer_2)
         return self._embeddings

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -73,6 +73,13 @@ def check(pipe: Pipeline, s: GenerationSettings, latents: torch.Tensor | None) -
     time_id_count(pipe)  # a model whose added conditioning fits neither SDXL layout is refused here
 
 
+def named_encoders(pipe: Pipeline) -> list[tuple[str, Any, Any]]:
+    """(name, text encoder, tokenizer) of each encoder the SDXL model has, named as embedding files name them:
+    ``clip_l`` (CLIP ViT-L) and ``clip_g`` (OpenCLIP bigG); a refiner has bigG alone."""
+    pairs = (("clip_l", pipe.text_encoder, pipe.tokenizer), ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2))
+    return [(name, encoder, tokenizer) for name, encoder, tokenizer in pairs if encoder is not None]
+
+
 def time_id_count(pipe: Pipeline) -> int:
     """How many micro-conditioning numbers the U-Net reads: 6 (the base's sizes) or 5 (the refiner's aesthetic score)."""
     config = pipe.unet.config
@@ -100,8 +107,7 @@ def encode_prompts(pipe: Pipeline, call: Call, last_use: bool = True) -> Conditi
     """The call's text states, pooled embeddings and micro-conditioning (``stages.encode_prompts``' SDXL twin)."""
     s = call.settings
     texts, texts_2, cond, uncond = paired_texts(call)
-    pairs = (("clip_l", pipe.text_encoder, pipe.tokenizer), ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2))
-    named = [(name, e, t) for name, e, t in pairs if e is not None]  # a refiner has bigG alone
+    named = named_encoders(pipe)
     encoders = [(e, t) for _, e, t in named]
     parts, pooled = [], None
     for (name, encoder, tokenizer), these in zip(named, (texts, texts_2)):
@@ -215,9 +221,9 @@ def window(call: Call, timesteps: torch.Tensor, train_steps: int) -> torch.Tenso
     start = s.sdxl.denoising_start if s.sdxl is not None else None
     end = s.sdxl.denoising_end if s.sdxl is not None and s.sdxl.denoising_end is not None else s.refiner_switch
     if start is not None:
-        timesteps = timesteps[timesteps < int(round(train_steps - start * train_steps))]
+        timesteps = timesteps[timesteps < boundary(start, train_steps)]
     if end is not None:
-        timesteps = timesteps[: int((timesteps >= int(round(train_steps - end * train_steps))).sum())]
+        timesteps = timesteps[: int((timesteps >= boundary(end, train_steps)).sum())]
     if len(timesteps) == 0:
         raise SettingError("{sdxl}: its denoising_start/denoising_end (or {refiner_switch}) leave no step to run; move them or add steps")
     return timesteps
@@ -229,7 +235,12 @@ def steps_before(call: Call, train_steps: int) -> int:
     start = call.settings.sdxl.denoising_start if call.settings.sdxl is not None else None
     if start is None:
         return 0
-    return int((call.scheduler.timesteps >= int(round(train_steps - start * train_steps))).sum())
+    return int((call.scheduler.timesteps >= boundary(start, train_steps)).sum())
+
+
+def boundary(fraction: float, train_steps: int) -> int:
+    """The training timestep at ``fraction`` of the way through denoising: ``round(T - fraction * T)``, diffusers' cut."""
+    return int(round(train_steps - fraction * train_steps))
 
 
 def continues(call: Call) -> bool:

@@ -25,7 +25,8 @@ single image equals diffusers' image for the same seed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -349,14 +350,9 @@ def encode_image(pipe: Pipeline, image: torch.Tensor) -> Any:
     ``decode_mode="tiled"``, in fp32 for a VAE with ``force_upcast`` in an fp16 pipeline (as diffusers' SDXL img2img).
     Every encode of a call (img2img, the hires pass's images, inpainting's image and masked image) goes through here."""
     dtype = torch.float32 if pipe.dtype == torch.float16 and pipe.vae.config.force_upcast else pipe.dtype
-    with pipe.residency.running(pipe.vae) as vae:
+    with pipe.residency.running(pipe.vae) as vae, in_fp32(vae, pipe.dtype) if dtype != pipe.dtype else nullcontext():
         encode = vae.encode_tiled if pipe.setup.decode_mode == "tiled" else vae.encode
-        if dtype != pipe.dtype:
-            vae.float()
-        try:
-            return encode(image.to(pipe.device, dtype, memory_format=pipe.setup.memory_format))
-        finally:
-            vae.to(pipe.dtype)
+        return encode(image.to(pipe.device, dtype, memory_format=pipe.setup.memory_format))
 
 
 # --- denoise ---------------------------------------------------------------------------------------
@@ -483,9 +479,16 @@ def decode(pipe: Pipeline, latents: torch.Tensor) -> torch.Tensor:
 
 def _decode_in_fp32(vae: torch.nn.Module, mode: str, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Decode with the VAE's weights in fp32 for this call, then back in ``dtype`` (diffusers' ``upcast_vae``)."""
+    with in_fp32(vae, dtype):
+        return _decoder(vae, mode)(z.float())
+
+
+@contextmanager
+def in_fp32(vae: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """The VAE's weights in fp32 for the block, then back in ``dtype`` (an fp16 run's overflow-prone encode or decode)."""
     vae.float()
     try:
-        return _decoder(vae, mode)(z.float())
+        yield
     finally:
         vae.to(dtype)
 

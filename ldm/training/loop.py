@@ -205,7 +205,7 @@ def set_up(models: ModelSet, dataset: ImageCaptionDataset, config: TrainConfig, 
     if config.train_text_encoder and dataset.config.cache_text_embeddings:
         raise ConfigError("cached text embeddings need a frozen text encoder; drop one of the two settings")
     text_encoder_2, tokenizer_2 = sdxl_text(models)
-    check_family(models.text_encoder, text_encoder_2, config)
+    check_family(family_of(models.text_encoder, text_encoder_2), config)
     check_backend(accelerator, config.train_text_encoder)
     set_seed(config.seed)  # the same LoRA initialisation on every rank
     weight_dtype = DTYPES[config.mixed_precision]
@@ -230,11 +230,19 @@ def sdxl_text(models: ModelSet) -> tuple[nn.Module | None, Any]:
     return getattr(models, "text_encoder_2", None), getattr(models, "tokenizer_2", None)
 
 
-def check_family(text_encoder: nn.Module | None, text_encoder_2: nn.Module | None, config: TrainConfig) -> None:
-    """SDXL trains its base model's U-Net; both its text encoders stay frozen; its refiner is not trained."""
+def family_of(text_encoder: nn.Module | None, text_encoder_2: nn.Module | None) -> str:
+    """The model set's family as ``ldm.loading`` names SDXL's (``sdxl``, ``sdxl-refiner``: bigG alone), else ``sd``."""
     if text_encoder is None:
-        raise ConfigError("the model is an SDXL refiner (it has no first text encoder); ldm trains SD 1.x/2.x and SDXL base models")
-    if text_encoder_2 is not None and config.train_text_encoder:
+        return "sdxl-refiner"
+    return "sdxl" if text_encoder_2 is not None else "sd"
+
+
+def check_family(family: str, config: TrainConfig, model: str = "the model") -> None:
+    """SDXL trains its base model's U-Net (or a LoRA on it) with both text encoders frozen; its refiner is not trained.
+    ``family``: ``ldm.loading``'s name for the model's (``ldm finetune`` checks it from the file, before loading)."""
+    if family == "sdxl-refiner":
+        raise ConfigError(f"{model} is an SDXL refiner; ldm finetune trains SD 1.x/2.x and SDXL base models")
+    if family == "sdxl" and config.train_text_encoder:
         raise ConfigError("training SDXL's text encoders is not built; drop --train-text-encoder (the U-Net or its LoRA trains)")
 
 
