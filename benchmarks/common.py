@@ -153,6 +153,14 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
+def available_bytes() -> int:
+    """The memory the machine can still give (``MemAvailable``: free plus reclaimable page cache); 0 if unknown."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def measure(fn: Callable[[], Any], warmup: int, repeats: int) -> dict[str, Any]:
     """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed; peak memory over the timed runs."""
     for _ in range(warmup):

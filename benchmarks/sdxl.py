@@ -280,8 +280,7 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def available_gib() -> float:
-    text = Path("/proc/meminfo").read_text()
-    return int(next(line.split()[1] for line in text.splitlines() if line.startswith("MemAvailable:"))) / 2**20
+    return common.available_bytes() / 2**30
 
 
 def wait_for_memory(gib: float, patience_s: float = 1800) -> None:

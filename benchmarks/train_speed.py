@@ -43,6 +43,9 @@ from ldm.models.text_encoder import clip_config, load_tokenizer
 from ldm.schedulers import SchedulerConfig
 from ldm.training import DataConfig, ImageCaptionDataset, TrainConfig, scan_folder, train
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
 
 @dataclass
 class Models:
@@ -89,18 +92,11 @@ def build_sdxl(dtype: torch.dtype) -> Models:
         torch.set_default_dtype(previous)
 
 
-def available_bytes() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def choose_mode(requested: str, models: Models, device: torch.device) -> str:
     if requested != "auto":
         return requested
     needed = 16 * sum(p.numel() for p in models.unet.parameters())
-    budget = torch.cuda.mem_get_info()[0] if device.type == "cuda" else available_bytes()
+    budget = torch.cuda.mem_get_info()[0] if device.type == "cuda" else common.available_bytes()
     return "full" if needed < 0.6 * budget else "lora"
 
 
