@@ -53,6 +53,18 @@ def integer(value, name: str) -> int:
         raise SettingError(f"{{{name}}} must be an integer, got {shown(value)}") from None
 
 
+def integers(text: str, count: int, name: str, expected: str) -> tuple[int, ...]:
+    """A command-line list of ``count`` comma-separated integers; ``SettingError`` saying ``expected`` (what the
+    flag takes, e.g. "two integers HEIGHT,WIDTH") otherwise."""
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        if len(parts) != count:
+            raise ValueError
+        return tuple(int(part) for part in parts)
+    except ValueError:
+        raise SettingError(f"{{{name}}} takes {expected}; got {shown(text)}") from None
+
+
 def _between(value, name: str, low: float, high: float, meaning: str = "") -> float:
     number = finite(value, name)
     if not low <= number <= high:

@@ -189,15 +189,8 @@ def as_inpaint(mask: Inpaint | Image.Image | str | Path | None) -> Inpaint | Non
 
 def parse_outpaint(text: str) -> tuple[int, int, int, int]:
     """``--outpaint LEFT,RIGHT,TOP,BOTTOM`` as four integers; the values are checked by ``Inpaint``."""
-    parts = [part.strip() for part in text.split(",")]
-    try:
-        if len(parts) != 4:
-            raise ValueError
-        return tuple(int(part) for part in parts)  # type: ignore[return-value]
-    except ValueError:
-        raise SettingError(
-            f"{{outpaint}} takes four pixel counts LEFT,RIGHT,TOP,BOTTOM (multiples of 8), e.g. 0,128,0,0; got {checks.shown(text)}"
-        ) from None
+    expected = "four pixel counts LEFT,RIGHT,TOP,BOTTOM (multiples of 8), e.g. 0,128,0,0"
+    return checks.integers(text, 4, "outpaint", expected)  # type: ignore[return-value]
 
 
 def _mask_image(mask: Any) -> Image.Image:

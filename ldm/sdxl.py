@@ -103,14 +103,8 @@ def _pair(value, name: str, positive: bool) -> Size:
 
 def parse_pair(text: str, name: str) -> Size:
     """A command-line pair in diffusers' order, ``HEIGHT,WIDTH`` or ``TOP,LEFT``, as two integers; ``SdxlOptions`` checks them."""
-    parts = [part.strip() for part in text.split(",")]
     order = "TOP,LEFT, e.g. 0,0" if name.endswith("_top_left") else "HEIGHT,WIDTH (diffusers' order), e.g. 1024,1024"
-    try:
-        if len(parts) != 2:
-            raise ValueError
-        return int(parts[0]), int(parts[1])
-    except ValueError:
-        raise SettingError(f"{{{name}}} takes two integers {order}; got {checks.shown(text)}") from None
+    return checks.integers(text, 2, name, f"two integers {order}")  # type: ignore[return-value]
 
 
 def check_refiner_switch(value) -> float:
