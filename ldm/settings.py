@@ -195,16 +195,16 @@ class GenerationSettings:
         the SDXL options and the refiner's switch."""
         for name in ("prompt_2", "negative_prompt_2"):
             texts = getattr(self, name)
-            if texts is not None:
-                texts = (texts,) * len(self.prompt) if isinstance(texts, str) else tuple(texts)
-                if len(texts) != len(self.prompt):
-                    raise SettingError(f"got {len(texts)} of {{{name}}} for {len(self.prompt)} prompts; give one per prompt")
-                object.__setattr__(self, name, texts)
-        for name in ("prompt_2", "negative_prompt_2"):
-            for text in getattr(self, name) or ():
+            if texts is None:
+                continue
+            texts = (texts,) * len(self.prompt) if isinstance(texts, str) else tuple(texts)
+            if len(texts) != len(self.prompt):
+                raise SettingError(f"got {len(texts)} of {{{name}}} for {len(self.prompt)} prompts; give one per prompt")
+            for text in texts:
                 check_prompt(text, name)
                 if NETWORK_TAG.search(text) or len(split_subprompts(text)) > 1 or split_subprompts(text)[0][1] != 1.0:
                     raise SettingError(f"{{{name}}} takes no LoRA tags, AND or sub-prompt weights; write them in {{prompt}}")
+            object.__setattr__(self, name, texts)
         if self.sdxl is not None and not isinstance(self.sdxl, SdxlOptions):
             raise SettingError(f"{{sdxl}} must be an ldm.sdxl.SdxlOptions, got {type(self.sdxl).__name__}")
         if self.refiner is None:

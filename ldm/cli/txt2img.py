@@ -243,8 +243,10 @@ def generate_all(pipe, settings: GenerationSettings, args: argparse.Namespace) -
     for prompt, negative in zip(settings.prompt, settings.negative_prompt):
         for first in range(0, args.num_images, args.batch_size):
             count = min(args.batch_size, args.num_images - first)
-            batch = replace(settings.from_image(first), prompt=(prompt,), negative_prompt=(negative,), num_images_per_prompt=count)
-            batch = replace(batch, prompt_2=settings.prompt_2 and settings.prompt_2[:1], negative_prompt_2=settings.negative_prompt_2 and settings.negative_prompt_2[:1])
+            batch = replace(
+                settings.from_image(first), prompt=(prompt,), negative_prompt=(negative,), num_images_per_prompt=count,
+                prompt_2=settings.prompt_2 and settings.prompt_2[:1], negative_prompt_2=settings.negative_prompt_2 and settings.negative_prompt_2[:1],
+            )  # fmt: skip
             steps_bar = tqdm(total=steps, desc="steps", leave=False, disable=args.quiet, file=sys.stderr)
             result = pipe.generate(batch, callback=step_callback(steps_bar, args.preview, pipe.vae))
             steps_bar.close()
