@@ -3,8 +3,9 @@
 Each fast path of this package computes what the plain torch call computes, by another route. Which route
 is faster depends on the CPU, not only on its family: MKL's GEMM runs AVX2 code on AMD CPUs and AVX-512 on
 Intel ones, oneDNN has AMX kernels for bf16, and torch's fused attention beat the convolution form by 2x on
-one AMD EPYC and lost to it on another. So the choice is measured, not assumed: the first pipeline on a
-CPU times both routes of every path on Stable Diffusion 1.5's shapes at 512x512 (``measure``, a few
+one AMD EPYC and lost to it on another; channels-last makes oneDNN's bf16 convolutions several times faster
+on AMX CPUs and changes nothing on AVX512_BF16 ones, where converting the weights only slows the load. So
+the choice is measured, not assumed: the first pipeline on a CPU times both routes of every path on Stable Diffusion 1.5's shapes at 512x512 (``measure``, a few
 seconds), takes a fast path where it is clearly faster (``choose``), and keeps the choice with its timings
 in ``kernels.json`` in ldm's cache folder (``kernel_choice``). Delete that file to measure again, e.g. after
 moving a disk to another machine; a VM that hides CPU flags gets its own entry.
@@ -37,6 +38,9 @@ class KernelChoice:
     attention_as_conv: bool = False  # long self-attention as two 1x1 convolutions per head (``attention``)
     sliced_conv: bool = False  # small-map convolutions in output-channel slices (``conv``)
     subpixel_upsample: bool = False  # nearest-2x upsampling + 3x3 convolution as sub-pixel convolutions (``conv``)
+    # The U-Net and the VAE in channels-last (NHWC) memory format: a pipeline whose ``channels_last`` is None
+    # follows it. Measured in bf16 only; fp32 stays NCHW (a whole SD 1.5 step measured slower in NHWC).
+    channels_last: bool = False
 
 
 PLAIN = KernelChoice()  # torch's own calls: on GPUs, with autograd, and for networks used outside a pipeline
@@ -94,25 +98,47 @@ def choose(seconds: dict[str, tuple[float, float]]) -> KernelChoice:
 
 def measure(dtype: torch.dtype) -> dict[str, tuple[float, float]]:
     """(plain, fast) seconds of each path's two routes on SD 1.5's shapes at 512x512, in ``dtype``, without autograd;
-    the routes alternate, and each keeps its best of ``ROUNDS``."""
+    the routes alternate, and each keeps its best of ``ROUNDS``. In bf16 the memory format is measured first,
+    and the convolution paths are then measured in the format chosen."""
     with torch.inference_mode():
-        return {name: (min(plain), min(fast)) for name, (plain, fast) in _timed(routes(dtype)).items()}
+        seconds = _best(_timed({"channels_last": layout_routes(dtype)})) if dtype == torch.bfloat16 else {}
+        layout = torch.channels_last if choose(seconds).channels_last else torch.contiguous_format
+        return {**seconds, **_best(_timed(routes(dtype, layout)))}
 
 
-def routes(dtype: torch.dtype) -> dict[str, tuple[Route, Route]]:
-    """The (plain, fast) routes of each path on SD 1.5's shapes, on seeded inputs in ``dtype``; call without autograd.
-    Both routes of a path return the same result (to rounding)."""
+def _best(times: dict[str, tuple[list[float], list[float]]]) -> dict[str, tuple[float, float]]:
+    return {name: (min(plain), min(fast)) for name, (plain, fast) in times.items()}
+
+
+def _seeded(dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+    """``randn(*shape)``: normal samples in ``dtype``, the same sequence on every CPU."""
     generator = torch.Generator().manual_seed(0)
+    return lambda *shape: torch.randn(*shape, generator=generator).to(dtype)
 
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator).to(dtype)
 
+def routes(dtype: torch.dtype, layout: torch.memory_format = torch.contiguous_format) -> dict[str, tuple[Route, Route]]:
+    """The (plain, fast) routes of each path on SD 1.5's shapes, on seeded inputs in ``dtype`` (the convolutions'
+    maps in ``layout``); call without autograd. Both routes of a path return the same result (to rounding)."""
+    randn = _seeded(dtype)
     return {
         "linear_as_conv": _linear_routes(randn),
         "attention_as_conv": _attention_routes(randn),
-        "sliced_conv": _sliced_conv_routes(randn, dtype),
-        "subpixel_upsample": _upsample_routes(randn, dtype),
+        "sliced_conv": _sliced_conv_routes(randn, layout),
+        "subpixel_upsample": _upsample_routes(randn, layout),
     }
+
+
+def layout_routes(dtype: torch.dtype) -> tuple[Route, Route]:
+    """The second half of a ResNet block (GroupNorm, SiLU, 3x3 conv) at each of SD 1.5's 64x64, 32x32 and 16x16
+    levels, with maps and weights in NCHW (plain) and in channels-last (fast)."""
+    randn = _seeded(dtype)
+    cases = [(randn(1, c, side, side), randn(c), randn(c), randn(c, c, 3, 3)) for c, side in ((320, 64), (640, 32), (1280, 16))]
+
+    def in_layout(layout: torch.memory_format) -> Route:
+        laid = [(x.contiguous(memory_format=layout), g, b, w.contiguous(memory_format=layout)) for x, g, b, w in cases]
+        return lambda: [F.conv2d(F.silu(F.group_norm(x, 32, g, b)), w, None, 1, 1) for x, g, b, w in laid]
+
+    return in_layout(torch.contiguous_format), in_layout(torch.channels_last)
 
 
 def _timed(pairs: dict[str, tuple[Route, Route]]) -> dict[str, tuple[list[float], list[float]]]:
@@ -148,9 +174,8 @@ def _attention_routes(randn) -> tuple[Route, Route]:
     return fused, lambda: attention.attention_as_convolutions(q, k, v, 8, rows)
 
 
-def _sliced_conv_routes(randn, dtype: torch.dtype) -> tuple[Route, Route]:
+def _sliced_conv_routes(randn, layout: torch.memory_format) -> tuple[Route, Route]:
     """The 1280-channel 3x3 convolutions of the 8x8 and 16x16 levels."""
-    layout = channels_last_for(dtype)
     cases = [(randn(1, 1280, side, side).contiguous(memory_format=layout), randn(1280, 1280, 3, 3)) for side in (8, 16)]
     return (
         lambda: [F.conv2d(x, w, None, 1, 1) for x, w in cases],
@@ -158,17 +183,12 @@ def _sliced_conv_routes(randn, dtype: torch.dtype) -> tuple[Route, Route]:
     )
 
 
-def _upsample_routes(randn, dtype: torch.dtype) -> tuple[Route, Route]:
+def _upsample_routes(randn, layout: torch.memory_format) -> tuple[Route, Route]:
     """The last upsampler of the U-Net: 640 channels, 32x32 to 64x64."""
-    x = randn(1, 640, 32, 32).contiguous(memory_format=channels_last_for(dtype))
+    x = randn(1, 640, 32, 32).contiguous(memory_format=layout)
     weight, bias = randn(640, 640, 3, 3), randn(640)
     return (
         lambda: F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, 1, 1),
         lambda: conv.upsample_conv(x, weight, bias),
     )
 
-
-def channels_last_for(dtype: torch.dtype) -> torch.memory_format:
-    """The memory format the U-Net runs in on the CPU: channels-last in bf16, where oneDNN's bf16 convolutions
-    (AVX512_BF16, AMX) want it; the plain layout in fp32."""
-    return torch.channels_last if dtype == torch.bfloat16 else torch.contiguous_format

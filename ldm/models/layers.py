@@ -23,7 +23,9 @@ def repeat_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     conditional pass). Everything before the first cross-attention is the same for both, so it
     is computed once per sample and repeated here, where it meets the text.
     """
-    return t if t.shape[0] == rows else t.repeat(rows // t.shape[0], *(1,) * (t.dim() - 1))
+    # torch.cat keeps a channels-last map channels-last, where Tensor.repeat would return it in NCHW (and the
+    # next GroupNorm and convolution would then run in NCHW or convert it back).
+    return t if t.shape[0] == rows else torch.cat([t] * (rows // t.shape[0]))
 
 
 def join_skip(x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:

@@ -168,6 +168,7 @@ class Pipeline:
         """Change the set-up (``PipelineSetup``'s fields) and apply it to the networks; returns the pipeline."""
         PipelineSetup.check_names(changes)
         old, new = self.setup, replace(self.setup, **changes)
+        old_format = self.memory_format
         networks = (self.unet, self.vae, *self.text_encoders)
         if (new.device, new.dtype, new.cpu_offload) != (old.device, old.dtype, old.cpu_offload):
             for module in networks:  # paging.convert: the replaced weights' file pages leave memory too
@@ -175,13 +176,13 @@ class Pipeline:
         if (new.attention, new.attention_slice_size) != (old.attention, old.attention_slice_size):
             self.unet.set_attention(new.attention, new.attention_slice_size)
             self.vae.set_attention(new.attention, new.attention_slice_size)
-        if new.memory_format != old.memory_format:
-            paging.convert(self.unet, memory_format=new.memory_format)
-            paging.convert(self.vae, memory_format=new.memory_format)
         if (new.device, new.dtype, new.kernels) != (old.device, old.dtype, old.kernels):
             self.kernels = new.kernel_choice  # measured once per CPU and dtype (cached), read once per change here
             set_kernels(self.unet, self.kernels)
             set_kernels(self.vae, self.kernels)
+        if new.memory_format(self.kernels) != old_format:
+            paging.convert(self.unet, memory_format=new.memory_format(self.kernels))
+            paging.convert(self.vae, memory_format=new.memory_format(self.kernels))
         if new.dtype != old.dtype:
             _warn_if_slow(new)
         self.setup = new
@@ -308,7 +309,7 @@ class Pipeline:
         )  # fmt: skip
         vae.set_attention(setup.attention, setup.attention_slice_size)
         set_kernels(vae, self.kernels)
-        self.vae = vae.to(memory_format=setup.memory_format)
+        self.vae = vae.to(memory_format=self.memory_format)
         self.vae_name = Path(path).name
 
     # --- ControlNets (ldm.pipeline.control) --------------------------------------------------------
@@ -352,6 +353,11 @@ class Pipeline:
     @property
     def residency(self) -> Residency:
         return self.setup.residency
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The U-Net's and VAE's memory format: ``setup.channels_last``, or where None the measured choice."""
+        return self.setup.memory_format(self.kernels)
 
     @cached_property
     def model_hash(self) -> str | None:

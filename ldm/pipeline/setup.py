@@ -14,7 +14,7 @@ import torch
 
 from ldm import checks
 from ldm.errors import ConfigError
-from ldm.kernels.choice import KernelChoice, channels_last_for, kernel_choice
+from ldm.kernels.choice import KernelChoice, kernel_choice
 from ldm.models import AttentionBackend
 from ldm.residency import Residency, WeightsAfterUse
 
@@ -34,8 +34,8 @@ class PipelineSetup:
     # page cache, "keep" leaves them resident, "release" frees them (one-shot calls; ldm.residency).
     weights_after_use: WeightsAfterUse = "page-out"
     decode_mode: DecodeMode = "full"  # the VAE's: "sliced": one image at a time; "tiled": overlapping tiles
-    # The U-Net's and VAE's weights and activations in NHWC; None: in bf16 on the CPU, where oneDNN's bf16
-    # convolutions want it (channels_last_for), else not (docs/performance.md).
+    # The U-Net's and VAE's weights and activations in NHWC; None: where the fast paths measured it faster
+    # (KernelChoice.channels_last: bf16 on some CPUs), else not (docs/performance.md).
     channels_last: bool | None = None
     kernels: KernelChoice | None = None  # the CPU fast paths; None: measured for this CPU (ldm.kernels.choice)
     max_pixels: int = checks.MAX_PIXELS  # largest batch a call may make: width x height x images
@@ -61,11 +61,10 @@ class PipelineSetup:
     def residency(self) -> Residency:
         return Residency(self.device, torch.device("cpu") if self.cpu_offload else None, self.weights_after_use)
 
-    @property
-    def memory_format(self) -> torch.memory_format:
-        if self.channels_last is None:
-            return channels_last_for(self.dtype) if self.device.type == "cpu" else torch.contiguous_format
-        return torch.channels_last if self.channels_last else torch.contiguous_format
+    def memory_format(self, kernels: KernelChoice) -> torch.memory_format:
+        """The U-Net's and VAE's memory format with the fast paths ``kernels`` (this set-up's ``kernel_choice``)."""
+        wanted = kernels.channels_last if self.channels_last is None else self.channels_last
+        return torch.channels_last if wanted else torch.contiguous_format
 
     @property
     def kernel_choice(self) -> KernelChoice:
