@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.kernels import choice as choice_module
-from ldm.kernels.choice import PLAIN, KernelChoice, choose, kernel_choice, layout_routes, routes
+from ldm.kernels.choice import PLAIN, KernelChoice, choose, kernel_choice, routes, unet_layout_routes, vae_layout_routes
 from ldm.kernels.cpu import this_cpu
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,8 @@ CPU = torch.device("cpu")
 
 def test_each_probed_path_s_two_routes_compute_the_same_result():
     with torch.inference_mode():
-        probes = {**routes(torch.float32), **routes(torch.float32, torch.channels_last), "channels_last": layout_routes(torch.float32)}
+        layouts = {"unet_channels_last": unet_layout_routes(torch.float32), "vae_channels_last": vae_layout_routes(torch.float32)}
+        probes = {**routes(torch.float32), **routes(torch.float32, torch.channels_last), **layouts}
         for name, (plain, fast) in probes.items():
             for expected, got in zip(*(_as_list(route()) for route in (plain, fast)), strict=True):
                 # fp32 rounding of sums over up to 5760 products, at the scale of the result
@@ -121,23 +122,27 @@ def test_the_pipeline_applies_the_measured_choice_and_every_choice_gives_the_sam
     torch.testing.assert_close(images[EVERY_PATH], images[PLAIN], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("measured", [True, False])
-def test_bf16_on_the_cpu_runs_channels_last_where_it_measured_faster_unless_told_otherwise(monkeypatch, tmp_path, tiny_pipe_files, measured):
+@pytest.mark.parametrize(("unet", "vae"), [(True, False), (False, True)])
+def test_bf16_on_the_cpu_runs_each_network_channels_last_where_it_measured_faster_unless_told_otherwise(
+    monkeypatch, tmp_path, tiny_pipe_files, unet, vae
+):
     from ldm import Pipeline
 
     faster, slower = (1.0, 0.5), (1.0, 2.0)
-    seconds = {"channels_last": faster if measured else slower, "sliced_conv": faster}
+    seconds = {"unet_channels_last": faster if unet else slower, "vae_channels_last": faster if vae else slower, "sliced_conv": faster}
     monkeypatch.setenv("LDM_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(choice_module, "measure", lambda dtype: seconds if dtype == torch.bfloat16 else {})
     pipe = Pipeline.from_pretrained(tiny_pipe_files, dtype=torch.bfloat16)
-    assert pipe.kernels == KernelChoice(sliced_conv=True, channels_last=measured)
-    for weight in (pipe.unet.conv_in.weight, pipe.vae.decoder.conv_in.weight):
+    assert pipe.kernels == KernelChoice(sliced_conv=True, unet_channels_last=unet, vae_channels_last=vae)
+    for weight, measured in ((pipe.unet.conv_in.weight, unet), (pipe.vae.decoder.conv_in.weight, vae)):
         assert weight.is_contiguous(memory_format=torch.channels_last) is measured
         assert weight.is_contiguous() is not measured
-    pipe.configure(channels_last=not measured)  # the setting overrides the measurement, both ways
-    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last) is not measured
-    assert pipe.memory_format == (torch.contiguous_format if measured else torch.channels_last)
-    assert Pipeline.from_pretrained(tiny_pipe_files).memory_format == torch.contiguous_format  # fp32: not measured
+    for setting in (True, False):  # the setting overrides the measurements, both ways
+        pipe.configure(channels_last=setting)
+        assert pipe.memory_formats == (torch.channels_last if setting else torch.contiguous_format,) * 2
+        for weight in (pipe.unet.conv_in.weight, pipe.vae.decoder.conv_in.weight):
+            assert weight.is_contiguous(memory_format=torch.channels_last) is setting
+    assert Pipeline.from_pretrained(tiny_pipe_files).memory_formats == (torch.contiguous_format,) * 2  # fp32: not measured
 
 
 def test_in_channels_last_every_map_of_a_guided_unet_call_stays_channels_last(tiny_pipe_files):
@@ -162,7 +167,7 @@ def test_the_memory_format_is_measured_in_bf16_first_and_the_convolution_paths_i
     layouts = []
     monkeypatch.setattr(choice_module, "_timed", lambda pairs: {name: ([1.0], [0.5]) for name in pairs})
     monkeypatch.setattr(choice_module, "routes", lambda dtype, layout: layouts.append(layout) or {"sliced_conv": None})
-    assert set(choice_module.measure(torch.bfloat16)) == {"channels_last", "sliced_conv"}
+    assert set(choice_module.measure(torch.bfloat16)) == {"unet_channels_last", "vae_channels_last", "sliced_conv"}
     assert set(choice_module.measure(torch.float32)) == {"sliced_conv"}
     assert layouts == [torch.channels_last, torch.contiguous_format]
 

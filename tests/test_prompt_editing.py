@@ -105,7 +105,7 @@ def test_and_sums_the_guidance_of_its_subprompts_in_one_unet_call(pipe):
     text = stages.encode_prompts(pipe, call)
     outputs = []
     handle = pipe.unet.register_forward_hook(lambda module, args, output: outputs.append(output))
-    network = stages.in_network_format(pipe.unet, pipe.dtype, pipe.memory_format)
+    network = stages.in_network_format(pipe.unet, pipe.dtype, pipe.memory_formats.unet)
     x, t = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor(500)
     try:
         guided = stages.guided(network, call.settings, text, 2)(x, t)

@@ -255,7 +255,7 @@ def test_fp16_decode_runs_in_fp32_when_the_vae_asks(force_upcast):
     vae.half()
     fp32 = copy.deepcopy(vae).float()  # the same fp16-rounded weights, in fp32
     pipe = SimpleNamespace(
-        vae=vae, dtype=torch.float16, residency=Residency(torch.device("cpu")), memory_format=torch.contiguous_format,
+        vae=vae, dtype=torch.float16, residency=Residency(torch.device("cpu")), memory_formats=SimpleNamespace(vae=torch.contiguous_format),
         setup=SimpleNamespace(decode_mode="full"),
     )  # fmt: skip
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))

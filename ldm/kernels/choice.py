@@ -38,9 +38,11 @@ class KernelChoice:
     attention_as_conv: bool = False  # long self-attention as two 1x1 convolutions per head (``attention``)
     sliced_conv: bool = False  # small-map convolutions in output-channel slices (``conv``)
     subpixel_upsample: bool = False  # nearest-2x upsampling + 3x3 convolution as sub-pixel convolutions (``conv``)
-    # The U-Net and the VAE in channels-last (NHWC) memory format: a pipeline whose ``channels_last`` is None
-    # follows it. Measured in bf16 only; fp32 stays NCHW (a whole SD 1.5 step measured slower in NHWC).
-    channels_last: bool = False
+    # The U-Net's and the VAE's maps and weights in channels-last (NHWC) memory format, each measured on its own
+    # network's shapes; a pipeline whose ``channels_last`` is None follows them. Measured in bf16 only: fp32
+    # stays NCHW (a whole SD 1.5 step measured slower in NHWC).
+    unet_channels_last: bool = False
+    vae_channels_last: bool = False
 
 
 PLAIN = KernelChoice()  # torch's own calls: on GPUs, with autograd, and for networks used outside a pipeline
@@ -98,11 +100,12 @@ def choose(seconds: dict[str, tuple[float, float]]) -> KernelChoice:
 
 def measure(dtype: torch.dtype) -> dict[str, tuple[float, float]]:
     """(plain, fast) seconds of each path's two routes on SD 1.5's shapes at 512x512, in ``dtype``, without autograd;
-    the routes alternate, and each keeps its best of ``ROUNDS``. In bf16 the memory format is measured first,
-    and the convolution paths are then measured in the format chosen."""
+    the routes alternate, and each keeps its best of ``ROUNDS``. In bf16 the memory formats are measured first,
+    and the convolution paths are then measured in the U-Net's."""
     with torch.inference_mode():
-        seconds = _best(_timed({"channels_last": layout_routes(dtype)})) if dtype == torch.bfloat16 else {}
-        layout = torch.channels_last if choose(seconds).channels_last else torch.contiguous_format
+        layouts = {"unet_channels_last": unet_layout_routes(dtype), "vae_channels_last": vae_layout_routes(dtype)}
+        seconds = _best(_timed(layouts)) if dtype == torch.bfloat16 else {}
+        layout = torch.channels_last if choose(seconds).unet_channels_last else torch.contiguous_format
         return {**seconds, **_best(_timed(routes(dtype, layout)))}
 
 
@@ -128,8 +131,8 @@ def routes(dtype: torch.dtype, layout: torch.memory_format = torch.contiguous_fo
     }
 
 
-def layout_routes(dtype: torch.dtype) -> tuple[Route, Route]:
-    """The second half of a ResNet block (GroupNorm, SiLU, 3x3 conv) at each of SD 1.5's 64x64, 32x32 and 16x16
+def unet_layout_routes(dtype: torch.dtype) -> tuple[Route, Route]:
+    """The second half of a ResNet block (GroupNorm, SiLU, 3x3 conv) at SD 1.5's 64x64, 32x32 and 16x16 U-Net
     levels, with maps and weights in NCHW (plain) and in channels-last (fast)."""
     randn = _seeded(dtype)
     cases = [(randn(1, c, side, side), randn(c), randn(c), randn(c, c, 3, 3)) for c, side in ((320, 64), (640, 32), (1280, 16))]
@@ -137,6 +140,27 @@ def layout_routes(dtype: torch.dtype) -> tuple[Route, Route]:
     def in_layout(layout: torch.memory_format) -> Route:
         laid = [(x.contiguous(memory_format=layout), g, b, w.contiguous(memory_format=layout)) for x, g, b, w in cases]
         return lambda: [F.conv2d(F.silu(F.group_norm(x, 32, g, b)), w, None, 1, 1) for x, g, b, w in laid]
+
+    return in_layout(torch.contiguous_format), in_layout(torch.channels_last)
+
+
+def vae_layout_routes(dtype: torch.dtype) -> tuple[Route, Route]:
+    """The same half block as the VAE decoder runs it (``ldm.models.vae_strips``): a strip of rows cut from a
+    taller band, normalized with the band's statistics and activated into a new buffer, convolved without row
+    padding; at three decoder levels of equal multiplications (512, 256 and 128 channels), in NCHW (plain) and
+    in channels-last (fast), where a strip of rows is contiguous."""
+    randn = _seeded(dtype)
+    cases = [(randn(1, c, 2 * h, w), randn(1, c, 1, 1), randn(1, c, 1, 1), randn(c, c, 3, 3)) for c, h, w in ((512, 16, 64), (256, 32, 128), (128, 64, 256))]
+
+    def strip_conv(band: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        rows = band.shape[2] // 2 + 2  # a strip of half the band and its two halo rows
+        strip = torch.empty_like(band[:, :, :rows])
+        torch.addcmul(shift, band[:, :, rows // 2 : rows // 2 + rows], scale, out=strip)
+        return F.conv2d(F.silu(strip, inplace=True), weight, None, padding=(0, 1))
+
+    def in_layout(layout: torch.memory_format) -> Route:
+        laid = [(x.contiguous(memory_format=layout), a, b, w.contiguous(memory_format=layout)) for x, a, b, w in cases]
+        return lambda: [strip_conv(*case) for case in laid]
 
     return in_layout(torch.contiguous_format), in_layout(torch.channels_last)
 

@@ -159,7 +159,7 @@ def prepare(pipe: Pipeline, s: GenerationSettings, crop: Crop | None = None) -> 
 def _fit(pipe: Pipeline, network: ControlNet) -> None:
     """``network`` in the pipeline's set-up: where its networks wait, dtype, memory format, attention, fast paths."""
     setup = pipe.setup
-    network.to(device="cpu" if setup.cpu_offload else setup.device, dtype=setup.dtype, memory_format=pipe.memory_format)
+    network.to(device="cpu" if setup.cpu_offload else setup.device, dtype=setup.dtype, memory_format=pipe.memory_formats.unet)
     network.set_attention(setup.attention, setup.attention_slice_size)
     set_kernels(network, pipe.kernels)
 

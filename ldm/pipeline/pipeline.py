@@ -41,7 +41,7 @@ from ldm.models import set_kernels
 from ldm.pipeline import hires, sdxl, stages
 from ldm.pipeline import refiner as refining
 from ldm.pipeline.control import ControlNets
-from ldm.pipeline.setup import PipelineSetup
+from ldm.pipeline.setup import MemoryFormats, PipelineSetup
 from ldm.pipeline.stages import Generators, OutputType, StepCallback
 from ldm.residency import Residency, check_loaded
 from ldm.schedulers import Scheduler, SchedulerConfig
@@ -168,7 +168,7 @@ class Pipeline:
         """Change the set-up (``PipelineSetup``'s fields) and apply it to the networks; returns the pipeline."""
         PipelineSetup.check_names(changes)
         old, new = self.setup, replace(self.setup, **changes)
-        old_format = self.memory_format
+        old_formats = self.memory_formats
         networks = (self.unet, self.vae, *self.text_encoders)
         if (new.device, new.dtype, new.cpu_offload) != (old.device, old.dtype, old.cpu_offload):
             for module in networks:  # paging.convert: the replaced weights' file pages leave memory too
@@ -180,9 +180,10 @@ class Pipeline:
             self.kernels = new.kernel_choice  # measured once per CPU and dtype (cached), read once per change here
             set_kernels(self.unet, self.kernels)
             set_kernels(self.vae, self.kernels)
-        if new.memory_format(self.kernels) != old_format:
-            paging.convert(self.unet, memory_format=new.memory_format(self.kernels))
-            paging.convert(self.vae, memory_format=new.memory_format(self.kernels))
+        formats = new.memory_formats(self.kernels)
+        for network, layout, old_layout in zip((self.unet, self.vae), formats, old_formats, strict=True):
+            if layout != old_layout:
+                paging.convert(network, memory_format=layout)
         if new.dtype != old.dtype:
             _warn_if_slow(new)
         self.setup = new
@@ -309,7 +310,7 @@ class Pipeline:
         )  # fmt: skip
         vae.set_attention(setup.attention, setup.attention_slice_size)
         set_kernels(vae, self.kernels)
-        self.vae = vae.to(memory_format=self.memory_format)
+        self.vae = vae.to(memory_format=self.memory_formats.vae)
         self.vae_name = Path(path).name
 
     # --- ControlNets (ldm.pipeline.control) --------------------------------------------------------
@@ -355,9 +356,9 @@ class Pipeline:
         return self.setup.residency
 
     @property
-    def memory_format(self) -> torch.memory_format:
-        """The U-Net's and VAE's memory format: ``setup.channels_last``, or where None the measured choice."""
-        return self.setup.memory_format(self.kernels)
+    def memory_formats(self) -> MemoryFormats:
+        """The U-Net's and the VAE's memory formats: ``setup.channels_last``, or where None the measured choices."""
+        return self.setup.memory_formats(self.kernels)
 
     @cached_property
     def model_hash(self) -> str | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import torch
 
@@ -19,6 +19,13 @@ from ldm.models import AttentionBackend
 from ldm.residency import Residency, WeightsAfterUse
 
 DecodeMode = Literal["full", "sliced", "tiled"]
+
+
+class MemoryFormats(NamedTuple):
+    """The memory format each network runs in (ControlNets: the U-Net's)."""
+
+    unet: torch.memory_format
+    vae: torch.memory_format
 
 
 @dataclass(frozen=True)
@@ -34,8 +41,8 @@ class PipelineSetup:
     # page cache, "keep" leaves them resident, "release" frees them (one-shot calls; ldm.residency).
     weights_after_use: WeightsAfterUse = "page-out"
     decode_mode: DecodeMode = "full"  # the VAE's: "sliced": one image at a time; "tiled": overlapping tiles
-    # The U-Net's and VAE's weights and activations in NHWC; None: where the fast paths measured it faster
-    # (KernelChoice.channels_last: bf16 on some CPUs), else not (docs/performance.md).
+    # The U-Net's and VAE's weights and activations in NHWC; None: each network where the fast paths measured it
+    # faster (KernelChoice.unet_channels_last, vae_channels_last: bf16 on some CPUs), else not (docs/performance.md).
     channels_last: bool | None = None
     kernels: KernelChoice | None = None  # the CPU fast paths; None: measured for this CPU (ldm.kernels.choice)
     max_pixels: int = checks.MAX_PIXELS  # largest batch a call may make: width x height x images
@@ -61,10 +68,14 @@ class PipelineSetup:
     def residency(self) -> Residency:
         return Residency(self.device, torch.device("cpu") if self.cpu_offload else None, self.weights_after_use)
 
-    def memory_format(self, kernels: KernelChoice) -> torch.memory_format:
-        """The U-Net's and VAE's memory format with the fast paths ``kernels`` (this set-up's ``kernel_choice``)."""
-        wanted = kernels.channels_last if self.channels_last is None else self.channels_last
-        return torch.channels_last if wanted else torch.contiguous_format
+    def memory_formats(self, kernels: KernelChoice) -> MemoryFormats:
+        """The U-Net's and the VAE's memory formats with the fast paths ``kernels`` (this set-up's ``kernel_choice``)."""
+
+        def layout(measured: bool) -> torch.memory_format:
+            wanted = measured if self.channels_last is None else self.channels_last
+            return torch.channels_last if wanted else torch.contiguous_format
+
+        return MemoryFormats(unet=layout(kernels.unet_channels_last), vae=layout(kernels.vae_channels_last))
 
     @property
     def kernel_choice(self) -> KernelChoice:

@@ -352,7 +352,7 @@ def encode_image(pipe: Pipeline, image: torch.Tensor) -> Any:
     dtype = torch.float32 if pipe.dtype == torch.float16 and pipe.vae.config.force_upcast else pipe.dtype
     with pipe.residency.running(pipe.vae) as vae, in_fp32(vae, pipe.dtype) if dtype != pipe.dtype else nullcontext():
         encode = vae.encode_tiled if pipe.setup.decode_mode == "tiled" else vae.encode
-        return encode(image.to(pipe.device, dtype, memory_format=pipe.memory_format))
+        return encode(image.to(pipe.device, dtype, memory_format=pipe.memory_formats.vae))
 
 
 # --- denoise ---------------------------------------------------------------------------------------
@@ -377,7 +377,7 @@ def denoise(
         if call.inpaint is not None:  # an inpainting U-Net's extra inputs (a ControlNet sees the latents alone)
             network = call.inpaint.network(network)
         network = control.controlled(network, call.control, text, len(timesteps), pipe.dtype)
-        network = in_network_format(network, pipe.dtype, pipe.memory_format)
+        network = in_network_format(network, pipe.dtype, pipe.memory_formats.unet)
         denoiser = guided(network, s, text, len(timesteps), unet.config.time_cond_proj_dim)
         for i, t in enumerate(timesteps):
             model_input = call.scheduler.scale_model_input(x, t)
@@ -468,7 +468,7 @@ def decode(pipe: Pipeline, latents: torch.Tensor) -> torch.Tensor:
         if fp16 and vae.config.force_upcast:
             images = _decode_in_fp32(vae, pipe.setup.decode_mode, z, pipe.dtype)
         else:
-            images = _decoder(vae, pipe.setup.decode_mode)(z.to(pipe.dtype, memory_format=pipe.memory_format))
+            images = _decoder(vae, pipe.setup.decode_mode)(z.to(pipe.dtype, memory_format=pipe.memory_formats.vae))
             if not torch.isfinite(images).all() and fp16 and torch.isfinite(latents).all():
                 # The SD VAE's decoder activations exceed fp16's range (65504) on some images.
                 images = _decode_in_fp32(vae, pipe.setup.decode_mode, z, pipe.dtype)
