@@ -29,6 +29,7 @@ Full size needs about 20 GiB of free memory in fp32; never run two at once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -304,7 +305,8 @@ def measure_dtype(spec: SdxlSpec, path: Path, folder: Path, rounds: int, tmp: Pa
     """Load and image runs of both engines, alternated, and their summary."""
     from ldm.kernels.choice import kernel_choice
 
-    kernel_choice(torch.device("cpu"), DTYPES[spec.dtype])  # ldm's fast paths measured now (cached), not in a timed load
+    # ldm's fast paths and memory formats measured now (cached), not in a timed load; recorded with the results
+    kernels = dataclasses.asdict(kernel_choice(torch.device("cpu"), DTYPES[spec.dtype]))
 
     def before() -> None:
         wait_for_memory(needed_gib(spec))
@@ -328,6 +330,7 @@ def measure_dtype(spec: SdxlSpec, path: Path, folder: Path, rounds: int, tmp: Pa
     return {
         **summary,
         "ratios": ratios,
+        "ldm_kernels": kernels,
         "targets": {k: {"target": v, "met": bool(ratios[k] <= v)} for k, v in TARGETS.items()},
         "psnr_ldm_vs_diffusers_db": psnr(saved["ldm"], saved["diffusers"]),
         "image_finite": {impl: bool(np.isfinite(image).all()) for impl, image in saved.items()},

@@ -2,12 +2,14 @@
 
 Each fast path gives the plain call's result (tests/test_speedups.py); here: the probe's two routes compute the
 same thing, the choice follows the measured times, it is measured once per CPU and dtype and then read from
-the cache, the pipeline applies it (and any choice gives the same image), bf16 runs channels-last with its
-normalizations and attention reduced in fp32, and a CPU without native bf16 is told so.
+the cache, the pipeline applies it (and any choice gives the same image), bf16 runs each network channels-last
+where that measured faster (every map of a call staying in it), its normalizations and attention reduced in
+fp32, and a CPU without native bf16 is told so.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.kernels import choice as choice_module
-from ldm.kernels.choice import PLAIN, KernelChoice, choose, kernel_choice, routes, unet_layout_routes, vae_layout_routes
+from ldm.kernels.choice import LAYOUT_SHAPES, PLAIN, KernelChoice, choose, kernel_choice, layout_routes, routes
 from ldm.kernels.cpu import this_cpu
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ CPU = torch.device("cpu")
 
 def test_each_probed_path_s_two_routes_compute_the_same_result():
     with torch.inference_mode():
-        layouts = {"unet_channels_last": unet_layout_routes(torch.float32), "vae_channels_last": vae_layout_routes(torch.float32)}
+        layouts = {name: layout_routes(torch.float32, shapes) for name, shapes in LAYOUT_SHAPES.items()}
         probes = {**routes(torch.float32), **routes(torch.float32, torch.channels_last), **layouts}
         for name, (plain, fast) in probes.items():
             for expected, got in zip(*(_as_list(route()) for route in (plain, fast)), strict=True):
@@ -163,13 +165,60 @@ def test_in_channels_last_every_map_of_a_guided_unet_call_stays_channels_last(ti
     assert all(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() for x in seen)
 
 
-def test_the_memory_format_is_measured_in_bf16_first_and_the_convolution_paths_in_the_format_chosen(monkeypatch):
+@pytest.mark.parametrize("faster", ["unet_channels_last", "vae_channels_last"])
+def test_the_memory_formats_are_measured_in_bf16_first_and_the_convolution_paths_in_the_u_net_s(monkeypatch, faster):
     layouts = []
-    monkeypatch.setattr(choice_module, "_timed", lambda pairs: {name: ([1.0], [0.5]) for name in pairs})
+    timed = lambda pairs: {name: ([1.0], [0.5 if name == faster else 2.0]) for name in pairs}  # noqa: E731
+    monkeypatch.setattr(choice_module, "_timed", timed)
     monkeypatch.setattr(choice_module, "routes", lambda dtype, layout: layouts.append(layout) or {"sliced_conv": None})
     assert set(choice_module.measure(torch.bfloat16)) == {"unet_channels_last", "vae_channels_last", "sliced_conv"}
     assert set(choice_module.measure(torch.float32)) == {"sliced_conv"}
-    assert layouts == [torch.channels_last, torch.contiguous_format]
+    unet_layout = torch.channels_last if faster == "unet_channels_last" else torch.contiguous_format
+    assert layouts == [unet_layout, torch.contiguous_format]
+
+
+def test_a_cached_choice_without_the_layout_fields_is_measured_again(monkeypatch, tmp_path):
+    measured = []
+    monkeypatch.setattr(choice_module, "measure", lambda dtype: measured.append(dtype) or {"unet_channels_last": (1.0, 0.5)})
+    key = f"{choice_module._machine()} | {torch.bfloat16}"
+    old = {f: False for f in ("linear_as_conv", "attention_as_conv", "sliced_conv", "subpixel_upsample")}
+    (tmp_path / "kernels.json").write_text(json.dumps({key: {"choice": old, "seconds": {}}}))
+    assert kernel_choice(CPU, torch.bfloat16, tmp_path) == KernelChoice(unet_channels_last=True)
+    assert measured == [torch.bfloat16]
+
+
+def test_each_network_and_its_inputs_get_its_own_memory_format(monkeypatch, tmp_path, tiny_pipe_files):
+    """U-Net in NCHW, VAE in channels-last: the latents reach the U-Net in NCHW, the VAE's encoder and decoder
+    inputs arrive channels-last, and a VAE loaded later and a ControlNet (the U-Net's) follow."""
+    from ldm import Pipeline
+    from ldm.pipeline.control import _fit
+
+    seconds = {"unet_channels_last": (1.0, 2.0), "vae_channels_last": (1.0, 0.5)}
+    monkeypatch.setenv("LDM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(choice_module, "measure", lambda dtype: seconds if dtype == torch.bfloat16 else {})
+    pipe = Pipeline.from_pretrained(tiny_pipe_files, dtype=torch.bfloat16)
+    inputs = {}
+
+    def keep(name: str):
+        return lambda module, args: inputs.update({name: args[0]})  # returns None: the input goes on unchanged
+
+    hooks = [pipe.unet.register_forward_pre_hook(keep("unet"))]
+    hooks += [getattr(pipe.vae, name).register_forward_pre_hook(keep(name)) for name in ("decoder", "encoder")]
+    try:
+        image = pipe("a red circle", num_inference_steps=2, seed=1, height=64, width=64).images[0]
+        pipe("a red circle", init_image=image, strength=0.5, num_inference_steps=2, seed=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert inputs["unet"].is_contiguous() and not inputs["unet"].is_contiguous(memory_format=torch.channels_last)
+    for name in ("decoder", "encoder"):
+        assert inputs[name].is_contiguous(memory_format=torch.channels_last) and not inputs[name].is_contiguous(), name
+    pipe.load_vae(tiny_pipe_files / "vae")
+    assert pipe.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    controlnet = torch.nn.Conv2d(8, 8, 3).to(memory_format=torch.channels_last)
+    controlnet.set_attention = lambda *args: None
+    _fit(pipe, controlnet)
+    assert controlnet.weight.is_contiguous() and controlnet.weight.dtype == torch.bfloat16
 
 
 def test_bf16_images_stay_within_a_stated_bound_of_fp32(tiny_pipe_files):

@@ -107,7 +107,7 @@ def register(sub) -> None:
     speed.add_argument("--tome", type=float, default=DEFAULTS["token_merging"], metavar="R", help="merge R (0..0.75) of the tokens in full-resolution self-attention (0 = off)")
     speed.add_argument(
         "--channels-last", action=argparse.BooleanOptionalAction, default=None,
-        help="channels-last memory format for the U-Net and VAE (default: in bf16 on a CPU where it measured faster, else off)",
+        help="channels-last memory format for the U-Net and VAE (default: in bf16 on the CPU, each network where it measured faster)",
     )  # fmt: skip
     control_args.add_arguments(parser)
     sdxl = parser.add_argument_group("SDXL (see docs/generating.md#sdxl)")

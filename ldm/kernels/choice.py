@@ -3,8 +3,9 @@
 Each fast path of this package computes what the plain torch call computes, by another route. Which route
 is faster depends on the CPU, not only on its family: MKL's GEMM runs AVX2 code on AMD CPUs and AVX-512 on
 Intel ones, oneDNN has AMX kernels for bf16, and torch's fused attention beat the convolution form by 2x on
-one AMD EPYC and lost to it on another; channels-last makes oneDNN's bf16 convolutions several times faster
-on AMX CPUs and changes nothing on AVX512_BF16 ones, where converting the weights only slows the load. So
+one AMD EPYC and lost to it on another; channels-last made oneDNN's bf16 convolutions several times faster
+on an AMX CPU, and on an AVX512_BF16 one changed nothing at the U-Net's shapes (converting its weights then
+only slows the load) while the VAE's ran faster. So
 the choice is measured, not assumed: the first pipeline on a CPU times both routes of every path on Stable Diffusion 1.5's shapes at 512x512 (``measure``, a few
 seconds), takes a fast path where it is clearly faster (``choose``), and keeps the choice with its timings
 in ``kernels.json`` in ldm's cache folder (``kernel_choice``). Delete that file to measure again, e.g. after
@@ -103,7 +104,7 @@ def measure(dtype: torch.dtype) -> dict[str, tuple[float, float]]:
     the routes alternate, and each keeps its best of ``ROUNDS``. In bf16 the memory formats are measured first,
     and the convolution paths are then measured in the U-Net's."""
     with torch.inference_mode():
-        layouts = {"unet_channels_last": unet_layout_routes(dtype), "vae_channels_last": vae_layout_routes(dtype)}
+        layouts = {name: layout_routes(dtype, shapes) for name, shapes in LAYOUT_SHAPES.items()}
         seconds = _best(_timed(layouts)) if dtype == torch.bfloat16 else {}
         layout = torch.channels_last if choose(seconds).unet_channels_last else torch.contiguous_format
         return {**seconds, **_best(_timed(routes(dtype, layout)))}
@@ -131,36 +132,23 @@ def routes(dtype: torch.dtype, layout: torch.memory_format = torch.contiguous_fo
     }
 
 
-def unet_layout_routes(dtype: torch.dtype) -> tuple[Route, Route]:
-    """The second half of a ResNet block (GroupNorm, SiLU, 3x3 conv) at SD 1.5's 64x64, 32x32 and 16x16 U-Net
-    levels, with maps and weights in NCHW (plain) and in channels-last (fast)."""
+# (channels, height, width) of the maps on which each network's memory format is measured: SD 1.5's U-Net
+# levels at 512x512, and three VAE decoder levels (512, 256 and 128 channels) of equal multiplications.
+LAYOUT_SHAPES = {
+    "unet_channels_last": ((320, 64, 64), (640, 32, 32), (1280, 16, 16)),
+    "vae_channels_last": ((512, 32, 64), (256, 64, 128), (128, 128, 256)),
+}
+
+
+def layout_routes(dtype: torch.dtype, shapes: tuple[tuple[int, int, int], ...]) -> tuple[Route, Route]:
+    """The second half of a ResNet block (GroupNorm, SiLU, 3x3 conv) on maps of ``shapes``, with maps and weights
+    in NCHW (plain) and in channels-last (fast)."""
     randn = _seeded(dtype)
-    cases = [(randn(1, c, side, side), randn(c), randn(c), randn(c, c, 3, 3)) for c, side in ((320, 64), (640, 32), (1280, 16))]
+    cases = [(randn(1, c, h, w), randn(c), randn(c), randn(c, c, 3, 3)) for c, h, w in shapes]
 
     def in_layout(layout: torch.memory_format) -> Route:
         laid = [(x.contiguous(memory_format=layout), g, b, w.contiguous(memory_format=layout)) for x, g, b, w in cases]
         return lambda: [F.conv2d(F.silu(F.group_norm(x, 32, g, b)), w, None, 1, 1) for x, g, b, w in laid]
-
-    return in_layout(torch.contiguous_format), in_layout(torch.channels_last)
-
-
-def vae_layout_routes(dtype: torch.dtype) -> tuple[Route, Route]:
-    """The same half block as the VAE decoder runs it (``ldm.models.vae_strips``): a strip of rows cut from a
-    taller band, normalized with the band's statistics and activated into a new buffer, convolved without row
-    padding; at three decoder levels of equal multiplications (512, 256 and 128 channels), in NCHW (plain) and
-    in channels-last (fast), where a strip of rows is contiguous."""
-    randn = _seeded(dtype)
-    cases = [(randn(1, c, 2 * h, w), randn(1, c, 1, 1), randn(1, c, 1, 1), randn(c, c, 3, 3)) for c, h, w in ((512, 16, 64), (256, 32, 128), (128, 64, 256))]
-
-    def strip_conv(band: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        rows = band.shape[2] // 2 + 2  # a strip of half the band and its two halo rows
-        strip = torch.empty_like(band[:, :, :rows])
-        torch.addcmul(shift, band[:, :, rows // 2 : rows // 2 + rows], scale, out=strip)
-        return F.conv2d(F.silu(strip, inplace=True), weight, None, padding=(0, 1))
-
-    def in_layout(layout: torch.memory_format) -> Route:
-        laid = [(x.contiguous(memory_format=layout), a, b, w.contiguous(memory_format=layout)) for x, a, b, w in cases]
-        return lambda: [strip_conv(*case) for case in laid]
 
     return in_layout(torch.contiguous_format), in_layout(torch.channels_last)
 

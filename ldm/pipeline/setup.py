@@ -44,7 +44,7 @@ class PipelineSetup:
     # The U-Net's and VAE's weights and activations in NHWC; None: each network where the fast paths measured it
     # faster (KernelChoice.unet_channels_last, vae_channels_last: bf16 on some CPUs), else not (docs/performance.md).
     channels_last: bool | None = None
-    kernels: KernelChoice | None = None  # the CPU fast paths; None: measured for this CPU (ldm.kernels.choice)
+    kernels: KernelChoice | None = None  # the CPU fast paths and layouts; None: measured for this CPU (ldm.kernels.choice)
     max_pixels: int = checks.MAX_PIXELS  # largest batch a call may make: width x height x images
     loras_dir: Path | None = None  # where the prompt's <lora:NAME:WEIGHT> tags find their files (subfolders too)
 
@@ -69,10 +69,11 @@ class PipelineSetup:
         return Residency(self.device, torch.device("cpu") if self.cpu_offload else None, self.weights_after_use)
 
     def memory_formats(self, kernels: KernelChoice) -> MemoryFormats:
-        """The U-Net's and the VAE's memory formats with the fast paths ``kernels`` (this set-up's ``kernel_choice``)."""
+        """The U-Net's and the VAE's memory formats with the fast paths ``kernels`` (this set-up's ``kernel_choice``,
+        which also carries the layouts measured on the CPU; off the CPU, ``channels_last=None`` means NCHW)."""
 
         def layout(measured: bool) -> torch.memory_format:
-            wanted = measured if self.channels_last is None else self.channels_last
+            wanted = measured and self.device.type == "cpu" if self.channels_last is None else self.channels_last
             return torch.channels_last if wanted else torch.contiguous_format
 
         return MemoryFormats(unet=layout(kernels.unet_channels_last), vae=layout(kernels.vae_channels_last))
