@@ -81,7 +81,7 @@ def convert(module: nn.Module, **changes) -> nn.Module:
     A conversion reads each weight it replaces, so a memory-mapped weight's pages become resident. Nothing refers
     to the old weight afterwards, but its pages stay mapped, and counted in the process's resident memory, as
     long as the file's mapping lives (the network's other weights view it): a second copy of each converted
-    weight (in bf16 on the CPU, the U-Net's and VAE's convolution weights turned channels-last).
+    weight (e.g. a network's convolution weights turned channels-last where bf16 measured faster so).
     """
     # Only file-backed weights are held through the conversion (free: the file's mapping lives anyway); holding a
     # weight in the process's own memory would keep every old copy alive until the last new one is made.

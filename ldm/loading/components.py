@@ -8,7 +8,7 @@ loading is about the size of the weights.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -18,6 +18,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from transformers import CLIPTextConfig, CLIPTokenizer
 
+from ldm import paging
 from ldm.errors import CheckpointError, ConfigError
 from ldm.loading.keymap import Entry, check_shape, describe_key_mismatch, to_diffusers
 from ldm.models import AutoencoderKL, UNet, UNetConfig, VAEConfig
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 Family = Literal["sd1", "sd2", "sdxl", "sdxl-refiner"]
+
+RELEASE_BYTES = 256 * 2**20  # converted sources whose file pages go back to the page cache at once (_read_converted)
 
 
 @dataclass
@@ -155,11 +158,30 @@ def load_entries(
         check_shape(entry, file_shapes[entry.original])
     model_shapes = shapes_of(model)
     state = {}
-    for entry in entries:
-        tensor = read(entry.original)
-        tensor = tensor.to(device=device, dtype=target_dtype(tensor, dtype))
+    for entry, tensor in _read_converted(entries, read, device, dtype):
         state.update(to_diffusers(entry, tensor, model_shapes))
     model.load_state_dict(state, strict=True, assign=True)
+
+
+def _read_converted(
+    entries: list[Entry], read: Callable[[str], torch.Tensor], device: torch.device, dtype: torch.dtype
+) -> Iterator[tuple[Entry, torch.Tensor]]:
+    """Each entry's tensor on ``device`` in ``dtype``. A converted tensor is a copy, and the pages of the memory-mapped
+    file that its source read stay resident while the file's mapping lives: they are handed back to the page cache
+    every ``RELEASE_BYTES`` of sources (``paging.release_tensors``), so that converting a model (an fp16 file run in
+    fp32 or bf16) does not also hold the file's pages."""
+    sources, size = [], 0
+    for entry in entries:
+        source = read(entry.original)
+        tensor = source.to(device=device, dtype=target_dtype(source, dtype))
+        if tensor is not source:
+            sources.append(source)
+            size += source.nbytes
+        if size >= RELEASE_BYTES:
+            paging.release_tensors(sources)
+            sources, size = [], 0
+        yield entry, tensor
+    paging.release_tensors(sources)
 
 
 def finish_text_encoder(text_encoder: CLIPTextModel | CLIPTextModelWithProjection, device: torch.device) -> None:
