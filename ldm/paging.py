@@ -111,19 +111,14 @@ def file_backed(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def release_tensors(tensors: Iterable[torch.Tensor]) -> int:
     """``release_to_page_cache`` of these tensors: their resident pages that are file pages the process never wrote."""
-    if not sys.platform.startswith("linux"):
+    spans = {_page_span(t) for t in file_backed(list(tensors))}  # the process's own memory is left alone
+    if not spans:
         return 0
-    mappings = _file_mappings()
-    starts = [start for start, _ in mappings]
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     released = 0
     with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
-        spans = {_page_span(t) for t in tensors if t.device.type == "cpu" and t.is_contiguous() and t.numel()}
         for start, end in sorted(spans):
-            i = bisect_right(starts, start) - 1
-            if i < 0 or end > mappings[i][1]:
-                continue  # not (wholly) in a file mapping: the process's own memory
             for a, b in _file_page_runs(pagemap, start, end):
                 if libc.madvise(a, b - a, mmap.MADV_DONTNEED) == 0:
                     released += b - a

@@ -5,8 +5,8 @@ is faster depends on the CPU, not only on its family: MKL's GEMM runs AVX2 code 
 Intel ones, oneDNN has AMX kernels for bf16, and torch's fused attention beat the convolution form by 2x on
 one AMD EPYC and lost to it on another; channels-last made oneDNN's bf16 convolutions several times faster
 on an AMX CPU, and on an AVX512_BF16 one changed nothing at the U-Net's shapes (converting its weights then
-only slows the load) while the VAE's ran faster. So
-the choice is measured, not assumed: the first pipeline on a CPU times both routes of every path on Stable Diffusion 1.5's shapes at 512x512 (``measure``, a few
+only slows the load) while the VAE's ran faster. So the choice is measured, not assumed: the first pipeline
+on a CPU times both routes of every path on Stable Diffusion 1.5's shapes at 512x512 (``measure``, a few
 seconds), takes a fast path where it is clearly faster (``choose``), and keeps the choice with its timings
 in ``kernels.json`` in ldm's cache folder (``kernel_choice``). Delete that file to measure again, e.g. after
 moving a disk to another machine; a VM that hides CPU flags gets its own entry.
@@ -104,8 +104,9 @@ def measure(dtype: torch.dtype) -> dict[str, tuple[float, float]]:
     the routes alternate, and each keeps its best of ``ROUNDS``. In bf16 the memory formats are measured first,
     and the convolution paths are then measured in the U-Net's."""
     with torch.inference_mode():
-        layouts = {name: layout_routes(dtype, shapes) for name, shapes in LAYOUT_SHAPES.items()}
-        seconds = _best(_timed(layouts)) if dtype == torch.bfloat16 else {}
+        seconds = {}
+        if dtype == torch.bfloat16:
+            seconds = _best(_timed({name: layout_routes(dtype, shapes) for name, shapes in LAYOUT_SHAPES.items()}))
         layout = torch.channels_last if choose(seconds).unet_channels_last else torch.contiguous_format
         return {**seconds, **_best(_timed(routes(dtype, layout)))}
 
