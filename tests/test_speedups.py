@@ -315,15 +315,25 @@ class _RecordCalls(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+_LAYOUTS = {
+    "contiguous": lambda shape: torch.randn(shape),
+    "rows transposed": lambda shape: torch.randn(shape).transpose(0, 1),
+    # The VAE attention's tokens: a (B, C, HW) map's transpose, so the features are not contiguous.
+    "features transposed": lambda shape: torch.randn(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2),
+}
+
+
 @pytest.mark.parametrize(
-    ("shape", "bias", "contiguous"), [((2, 37, 24), True, True), ((5, 24), False, True), ((2, 3, 4, 24), True, False)]
-)
-def test_cpu_linear_as_a_1x1_convolution_equals_the_linear_layer(shape, bias, contiguous):
+    ("shape", "bias", "layout"),
+    [((2, 37, 24), True, "contiguous"), ((5, 24), False, "contiguous"), ((2, 3, 4, 24), True, "rows transposed"),
+     ((1, 37, 24), True, "features transposed")],
+)  # fmt: skip
+def test_cpu_linear_as_a_1x1_convolution_equals_the_linear_layer(shape, bias, layout):
     from ldm.models.attention import Linear
 
     torch.manual_seed(0)
     layer = Linear(24, 40, bias=bias)
-    x = torch.randn(shape) if contiguous else torch.randn(shape).transpose(0, 1)
+    x = _LAYOUTS[layout](shape)
     expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
     with torch.inference_mode(), _RecordCalls() as calls:
         plain = layer(x)  # a layer outside a pipeline takes no fast path
@@ -338,6 +348,24 @@ def test_cpu_linear_as_a_1x1_convolution_equals_the_linear_layer(shape, bias, co
     with _RecordCalls() as calls:  # with autograd (training) the plain linear layer runs
         assert torch.equal(layer(x), expected)
     assert "conv2d" not in calls.names
+
+
+def test_the_vae_attention_with_linear_layers_as_convolutions_runs_torch_s_fused_kernel():
+    """Its queries, keys and values keep the layout torch's flash-attention kernel takes: without it SDPA falls
+    back to holding the whole score matrix (2 GiB for the 16384 pixels of a 1024x1024 image's latent)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ldm.models.attention import VAEAttention
+
+    torch.manual_seed(0)
+    layer = VAEAttention(64, 8).eval()
+    x = torch.randn(1, 64, 16, 16)
+    with torch.inference_mode():
+        expected = layer(x)
+        set_kernels(layer, KernelChoice(linear_as_conv=True))
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # raises where the fused kernel cannot take the inputs
+            got = layer(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_geglu_without_autograd_computes_its_halves_apart_with_the_formula_s_result():

@@ -37,6 +37,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, as_
 
 
 def linear_as_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` as a 1x1 convolution of ``x``'s rows viewed as pixels."""
-    out = F.conv2d(as_pixels(x), weight[:, :, None, None], bias)  # (1, out, rows, 1), channels-last
+    """``F.linear(x, weight, bias)`` as a 1x1 convolution of ``x``'s rows viewed as pixels; contiguous rows,
+    as ``F.linear`` returns.
+
+    Rows that are a transposed view (the VAE's attention takes its tokens as one) would view as an NCHW map,
+    and oneDNN would return the products column by column: a layout that torch's fused attention kernels
+    refuse, falling back to a score matrix held whole (2 GiB at 1024x1024 pixels). So they are copied first.
+    """
+    out = F.conv2d(as_pixels(x.contiguous()), weight[:, :, None, None], bias)  # (1, out, rows, 1), channels-last
     return from_pixels(out).view(*x.shape[:-1], weight.shape[0])
