@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from tiny_models import save_diffusers_folder
 from torch import nn
 from transformers import CLIPTextModel
 
 from ldm.loading import load_components, save_single_file
-from ldm.loading.components import _NoValueWritesOnMeta, build_networks
+from ldm.loading.components import _NoValueWritesOnMeta, build_networks, convert_copy
 from ldm.loading.single_file import single_file_state
 from ldm.models import AutoencoderKL, UNet, UNetConfig, VAEConfig
 from ldm.models.text_encoder import clip_config
@@ -94,3 +95,35 @@ def test_every_loaded_tensor_is_the_files(family, single_files):
         assert _unloaded(theirs) == []
         expected = theirs.state_dict()
         assert all(torch.equal(value, expected[key]) for key, value in ours.state_dict().items())
+
+
+@pytest.mark.parametrize(("source", "target"), [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
+def test_conversion_between_16_bit_types_is_torchs_bit_for_bit(source, target):
+    """The chunked conversion through fp32 (a buffer shorter than the tensor, and not dividing it) gives what
+    ``Tensor.to`` gives: one rounding to nearest even, overflow to infinity, signed zeros, subnormals, NaN."""
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 6e-8, -6e-8, 1e-40, 65504.0, 7e4, 3e38])
+    values = torch.cat([torch.randn(5000) * 300, special]).to(source)
+    expected = values.to(target)
+    got = convert_copy(torch.empty_like(values, dtype=target), values, torch.empty(777))
+    assert torch.equal(got.isnan(), expected.isnan())
+    numbers = ~expected.isnan()
+    assert torch.equal(got[numbers].view(torch.int16), expected[numbers].view(torch.int16))
+
+
+def test_a_file_loaded_in_another_16_bit_type_holds_its_values_converted(single_files):
+    """An fp16 file loaded in bf16 (the released SDXL file on a CPU with bf16) goes through ``converted``: every
+    tensor equals torch's own conversion of the file's."""
+    _, path = single_files["sd1"]
+    fp16 = path.parent / "fp16.safetensors"
+    with safe_open(str(path), "pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    save_file({key: t.half() if t.is_floating_point() else t for key, t in tensors.items()}, fp16)
+    loaded = load_components(fp16, dtype=torch.bfloat16)
+    state = single_file_state(loaded)
+    with safe_open(str(fp16), "pt") as f:
+        for key in f.keys():
+            value = f.get_tensor(key)
+            if value.is_floating_point():
+                assert torch.equal(state[key].view(torch.int16), value.bfloat16().view(torch.int16)), key
+            else:
+                assert torch.equal(state[key], value), key
