@@ -3,6 +3,8 @@ initialisers must be the same networks, and every tensor must end up loaded from
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -12,7 +14,8 @@ from torch import nn
 from transformers import CLIPTextModel
 
 from ldm.loading import load_components, save_single_file
-from ldm.loading.components import _NoValueWritesOnMeta, build_networks, convert_copy
+from ldm.errors import CheckpointError
+from ldm.loading.components import _NoValueWritesOnMeta, assign_state, build_networks, convert_copy, shapes_of
 from ldm.loading.single_file import single_file_state
 from ldm.models import AutoencoderKL, UNet, UNetConfig, VAEConfig
 from ldm.models.text_encoder import clip_config
@@ -127,3 +130,27 @@ def test_a_file_loaded_in_another_16_bit_type_holds_its_values_converted(single_
                 assert torch.equal(state[key].view(torch.int16), value.bfloat16().view(torch.int16)), key
             else:
                 assert torch.equal(state[key], value), key
+
+
+def test_assigning_a_state_makes_its_tensors_the_network_s_own_and_checks_them_as_load_state_dict_does():
+    """``assign_state`` stands in for ``load_state_dict(strict=True, assign=True)``: the tensors themselves become
+    the parameters (a frozen one stays frozen) and buffers, and a missing, extra or misshapen tensor is refused."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    model[0].bias.requires_grad_(False)
+    shapes = shapes_of(model)
+    state = {key: torch.randn(shape) if key != "1.num_batches_tracked" else torch.tensor(4) for key, shape in shapes.items()}
+    for broken, message in [
+        ({k: v for k, v in state.items() if k != "0.bias"}, "1 missing key(s) (0.bias)"),
+        ({**state, "2.weight": torch.ones(1)}, "1 unexpected key(s) (2.weight)"),
+        ({**state, "0.weight": torch.ones(2, 4)}, "shape mismatch for 0.weight in the test: [2, 4], the model needs [2, 3]"),
+    ]:
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            assign_state(model, broken, shapes, "the test")
+    assign_state(model, state, shapes, "the test")
+    own = model.state_dict()
+    assert all(own[key].data_ptr() == value.data_ptr() for key, value in state.items())
+    assert isinstance(model[0].weight, nn.Parameter) and model[0].weight.requires_grad
+    assert isinstance(model[0].bias, nn.Parameter) and not model[0].bias.requires_grad
+    assert not isinstance(model[1].running_mean, nn.Parameter) and model[1].num_batches_tracked.item() == 4
+    assert model(torch.ones(4, 3)).shape == (4, 2)

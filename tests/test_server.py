@@ -11,6 +11,7 @@ import json
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -481,7 +482,10 @@ def test_a_done_jobs_parameters_make_the_same_image_again(http):
                       "width": 64, "height": 64, "sampler_name": "Euler a", "scheduler": "Karras"}
     again = finished(params)  # the fields as they are, as the web page's "Use these settings" sends them
     assert again["infotexts"] == [first["infotexts"][1]]
-    assert http.get(again["images"][0]).content == http.get(first["images"][1]).content
+    # The same image: the same noise and settings; a U-Net call on a batch of one image instead of two sums in
+    # another order (float rounding, about 1e-5 of the pixel range), which may move a pixel by one level.
+    pixels = [_pixels(http.get(url).content) for url in (again["images"][0], first["images"][1])]
+    assert np.abs(pixels[0] - pixels[1]).max() <= 1 and (pixels[0] != pixels[1]).mean() < 0.01
 
 
 def test_a_lora_tag_applies_to_its_own_request_and_its_infotext(http, live):
@@ -513,6 +517,14 @@ def test_a_bad_lora_tag_is_a_422_naming_prompt(http, path, prompt, message):
     assert answer.status_code == 422
     detail = answer.json()["detail"][0]
     assert detail["loc"] == ["body", "prompt"] and message in detail["msg"]
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
 
 
 def decode_png_bytes(data: bytes) -> str:
