@@ -103,7 +103,8 @@ def test_every_loaded_tensor_is_the_files(family, single_files):
 @pytest.mark.parametrize(("source", "target"), [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
 def test_conversion_between_16_bit_types_is_torchs_bit_for_bit(source, target):
     """The chunked conversion through fp32 (a buffer shorter than the tensor, and not dividing it) gives what
-    ``Tensor.to`` gives: one rounding to nearest even, overflow to infinity, signed zeros, subnormals, NaN."""
+    ``Tensor.to`` gives: one rounding to nearest even, overflow to infinity, signed zeros, subnormals; a NaN
+    stays a NaN (its payload may differ)."""
     special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 6e-8, -6e-8, 1e-40, 65504.0, 7e4, 3e38])
     values = torch.cat([torch.randn(5000) * 300, special]).to(source)
     expected = values.to(target)
@@ -132,17 +133,26 @@ def test_a_file_loaded_in_another_16_bit_type_holds_its_values_converted(single_
                 assert torch.equal(state[key], value), key
 
 
+class _WithBuffer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.zeros(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.table
+
+
 def test_assigning_a_state_makes_its_tensors_the_network_s_own_and_checks_them_as_load_state_dict_does():
     """``assign_state`` stands in for ``load_state_dict(strict=True, assign=True)``: the tensors themselves become
     the parameters (a frozen one stays frozen) and buffers, and a missing, extra or misshapen tensor is refused."""
     with torch.device("meta"):
-        model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+        model = nn.Sequential(nn.Linear(3, 2), nn.GroupNorm(1, 2), _WithBuffer())
     model[0].bias.requires_grad_(False)
     shapes = shapes_of(model)
-    state = {key: torch.randn(shape) if key != "1.num_batches_tracked" else torch.tensor(4) for key, shape in shapes.items()}
+    state = {key: torch.randn(shape) for key, shape in shapes.items()}
     for broken, message in [
         ({k: v for k, v in state.items() if k != "0.bias"}, "1 missing key(s) (0.bias)"),
-        ({**state, "2.weight": torch.ones(1)}, "1 unexpected key(s) (2.weight)"),
+        ({**state, "3.weight": torch.ones(1)}, "1 unexpected key(s) (3.weight)"),
         ({**state, "0.weight": torch.ones(2, 4)}, "shape mismatch for 0.weight in the test: [2, 4], the model needs [2, 3]"),
     ]:
         with pytest.raises(CheckpointError, match=re.escape(message)):
@@ -152,5 +162,21 @@ def test_assigning_a_state_makes_its_tensors_the_network_s_own_and_checks_them_a
     assert all(own[key].data_ptr() == value.data_ptr() for key, value in state.items())
     assert isinstance(model[0].weight, nn.Parameter) and model[0].weight.requires_grad
     assert isinstance(model[0].bias, nn.Parameter) and not model[0].bias.requires_grad
-    assert not isinstance(model[1].running_mean, nn.Parameter) and model[1].num_batches_tracked.item() == 4
+    assert not isinstance(model[2].table, nn.Parameter) and torch.equal(model[2].table, state["2.table"])
     assert model(torch.ones(4, 3)).shape == (4, 2)
+
+
+def test_a_module_with_a_loading_of_its_own_is_loaded_by_torch():
+    """A load hook, or a module's own ``_load_from_state_dict`` (BatchNorm's), is honoured: such a network goes
+    through ``load_state_dict``, with the same checks first."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    seen = []
+    model[0].register_load_state_dict_pre_hook(lambda module, state, prefix, *rest: seen.append(prefix))
+    shapes = shapes_of(model)
+    state = {key: torch.randn(shape) if shape else torch.tensor(4) for key, shape in shapes.items()}
+    with pytest.raises(CheckpointError, match="1 missing key"):
+        assign_state(model, {k: v for k, v in state.items() if k != "1.running_var"}, shapes, "the test")
+    assign_state(model, state, shapes, "the test")
+    assert seen == ["0."] and model[1].num_batches_tracked.item() == 4
+    assert model[0].weight.data_ptr() == state["0.weight"].data_ptr()

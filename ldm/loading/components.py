@@ -165,30 +165,46 @@ def load_entries(
 
 
 def assign_state(model: nn.Module, state: dict[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
-    """``model.load_state_dict(state, strict=True, assign=True)`` for a network of plain modules (``shapes``: its
-    state dict's shapes): every key of the model's state dict given once, in its shape; each tensor becomes the
-    parameter or buffer itself, a parameter keeping its ``requires_grad``.
+    """``model.load_state_dict(state, strict=True, assign=True)``, ``shapes`` being the model's state dict's shapes:
+    every key given once, in its shape; each tensor becomes the parameter or buffer itself, a parameter keeping
+    its ``requires_grad``.
 
-    torch's version passes every module through its load hooks and copies of its bookkeeping, none of which
-    ldm's networks or transformers' CLIP text models use: for SDXL's 2,500 tensors that took longer than
-    reading them.
+    torch's version passes every module through its load hooks and a Python call per module and tensor. Where no
+    module has hooks or its own loading (``_plain``: ldm's networks, transformers' CLIP text models), the tensors
+    go straight into the modules' tables, as accelerate's ``set_module_tensor_to_device`` puts them; the name is
+    already a parameter or buffer there (``shapes``), so ``Module.__setattr__``'s checks have nothing to find.
     """
     missing, unexpected = sorted(shapes.keys() - state.keys()), sorted(state.keys() - shapes.keys())
     if missing or unexpected:
         raise CheckpointError(describe_key_mismatch(missing, unexpected, where))
     for key, tensor in state.items():
         if tuple(tensor.shape) != shapes[key]:
-            raise CheckpointError(f"shape mismatch for {key} in {where}: {list(tensor.shape)}, the model needs {list(shapes[key])}")
+            raise CheckpointError(
+                f"shape mismatch for {key} in {where}: {list(tensor.shape)}, the model needs {list(shapes[key])}"
+            )
+    if not all(_plain(module) for module in model.modules()):
+        model.load_state_dict(state, strict=True, assign=True)
+        return
     modules = dict(model.named_modules(remove_duplicate=False))
     for key, tensor in state.items():
         path, _, name = key.rpartition(".")
         owner = modules[path]
-        # Straight into the module's own tables, as accelerate's set_module_tensor_to_device does: the name is
-        # already a parameter or buffer there (``shapes``), so Module.__setattr__'s checks have nothing to find.
         if name in owner._parameters:
             owner._parameters[name] = nn.Parameter(tensor, requires_grad=owner._parameters[name].requires_grad)
         else:
             owner._buffers[name] = tensor
+
+
+def _plain(module: nn.Module) -> bool:
+    """Whether loading ``module``'s state is only assigning its tensors: no load hooks, no loading or extra state
+    of its own (BatchNorm's, say)."""
+    kind = type(module)
+    return (
+        not module._load_state_dict_pre_hooks
+        and not module._load_state_dict_post_hooks
+        and kind._load_from_state_dict is nn.Module._load_from_state_dict
+        and kind.get_extra_state is nn.Module.get_extra_state
+    )
 
 
 def _read_converted(
@@ -224,11 +240,11 @@ def converted(source: torch.Tensor, device: torch.device, dtype: torch.dtype, bu
 
 def convert_copy(target: torch.Tensor, source: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
     """``target.copy_(source)`` for two contiguous 16-bit float tensors of one shape (fp16 and bf16), a
-    ``buffer``'s length at a time through that fp32 buffer, which stays in the CPU's cache.
+    ``buffer``'s length at a time through that small fp32 buffer.
 
     torch converts fp16 to bf16 one element at a time through fp32; its two vectorised conversions, to fp32 and
-    back, are faster together. Every fp16 and bf16 value is exact in fp32, so the result is the direct
-    conversion's, bit for bit (one rounding, to nearest even).
+    back, are faster together. Every fp16 and bf16 value is exact in fp32, so every number comes out as the direct
+    conversion's, bit for bit (one rounding, to nearest even); a NaN stays a NaN, with another payload.
     """
     flat_target, flat_source = target.view(-1), source.view(-1)
     for begin in range(0, flat_source.numel(), len(buffer)):
