@@ -519,20 +519,20 @@ def test_a_bad_lora_tag_is_a_422_naming_prompt(http, path, prompt, message):
     assert detail["loc"] == ["body", "prompt"] and message in detail["msg"]
 
 
-def _pixels(png: bytes) -> np.ndarray:
+def _png(data: bytes):
     import io
 
     from PIL import Image
 
-    return np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
+    return Image.open(io.BytesIO(data))
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    return np.asarray(_png(png), dtype=np.int16)
 
 
 def decode_png_bytes(data: bytes) -> str:
-    import io
-
-    from PIL import Image
-
-    return Image.open(io.BytesIO(data)).info["parameters"]
+    return _png(data).info["parameters"]
 
 
 def test_unknown_job_is_404(http):
