@@ -1,7 +1,7 @@
-"""LoRA files in every layout diffusers reads for SD 1.x (kohya, peft, diffusers 0.2x ``.lora.down``, the
-layout of the published LCM-LoRA files, ``lora_linear_layer``, diffusers 0.1x attention processors):
-ldm reads each as diffusers does, on every Linear and conv, fused and unfused; a key ldm cannot place
-is a one-line error naming it."""
+"""LoRA files in every layout diffusers reads for SD 1.x (kohya, peft, diffusers 0.2x ``.lora.down``,
+``lora_linear_layer``, diffusers 0.1x attention processors) and the published LCM-LoRA file's (kohya keys
+with diffusers' module names, fp16, an alpha per module): ldm reads each as diffusers does, on every Linear
+and conv, fused and unfused; a key ldm cannot place is a one-line error naming it."""
 
 from __future__ import annotations
 
@@ -56,8 +56,8 @@ def processors(segment: str, others):
 LAYOUTS = {
     "kohya": ({"unet": kohya, "text_encoder": kohya}, True),
     "peft": ({"unet": PEFT, "text_encoder": PEFT}, True),
-    # diffusers 0.2x training scripts; the published LCM-LoRA files (U-Net only) are in this layout.
-    "diffusers 0.2x (LCM-LoRA)": ({"unet": LORA_DOWN, "text_encoder": LINEAR_LAYER}, True),
+    # diffusers 0.2x training scripts.
+    "diffusers 0.2x": ({"unet": LORA_DOWN, "text_encoder": LINEAR_LAYER}, True),
     # diffusers 0.1x attention processors, as diffusers itself converts kohya files.
     "attention processors": (
         {"unet": processors(".processor", LORA_DOWN), "text_encoder": processors("", LINEAR_LAYER)}, True,
@@ -116,10 +116,9 @@ def lcm_reference():
     return reference
 
 
-@pytest.mark.parametrize("layout", DIFFUSERS_LAYOUTS)
-def test_lcm_lora_images_equal_diffusers_in_every_layout(layout, lcm_reference, tmp_path):
-    """A random LoRA on every Linear and conv of the U-Net and CLIP, sampled with LCM at guidance 1 (as
-    LCM-LoRA is run): ldm's images, unfused and fused, equal diffusers' after ``load_lora_weights``."""
+def assert_lcm_images_equal_diffusers(lcm_reference, make_file):
+    """ldm's LCM images with the LoRA file ``make_file(unet, text_encoder)`` writes, unfused and fused, equal
+    diffusers' after ``load_lora_weights``, at guidance 1 (as LCM-LoRA is run)."""
     from diffusers import LCMScheduler
     from tiny_models import ldm_pipeline
 
@@ -127,7 +126,7 @@ def test_lcm_lora_images_equal_diffusers_in_every_layout(layout, lcm_reference, 
     ours = {"unfused": ldm_pipeline(reference), "fused": ldm_pipeline(reference)}
     for pipe in ours.values():
         pipe.text_encoder = copy.deepcopy(pipe.text_encoder)  # ldm_pipeline shares the reference's
-    path = write_layout(tmp_path / "lcm-lora.safetensors", every_layer_pairs(ours["fused"].unet, ours["fused"].text_encoder), layout)
+    path = make_file(ours["fused"].unet, ours["fused"].text_encoder)
     before = reference(PROMPT, **REFERENCE_CALL, generator=torch.Generator().manual_seed(0)).images
     reference.load_lora_weights(str(path))
     expected = reference(PROMPT, **REFERENCE_CALL, generator=torch.Generator().manual_seed(0)).images
@@ -137,6 +136,40 @@ def test_lcm_lora_images_equal_diffusers_in_every_layout(layout, lcm_reference, 
         scheduler = LCMScheduler.from_config(reference.scheduler.config)
         got = pipe(PROMPT, **REFERENCE_CALL, seed=0, scheduler=scheduler).images
         assert np.abs(got - expected).max() < 1e-4, mode
+
+
+@pytest.mark.parametrize("layout", DIFFUSERS_LAYOUTS)
+def test_lcm_lora_images_equal_diffusers_in_every_layout(layout, lcm_reference, tmp_path):
+    """A random LoRA on every Linear and conv of the U-Net and CLIP in ``layout``."""
+    path = tmp_path / "lcm-lora.safetensors"
+    assert_lcm_images_equal_diffusers(lcm_reference, lambda unet, text: write_layout(path, every_layer_pairs(unet, text), layout))
+
+
+# The U-Net modules LCM-LoRA adapts (diffusers' train_lcm_distill_lora_* target modules).
+LCM_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "conv1", "conv2",
+               "time_emb_proj", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")  # fmt: skip
+
+
+def write_published_lcm_layout(path, pairs, alpha: float):
+    """lcm-lora-sdv1-5's layout, as its byte size shows (scripts/lcm_lora_layout.py): kohya keys with diffusers'
+    module names, the U-Net's LCM modules alone, fp16 down, up and alpha, ``{"format": "pt"}`` metadata."""
+    state = {}
+    for (part, name), (down, up) in pairs.items():
+        if part == "unet" and name.endswith(LCM_MODULES):
+            key = kohya_key(part, name)
+            state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"] = down.half(), up.half()
+            state[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float16)
+    assert any(key.startswith("lora_unet_down_blocks_0_downsamplers_0_conv") for key in state)
+    save_file(state, str(path), metadata={"format": "pt"})
+    return path
+
+
+def test_the_published_lcm_lora_layout_gives_diffusers_images(lcm_reference, tmp_path):
+    """fp16 tensors and an fp16 alpha other than the rank (it scales the update by alpha / rank)."""
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    make = lambda unet, text: write_published_lcm_layout(path, every_layer_pairs(unet, text), alpha=3.0)  # noqa: E731
+    assert_lcm_images_equal_diffusers(lcm_reference, make)
+
 
 Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"  # an attention of the micro U-Net
 # name: (the key, with a valid module beside it, and what the error says)

@@ -267,11 +267,20 @@ LCM_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", 
 
 
 def test_lcm_lora_sdxl_layout_fuses_as_diffusers_fuses_it(reference, tmp_path):
-    """latent-consistency/lcm-lora-sdxl: diffusers 0.2x ``unet.<module>.lora.down.weight`` / ``.lora.up.weight``
-    on the U-Net alone (attention, feed-forward, transformer projections, ResNets, resamplers), no alpha."""
+    """latent-consistency/lcm-lora-sdxl's layout, as its byte size shows (scripts/lcm_lora_layout.py): kohya
+    keys with diffusers' module names on the U-Net alone (attention, feed-forward, transformer projections,
+    ResNets, resamplers), fp16 down, up and alpha; alpha other than the rank scales the update."""
     unet_pairs = random_pairs({"unet": reference.unet}, rank=4, seed=5)
     pairs = {key: pair for key, pair in unet_pairs.items() if key[1].endswith(LCM_MODULES)}
-    path = write(tmp_path / "pytorch_lora_weights.safetensors", pairs, LAYOUTS["diffusers 0.2x"][0])
+    keys = kohya(original=False)
+    state = {}
+    for (part, name), (down, up) in pairs.items():
+        down_key, up_key, alpha_key = keys(part, name)
+        state[down_key], state[up_key] = down.half(), up.half()
+        state[alpha_key] = torch.tensor(6.0, dtype=torch.float16)
+    assert any("_downsamplers_0_conv." in key for key in state) and any("_time_emb_proj." in key for key in state)
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(state, str(path))
     expected = diffusers_fused(reference, path)
     ours = ldm_networks(reference)
     Adapters(*ours.values()).load(path, fuse=True)
