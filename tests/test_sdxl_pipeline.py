@@ -4,6 +4,8 @@ difference < 1e-4 in [0, 1] pixels, fp32)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -521,3 +523,66 @@ def test_sdxl_clip_l_skip_is_refused_only_where_a_clip_skip_would_apply():
     for overrides, defaults in (({"CLIP_stop_at_last_layers": 2}, ServerDefaults()), ({}, ServerDefaults(clip_skip=1))):
         with pytest.raises(SettingError, match="sdxl_clip_l_skip"):
             clip_skip_of({"sdxl_clip_l_skip": True, **overrides}, defaults)
+
+
+def community_file(folder, path, markers: dict[str, tuple[int, ...]]):
+    """The base model as a single file the way community checkpoints come: SD's keys, ComfyUI's marker keys
+    (``v_pred``, ``ztsnr``...), and no ldm metadata (so the markers alone say what the model is)."""
+    from safetensors.torch import load_file, save_file
+
+    from ldm.loading import load_components, save_single_file
+
+    written = save_single_file(load_components(folder), path.with_name("ldm-" + path.name))
+    state = {key: value for key, value in load_file(written).items() if key not in ("v_pred", "ztsnr")}
+    state.update({key: torch.zeros(shape) for key, shape in markers.items()})
+    save_file(state, path, metadata={"format": "pt"})
+    return path
+
+
+def test_a_zero_terminal_snr_v_prediction_file_samples_as_diffusers_configured_so(folders, base, tmp_path, capsys):
+    """ComfyUI's ``v_pred`` + ``ztsnr`` markers (NoobAI-XL v-pred and its merges): v-prediction over betas rescaled
+    to zero terminal SNR, against diffusers' pipeline with that scheduler config; ``ldm convert`` keeps both."""
+    import diffusers
+
+    from ldm.cli import main
+
+    path = community_file(folders["base"], tmp_path / "vpred-ztsnr.safetensors", {"v_pred": (0,), "ztsnr": (0,)})
+    pipe = Pipeline.from_pretrained(path)
+    assert pipe.scheduler_config.prediction_type == "v_prediction" and pipe.scheduler_config.rescale_betas_zero_snr
+    reference, _ = base
+    images = {}
+    for zero_snr in (True, False):
+        reference.scheduler = diffusers.EulerDiscreteScheduler.from_config(
+            reference.loaded_scheduler.config, prediction_type="v_prediction", rescale_betas_zero_snr=zero_snr
+        )
+        images[zero_snr] = reference(**COMMON, generator=generator(4)).images
+    ours = pipe(**COMMON, scheduler="euler", seed=4).images
+    assert np.abs(ours - images[True]).max() < TOLERANCE
+    assert np.abs(ours - images[False]).max() > 1e-3  # the marker changes the picture
+    converted = tmp_path / "converted.safetensors"
+    assert main(["convert", str(path), str(converted)]) == 0
+    from safetensors import safe_open
+
+    with safe_open(converted, "pt") as written:  # the markers, as ComfyUI reads them; no ldm scheduler metadata
+        assert {"v_pred", "ztsnr"} <= set(written.keys()) and "ldm.scheduler_config" not in written.metadata()
+    again = Pipeline.from_pretrained(converted).scheduler_config
+    assert again.prediction_type == "v_prediction" and again.rescale_betas_zero_snr
+    capsys.readouterr()
+    assert main(["info", str(path)]) == 0
+    assert "zero terminal SNR (ztsnr key)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("marker", ["edm_vpred.sigma_max", "edm_mean"])
+def test_an_edm_model_is_refused_by_its_marker(folders, tmp_path, capsys, marker):
+    """Playground v2.5 (edm_mean / edm_std) and CosXL (edm_vpred.sigma_max): not DDPM models, so not sampled as one."""
+    from ldm.cli import main
+    from ldm.errors import CheckpointError
+
+    path = community_file(folders["base"], tmp_path / "edm.safetensors", {marker: (), "edm_std" if marker == "edm_mean" else "v_pred": ()})
+    with pytest.raises(CheckpointError, match=rf"is an EDM model \(key '{re.escape(marker)}'"):
+        Pipeline.from_pretrained(path)
+    assert main(["txt2img", "a cat", "--model", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert f"key '{marker}'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert main(["info", str(path)]) == 0
+    assert f"EDM ({marker} key)" in capsys.readouterr().out

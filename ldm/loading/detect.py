@@ -64,6 +64,10 @@ from ldm.models.text_encoder import clip_config, clip_config_2
 Family = Literal["sd1", "sd2", "sdxl", "sdxl-refiner"]
 SDXL_FAMILIES = ("sdxl", "sdxl-refiner")
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
+# ComfyUI's markers of a noise schedule other than SD's: zero terminal SNR (beside v_pred in the v-prediction
+# models trained so), and the EDM models' (Playground v2.5's latent statistics, CosXL's sigma range).
+ZERO_SNR_KEY = "ztsnr"
+EDM_KEYS = ("edm_mean", "edm_std", "edm_vpred.sigma_max", "edm_vpred.sigma_min")
 
 # The OpenCLIP ViT-H text tower has 24 blocks; a 1024-wide file with 23 was written
 # without the unused last block (diffusers' old conversion script does that).

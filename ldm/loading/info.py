@@ -19,7 +19,7 @@ from ldm.adapters.summary import adapter_summary, is_adapter
 from ldm.errors import CheckpointError, LdmError
 from ldm.loading import keymap
 from ldm.loading.configs import folder_configs
-from ldm.loading.detect import detect_family, detect_prediction_type
+from ldm.loading.detect import EDM_KEYS, ZERO_SNR_KEY, detect_family, detect_prediction_type
 from ldm.loading.diffusers_folder import is_diffusers_folder
 from ldm.loading.hashes import legacy_hash, sha256, tensors_sha256
 from ldm.loading.sources import TensorFile, TensorSource, open_component
@@ -76,6 +76,7 @@ def _checkpoint(path: Path, file: TensorFile, hashes: bool) -> dict:
     if family is not None:
         found["family"] = FAMILIES[family]
         found["prediction_type"] = _prediction(family, shapes, file)
+        found.update(_noise_schedule(shapes))
         found.update({"ldm": SUPPORT[family]} if family in SUPPORT else {})
     found["dtypes"] = _dtypes(file, file.shapes)
     parts = PARTS
@@ -86,6 +87,14 @@ def _checkpoint(path: Path, file: TensorFile, hashes: bool) -> dict:
     if hashes:
         found["hashes"] = _file_hashes(path)
     return found
+
+
+def _noise_schedule(shapes: dict) -> dict[str, str]:
+    """A noise schedule other than SD's, from its marker key (docs/loading.md); nothing for SD's own."""
+    edm = [key for key in EDM_KEYS if key in shapes]
+    if edm:
+        return {"noise_schedule": f"EDM ({edm[0]} key): ldm does not sample it yet"}
+    return {"noise_schedule": f"zero terminal SNR ({ZERO_SNR_KEY} key)"} if ZERO_SNR_KEY in shapes else {}
 
 
 def _prediction(family: str, shapes: dict, file: TensorFile) -> str:

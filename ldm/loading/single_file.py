@@ -20,6 +20,10 @@ network weights:
   original code; their original values cannot survive a trip through a diffusers folder.
 - the prediction type: ``v_pred`` key for v-prediction (ComfyUI's marker) and, in
   safetensors, ``modelspec.prediction_type`` metadata;
+- zero terminal SNR: a ``ztsnr`` key (ComfyUI's marker, beside ``v_pred`` in the v-prediction
+  anime models trained that way) gives the scheduler ``rescale_betas_zero_snr``; written when set;
+- EDM models (``edm_mean`` / ``edm_std``: Playground v2.5; ``edm_vpred.sigma_max``: CosXL) are
+  refused by name: their noise schedule is not the DDPM one ldm's samplers take;
 - the configuration, when SD's conventions would not give it back (a model of other
   widths, heads, groups, sizes or VAE scaling; a scheduler or generation defaults of its
   own): JSON strings in the metadata (``ldm.loading.configs``). Read back before the
@@ -63,7 +67,9 @@ from ldm.loading.configs import (
     to_metadata,
 )
 from ldm.loading.detect import (
+    EDM_KEYS,
     SDXL_FAMILIES,
+    ZERO_SNR_KEY,
     PredictionType,
     detect,
     detect_family,
@@ -100,6 +106,7 @@ def load_single_file(
     if not keymap.is_whole_model(shapes) and keymap.vae_layout(shapes) is not None:
         raise CheckpointError(f"{path} holds only a VAE, not a whole model; pass a model, and this file as its VAE (--vae / vae=)")
     family = detect_family(shapes)
+    _refuse_edm(shapes, path)
     configs, text_blocks = file_configs(source, shapes, read, family, config, prediction_type)
     check_text_to_image(configs.unet, configs.vae, path)
     unet, vae, text_encoder = build_networks(configs.unet, configs.vae, configs.text)
@@ -162,6 +169,16 @@ def _check_nothing_else(shapes: dict[str, tuple[int, ...]], family: str, path: P
         raise CheckpointError(f"{path} has conditioner tensors ldm does not know ({stray[0]}, ...); it is not an SDXL {family} file")
 
 
+def _refuse_edm(shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+    """An EDM model (Karras et al. 2022: continuous sigmas, its own preconditioning) would sample as noise."""
+    found = [key for key in EDM_KEYS if key in shapes]
+    if found:
+        raise CheckpointError(
+            f"{path} is an EDM model (key {found[0]!r}: Playground v2.5 or CosXL), whose noise schedule ldm's "
+            "samplers do not take yet; use a DDPM-trained SD, SD 2.x or SDXL model"
+        )
+
+
 def file_configs(
     source: TensorFile,
     shapes: dict[str, tuple[int, ...]],
@@ -189,7 +206,7 @@ def file_configs(
             UNetConfig.from_diffusers(found.unet),
             VAEConfig.from_diffusers(found.vae),
             found.text,
-            scheduler or release_scheduler(family, found.prediction_type),
+            scheduler or release_scheduler(family, found.prediction_type, ZERO_SNR_KEY in shapes),
             generation,
             found.text_2,
         )
@@ -199,16 +216,19 @@ def file_configs(
     scheduler = given.scheduler
     if scheduler is None:
         prediction = prediction_type or detect_prediction_type(family, shapes, source.metadata, source.global_step, read)
-        scheduler = release_scheduler(family, prediction)
+        scheduler = release_scheduler(family, prediction, ZERO_SNR_KEY in shapes)
     elif prediction_type is not None:
         scheduler = scheduler.with_values(prediction_type=prediction_type)
     return replace(given, scheduler=scheduler), blocks
 
 
-def release_scheduler(family: str, prediction_type: PredictionType) -> SchedulerConfig:
+def release_scheduler(family: str, prediction_type: PredictionType, zero_snr: bool = False) -> SchedulerConfig:
     """The scheduler config a single file implies: SD's released keys; SDXL's also fix "leading" timesteps
-    (stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json, as diffusers' ``from_single_file``)."""
+    (stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json, as diffusers' ``from_single_file``);
+    ``zero_snr`` (the file's ``ztsnr`` marker): betas rescaled to zero terminal SNR (Lin et al. 2024, Alg. 1)."""
     config = SchedulerConfig.sd_release(prediction_type)
+    if zero_snr:
+        config = config.with_values(rescale_betas_zero_snr=True)
     return config.with_values(timestep_spacing="leading") if family in SDXL_FAMILIES else config
 
 
@@ -235,6 +255,8 @@ def single_file_state(components: Components, dtype: torch.dtype | None = None) 
             )
     if components.scheduler_config.prediction_type == "v_prediction":
         state[V_PRED_KEY] = torch.zeros(0)
+    if components.scheduler_config.rescale_betas_zero_snr:
+        state[ZERO_SNR_KEY] = torch.zeros(0)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     return state
@@ -271,8 +293,10 @@ def file_metadata(components: Components, state: dict[str, torch.Tensor]) -> dic
     configs = configs_of(components)
     prediction = configs.scheduler.prediction_type
     parts = () if conventions_give_back(configs, state) else networks_of(components.family)
-    # The file states its prediction type (modelspec), so a config that left it out is SD's too.
-    if configs.scheduler.with_values(prediction_type=prediction) != release_scheduler(components.family, prediction):
+    # The file states its prediction type (modelspec) and zero terminal SNR (the ztsnr key), so a config that
+    # left them out is SD's too.
+    zero_snr = configs.scheduler.rescale_betas_zero_snr
+    if configs.scheduler.with_values(prediction_type=prediction) != release_scheduler(components.family, prediction, zero_snr):
         parts += ("scheduler",)
     if configs.generation:
         parts += ("generation",)
