@@ -325,9 +325,7 @@ class VAEAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C, H, W) -> tokens (B, HW, C); one head of width C
         b, c, h, w = x.shape
-        # Contiguous rows once for the three projections (a no-op for a channels-last map; an NCHW one's
-        # tokens are a transposed view, which each projection as a 1x1 convolution would otherwise copy).
-        tokens = self.group_norm(x).view(b, c, h * w).transpose(1, 2).contiguous()
+        tokens = self.group_norm(x).view(b, c, h * w).transpose(1, 2)
         # The original LDM attention block computes its softmax in fp32, hence upcast=True.
         out = _attend(self, self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), 1, True)
         out = self.to_out[0](out)  # (B, HW, C)
