@@ -7,9 +7,10 @@ and OpenVINO, and against its own FLOP floor.
 
 The model has random weights (``common.build_model``); beside it, built once in the same cache: a random
 LoRA file shaped like lcm-lora-sdv1-5 (rank 64 on every Linear and Conv2d of the U-Net: attention and
-feed-forward projections, ResNet convs and shortcuts, time embedding, proj_in/out, down- and upsamplers;
-a few layers more than the published file covers) in diffusers' peft layout, which both ``ldm.adapters`` and diffusers' ``load_lora_weights`` read; and a random
-full-size TAESD (``diffusers.AutoencoderTiny()`` defaults, a folder).
+feed-forward projections, ResNet convs and shortcuts, time embedding, proj_in/out, down- and
+upsamplers; a few layers more than the published file covers) in diffusers' peft layout, which both
+``ldm.adapters`` and diffusers' ``load_lora_weights`` read; and a random full-size TAESD
+(``diffusers.AutoencoderTiny()`` defaults, a folder).
 
 Each configuration runs in its own process (``common.run_worker``): load, one warm-up image, then
 ``spec.repeats`` timed images; the median and the peak resident memory of the timed images are kept.
@@ -88,9 +89,11 @@ def build_assets(spec: common.ModelSpec) -> dict[str, Path]:
 def write_lora(folder: Path, path: Path) -> None:
     """Random rank-64 LoRA on every Linear and Conv2d of the U-Net, diffusers' peft layout (alpha = rank).
 
-    lcm-lora-sdv1-5 adapts the attention projections, feed-forward layers, ResNet convs, shortcuts and
-    time projections, proj_in/out and the samplers' convs (in kohya's layout, fp16: scripts/lcm_lora_layout.py);
-    taking the U-Net's own module list covers them all (and conv_in/conv_out and the time embedding besides). ``up`` is small so the update stays a perturbation of the weight.
+    lcm-lora-sdv1-5 adapts the attention projections, feed-forward layers, ResNet convs, shortcuts
+    and time projections, proj_in/out and the samplers' convs (in kohya's layout, fp16:
+    scripts/lcm_lora_layout.py); taking the U-Net's own module list covers them all (and
+    conv_in/conv_out and the time embedding besides). ``up`` is small so the update stays a
+    perturbation of the weight.
     """
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -33,13 +34,15 @@ MODULES = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "pro
            "time_emb_proj", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")  # fmt: skip
 
 
+Layout = Callable[[str], tuple[str, ...]]  # module path -> (down key, up key[, alpha key])
+
+
 def kohya(name: str) -> tuple[str, ...]:
     key = "lora_unet_" + name.replace(".", "_")
     return f"{key}.lora_down.weight", f"{key}.lora_up.weight", f"{key}.alpha"
 
 
-# layout: module path -> (down key, up key[, alpha key])
-LAYOUTS = {
+LAYOUTS: dict[str, Layout] = {
     "kohya keys, diffusers module names, alpha": kohya,
     "kohya keys, diffusers module names, no alpha": lambda name: kohya(name)[:2],
     "diffusers 0.2x (unet.….lora.down.weight)": lambda name: (f"unet.{name}.lora.down.weight", f"unet.{name}.lora.up.weight"),
@@ -47,7 +50,7 @@ LAYOUTS = {
 }  # fmt: skip
 
 
-def lora_shapes(unet: torch.nn.Module):
+def lora_shapes(unet: torch.nn.Module) -> Iterator[tuple[str, tuple[int, ...], tuple[int, ...]]]:
     """(module path, down shape, up shape) for each adapted module, as LoRA trainers shape them."""
     for name, module in unet.named_modules():
         if not name.endswith(MODULES):
@@ -58,7 +61,7 @@ def lora_shapes(unet: torch.nn.Module):
             yield name, (RANK, module.in_channels, *module.kernel_size), (module.out_channels, RANK, 1, 1)
 
 
-def file_bytes(unet: torch.nn.Module, layout, metadata: dict[str, str] | None) -> int:
+def file_bytes(unet: torch.nn.Module, layout: Layout, metadata: dict[str, str] | None) -> int:
     state = {}
     for name, down, up in lora_shapes(unet):
         for key, shape in zip(layout(name), (down, up, ())):

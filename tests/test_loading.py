@@ -19,6 +19,7 @@ from diffusers.loaders import single_file_utils as reference
 from safetensors import safe_open
 from tiny_models import clip_text_model, diffusers_unet, diffusers_vae, save_diffusers_folder
 
+from ldm.errors import CheckpointError
 from ldm.loading import keymap, load_components, save_single_file
 from ldm.loading.single_file import single_file_state
 
@@ -415,3 +416,52 @@ def test_model_hash_is_a1111s_short_sha256_and_is_cached_until_the_file_changes(
     assert sha256(model, cache) == hashlib.sha256(model.read_bytes()).hexdigest()
     (cache / "hashes.json").write_text("{damaged")
     assert sha256(model, cache) == hashlib.sha256(model.read_bytes()).hexdigest()
+
+
+def _with_markers(path, out, markers, drop=(), keep_scheduler=False):
+    """``path``'s tensors (less ``drop``) and metadata, plus ComfyUI's zero-size ``markers``, written as ``out``;
+    without ldm's scheduler config unless ``keep_scheduler`` (community files carry none)."""
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if keep_scheduler or k != "ldm.scheduler_config"}
+    state = {key: value for key, value in _read_single(path).items() if key not in drop}
+    save_file({**state, **{key: torch.zeros(0) for key in markers}}, str(out), metadata=metadata)
+    return out
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_the_ztsnr_marker_gives_zero_snr_betas_and_is_written_back(single_files, tmp_path, suffix):
+    marked = load_components(_with_markers(single_files["sd2", ".safetensors"], tmp_path / "marked.safetensors", ["ztsnr"]))
+    assert marked.scheduler_config.prediction_type == "v_prediction" and marked.scheduler_config.rescale_betas_zero_snr
+    written = save_single_file(marked, tmp_path / f"again{suffix}")
+    assert {"v_pred", "ztsnr"} <= _read_single(written).keys()
+    if suffix == ".safetensors":  # the key says it: no scheduler config in the metadata
+        with safe_open(str(written), "pt") as f:
+            assert "ldm.scheduler_config" not in f.metadata()
+    assert load_components(written).scheduler_config.rescale_betas_zero_snr
+    assert not load_components(single_files["sd2", ".safetensors"]).scheduler_config.rescale_betas_zero_snr
+
+
+def test_the_ztsnr_marker_needs_v_prediction(single_files, tmp_path):
+    path = _with_markers(single_files["sd2", ".safetensors"], tmp_path / "eps.safetensors", ["ztsnr"], drop=["v_pred"])
+    with pytest.raises(CheckpointError, match=r"has the ztsnr key \(zero terminal SNR\) but predicts epsilon") as raised:
+        load_components(path, prediction_type="epsilon")
+    assert "\n" not in str(raised.value) and str(path) in str(raised.value)
+    assert load_components(path, prediction_type="v_prediction").scheduler_config.rescale_betas_zero_snr
+
+
+@pytest.mark.parametrize(("stated", "zero_snr"), [({}, True), ({"rescale_betas_zero_snr": False}, False)])
+def test_a_scheduler_config_in_the_file_decides_over_the_ztsnr_key(single_files, tmp_path, stated, zero_snr):
+    """ldm's own metadata leaves unset keys out: the key fills an unset rescaling, an explicit False stands."""
+    import dataclasses
+
+    from ldm.schedulers import SchedulerConfig
+
+    model = load_components(single_files["sd2", ".safetensors"])
+    scheduler = SchedulerConfig.sd_release("v_prediction").with_values(timestep_spacing="trailing", **stated)
+    written = save_single_file(dataclasses.replace(model, scheduler_config=scheduler), tmp_path / "stated.safetensors")
+    with safe_open(str(written), "pt") as f:
+        assert ("rescale_betas_zero_snr" in json.loads(f.metadata()["ldm.scheduler_config"])) == bool(stated)
+    marked = _with_markers(written, tmp_path / "marked.safetensors", ["ztsnr"], keep_scheduler=True)
+    assert load_components(marked).scheduler_config.rescale_betas_zero_snr is zero_snr

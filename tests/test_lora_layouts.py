@@ -141,8 +141,10 @@ def assert_lcm_images_equal_diffusers(lcm_reference, make_file):
 @pytest.mark.parametrize("layout", DIFFUSERS_LAYOUTS)
 def test_lcm_lora_images_equal_diffusers_in_every_layout(layout, lcm_reference, tmp_path):
     """A random LoRA on every Linear and conv of the U-Net and CLIP in ``layout``."""
-    path = tmp_path / "lcm-lora.safetensors"
-    assert_lcm_images_equal_diffusers(lcm_reference, lambda unet, text: write_layout(path, every_layer_pairs(unet, text), layout))
+    def make(unet, text_encoder):
+        return write_layout(tmp_path / "lcm-lora.safetensors", every_layer_pairs(unet, text_encoder), layout)
+
+    assert_lcm_images_equal_diffusers(lcm_reference, make)
 
 
 # The U-Net modules LCM-LoRA adapts (diffusers' train_lcm_distill_lora_* target modules).
@@ -166,8 +168,10 @@ def write_published_lcm_layout(path, pairs, alpha: float):
 
 def test_the_published_lcm_lora_layout_gives_diffusers_images(lcm_reference, tmp_path):
     """fp16 tensors and an fp16 alpha other than the rank (it scales the update by alpha / rank)."""
-    path = tmp_path / "pytorch_lora_weights.safetensors"
-    make = lambda unet, text: write_published_lcm_layout(path, every_layer_pairs(unet, text), alpha=3.0)  # noqa: E731
+    def make(unet, text_encoder):
+        pairs = every_layer_pairs(unet, text_encoder)
+        return write_published_lcm_layout(tmp_path / "pytorch_lora_weights.safetensors", pairs, alpha=3.0)
+
     assert_lcm_images_equal_diffusers(lcm_reference, make)
 
 

@@ -12,6 +12,7 @@ import tiny_sdxl
 import torch
 from safetensors.torch import save_file
 from test_lora import adaptable_modules as adaptable, random_pair
+from test_lora_layouts import LCM_MODULES
 from test_training_support import micro_models, one_torch_thread  # noqa: F401 - one_torch_thread is an autouse fixture
 
 from ldm.adapters import Adapters
@@ -262,8 +263,6 @@ def test_a_refiner_has_only_the_second_text_encoder(reference, tmp_path):
 
 # --- LCM-LoRA SDXL ------------------------------------------------------------------------------------------------
 
-LCM_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "conv1", "conv2",
-               "time_emb_proj", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")  # fmt: skip
 
 
 def test_lcm_lora_sdxl_layout_fuses_as_diffusers_fuses_it(reference, tmp_path):

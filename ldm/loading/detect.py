@@ -64,8 +64,9 @@ from ldm.models.text_encoder import clip_config, clip_config_2
 Family = Literal["sd1", "sd2", "sdxl", "sdxl-refiner"]
 SDXL_FAMILIES = ("sdxl", "sdxl-refiner")
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
-# ComfyUI's markers of a noise schedule other than SD's: zero terminal SNR (beside v_pred in the v-prediction
-# models trained so), and the EDM models' (Playground v2.5's latent statistics, CosXL's sigma range).
+# ComfyUI's marker keys: v-prediction, zero terminal SNR (beside v_pred in the v-prediction models trained so),
+# and the EDM models' (Playground v2.5's latent statistics, CosXL's sigma range).
+V_PRED_KEY = "v_pred"
 ZERO_SNR_KEY = "ztsnr"
 EDM_KEYS = ("edm_mean", "edm_std", "edm_vpred.sigma_max", "edm_vpred.sigma_min")
 
@@ -341,7 +342,7 @@ def detect_prediction_type(
     read: Callable[[str], torch.Tensor],
 ) -> PredictionType:
     """Rules 2-5 of the module docstring."""
-    if "v_pred" in shapes:
+    if V_PRED_KEY in shapes:
         return "v_prediction"
     spec = metadata.get("modelspec.prediction_type")
     if spec in ("v", "v_prediction"):

@@ -19,7 +19,7 @@ from ldm.adapters.summary import adapter_summary, is_adapter
 from ldm.errors import CheckpointError, LdmError
 from ldm.loading import keymap
 from ldm.loading.configs import folder_configs
-from ldm.loading.detect import EDM_KEYS, ZERO_SNR_KEY, detect_family, detect_prediction_type
+from ldm.loading.detect import EDM_KEYS, V_PRED_KEY, ZERO_SNR_KEY, detect_family, detect_prediction_type
 from ldm.loading.diffusers_folder import is_diffusers_folder
 from ldm.loading.hashes import legacy_hash, sha256, tensors_sha256
 from ldm.loading.sources import TensorFile, TensorSource, open_component
@@ -76,7 +76,7 @@ def _checkpoint(path: Path, file: TensorFile, hashes: bool) -> dict:
     if family is not None:
         found["family"] = FAMILIES[family]
         found["prediction_type"] = _prediction(family, shapes, file)
-        found.update(_noise_schedule(shapes))
+        found.update(_noise_schedule(shapes, file))
         found.update({"ldm": SUPPORT[family]} if family in SUPPORT else {})
     found["dtypes"] = _dtypes(file, file.shapes)
     parts = PARTS
@@ -89,24 +89,33 @@ def _checkpoint(path: Path, file: TensorFile, hashes: bool) -> dict:
     return found
 
 
-def _noise_schedule(shapes: dict) -> dict[str, str]:
-    """A noise schedule other than SD's, from its marker key (docs/loading.md); nothing for SD's own."""
+def _scheduler_metadata(file: TensorFile) -> dict:
+    """The scheduler config ldm wrote into the file's metadata; {} where there is none (or it does not parse)."""
+    try:
+        stated = json.loads(file.metadata.get("ldm.scheduler_config", "{}"))
+    except ValueError:
+        return {}
+    return stated if isinstance(stated, dict) else {}
+
+
+def _noise_schedule(shapes: dict, file: TensorFile) -> dict[str, str]:
+    """A noise schedule other than SD's, and what says so (docs/loading.md); nothing for SD's own."""
     edm = [key for key in EDM_KEYS if key in shapes]
     if edm:
         return {"noise_schedule": f"EDM ({edm[0]} key): ldm does not sample it yet"}
+    zero_snr = _scheduler_metadata(file).get("rescale_betas_zero_snr")
+    if zero_snr is not None:  # the file's scheduler config wins over the key, as when loading
+        return {"noise_schedule": "zero terminal SNR (ldm.scheduler_config metadata)"} if zero_snr else {}
     return {"noise_schedule": f"zero terminal SNR ({ZERO_SNR_KEY} key)"} if ZERO_SNR_KEY in shapes else {}
 
 
 def _prediction(family: str, shapes: dict, file: TensorFile) -> str:
     """The prediction type and the rule that gave it (docs/loading.md); SD 2.x files that do not say are a guess."""
-    scheduler = file.metadata.get("ldm.scheduler_config")
-    if scheduler is not None:
-        try:
-            return f"{json.loads(scheduler)['prediction_type']} (ldm.scheduler_config metadata)"
-        except (ValueError, KeyError, TypeError):
-            pass
-    if "v_pred" in shapes or "modelspec.prediction_type" in file.metadata:
-        marker = "v_pred key" if "v_pred" in shapes else "modelspec.prediction_type metadata"
+    stated = _scheduler_metadata(file).get("prediction_type")
+    if stated is not None:
+        return f"{stated} (ldm.scheduler_config metadata)"
+    if V_PRED_KEY in shapes or "modelspec.prediction_type" in file.metadata:
+        marker = f"{V_PRED_KEY} key" if V_PRED_KEY in shapes else "modelspec.prediction_type metadata"
         return f"{detect_prediction_type(family, shapes, file.metadata, None, file.read)} ({marker})"
     if family != "sd2":
         return f"epsilon ({FAMILIES[family]})"

@@ -21,7 +21,8 @@ network weights:
 - the prediction type: ``v_pred`` key for v-prediction (ComfyUI's marker) and, in
   safetensors, ``modelspec.prediction_type`` metadata;
 - zero terminal SNR: a ``ztsnr`` key (ComfyUI's marker, beside ``v_pred`` in the v-prediction
-  anime models trained that way) gives the scheduler ``rescale_betas_zero_snr``; written when set;
+  models trained that way) sets the scheduler's ``rescale_betas_zero_snr`` where its config leaves
+  it unset; a v-prediction model only; written for such a model;
 - EDM models (``edm_mean`` / ``edm_std``: Playground v2.5; ``edm_vpred.sigma_max``: CosXL) are
   refused by name: their noise schedule is not the DDPM one ldm's samplers take;
 - the configuration, when SD's conventions would not give it back (a model of other
@@ -34,7 +35,7 @@ Files are written byte for byte reproducibly (``ldm.loading.writers``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -69,6 +70,7 @@ from ldm.loading.configs import (
 from ldm.loading.detect import (
     EDM_KEYS,
     SDXL_FAMILIES,
+    V_PRED_KEY,
     ZERO_SNR_KEY,
     PredictionType,
     detect,
@@ -83,7 +85,6 @@ from ldm.schedulers import SchedulerConfig
 
 SUFFIXES = (".safetensors", ".ckpt")
 IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.")
-V_PRED_KEY = "v_pred"
 _MODELSPEC = {"epsilon": "epsilon", "v_prediction": "v", "sample": "sample"}
 
 
@@ -173,9 +174,10 @@ def _refuse_edm(shapes: dict[str, tuple[int, ...]], path: Path) -> None:
     """An EDM model (Karras et al. 2022: continuous sigmas, its own preconditioning) would sample as noise."""
     found = [key for key in EDM_KEYS if key in shapes]
     if found:
+        kind = "CosXL-style v-prediction EDM" if found[0].startswith("edm_vpred") else "Playground v2.5-style EDM"
         raise CheckpointError(
-            f"{path} is an EDM model (key {found[0]!r}: Playground v2.5 or CosXL), whose noise schedule ldm's "
-            "samplers do not take yet; use a DDPM-trained SD, SD 2.x or SDXL model"
+            f"{path} is a {kind} model (key {found[0]!r}), whose noise schedule ldm's samplers do not take yet; "
+            "use a DDPM-trained SD, SD 2.x or SDXL model"
         )
 
 
@@ -206,7 +208,7 @@ def file_configs(
             UNetConfig.from_diffusers(found.unet),
             VAEConfig.from_diffusers(found.vae),
             found.text,
-            scheduler or release_scheduler(family, found.prediction_type, ZERO_SNR_KEY in shapes),
+            marked_zero_snr(scheduler or release_scheduler(family, found.prediction_type), shapes, source.path),
             generation,
             found.text_2,
         )
@@ -216,19 +218,29 @@ def file_configs(
     scheduler = given.scheduler
     if scheduler is None:
         prediction = prediction_type or detect_prediction_type(family, shapes, source.metadata, source.global_step, read)
-        scheduler = release_scheduler(family, prediction, ZERO_SNR_KEY in shapes)
+        scheduler = release_scheduler(family, prediction)
     elif prediction_type is not None:
         scheduler = scheduler.with_values(prediction_type=prediction_type)
-    return replace(given, scheduler=scheduler), blocks
+    return replace(given, scheduler=marked_zero_snr(scheduler, shapes, source.path)), blocks
 
 
-def release_scheduler(family: str, prediction_type: PredictionType, zero_snr: bool = False) -> SchedulerConfig:
+def marked_zero_snr(scheduler: SchedulerConfig, shapes: Mapping[str, tuple[int, ...]], path: Path) -> SchedulerConfig:
+    """The ``ztsnr`` key (ComfyUI's marker): betas rescaled to zero terminal SNR (Lin et al. 2024, Alg. 1),
+    where the scheduler config leaves that unset; a config that sets it wins."""
+    if ZERO_SNR_KEY not in shapes or "rescale_betas_zero_snr" not in scheduler.defaulted:
+        return scheduler
+    if scheduler.prediction_type != "v_prediction":
+        raise CheckpointError(
+            f"{path} has the ztsnr key (zero terminal SNR) but predicts {scheduler.prediction_type}: zero terminal SNR "
+            "needs a v-prediction model; pass prediction_type='v_prediction' (--prediction-type) if it is one"
+        )
+    return scheduler.with_values(rescale_betas_zero_snr=True)
+
+
+def release_scheduler(family: str, prediction_type: PredictionType) -> SchedulerConfig:
     """The scheduler config a single file implies: SD's released keys; SDXL's also fix "leading" timesteps
-    (stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json, as diffusers' ``from_single_file``);
-    ``zero_snr`` (the file's ``ztsnr`` marker): betas rescaled to zero terminal SNR (Lin et al. 2024, Alg. 1)."""
+    (stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json, as diffusers' ``from_single_file``)."""
     config = SchedulerConfig.sd_release(prediction_type)
-    if zero_snr:
-        config = config.with_values(rescale_betas_zero_snr=True)
     return config.with_values(timestep_spacing="leading") if family in SDXL_FAMILIES else config
 
 
@@ -255,11 +267,16 @@ def single_file_state(components: Components, dtype: torch.dtype | None = None) 
             )
     if components.scheduler_config.prediction_type == "v_prediction":
         state[V_PRED_KEY] = torch.zeros(0)
-    if components.scheduler_config.rescale_betas_zero_snr:
+    if writes_zero_snr(components.scheduler_config):
         state[ZERO_SNR_KEY] = torch.zeros(0)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     return state
+
+
+def writes_zero_snr(scheduler: SchedulerConfig) -> bool:
+    """Whether a file gets the ``ztsnr`` key: zero-SNR betas on a v-prediction model, as ComfyUI reads the key."""
+    return scheduler.rescale_betas_zero_snr and scheduler.prediction_type == "v_prediction"
 
 
 def configs_of(components: Components) -> ModelConfigs:
@@ -295,8 +312,10 @@ def file_metadata(components: Components, state: dict[str, torch.Tensor]) -> dic
     parts = () if conventions_give_back(configs, state) else networks_of(components.family)
     # The file states its prediction type (modelspec) and zero terminal SNR (the ztsnr key), so a config that
     # left them out is SD's too.
-    zero_snr = configs.scheduler.rescale_betas_zero_snr
-    if configs.scheduler.with_values(prediction_type=prediction) != release_scheduler(components.family, prediction, zero_snr):
+    conventions = release_scheduler(components.family, prediction)
+    if writes_zero_snr(configs.scheduler):
+        conventions = conventions.with_values(rescale_betas_zero_snr=True)
+    if configs.scheduler.with_values(prediction_type=prediction) != conventions:
         parts += ("scheduler",)
     if configs.generation:
         parts += ("generation",)
