@@ -191,8 +191,8 @@ def test_bad_sdxl_input_is_refused_in_one_line(base):
         pipe("a cat", refiner_switch=0.5, **SIZE)
     with pytest.raises(SettingError, match="prompt_2"):
         pipe("a cat", prompt_2=["a", "b"], **SIZE)
-    with pytest.raises(SettingError, match="hires_scale"):
-        pipe("a cat", hires_scale=2.0, **SIZE)
+    with pytest.raises(SettingError, match="hires_scale: the hires fix beside a refiner or denoising_start/end"):
+        pipe("a cat", hires_scale=2.0, sdxl=SdxlOptions(denoising_end=0.8), output_type="latent", **SIZE)
     with pytest.raises(InputError, match="latents"):
         pipe("a cat", sdxl=SdxlOptions(denoising_start=0.5), **SIZE)
     with pytest.raises(InputError, match="no refiner"):
@@ -586,3 +586,40 @@ def test_an_edm_model_is_refused_by_its_marker(folders, tmp_path, capsys, marker
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     assert main(["info", str(path)]) == 0
     assert f"EDM ({marker} key)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("upscaler", ["latent", "lanczos"])
+def test_the_hires_fix_is_diffusers_txt2img_upscale_then_img2img_at_the_larger_size(folders, base, upscaler):
+    """A1111's hires fix on SDXL (tests/test_hires.py for SD): diffusers' SDXL txt2img at 32 x 32, the same upscale,
+    then its SDXL img2img with a generator seeded again, whose micro-conditioning sizes are the upscaled image's
+    (A1111 conditions its hires pass on that size); the pass runs 4 steps, the last of 8 at strength 0.5."""
+    import diffusers
+    import torch.nn.functional as F
+    from PIL import Image
+
+    reference, pipe = base
+    call = dict(prompt="a photo of a red cat", negative_prompt="blurry", guidance_scale=6.0)
+    scheduler = diffusers.EulerDiscreteScheduler.from_config(reference.loaded_scheduler.config)
+    parts = {**reference.components, "scheduler": scheduler}
+    if upscaler == "latent":
+        first = diffusers.StableDiffusionXLPipeline(**parts)(
+            **call, num_inference_steps=3, output_type="latent", generator=generator(21), **SIZE
+        ).images
+        image = F.interpolate(first, size=(8, 8), mode="bilinear", antialias=False)
+    else:  # ldm's first image (equal to diffusers' within 1e-4): a pixel on a rounding level would differ by 1/255
+        first = pipe(**call, num_inference_steps=3, scheduler="euler", seed=21, **SIZE).images
+        image = [picture.resize((64, 64), resample=Image.Resampling.LANCZOS) for picture in first]
+    img2img = diffusers.StableDiffusionXLImg2ImgPipeline(**parts, requires_aesthetics_score=False)
+    img2img.set_progress_bar_config(disable=True)
+    theirs = img2img(**call, image=image, strength=0.5, num_inference_steps=8, output_type="np", generator=generator(21)).images
+    ours = pipe(
+        **call, num_inference_steps=3, scheduler="euler", seed=21, hires_scale=2, hires_steps=4, hires_strength=0.5,
+        hires_upscaler=upscaler, output_type="np", **SIZE,
+    ).images  # fmt: skip
+    assert ours.shape == theirs.shape == (1, 64, 64, 3)
+    assert np.abs(ours - theirs).max() < TOLERANCE
+    first_size = img2img(
+        **call, image=image, strength=0.5, num_inference_steps=8, output_type="np", generator=generator(21),
+        original_size=(32, 32), target_size=(32, 32),
+    ).images  # fmt: skip
+    assert np.abs(ours - first_size).max() > 1e-3  # the pass is conditioned on its own size, not the first pass's

@@ -25,7 +25,7 @@ from ldm import checks
 from ldm.errors import SettingError
 from ldm.guidance import Conditioning
 from ldm.images import image_to_tensor, to_pil
-from ldm.pipeline import control, stages
+from ldm.pipeline import control, sdxl, stages
 from ldm.pipeline.inpaint import takes_mask
 from ldm.random import seed_generators
 from ldm.settings import LATENT_UPSCALERS
@@ -79,6 +79,8 @@ def second_pass(
     second = second_call(pipe, call, x)
     if again:  # prompt editing laid out over the pass's own steps
         text = stages.encode_prompts(pipe, second)
+    else:
+        text = sdxl.at_size(pipe, text, second.settings)
     timesteps = stages.prepare_timesteps(pipe, second)
     x = stages.initial_latents(pipe, second, timesteps)
     return stages.denoise(pipe, second, x, timesteps, text, counted_on(callback, s.num_inference_steps))

@@ -24,6 +24,7 @@ The micro-conditioning (``ldm.sdxl.SdxlOptions``) and the pooled embeddings trav
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -57,12 +58,13 @@ def check(pipe: Pipeline, s: GenerationSettings, latents: torch.Tensor | None) -
             named = (s.sdxl.given() or ("sdxl",)) if given[0] == "sdxl" else given  # the option itself: its flag, its key
             raise SettingError(f"{{{named[0]}}} is for SDXL models; this is an SD 1.x/2.x model: drop it")
         return
+    options = s.sdxl or SdxlOptions()
+    cut = s.refiner is not None or options.denoising_start is not None or options.denoising_end is not None
     refused = [("control", bool(s.control), "ControlNets for SD 1.x/2.x"), ("inpaint", s.inpaint is not None, "inpainting"),
-               ("hires_scale", s.hires_scale is not None, "the hires fix")]  # fmt: skip
+               ("hires_scale", s.hires_scale is not None and cut, "the hires fix beside a refiner or denoising_start/end")]  # fmt: skip
     for name, given, what in refused:
         if given:
             raise SettingError(f"{{{name}}}: {what} with SDXL models is not built yet; drop it")
-    options = s.sdxl or SdxlOptions()
     unread = [name for name in options.given() if name.endswith("aesthetic_score")]
     if unread and s.refiner is None and time_id_count(pipe) == 6:
         raise SettingError(f"{{{unread[0]}}} is read by an SDXL refiner; this base reads sizes instead: drop it or add a {{refiner}}")
@@ -128,11 +130,22 @@ def encode_prompts(pipe: Pipeline, call: Call, last_use: bool = True) -> Conditi
 
     plan = call.plan
     weights = None if plan.weights is None else tuple(tuple(w for w in part for _ in range(n)) for part in plan.weights)
-    ids = (s.sdxl or SdxlOptions()).time_ids(s.height, s.width, aesthetic=time_id_count(pipe) == 5)
     return Conditioning(
         states, torch.cat([per_image(part) for part in cond], dim=1), per_image(uncond) if uncond is not None else None,
-        weights, pooled, torch.tensor(ids, device=pipe.device),
+        weights, pooled, micro_conditioning(pipe, s),
     )  # fmt: skip
+
+
+def micro_conditioning(pipe: Pipeline, s: GenerationSettings) -> torch.Tensor:
+    """(2, n): the conditional and the unconditional rows' micro-conditioning numbers for the call's size."""
+    ids = (s.sdxl or SdxlOptions()).time_ids(s.height, s.width, aesthetic=time_id_count(pipe) == 5)
+    return torch.tensor(ids, device=pipe.device)
+
+
+def at_size(pipe: Pipeline, text: Conditioning, s: GenerationSettings) -> Conditioning:
+    """``text`` for a pass at ``s``'s size (the hires fix's second pass): SDXL's sizes that default to the image's
+    follow it, as A1111 conditions its hires pass on the upscaled size; SD's text reads no size."""
+    return replace(text, time_ids=micro_conditioning(pipe, s)) if is_sdxl(pipe) else text
 
 
 def encode_on(
