@@ -23,7 +23,8 @@ CLIP_L_WIDTH, BIGG_WIDTH, POOLED_WIDTH = 64, 128, 96
 TIME_IDS = {"base": 6, "refiner": 5}
 
 
-def unet(kind: Kind = "base", seed: int = 0):
+def unet(kind: Kind = "base", seed: int = 0, in_channels: int = 4):
+    """The U-Net; ``in_channels=9``: an inpainting model's (latents, mask, masked image's latents)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -47,7 +48,7 @@ def unet(kind: Kind = "base", seed: int = 0):
         )
     return UNet2DConditionModel(
         sample_size=128,  # SDXL's (1024 px): only recorded, and what single files are read with
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         layers_per_block=2,
         use_linear_projection=True,

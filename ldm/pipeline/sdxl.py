@@ -60,7 +60,7 @@ def check(pipe: Pipeline, s: GenerationSettings, latents: torch.Tensor | None) -
         return
     options = s.sdxl or SdxlOptions()
     cut = s.refiner is not None or options.denoising_start is not None or options.denoising_end is not None
-    refused = [("control", bool(s.control), "ControlNets for SD 1.x/2.x"), ("inpaint", s.inpaint is not None, "inpainting"),
+    refused = [("control", bool(s.control), "ControlNets for SD 1.x/2.x"),
                ("hires_scale", s.hires_scale is not None and cut, "the hires fix beside a refiner or denoising_start/end")]  # fmt: skip
     for name, given, what in refused:
         if given:
