@@ -109,7 +109,7 @@ def check_base(config: ControlNetConfig, base: UNetConfig | None, path: Path) ->
     if base is not None and not fits(config, base):
         raise ConfigError(
             f"ControlNet {path.name} was made for a U-Net with {describe_base(config.unet)}, but this model's U-Net has "
-            f"{describe_base(base)}; use a ControlNet made for this model's base (SD 1.x or 2.x)"
+            f"{describe_base(base)}; use a ControlNet made for this model's base (SD 1.x, 2.x or SDXL)"
         )
 
 
@@ -155,10 +155,13 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], base: UNetConfig |
     cross = tuple(f"input_blocks.{1 + i * step}.1.proj_in.weight" in shapes for i in range(levels))
     linear = len(_shape(shapes, "middle_block.1.proj_in.weight")) == 2
     context = _shape(shapes, "middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1]
+    added = shapes.get("label_emb.0.0.weight")  # SDXL's added conditioning (pooled text, micro-conditioning)
     unet = UNetConfig(
         in_channels=_shape(shapes, "input_blocks.0.0.weight")[1], block_out_channels=widths, layers_per_block=step - 1,
         cross_attention_levels=cross, num_attention_heads=_heads(widths, linear, base), cross_attention_dim=context,
-        use_linear_projection=linear, upcast_attention=base.upcast_attention if base is not None else linear,
+        use_linear_projection=linear, transformer_layers_per_block=_depths(shapes, step, cross),
+        upcast_attention=base.upcast_attention if base is not None else linear and added is None,
+        **({} if added is None else _text_time(added, base)),
     )  # fmt: skip
     hint = _indices(shapes, r"input_hint_block\.(\d+)\.weight")
     if len(hint) < 2 or len(hint) % 2:
@@ -167,6 +170,23 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], base: UNetConfig |
     strided = hint[2:-1:2]  # conv_in, then (conv, strided conv) per width step, then conv_out
     widths_in = (first[0], *(shapes[f"input_hint_block.{i}.weight"][0] for i in strided))
     return ControlNetConfig(unet=unet, conditioning_channels=first[1], conditioning_embedding_out_channels=widths_in)
+
+
+def _depths(shapes: Mapping[str, tuple[int, ...]], step: int, cross: tuple[bool, ...]) -> tuple[int, ...] | None:
+    """Transformer blocks per level (SDXL's 1, 2, 10; a level without attention counts 1, as SDXL's released
+    config does); None where every level has one (SD 1.x/2.x)."""
+    depths = tuple(
+        len(_indices(shapes, rf"input_blocks\.{1 + i * step}\.1\.transformer_blocks\.(\d+)\..*")) if attends else 1
+        for i, attends in enumerate(cross)
+    )
+    return None if set(depths) == {1} else depths
+
+
+def _text_time(added: tuple[int, ...], base: UNetConfig | None) -> dict:
+    """SDXL's added-conditioning fields from ``label_emb.0.0``'s input width; the sinusoid width per number is the
+    base's, else SDXL's 256 (a file does not record it)."""
+    width = base.addition_time_embed_dim if base is not None and base.addition_time_embed_dim else 256
+    return {"addition_embed_type": "text_time", "addition_time_embed_dim": width, "projection_class_embeddings_input_dim": added[1]}
 
 
 def _heads(widths: tuple[int, ...], linear: bool, base: UNetConfig | None) -> tuple[int, ...]:

@@ -33,7 +33,16 @@ from torch import nn
 from ldm.errors import ConfigError, InputError
 from ldm.models._config import check_range
 from ldm.models.attention import AttentionBackend, set_attention
-from ldm.models.unet import ControlResiduals, DownBlock, MidBlock, TimestepEmbedding, UNetConfig, timestep_embedding
+from ldm.models.layers import repeat_rows
+from ldm.models.unet import (
+    ControlResiduals,
+    DownBlock,
+    MidBlock,
+    TimestepEmbedding,
+    UNetConfig,
+    added_embedding,
+    timestep_embedding,
+)
 
 ChannelOrder = ("rgb", "bgr")
 
@@ -148,6 +157,9 @@ class ControlNet(nn.Module):
         widths = unet.block_out_channels
         temb = widths[0] * 4
         self.time_embedding = TimestepEmbedding(widths[0], temb)
+        # SDXL's: the pooled text and micro-conditioning numbers, added to the time embedding as in the U-Net.
+        text_time = unet.addition_embed_type == "text_time"
+        self.add_embedding = TimestepEmbedding(unet.projection_class_embeddings_input_dim, temb) if text_time else None
         self.conv_in = nn.Conv2d(unet.in_channels, widths[0], 3, padding=1)
         self.controlnet_cond_embedding = HintEmbedding(config)
         self.down_blocks = nn.ModuleList(DownBlock(unet, level, widths[max(level - 1, 0)], temb) for level in range(len(widths)))
@@ -176,9 +188,12 @@ class ControlNet(nn.Module):
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
         hint: torch.Tensor,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
     ) -> ControlResiduals:
         """Unscaled residuals for ``sample`` (B, C, h, w) at ``timestep`` given the text states (k * B rows,
-        shared as the U-Net shares them) and ``hint``, the control image's ``embed_hint`` (1 or B rows, h x w)."""
+        shared as the U-Net shares them) and ``hint``, the control image's ``embed_hint`` (1 or B rows, h x w).
+        An SDXL ControlNet also reads the rows' pooled text and micro-conditioning numbers, as the U-Net does."""
         if hint.shape[-2:] != sample.shape[-2:]:
             raise InputError(
                 f"the control image embeds to {tuple(hint.shape[-2:])} but the latents are {tuple(sample.shape[-2:])}; "
@@ -191,7 +206,10 @@ class ControlNet(nn.Module):
             )
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
         temb = self.time_embedding(timestep_embedding(t, self.config.unet.block_out_channels[0]).to(sample.dtype))
-        x = self.conv_in(sample) + hint  # (B | 1 rows of the hint broadcast)
+        added = added_embedding(self.add_embedding, self.config.unet, text_embeds, time_ids, sample, encoder_hidden_states.shape[0])
+        if added is not None:  # the time embedding differs per text row: so do the rows from conv_in on
+            temb = repeat_rows(temb, added.shape[0]) + added
+        x = repeat_rows(self.conv_in(sample) + hint, temb.shape[0])  # (B | 1 rows of the hint broadcast)
         skips = [x]
         for block in self.down_blocks:
             x = block(x, temb, encoder_hidden_states, skips)
@@ -209,7 +227,7 @@ class ControlNet(nn.Module):
 
 
 # What a U-Net and a ControlNet's encoder must share for its residuals to fit the U-Net's skips.
-_BASE_FIELDS = ("cross_attention_dim", "block_out_channels", "layers_per_block", "cross_attention_levels")
+_BASE_FIELDS = ("cross_attention_dim", "block_out_channels", "layers_per_block", "cross_attention_levels", "addition_embed_type")
 
 
 def fits(config: ControlNetConfig, unet: UNetConfig) -> bool:

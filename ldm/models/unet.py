@@ -493,6 +493,28 @@ def _checked_condition(condition: torch.Tensor, sample: torch.Tensor, width: int
     return condition.to(sample.dtype)
 
 
+def added_embedding(
+    add_embedding: nn.Module | None,
+    cfg: UNetConfig,
+    text_embeds: torch.Tensor | None,
+    time_ids: torch.Tensor | None,
+    sample: torch.Tensor,
+    rows: int,
+) -> torch.Tensor | None:
+    """SDXL's added embedding (``rows``, 4 * C) of a U-Net or its ControlNet: ``add_embedding`` of the pooled text
+    beside the sinusoidal embedding of each micro-conditioning number; None for a network without one."""
+    if add_embedding is None:
+        if text_embeds is not None or time_ids is not None:
+            raise InputError("this U-Net takes no text_embeds or time_ids (it is not an SDXL U-Net); leave them out")
+        return None
+    if text_embeds is None or time_ids is None:
+        raise InputError("this SDXL U-Net needs text_embeds (the pooled text embedding) and time_ids (the micro-conditioning numbers)")
+    _check_added(text_embeds, time_ids, sample.shape[0], rows, cfg)
+    numbers = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim).reshape(time_ids.shape[0], -1)
+    added = torch.cat([text_embeds.float(), repeat_rows(numbers, rows)], dim=-1)
+    return add_embedding(added.to(sample.dtype))
+
+
 def _check_added(text_embeds: torch.Tensor, time_ids: torch.Tensor, samples: int, rows: int, cfg: UNetConfig) -> None:
     """``text_embeds`` (rows, P) and ``time_ids`` (1, samples or rows; n) must fill ``add_embedding``'s input."""
     if text_embeds.ndim != 2 or text_embeds.shape[0] != rows:
@@ -663,19 +685,7 @@ class UNet(nn.Module):
         """SDXL's added embedding (``rows``, 4 * C), added to the time embedding (Podell et al. 2023, sec. 2.2):
         ``add_embedding`` of the pooled text beside the sinusoidal embedding of each micro-conditioning number;
         None for a U-Net without it."""
-        if self.add_embedding is None:
-            if text_embeds is not None or time_ids is not None:
-                raise InputError("this U-Net takes no text_embeds or time_ids (it is not an SDXL U-Net); leave them out")
-            return None
-        if text_embeds is None or time_ids is None:
-            raise InputError(
-                "this SDXL U-Net needs text_embeds (the pooled text embedding) and time_ids (the micro-conditioning numbers)"
-            )
-        _check_added(text_embeds, time_ids, sample.shape[0], rows, self.config)
-        width = self.config.addition_time_embed_dim
-        numbers = timestep_embedding(time_ids.reshape(-1), width).reshape(time_ids.shape[0], -1)
-        added = torch.cat([text_embeds.float(), repeat_rows(numbers, rows)], dim=-1)
-        return self.add_embedding(added.to(sample.dtype))
+        return added_embedding(self.add_embedding, self.config, text_embeds, time_ids, sample, rows)
 
     def run_blocks(
         self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor], hooks: UNetHooks

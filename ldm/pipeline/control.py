@@ -212,7 +212,7 @@ class ControlledNetwork:
             unit = prepared.unit
             if step / self.steps < unit.start or (step + 1) / self.steps > unit.end:
                 continue
-            residuals = unit_residuals(prepared, hint, x, t, text, uncond)
+            residuals = unit_residuals(prepared, hint, x, t, text, uncond, conditions)
             total = residuals if total is None else total + residuals
         if total is None:
             return self.network(x, t, text, **conditions)
@@ -220,13 +220,21 @@ class ControlledNetwork:
 
 
 def unit_residuals(
-    prepared: PreparedUnit, hint: torch.Tensor, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, uncond: int
+    prepared: PreparedUnit,
+    hint: torch.Tensor,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    text: torch.Tensor,
+    uncond: int,
+    conditions: dict[str, torch.Tensor] | None = None,
 ) -> ControlResiduals:
-    """One unit's scaled residuals for a call whose first ``uncond`` text rows are unconditional."""
+    """One unit's scaled residuals for a call whose first ``uncond`` text rows are unconditional; ``conditions``:
+    SDXL's per-row pooled text and micro-conditioning (``text_embeds``, ``time_ids``), which the ControlNet reads too."""
     unit, network = prepared.unit, prepared.network
     pooled = network.config.global_pool_conditions
     conditional_only = uncond > 0 and (unit.mode == "controlnet" or pooled)
-    residuals = network(x, t, text[uncond:] if conditional_only else text, hint)
+    first = uncond if conditional_only else 0
+    residuals = network(x, t, text[first:], hint, **{name: rows[first:] for name, rows in (conditions or {}).items()})
     if unit.mode == "balanced" or pooled:
         residuals = residuals.scaled(unit.scale)
     else:  # diffusers' guess-mode ramp 10^(k/12 - 1) (the original ControlNet's soft weights, 0.825^(12 - k), are within 1 %)

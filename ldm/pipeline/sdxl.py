@@ -60,11 +60,8 @@ def check(pipe: Pipeline, s: GenerationSettings, latents: torch.Tensor | None) -
         return
     options = s.sdxl or SdxlOptions()
     cut = s.refiner is not None or options.denoising_start is not None or options.denoising_end is not None
-    refused = [("control", bool(s.control), "ControlNets for SD 1.x/2.x"),
-               ("hires_scale", s.hires_scale is not None and cut, "the hires fix beside a refiner or denoising_start/end")]  # fmt: skip
-    for name, given, what in refused:
-        if given:
-            raise SettingError(f"{{{name}}}: {what} with SDXL models is not built yet; drop it")
+    if s.hires_scale is not None and cut:
+        raise SettingError("{hires_scale}: the hires fix beside a refiner or denoising_start/end is not built yet; drop one")
     unread = [name for name in options.given() if name.endswith("aesthetic_score")]
     if unread and s.refiner is None and time_id_count(pipe) == 6:
         raise SettingError(f"{{{unread[0]}}} is read by an SDXL refiner; this base reads sizes instead: drop it or add a {{refiner}}")

@@ -1,0 +1,85 @@
+"""ControlNet on SDXL: an SDXL ControlNet (diffusers' ``ControlNetModel.from_unet`` of the tiny SDXL U-Net of
+tests/tiny_sdxl.py, every weight moved off its init) steers ldm's SDXL pipeline as it steers diffusers'
+``StableDiffusionXLControlNetPipeline``: it reads the rows' pooled text and micro-conditioning as the U-Net does
+(max abs difference < 1e-4 in [0, 1] pixels, fp32), alone, in guess mode and within a start/end window."""
+
+from __future__ import annotations
+
+import diffusers
+import numpy as np
+import pytest
+import tiny_sdxl
+import torch
+from test_controlnet import control_image, random_controlnet
+from test_training_support import one_torch_thread  # noqa: F401 - an autouse fixture: one torch thread per module
+
+from ldm.control import ControlUnit
+from ldm.errors import ConfigError
+from ldm.pipeline import Pipeline
+
+TOLERANCE = 1e-4
+COMMON = dict(prompt="a photo of a red cat", negative_prompt="blurry", guidance_scale=7.5, height=64, width=64, output_type="np")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sdxl-controlnet")
+    base = tiny_sdxl.pipeline("base")
+    base.save_pretrained(root / "model")
+    controlnet = random_controlnet(base.unet, seed=4)
+    controlnet.save_pretrained(root / "cn")
+    reference = diffusers.StableDiffusionXLControlNetPipeline(**base.components, controlnet=controlnet)
+    reference.set_progress_bar_config(disable=True)
+    return reference, Pipeline.from_pretrained(root / "model"), root
+
+
+@pytest.mark.parametrize(
+    ("theirs_options", "ours_options"),
+    [({}, {}), ({"guess_mode": True, "guidance_scale": 4.0}, {"mode": "controlnet"}),
+     ({"control_guidance_start": 0.3, "control_guidance_end": 0.7}, {"start": 0.3, "end": 0.7})],
+    ids=["balanced", "guess-mode", "start-end-window"],
+)  # fmt: skip
+def test_an_sdxl_controlnet_matches_diffusers(models, theirs_options, ours_options):
+    reference, pipe, root = models
+    image = control_image(1)
+    call = {**COMMON, "guidance_scale": theirs_options.pop("guidance_scale", COMMON["guidance_scale"])}
+    reference.scheduler = diffusers.EulerDiscreteScheduler.from_config(tiny_sdxl.scheduler().config)
+    theirs = reference(**call, image=image, num_inference_steps=5, generator=torch.Generator().manual_seed(9), **theirs_options).images
+    ours = pipe(**call, scheduler="euler", num_inference_steps=5, seed=9, control=ControlUnit(root / "cn", image, **ours_options))
+    assert np.abs(ours.images - theirs).max() < TOLERANCE
+    plain = pipe(**call, scheduler="euler", num_inference_steps=5, seed=9)
+    assert np.abs(plain.images - theirs).max() > 1e-2  # the ControlNet steered the image
+
+
+def test_an_sd_controlnet_on_sdxl_is_one_line_naming_both(models, tmp_path):
+    from tiny_models import diffusers_unet
+
+    _, pipe, _ = models
+    random_controlnet(diffusers_unet("sd1"), seed=1).save_pretrained(tmp_path / "sd-cn")
+    with pytest.raises(ConfigError, match=r"ControlNet sd-cn was made for a U-Net with .*but this model's U-Net has") as raised:
+        pipe(**COMMON, num_inference_steps=2, seed=1, control=ControlUnit(tmp_path / "sd-cn", control_image(0)))
+    assert "\n" not in str(raised.value)
+
+
+def test_sdxl_controlnet_single_files_make_the_folders_image(models, tmp_path):
+    """A diffusers-layout state dict saved as one file (a renamed diffusion_pytorch_model.safetensors) and the
+    original layout (SDXL's added conditioning as label_emb.0.N) carry no config: their shapes give SDXL's
+    transformer depths and added conditioning, and they steer as the folder does."""
+    from safetensors.torch import load_file, save_file
+    from test_controlnet import original_layout
+
+    _, pipe, root = models
+    state = load_file(root / "cn" / "diffusion_pytorch_model.safetensors")
+    save_file(state, tmp_path / "diffusers-layout.safetensors")
+    added = {key: value for key, value in state.items() if key.startswith("add_embedding.")}
+    original = original_layout({key: value for key, value in state.items() if key not in added})
+    original.update({f"control_model.label_emb.0.{2 * int(key[len('add_embedding.linear_')]) - 2}.{key.rsplit('.', 1)[1]}": value
+                     for key, value in added.items()})  # fmt: skip
+    save_file(original, tmp_path / "original.safetensors")
+    image = control_image(3)
+    call = dict(**COMMON, scheduler="euler", num_inference_steps=3, seed=2)
+    expected = pipe(**call, control=ControlUnit(root / "cn", image)).images
+    for name in ("diffusers-layout", "original"):
+        got = pipe(**call, control=ControlUnit(tmp_path / f"{name}.safetensors", image)).images
+        # The same weights; the CPU kernels may sum in another order for tensors at other addresses.
+        assert np.abs(got - expected).max() < 1e-5, name
