@@ -217,7 +217,7 @@ def test_info_describes_sdxl_files_and_folders(models, kind):
     assert single["parameters"] == counts
     folder = describe(models[kind]["folder"])
     assert folder["family"] == name and set(folder["parameters"]) == set(counts)
-    built = {"base": "fine-tunes (U-Net or LoRA); merge not built yet", "refiner": "merge and finetune not built"}[kind]
+    built = {"base": "merges and fine-tunes (U-Net or LoRA)", "refiner": "converts and merges; finetune not built"}[kind]
     assert built in single["ldm"] and ("generates" in single["ldm"])
 
 

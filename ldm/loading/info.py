@@ -35,8 +35,9 @@ SDXL_PARTS = {
 }
 # What ldm does with each SDXL family's models (merging them is not built, nor fine-tuning the refiner).
 SUPPORT = {
-    "sdxl": "generates (txt2img, img2img, with a refiner), loads, converts and fine-tunes (U-Net or LoRA); merge not built yet",
-    "sdxl-refiner": "refines a base's latents and generates img2img, loads and converts; merge and finetune not built",
+    "sdxl": "generates (txt2img, img2img, inpainting, hires fix, ControlNet, with a refiner), loads, converts, merges and "
+    "fine-tunes (U-Net or LoRA)",
+    "sdxl-refiner": "refines a base's latents and generates img2img, loads, converts and merges; finetune not built",
 }
 UNKNOWN_PREDICTION = "unknown (pass --prediction-type)"
 

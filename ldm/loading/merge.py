@@ -36,16 +36,22 @@ from ldm.adapters.files import check_scale, read_adapter
 from ldm.errors import CheckpointError, InputError
 from ldm.io import atomic_write
 from ldm.loading import keymap
-from ldm.loading.components import build_networks, shapes_of
-from ldm.loading.detect import SDXL_FAMILIES, detect
+from ldm.loading.components import build_networks, build_text_encoder_2, shapes_of
+from ldm.loading.detect import detect
 from ldm.loading.single_file import IGNORED_PREFIXES, SUFFIXES, file_configs
 from ldm.loading.sources import SAFETENSORS_SUFFIXES, SafetensorsStream, TensorFile
 from ldm.loading.writers import write_safetensors_streamed
 
 Method = Literal["weighted-sum", "add-difference"]
 METHODS: dict[str, int] = {"weighted-sum": 2, "add-difference": 3}  # method -> number of models
-PARTS = {"unet": keymap.UNET_PREFIX, "text_encoder": "cond_stage_model.", "vae": keymap.VAE_PREFIX}
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x"}
+# part -> the file's prefixes of its tensors; "text_encoder": SD's text encoder, or both of SDXL's (its conditioner).
+PARTS = {
+    "unet": (keymap.UNET_PREFIX,),
+    "text_encoder": ("cond_stage_model.", keymap.SDXL_CONDITIONER_PREFIX),
+    "vae": (keymap.VAE_PREFIX,),
+}
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl-refiner": "an SDXL refiner"}
+TEXT_PARTS = ("text_encoder", "text_encoder_2")  # the adapters' names of text encoder slots 0 and 1
 
 
 @dataclass(frozen=True)
@@ -103,8 +109,6 @@ def check_inputs(recipe: MergeRecipe, sources: list, names: list[dict[str, str]]
             found = detect({name: source.shapes[key] for name, key in own.items()}, {}, None, lambda _: None, "epsilon")
         except CheckpointError as error:
             raise CheckpointError(f"{path}: {error}") from None
-        if found.family in SDXL_FAMILIES:
-            raise CheckpointError(f"{path} is an SDXL model; ldm merge reads SD 1.x/2.x checkpoints (SDXL merging is not built yet)")
         families.append(found)
     first = recipe.models[0]
     for path, found in zip(recipe.models[1:], families[1:]):
@@ -162,12 +166,12 @@ def lora_patches(recipe: MergeRecipe, family: str, a, a_names: dict[str, str]) -
     file_shapes = {name: a.shapes[key] for name, key in a_names.items()}
     configs, _ = file_configs(a, file_shapes, lambda name: a.read(a_names[name]), family, None, "epsilon")
     unet, _, text_encoder = build_networks(configs.unet, configs.vae, configs.text)
-    models = {"unet": unet, "text_encoder": text_encoder}
-    entries = {
-        "unet": {d: e for e in keymap.unet_entries(shapes_of(unet)) for d in e.diffusers},
-        "text_encoder": {d: e for e in keymap.text_entries(shapes_of(text_encoder), family) for d in e.diffusers},
-    }
-    shapes = {part: shapes_of(model) for part, model in models.items()}
+    models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": build_text_encoder_2(configs.text_2)}
+    entries = {"unet": {d: e for e in keymap.unet_entries(shapes_of(unet)) for d in e.diffusers}}
+    for slot, part in enumerate(TEXT_PARTS):
+        if models[part] is not None:
+            entries[part] = {d: e for e in keymap.text_entries(shapes_of(models[part]), family, slot) for d in e.diffusers}
+    shapes = {part: shapes_of(model) for part, model in models.items() if model is not None}
     patches: dict[str, _Patch] = {}
     for path, scale in recipe.loras:
         for (part, module_path), target in place(models, path, read_adapter(path)).items():
