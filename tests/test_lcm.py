@@ -187,3 +187,30 @@ def test_an_lcm_model_comes_back_from_a_single_file(suffix, lcm_folder, tmp_path
     assert back.unet.config == model.unet.config and back.unet.config.time_cond_proj_dim == COND_DIM
     state = model.unet.state_dict()
     assert all(torch.equal(value, state[key]) for key, value in back.unet.state_dict().items())
+
+
+def test_a_controlnet_steers_a_guidance_embedding_unet_as_diffusers(lcm_folder, tmp_path):
+    """The guidance embedding is the U-Net's alone (diffusers' ControlNet pipeline hands the ControlNet no
+    timestep_cond): one pass per step, the ControlNet's residuals added, diffusers' image."""
+    import diffusers
+    from test_controlnet import control_image, random_controlnet
+
+    from ldm.control import ControlUnit
+    from ldm.pipeline import Pipeline
+
+    folder, reference = lcm_folder
+    controlnet = random_controlnet(diffusers_unet("sd1"), seed=3)  # the LCM U-Net's shapes, without its cond_proj
+    controlnet.save_pretrained(tmp_path / "cn")
+    parts = {name: getattr(reference, name) for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    theirs_pipe = diffusers.StableDiffusionControlNetPipeline(**parts, controlnet=controlnet, safety_checker=None,
+                                                              feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+    theirs_pipe.set_progress_bar_config(disable=True)
+    image = control_image(4, (64, 64))
+    call = dict(num_inference_steps=4, guidance_scale=8.5, height=64, width=64, output_type="np")
+    theirs = theirs_pipe(PROMPT, image=image, generator=torch.Generator().manual_seed(1), **call).images
+    pipe = Pipeline.from_pretrained(folder)
+    scheduler = diffusers.LCMScheduler.from_config(reference.scheduler.config)
+    ours = pipe(PROMPT, seed=1, scheduler=scheduler, control=ControlUnit(tmp_path / "cn", image), **call).images
+    assert np.abs(ours - theirs).max() < 1e-4
+    plain = pipe(PROMPT, seed=1, scheduler=scheduler, **call).images
+    assert np.abs(plain - theirs).max() > 1e-2

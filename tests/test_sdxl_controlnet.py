@@ -42,6 +42,7 @@ def models(tmp_path_factory):
 def test_an_sdxl_controlnet_matches_diffusers(models, theirs_options, ours_options):
     reference, pipe, root = models
     image = control_image(1)
+    theirs_options = dict(theirs_options)  # the parametrize dict is shared: pop from a copy
     call = {**COMMON, "guidance_scale": theirs_options.pop("guidance_scale", COMMON["guidance_scale"])}
     reference.scheduler = diffusers.EulerDiscreteScheduler.from_config(tiny_sdxl.scheduler().config)
     theirs = reference(**call, image=image, num_inference_steps=5, generator=torch.Generator().manual_seed(9), **theirs_options).images

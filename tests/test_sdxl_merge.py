@@ -112,3 +112,20 @@ def test_a_base_and_a_refiner_are_refused_in_one_line(models, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is SDXL but" in err and "is an SDXL refiner; merge models of one family" in err
     assert not (tmp_path / "mixed.safetensors").exists()
+
+
+def test_two_refiners_merge_their_u_net_and_bigg(models, tmp_path):
+    """A refiner has bigG alone, as embedder 0: ``text_encoder`` merges it."""
+    (a, _) = _read(models["refiner"])
+    noisy = tmp_path / "refiner-b.safetensors"
+    write_safetensors(noisy, _noisy(a, 3), {})
+    out = tmp_path / "refiners.safetensors"
+    assert _merge(models["refiner"], noisy, "--alpha", ALPHA, "--parts", "unet,text_encoder", out) == 0
+    (b, _), (merged, _) = _read(noisy), _read(out)
+    assert any(key.startswith("conditioner.embedders.0.model.") for key in a)
+    for key, value in a.items():
+        if key.startswith(PREFIXES["unet"] + PREFIXES["text_encoder"]) and value.is_floating_point():
+            assert torch.allclose(merged[key], (1 - ALPHA) * value + ALPHA * b[key], atol=1e-6, rtol=0), key
+        else:
+            assert torch.equal(merged[key], value), key
+    assert load_components(out).text_encoder is None and load_components(out).text_encoder_2 is not None

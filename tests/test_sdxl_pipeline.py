@@ -623,3 +623,33 @@ def test_the_hires_fix_is_diffusers_txt2img_upscale_then_img2img_at_the_larger_s
         original_size=(32, 32), target_size=(32, 32),
     ).images  # fmt: skip
     assert np.abs(ours - first_size).max() > 1e-3  # the pass is conditioned on its own size, not the first pass's
+
+
+def test_what_a_cut_schedule_cannot_carry_is_refused_before_any_work(base, refiner, tmp_path):
+    """Beside a refiner or denoising_start/end each side runs plain txt2img or img2img: the hires pass, a mask and
+    ControlNets are refused naming the field, before the base runs (no U-Net call)."""
+    from PIL import Image
+
+    from ldm.control import ControlUnit
+    from ldm.inpainting import Inpaint
+
+    _, pipe = base
+    _, refiner_pipe = refiner
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda *args: calls.append(1))
+    image = Image.new("RGB", (64, 64), (120, 90, 60))
+    mask = Inpaint(mask=Image.new("L", (64, 64), 255), mask_blur=0)
+    cases = [
+        (dict(init_image=image, mask=mask, strength=0.8), dict(refiner=refiner_pipe), "inpaint: inpainting beside a refiner"),
+        (dict(init_image=image, mask=mask, strength=0.8), dict(sdxl=SdxlOptions(denoising_end=0.8), output_type="latent"), "inpaint: inpainting"),
+        (dict(control=ControlUnit(tmp_path / "any", image)), dict(refiner=refiner_pipe), "control: ControlNets beside a refiner"),
+        (dict(hires_scale=2.0), dict(refiner=refiner_pipe), "hires_scale: the hires fix beside a refiner"),
+    ]  # fmt: skip
+    try:
+        for what, cut, message in cases:
+            with pytest.raises(SettingError, match=re.escape(message)) as raised:
+                pipe("a cat", num_inference_steps=2, seed=1, **what, **cut, height=64, width=64)
+            assert "\n" not in str(raised.value)
+    finally:
+        handle.remove()
+    assert calls == []

@@ -26,6 +26,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -182,7 +183,7 @@ def _depths(shapes: Mapping[str, tuple[int, ...]], step: int, cross: tuple[bool,
     return None if set(depths) == {1} else depths
 
 
-def _text_time(added: tuple[int, ...], base: UNetConfig | None) -> dict:
+def _text_time(added: tuple[int, ...], base: UNetConfig | None) -> dict[str, Any]:
     """SDXL's added-conditioning fields from ``label_emb.0.0``'s input width; the sinusoid width per number is the
     base's, else SDXL's 256 (a file does not record it)."""
     width = base.addition_time_embed_dim if base is not None and base.addition_time_embed_dim else 256

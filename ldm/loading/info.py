@@ -33,7 +33,7 @@ SDXL_PARTS = {
     for family, slots in keymap.TEXT_SLOTS.items()
     if family.startswith("sdxl")
 }
-# What ldm does with each SDXL family's models (merging them is not built, nor fine-tuning the refiner).
+# What ldm does with each SDXL family's models (fine-tuning the refiner is not built).
 SUPPORT = {
     "sdxl": "generates (txt2img, img2img, inpainting, hires fix, ControlNet, with a refiner), loads, converts, merges and "
     "fine-tunes (U-Net or LoRA)",

@@ -180,6 +180,9 @@ def running(pipe: Pipeline, units: tuple[PreparedUnit, ...], last_use: bool = Tr
         pipe.residency.done_with(network)
 
 
+ADDED = ("text_embeds", "time_ids")  # the network inputs an SDXL ControlNet reads besides the text states
+
+
 def controlled(network: Network, units: tuple[PreparedUnit, ...], text: Conditioning, steps: int, dtype: torch.dtype) -> Network:
     """``network`` with the units' residuals added at each of the ``steps`` calls; ``network`` itself without units."""
     if not units:
@@ -229,12 +232,14 @@ def unit_residuals(
     conditions: dict[str, torch.Tensor] | None = None,
 ) -> ControlResiduals:
     """One unit's scaled residuals for a call whose first ``uncond`` text rows are unconditional; ``conditions``:
-    SDXL's per-row pooled text and micro-conditioning (``text_embeds``, ``time_ids``), which the ControlNet reads too."""
+    the U-Net's other inputs, of which the ControlNet reads SDXL's per-row pooled text and micro-conditioning
+    (``ADDED``; a guidance-distilled U-Net's ``timestep_cond`` is the U-Net's alone, as in diffusers)."""
     unit, network = prepared.unit, prepared.network
     pooled = network.config.global_pool_conditions
     conditional_only = uncond > 0 and (unit.mode == "controlnet" or pooled)
     first = uncond if conditional_only else 0
-    residuals = network(x, t, text[first:], hint, **{name: rows[first:] for name, rows in (conditions or {}).items()})
+    added = {name: rows[first:] for name, rows in (conditions or {}).items() if name in ADDED}
+    residuals = network(x, t, text[first:], hint, **added)
     if unit.mode == "balanced" or pooled:
         residuals = residuals.scaled(unit.scale)
     else:  # diffusers' guess-mode ramp 10^(k/12 - 1) (the original ControlNet's soft weights, 0.825^(12 - k), are within 1 %)

@@ -59,9 +59,7 @@ def check(pipe: Pipeline, s: GenerationSettings, latents: torch.Tensor | None) -
             raise SettingError(f"{{{named[0]}}} is for SDXL models; this is an SD 1.x/2.x model: drop it")
         return
     options = s.sdxl or SdxlOptions()
-    cut = s.refiner is not None or options.denoising_start is not None or options.denoising_end is not None
-    if s.hires_scale is not None and cut:
-        raise SettingError("{hires_scale}: the hires fix beside a refiner or denoising_start/end is not built yet; drop one")
+    check_cut_schedule(s, options)
     unread = [name for name in options.given() if name.endswith("aesthetic_score")]
     if unread and s.refiner is None and time_id_count(pipe) == 6:
         raise SettingError(f"{{{unread[0]}}} is read by an SDXL refiner; this base reads sizes instead: drop it or add a {{refiner}}")
@@ -70,6 +68,19 @@ def check(pipe: Pipeline, s: GenerationSettings, latents: torch.Tensor | None) -
     if options.denoising_start is not None and s.init_image is not None:
         raise SettingError("{sdxl}: denoising_start continues from latents, not from an {init_image}; drop one")
     time_id_count(pipe)  # a model whose added conditioning fits neither SDXL layout is refused here
+
+
+def check_cut_schedule(s: GenerationSettings, options: SdxlOptions) -> None:
+    """A schedule cut between a base and a refiner (``refiner``, ``denoising_start`` / ``denoising_end``) runs plain
+    txt2img or img2img on each side: refuse what would need carrying across the cut (the hires pass, the mask, the
+    ControlNets, whose step window diffusers counts over the whole schedule)."""
+    if s.refiner is None and options.denoising_start is None and options.denoising_end is None:
+        return
+    beside = [("hires_scale", s.hires_scale is not None, "the hires fix"), ("inpaint", s.inpaint is not None, "inpainting"),
+              ("control", bool(s.control), "ControlNets")]  # fmt: skip
+    for name, given, what in beside:
+        if given:
+            raise SettingError(f"{{{name}}}: {what} beside a refiner or denoising_start/end is not built yet; drop one")
 
 
 def named_encoders(pipe: Pipeline) -> list[tuple[str, Any, Any]]:
