@@ -64,9 +64,13 @@ def _models(tmp_path_factory, in_channels: int):
     folder = tmp_path_factory.mktemp(f"unet{in_channels}") / "model"
     reference.save_pretrained(folder)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(RELEASED_SCHEDULER_CONFIG))
-    inpaint = diffusers.StableDiffusionInpaintPipeline(**reference.components)
-    inpaint.set_progress_bar_config(disable=True)
-    return inpaint, Pipeline.from_pretrained(folder), folder
+    return inpainting_pair(diffusers.StableDiffusionInpaintPipeline(**reference.components), folder)
+
+
+def inpainting_pair(reference, folder):
+    """(diffusers' inpainting pipeline, ldm's pipeline of the folder it was saved to, the folder)."""
+    reference.set_progress_bar_config(disable=True)
+    return reference, Pipeline.from_pretrained(folder), folder
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +101,12 @@ def test_a_batch_matches_diffusers_inpainting_image_by_image(request, model, sam
     stochastic sampler shows the generators go on where diffusers' do."""
     reference, pipe, _ = request.getfixturevalue(model)
     swap(reference, sampler)
+    assert_a_batch_is_the_reference_image_by_image(reference, pipe, sampler, strength)
+
+
+def assert_a_batch_is_the_reference_image_by_image(reference, pipe, sampler: str, strength: float) -> None:
+    """A batch of 2 from seed 30 against ``reference`` (a diffusers inpainting pipeline on ``sampler``'s scheduler)
+    called with seeds 30 and 31, inside the mask; outside it, the init image's pixels."""
     image, mask = init_image(), box_mask()
     ours = pipe(
         **COMMON, init_image=image, mask=Inpaint(mask=mask, mask_blur=0), strength=strength, num_inference_steps=4,
@@ -105,10 +115,10 @@ def test_a_batch_matches_diffusers_inpainting_image_by_image(request, model, sam
     inside = (np.asarray(mask) >= 128)[..., None]
     for i in range(2):
         theirs = reference(
-            **COMMON, image=image, mask_image=mask, strength=strength, num_inference_steps=4,
+            **COMMON, image=image, mask_image=mask, strength=strength, num_inference_steps=4, height=64, width=64,
             generator=torch.Generator("cpu").manual_seed(30 + i), output_type="np",
         ).images[0]  # fmt: skip
-        assert np.abs(ours.images[i] - np.where(inside, theirs, pixels(image))).max() < TOLERANCE
+        assert np.abs(ours.images[i] - np.where(inside, theirs, pixels(image))).max() < TOLERANCE, i
     assert np.abs(ours.images[0] - pixels(image))[inside[..., 0]].max() > 0.05  # the box was repainted
     assert np.abs(ours.images[0] - ours.images[1]).max() > 1e-3
 
@@ -118,6 +128,11 @@ def test_only_masked_matches_diffusers_padding_mask_crop(plain_model):
     (the same latents), scaled back and pasted over the original (the same pixels, to 8-bit rounding)."""
     reference, pipe, _ = plain_model
     swap(reference, "dpm-solver++")
+    assert_only_masked_is_padding_mask_crop(reference, pipe, "dpm-solver++")
+
+
+def assert_only_masked_is_padding_mask_crop(reference, pipe, sampler: str) -> None:
+    """ldm's "only masked" (padding 6) against ``reference``'s padding_mask_crop=6 (its scheduler ``sampler``'s)."""
     image, mask = init_image(96, 80), box_mask((30, 20, 50, 36), (96, 80))
     theirs_last = {}
 
@@ -133,7 +148,7 @@ def test_only_masked_matches_diffusers_padding_mask_crop(plain_model):
     options = Inpaint(mask=mask, mask_blur=0, inpaint_full_res=True, inpaint_full_res_padding=6)
     ours = pipe(
         **COMMON, init_image=image, mask=options, width=64, height=64, strength=0.9, num_inference_steps=4, seed=3,
-        scheduler="dpm-solver++", callback=lambda i, t, x, x0: ours_last.update(latents=x),
+        scheduler=sampler, callback=lambda i, t, x, x0: ours_last.update(latents=x),
     ).images[0]  # fmt: skip
     assert (ours_last["latents"] - theirs_last["latents"]).abs().max() < TOLERANCE
     assert ours.size == theirs.size == (96, 80)

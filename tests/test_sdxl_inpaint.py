@@ -10,8 +10,14 @@ import diffusers
 import numpy as np
 import pytest
 import tiny_sdxl
-import torch
-from test_inpaint import box_mask, init_image, pixels
+from test_inpaint import (
+    assert_a_batch_is_the_reference_image_by_image,
+    assert_only_masked_is_padding_mask_crop,
+    box_mask,
+    init_image,
+    inpainting_pair,
+    pixels,
+)
 from test_training_support import one_torch_thread  # noqa: F401 - an autouse fixture: one torch thread per module
 
 from ldm.inpainting import Inpaint
@@ -27,75 +33,36 @@ def _models(tmp_path_factory, in_channels: int):
     base.unet = tiny_sdxl.unet("base", in_channels=in_channels)
     folder = tmp_path_factory.mktemp(f"sdxl-unet{in_channels}") / "model"
     base.save_pretrained(folder)
-    reference = diffusers.StableDiffusionXLInpaintPipeline(**base.components)
-    reference.set_progress_bar_config(disable=True)
-    return reference, Pipeline.from_pretrained(folder), folder
+    return inpainting_pair(diffusers.StableDiffusionXLInpaintPipeline(**base.components), folder)
 
 
 @pytest.fixture(scope="module")
-def inpainting_model(tmp_path_factory):
-    return _models(tmp_path_factory, 9)
+def models(tmp_path_factory):
+    """An SDXL inpainting model (9 input channels) and an SDXL base (4, inpainting by blending)."""
+    return {"inpainting": _models(tmp_path_factory, 9), "plain": _models(tmp_path_factory, 4)}
 
 
-@pytest.fixture(scope="module")
-def plain_model(tmp_path_factory):
-    return _models(tmp_path_factory, 4)
-
-
-@pytest.mark.parametrize("model", ["inpainting_model", "plain_model"])
+@pytest.mark.parametrize("model", ["inpainting", "plain"])
 @pytest.mark.parametrize(("sampler", "strength"), [("euler", 1.0), ("euler-ancestral", 0.75)])
-def test_a_batch_matches_diffusers_sdxl_inpainting_image_by_image(request, model, sampler, strength):
-    reference, pipe, _ = request.getfixturevalue(model)
+def test_a_batch_matches_diffusers_sdxl_inpainting_image_by_image(models, model, sampler, strength):
+    reference, pipe, _ = models[model]
     reference.scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(tiny_sdxl.scheduler().config)
-    image, mask = init_image(), box_mask()
-    ours = pipe(
-        **COMMON, init_image=image, mask=Inpaint(mask=mask, mask_blur=0), strength=strength, num_inference_steps=4,
-        scheduler=sampler, seed=30, num_images_per_prompt=2, output_type="np",
-    )  # fmt: skip
-    inside = (np.asarray(mask) >= 128)[..., None]
-    for i in range(2):
-        theirs = reference(
-            **COMMON, image=image, mask_image=mask, strength=strength, num_inference_steps=4, height=64, width=64,
-            generator=torch.Generator("cpu").manual_seed(30 + i), output_type="np",
-        ).images[0]  # fmt: skip
-        assert np.abs(ours.images[i] - np.where(inside, theirs, pixels(image))).max() < TOLERANCE, i
-    assert np.abs(ours.images[0] - pixels(image))[inside[..., 0]].max() > 0.05  # the box was repainted
+    assert_a_batch_is_the_reference_image_by_image(reference, pipe, sampler, strength)
 
 
-def test_only_masked_matches_diffusers_padding_mask_crop(plain_model):
-    """"Inpaint area: only masked": the box generated at width x height, whose size the micro-conditioning reads
-    (diffusers' add_time_ids with padding_mask_crop), scaled back and pasted (the same pixels, to 8-bit rounding)."""
-    reference, pipe, _ = plain_model
+def test_only_masked_matches_diffusers_padding_mask_crop(models):
+    """"Inpaint area: only masked": the box generated at width x height, which the micro-conditioning reads (as
+    diffusers' add_time_ids with padding_mask_crop), scaled back and pasted (the same pixels, to 8-bit rounding)."""
+    reference, pipe, _ = models["plain"]
     reference.scheduler = diffusers.EulerDiscreteScheduler.from_config(tiny_sdxl.scheduler().config)
-    image, mask = init_image(96, 80), box_mask((30, 20, 50, 36), (96, 80))
-    last = {}
-
-    def grab(_, i, t, tensors):
-        last["theirs"] = tensors["latents"]
-        return tensors
-
-    theirs = reference(
-        **COMMON, image=image, mask_image=mask, width=64, height=64, padding_mask_crop=6, strength=0.9,
-        num_inference_steps=4, generator=torch.Generator("cpu").manual_seed(3), callback_on_step_end=grab,
-    ).images[0]  # fmt: skip
-    options = Inpaint(mask=mask, mask_blur=0, inpaint_full_res=True, inpaint_full_res_padding=6)
-    ours = pipe(
-        **COMMON, init_image=image, mask=options, width=64, height=64, strength=0.9, num_inference_steps=4, seed=3,
-        scheduler="euler", callback=lambda i, t, x, x0: last.update(ours=x),
-    ).images[0]  # fmt: skip
-    assert (last["ours"] - last["theirs"]).abs().max() < TOLERANCE
-    assert ours.size == theirs.size == (96, 80)
-    difference = np.abs(np.asarray(ours, dtype=np.int16) - np.asarray(theirs, dtype=np.int16))
-    assert difference.max() <= 1 and (difference > 0).mean() < 0.01
-    outside = np.asarray(mask) == 0
-    assert np.array_equal(np.asarray(ours)[outside], np.asarray(image)[outside])
+    assert_only_masked_is_padding_mask_crop(reference, pipe, "euler")
 
 
-def test_txt2img_on_an_sdxl_inpainting_model_is_inpainting_with_an_all_white_mask(inpainting_model):
+def test_txt2img_on_an_sdxl_inpainting_model_is_inpainting_with_an_all_white_mask(models):
     """As A1111 runs it: the whole image masked, the masked image grey."""
     from PIL import Image
 
-    _, pipe, _ = inpainting_model
+    _, pipe, _ = models["inpainting"]
     call = dict(**COMMON, num_inference_steps=3, scheduler="euler-ancestral", seed=4, output_type="np", height=64, width=64)
     plain = pipe(**call).images
     masked = pipe(**call, init_image=init_image(), mask=Inpaint(mask=Image.new("L", (64, 64), 255), mask_blur=0), strength=1.0).images
@@ -103,7 +70,7 @@ def test_txt2img_on_an_sdxl_inpainting_model_is_inpainting_with_an_all_white_mas
     assert np.abs(plain - pixels(init_image())).max() > 0.05
 
 
-def test_an_sdxl_inpainting_single_file_loads_and_inpaints_from_the_command_line(inpainting_model, tmp_path, capsys):
+def test_an_sdxl_inpainting_single_file_loads_and_inpaints_from_the_command_line(models, tmp_path, capsys):
     """sd_xl_base_1.0_inpainting_0.1.safetensors's layout: the base's keys with a 9-channel conv_in; the CLI's image
     is the Python call's."""
     from PIL import Image
@@ -111,7 +78,7 @@ def test_an_sdxl_inpainting_single_file_loads_and_inpaints_from_the_command_line
     from ldm.cli import main
     from ldm.loading import load_components, save_single_file
 
-    _, pipe, folder = inpainting_model
+    _, pipe, folder = models["inpainting"]
     single = save_single_file(load_components(folder), tmp_path / "sdxl-inpainting.safetensors")
     loaded = Pipeline.from_pretrained(single)
     assert loaded.unet.config.in_channels == 9 and loaded.text_encoder_2 is not None
