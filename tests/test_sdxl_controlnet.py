@@ -84,3 +84,41 @@ def test_sdxl_controlnet_single_files_make_the_folders_image(models, tmp_path):
         got = pipe(**call, control=ControlUnit(tmp_path / f"{name}.safetensors", image)).images
         # The same weights; the CPU kernels may sum in another order for tensors at other addresses.
         assert np.abs(got - expected).max() < 1e-5, name
+
+
+def test_the_extension_api_steers_an_sdxl_model_as_python_does(models, tmp_path):
+    """sd-webui-controlnet's ``alwayson_scripts`` on a server of an SDXL model, with an SDXL ControlNet file from
+    its controlnet folder: the image is the Python call's."""
+    import base64
+    import io
+
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+    from serving import LiveServer
+
+    from ldm.server.config import ServerConfig
+
+    _, pipe, root = models
+    folder = tmp_path / "controlnets"
+    folder.mkdir()
+    save_file(load_file(root / "cn" / "diffusion_pytorch_model.safetensors"), folder / "xl-canny.safetensors")
+    buffer = io.BytesIO()
+    control_image(8).save(buffer, format="PNG")
+    unit = {"module": "canny", "model": "xl-canny", "image": base64.b64encode(buffer.getvalue()).decode(), "weight": 0.8}
+    request = {"prompt": COMMON["prompt"], "negative_prompt": "blurry", "steps": 3, "cfg_scale": 7.5, "width": 64, "height": 64,
+               "seed": 6, "sampler_name": "Euler", "alwayson_scripts": {"controlnet": {"args": [unit]}}}  # fmt: skip
+    server = LiveServer(ServerConfig(model=root / "model", controlnet_dir=folder, device="cpu"))
+    try:
+        with server.client() as http:
+            answer = http.post("/sdapi/v1/txt2img", json=request)
+    finally:
+        server.stop()
+    assert answer.status_code == 200, answer.text
+    served = Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0])))
+    unit_call = ControlUnit(folder / "xl-canny.safetensors", control_image(8), preprocess="canny", scale=0.8)
+    expected = pipe(**{**COMMON, "output_type": "pil"}, scheduler="euler", num_inference_steps=3, seed=6, control=unit_call).images[0]
+    # The server's pipeline holds its own copies of the weights, at other addresses: the CPU kernels may sum in
+    # another order (one level at most).
+    difference = np.abs(np.asarray(served, dtype=np.int16) - np.asarray(expected, dtype=np.int16))
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.01
+    assert 'ControlNet 0: "Module: canny, Model: xl-canny [' in served.info["parameters"]
