@@ -122,3 +122,27 @@ def test_the_extension_api_steers_an_sdxl_model_as_python_does(models, tmp_path)
     difference = np.abs(np.asarray(served, dtype=np.int16) - np.asarray(expected, dtype=np.int16))
     assert difference.max() <= 1 and (difference > 0).mean() < 0.01
     assert 'ControlNet 0: "Module: canny, Model: xl-canny [' in served.info["parameters"]
+
+
+def test_the_hires_pass_is_steered_at_its_size_as_diffusers_sdxl_controlnet_img2img(models):
+    """On SDXL too: diffusers' SDXL ControlNet txt2img to latents, the latent upscale, then its SDXL ControlNet
+    img2img at the larger size (whose micro-conditioning and control map are that size's; 4 hires steps at
+    strength 0.5: the last 4 of 8)."""
+    import torch.nn.functional as F
+
+    reference, pipe, root = models
+    reference.scheduler = diffusers.EulerDiscreteScheduler.from_config(tiny_sdxl.scheduler().config)
+    image, generator = control_image(0), lambda: torch.Generator().manual_seed(3)
+    latents = reference(**{**COMMON, "output_type": "latent"}, image=image, num_inference_steps=3, generator=generator()).images
+    img2img = diffusers.StableDiffusionXLControlNetImg2ImgPipeline(**reference.components)
+    img2img.set_progress_bar_config(disable=True)
+    theirs = img2img(  # its default conditioning scale is 0.8: the unit's 1 is given
+        **{**COMMON, "height": 128, "width": 128}, image=F.interpolate(latents, size=(16, 16), mode="bilinear"),
+        control_image=image, controlnet_conditioning_scale=1.0, strength=0.5, num_inference_steps=8, generator=generator(),
+    ).images  # fmt: skip
+    ours = pipe(
+        **COMMON, scheduler="euler", num_inference_steps=3, seed=3, control=ControlUnit(root / "cn", image),
+        hires_scale=2, hires_steps=4, hires_strength=0.5,
+    ).images  # fmt: skip
+    assert ours.shape == theirs.shape == (1, 128, 128, 3)
+    assert np.abs(ours - theirs).max() < TOLERANCE
