@@ -10,6 +10,7 @@ import diffusers
 import numpy as np
 import pytest
 import tiny_sdxl
+import torch
 from test_inpaint import (
     assert_a_batch_is_the_reference_image_by_image,
     assert_only_masked_is_padding_mask_crop,
@@ -145,3 +146,34 @@ def test_the_a1111_api_inpaints_with_an_sdxl_inpainting_model(models, tmp_path_f
     assert difference.max() <= 1 and (difference > 0).mean() < 0.01
     outside = np.asarray(box_mask()) == 0
     assert np.array_equal(served[outside], np.asarray(init_image(), dtype=np.int16)[outside])
+
+
+def test_a_controlnet_on_an_sdxl_inpainting_model_matches_diffusers_controlnet_inpainting(models, tmp_path):
+    """The SDXL ControlNet reads the 4 latent channels while the 9-channel U-Net reads the mask and masked latents
+    too: diffusers' StableDiffusionXLControlNetInpaintPipeline on the same weights."""
+    from test_controlnet import control_image, random_controlnet
+
+    from ldm.control import ControlUnit
+
+    reference, pipe, _ = models["inpainting"]
+    reference.scheduler = diffusers.EulerDiscreteScheduler.from_config(tiny_sdxl.scheduler().config)
+    random_controlnet(tiny_sdxl.unet("base"), seed=2).save_pretrained(tmp_path / "controlnet")
+    net = diffusers.ControlNetModel.from_pretrained(tmp_path / "controlnet")
+    image, mask, hint = init_image(), box_mask(), control_image(0, size=(64, 64))
+    ours = pipe(
+        **COMMON, init_image=image, mask=Inpaint(mask=mask, mask_blur=0), strength=1.0, num_inference_steps=3, scheduler="euler",
+        seed=5, control=ControlUnit(model=str(tmp_path / "controlnet"), image=hint), output_type="np",
+    ).images[0]  # fmt: skip
+    theirs_pipe = diffusers.StableDiffusionXLControlNetInpaintPipeline(**reference.components, controlnet=net)
+    theirs_pipe.set_progress_bar_config(disable=True)
+    theirs = theirs_pipe(
+        **COMMON, image=image, mask_image=mask, control_image=hint, controlnet_conditioning_scale=1.0, strength=1.0,
+        num_inference_steps=3, height=64, width=64, generator=torch.Generator("cpu").manual_seed(5), output_type="np",
+    ).images[0]  # fmt: skip
+    inside = (np.asarray(mask) >= 128)[..., None]
+    assert np.abs(ours - np.where(inside, theirs, pixels(image))).max() < TOLERANCE
+    plain = pipe(
+        **COMMON, init_image=image, mask=Inpaint(mask=mask, mask_blur=0), strength=1.0, num_inference_steps=3, scheduler="euler",
+        seed=5, output_type="np",
+    ).images[0]  # fmt: skip
+    assert np.abs(plain - ours).max() > 1e-3  # the ControlNet steered the repainted box
