@@ -146,3 +146,34 @@ def test_the_hires_pass_is_steered_at_its_size_as_diffusers_sdxl_controlnet_img2
     ).images  # fmt: skip
     assert ours.shape == theirs.shape == (1, 128, 128, 3)
     assert np.abs(ours - theirs).max() < TOLERANCE
+
+
+def test_ldm_info_describes_controlnets_of_each_family_and_layout(models, tmp_path, capsys):
+    """A ControlNet folder, a diffusers-layout file and an original-layout file: the family it steers, read from its
+    added conditioning (SDXL) or text width (SD 1.x: 768, SD 2.x: 1024; the tiny one's is 64), the layout, its
+    parameters."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from test_controlnet import original_layout
+    from tiny_models import diffusers_unet
+
+    from ldm.cli import main
+
+    _, _, root = models
+    state = load_file(root / "cn" / "diffusion_pytorch_model.safetensors")
+    save_file(state, tmp_path / "xl.safetensors")
+    sd = random_controlnet(diffusers_unet("sd1"), seed=1)
+    save_file(original_layout(sd.state_dict()), tmp_path / "sd15.safetensors")
+    expected = {
+        root / "cn": ("SDXL", "diffusers folder"),
+        tmp_path / "xl.safetensors": ("SDXL", "diffusers names"),
+        tmp_path / "sd15.safetensors": ("SD 1.x/2.x-shaped (text width 64)", "original (cldm, control_model.*)"),
+    }
+    for path, (family, layout) in expected.items():
+        capsys.readouterr()
+        assert main(["info", str(path), "--json", "--no-hash"]) == 0
+        found = json.loads(capsys.readouterr().out)
+        assert (found["what"], found["family"], found["layout"]) == ("ControlNet", family, layout), path
+        if path.is_file():
+            assert found["parameters"] == sum(value.numel() for value in load_file(path).values())

@@ -75,20 +75,35 @@ def _folder_config(folder: Path) -> dict:
     return config
 
 
-def _load_file(path: Path, device: torch.device, dtype: torch.dtype, base: UNetConfig | None) -> ControlNet:
-    source = TensorFile(path)
+def is_controlnet_file(keys: set[str]) -> bool:
+    """Whether a file's keys are a ControlNet's (either layout, with or without the ``control_model.`` prefix)."""
+    return bool({HINT_KEY, PREFIX + HINT_KEY, DIFFUSERS_HINT_KEY} & keys)
+
+
+def file_prefix_and_shapes(source: TensorFile, path: Path) -> tuple[str, dict[str, tuple[int, ...]]]:
+    """The file's ControlNet key prefix (``control_model.`` or none) and its shapes without it."""
     prefix = PREFIX if any(key.startswith(PREFIX) for key in source.shapes) else ""
     shapes = {key[len(prefix) :]: shape for key, shape in source.shapes.items() if key.startswith(prefix)}
     if prefix:
         others = [key for key in source.shapes if not key.startswith((PREFIX, *BUNDLED_PREFIXES))]
         if others:
             raise CheckpointError(f"{path} has keys outside {PREFIX}* that no ControlNet file holds ({', '.join(sorted(others)[:3])})")
+    return prefix, shapes
+
+
+def file_config(shapes: Mapping[str, tuple[int, ...]], path: Path, base: UNetConfig | None = None) -> ControlNetConfig:
+    """The configuration of a single file's ControlNet (prefix removed), in either layout, from its shapes."""
     if DIFFUSERS_HINT_KEY in shapes:  # a diffusers-layout state dict saved as one file
         raise_unless_encoder(shapes, path, "conv_in.weight")
-        config = config_from_shapes(_as_original(shapes), base)
-    else:
-        raise_unless_controlnet(shapes, path)
-        config = config_from_shapes(shapes, base)
+        return config_from_shapes(_as_original(shapes), base)
+    raise_unless_controlnet(shapes, path)
+    return config_from_shapes(shapes, base)
+
+
+def _load_file(path: Path, device: torch.device, dtype: torch.dtype, base: UNetConfig | None) -> ControlNet:
+    source = TensorFile(path)
+    prefix, shapes = file_prefix_and_shapes(source, path)
+    config = file_config(shapes, path, base)
     check_base(config, base, path)
     network = _build(config)
     own = shapes_of(network)

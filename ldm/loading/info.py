@@ -19,11 +19,13 @@ from ldm.adapters.summary import adapter_summary, is_adapter
 from ldm.errors import CheckpointError, LdmError
 from ldm.loading import keymap
 from ldm.loading.configs import folder_configs
+from ldm.loading.controlnet import DIFFUSERS_HINT_KEY, file_config, file_prefix_and_shapes, is_controlnet_file
 from ldm.loading.detect import EDM_KEYS, V_PRED_KEY, ZERO_SNR_KEY, detect_family, detect_prediction_type
 from ldm.loading.diffusers_folder import is_diffusers_folder
 from ldm.loading.hashes import legacy_hash, sha256, tensors_sha256
 from ldm.loading.sources import TensorFile, TensorSource, open_component
 from ldm.loading.vae_files import find_vae
+from ldm.models.controlnet import ControlNetConfig
 
 FAMILIES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl-refiner": "SDXL refiner"}
 PARTS = {"unet": keymap.UNET_PREFIX, "vae": keymap.VAE_PREFIX, "text_encoder": "cond_stage_model."}
@@ -48,7 +50,9 @@ def describe(path: str | Path, hashes: bool = True) -> dict:
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
     if path.is_dir():
-        return _folder(path) if is_diffusers_folder(path) else _vae_folder(path)
+        if is_diffusers_folder(path):
+            return _folder(path)
+        return _controlnet_folder(path) if _class_name(path) == "ControlNetModel" else _vae_folder(path)
     file = TensorFile(path)
     keys = set(file.shapes)
     if keymap.is_whole_model(keys) or any(key.startswith("conditioner.embedders.") for key in keys):
@@ -57,12 +61,14 @@ def describe(path: str | Path, hashes: bool = True) -> dict:
         return {"path": str(path), **adapter_summary(path, file, hashes)}
     if keymap.vae_layout(keys) is not None:
         return _vae_file(path, file, hashes)
+    if is_controlnet_file(keys):
+        return _controlnet_file(path, file, hashes)
     if keys in ({"emb_params"}, {"clip_l", "clip_g"}):
         return _embedding(path, file, hashes)
     example = sorted(keys)[0]
     raise CheckpointError(
         f"{path} is none of what ldm reads ({len(keys)} tensors, e.g. {example!r}): not an SD 1.x/2.x/XL checkpoint, "
-        "adapter, VAE or embedding"
+        "adapter, ControlNet, VAE or embedding"
     )
 
 
@@ -176,6 +182,20 @@ def _folder(path: Path) -> dict:
     return found
 
 
+def _class_name(folder: Path) -> str | None:
+    """The ``_class_name`` of a model folder's ``config.json``; None without one."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("_class_name") if isinstance(config, dict) else None
+
+
+def _controlnet_folder(path: Path) -> dict:
+    config = ControlNetConfig.from_diffusers(json.loads((path / "config.json").read_text()))
+    return {"path": str(path), "what": "ControlNet", "layout": "diffusers folder", **_controlnet_facts(config)}
+
+
 def _vae_folder(path: Path) -> dict:
     source = find_vae(path)  # a one-line error for a folder that holds no VAE either
     if source.kind == "folder":
@@ -200,6 +220,29 @@ def _vae_file(path: Path, file: TensorFile, hashes: bool) -> dict:
     if hashes:
         found["hashes"] = _file_hashes(path)
     return found
+
+
+def _controlnet_file(path: Path, file: TensorFile, hashes: bool) -> dict:
+    prefix, shapes = file_prefix_and_shapes(file, path)
+    config = file_config(shapes, path)
+    layout = "diffusers names" if DIFFUSERS_HINT_KEY in shapes else f"original (cldm{', ' + prefix + '*' if prefix else ''})"
+    found = {"path": str(path), "what": "ControlNet", "layout": layout, **_controlnet_facts(config)}
+    found["dtypes"] = _dtypes(file, [key for key in file.shapes if key.startswith(prefix)])
+    found["parameters"] = sum(math.prod(shape) for shape in shapes.values())
+    if hashes:
+        found["hashes"] = _file_hashes(path)
+    return found
+
+
+def _controlnet_facts(config: ControlNetConfig) -> dict:
+    """The base a ControlNet steers (from its text width and added conditioning) and its control image's channels."""
+    unet = config.unet
+    if unet.addition_embed_type == "text_time":
+        family = "SDXL"
+    else:
+        width = unet.cross_attention_dim
+        family = {768: "SD 1.x", 1024: "SD 2.x"}.get(width, f"SD 1.x/2.x-shaped (text width {width})")
+    return {"family": family, "conditioning_channels": config.conditioning_channels, "levels": len(unet.block_out_channels)}
 
 
 def _embedding(path: Path, file: TensorFile, hashes: bool) -> dict:
