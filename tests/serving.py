@@ -42,6 +42,23 @@ class LiveServer:
         self.thread.join(timeout=30)
 
 
+def post_once(config: ServerConfig, route: str, request: dict) -> httpx.Response:
+    """One POST of ``request`` to ``route`` on a server of ``config`` started for it and stopped after it."""
+    server = LiveServer(config)
+    try:
+        with server.client() as client:
+            return client.post(route, json=request)
+    finally:
+        server.stop()
+
+
+def png_base64(image: Image.Image) -> str:
+    """A PIL image as the base64 PNG text A1111's API takes."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 def png_data_url(size: int = 64, colour=(200, 30, 30)) -> str:
     buffer = io.BytesIO()
     Image.new("RGB", (size, size), colour).save(buffer, format="PNG")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tiny_sdxl
 import torch
-from test_controlnet import control_image, random_controlnet
+from test_controlnet import assert_the_hires_pass_is, control_image, random_controlnet
 from test_training_support import one_torch_thread  # noqa: F401 - an autouse fixture: one torch thread per module
 
 from ldm.control import ControlUnit
@@ -89,12 +89,8 @@ def test_sdxl_controlnet_single_files_make_the_folders_image(models, tmp_path):
 def test_the_extension_api_steers_an_sdxl_model_as_python_does(models, tmp_path):
     """sd-webui-controlnet's ``alwayson_scripts`` on a server of an SDXL model, with an SDXL ControlNet file from
     its controlnet folder: the image is the Python call's."""
-    import base64
-    import io
-
-    from PIL import Image
     from safetensors.torch import load_file, save_file
-    from serving import LiveServer
+    from serving import decode_png, png_base64, post_once
 
     from ldm.server.config import ServerConfig
 
@@ -102,19 +98,13 @@ def test_the_extension_api_steers_an_sdxl_model_as_python_does(models, tmp_path)
     folder = tmp_path / "controlnets"
     folder.mkdir()
     save_file(load_file(root / "cn" / "diffusion_pytorch_model.safetensors"), folder / "xl-canny.safetensors")
-    buffer = io.BytesIO()
-    control_image(8).save(buffer, format="PNG")
-    unit = {"module": "canny", "model": "xl-canny", "image": base64.b64encode(buffer.getvalue()).decode(), "weight": 0.8}
+    unit = {"module": "canny", "model": "xl-canny", "image": png_base64(control_image(8)), "weight": 0.8}
     request = {"prompt": COMMON["prompt"], "negative_prompt": "blurry", "steps": 3, "cfg_scale": 7.5, "width": 64, "height": 64,
                "seed": 6, "sampler_name": "Euler", "alwayson_scripts": {"controlnet": {"args": [unit]}}}  # fmt: skip
-    server = LiveServer(ServerConfig(model=root / "model", controlnet_dir=folder, device="cpu"))
-    try:
-        with server.client() as http:
-            answer = http.post("/sdapi/v1/txt2img", json=request)
-    finally:
-        server.stop()
+    config = ServerConfig(model=root / "model", controlnet_dir=folder, device="cpu")
+    answer = post_once(config, "/sdapi/v1/txt2img", request)
     assert answer.status_code == 200, answer.text
-    served = Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0])))
+    served = decode_png(answer.json()["images"][0])
     unit_call = ControlUnit(folder / "xl-canny.safetensors", control_image(8), preprocess="canny", scale=0.8)
     expected = pipe(**{**COMMON, "output_type": "pil"}, scheduler="euler", num_inference_steps=3, seed=6, control=unit_call).images[0]
     # The server's pipeline holds its own copies of the weights, at other addresses: the CPU kernels may sum in
@@ -134,18 +124,9 @@ def test_the_hires_pass_is_steered_at_its_size_as_diffusers_sdxl_controlnet_img2
     reference.scheduler = diffusers.EulerDiscreteScheduler.from_config(tiny_sdxl.scheduler().config)
     image, generator = control_image(0), lambda: torch.Generator().manual_seed(3)
     latents = reference(**{**COMMON, "output_type": "latent"}, image=image, num_inference_steps=3, generator=generator()).images
-    img2img = diffusers.StableDiffusionXLControlNetImg2ImgPipeline(**reference.components)
+    img2img = diffusers.StableDiffusionXLControlNetImg2ImgPipeline(**reference.components)  # default scale 0.8
     img2img.set_progress_bar_config(disable=True)
-    theirs = img2img(  # its default conditioning scale is 0.8: the unit's 1 is given
-        **{**COMMON, "height": 128, "width": 128}, image=F.interpolate(latents, size=(16, 16), mode="bilinear"),
-        control_image=image, controlnet_conditioning_scale=1.0, strength=0.5, num_inference_steps=8, generator=generator(),
-    ).images  # fmt: skip
-    ours = pipe(
-        **COMMON, scheduler="euler", num_inference_steps=3, seed=3, control=ControlUnit(root / "cn", image),
-        hires_scale=2, hires_steps=4, hires_strength=0.5,
-    ).images  # fmt: skip
-    assert ours.shape == theirs.shape == (1, 128, 128, 3)
-    assert np.abs(ours - theirs).max() < TOLERANCE
+    assert_the_hires_pass_is(img2img, F.interpolate(latents, size=(16, 16), mode="bilinear"), pipe, root / "cn", image)
 
 
 def test_ldm_info_describes_controlnets_of_each_family_and_layout(models, tmp_path, capsys):

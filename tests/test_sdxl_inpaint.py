@@ -101,11 +101,9 @@ def test_an_sdxl_inpainting_single_file_loads_and_inpaints_from_the_command_line
 def test_the_a1111_api_inpaints_with_an_sdxl_inpainting_model(models, tmp_path_factory):
     """/sdapi/v1/img2img with a mask on a listed SDXL inpainting model: it reads the mask (A1111's info says so),
     keeps the pixels the mask does not reach and repaints the box; the image is the Python call's."""
-    import base64
-    import io
     import json
 
-    from serving import LiveServer, decode_png
+    from serving import decode_png, png_base64, post_once
 
     from ldm.loading import load_components, save_single_file
     from ldm.server.config import Limits, ServerConfig
@@ -115,26 +113,17 @@ def test_the_a1111_api_inpaints_with_an_sdxl_inpainting_model(models, tmp_path_f
     (root / "models").mkdir()
     save_single_file(load_components(folder), root / "models" / "sdxl-inpainting.safetensors")
 
-    def png(image) -> str:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return base64.b64encode(buffer.getvalue()).decode()
-
     request = {
         "prompt": COMMON["prompt"], "negative_prompt": COMMON["negative_prompt"], "width": 64, "height": 64, "steps": 3,
-        "cfg_scale": 7.5, "seed": 5, "sampler_name": "Euler", "init_images": [png(init_image())], "mask": png(box_mask()),
+        "cfg_scale": 7.5, "seed": 5, "sampler_name": "Euler", "init_images": [png_base64(init_image())], "mask": png_base64(box_mask()),
         "mask_blur": 0, "inpaint_full_res": False, "inpainting_fill": 1, "denoising_strength": 0.75,
         "override_settings": {"sd_model_checkpoint": "sdxl-inpainting"},
     }  # fmt: skip
     limits = Limits(max_pixels=64 * 64 * 4, max_steps=50, max_images=2, max_prompt_chars=200, max_body_bytes=256 * 1024)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LDM_CACHE_DIR", str(root / "cache"))
-        server = LiveServer(ServerConfig(models_dir=root / "models", queue_size=2, limits=limits, device="cpu"))
-        try:
-            with server.client() as client:
-                answer = client.post("/sdapi/v1/img2img", json=request)
-        finally:
-            server.stop()
+        config = ServerConfig(models_dir=root / "models", queue_size=2, limits=limits, device="cpu")
+        answer = post_once(config, "/sdapi/v1/img2img", request)
     assert answer.status_code == 200, answer.text
     assert json.loads(answer.json()["info"])["is_using_inpainting_conditioning"] is True
     served = np.asarray(decode_png(answer.json()["images"][0]).convert("RGB"), dtype=np.int16)

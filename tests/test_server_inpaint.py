@@ -6,14 +6,13 @@ of 9 input channels) is listed beside it and chosen per request with ``override_
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 
 import numpy as np
 import pytest
 from PIL import Image
-from serving import Background, LiveServer, decode_png, wait_for
+from serving import Background, LiveServer, decode_png, png_base64, wait_for
 from tiny_models import diffusers_pipeline, diffusers_unet
 
 from ldm.images import parse_parameters
@@ -22,12 +21,6 @@ from ldm.server.config import Limits, ServerConfig
 
 SMALL = {"prompt": "a red square", "width": 64, "height": 64, "steps": 3, "cfg_scale": 3.0, "seed": 5}
 BOX = (20, 16, 50, 40)
-
-
-def png_base64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def init_image() -> Image.Image:
