@@ -158,3 +158,28 @@ def test_ldm_info_describes_controlnets_of_each_family_and_layout(models, tmp_pa
         assert (found["what"], found["family"], found["layout"]) == ("ControlNet", family, layout), path
         if path.is_file():
             assert found["parameters"] == sum(value.numel() for value in load_file(path).values())
+
+
+def test_a_base_part_stopping_at_denoising_end_counts_the_control_window_over_the_whole_schedule(models):
+    """As diffusers' SDXL ControlNet pipeline with ``denoising_end`` (the base of an ensemble of experts): the unit's
+    start/end fractions are of all the scheduled steps, not of those run before the cut."""
+    from ldm.sdxl import SdxlOptions
+
+    reference, pipe, root = models
+    reference.scheduler = diffusers.EulerDiscreteScheduler.from_config(tiny_sdxl.scheduler().config)
+    image = control_image(5)
+    call = {**COMMON, "output_type": "latent"}
+    theirs = reference(
+        **call, image=image, num_inference_steps=8, denoising_end=0.75, control_guidance_end=0.5,
+        generator=torch.Generator().manual_seed(4),
+    ).images  # fmt: skip
+    ours = pipe(
+        **call, scheduler="euler", num_inference_steps=8, seed=4, sdxl=SdxlOptions(denoising_end=0.75),
+        control=ControlUnit(root / "cn", image, end=0.5),
+    ).images  # fmt: skip
+    assert (ours - theirs).abs().max() < TOLERANCE
+    over_the_run = pipe(
+        **call, scheduler="euler", num_inference_steps=8, seed=4, sdxl=SdxlOptions(denoising_end=0.75),
+        control=ControlUnit(root / "cn", image, end=0.5 * 0.75),
+    ).images  # fmt: skip
+    assert (over_the_run - theirs).abs().max() > 1e-4  # the window is of the 8 steps, not of the 6 run

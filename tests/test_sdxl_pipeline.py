@@ -627,7 +627,8 @@ def test_the_hires_fix_is_diffusers_txt2img_upscale_then_img2img_at_the_larger_s
 
 def test_what_a_cut_schedule_cannot_carry_is_refused_before_any_work(base, refiner, tmp_path):
     """Beside a refiner or denoising_start/end each side runs plain txt2img or img2img: the hires pass, a mask and
-    ControlNets are refused naming the field, before the base runs (no U-Net call)."""
+    ControlNets (but on a txt2img base part that stops at denoising_end) are refused naming the field, before the
+    base runs (no U-Net call)."""
     from PIL import Image
 
     from ldm.control import ControlUnit
@@ -643,6 +644,8 @@ def test_what_a_cut_schedule_cannot_carry_is_refused_before_any_work(base, refin
         (dict(init_image=image, mask=mask, strength=0.8), dict(refiner=refiner_pipe), "inpaint: inpainting beside a refiner"),
         (dict(init_image=image, mask=mask, strength=0.8), dict(sdxl=SdxlOptions(denoising_end=0.8), output_type="latent"), "inpaint: inpainting"),
         (dict(control=ControlUnit(tmp_path / "any", image)), dict(refiner=refiner_pipe), "control: ControlNets beside a refiner"),
+        (dict(control=ControlUnit(tmp_path / "any", image)), dict(sdxl=SdxlOptions(denoising_start=0.5)), "control: ControlNets"),
+        (dict(control=ControlUnit(tmp_path / "any", image), init_image=image), dict(sdxl=SdxlOptions(denoising_end=0.8)), "control:"),
         (dict(hires_scale=2.0), dict(refiner=refiner_pipe), "hires_scale: the hires fix beside a refiner"),
     ]  # fmt: skip
     try:

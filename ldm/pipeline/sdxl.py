@@ -77,10 +77,23 @@ def check_cut_schedule(s: GenerationSettings, options: SdxlOptions) -> None:
     if s.refiner is None and options.denoising_start is None and options.denoising_end is None:
         return
     beside = [("hires_scale", s.hires_scale is not None, "the hires fix"), ("inpaint", s.inpaint is not None, "inpainting"),
-              ("control", bool(s.control), "ControlNets")]  # fmt: skip
+              ("control", bool(s.control) and not controls_a_base_part(s), "ControlNets")]  # fmt: skip
     for name, given, what in beside:
         if given:
             raise SettingError(f"{{{name}}}: {what} beside a refiner or denoising_start/end is not built yet; drop one")
+
+
+def controls_a_base_part(s: GenerationSettings) -> bool:
+    """A txt2img call that stops at ``denoising_end`` for a refiner called afterwards: its ControlNets' start/end
+    windows count the whole schedule, as diffusers' SDXL ControlNet pipeline counts them (``control_steps``)."""
+    options = s.sdxl or SdxlOptions()
+    return s.refiner is None and options.denoising_start is None and options.denoising_end is not None and s.init_image is None
+
+
+def control_steps(call: Call, timesteps: torch.Tensor) -> int:
+    """The steps a ControlNet's start/end window is a fraction of: those the call runs, or the whole schedule of a
+    base part that stops at ``denoising_end``."""
+    return len(call.scheduler.timesteps) if controls_a_base_part(call.settings) else len(timesteps)
 
 
 def named_encoders(pipe: Pipeline) -> list[tuple[str, Any, Any]]:

@@ -376,7 +376,7 @@ def denoise(
         network = speed_up(unet, s.deepcache_interval, s.token_merging)
         if call.inpaint is not None:  # an inpainting U-Net's extra inputs (a ControlNet sees the latents alone)
             network = call.inpaint.network(network)
-        network = control.controlled(network, call.control, text, len(timesteps), pipe.dtype)
+        network = control.controlled(network, call.control, text, sdxl.control_steps(call, timesteps), pipe.dtype)
         network = in_network_format(network, pipe.dtype, pipe.memory_formats.unet)
         denoiser = guided(network, s, text, len(timesteps), unet.config.time_cond_proj_dim)
         for i, t in enumerate(timesteps):
