@@ -33,6 +33,7 @@ import torch
 from ldm.errors import CheckpointError, ConfigError
 from ldm.loading.components import load_entries, shapes_of
 from ldm.loading.configs import read_json
+from ldm.loading.detect import sdxl_unet_fields
 from ldm.loading.keymap import Entry, unet_original_key
 from ldm.loading.sources import TensorFile, open_component
 from ldm.models.controlnet import ControlNet, ControlNetConfig, describe_base, fits
@@ -171,13 +172,12 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], base: UNetConfig |
     cross = tuple(f"input_blocks.{1 + i * step}.1.proj_in.weight" in shapes for i in range(levels))
     linear = len(_shape(shapes, "middle_block.1.proj_in.weight")) == 2
     context = _shape(shapes, "middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1]
-    added = shapes.get("label_emb.0.0.weight")  # SDXL's added conditioning (pooled text, micro-conditioning)
+    sdxl = "label_emb.0.0.weight" in shapes  # SDXL's added conditioning (pooled text, micro-conditioning)
     unet = UNetConfig(
         in_channels=_shape(shapes, "input_blocks.0.0.weight")[1], block_out_channels=widths, layers_per_block=step - 1,
         cross_attention_levels=cross, num_attention_heads=_heads(widths, linear, base), cross_attention_dim=context,
-        use_linear_projection=linear, transformer_layers_per_block=_depths(shapes, step, cross),
-        upcast_attention=base.upcast_attention if base is not None else linear and added is None,
-        **({} if added is None else _text_time(added, base)),
+        use_linear_projection=linear, upcast_attention=base.upcast_attention if base is not None else linear and not sdxl,
+        **(_sdxl_fields(shapes, cross, step, base) if sdxl else {}),
     )  # fmt: skip
     hint = _indices(shapes, r"input_hint_block\.(\d+)\.weight")
     if len(hint) < 2 or len(hint) % 2:
@@ -188,21 +188,17 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], base: UNetConfig |
     return ControlNetConfig(unet=unet, conditioning_channels=first[1], conditioning_embedding_out_channels=widths_in)
 
 
-def _depths(shapes: Mapping[str, tuple[int, ...]], step: int, cross: tuple[bool, ...]) -> tuple[int, ...] | None:
-    """Transformer blocks per level (SDXL's 1, 2, 10; a level without attention counts 1, as SDXL's released
-    config does); None where every level has one (SD 1.x/2.x)."""
-    depths = tuple(
-        len(_indices(shapes, rf"input_blocks\.{1 + i * step}\.1\.transformer_blocks\.(\d+)\..*")) if attends else 1
-        for i, attends in enumerate(cross)
-    )
-    return None if set(depths) == {1} else depths
-
-
-def _text_time(added: tuple[int, ...], base: UNetConfig | None) -> dict[str, Any]:
-    """SDXL's added-conditioning fields from ``label_emb.0.0``'s input width; the sinusoid width per number is the
-    base's, else SDXL's 256 (a file does not record it)."""
-    width = base.addition_time_embed_dim if base is not None and base.addition_time_embed_dim else 256
-    return {"addition_embed_type": "text_time", "addition_time_embed_dim": width, "projection_class_embeddings_input_dim": added[1]}
+def _sdxl_fields(
+    shapes: Mapping[str, tuple[int, ...]], cross: tuple[bool, ...], step: int, base: UNetConfig | None
+) -> dict[str, Any]:
+    """An SDXL ControlNet's transformer depths and added conditioning, read as an SDXL U-Net's are
+    (``detect.sdxl_unet_fields``); the sinusoid width per number is the base's where it has one (a file does not
+    record it)."""
+    fields = sdxl_unet_fields(shapes, cross, step, p="")
+    fields["transformer_layers_per_block"] = tuple(fields["transformer_layers_per_block"])
+    if base is not None and base.addition_time_embed_dim:
+        fields["addition_time_embed_dim"] = base.addition_time_embed_dim
+    return fields
 
 
 def _heads(widths: tuple[int, ...], linear: bool, base: UNetConfig | None) -> tuple[int, ...]:

@@ -40,7 +40,7 @@ Prediction type, first rule that applies:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -179,13 +179,15 @@ def unet_config(shapes: Mapping[str, tuple[int, ...]], family: Family, sample_si
         "sample_size": sample_size,
     }
     if family in SDXL_FAMILIES:
-        config.update(_sdxl_unet_fields(shapes, cross, step))
+        config.update(sdxl_unet_fields(shapes, cross, step))
     return config
 
 
-def _sdxl_unet_fields(shapes: Mapping[str, tuple[int, ...]], cross: list[bool], step: int) -> dict[str, Any]:
-    """Transformer blocks per level and the added conditioning of an SDXL U-Net (module docstring)."""
-    p = UNET_PREFIX
+def sdxl_unet_fields(
+    shapes: Mapping[str, tuple[int, ...]], cross: Sequence[bool], step: int, p: str = UNET_PREFIX
+) -> dict[str, Any]:
+    """Transformer blocks per level and the added conditioning of an SDXL U-Net (module docstring), or of an SDXL
+    ControlNet's copy of its encoder: original-layout keys behind ``p``."""
 
     def depth(block: str) -> int:
         return 1 + max(_indices(shapes, re.escape(f"{p}{block}.1.transformer_blocks.") + r"(\d+)\."))

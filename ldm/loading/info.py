@@ -52,7 +52,8 @@ def describe(path: str | Path, hashes: bool = True) -> dict:
     if path.is_dir():
         if is_diffusers_folder(path):
             return _folder(path)
-        return _controlnet_folder(path) if _class_name(path) == "ControlNetModel" else _vae_folder(path)
+        config = _folder_config(path)
+        return _controlnet_folder(path, config) if config.get("_class_name") == "ControlNetModel" else _vae_folder(path)
     file = TensorFile(path)
     keys = set(file.shapes)
     if keymap.is_whole_model(keys) or any(key.startswith("conditioner.embedders.") for key in keys):
@@ -96,13 +97,18 @@ def _checkpoint(path: Path, file: TensorFile, hashes: bool) -> dict:
     return found
 
 
-def _scheduler_metadata(file: TensorFile) -> dict:
-    """The scheduler config ldm wrote into the file's metadata; {} where there is none (or it does not parse)."""
+def _json_object(text: str) -> dict:
+    """``text`` parsed as a JSON object; {} for anything else."""
     try:
-        stated = json.loads(file.metadata.get("ldm.scheduler_config", "{}"))
+        value = json.loads(text)
     except ValueError:
         return {}
-    return stated if isinstance(stated, dict) else {}
+    return value if isinstance(value, dict) else {}
+
+
+def _scheduler_metadata(file: TensorFile) -> dict:
+    """The scheduler config ldm wrote into the file's metadata; {} where there is none (or it does not parse)."""
+    return _json_object(file.metadata.get("ldm.scheduler_config", "{}"))
 
 
 def _noise_schedule(shapes: dict, file: TensorFile) -> dict[str, str]:
@@ -182,18 +188,17 @@ def _folder(path: Path) -> dict:
     return found
 
 
-def _class_name(folder: Path) -> str | None:
-    """The ``_class_name`` of a model folder's ``config.json``; None without one."""
+def _folder_config(folder: Path) -> dict:
+    """A model folder's ``config.json``; {} without one (or one that is not a JSON object)."""
     try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return config.get("_class_name") if isinstance(config, dict) else None
+        return _json_object((folder / "config.json").read_text())
+    except OSError:
+        return {}
 
 
-def _controlnet_folder(path: Path) -> dict:
-    config = ControlNetConfig.from_diffusers(json.loads((path / "config.json").read_text()))
-    return {"path": str(path), "what": "ControlNet", "layout": "diffusers folder", **_controlnet_facts(config)}
+def _controlnet_folder(path: Path, config: dict) -> dict:
+    facts = _controlnet_facts(ControlNetConfig.from_diffusers(config))
+    return {"path": str(path), "what": "ControlNet", "layout": "diffusers folder", **facts}
 
 
 def _vae_folder(path: Path) -> dict:

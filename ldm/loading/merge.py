@@ -33,6 +33,7 @@ import torch
 from ldm import checks
 from ldm.adapters.apply import Target, place
 from ldm.adapters.files import check_scale, read_adapter
+from ldm.adapters.keys import TEXT_PARTS
 from ldm.errors import CheckpointError, InputError
 from ldm.io import atomic_write
 from ldm.loading import keymap
@@ -51,7 +52,6 @@ PARTS = {
     "vae": (keymap.VAE_PREFIX,),
 }
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl-refiner": "an SDXL refiner"}
-TEXT_PARTS = ("text_encoder", "text_encoder_2")  # the adapters' names of text encoder slots 0 and 1
 
 
 @dataclass(frozen=True)
